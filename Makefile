@@ -1,0 +1,49 @@
+# The README's commands.  `make run` starts Empath with the repo's config;
+# `make test` installs everything the tests need and runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+APT_PACKAGES := postfix swaks dnsmasq-base prometheus prometheus-alertmanager
+# command that proves each package is present
+APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool
+
+.PHONY: run test lint typecheck unit bench deps system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+deps: $(VENV)/.installed
+
+run: deps
+	$(VENV)/bin/empath --config empath.config.ron
+
+system-deps:
+	@missing=""; for t in $(APT_PROBES); do \
+	  command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages (missing:$$missing)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $$SUDO debconf-set-selections; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+lint: deps
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: deps
+	$(VENV)/bin/mypy
+
+test: system-deps deps lint typecheck
+	$(VENV)/bin/pytest -q
+
+bench: system-deps deps
+	$(PY) bench/ingest
+	$(PY) bench/relay
+
+clean:
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,212 @@
+"""Spool records: what a message and its delivery state look like, in memory and on disk.
+
+A message is accepted once, with an immutable :class:`Envelope` and body.  Its
+delivery state is a tuple of :class:`UnitState`, one per recipient domain (the
+unit of delivery work).  State changes are written as whole-message snapshots
+(:class:`MessageState`), never as deltas, so the newest snapshot of a message is
+all recovery needs.
+
+Everything here is a frozen, slotted dataclass with ``to_json``/``from_json``
+helpers producing plain JSON-able dicts (versioned on disk by the store).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class UnitStatus(enum.StrEnum):
+    """Status of one (message, domain) delivery unit.  See SPEC §4."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    RETRY = "retry"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({UnitStatus.DELIVERED, UnitStatus.FAILED, UnitStatus.EXPIRED})
+
+
+class RcptStatus(enum.StrEnum):
+    """Status of one recipient inside a unit."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The SMTP envelope and facts about the session that handed us the message."""
+
+    sender: str  # "" is the null sender <>
+    recipients: tuple[str, ...]
+    received_at: float  # wall-clock seconds since epoch at 250
+    peer: str = ""  # client address "ip:port"
+    helo: str = ""
+    smtputf8: bool = False  # message needs SMTPUTF8 downstream
+    body_8bit: bool = False  # BODY=8BITMIME was declared
+    size: int = 0  # body size in bytes as stored (with our Received: header)
+    is_dsn: bool = False  # a delivery status notification we generated
+    listener: str = ""  # listener socket that received it
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sender": self.sender,
+            "recipients": list(self.recipients),
+            "received_at": self.received_at,
+            "peer": self.peer,
+            "helo": self.helo,
+            "smtputf8": self.smtputf8,
+            "body_8bit": self.body_8bit,
+            "size": self.size,
+            "is_dsn": self.is_dsn,
+            "listener": self.listener,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        return cls(
+            sender=str(data["sender"]),
+            recipients=tuple(str(r) for r in data["recipients"]),
+            received_at=float(data["received_at"]),
+            peer=str(data.get("peer", "")),
+            helo=str(data.get("helo", "")),
+            smtputf8=bool(data.get("smtputf8", False)),
+            body_8bit=bool(data.get("body_8bit", False)),
+            size=int(data.get("size", 0)),
+            is_dsn=bool(data.get("is_dsn", False)),
+            listener=str(data.get("listener", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    address: str
+    status: RcptStatus = RcptStatus.PENDING
+    code: int | None = None  # last remote reply code for this recipient
+    text: str = ""  # last remote reply text / error
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "status": self.status.value, "code": self.code,
+                "text": self.text}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        code = data.get("code")
+        return cls(
+            address=str(data["address"]),
+            status=RcptStatus(data.get("status", "pending")),
+            code=None if code is None else int(code),
+            text=str(data.get("text", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt of a unit, for `queue view` and DSNs."""
+
+    at: float  # wall clock
+    mx: str  # "host[:port]" or "" when DNS failed
+    code: int | None  # reply code, None for network/DNS errors
+    text: str  # reply text or error description
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "mx": self.mx, "code": self.code, "text": self.text}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Attempt:
+        code = data.get("code")
+        return cls(at=float(data["at"]), mx=str(data.get("mx", "")),
+                   code=None if code is None else int(code), text=str(data.get("text", "")))
+
+
+MAX_HISTORY = 20  # attempts kept per unit (the newest)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitState:
+    """Delivery state of one (message, recipient domain) unit."""
+
+    domain: str  # lower-case ASCII/IDNA domain
+    recipients: tuple[RecipientState, ...]
+    status: UnitStatus = UnitStatus.PENDING
+    attempts: int = 0
+    next_attempt_at: float = 0.0  # wall clock; 0 = now
+    history: tuple[Attempt, ...] = ()
+    delay_warned: bool = False  # the "delayed" DSN went out
+    last_error: str = ""
+    finished_at: float = 0.0  # wall clock when it became terminal
+
+    def with_attempt(self, attempt: Attempt) -> UnitState:
+        return replace(self, history=(*self.history, attempt)[-MAX_HISTORY:])
+
+    def pending_recipients(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.status is RcptStatus.PENDING)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "recipients": [r.to_json() for r in self.recipients],
+            "status": self.status.value,
+            "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at,
+            "history": [a.to_json() for a in self.history],
+            "delay_warned": self.delay_warned,
+            "last_error": self.last_error,
+            "finished_at": self.finished_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UnitState:
+        return cls(
+            domain=str(data["domain"]),
+            recipients=tuple(RecipientState.from_json(r) for r in data["recipients"]),
+            status=UnitStatus(data.get("status", "pending")),
+            attempts=int(data.get("attempts", 0)),
+            next_attempt_at=float(data.get("next_attempt_at", 0.0)),
+            history=tuple(Attempt.from_json(a) for a in data.get("history", ())),
+            delay_warned=bool(data.get("delay_warned", False)),
+            last_error=str(data.get("last_error", "")),
+            finished_at=float(data.get("finished_at", 0.0)),
+        )
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain part of an address ("" for the null address)."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower() if at >= 0 else ""
+
+
+def initial_units(recipients: Iterable[str], now: float = 0.0) -> tuple[UnitState, ...]:
+    """One pending unit per recipient domain, domains in first-seen order."""
+    by_domain: dict[str, list[RecipientState]] = {}
+    for rcpt in recipients:
+        by_domain.setdefault(domain_of(rcpt), []).append(RecipientState(rcpt))
+    return tuple(
+        UnitState(domain=d, recipients=tuple(rs), next_attempt_at=now)
+        for d, rs in by_domain.items()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """A live message as the spool knows it: id, envelope, where its body is, unit states."""
+
+    id: str
+    envelope: Envelope
+    units: tuple[UnitState, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def finished(self) -> bool:
+        return all(u.status.terminal for u in self.units)

@@ -1,0 +1,123 @@
+"""The spool interface every backend implements (file log for production, memory for tests).
+
+Contract (SPEC §3):
+- ``begin()`` starts a message body.  ``BodyWriter.write`` is synchronous and cheap
+  (called from the SMTP transport's ``data_received``); it never raises: a write
+  error (ENOSPC, EIO) is remembered and surfaces at ``commit``.  Bodies larger than
+  a small threshold must be spilled to disk as they arrive, never held whole.
+- ``commit()`` returns only when the body, envelope and initial unit states are
+  durable (fsync'd; for new files also the directory).  Concurrent commits share
+  flushes (group commit) and fsync never runs on the event loop thread.
+  ``SpoolFullError`` (ENOSPC/EDQUOT) → the session answers ``452 4.3.1``; any
+  other ``SpoolError`` → ``451 4.3.0``.  A failed commit leaves nothing that
+  recovery would resurrect.
+- ``update()`` persists a new snapshot of a message's unit states.  With
+  ``durable=True`` it returns after the snapshot is flushed (group-committed with
+  everything else); ``durable=False`` queues it for the next flush and returns at
+  once (used for ``in_progress`` marks, which recovery treats as pending anyway).
+- ``remove()`` durably forgets a message; its space becomes reclaimable.
+- The in-memory index (``get``/``messages``) reflects every committed/updated
+  state immediately, and after ``open()`` everything recovered from disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from empath.spool.model import Envelope, MessageState, UnitState
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What ``open()`` found on disk."""
+
+    messages: int  # live messages restored
+    records: int  # records read
+    quarantined: int  # corrupt/torn regions moved to <spool>/corrupt/
+    missing: int  # messages whose body vanished behind our back (dropped, logged)
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolUsage:
+    free_bytes: int  # free space on the spool filesystem (for non-root)
+    total_bytes: int  # filesystem size
+    size_bytes: int  # bytes used by the spool's own files
+
+
+class BodyWriter(Protocol):
+    """An in-progress message body.  Feed it bytes, then commit or abort."""
+
+    @property
+    def id(self) -> str:
+        """The ULID this message will be committed under."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """Append body bytes.  Never raises; errors surface at commit."""
+        ...
+
+    def abort(self) -> None:
+        """Discard the body (client aborted, message rejected).  Idempotent."""
+        ...
+
+
+class Spool(Protocol):
+    async def open(self) -> RecoveryReport:
+        """Create/recover the spool.  Torn or corrupt records are quarantined, never fatal."""
+        ...
+
+    async def close(self) -> None:
+        """Flush everything pending and release files."""
+        ...
+
+    def begin(self) -> BodyWriter:
+        """Start a new message body with a fresh ULID."""
+        ...
+
+    async def commit(
+        self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
+    ) -> MessageState:
+        """Make body + envelope + units durable, then index them.  See module doc."""
+        ...
+
+    async def update(
+        self, msg_id: str, units: tuple[UnitState, ...], *, durable: bool = True
+    ) -> MessageState:
+        """Persist a new snapshot of the unit states of a live message."""
+        ...
+
+    async def remove(self, msg_id: str) -> None:
+        """Durably delete a message (all units terminal, or `queue delete`)."""
+        ...
+
+    def get(self, msg_id: str) -> MessageState:
+        """The live message with this id; raises UnknownMessageError."""
+        ...
+
+    def messages(self) -> Iterator[MessageState]:
+        """Every live message, oldest first."""
+        ...
+
+    def __len__(self) -> int:
+        """Number of live messages."""
+        ...
+
+    async def read_body(self, msg_id: str) -> bytes:
+        """The whole stored body (as it will be sent: CRLF lines, not dot-stuffed)."""
+        ...
+
+    def iter_body(self, msg_id: str, chunk_bytes: int = 65536) -> AsyncIterator[bytes]:
+        """The stored body in chunks, without loading it whole."""
+        ...
+
+    def usage(self) -> SpoolUsage:
+        """Filesystem and spool sizes (for health and metrics)."""
+        ...

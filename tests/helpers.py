@@ -1,0 +1,90 @@
+"""Shared test utilities: tool lookup, free ports, polling, processes stopped by PID."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def require_tool(name: str) -> str:
+    """Path of a command-line tool the test needs.
+
+    `make test` installs every tool, so a missing one is an error, never a skip.
+    """
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+    if path is None:
+        pytest.fail(f"required tool {name!r} is not installed (run `make test`, which installs it)")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on host right now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> T:
+    """Poll predicate until it returns something truthy; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
+        time.sleep(interval)
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    def ok() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_for(ok, timeout, what=f"{host}:{port} to listen")
+
+
+def stop_pid(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """Stop a process we started, by its PID: TERM, then KILL."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def running(args: list[str], **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a process for the duration of a with-block and stop it by PID afterwards."""
+    proc = subprocess.Popen(args, **kwargs)  # type: ignore[call-overload]
+    try:
+        yield proc
+    finally:
+        stop_pid(proc)
