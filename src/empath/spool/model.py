@@ -97,8 +97,12 @@ class RecipientState:
     text: str = ""  # last remote reply text / error
 
     def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "status": self.status.value, "code": self.code,
-                "text": self.text}
+        return {
+            "address": self.address,
+            "status": self.status.value,
+            "code": self.code,
+            "text": self.text,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RecipientState:
@@ -126,8 +130,12 @@ class Attempt:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Attempt:
         code = data.get("code")
-        return cls(at=float(data["at"]), mx=str(data.get("mx", "")),
-                   code=None if code is None else int(code), text=str(data.get("text", "")))
+        return cls(
+            at=float(data["at"]),
+            mx=str(data.get("mx", "")),
+            code=None if code is None else int(code),
+            text=str(data.get("text", "")),
+        )
 
 
 MAX_HISTORY = 20  # attempts kept per unit (the newest)

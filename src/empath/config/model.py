@@ -1,0 +1,560 @@
+"""The configuration schema (SPEC §2): frozen dataclasses with their defaults.
+
+Theory of operation
+-------------------
+Each class is one RON struct; its attribute names are exactly the RON keys, so
+``config.delivery.smtp_timeouts.connect_secs`` reads the value written at
+``delivery: ( smtp_timeouts: ( connect_secs: ... ) )``. The binder in
+``empath.config.load`` walks these classes generically through their type
+hints (``int``, ``float``, ``str``, ``bool``, ``Literal[...]``, ``X | None``,
+``tuple[X, ...]`` for lists, ``Mapping[str, X]`` for maps, nested dataclasses),
+so adding a key is adding one annotated attribute here.
+
+Per-field rules live in the field metadata, built with :func:`rule`:
+
+* ``check`` — a function of the bound value returning an error message or None
+  (``must be greater than 0``), reported at the value's line:column;
+* ``check_each`` — the same, applied to every element of a list or value of a map;
+* ``aliases`` — other accepted key names (``smtp`` for ``smtp_controller``);
+* ``lower_keys`` — map keys are domains: lower-cased, trailing dot removed;
+* ``ron=False`` — not a config key at all (``Config.source_path``).
+
+Cross-field rules are a ``consistency_errors()`` method returning
+``(field name, message)`` pairs. Durations are ``*_secs`` floats (an integer in
+the file is accepted); counts are ints (a float in the file is an error).
+
+Constructing these classes directly (tests, the composition root) performs no
+validation: only configs read through the loader are checked.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "AuditConfig",
+    "CircuitBreakerConfig",
+    "ClusterConfig",
+    "Config",
+    "ControlAuthConfig",
+    "DeliveryConfig",
+    "DnsConfig",
+    "DomainConfig",
+    "DomainRateLimit",
+    "DsnConfig",
+    "HealthConfig",
+    "ListenerConfig",
+    "ListenerExtension",
+    "ListenerTimeouts",
+    "LogConfig",
+    "MetricsConfig",
+    "RateLimitConfig",
+    "RelayConfig",
+    "SmtpControllerConfig",
+    "SmtpTimeouts",
+    "SpoolConfig",
+    "TlsFiles",
+    "normalise_domain",
+    "split_host_port",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = 26_214_400  # 25 MiB, SPEC §2 listener "size"
+
+Check = Callable[[Any], "str | None"]
+LogLevel = Literal["error", "warn", "info", "debug", "trace"]
+LogFormat = Literal["json", "text"]
+SpoolType = Literal["File", "Memory"]
+
+
+# --- field rules -------------------------------------------------------------
+
+
+def rule(
+    default: Any = None,
+    *,
+    factory: Callable[[], Any] | None = None,
+    check: Check | None = None,
+    check_each: Check | None = None,
+    aliases: tuple[str, ...] = (),
+    lower_keys: bool = False,
+) -> Any:
+    """A dataclass field with a default (or ``factory``) and binder metadata."""
+    metadata = {
+        "check": check,
+        "check_each": check_each,
+        "aliases": aliases,
+        "lower_keys": lower_keys,
+    }
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def required(*, check: Check | None = None) -> Any:
+    """A field the config must give (no default)."""
+    return field(metadata={"check": check})
+
+
+def positive(value: float) -> str | None:
+    if not math.isfinite(value) or value <= 0:
+        return "must be greater than 0"
+    return None
+
+
+def non_negative(value: float) -> str | None:
+    if not math.isfinite(value) or value < 0:
+        return "must be 0 or more"
+    return None
+
+
+def fraction(value: float) -> str | None:
+    if not 0.0 <= value <= 1.0:
+        return "must be between 0 and 1"
+    return None
+
+
+def non_empty(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    return None
+
+
+_HOSTNAME: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
+
+
+def valid_hostname(value: str) -> str | None:
+    if not _HOSTNAME.fullmatch(value):
+        return f"{value!r} is not a valid host name"
+    return None
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``"[::]:1025"`` → ``("::", 1025)``; ``"mx.example.com"`` → ``(host, default_port)``.
+
+    Raises ValueError with a readable message when the text is malformed or the
+    port is missing and there is no default.
+    """
+    host: str
+    port_text: str | None
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:close], text[close + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        try:
+            ipaddress.IPv6Address(text)
+        except ValueError:
+            raise ValueError(f"{text!r}: write IPv6 addresses with a port as [addr]:port") from None
+        host, port_text = text, None
+    else:
+        host, _, port_text = text.partition(":")
+        port_text = port_text if ":" in text else None
+    is_ipv6 = ":" in host
+    if not host or (not is_ipv6 and valid_hostname(host) is not None):
+        raise ValueError(f"{text!r}: not a valid host name or address")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: expected host:port")
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
+        raise ValueError(f"{text!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def _address_check(default_port: int | None) -> Check:
+    def check(value: str) -> str | None:
+        try:
+            split_host_port(value, default_port)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    return check
+
+
+socket_address = _address_check(None)
+host_optional_port = _address_check(0)
+
+
+def ip_network(value: str) -> str | None:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not an IP network (e.g. 10.0.0.0/8 or ::1/128)"
+    return None
+
+
+def sha256_hex(value: str) -> str | None:
+    if re.fullmatch(r"[0-9a-f]{64}", value) is None:
+        return "must be a lowercase hex SHA-256 digest (64 characters)"
+    return None
+
+
+def mailbox(value: str) -> str | None:
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain:
+        return f"{value!r} is not an address of the form local@domain"
+    return None
+
+
+def valid_redis_url(value: str) -> str | None:
+    if not value.startswith(("redis://", "rediss://", "unix://")):
+        return "must be a redis://, rediss:// or unix:// URL"
+    return None
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case and drop the trailing root dot: ``"Gmail.COM."`` → ``"gmail.com"``."""
+    return domain.lower().rstrip(".")
+
+
+@functools.cache
+def system_fqdn() -> str:
+    """The machine's fully qualified name (``socket.getfqdn()``), looked up once."""
+    return socket.getfqdn() or "localhost"
+
+
+# --- SMTP controller ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTimeouts:
+    """RFC 5321 §4.5.3.2 server timeouts, in seconds."""
+
+    command_secs: float = rule(300.0, check=positive)
+    data_init_secs: float = rule(120.0, check=positive)
+    data_block_secs: float = rule(180.0, check=positive)
+    data_termination_secs: float = rule(600.0, check=positive)
+    connection_secs: float = rule(1800.0, check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for STARTTLS."""
+
+    certificate: str = required(check=non_empty)
+    key: str = required(check=non_empty)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerExtension:
+    """One element of ``extensions: [ { "size": N }, { "starttls": {...} } ]``."""
+
+    size: int | None = rule(None, check=non_negative)
+    starttls: TlsFiles | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    socket: str = rule("[::]:1025", check=socket_address)
+    context: Mapping[str, str] = field(default_factory=dict)
+    timeouts: ListenerTimeouts = field(default_factory=ListenerTimeouts)
+    extensions: tuple[ListenerExtension, ...] = ()
+    max_connections: int = rule(1000, check=positive)
+    max_connections_per_ip: int = rule(50, check=positive)
+    max_recipients: int = rule(100, check=positive)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The SIZE limit: the last ``size`` extension, or 25 MiB when absent or 0."""
+        size = 0
+        for ext in self.extensions:
+            if ext.size is not None:
+                size = ext.size
+        return size or DEFAULT_MAX_MESSAGE_BYTES
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The STARTTLS certificate and key, when configured."""
+        for ext in self.extensions:
+            if ext.starttls is not None:
+                return ext.starttls
+        return None
+
+    @property
+    def host(self) -> str:
+        """Address to bind, brackets removed (``"::"`` for ``"[::]:1025"``)."""
+        return split_host_port(self.socket)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.socket)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Who may relay: clients in ``trusted_networks`` anywhere, others only to
+    ``accepted_domains`` (lower-cased)."""
+
+    trusted_networks: tuple[str, ...] = rule(("127.0.0.0/8", "::1/128"), check_each=ip_network)
+    accepted_domains: tuple[str, ...] = rule((), check_each=valid_hostname)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "accepted_domains", tuple(normalise_domain(d) for d in self.accepted_domains)
+        )
+
+    def ip_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """``trusted_networks`` parsed (compute once at start-up, not per command)."""
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_networks)
+
+
+def _default_listeners() -> tuple[ListenerConfig, ...]:
+    return (ListenerConfig(),)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpControllerConfig:
+    listeners: tuple[ListenerConfig, ...] = field(default_factory=_default_listeners)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+
+
+# --- spool -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """``File`` is the durable on-disk store; ``Memory`` is for tests only."""
+
+    type: SpoolType = "File"
+    path: str = rule("/var/spool/empath", check=non_empty)
+
+
+# --- delivery ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTimeouts:
+    """Outbound client timeouts per command, in seconds."""
+
+    connect_secs: float = rule(30.0, check=positive)
+    ehlo_secs: float = rule(30.0, check=positive)
+    starttls_secs: float = rule(30.0, check=positive)
+    mail_from_secs: float = rule(30.0, check=positive)
+    rcpt_to_secs: float = rule(30.0, check=positive)
+    data_secs: float = rule(120.0, check=positive)
+    quit_secs: float = rule(10.0, check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """``nameservers`` empty means the system resolver; entries are "host" or "host:port"."""
+
+    nameservers: tuple[str, ...] = rule((), check_each=host_optional_port)
+    timeout_secs: float = rule(5.0, check=positive)
+    cache_size: int = rule(10_000, check=non_negative)
+    min_cache_ttl_secs: float = rule(60.0, check=non_negative)
+    max_cache_ttl_secs: float = rule(3600.0, check=non_negative)
+    negative_ttl_secs: float = rule(300.0, check=non_negative)
+
+    def nameserver_addresses(self) -> tuple[tuple[str, int], ...]:
+        """``(host, port)`` pairs, port 53 when not written."""
+        return tuple(split_host_port(ns, 53) for ns in self.nameservers)
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        if self.min_cache_ttl_secs > self.max_cache_ttl_secs:
+            return [("min_cache_ttl_secs", "must not exceed max_cache_ttl_secs")]
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """Per-recipient-domain settings; ``rate_limit`` is messages per minute."""
+
+    mx_override: str | None = rule(None, check=host_optional_port)
+    require_tls: bool = False
+    accept_invalid_certs: bool | None = None
+    max_connections: int = rule(20, check=positive)
+    rate_limit: int | None = rule(None, check=positive)
+
+    def mx_address(self) -> tuple[str, int] | None:
+        """``mx_override`` as ``(host, port)``, port 25 when not written."""
+        if self.mx_override is None:
+            return None
+        return split_host_port(self.mx_override, 25)
+
+
+_DEFAULT_DOMAIN: Final = DomainConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class DomainRateLimit:
+    messages_per_second: float = required(check=positive)
+    burst_size: int | None = rule(None, check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """Token buckets: a global default and per-domain overrides (keys lower-cased)."""
+
+    messages_per_second: float = rule(10.0, check=positive)
+    burst_size: int = rule(20, check=positive)
+    domain_limits: Mapping[str, DomainRateLimit] = rule(factory=dict, lower_keys=True)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain_limits", _lower_keys(self.domain_limits))
+
+    def for_domain(self, domain: str) -> tuple[float, int]:
+        """Effective ``(messages_per_second, burst_size)`` for a recipient domain."""
+        limit = self.domain_limits.get(normalise_domain(domain))
+        if limit is None:
+            return self.messages_per_second, self.burst_size
+        burst = self.burst_size if limit.burst_size is None else limit.burst_size
+        return limit.messages_per_second, burst
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    failure_threshold: int = rule(5, check=positive)
+    failure_window_secs: float = rule(60.0, check=positive)
+    timeout_secs: float = rule(300.0, check=positive)
+    success_threshold: int = rule(1, check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    max_concurrent_deliveries: int = rule(64, check=positive)
+    max_attempts: int = rule(25, check=positive)
+    base_retry_delay_secs: float = rule(60.0, check=positive)
+    max_retry_delay_secs: float = rule(86_400.0, check=positive)
+    retry_jitter_factor: float = rule(0.2, check=fraction)
+    message_expiration_secs: float = rule(432_000.0, check=positive)
+    failed_retention_secs: float = rule(604_800.0, check=non_negative)
+    scan_interval_secs: float = rule(30.0, check=positive)
+    process_interval_secs: float = rule(10.0, check=positive)
+    accept_invalid_certs: bool = False
+    smtp_timeouts: SmtpTimeouts = field(default_factory=SmtpTimeouts)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    domains: Mapping[str, DomainConfig] = rule(factory=dict, lower_keys=True)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    circuit_breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domains", _lower_keys(self.domains))
+
+    def domain_config(self, domain: str) -> DomainConfig:
+        """Settings for a recipient domain (case-insensitive); defaults when not listed."""
+        return self.domains.get(normalise_domain(domain), _DEFAULT_DOMAIN)
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        if self.base_retry_delay_secs > self.max_retry_delay_secs:
+            return [("base_retry_delay_secs", "must not exceed max_retry_delay_secs")]
+        return []
+
+
+def _lower_keys(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    return {normalise_domain(k): v for k, v in mapping.items()}
+
+
+# --- the rest ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DsnConfig:
+    """Bounces (RFC 3464). ``postmaster``/``reporting_mta`` None mean derived from hostname."""
+
+    enabled: bool = True
+    reporting_mta: str | None = rule(None, check=valid_hostname)
+    postmaster: str | None = rule(None, check=mailbox)
+    delay_warning_secs: float = rule(14_400.0, check=non_negative)
+
+
+@dataclass(frozen=True, slots=True)
+class ControlAuthConfig:
+    """``token_hashes`` are lowercase hex SHA-256 digests of the accepted tokens."""
+
+    enabled: bool = False
+    token_hashes: tuple[str, ...] = rule((), check_each=sha256_hex)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    enabled: bool = True
+    max_domain_cardinality: int = rule(1000, check=positive)
+    rate_window_secs: float = rule(300.0, check=positive)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    enabled: bool = True
+    listen_address: str = rule("127.0.0.1:8080", check=socket_address)
+    max_queue_size: int = rule(10_000, check=positive)
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen_address)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen_address)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    enabled: bool = True
+    redact_sender: bool = False
+    redact_recipients: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """SPEC §11: shared state for several instances."""
+
+    redis_url: str = required(check=valid_redis_url)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole ``empath.config.ron`` (top-level struct, conventionally named ``Empath``)."""
+
+    hostname: str = rule(factory=system_fqdn, check=valid_hostname)
+    smtp_controller: SmtpControllerConfig = field(
+        default_factory=SmtpControllerConfig, metadata={"aliases": ("smtp",)}
+    )
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+    control_socket: str = rule("/tmp/empath.sock", check=non_empty)  # noqa: S108 (SPEC §1)
+    control_auth: ControlAuthConfig = field(default_factory=ControlAuthConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig | None = None
+    # where the config was read from; not a RON key
+    source_path: str | None = field(default=None, compare=False, metadata={"ron": False})
+
+    @property
+    def postmaster_address(self) -> str:
+        """Envelope/From address of bounces: ``dsn.postmaster`` or ``postmaster@<hostname>``."""
+        if self.dsn.postmaster is None:
+            return f"postmaster@{self.hostname}"
+        # SPEC §2 writes the default as "postmaster@<hostname>"; honour it verbatim.
+        return self.dsn.postmaster.replace("<hostname>", self.hostname)
+
+    @property
+    def reporting_mta(self) -> str:
+        """The DSN Reporting-MTA name: ``dsn.reporting_mta`` or the hostname."""
+        return self.dsn.reporting_mta or self.hostname

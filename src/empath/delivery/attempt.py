@@ -1,0 +1,292 @@
+"""One delivery attempt of one unit: walk the route, send once, classify per recipient.
+
+Theory of operation
+-------------------
+:func:`attempt_delivery` gets the unit's route (MX targets in the order routing
+chose, each with its addresses), the envelope, the recipients still pending and
+the body.  It takes a pooled connection to the first target when one is idle,
+else opens one, trying **every address of every target in order** and moving
+on after:
+
+* a connect failure or timeout, a TLS failure (``require_tls``), a 4xx greeting
+  or EHLO refusal (SPEC §4: "Try the next MX host/address on connect failure,
+  timeout or 4xx greeting");
+* a **5xx greeting** as well.  Decision (as Postfix's ``smtp_skip_5xx_greeting``
+  default): a server that will not talk to us at all says nothing about the
+  recipients, so the next MX gets its chance.  Only when *every* host failed
+  permanently is the unit-level error permanent; one temporary failure among
+  them makes it temporary.
+
+The first host that completes the session setup takes the transaction, and its
+per-recipient verdicts are final for this attempt (no other MX is tried for a
+4xx RCPT: that is the runner's retry).
+
+Two small recoveries keep reuse and opportunistic TLS safe:
+
+* a reused connection that dies before answering anything was stale (closed by
+  the server while idle); the message is sent again on a fresh connection;
+* a failed *opportunistic* TLS handshake is retried once in plaintext on the
+  same address (as Postfix does), because unverified TLS is only ever a bonus.
+
+The result has one :class:`~empath.delivery.classify.RecipientOutcome` per
+recipient, the MX that was used and, when no recipient was delivered, a
+unit-level error (Temporary or Permanent) for the runner, the circuit breaker and
+attempt history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from empath.delivery.classify import (
+    OutcomeKind,
+    RecipientOutcome,
+    outcome_from_error,
+    outcome_from_reply,
+)
+from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from empath.observability.logs import get_logger
+from empath.smtp.client import LocalVerdict, Transaction, TransactionResult
+from empath.smtp.replies import Reply
+from empath.spool.model import Envelope
+from empath.transport.outbound import (
+    BodySource,
+    ConnectionPool,
+    OutboundConnection,
+    PoolKey,
+    SmtpTimeouts,
+    TimeoutsLike,
+    TlsHandshakeError,
+    TlsMode,
+    tls_mode_for,
+)
+
+log = get_logger("delivery", __name__)
+
+
+class RouteTarget(Protocol):
+    """One MX host to try: its name, port and resolved addresses (in order)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def addresses(self) -> Sequence[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A plain :class:`RouteTarget`; empty ``addresses`` means "connect by name"."""
+
+    host: str
+    port: int = 25
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSettings:
+    """What an attempt needs from the config (global merged with the domain's)."""
+
+    hostname: str  # our EHLO name
+    timeouts: TimeoutsLike = field(default_factory=SmtpTimeouts)
+    require_tls: bool = False
+    accept_invalid_certs: bool = False
+    tls_ca_file: str | None = None  # extra trust anchors (tests, private CAs)
+    pool_wait_s: float = 30.0  # longest wait for a free pooled connection
+
+
+@dataclass(frozen=True, slots=True)
+class HostFailure:
+    """A host/address that did not take the transaction, and why."""
+
+    mx: str  # "host[address]:port"
+    error: DeliveryError
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    outcomes: tuple[RecipientOutcome, ...]  # one per recipient, in the given order
+    mx: str  # MX host name that took the transaction ("" when none did)
+    address: str = ""  # the address connected to
+    port: int = 0
+    error: DeliveryError | None = None  # set when no recipient was delivered
+    tls: bool = False  # the transaction ran over TLS
+    reused: bool = False  # over a pooled connection
+    failures: tuple[HostFailure, ...] = ()  # hosts tried before (or instead of) mx
+
+    @property
+    def delivered(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.delivered)
+
+    @property
+    def temporary(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.temporary)
+
+    @property
+    def permanent(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.permanent)
+
+    @property
+    def mx_label(self) -> str:
+        """``host`` or ``host:port`` (attempt history, logs)."""
+        if not self.mx or self.port in (0, 25):
+            return self.mx
+        return f"{self.mx}:{self.port}"
+
+
+def _outcomes(result: TransactionResult, mx: str) -> tuple[RecipientOutcome, ...]:
+    out = []
+    for address, verdict in result.verdicts:
+        if isinstance(verdict, Reply):
+            out.append(outcome_from_reply(address, verdict, mx))
+        else:
+            out.append(_local_outcome(address, verdict, mx))
+    return tuple(out)
+
+
+def _local_outcome(address: str, verdict: LocalVerdict, mx: str) -> RecipientOutcome:
+    kind = OutcomeKind.PERMANENT if verdict.permanent else OutcomeKind.TEMPORARY
+    return RecipientOutcome(address, kind, None, verdict.enhanced, verdict.text, mx)
+
+
+def _unit_error(outcomes: tuple[RecipientOutcome, ...], mx: str) -> DeliveryError | None:
+    """None when something was delivered; else the first temporary (or permanent) outcome."""
+    if any(o.delivered for o in outcomes):
+        return None
+    pick = next((o for o in outcomes if o.temporary), outcomes[0])
+    cls = PermanentDeliveryError if pick.permanent else TemporaryDeliveryError
+    return cls(pick.diagnostic, code=pick.code, enhanced=pick.enhanced, mx=mx)
+
+
+def _all_failed_error(failures: list[HostFailure]) -> DeliveryError:
+    if not failures:
+        return TemporaryDeliveryError("no MX host to deliver to", enhanced="4.4.4")
+    if all(f.error.permanent for f in failures):
+        return failures[0].error
+    return next(f.error for f in reversed(failures) if not f.error.permanent)
+
+
+def _stale(result: TransactionResult) -> bool:
+    return not result.replied and all(isinstance(v, LocalVerdict) for _, v in result.verdicts)
+
+
+async def _open(
+    pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
+) -> OutboundConnection:
+    """Open a new connection in a slot already reserved in ``pool``."""
+    try:
+        conn = await OutboundConnection.open(
+            key,
+            address=address,
+            local_hostname=settings.hostname,
+            timeouts=settings.timeouts,
+            tls_contexts=pool.tls_contexts,
+            tls_ca_file=settings.tls_ca_file,
+        )
+    except BaseException:
+        pool.cancel_slot(key)
+        raise
+    pool.added(conn)
+    return conn
+
+
+async def _connection(
+    pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
+) -> tuple[OutboundConnection, bool]:
+    conn = await pool.acquire(key, settings.pool_wait_s)
+    if conn is not None:
+        return conn, True
+    return await _open(pool, key, address, settings), False
+
+
+async def attempt_delivery(
+    targets: Sequence[RouteTarget],
+    envelope: Envelope,
+    recipients: Sequence[str],
+    body: BodySource,
+    *,
+    settings: AttemptSettings,
+    pool: ConnectionPool,
+) -> AttemptResult:
+    """Try to hand ``recipients`` of the message to the first willing target.
+
+    Never raises for remote or network trouble: failures are in the result.
+    ``body`` is the stored body (bytes) or a factory of async chunk iterators
+    (e.g. ``lambda: spool.iter_body(msg_id)``), called once per transaction try.
+    """
+    rcpts = tuple(recipients)
+    txn = Transaction(
+        sender=envelope.sender,
+        recipients=rcpts,
+        size=envelope.size,
+        body_8bit=envelope.body_8bit,
+        smtputf8=envelope.smtputf8,
+    )
+    mode = tls_mode_for(settings.require_tls, settings.accept_invalid_certs)
+    failures: list[HostFailure] = []
+    for target in targets:
+        host = target.host.rstrip(".").lower()
+        key = PoolKey(host, target.port, mode)
+        for address in tuple(target.addresses) or ("",):
+            label = f"{host}[{address or host}]:{target.port}"
+            try:
+                conn, reused = await _connection(pool, key, address, settings)
+            except TlsHandshakeError as exc:
+                if mode is not TlsMode.OPPORTUNISTIC:
+                    failures.append(HostFailure(label, exc))
+                    continue
+                log.info("TLS handshake failed, retrying in plaintext", mx=label, error=exc.text)
+                try:
+                    key_plain = PoolKey(host, target.port, TlsMode.NONE)
+                    conn, reused = await _connection(pool, key_plain, address, settings)
+                except DeliveryError as exc2:
+                    failures.append(HostFailure(label, exc2))
+                    continue
+            except DeliveryError as exc:
+                failures.append(HostFailure(label, exc))
+                log.debug("MX host skipped", mx=label, error=exc.text)
+                continue
+            result = await conn.send(txn, body)
+            if reused and _stale(result):
+                # The pooled session died while idle; send on a fresh one.
+                pool.discard(conn)
+                try:
+                    conn = await _open_fresh(pool, conn.key, address, settings)
+                except DeliveryError as exc:
+                    failures.append(HostFailure(label, exc))
+                    continue
+                reused = False
+                result = await conn.send(txn, body)
+            tls = conn.tls_active
+            used_address = conn.address or address
+            pool.release(conn)
+            outcomes = _outcomes(result, host)
+            return AttemptResult(
+                outcomes=outcomes,
+                mx=host,
+                address=used_address,
+                port=target.port,
+                error=_unit_error(outcomes, host),
+                tls=tls,
+                reused=reused,
+                failures=tuple(failures),
+            )
+    error = _all_failed_error(failures)
+    return AttemptResult(
+        outcomes=tuple(outcome_from_error(r, error) for r in rcpts),
+        mx="",
+        error=error,
+        failures=tuple(failures),
+    )
+
+
+async def _open_fresh(
+    pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
+) -> OutboundConnection:
+    conn = await pool.acquire(key, settings.pool_wait_s)
+    if conn is not None:
+        return conn
+    return await _open(pool, key, address, settings)

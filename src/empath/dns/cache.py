@@ -1,0 +1,324 @@
+"""The MX cache: routing answers kept for their TTL, bounded by an LRU.
+
+Theory of operation
+-------------------
+An entry maps ``(kind, name)`` to a :class:`Resolution` — the exchangers of a
+domain (``EntryKind.MX``: MX hosts with their addresses, or the implicit MX)
+or the addresses of one host (``EntryKind.HOST``: an ``mx_override`` naming a
+host). Entries are produced by a *loader* (``mx.dns_loader(resolver)``) and
+live in an ``OrderedDict`` kept in least-recently-used order:
+
+* **TTL.** A positive entry lives ``clamp(ttl, min_cache_ttl_secs,
+  max_cache_ttl_secs)`` seconds, where ``ttl`` is the smallest TTL of the
+  records it was built from. Time is the injected clock's ``monotonic()``.
+* **Negative caching** (RFC 2308 in spirit): a *permanent* failure — NXDOMAIN,
+  null MX, a domain with neither MX nor address — is stored for
+  ``negative_ttl_secs`` and re-raised (as a fresh exception) on every hit.
+* **Temporary failures are not cached.** A SERVFAIL or timeout is asked again
+  on the next attempt: retry backoff and the per-domain circuit breaker
+  already pace those attempts, and a resolver that recovers should be used at
+  once. Concurrent lookups of one key share a single in-flight query
+  (single flight), so a burst of deliveries to an uncached domain costs one
+  round trip and one timeout at worst, never one per message.
+* **LRU bound.** After a store, while there are more than ``cache_size``
+  entries, the least recently used one is dropped and counted as an eviction
+  (an already-expired entry that falls out is not counted: it was dead, not
+  crowded out). ``cache_size`` 0 disables caching.
+* **Counters** for ``empath_dns_cache_{hits,misses,evictions}_total``: a hit
+  is a lookup answered without resolver traffic (from an entry, positive or
+  negative, or by joining an in-flight query); a miss is a lookup that started
+  a query. Operator refreshes count as neither.
+
+Operator operations (``empathctl dns list-cache | clear-cache | refresh``):
+:meth:`MxCache.entries`, :meth:`MxCache.clear`, :meth:`MxCache.refresh`;
+:meth:`MxCache.reconfigure` applies new settings on SIGHUP (shrinking keeps the
+most recently used entries; existing entries keep their expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from empath.clock import Clock
+from empath.dns.resolver import normalize_name
+from empath.errors import ConfigError, DeliveryError, PermanentDeliveryError
+
+__all__ = [
+    "CacheEntryInfo",
+    "EntryKind",
+    "Exchanger",
+    "Loader",
+    "MxCache",
+    "Resolution",
+]
+
+
+class EntryKind(StrEnum):
+    """What an entry answers: a domain's mail exchangers, or one host's addresses."""
+
+    MX = "MX"
+    HOST = "HOST"
+
+
+@dataclass(frozen=True, slots=True)
+class Exchanger:
+    """One mail exchanger: its MX preference, name and resolved addresses."""
+
+    preference: int
+    host: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A routing answer: exchangers sorted by preference (DNS order within one).
+
+    ``ttl_s`` is the raw (unclamped) TTL; ``implicit`` marks an implicit MX.
+    """
+
+    exchangers: tuple[Exchanger, ...]
+    ttl_s: float
+    implicit: bool = False
+
+
+#: Produces the Resolution for ``(kind, name)``; raises DeliveryError subclasses.
+Loader = Callable[[EntryKind, str], Coroutine[Any, Any, Resolution]]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntryInfo:
+    """One live entry, as ``empathctl dns list-cache`` shows it."""
+
+    name: str
+    kind: EntryKind
+    exchangers: tuple[Exchanger, ...]
+    ttl_remaining_s: float
+    negative: bool
+    error: str
+    enhanced: str
+
+    def line(self) -> str:
+        """One line per entry (the runbook counts lines with ``wc -l``)."""
+        ttl = f"ttl={int(self.ttl_remaining_s + 0.999)}s"
+        if self.negative:
+            return f"{self.name} {self.kind} {ttl} negative {self.enhanced} {self.error}"
+        hosts = " ".join(
+            f"{e.preference} {e.host} [{','.join(e.addresses)}]" for e in self.exchangers
+        )
+        return f"{self.name} {self.kind} {ttl} {hosts}"
+
+
+class _Entry:
+    __slots__ = ("error", "expires_at", "resolution")
+
+    def __init__(
+        self, resolution: Resolution | None, error: DeliveryError | None, expires_at: float
+    ) -> None:
+        self.resolution = resolution
+        self.error = error
+        self.expires_at = expires_at
+
+
+_Key = tuple[EntryKind, str]
+
+
+def _clone(error: DeliveryError) -> DeliveryError:
+    """A fresh instance, so concurrent raisers do not share one traceback."""
+    return type(error)(error.text, code=error.code, enhanced=error.enhanced, mx=error.mx)
+
+
+class MxCache:
+    """TTL-honouring, negatively caching, LRU-bounded cache of routing answers."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        *,
+        clock: Clock,
+        cache_size: int = 10_000,
+        min_cache_ttl_secs: float = 60.0,
+        max_cache_ttl_secs: float = 3600.0,
+        negative_ttl_secs: float = 300.0,
+    ) -> None:
+        self._loader = loader
+        self._clock = clock
+        self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
+        self._inflight: dict[_Key, asyncio.Task[Resolution]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.cache_size = 0
+        self.min_cache_ttl_secs = 0.0
+        self.max_cache_ttl_secs = 0.0
+        self.negative_ttl_secs = 0.0
+        self.reconfigure(
+            cache_size=cache_size,
+            min_cache_ttl_secs=min_cache_ttl_secs,
+            max_cache_ttl_secs=max_cache_ttl_secs,
+            negative_ttl_secs=negative_ttl_secs,
+        )
+
+    # --- settings ----------------------------------------------------------
+
+    def reconfigure(
+        self,
+        *,
+        cache_size: int,
+        min_cache_ttl_secs: float,
+        max_cache_ttl_secs: float,
+        negative_ttl_secs: float,
+    ) -> None:
+        """Apply new limits (SIGHUP). Shrinking evicts least recently used entries."""
+        if cache_size < 0:
+            raise ConfigError("must be >= 0", path="delivery.dns.cache_size")
+        if min_cache_ttl_secs < 0 or negative_ttl_secs < 0:
+            raise ConfigError("TTLs must be >= 0", path="delivery.dns")
+        if max_cache_ttl_secs < min_cache_ttl_secs:
+            raise ConfigError(
+                "max_cache_ttl_secs must be >= min_cache_ttl_secs", path="delivery.dns"
+            )
+        self.cache_size = cache_size
+        self.min_cache_ttl_secs = float(min_cache_ttl_secs)
+        self.max_cache_ttl_secs = float(max_cache_ttl_secs)
+        self.negative_ttl_secs = float(negative_ttl_secs)
+        self._trim()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # --- lookups -----------------------------------------------------------
+
+    async def lookup(self, kind: EntryKind, name: str) -> Resolution:
+        """The cached Resolution, else load it (once, however many callers wait).
+
+        Raises the loader's DeliveryError; permanent ones are cached negatively.
+        """
+        key = (kind, normalize_name(name))
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.expires_at > self._clock.monotonic():
+                self._entries.move_to_end(key)
+                self.hits += 1
+                if entry.error is not None:
+                    raise _clone(entry.error)
+                assert entry.resolution is not None
+                return entry.resolution
+            del self._entries[key]  # expired: not an eviction
+        task = self._inflight.get(key)
+        if task is None:
+            self.misses += 1
+            task = self._start(key)
+        else:
+            self.hits += 1
+        return await self._join(task)
+
+    def peek(self, kind: EntryKind, name: str) -> Resolution | None:
+        """The live positive entry without loading, touching LRU order or counting."""
+        entry = self._entries.get((kind, normalize_name(name)))
+        if entry is None or entry.expires_at <= self._clock.monotonic():
+            return None
+        return entry.resolution
+
+    def _start(self, key: _Key) -> asyncio.Task[Resolution]:
+        task = asyncio.get_running_loop().create_task(self._loader(*key))
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+        return task
+
+    @staticmethod
+    async def _join(task: asyncio.Task[Resolution]) -> Resolution:
+        # shield: a cancelled waiter must not cancel the query others wait for.
+        try:
+            return await asyncio.shield(task)
+        except DeliveryError as exc:
+            raise _clone(exc) from None
+
+    def _finished(self, key: _Key, task: asyncio.Task[Resolution]) -> None:
+        if task.cancelled():
+            error: BaseException | None = None
+        else:
+            error = task.exception()  # retrieved here even if every waiter went away
+        if self._inflight.get(key) is not task:
+            return  # cleared or refreshed meanwhile: a newer answer owns the key
+        del self._inflight[key]
+        if task.cancelled():
+            return
+        now = self._clock.monotonic()
+        if error is None:
+            resolution = task.result()
+            ttl_s = min(max(resolution.ttl_s, self.min_cache_ttl_secs), self.max_cache_ttl_secs)
+            self._store(key, _Entry(resolution, None, now + ttl_s))
+        elif isinstance(error, PermanentDeliveryError):
+            self._store(key, _Entry(None, error, now + self.negative_ttl_secs))
+        # Temporary failures and foreign exceptions are not cached (see module doc).
+
+    def _store(self, key: _Key, entry: _Entry) -> None:
+        if self.cache_size == 0:
+            return
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        self._trim()
+
+    def _trim(self) -> None:
+        now = self._clock.monotonic()
+        while len(self._entries) > self.cache_size:
+            _key, old = self._entries.popitem(last=False)
+            if old.expires_at > now:
+                self.evictions += 1
+
+    # --- operator operations -------------------------------------------------
+
+    def entries(self) -> list[CacheEntryInfo]:
+        """Live entries sorted by name then kind; expired ones are dropped on the way."""
+        now = self._clock.monotonic()
+        out: list[CacheEntryInfo] = []
+        for key, entry in list(self._entries.items()):
+            if entry.expires_at <= now:
+                del self._entries[key]
+                continue
+            kind, name = key
+            err = entry.error
+            out.append(
+                CacheEntryInfo(
+                    name=name,
+                    kind=kind,
+                    exchangers=entry.resolution.exchangers if entry.resolution else (),
+                    ttl_remaining_s=entry.expires_at - now,
+                    negative=err is not None,
+                    error=err.text if err is not None else "",
+                    enhanced=err.enhanced if err is not None else "",
+                )
+            )
+        out.sort(key=lambda e: (e.name, e.kind))
+        return out
+
+    def clear(self) -> int:
+        """Drop every entry (and forget in-flight queries); returns how many entries."""
+        n = len(self._entries)
+        self._entries.clear()
+        self._inflight.clear()
+        return n
+
+    def invalidate(self, name: str) -> int:
+        """Drop the entries for ``name`` (both kinds); returns how many."""
+        n = 0
+        for kind in EntryKind:
+            key = (kind, normalize_name(name))
+            self._inflight.pop(key, None)
+            if self._entries.pop(key, None) is not None:
+                n += 1
+        return n
+
+    async def refresh(self, domain: str, kind: EntryKind = EntryKind.MX) -> Resolution:
+        """Drop the domain's entries and resolve it again now.
+
+        Returns the new Resolution; raises the DeliveryError the lookup ends in
+        (a permanent one is cached negatively, as for any lookup).
+        """
+        self.invalidate(domain)
+        return await self._join(self._start((kind, normalize_name(domain))))

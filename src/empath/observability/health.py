@@ -1,0 +1,128 @@
+"""Health endpoints (SPEC §7) on a tiny asyncio HTTP/1.1 server.
+
+`GET /health/live` → 200 while the process serves.  `GET /health/ready` → 200 when
+every check passes, else 503; both answer a JSON body naming each check and its
+value.  `/metrics` is served from a pluggable renderer (the metrics module).
+
+The server reads one request per connection, answers, and closes: health probes
+and scrapes are rare, so simplicity wins over keep-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from empath.observability.logs import get_logger
+
+log = get_logger("health", __name__)
+
+MAX_REQUEST_BYTES = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    value: Any
+
+
+ReadinessProbe = Callable[[], list[Check]]
+MetricsRenderer = Callable[[], tuple[bytes, str]]  # (body, content type)
+
+
+def _response(status: int, body: bytes, content_type: str) -> bytes:
+    reason = {
+        200: "OK",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        400: "Bad Request",
+        503: "Service Unavailable",
+    }.get(status, "OK")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+class HealthServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        readiness: ReadinessProbe,
+        metrics: MetricsRenderer | None = None,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._readiness = readiness
+        self._metrics = metrics
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        log.info("Health endpoint listening", address=f"{self._host}:{self.port}")
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    def route(self, method: str, path: str) -> bytes:
+        path = path.split("?", 1)[0]
+        if method != "GET":
+            return _response(405, b"method not allowed\n", "text/plain")
+        if path == "/health/live":
+            return _response(200, b'{"status":"live"}\n', "application/json")
+        if path == "/health/ready":
+            checks = self._readiness()
+            ok = all(c.ok for c in checks)
+            body = {
+                "status": "ready" if ok else "not_ready",
+                "checks": {c.name: {"ok": c.ok, "value": c.value} for c in checks},
+            }
+            return _response(
+                200 if ok else 503, json.dumps(body).encode() + b"\n", "application/json"
+            )
+        if path == "/metrics" and self._metrics is not None:
+            body_bytes, ctype = self._metrics()
+            return _response(200, body_bytes, ctype)
+        return _response(404, b"not found\n", "text/plain")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            if len(head) > MAX_REQUEST_BYTES:
+                raise ValueError("request too large")
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(parts) != 3:
+                writer.write(_response(400, b"bad request\n", "text/plain"))
+            else:
+                writer.write(self.route(parts[0], parts[1]))
+            await writer.drain()
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ValueError,
+            ConnectionError,
+        ):
+            pass
+        except Exception:  # a probe must never take the daemon down
+            log.exception("Health request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()

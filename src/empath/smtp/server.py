@@ -1,0 +1,724 @@
+"""The inbound ESMTP session as a sans-I/O state machine.
+
+Theory of operation
+-------------------
+One :class:`SmtpServer` per connection.  The transport calls :meth:`feed` with
+whatever bytes arrived; the server splits them into command lines (never per
+network read: pipelined commands and commands split across packets both work),
+or hands them to the DATA/BDAT decoder, and returns a list of :data:`Event`.
+Reply bytes accumulate and are collected with :meth:`take_output`; the transport
+writes them *before* acting on the events (so a 220 precedes the TLS handshake
+and a 221/421 precedes the close).
+
+Two orthogonal pieces of state:
+
+* :class:`State` — where the SMTP dialogue is (RFC 5321 §4.1.4 ordering):
+  FRESH → GREETED → MAIL → RCPT → (DATA or BDAT chunks) → GREETED.
+  ``_ALLOWED`` (data, below) says in which states each verb may be used;
+  anything else is ``503 5.5.1``.
+* :class:`Phase` — what the next input bytes are: command lines, DATA content,
+  BDAT chunk bytes (kept or skipped), or nothing because we WAIT for the
+  transport (message commit, TLS handshake).
+
+While WAITING the server buffers input but does not interpret it, so pipelined
+commands after the end of data are answered only after the message's 250; the
+transport resumes it with :meth:`message_committed`, :meth:`message_failed` or
+:meth:`tls_started`.
+
+The body is never buffered here: DATA/BDAT content is forwarded chunk by chunk
+as :class:`BodyChunk` events.  A message found bad (bare CR/LF, NUL, line too
+long, too big) is read to its real end, then refused; the transport discards
+what it had written (:class:`BodyAbort`).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from empath.errors import SmtpProtocolError
+from empath.smtp.data import BdatDecoder, BodyError, DataDecoder
+from empath.smtp.parsing import (
+    Body,
+    MailFrom,
+    Verb,
+    parse_bdat,
+    parse_command,
+    parse_helo,
+    parse_mail,
+    parse_rcpt,
+)
+from empath.smtp.replies import Reply
+from empath.spool.model import domain_of
+
+# RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including the
+# command word and the <CRLF> is 512 octets."
+MAX_COMMAND_BYTES: Final = 512
+MAX_BAD_COMMANDS: Final = 10
+DEFAULT_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024  # SPEC §3: a sane default, never tiny
+
+
+class State(enum.Enum):
+    FRESH = "fresh"  # connected (or TLS just started): no EHLO/HELO yet
+    GREETED = "greeted"  # EHLO/HELO done, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    BDAT = "bdat"  # inside a BDAT transaction, between chunks
+
+
+class Phase(enum.Enum):
+    COMMAND = "command"  # reading command lines
+    DATA = "data"  # reading DATA content up to <CRLF>.<CRLF>
+    BDAT = "bdat"  # reading the bytes of a BDAT chunk
+    SKIP = "skip"  # draining the bytes of a refused BDAT chunk
+    WAITING = "waiting"  # waiting for the transport (commit, TLS handshake)
+    CLOSED = "closed"
+
+
+_ANY: Final = frozenset(State)
+_IDLE: Final = frozenset({State.FRESH, State.GREETED})
+
+# Transition table: the states in which each verb is accepted.
+# RFC 5321 §4.1.4: "a client MUST issue HELO or EHLO before starting a mail
+# transaction"; MAIL starts it, RCPT needs MAIL, DATA needs MAIL (and a recipient).
+# RFC 3030 §2: BDAT is checked by its handler, since a refused chunk must still be
+# read.  RFC 3207 §4: STARTTLS only outside a transaction.
+_ALLOWED: Final[dict[Verb, frozenset[State]]] = {
+    Verb.HELO: _ANY,
+    Verb.EHLO: _ANY,
+    Verb.MAIL: frozenset({State.GREETED}),
+    Verb.RCPT: frozenset({State.MAIL, State.RCPT}),
+    Verb.DATA: frozenset({State.MAIL, State.RCPT}),
+    Verb.BDAT: _ANY,
+    Verb.RSET: _ANY,
+    Verb.NOOP: _ANY,
+    Verb.QUIT: _ANY,
+    Verb.VRFY: _ANY,
+    Verb.EXPN: _ANY,
+    Verb.HELP: _ANY,
+    Verb.STARTTLS: _IDLE,
+}
+
+# Replies that mean "the client speaks broken SMTP"; ten of them end the session.
+_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 553, 555})
+
+
+# --- settings and relay policy ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_recipients: int = 100
+    tls_available: bool = False  # a certificate is configured
+
+
+@dataclass(frozen=True, slots=True)
+class RelayPolicy:
+    """SPEC §3, never an open relay: a recipient is accepted when the client is in
+    ``trusted_networks`` or the recipient's domain is one of ``accepted_domains``
+    (case-insensitive)."""
+
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    accepted_domains: tuple[str, ...] = ()
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _domains: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_networks)
+        object.__setattr__(self, "_networks", nets)
+        domains = frozenset(d.lower().rstrip(".") for d in self.accepted_domains)
+        object.__setattr__(self, "_domains", domains)
+
+    def trusts(self, client_ip: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack [::] listener sees IPv4 clients this way
+        return any(ip in net for net in self._networks)
+
+    def accepts_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self._domains
+
+    def allows(self, client_ip: str, rcpt_domain: str) -> bool:
+        return self.trusts(client_ip) or self.accepts_domain(rcpt_domain)
+
+    def for_client(self, client_ip: str) -> Callable[[str], bool]:
+        """The per-session check: domain → allowed (the IP is looked up once)."""
+        if self.trusts(client_ip):
+            return _always
+        return self.accepts_domain
+
+
+def _always(_domain: str) -> bool:
+    return True
+
+
+# --- events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """The envelope of the message being received."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    helo: str
+    smtputf8: bool
+    body_8bit: bool
+    esmtp: bool  # EHLO (not HELO) was used
+    tls: bool
+
+    @property
+    def protocol(self) -> str:
+        """RFC 3848 / RFC 6531 "with" keyword for the Received: header."""
+        base = "UTF8SMTP" if self.smtputf8 else ("ESMTP" if self.esmtp else "SMTP")
+        return base + "S" if self.tls else base
+
+
+@dataclass(frozen=True, slots=True)
+class BodyStart:
+    """Open a spool body (and write the Received: header into it)."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyAbort:
+    """Discard the open body (message refused, transaction reset, session ended)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete:
+    """Commit the body; answer with message_committed() or message_failed()."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Start the TLS handshake; answer with tls_started() (or close)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+    error: bool = False  # the session ended by error/timeout (for connection_error_rate)
+
+
+Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | Close
+
+_BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
+    # SPEC §3: bare CR/LF (and NUL) → 550 5.6.0 after the real end of data.
+    BodyError.BARE_LINE_ENDING: Reply.of(
+        550, "5.6.0", "Message contains bare CR or LF (only CRLF line endings allowed)"
+    ),
+    BodyError.NUL: Reply.of(550, "5.6.0", "Message contains NUL characters"),
+    # SPEC §3: "Lines over 1000 octets ... get 500 5.5.2".
+    BodyError.LINE_TOO_LONG: Reply.of(500, "5.5.2", "Line too long in message content"),
+    BodyError.TOO_BIG: Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size"),
+}
+
+
+def _b(code: int, enhanced: str, text: str) -> bytes:
+    return Reply.of(code, enhanced, text).to_bytes()
+
+
+_R_OK = _b(250, "2.0.0", "Ok")
+_R_MAIL_OK = _b(250, "2.1.0", "Ok")
+_R_RCPT_OK = _b(250, "2.1.5", "Ok")
+_R_DATA_GO = Reply(354, ("End data with <CR><LF>.<CR><LF>",)).to_bytes()
+_R_BYE = _b(221, "2.0.0", "Bye")
+_R_LINE_TOO_LONG = _b(500, "5.5.2", "Line too long")
+_R_TOO_MANY_ERRORS = _b(421, "4.7.0", "Too many errors, closing connection")
+_R_TIMEOUT = _b(421, "4.4.2", "Timeout exceeded, closing connection")
+_R_SHUTDOWN = _b(421, "4.3.2", "Service shutting down, closing connection")
+_R_VRFY = _b(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+_R_HELP = _b(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT")
+_R_TLS_GO = _b(220, "2.0.0", "Ready to start TLS")
+
+
+@dataclass(frozen=True, slots=True)
+class _Canned:
+    greeting: bytes
+    helo: bytes
+    ehlo: bytes
+    ehlo_tls: bytes  # when TLS is already active: no STARTTLS
+
+
+_CANNED: dict[ServerConfig, _Canned] = {}
+
+
+def _canned(cfg: ServerConfig) -> _Canned:
+    found = _CANNED.get(cfg)
+    if found is None:
+        keywords = [
+            "PIPELINING",
+            f"SIZE {cfg.max_message_bytes}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+        ]
+        tls = ["STARTTLS"] if cfg.tls_available else []
+        found = _Canned(
+            greeting=Reply(220, (f"{cfg.hostname} ESMTP Empath",)).to_bytes(),
+            helo=Reply(250, (cfg.hostname,)).to_bytes(),
+            ehlo=Reply(250, (cfg.hostname, *keywords, *tls)).to_bytes(),
+            ehlo_tls=Reply(250, (cfg.hostname, *keywords)).to_bytes(),
+        )
+        if len(_CANNED) < 64:
+            _CANNED[cfg] = found
+    return found
+
+
+# --- the state machine --------------------------------------------------------------
+
+
+class SmtpServer:
+    """One inbound session; see module doc."""
+
+    __slots__ = (
+        "_bad_commands",
+        "_bdat",
+        "_body_open",
+        "_buf",
+        "_canned",
+        "_cfg",
+        "_data",
+        "_discarding",
+        "_draining",
+        "_esmtp",
+        "_helo",
+        "_mail",
+        "_out",
+        "_rcpts",
+        "_relay_allows",
+        "_skip_bytes",
+        "_skip_reply",
+        "phase",
+        "state",
+        "tls_active",
+    )
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        relay_allows: Callable[[str], bool],
+        *,
+        tls_active: bool = False,
+    ) -> None:
+        self._cfg = config
+        self._canned = _canned(config)
+        self._relay_allows = relay_allows
+        self.tls_active = tls_active
+        self.state = State.FRESH
+        self.phase = Phase.COMMAND
+        self._out: list[bytes] = [self._canned.greeting]
+        self._buf = b""
+        self._discarding = False  # dropping the rest of an over-long command line
+        self._bad_commands = 0
+        self._draining = False  # shutdown requested: close after the current message
+        self._helo = ""
+        self._esmtp = False
+        self._mail: MailFrom | None = None
+        self._rcpts: list[str] = []
+        self._data: DataDecoder | None = None
+        self._bdat: BdatDecoder | None = None
+        self._body_open = False
+        self._skip_bytes = 0
+        self._skip_reply = b""
+
+    # --- transport-facing API ---------------------------------------------------
+
+    def take_output(self) -> bytes:
+        """Reply bytes produced since the last call (the greeting first)."""
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    @property
+    def in_message(self) -> bool:
+        """Receiving or committing a message body (shutdown lets these finish)."""
+        return self.phase in (Phase.DATA, Phase.BDAT, Phase.WAITING) or self.state is State.BDAT
+
+    @property
+    def awaiting_first_data(self) -> bool:
+        """DATA accepted (354 sent) but no content byte read yet."""
+        return self.phase is Phase.DATA and self._data is not None and self._data.size == 0
+
+    def feed(self, data: bytes) -> list[Event]:
+        events: list[Event] = []
+        if self.phase is Phase.CLOSED or not data:
+            return events
+        self._buf = self._buf + data if self._buf else data
+        self._run(events)
+        return events
+
+    def message_committed(self, msg_id: str) -> list[Event]:
+        """The spool made the message durable: 250, then continue with buffered input."""
+        self._out.append(f"250 2.0.0 Ok: queued as {msg_id}\r\n".encode())
+        return self._after_message()
+
+    def message_failed(self, reply: Reply) -> list[Event]:
+        """The spool refused the message (452 4.3.1 / 451 4.3.0)."""
+        self._out.append(reply.to_bytes())
+        return self._after_message()
+
+    def tls_started(self) -> list[Event]:
+        """RFC 3207 §4.2: "the server MUST discard any knowledge obtained from the
+        client ... which was not obtained from the TLS negotiation itself"."""
+        self.tls_active = True
+        self.state = State.FRESH
+        self.phase = Phase.COMMAND
+        self._helo = ""
+        self._esmtp = False
+        self._clear_transaction([])
+        return []
+
+    def timed_out(self) -> list[Event]:
+        events: list[Event] = []
+        self._clear_transaction(events)
+        self._close(events, _R_TIMEOUT, "timeout", error=True)
+        return events
+
+    def shutdown(self) -> list[Event]:
+        """Stop: idle sessions get 421 4.3.2 now; one receiving a message may finish it."""
+        events: list[Event] = []
+        self._draining = True
+        if self.phase is not Phase.CLOSED and not self.in_message:
+            self._clear_transaction(events)
+            self._close(events, _R_SHUTDOWN, "shutdown")
+        return events
+
+    def connection_lost(self) -> list[Event]:
+        events: list[Event] = []
+        self._clear_transaction(events)
+        self.phase = Phase.CLOSED
+        return events
+
+    # --- input loop -----------------------------------------------------------------
+
+    def _run(self, events: list[Event]) -> None:
+        while self._buf:
+            phase = self.phase
+            if phase is Phase.COMMAND:
+                if not self._command_line(events):
+                    return
+            elif phase is Phase.DATA:
+                self._data_bytes(events)
+            elif phase is Phase.BDAT:
+                self._bdat_bytes(events)
+            elif phase is Phase.SKIP:
+                self._skip(events)
+            else:  # WAITING or CLOSED: leave input buffered / ignored
+                return
+
+    def _command_line(self, events: list[Event]) -> bool:
+        buf = self._buf
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) >= MAX_COMMAND_BYTES:
+                # bounded buffer: answer now, drop the rest of this line as it comes
+                self._buf = b""
+                if not self._discarding:
+                    self._discarding = True
+                    self._bad(events, _R_LINE_TOO_LONG)
+            return False
+        self._buf = buf[nl + 1 :]
+        if self._discarding:
+            self._discarding = False
+            return True
+        if nl + 1 > MAX_COMMAND_BYTES:
+            self._bad(events, _R_LINE_TOO_LONG)
+            return True
+        line = buf[: nl - 1] if nl and buf[nl - 1] == 0x0D else buf[:nl]
+        try:
+            cmd = parse_command(line)
+            if self.state not in _ALLOWED[cmd.verb]:
+                raise SmtpProtocolError(503, "5.5.1", "Bad sequence of commands")
+            _HANDLERS[cmd.verb](self, cmd.arg, events)
+        except SmtpProtocolError as exc:
+            reply = Reply.of(exc.code, exc.enhanced, exc.text).to_bytes()
+            if exc.code in _BAD_COMMAND_CODES:
+                self._bad(events, reply)
+            else:
+                self._out.append(reply)
+        return True
+
+    def _bad(self, events: list[Event], reply: bytes) -> None:
+        self._bad_commands += 1
+        if self._bad_commands >= MAX_BAD_COMMANDS:
+            self._clear_transaction(events)
+            self._close(events, _R_TOO_MANY_ERRORS, "too many errors", error=True)
+        else:
+            self._out.append(reply)
+
+    def _close(
+        self, events: list[Event], reply: bytes, reason: str, *, error: bool = False
+    ) -> None:
+        self._out.append(reply)
+        self.phase = Phase.CLOSED
+        self._buf = b""
+        events.append(Close(reason, error))
+
+    # --- message content ---------------------------------------------------------------
+
+    def _data_bytes(self, events: list[Event]) -> None:
+        dec = self._data
+        assert dec is not None
+        body, done, rest = dec.feed(self._buf)
+        self._buf = rest
+        if body:
+            events.append(BodyChunk(body))
+        if done:
+            self._data = None
+            self._end_of_message(events, dec.error)
+
+    def _bdat_bytes(self, events: list[Event]) -> None:
+        dec = self._bdat
+        assert dec is not None
+        body, done, rest = dec.feed(self._buf)
+        self._buf = rest
+        if body:
+            events.append(BodyChunk(body))
+        if done:
+            self._chunk_done(events)
+
+    def _chunk_done(self, events: list[Event]) -> None:
+        dec = self._bdat
+        assert dec is not None
+        if dec.error is not None or dec.finished:
+            self._bdat = None
+            self._end_of_message(events, dec.error)
+        else:
+            self.phase = Phase.COMMAND
+            self._out.append(_b(250, "2.0.0", f"{dec.size} octets received"))
+
+    def _skip(self, events: list[Event]) -> None:
+        take = min(self._skip_bytes, len(self._buf))
+        self._skip_bytes -= take
+        self._buf = self._buf[take:]
+        if self._skip_bytes == 0:
+            self.phase = Phase.COMMAND
+            self._out.append(self._skip_reply)
+
+    def _end_of_message(self, events: list[Event], error: BodyError | None) -> None:
+        if error is not None:
+            self._out.append(_BODY_ERROR_REPLIES[error].to_bytes())
+            self._clear_transaction(events)
+            self.phase = Phase.COMMAND
+            if self._draining:
+                self._close(events, _R_SHUTDOWN, "shutdown")
+            return
+        events.append(MessageComplete(self._transaction()))
+        self.phase = Phase.WAITING
+
+    def _after_message(self) -> list[Event]:
+        events: list[Event] = []
+        self._body_open = False  # the transport committed or discarded it
+        self._clear_transaction(events)
+        if self.phase is Phase.CLOSED:
+            return events
+        self.phase = Phase.COMMAND
+        if self._draining:
+            self._close(events, _R_SHUTDOWN, "shutdown")
+            return events
+        self._run(events)
+        return events
+
+    def _transaction(self) -> Transaction:
+        mail = self._mail
+        assert mail is not None
+        return Transaction(
+            sender=mail.sender,
+            recipients=tuple(self._rcpts),
+            helo=self._helo,
+            smtputf8=mail.smtputf8,
+            body_8bit=mail.body is Body.EIGHT_BIT_MIME,
+            esmtp=self._esmtp,
+            tls=self.tls_active,
+        )
+
+    def _clear_transaction(self, events: list[Event]) -> None:
+        if self._body_open:
+            events.append(BodyAbort())
+            self._body_open = False
+        self._mail = None
+        self._rcpts = []
+        self._data = None
+        self._bdat = None
+        if self.state is not State.FRESH:
+            self.state = State.GREETED
+
+    # --- command handlers (dispatched through _HANDLERS) -------------------------------
+
+    def _greet(self, arg: str, events: list[Event], *, esmtp: bool) -> None:
+        helo = parse_helo(arg)
+        self._clear_transaction(events)
+        self._helo = helo
+        self._esmtp = esmtp
+        self.state = State.GREETED
+        if not esmtp:
+            self._out.append(self._canned.helo)
+        elif self.tls_active:
+            self._out.append(self._canned.ehlo_tls)
+        else:
+            self._out.append(self._canned.ehlo)
+
+    def _on_helo(self, arg: str, events: list[Event]) -> None:
+        self._greet(arg, events, esmtp=False)
+
+    def _on_ehlo(self, arg: str, events: list[Event]) -> None:
+        self._greet(arg, events, esmtp=True)
+
+    def _on_mail(self, arg: str, events: list[Event]) -> None:
+        mail = parse_mail(arg)
+        # RFC 1870 §6.2: a declared size over the limit is refused at MAIL.
+        if mail.size is not None and mail.size > self._cfg.max_message_bytes:
+            raise SmtpProtocolError(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        self._mail = mail
+        self._rcpts = []
+        self.state = State.MAIL
+        self._out.append(_R_MAIL_OK)
+
+    def _on_rcpt(self, arg: str, events: list[Event]) -> None:
+        mail = self._mail
+        assert mail is not None
+        rcpt = parse_rcpt(arg, smtputf8=mail.smtputf8).recipient
+        # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients").
+        if len(self._rcpts) >= self._cfg.max_recipients:
+            raise SmtpProtocolError(452, "4.5.3", "Too many recipients")
+        if not self._relay_allows(domain_of(rcpt)):
+            raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
+        if rcpt not in self._rcpts:
+            self._rcpts.append(rcpt)
+        self.state = State.RCPT
+        self._out.append(_R_RCPT_OK)
+
+    def _on_data(self, arg: str, events: list[Event]) -> None:
+        if arg:
+            raise SmtpProtocolError(501, "5.5.4", "DATA takes no arguments")
+        if self.state is not State.RCPT:
+            # RFC 5321 §3.3: no (accepted) RCPT → 554 "no valid recipients".
+            raise SmtpProtocolError(554, "5.5.1", "No valid recipients")
+        self._data = DataDecoder(self._cfg.max_message_bytes)
+        self.phase = Phase.DATA
+        self._body_open = True
+        events.append(BodyStart(self._transaction()))
+        self._out.append(_R_DATA_GO)
+
+    def _on_bdat(self, arg: str, events: list[Event]) -> None:
+        size, last = parse_bdat(arg)
+        if self.state is State.RCPT:
+            self._bdat = BdatDecoder(self._cfg.max_message_bytes)
+            self._body_open = True
+            self.state = State.BDAT
+            events.append(BodyStart(self._transaction()))
+        elif self.state is not State.BDAT:
+            # RFC 3030 §2: the chunk follows the command whatever we answer, so
+            # read (and drop) its bytes before replying.
+            self._skip_bytes = size
+            self._skip_reply = (
+                _b(554, "5.5.1", "No valid recipients")
+                if self.state is State.MAIL
+                else _b(503, "5.5.1", "Bad sequence of commands")
+            )
+            self.phase = Phase.SKIP
+            if size == 0:
+                self._skip(events)
+            return
+        dec = self._bdat
+        assert dec is not None
+        dec.start_chunk(size, last)
+        self.phase = Phase.BDAT
+        if size == 0:
+            self._chunk_done(events)
+
+    def _on_rset(self, arg: str, events: list[Event]) -> None:
+        self._clear_transaction(events)
+        self._out.append(_R_OK)
+
+    def _on_noop(self, arg: str, events: list[Event]) -> None:
+        self._out.append(_R_OK)
+
+    def _on_quit(self, arg: str, events: list[Event]) -> None:
+        self._clear_transaction(events)
+        self._close(events, _R_BYE, "quit")
+
+    def _on_vrfy(self, arg: str, events: list[Event]) -> None:
+        self._out.append(_R_VRFY)
+
+    def _on_expn(self, arg: str, events: list[Event]) -> None:
+        raise SmtpProtocolError(502, "5.5.1", "EXPN not available")
+
+    def _on_help(self, arg: str, events: list[Event]) -> None:
+        self._out.append(_R_HELP)
+
+    def _on_starttls(self, arg: str, events: list[Event]) -> None:
+        if arg:
+            raise SmtpProtocolError(501, "5.5.4", "STARTTLS takes no arguments")
+        if self.tls_active:
+            raise SmtpProtocolError(503, "5.5.1", "TLS already active")
+        if not self._cfg.tls_available:
+            raise SmtpProtocolError(454, "4.7.0", "TLS not available")
+        self._out.append(_R_TLS_GO)
+        # Anything pipelined after STARTTLS was sent in clear: drop it (CVE-2011-0411).
+        self._buf = b""
+        self.phase = Phase.WAITING
+        events.append(StartTls())
+
+
+_Handler = Callable[[SmtpServer, str, list[Event]], None]
+
+_HANDLERS: Final[dict[Verb, _Handler]] = {
+    Verb.HELO: SmtpServer._on_helo,
+    Verb.EHLO: SmtpServer._on_ehlo,
+    Verb.MAIL: SmtpServer._on_mail,
+    Verb.RCPT: SmtpServer._on_rcpt,
+    Verb.DATA: SmtpServer._on_data,
+    Verb.BDAT: SmtpServer._on_bdat,
+    Verb.RSET: SmtpServer._on_rset,
+    Verb.NOOP: SmtpServer._on_noop,
+    Verb.QUIT: SmtpServer._on_quit,
+    Verb.VRFY: SmtpServer._on_vrfy,
+    Verb.EXPN: SmtpServer._on_expn,
+    Verb.HELP: SmtpServer._on_help,
+    Verb.STARTTLS: SmtpServer._on_starttls,
+}
+
+
+# --- Received: header ---------------------------------------------------------------
+
+
+def received_header(
+    transaction: Transaction, *, client_ip: str, hostname: str, msg_id: str, date: str
+) -> bytes:
+    """RFC 5321 §4.4 trace line, folded one clause per line (each well under 998 octets).
+
+    ``date`` is an RFC 5322 date-time supplied by the caller (this module reads no clock).
+    """
+    lit = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    helo = transaction.helo or "unknown"
+    rcpt = transaction.recipients
+    tail = f"\r\n\tfor <{rcpt[0]}>;" if len(rcpt) == 1 else ";"
+    return (
+        f"Received: from {helo} ([{lit}])\r\n"
+        f"\tby {hostname} (Empath) with {transaction.protocol} id {msg_id}{tail}\r\n"
+        f"\t{date}\r\n"
+    ).encode("utf-8", "replace")

@@ -1,0 +1,229 @@
+"""On-disk record format of the file spool's log (versioned, checksummed, never pickle).
+
+Theory of operation.  A segment file ``<spool>/log/<seq:010d>-<seed:08x>.seg``
+is a sequence of records::
+
+    +-------+--------+---------+------+-------+-------------+-----------------+
+    | magic | crc32  | version | type | flags | payload_len | payload ...     |
+    | 4 B   | 4 B LE | 1 B     | 1 B  | 2 B   | 4 B LE      | payload_len B   |
+    +-------+--------+---------+------+-------+-------------+-----------------+
+
+The CRC-32 covers everything after itself (the rest of the header and the
+payload, one contiguous span) and is seeded with the segment's random ``seed``
+(part of the file name).  The seed makes a record
+that was copied into a message body by a client - e.g. someone mailing a spool
+file - fail its checksum, so resynchronising after a corrupt region can never
+"find" an attacker-supplied record inside a body and resurrect it as mail.
+
+Message records (MSG, STATE, DEL) carry a payload of::
+
+    message id (26 ASCII bytes) | json_len (4 B LE) | JSON header | raw body bytes
+
+MSG's JSON holds the envelope, the unit states and where the body is (inline
+after the JSON, or spilled to ``<spool>/bodies/<id>``); STATE's JSON is a full
+snapshot of the units (newest wins); DEL has no JSON (a tombstone).  SEGMENT is
+the first record of every segment (its sequence number and where the previous
+segment's valid data ends); PAD covers a quarantined region in place so a later
+scan skips it silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+from empath.spool.model import (
+    Attempt,
+    Envelope,
+    RcptStatus,
+    RecipientState,
+    UnitState,
+    UnitStatus,
+)
+
+MAGIC: Final = b"EmpR"
+VERSION: Final = 1
+HEADER: Final = struct.Struct("<4sIBBHI")  # magic, crc, version, type, flags, payload_len
+HEADER_BYTES: Final = HEADER.size  # 16
+_CRC_FROM: Final = 8  # the CRC covers everything after itself: header tail + payload
+_TAIL: Final = struct.Struct("<BBHI")
+_U32: Final = struct.Struct("<I")
+ID_BYTES: Final = 26
+MSG_PREFIX_BYTES: Final = ID_BYTES + _U32.size  # 30
+MAX_PAYLOAD_BYTES: Final = 1 << 30  # sanity bound while resynchronising
+
+
+class RecordType(enum.IntEnum):
+    SEGMENT = 1
+    MSG = 2
+    STATE = 3
+    DEL = 4
+    PAD = 5
+
+
+KNOWN_TYPES: Final = frozenset(int(t) for t in RecordType)
+
+
+def segment_name(seq: int, seed: int) -> str:
+    return f"{seq:010d}-{seed:08x}.seg"
+
+
+def parse_segment_name(name: str) -> tuple[int, int] | None:
+    """(seq, seed) of a segment file name, None when it is not one of ours."""
+    if not name.endswith(".seg") or len(name) != 10 + 1 + 8 + 4 or name[10] != "-":
+        return None
+    try:
+        return int(name[:10], 10), int(name[11:19], 16)
+    except ValueError:
+        return None
+
+
+def frame(rtype: RecordType, payload: bytes, seed: int) -> bytes:
+    """One complete record: header (with CRC) followed by payload."""
+    tail = _TAIL.pack(VERSION, rtype, 0, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(tail, seed))
+    return MAGIC + _U32.pack(crc) + tail + payload
+
+
+def pad_header(payload_len: int, existing_payload: bytes | memoryview, seed: int) -> bytes:
+    """A PAD header that makes ``existing_payload`` (already on disk) a valid, skippable record."""
+    tail = _TAIL.pack(VERSION, RecordType.PAD, 0, payload_len)
+    crc = zlib.crc32(existing_payload, zlib.crc32(tail, seed))
+    return MAGIC + _U32.pack(crc) + tail
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A record found in a segment whose checksum verified."""
+
+    rtype: int
+    version: int
+    offset: int  # of the header, in the segment
+    payload_start: int  # absolute offset of the payload in the segment
+    end: int  # offset just past the record
+
+
+def parse_at(buf: memoryview, offset: int, limit: int, seed: int) -> RawRecord | None:
+    """The verified record starting at ``offset`` (ending at or before ``limit``), else None."""
+    if offset + HEADER_BYTES > limit:
+        return None
+    magic, crc, version, rtype, _flags, plen = HEADER.unpack_from(buf, offset)
+    if magic != MAGIC or plen > MAX_PAYLOAD_BYTES:
+        return None
+    start = offset + HEADER_BYTES
+    end = start + plen
+    if end > limit or zlib.crc32(buf[offset + _CRC_FROM : end], seed) != crc:
+        return None
+    return RawRecord(rtype=rtype, version=version, offset=offset, payload_start=start, end=end)
+
+
+# --- message payloads ----------------------------------------------------------
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def units_json(units: tuple[UnitState, ...]) -> list[dict[str, Any]]:
+    return [u.to_json() for u in units]
+
+
+def msg_payload(
+    msg_id: str,
+    envelope: Envelope,
+    units: tuple[UnitState, ...],
+    *,
+    body_bytes: int,
+    spilled: bool,
+    inline_body: bytes = b"",
+) -> tuple[bytes, int]:
+    """(payload, offset of the inline body inside the payload)."""
+    header = _dumps(
+        {
+            "envelope": envelope.to_json(),
+            "units": units_json(units),
+            "body": {"bytes": body_bytes, "spilled": spilled},
+        }
+    )
+    prefix = msg_id.encode("ascii") + _U32.pack(len(header)) + header
+    return prefix + inline_body, len(prefix)
+
+
+def state_payload(msg_id: str, units: tuple[UnitState, ...]) -> bytes:
+    header = _dumps({"units": units_json(units)})
+    return msg_id.encode("ascii") + _U32.pack(len(header)) + header
+
+
+def del_payload(msg_id: str) -> bytes:
+    return msg_id.encode("ascii") + _U32.pack(0)
+
+
+def segment_payload(seq: int, prev_end: int | None, created_at: float) -> bytes:
+    return _dumps({"seq": seq, "prev_end": prev_end, "created_at": created_at})
+
+
+def split_message(buf: memoryview, rec: RawRecord) -> tuple[str, int, int] | None:
+    """(message id, json start, json end) of a message record, None if malformed."""
+    start = rec.payload_start
+    if rec.end - start < MSG_PREFIX_BYTES:
+        return None
+    try:
+        msg_id = bytes(buf[start : start + ID_BYTES]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    (jlen,) = _U32.unpack_from(buf, start + ID_BYTES)
+    jstart = start + MSG_PREFIX_BYTES
+    if jstart + jlen > rec.end:
+        return None
+    return msg_id, jstart, jstart + jlen
+
+
+_decoder = json.JSONDecoder()
+
+
+def loads(data: bytes | memoryview) -> Any:
+    return _decoder.decode(bytes(data).decode())
+
+
+# Recovery decodes every live message once; the model's validating from_json
+# costs ~2x these direct constructions.  Records passed their CRC and were
+# written by to_json, so the direct path is used first and the validating one
+# only when the shape differs (e.g. a record from an older model version).
+
+
+def envelope_from_json(data: dict[str, Any]) -> Envelope:
+    try:
+        fields = dict(data)
+        fields["recipients"] = tuple(fields["recipients"])
+        return Envelope(**fields)
+    except (TypeError, KeyError):
+        return Envelope.from_json(data)
+
+
+_RCPT_STATUS: Final = {s.value: s for s in RcptStatus}
+_UNIT_STATUS: Final = {s.value: s for s in UnitStatus}
+
+
+def units_from_json(data: list[dict[str, Any]]) -> tuple[UnitState, ...]:
+    rcpt_status = _RCPT_STATUS
+    try:
+        out = []
+        for unit in data:
+            fields = dict(unit)
+            fields["recipients"] = tuple(
+                [
+                    RecipientState(r["address"], rcpt_status[r["status"]], r["code"], r["text"])
+                    for r in fields["recipients"]
+                ]
+            )
+            fields["status"] = _UNIT_STATUS[fields["status"]]
+            history = fields["history"]
+            fields["history"] = tuple([Attempt(**a) for a in history]) if history else ()
+            out.append(UnitState(**fields))
+        return tuple(out)
+    except (TypeError, KeyError):
+        return tuple(UnitState.from_json(u) for u in data)

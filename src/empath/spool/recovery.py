@@ -1,0 +1,397 @@
+"""Startup recovery of the file spool: scan every segment, verify every record, rebuild the index.
+
+Theory of operation.  Segments are scanned oldest first; within a segment,
+records in file order, so "newest wins" is simply "last seen wins": an MSG
+record (re)defines a message (envelope, units, body location), a STATE record
+replaces its units, a DEL record forgets it.  Only the message id is decoded
+while scanning; the JSON of the survivors is parsed once at the end, which
+keeps recovery of a large, mostly-finished log fast.
+
+Damage handling.  A record whose header or CRC does not verify starts a
+corrupt region that ends at the next offset where a record verifies (or at the
+end of the file).  The region is copied to ``<spool>/corrupt/<segment>-<offset>.bin``,
+logged at ERROR and then neutralised on disk so it is reported only once: a
+region at the end of a segment (a torn tail after a crash) is truncated away; a
+region in the middle is covered in place by a PAD record whose checksum makes
+the old bytes a skippable record.  A segment's SEGMENT header may say the
+previous segment's valid data ends early (a failed batch that could not be
+truncated at the time); bytes after that point are quarantined the same way.
+Units left ``in_progress`` by a crash become ``pending``.  A message whose
+spilled body file is missing (or short) is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from empath.errors import SpoolError
+from empath.observability.logs import get_logger
+from empath.spool import codec
+from empath.spool.codec import RecordType
+from empath.spool.memory import requeue_in_progress
+from empath.spool.model import MessageState
+from empath.spool.writer import Segment
+
+log = get_logger("spool", __name__)
+_U32 = struct.Struct("<I")
+_MESSAGE_TYPES = frozenset({RecordType.MSG, RecordType.STATE, RecordType.DEL})
+
+
+@dataclass(slots=True)
+class BodyLocation:
+    """Where a live message's body is: inline in a segment, or a spill file."""
+
+    seg: int  # segment holding the message's current MSG record
+    offset: int  # absolute offset of the inline body in that segment (0 if spilled)
+    length: int  # body bytes
+    spilled: bool
+    record_bytes: int  # size of the MSG record (for the segment's live-bytes count)
+
+
+@dataclass(slots=True)
+class _Found:
+    seg: int
+    msg_json: bytes
+    state_json: bytes | None
+    body_offset: int
+    record_bytes: int
+
+
+@dataclass(slots=True)
+class Recovered:
+    index: dict[str, MessageState]
+    locations: dict[str, BodyLocation]
+    segments: dict[int, Segment]
+    dropped: list[str] = field(default_factory=list)  # ids to tombstone (body missing)
+    records: int = 0
+    quarantined: int = 0
+    spill_bytes: int = 0
+
+
+def _quarantine(
+    corrupt_dir: Path, seg_name: str, offset: int, data: bytes | memoryview, why: str
+) -> None:
+    target = corrupt_dir / f"{seg_name}-{offset}.bin"
+    log.error(
+        "Quarantined corrupt spool region",
+        segment=seg_name,
+        offset=offset,
+        bytes=len(data),
+        reason=why,
+        path=str(target),
+    )
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _next_valid(buf: memoryview, mm: mmap.mmap, start: int, limit: int, seed: int) -> int:
+    """Offset of the next verifiable record after ``start`` (``limit`` if none)."""
+    pos = start + 1
+    while True:
+        pos = mm.find(codec.MAGIC, pos, limit)
+        if pos < 0:
+            return limit
+        if codec.parse_at(buf, pos, limit, seed) is not None:
+            return pos
+        pos += 1
+
+
+def _read_prev_end(path: Path, seed: int) -> int | None:
+    """The ``prev_end`` a segment's SEGMENT header declares for its predecessor."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(codec.HEADER_BYTES + 4096)
+    except OSError:
+        return None
+    buf = memoryview(head)
+    rec = codec.parse_at(buf, 0, len(head), seed)
+    if rec is None or rec.rtype != RecordType.SEGMENT:
+        return None
+    try:
+        value = codec.loads(buf[rec.payload_start : rec.end]).get("prev_end")
+    except (ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+class _Scanner:
+    def __init__(self, spool_dir: Path, progress_every: int) -> None:
+        self.log_dir = spool_dir / "log"
+        self.bodies_dir = spool_dir / "bodies"
+        self.corrupt_dir = spool_dir / "corrupt"
+        self.progress_every = progress_every
+        self.found: dict[str, _Found] = {}
+        self.records = 0
+        self.quarantined = 0
+
+    def scan_segment(self, seq: int, seed: int, path: Path, prev_end: int | None) -> int:
+        """Scan one segment, neutralising damage on disk.  Returns its valid size."""
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            limit = size if prev_end is None else min(prev_end, size)
+            pads: list[tuple[int, int]] = []
+            truncate_at: int | None = None
+            if size:
+                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
+                    buf = memoryview(mm)
+                    try:
+                        truncate_at = self._scan(
+                            buf, mm, seq, seed, name=path.name, limit=limit, pads=pads
+                        )
+                        if truncate_at is None and limit < size:
+                            _quarantine(
+                                self.corrupt_dir,
+                                path.name,
+                                limit,
+                                buf[limit:size],
+                                "after the end declared by the next segment",
+                            )
+                            self.quarantined += 1
+                            truncate_at = limit
+                        for start, end in pads:
+                            pads_payload = buf[start + codec.HEADER_BYTES : end]
+                            header = codec.pad_header(
+                                end - start - codec.HEADER_BYTES, pads_payload, seed
+                            )
+                            del pads_payload
+                            os.pwrite(fd, header, start)
+                    finally:
+                        buf.release()
+            if truncate_at is not None:
+                os.ftruncate(fd, truncate_at)
+                size = truncate_at
+            if pads or truncate_at is not None:
+                os.fsync(fd)
+            return size
+        finally:
+            os.close(fd)
+
+    def _scan(
+        self,
+        buf: memoryview,
+        mm: mmap.mmap,
+        seq: int,
+        seed: int,
+        *,
+        name: str,
+        limit: int,
+        pads: list[tuple[int, int]],
+    ) -> int | None:
+        """Walk the records; returns where to truncate a torn tail, if any."""
+        off = 0
+        found = self.found
+        unpack = codec.HEADER.unpack_from
+        crc32 = zlib.crc32
+        magic_ok = codec.MAGIC
+        hdr = codec.HEADER_BYTES
+        crc_from = 8
+        max_plen = codec.MAX_PAYLOAD_BYTES
+        msg_t, state_t = RecordType.MSG, RecordType.STATE
+        message_types = _MESSAGE_TYPES
+        records = self.records
+        every = self.progress_every
+        try:
+            while off < limit:
+                # The hot path, inlined: header, bounds, one CRC over header tail + payload.
+                good = False
+                if off + hdr <= limit:
+                    magic, crc, version, rtype, _flags, plen = unpack(buf, off)
+                    end = off + hdr + plen
+                    good = (
+                        magic == magic_ok
+                        and plen <= max_plen
+                        and end <= limit
+                        and crc32(buf[off + crc_from : end], seed) == crc
+                    )
+                if not good:
+                    nxt = _next_valid(buf, mm, off, limit, seed)
+                    tail = nxt >= limit
+                    _quarantine(
+                        self.corrupt_dir,
+                        name,
+                        off,
+                        buf[off:nxt],
+                        "torn tail" if tail else "checksum or header mismatch",
+                    )
+                    self.quarantined += 1
+                    if tail:
+                        return off
+                    if nxt - off >= hdr:
+                        pads.append((off, nxt))
+                    off = nxt
+                    continue
+                start = off + hdr
+                rec_off, off = off, end
+                records += 1
+                if records % every == 0:
+                    log.info(
+                        "Spool recovery progress",
+                        records=records,
+                        segment=name,
+                        messages=len(found),
+                    )
+                if version > codec.VERSION:
+                    raise SpoolError(
+                        f"{name}@{rec_off}: record version {version} is newer than this "
+                        f"Empath understands ({codec.VERSION}); refusing to open the spool"
+                    )
+                if rtype not in message_types:
+                    if rtype not in codec.KNOWN_TYPES:
+                        log.error(
+                            "Skipped a spool record of unknown type",
+                            segment=name,
+                            offset=rec_off,
+                            record_type=rtype,
+                        )
+                    continue
+                jstart = start + codec.MSG_PREFIX_BYTES
+                if jstart > end:
+                    log.error("Skipped a malformed spool record", segment=name, offset=rec_off)
+                    continue
+                msg_id = bytes(buf[start : start + codec.ID_BYTES]).decode("ascii", "replace")
+                if rtype == msg_t:
+                    jend = jstart + _U32.unpack_from(buf, start + codec.ID_BYTES)[0]
+                    found[msg_id] = _Found(seq, bytes(buf[jstart:jend]), None, jend, end - rec_off)
+                elif rtype == state_t:
+                    entry = found.get(msg_id)
+                    if entry is not None:
+                        jend = jstart + _U32.unpack_from(buf, start + codec.ID_BYTES)[0]
+                        entry.state_json = bytes(buf[jstart:jend])
+                else:
+                    found.pop(msg_id, None)
+            return None
+        finally:
+            self.records = records
+
+
+def _decode(msg_id: str, f: _Found) -> tuple[MessageState, bool, int]:
+    head: dict[str, Any] = codec.loads(f.msg_json)
+    envelope = codec.envelope_from_json(head["envelope"])
+    units_src = head["units"] if f.state_json is None else codec.loads(f.state_json)["units"]
+    units = codec.units_from_json(units_src)
+    body = head["body"]
+    msg = MessageState(id=msg_id, envelope=envelope, units=requeue_in_progress(units))
+    return msg, bool(body["spilled"]), int(body["bytes"])
+
+
+def recover(spool_dir: Path, *, progress_every: int = 100_000) -> Recovered:
+    """Scan ``<spool>/log`` and rebuild the index (blocking: run it in a thread)."""
+    started = time.monotonic()
+    scanner = _Scanner(spool_dir, progress_every)
+    names: list[tuple[int, int, Path]] = []
+    for entry in os.scandir(scanner.log_dir):
+        parsed = codec.parse_segment_name(entry.name)
+        if parsed is None:
+            log.warn("Ignoring a foreign file in the spool log directory", path=entry.path)
+            continue
+        names.append((parsed[0], parsed[1], Path(entry.path)))
+    names.sort()
+    if names:
+        log.info("Spool recovery started", segments=len(names), path=str(spool_dir))
+    sizes: dict[int, tuple[int, int, Path, int]] = {}
+    for i, (seq, seed, path) in enumerate(names):
+        prev_end = None
+        if i + 1 < len(names):
+            _, nseed, npath = names[i + 1]
+            prev_end = _read_prev_end(npath, nseed)
+        size = scanner.scan_segment(seq, seed, path, prev_end)
+        sizes[seq] = (seq, seed, path, size)
+
+    segments: dict[int, Segment] = {}
+    for seq, seed, path, size in sizes.values():
+        segments[seq] = Segment(
+            seq=seq,
+            seed=seed,
+            path=path,
+            size=size,
+            read_fd=os.open(path, os.O_RDONLY | os.O_CLOEXEC),
+        )
+    result = Recovered(
+        index={},
+        locations={},
+        segments=segments,
+        records=scanner.records,
+        quarantined=scanner.quarantined,
+    )
+    referenced: set[str] = set()
+    for msg_id in sorted(scanner.found):
+        f = scanner.found[msg_id]
+        try:
+            msg, spilled, length = _decode(msg_id, f)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error(
+                "Dropped a spool record that does not decode", message_id=msg_id, error=str(exc)
+            )
+            result.dropped.append(msg_id)
+            continue
+        if spilled:
+            try:
+                on_disk = os.stat(scanner.bodies_dir / msg_id).st_size
+            except FileNotFoundError:
+                on_disk = -1
+            if on_disk != length:
+                log.error(
+                    "Dropped a message whose body file is missing or short",
+                    message_id=msg_id,
+                    expected_bytes=length,
+                    found_bytes=on_disk,
+                )
+                result.dropped.append(msg_id)
+                continue
+            referenced.add(msg_id)
+            result.spill_bytes += length
+        result.index[msg_id] = msg
+        result.locations[msg_id] = BodyLocation(
+            seg=f.seg,
+            offset=0 if spilled else f.body_offset,
+            length=length,
+            spilled=spilled,
+            record_bytes=f.record_bytes,
+        )
+        seg = segments[f.seg]
+        seg.refs.add(msg_id)
+        seg.live_bytes += f.record_bytes
+    _remove_orphan_bodies(scanner.bodies_dir, referenced)
+    if names:
+        log.info(
+            "Spool recovery finished",
+            messages=len(result.index),
+            records=result.records,
+            quarantined=result.quarantined,
+            missing=len(result.dropped),
+            seconds=round(time.monotonic() - started, 3),
+        )
+    return result
+
+
+def _remove_orphan_bodies(bodies_dir: Path, referenced: set[str]) -> None:
+    """Spill files of finished, aborted or never-committed messages."""
+    for entry in os.scandir(bodies_dir):
+        if entry.name in referenced:
+            continue
+        log.info("Removed an orphaned body file", path=entry.path)
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+
+
+def corrupt_region_count(spool_dir: Path) -> int:
+    """Files under ``<spool>/corrupt`` (for tests and health)."""
+    return sum(1 for _ in (spool_dir / "corrupt").iterdir())
+
+
+__all__ = ["BodyLocation", "Recovered", "corrupt_region_count", "recover"]

@@ -1,0 +1,285 @@
+"""Group commit: one thread owns the active segment, writes queued records in batches, syncs once.
+
+Theory of operation.  Coroutines on the event loop build record payloads and
+:meth:`LogWriter.submit` them as :class:`Entry` objects (with a future when the
+caller waits for durability).  The writer thread sleeps until something is
+queued, takes *everything* queued, frames the records with the active
+segment's seed, writes them with one ``pwrite`` at the segment's end, calls
+``fdatasync`` once and then hands the whole batch back to the loop with a single
+``call_soon_threadsafe`` - the loop resolves the futures and updates its index.
+While one batch syncs, the next one accumulates, so N concurrent commits cost
+far fewer than N syncs.  fsync never runs on the event loop thread.
+
+Failure: if the write or sync fails, the segment is truncated back to its
+pre-batch size (and synced) so recovery cannot resurrect a record whose caller
+was told it failed.  If even that fails, the writer remembers the segment as
+"poisoned" at that offset and, before the next batch, retries the truncation
+or rotates to a new segment whose SEGMENT record says where the previous one's
+valid data ends (recovery discards everything after it).
+
+Rotation: once the active segment reaches ``segment_bytes`` the next batch goes
+to a new file (created, header written, synced, directory synced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from empath.spool import codec
+from empath.spool.codec import RecordType
+from empath.spool.model import MessageState
+
+
+class EntryKind(enum.Enum):
+    COMMIT = "commit"  # a new message
+    COPY = "copy"  # compaction moving a live message forward
+    STATE = "state"
+    DEL = "del"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One record waiting for the writer; ``seg``/``offset`` are filled in when written."""
+
+    kind: EntryKind
+    msg_id: str
+    payload: bytes
+    future: asyncio.Future[None] | None = None
+    body_rel: int = 0  # offset of the inline body within the payload
+    body_bytes: int = 0
+    spilled: bool = False
+    message: MessageState | None = None  # COMMIT: what to index once durable
+    from_seg: int = -1  # COPY: the segment being compacted
+    seg: int = -1
+    offset: int = -1  # of the record header
+    record_bytes: int = 0
+
+    @property
+    def rtype(self) -> RecordType:
+        return _RTYPE[self.kind]
+
+
+_RTYPE = {
+    EntryKind.COMMIT: RecordType.MSG,
+    EntryKind.COPY: RecordType.MSG,
+    EntryKind.STATE: RecordType.STATE,
+    EntryKind.DEL: RecordType.DEL,
+}
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    """A log segment file and what the index knows about it."""
+
+    seq: int
+    seed: int
+    path: Path
+    size: int  # valid bytes (the writer appends here)
+    read_fd: int
+    refs: set[str] = field(default_factory=set)  # live messages whose MSG record is here
+    live_bytes: int = 0  # bytes of those MSG records
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # pragma: no cover - pwrite raises on errors
+            raise OSError("short write")
+        view = view[n:]
+        offset += n
+
+
+BatchCallback = Callable[[list[Entry], OSError | None], None]
+
+
+class LogWriter:
+    """The group-commit thread.  ``segments`` is shared with the loop under ``segments_lock``."""
+
+    def __init__(
+        self,
+        log_dir: Path,
+        segments: dict[int, Segment],
+        segments_lock: threading.Lock,
+        active: Segment,
+        *,
+        segment_bytes: int,
+        fdatasync: Callable[[int], None],
+        clock_now: Callable[[], float],
+    ) -> None:
+        self._log_dir = log_dir
+        self._segments = segments
+        self._segments_lock = segments_lock
+        self.active = active
+        self._write_fd = os.open(active.path, os.O_WRONLY | os.O_CLOEXEC)
+        self._segment_bytes = segment_bytes
+        self._fdatasync = fdatasync
+        self._now = clock_now
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[Entry] = []
+        self._stopping = False
+        self._poisoned_at: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_batch: BatchCallback | None = None
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.records = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_batch: BatchCallback) -> None:
+        self._loop = loop
+        self._on_batch = on_batch
+        self._thread = threading.Thread(target=self._run, name="empath-spool-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, entry: Entry) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("spool writer is stopped")
+            self._queue.append(entry)
+            if len(self._queue) == 1:
+                self._cond.notify()
+
+    def submit_many(self, entries: list[Entry]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("spool writer is stopped")
+            self._queue.extend(entries)
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Drain the queue, stop the thread and close the write fd (blocking: run in a thread)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self._write_fd)
+
+    # --- the thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            error: OSError | None = None
+            try:
+                self._write_batch(batch)
+            except OSError as exc:
+                error = exc
+            self.batches += 1
+            assert self._loop is not None and self._on_batch is not None
+            try:
+                self._loop.call_soon_threadsafe(self._on_batch, batch, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _write_batch(self, batch: list[Entry]) -> None:
+        if self._poisoned_at is not None:
+            self._heal()
+        elif self.active.size >= self._segment_bytes:
+            self._rotate(self.active.size)
+        seg = self.active
+        start = offset = seg.size
+        frames: list[bytes] = []
+        for entry in batch:
+            record = codec.frame(entry.rtype, entry.payload, seg.seed)
+            entry.seg = seg.seq
+            entry.offset = offset
+            entry.record_bytes = len(record)
+            offset += len(record)
+            frames.append(record)
+        try:
+            write_all(self._write_fd, b"".join(frames), start)
+            self._fdatasync(self._write_fd)
+        except OSError:
+            self._undo(start)
+            raise
+        seg.size = offset
+        self.records += len(batch)
+
+    def _undo(self, start: int) -> None:
+        """Cut a failed batch off the segment; remember the segment as poisoned if we cannot."""
+        try:
+            os.ftruncate(self._write_fd, start)
+            self._fdatasync(self._write_fd)
+        except OSError:
+            self._poisoned_at = start
+
+    def _heal(self) -> None:
+        assert self._poisoned_at is not None
+        start = self._poisoned_at
+        try:
+            os.ftruncate(self._write_fd, start)
+            self._fdatasync(self._write_fd)
+        except OSError:
+            self._rotate(start)  # raises if the disk is still unusable
+        self._poisoned_at = None
+
+    def _rotate(self, prev_end: int) -> None:
+        """Start a new segment; its header says where the old one's valid data ends."""
+        seq = self.active.seq + 1
+        seed = int.from_bytes(os.urandom(4), "little")
+        path = self._log_dir / codec.segment_name(seq, seed)
+        header = codec.frame(
+            RecordType.SEGMENT, codec.segment_payload(seq, prev_end, self._now()), seed
+        )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            write_all(fd, header, 0)
+            os.fsync(fd)
+            fsync_dir(self._log_dir)
+            read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        new = Segment(seq=seq, seed=seed, path=path, size=len(header), read_fd=read_fd)
+        old_fd = self._write_fd
+        self._write_fd = fd
+        with self._segments_lock:
+            self._segments[seq] = new
+            self.active = new
+        self._poisoned_at = None
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
+
+
+def create_segment(log_dir: Path, seq: int, prev_end: int | None, now: float) -> Segment:
+    """Create a fresh, synced segment with its header (used at open when none is usable)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    path = log_dir / codec.segment_name(seq, seed)
+    header = codec.frame(RecordType.SEGMENT, codec.segment_payload(seq, prev_end, now), seed)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, header, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(log_dir)
+    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return Segment(seq=seq, seed=seed, path=path, size=len(header), read_fd=read_fd)

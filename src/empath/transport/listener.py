@@ -1,0 +1,332 @@
+"""SMTP listeners: bind sockets, account connections, stop gracefully.
+
+Theory of operation
+-------------------
+:class:`SmtpServerGroup` owns one asyncio server per :class:`ListenerSpec`.  Each
+listener has a :class:`ListenerRuntime` — the settings, spool and counters its
+sessions share — and a :class:`ListenerStats` the metrics collector reads at
+scrape time (plain integers, no locking: everything runs on the event loop).
+
+Shutdown (SPEC §10): stop accepting; idle sessions get ``421 4.3.2`` and are
+closed; sessions receiving or committing a message may finish it within the
+grace period (they get the 421 right after their 250); whatever is left then is
+closed.  Commits already started are awaited, so the spool can be closed safely
+afterwards.
+
+An ``[::]`` listener is bound dual-stack (IPV6_V6ONLY off), as operators expect
+from ``socket: "[::]:1025"``; asyncio's own ``create_server`` would bind IPv6 only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from empath.clock import Clock, SystemClock
+from empath.errors import EmpathError
+from empath.observability.logs import get_logger
+from empath.smtp.server import DEFAULT_MAX_MESSAGE_BYTES, RelayPolicy, ServerConfig
+from empath.spool.model import MessageState
+from empath.spool.store import Spool
+from empath.transport.session import SmtpSession
+
+log = get_logger("smtp", __name__)
+
+_RELAY_CACHE_MAX = 4096
+
+
+class ListenerBindError(EmpathError):
+    """A listener could not bind its address (port taken, permission, bad address)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One SMTP listener's settings (the lead maps ListenerConfig onto this)."""
+
+    host: str = "127.0.0.1"
+    port: int = 1025
+    hostname: str = "localhost"
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_recipients: int = 100
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    command_timeout_s: float = 300.0
+    data_init_timeout_s: float = 120.0
+    data_block_timeout_s: float = 180.0
+    data_termination_timeout_s: float = 600.0  # client-side notion; accepted for symmetry
+    connection_timeout_s: float = 1800.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    context: Mapping[str, str] = field(default_factory=dict)
+    name: str = ""  # label for metrics/logs; default "host:port"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        host = self.host.strip("[]")
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+class ListenerStats:
+    """Counters for one listener (read by the metrics collector)."""
+
+    __slots__ = (
+        "connections_active",
+        "connections_total",
+        "messages_received",
+        "sessions_errored",
+        "sessions_total",
+    )
+
+    def __init__(self) -> None:
+        self.connections_total = 0  # accepted TCP connections (including refused by caps)
+        self.connections_active = 0  # open sessions
+        self.messages_received = 0  # messages committed to the spool
+        self.sessions_errored = 0  # sessions ended by error or timeout
+        self.sessions_total = 0  # sessions served (not refused)
+
+
+class ListenerRuntime:
+    """Everything the sessions of one listener share."""
+
+    __slots__ = (
+        "_idle",
+        "_relay",
+        "_relay_cache",
+        "audit",
+        "clock",
+        "loop",
+        "on_accepted",
+        "per_ip",
+        "server_config",
+        "sessions",
+        "show_sender",
+        "shutting_down",
+        "spec",
+        "spool",
+        "ssl_context",
+        "stats",
+        "tick_s",
+    )
+
+    def __init__(
+        self,
+        spec: ListenerSpec,
+        *,
+        relay: RelayPolicy,
+        spool: Spool,
+        on_accepted: Callable[[MessageState], None] | None,
+        clock: Clock,
+        loop: asyncio.AbstractEventLoop,
+        ssl_context: ssl.SSLContext | None,
+        audit: bool,
+        redact_sender: bool,
+    ) -> None:
+        self.spec = spec
+        self._relay = relay
+        self._relay_cache: dict[str, Callable[[str], bool]] = {}
+        self.spool = spool
+        self.on_accepted = on_accepted
+        self.clock = clock
+        self.loop = loop
+        self.ssl_context = ssl_context
+        self.audit = audit
+        self.show_sender: Callable[[str], str] = _redact if redact_sender else _same
+        self.server_config = ServerConfig(
+            hostname=spec.hostname,
+            max_message_bytes=spec.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+            max_recipients=spec.max_recipients,
+            tls_available=ssl_context is not None,
+        )
+        self.stats = ListenerStats()
+        self.per_ip: dict[str, int] = {}
+        self.sessions: set[SmtpSession] = set()
+        self.shutting_down = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        timeouts = (
+            spec.command_timeout_s,
+            spec.data_init_timeout_s,
+            spec.data_block_timeout_s,
+            spec.connection_timeout_s,
+        )
+        self.tick_s = min(5.0, max(0.02, min(timeouts) / 4))
+
+    def relay_check(self, client_ip: str) -> Callable[[str], bool]:
+        check = self._relay_cache.get(client_ip)
+        if check is None:
+            check = self._relay.for_client(client_ip)
+            if len(self._relay_cache) >= _RELAY_CACHE_MAX:
+                self._relay_cache.clear()
+            self._relay_cache[client_ip] = check
+        return check
+
+    def session_gone(self) -> None:
+        if not self.sessions:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        while self.sessions:
+            self._idle.clear()
+            await self._idle.wait()
+
+
+def _same(addr: str) -> str:
+    return addr
+
+
+def _redact(addr: str) -> str:
+    at = addr.rfind("@")
+    return "[REDACTED]" + addr[at:] if at >= 0 else ("[REDACTED]" if addr else "")
+
+
+def _tls_context(spec: ListenerSpec) -> ssl.SSLContext | None:
+    if not spec.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(spec.tls_cert, spec.tls_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerBindError(
+            f"listener {spec.label}: cannot load TLS certificate {spec.tls_cert}: {exc}"
+        ) from exc
+    return ctx
+
+
+def _dual_stack_socket(port: int, backlog: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class SmtpServerGroup:
+    """All SMTP listeners of the daemon; see module doc."""
+
+    def __init__(
+        self,
+        specs: Sequence[ListenerSpec],
+        relay: RelayPolicy,
+        spool: Spool,
+        on_accepted: Callable[[MessageState], None] | None = None,
+        *,
+        clock: Clock | None = None,
+        audit: bool = True,
+        redact_sender: bool = False,
+        backlog: int = 1024,
+    ) -> None:
+        self._specs = tuple(specs)
+        self._relay = relay
+        self._spool = spool
+        self._on_accepted = on_accepted
+        self._clock: Clock = clock or SystemClock()
+        self._audit = audit
+        self._redact_sender = redact_sender
+        self._backlog = backlog
+        self._servers: list[asyncio.Server] = []
+        self._runtimes: list[ListenerRuntime] = []
+        self.stats: dict[str, ListenerStats] = {}
+
+    @property
+    def bound(self) -> bool:
+        """Every listener is bound and serving (for /health/ready)."""
+        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(host, port) actually bound, one per listener (useful with port 0)."""
+        out = []
+        for server in self._servers:
+            name = server.sockets[0].getsockname()
+            out.append((str(name[0]), int(name[1])))
+        return out
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for spec in self._specs:
+                rt = ListenerRuntime(
+                    spec,
+                    relay=self._relay,
+                    spool=self._spool,
+                    on_accepted=self._on_accepted,
+                    clock=self._clock,
+                    loop=loop,
+                    ssl_context=_tls_context(spec),
+                    audit=self._audit,
+                    redact_sender=self._redact_sender,
+                )
+                server = await self._bind(loop, spec, rt)
+                self._servers.append(server)
+                self._runtimes.append(rt)
+                self.stats[spec.label] = rt.stats
+                log.info("SMTP listener started", listener=spec.label,
+                         tls=rt.ssl_context is not None)  # fmt: skip
+        except BaseException:
+            for server in self._servers:
+                server.close()
+            self._servers.clear()
+            raise
+
+    async def _bind(
+        self, loop: asyncio.AbstractEventLoop, spec: ListenerSpec, rt: ListenerRuntime
+    ) -> asyncio.Server:
+        host = spec.host.strip("[]")
+
+        def factory() -> SmtpSession:
+            return SmtpSession(rt)
+
+        try:
+            if host in ("::", ""):
+                sock = _dual_stack_socket(spec.port, self._backlog)
+                return await loop.create_server(factory, sock=sock)
+            return await loop.create_server(
+                factory, host, spec.port, reuse_address=True, backlog=self._backlog
+            )
+        except OSError as exc:
+            raise ListenerBindError(
+                f"cannot listen on {spec.label} ({host or '::'}:{spec.port}): {exc.strerror or exc}"
+            ) from exc
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, 421 idle sessions, let messages in flight finish, close the rest."""
+        for server in self._servers:
+            server.close()
+        for rt in self._runtimes:
+            rt.shutting_down = True
+            for session in list(rt.sessions):
+                session.shutdown()
+        waits = [rt.wait_idle() for rt in self._runtimes]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), grace_s)
+            except TimeoutError:
+                log.warn("Shutdown grace period over, closing remaining SMTP sessions",
+                         sessions=sum(len(rt.sessions) for rt in self._runtimes))  # fmt: skip
+        pending: list[asyncio.Task[None]] = []
+        for rt in self._runtimes:
+            for session in list(rt.sessions):
+                task = session.pending_task
+                if task is not None:
+                    pending.append(task)
+                session.force_close()
+        if pending:
+            await asyncio.wait(pending, timeout=max(1.0, grace_s))
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        self._servers.clear()
+        log.info("SMTP listeners stopped")

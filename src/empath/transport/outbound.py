@@ -1,0 +1,686 @@
+"""Outbound SMTP connections: connect, STARTTLS, send messages, keep them pooled.
+
+Theory of operation
+-------------------
+An :class:`OutboundConnection` is a thin asyncio pump around the sans-I/O
+:class:`~empath.smtp.client.SmtpClient`.  Its :class:`_Pump` protocol feeds
+every read to the client, writes whatever the client wants written, and queues
+the client's events; the coroutines here only wait for *events* (session ready,
+354, transaction done), never for individual replies, so a pipelined message
+costs two waits.  A single timer, re-armed whenever bytes arrive, enforces the
+per-phase timeouts of ``smtp_timeouts`` (the phase is the oldest outstanding
+command).  A timeout or a network error ends the connection; the client then
+settles every open recipient as temporary.
+
+TLS (RFC 3207): STARTTLS is used whenever the server offers it.  Opportunistic
+sessions use an unverified context (any certificate is better than plaintext);
+``require_tls`` sessions fail unless STARTTLS succeeds with a certificate
+verified against the MX host name, which is also the SNI name.
+``accept_invalid_certs`` keeps TLS mandatory but skips verification.
+
+:class:`ConnectionPool` keeps healthy idle connections per (MX host, port, TLS
+mode) for the next message (the client starts that one with MAIL, or RSET after
+a failure), closes idle ones with QUIT after ``idle_timeout_s``, caps
+connections per key (acquirers wait for a free one) and counts openings and
+reuses for tests and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol, cast
+
+from empath.delivery.classify import error_from_exception
+from empath.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
+from empath.observability.logs import get_logger
+from empath.smtp.client import (
+    ClientState,
+    Cmd,
+    Event,
+    SendBody,
+    SessionClosed,
+    SessionFailed,
+    SessionReady,
+    SmtpClient,
+    StartTls,
+    TlsPolicy,
+    Transaction,
+    TransactionDone,
+    TransactionResult,
+)
+
+log = get_logger("delivery", __name__)
+
+BodySource = bytes | Callable[[], AsyncIterator[bytes]]
+"""A message body in stored form (CRLF lines): bytes, or a factory of chunk iterators."""
+
+
+class TimeoutsLike(Protocol):
+    """Anything with the ``smtp_timeouts`` fields (the config's SmtpTimeouts fits)."""
+
+    @property
+    def connect_secs(self) -> float: ...
+    @property
+    def ehlo_secs(self) -> float: ...
+    @property
+    def starttls_secs(self) -> float: ...
+    @property
+    def mail_from_secs(self) -> float: ...
+    @property
+    def rcpt_to_secs(self) -> float: ...
+    @property
+    def data_secs(self) -> float: ...
+    @property
+    def quit_secs(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpTimeouts:
+    """Default per-phase timeouts (SPEC §2 ``delivery.smtp_timeouts``), seconds."""
+
+    connect_secs: float = 30.0
+    ehlo_secs: float = 30.0
+    starttls_secs: float = 30.0
+    mail_from_secs: float = 30.0
+    rcpt_to_secs: float = 30.0
+    data_secs: float = 120.0
+    quit_secs: float = 10.0
+
+
+class TlsMode(enum.Enum):
+    """How a connection uses TLS; part of the pool key."""
+
+    NONE = "none"  # plaintext only (fallback after a broken opportunistic handshake)
+    OPPORTUNISTIC = "opportunistic"  # STARTTLS when offered, certificate not checked
+    REQUIRED = "required"  # STARTTLS mandatory, certificate verified against the MX name
+    REQUIRED_UNVERIFIED = "required_unverified"  # mandatory, accept_invalid_certs
+
+    @property
+    def policy(self) -> TlsPolicy:
+        if self is TlsMode.NONE:
+            return TlsPolicy.DISABLED
+        if self is TlsMode.OPPORTUNISTIC:
+            return TlsPolicy.OPPORTUNISTIC
+        return TlsPolicy.REQUIRED
+
+    @property
+    def verify(self) -> bool:
+        return self is TlsMode.REQUIRED
+
+
+def tls_mode_for(require_tls: bool, accept_invalid_certs: bool) -> TlsMode:
+    if not require_tls:
+        return TlsMode.OPPORTUNISTIC
+    return TlsMode.REQUIRED_UNVERIFIED if accept_invalid_certs else TlsMode.REQUIRED
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    host: str  # MX host name (verification and SNI name)
+    port: int
+    tls: TlsMode
+
+
+class TlsContexts:
+    """Builds and caches the two kinds of client SSL context (building one costs ms)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[bool, str | None], ssl.SSLContext] = {}
+
+    def get(self, verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+        key = (verify, ca_file if verify else None)
+        ctx = self._cache.get(key)
+        if ctx is None:
+            if verify:
+                ctx = ssl.create_default_context()
+                if ca_file:
+                    ctx.load_verify_locations(cafile=ca_file)
+            else:
+                # Opportunistic TLS (RFC 7435): encrypt without authenticating.
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._cache[key] = ctx
+        return ctx
+
+
+_PHASE_TEXT: Final = {
+    Cmd.GREETING: "receiving the initial server greeting",
+    Cmd.EHLO: "receiving the EHLO reply",
+    Cmd.HELO: "receiving the HELO reply",
+    Cmd.STARTTLS: "performing the STARTTLS handshake",
+    Cmd.RSET: "sending RSET",
+    Cmd.MAIL: "sending MAIL FROM",
+    Cmd.RCPT: "sending RCPT TO",
+    Cmd.DATA: "sending message content",
+    Cmd.DOT: "sending end of data -- message may be sent more than once",
+    Cmd.QUIT: "sending QUIT",
+}
+
+
+def _phase_timeouts(t: TimeoutsLike) -> dict[Cmd | None, float]:
+    return {
+        None: t.quit_secs,
+        Cmd.GREETING: t.ehlo_secs,
+        Cmd.EHLO: t.ehlo_secs,
+        Cmd.HELO: t.ehlo_secs,
+        Cmd.STARTTLS: t.starttls_secs,
+        Cmd.RSET: t.mail_from_secs,
+        Cmd.MAIL: t.mail_from_secs,
+        Cmd.RCPT: t.rcpt_to_secs,
+        Cmd.DATA: t.data_secs,
+        Cmd.DOT: t.data_secs,
+        Cmd.QUIT: t.quit_secs,
+    }
+
+
+class _Pump(asyncio.Protocol):
+    """Network side of one connection: bytes → client → events, with a phase timer."""
+
+    def __init__(self, client: SmtpClient, timeouts: dict[Cmd | None, float], label: str) -> None:
+        self.client = client
+        self.label = label
+        self.transport: asyncio.Transport | None = None
+        self.events: collections.deque[Event] = collections.deque()
+        self.closed = False
+        self._timeouts = timeouts
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses; same interface.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        events = self.client.receive_data(data)
+        out = self.client.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+        if events:
+            self.events.extend(events)
+            self._wake()
+        elif self._waiter is not None:
+            self._arm()  # progress: restart the timer for the new phase
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f"lost connection with {self.label}"
+        if exc is not None:
+            reason += f": {exc}"
+        events = self.client.connection_lost(reason)
+        self.events.extend(events)
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # used by OutboundConnection ------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def flush_client(self) -> None:
+        self.write(self.client.data_to_send())
+
+    async def next_event(self) -> Event:
+        while not self.events:
+            if self.closed and not self.events:
+                raise RuntimeError("connection closed without a final event")
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            self._arm()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+        return self.events.popleft()
+
+    async def drain(self, timeout_s: float) -> None:
+        if not self._paused or self.closed:
+            return
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._drain_waiter
+        except TimeoutError:
+            self._timed_out(Cmd.DATA)
+        finally:
+            self._drain_waiter = None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        phase = self.client.phase
+        timeout_s = self._timeouts.get(phase, 30.0)
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._timed_out, phase)
+
+    def _timed_out(self, phase: Cmd | None) -> None:
+        self._timer = None
+        what = _PHASE_TEXT.get(phase, "waiting") if phase is not None else "waiting"
+        events = self.client.connection_lost(
+            f"conversation with {self.label} timed out while {what}"
+        )
+        self.events.extend(events)
+        self._wake()
+        self.abort()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class TlsHandshakeError(TemporaryDeliveryError):
+    """STARTTLS was agreed but the handshake (or certificate check) failed."""
+
+
+def _error_from_event(event: Event, mx: str) -> DeliveryError:
+    if isinstance(event, SessionFailed):
+        cls = PermanentDeliveryError if event.permanent else TemporaryDeliveryError
+        code = event.reply.code if event.reply is not None else None
+        return cls(event.text, code=code, enhanced=event.enhanced, mx=mx)
+    if isinstance(event, SessionClosed):
+        code = event.reply.code if event.reply is not None else None
+        return TemporaryDeliveryError(event.text, code=code, enhanced="4.4.2", mx=mx)
+    return TemporaryDeliveryError(f"unexpected {type(event).__name__} from {mx}", mx=mx)
+
+
+class OutboundConnection:
+    """One established SMTP session to one MX address (see module docstring)."""
+
+    __slots__ = (
+        "_idle_timer",
+        "_pump",
+        "address",
+        "client",
+        "key",
+        "label",
+        "last_used",
+        "messages_sent",
+        "timeouts",
+    )
+
+    def __init__(self, key: PoolKey, address: str, pump: _Pump, timeouts: TimeoutsLike) -> None:
+        self.key = key
+        self.address = address
+        self.label = pump.label
+        self.client = pump.client
+        self.timeouts = timeouts
+        self.messages_sent = 0
+        self.last_used = 0.0
+        self._pump = pump
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        key: PoolKey,
+        *,
+        address: str,
+        local_hostname: str,
+        timeouts: TimeoutsLike,
+        tls_contexts: TlsContexts,
+        tls_ca_file: str | None = None,
+    ) -> OutboundConnection:
+        """Connect to ``address`` (or the MX name when empty) and set the session up.
+
+        Raises TemporaryDeliveryError for connect failures, timeouts, 4xx greetings
+        and TLS failures, PermanentDeliveryError for 5xx greetings/EHLO refusals.
+        """
+        loop = asyncio.get_running_loop()
+        target = address or key.host
+        label = f"{key.host}[{target}]:{key.port}"
+        client = SmtpClient(local_hostname, mx=key.host, tls_policy=key.tls.policy)
+        pump = _Pump(client, _phase_timeouts(timeouts), label)
+        try:
+            async with asyncio.timeout(timeouts.connect_secs):
+                await loop.create_connection(lambda: pump, target, key.port)
+        except TimeoutError:
+            raise TemporaryDeliveryError(
+                f"connect to {label}: Connection timed out", enhanced="4.4.1", mx=key.host
+            ) from None
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise TemporaryDeliveryError(
+                f"connect to {label}: {reason}", enhanced="4.4.1", mx=key.host
+            ) from None
+        conn = cls(key, address, pump, timeouts)
+        try:
+            await conn._setup(tls_contexts, tls_ca_file)
+        except BaseException:
+            pump.close()
+            raise
+        return conn
+
+    async def _setup(self, tls_contexts: TlsContexts, tls_ca_file: str | None) -> None:
+        pump = self._pump
+        while True:
+            event = await pump.next_event()
+            if isinstance(event, SessionReady):
+                return
+            if isinstance(event, StartTls):
+                await self._upgrade(tls_contexts, tls_ca_file)
+                continue
+            raise _error_from_event(event, self.key.host)
+
+    async def _upgrade(self, tls_contexts: TlsContexts, tls_ca_file: str | None) -> None:
+        pump = self._pump
+        assert pump.transport is not None
+        ctx = tls_contexts.get(self.key.tls.verify, tls_ca_file)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeouts.starttls_secs):
+                new_transport = await loop.start_tls(
+                    pump.transport,
+                    pump,
+                    ctx,
+                    server_hostname=self.key.host,
+                    ssl_handshake_timeout=self.timeouts.starttls_secs,
+                )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            pump.abort()
+            err = error_from_exception(exc, self.key.host, "performing the STARTTLS handshake")
+            raise TlsHandshakeError(err.text, enhanced=err.enhanced, mx=self.key.host) from None
+        if new_transport is None:
+            raise TlsHandshakeError(f"TLS handshake failed with {self.label}", mx=self.key.host)
+        pump.transport = new_transport
+        self.client.tls_established()
+        pump.flush_client()
+
+    # --- state -------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        """Healthy and idle: a new message may be sent now."""
+        return self.client.usable and not self._pump.closed
+
+    @property
+    def tls_active(self) -> bool:
+        return self.client.tls_active
+
+    # --- sending -----------------------------------------------------------------
+
+    async def send(self, txn: Transaction, body: BodySource) -> TransactionResult:
+        """Run one transaction; never raises for remote or network trouble.
+
+        Network failures and timeouts come back as temporary per-recipient
+        verdicts (the connection is then unusable).
+        """
+        pump = self._pump
+        events = self.client.start_transaction(txn)
+        for event in events:
+            if isinstance(event, TransactionDone):
+                return event.result
+        pump.flush_client()
+        self.messages_sent += 1
+        while True:
+            event = await pump.next_event()
+            if isinstance(event, TransactionDone):
+                return event.result
+            if isinstance(event, SendBody):
+                await self._write_body(body)
+            # SessionClosed without TransactionDone cannot happen: the client
+            # settles the transaction first.
+
+    async def _write_body(self, body: BodySource) -> None:
+        pump = self._pump
+        client = self.client
+        if isinstance(body, bytes):
+            pump.write(client.send_body(body) + client.end_body())
+            return
+        data_secs = self.timeouts.data_secs
+        async for chunk in body():
+            if client.state is not ClientState.BODY:
+                return  # the server ended the session meanwhile
+            pump.write(client.send_body(chunk))
+            await pump.drain(data_secs)
+        if client.state is ClientState.BODY:
+            pump.write(client.end_body())
+
+    async def quit(self) -> None:
+        """QUIT politely (bounded by quit_secs), then close."""
+        self.cancel_idle_timer()
+        pump = self._pump
+        try:
+            if not pump.closed and self.client.quit():
+                pump.flush_client()
+                while True:
+                    event = await pump.next_event()
+                    if isinstance(event, SessionClosed):
+                        break
+        except Exception as exc:  # closing anyway
+            log.debug("QUIT failed", mx=self.label, error=str(exc))
+        finally:
+            pump.close()
+
+    def close(self) -> None:
+        """Close at once (no QUIT)."""
+        self.cancel_idle_timer()
+        self._pump.close()
+
+    def set_idle_timer(self, handle: asyncio.TimerHandle) -> None:
+        self.cancel_idle_timer()
+        self._idle_timer = handle
+
+    def cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+
+@dataclass(slots=True)
+class PoolStats:
+    """Counters for tests and metrics."""
+
+    opened: int = 0  # new connections set up successfully
+    reused: int = 0  # messages sent over an already open connection
+    closed_idle: int = 0  # closed by the idle timeout
+    closed: int = 0  # closed for any reason
+    in_use: int = 0
+    idle: int = 0
+
+
+@dataclass(slots=True)
+class _KeyState:
+    idle: list[OutboundConnection] = field(default_factory=list)  # LIFO
+    count: int = 0  # open + being opened + in use
+    waiters: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
+
+
+class ConnectionPool:
+    """Open SMTP sessions per (MX host, port, TLS mode), reused for following messages."""
+
+    def __init__(
+        self,
+        *,
+        max_per_key: int = 20,
+        idle_timeout_s: float = 10.0,
+        tls_contexts: TlsContexts | None = None,
+    ) -> None:
+        self.max_per_key = max_per_key
+        self.idle_timeout_s = idle_timeout_s
+        self.tls_contexts = tls_contexts or TlsContexts()
+        self.stats = PoolStats()
+        self._keys: dict[PoolKey, _KeyState] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def acquire(self, key: PoolKey, wait_s: float = 30.0) -> OutboundConnection | None:
+        """An idle healthy connection for ``key``, or None with a slot reserved.
+
+        After None the caller opens a connection and hands it to :meth:`added`,
+        or calls :meth:`cancel_slot` if opening failed.  At the per-key cap this
+        waits (up to ``wait_s``) for a connection to come back.
+        """
+        if self._closed:
+            raise TemporaryDeliveryError("delivery is shutting down", enhanced="4.3.2")
+        st = self._keys.get(key)
+        if st is None:
+            st = self._keys[key] = _KeyState()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            while st.idle:
+                conn = st.idle.pop()
+                conn.cancel_idle_timer()
+                self.stats.idle -= 1
+                if conn.usable:
+                    self.stats.reused += 1
+                    self.stats.in_use += 1
+                    return conn
+                self._forget(st, conn)
+                conn.close()
+            if st.count < self.max_per_key:
+                st.count += 1
+                return None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TemporaryDeliveryError(
+                    f"all {self.max_per_key} connections to {key.host} are busy",
+                    enhanced="4.4.5",
+                    mx=key.host,
+                )
+            fut: asyncio.Future[None] = loop.create_future()
+            st.waiters.append(fut)
+            try:
+                async with asyncio.timeout(remaining):
+                    await fut
+            except TimeoutError:
+                pass
+            finally:
+                with contextlib.suppress(ValueError):
+                    st.waiters.remove(fut)
+
+    def added(self, conn: OutboundConnection) -> None:
+        """A connection opened in a slot reserved by :meth:`acquire` is now in use."""
+        self.stats.opened += 1
+        self.stats.in_use += 1
+
+    def cancel_slot(self, key: PoolKey) -> None:
+        st = self._keys[key]
+        st.count -= 1
+        self._wake_one(st)
+
+    def release(self, conn: OutboundConnection) -> None:
+        """Give a connection back after use: kept idle if healthy, else closed."""
+        st = self._keys[conn.key]
+        self.stats.in_use -= 1
+        if not conn.usable or self._closed:
+            self._forget(st, conn)
+            self._close_politely(conn)
+            self._wake_one(st)
+            return
+        conn.last_used = asyncio.get_running_loop().time()
+        st.idle.append(conn)
+        self.stats.idle += 1
+        conn.set_idle_timer(
+            asyncio.get_running_loop().call_later(self.idle_timeout_s, self._expire, conn)
+        )
+        self._wake_one(st)
+
+    def discard(self, conn: OutboundConnection) -> None:
+        """Drop an in-use connection without reusing it."""
+        st = self._keys[conn.key]
+        self.stats.in_use -= 1
+        self._forget(st, conn)
+        conn.close()
+        self._wake_one(st)
+
+    def idle_count(self, key: PoolKey | None = None) -> int:
+        if key is not None:
+            st = self._keys.get(key)
+            return len(st.idle) if st else 0
+        return sum(len(st.idle) for st in self._keys.values())
+
+    def open_count(self, key: PoolKey | None = None) -> int:
+        if key is not None:
+            st = self._keys.get(key)
+            return st.count if st else 0
+        return sum(st.count for st in self._keys.values())
+
+    async def close_all(self) -> None:
+        """Shutdown: QUIT every idle connection; in-use ones close on release."""
+        self._closed = True
+        for st in self._keys.values():
+            while st.idle:
+                conn = st.idle.pop()
+                self.stats.idle -= 1
+                self._forget(st, conn)
+                self._close_politely(conn)
+            while st.waiters:
+                fut = st.waiters.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # --- internals -----------------------------------------------------------------
+
+    def _expire(self, conn: OutboundConnection) -> None:
+        st = self._keys.get(conn.key)
+        if st is None or conn not in st.idle:
+            return
+        st.idle.remove(conn)
+        self.stats.idle -= 1
+        self.stats.closed_idle += 1
+        self._forget(st, conn)
+        self._close_politely(conn)
+        self._wake_one(st)
+
+    def _forget(self, st: _KeyState, conn: OutboundConnection) -> None:
+        st.count -= 1
+        self.stats.closed += 1
+        conn.cancel_idle_timer()
+
+    def _close_politely(self, conn: OutboundConnection) -> None:
+        if not conn.usable:
+            conn.close()
+            return
+        task = asyncio.get_running_loop().create_task(conn.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    def _wake_one(st: _KeyState) -> None:
+        while st.waiters:
+            fut = st.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return

@@ -1,0 +1,134 @@
+"""Reply → outcome: 2xx delivered, 4xx temporary, 5xx permanent; network errors temporary."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from empath.delivery.classify import (
+    OutcomeKind,
+    RecipientOutcome,
+    enhanced_of,
+    error_from_exception,
+    error_from_reply,
+    is_breaker_failure,
+    kind_of,
+    outcome_from_error,
+    outcome_from_reply,
+)
+from empath.errors import PermanentDeliveryError, SmtpProtocolError, TemporaryDeliveryError
+from empath.smtp.replies import Reply
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (250, OutcomeKind.DELIVERED),
+        (251, OutcomeKind.DELIVERED),
+        (421, OutcomeKind.TEMPORARY),
+        (450, OutcomeKind.TEMPORARY),
+        (452, OutcomeKind.TEMPORARY),
+        (354, OutcomeKind.TEMPORARY),  # a 3xx as a final answer: try again later
+        (550, OutcomeKind.PERMANENT),
+        (554, OutcomeKind.PERMANENT),
+    ],
+)
+def test_reply_class_decides_the_outcome(code: int, kind: OutcomeKind) -> None:
+    assert kind == kind_of(code)
+
+
+@pytest.mark.parametrize(
+    ("reply", "enhanced"),
+    [
+        (Reply(550, ("5.1.1 <x@y>: Recipient address rejected",)), "5.1.1"),
+        (Reply(451, ("4.7.1 Greylisted",)), "4.7.1"),
+        (Reply(550, ("No such user",)), "5.0.0"),  # no enhanced code → class default
+        (Reply(450, ("5.1.1 wrong class",)), "4.0.0"),  # class mismatch is ignored
+        (Reply(250, ("2.0.0 Ok: queued as 1234",)), "2.0.0"),
+    ],
+)
+def test_enhanced_status_is_extracted_or_defaulted(reply: Reply, enhanced: str) -> None:
+    assert enhanced == enhanced_of(reply)
+
+
+def test_outcome_from_reply_keeps_code_enhanced_text_and_mx() -> None:
+    out = outcome_from_reply("bad@x.test", Reply(550, ("5.1.1 No such user",)), "mx1.test")
+    assert (
+        RecipientOutcome(
+            "bad@x.test", OutcomeKind.PERMANENT, 550, "5.1.1", "5.1.1 No such user", "mx1.test"
+        )
+        == out
+    )
+    assert out.permanent
+    assert not out.temporary
+    assert "550 5.1.1 No such user" == out.diagnostic
+
+
+def test_outcome_from_error_is_temporary_with_no_code_for_network_errors() -> None:
+    err = TemporaryDeliveryError("connect to mx1.test: Connection refused", enhanced="4.4.1")
+    out = outcome_from_error("a@x.test", err)
+    assert (OutcomeKind.TEMPORARY, None, "4.4.1") == (out.kind, out.code, out.enhanced)
+    assert "connect to mx1.test: Connection refused" == out.diagnostic
+
+
+def test_error_from_reply_is_permanent_for_5xx_and_temporary_for_4xx() -> None:
+    perm = error_from_reply(Reply(554, ("5.7.1 go away",)), "mx.test", "greeting")
+    temp = error_from_reply(Reply(421, ("4.3.2 busy",)), "mx.test")
+    assert isinstance(perm, PermanentDeliveryError)
+    assert (554, "5.7.1", "greeting: 554 5.7.1 go away") == (perm.code, perm.enhanced, perm.text)
+    assert isinstance(temp, TemporaryDeliveryError)
+    assert (421, "4.3.2") == (temp.code, temp.enhanced)
+
+
+@pytest.mark.parametrize(
+    ("exc", "fragment", "enhanced"),
+    [
+        (ConnectionRefusedError(111, "Connection refused"), "Connection refused", "4.4.1"),
+        (TimeoutError(), "timed out", "4.4.2"),
+        (ConnectionResetError(104, "Connection reset by peer"), "Connection reset", "4.4.2"),
+        (ssl.SSLError(1, "wrong version number"), "TLS handshake failed", "4.7.5"),
+        (SmtpProtocolError(421, "4.5.0", "malformed SMTP reply"), "protocol error", "4.5.0"),
+    ],
+)
+def test_network_errors_become_temporary_with_no_code(
+    exc: BaseException, fragment: str, enhanced: str
+) -> None:
+    err = error_from_exception(exc, "mx1.test")
+    assert isinstance(err, TemporaryDeliveryError)
+    assert err.code is None
+    assert enhanced == err.enhanced
+    assert fragment in err.text
+    assert "mx1.test" == err.mx
+
+
+def test_certificate_failure_names_the_reason() -> None:
+    exc = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    exc.verify_message = "Hostname mismatch, certificate is not valid for 'mx1.test'."
+    err = error_from_exception(exc, "mx1.test")
+    assert err.text.startswith("certificate verify failed: Hostname mismatch")
+
+
+def test_delivery_errors_pass_through_unchanged() -> None:
+    err = PermanentDeliveryError("null MX", enhanced="5.1.10")
+    assert err is error_from_exception(err)
+
+
+def _o(kind: OutcomeKind) -> RecipientOutcome:
+    return RecipientOutcome("a@x", kind, None, "", "")
+
+
+@pytest.mark.parametrize(
+    ("kinds", "counts"),
+    [
+        ((OutcomeKind.TEMPORARY,), True),
+        ((OutcomeKind.TEMPORARY, OutcomeKind.PERMANENT), True),
+        ((OutcomeKind.PERMANENT,), False),  # 5xx never counts
+        ((OutcomeKind.DELIVERED, OutcomeKind.TEMPORARY), False),  # the host works
+        ((), False),
+    ],
+)
+def test_breaker_counts_only_attempts_with_temporary_failure_and_nothing_delivered(
+    kinds: tuple[OutcomeKind, ...], counts: bool
+) -> None:
+    assert counts == is_breaker_failure([_o(k) for k in kinds])

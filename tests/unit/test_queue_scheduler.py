@@ -1,0 +1,403 @@
+"""The pure scheduler: ordering, caps, parking, deferrals without attempts (virtual time)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from empath.clock import FakeClock
+from empath.policy.breaker import BreakerSettings, BreakerState, Transition
+from empath.policy.ratelimit import RateLimit
+from empath.policy.state import LocalPolicyState
+from empath.queue.index import UnitKey
+from empath.queue.scheduler import (
+    DeferBreaker,
+    DeferRateLimit,
+    Dispatch,
+    Outcome,
+    Scheduler,
+    WaitForConnection,
+    decide,
+)
+
+UNLIMITED = RateLimit(math.inf, 1)
+
+
+class Harness:
+    def __init__(
+        self,
+        *,
+        cap: int = 64,
+        max_connections: dict[str, int] | None = None,
+        rates: dict[str, RateLimit] | None = None,
+        breaker: BreakerSettings | None = None,
+        max_units_per_tick: int = 10_000,
+    ) -> None:
+        self.clock = FakeClock()
+        self.transitions: list[Transition] = []
+        self.policy = LocalPolicyState(
+            self.clock,
+            breaker or BreakerSettings(failure_threshold=1, timeout_s=300.0),
+            UNLIMITED,
+            rates,
+            on_transition=self.transitions.append,
+        )
+        conns = max_connections or {}
+        self.scheduler = Scheduler(
+            self.policy,
+            self.clock,
+            max_concurrent_deliveries=cap,
+            max_connections_for=lambda d: conns.get(d, 20),
+            max_units_per_tick=max_units_per_tick,
+        )
+
+    def add(self, mid: str, domain: str = "a.com", delay_s: float = 0.0) -> UnitKey:
+        key = UnitKey(mid, domain)
+        self.scheduler.add(key, self.clock.now() + delay_s)
+        return key
+
+    def tick(self) -> list[tuple[UnitKey, object]]:
+        return list(self.scheduler.tick())
+
+    def dispatched(self) -> list[str]:
+        return [k.message_id for k, d in self.scheduler.tick() if isinstance(d, Dispatch)]
+
+
+def test_a_unit_added_due_now_is_dispatched_by_the_same_tick() -> None:
+    h = Harness()
+    key = h.add("m1")
+    assert [(key, Dispatch())] == h.tick()
+    assert h.scheduler.is_in_flight(key)
+
+
+def test_earliest_due_first_and_future_units_wait_for_their_time() -> None:
+    h = Harness()
+    h.add("late", delay_s=60.0)
+    h.add("soon", delay_s=10.0)
+    h.add("now2", delay_s=-5.0)
+    h.add("now1", delay_s=-10.0)
+    assert ["now1", "now2"] == h.dispatched()
+    assert h.clock.now() + 10.0 == h.scheduler.wake_at()
+    assert 10.0 == h.scheduler.wake_delay_s()
+    h.clock.advance(10.0)
+    assert ["soon"] == h.dispatched()
+    h.clock.advance(50.0)
+    assert ["late"] == h.dispatched()
+    assert h.scheduler.wake_at() is None
+
+
+def test_global_cap_limits_deliveries_in_flight() -> None:
+    h = Harness(cap=2)
+    keys = [h.add(f"m{i}", domain=f"d{i}.com") for i in range(5)]
+    assert ["m0", "m1"] == h.dispatched()
+    assert [] == h.dispatched()
+    assert h.scheduler.wake_at() is None  # nothing to do until a delivery finishes
+    assert h.scheduler.finished(keys[0], Outcome.SUCCESS)
+    assert ["m2"] == h.dispatched()
+    assert 2 == h.scheduler.in_flight
+
+
+def test_connection_cap_parks_units_per_domain_and_wakes_them_on_release() -> None:
+    h = Harness(max_connections={"a.com": 2})
+    a = [h.add(f"a{i}", "a.com") for i in range(5)]
+    b = [h.add(f"b{i}", "b.com") for i in range(2)]
+    decisions = h.tick()
+    assert [k for k, d in decisions if isinstance(d, Dispatch)] == [a[0], a[1], *b]
+    assert [WaitForConnection(2)] * 3 == [d for k, d in decisions if k in a[2:]]
+    assert 2 == h.policy.connections("a.com")
+    # no busy polling: nothing is re-decided until a connection frees or the re-check timer
+    assert [] == h.tick()
+    assert h.scheduler.wake_delay_s() == pytest.approx(5.0)
+    h.scheduler.finished(a[1], Outcome.SUCCESS)
+    assert 0.0 == h.scheduler.wake_delay_s()
+    assert ["a2"] == h.dispatched()
+    h.scheduler.finished(a[0], Outcome.PERMANENT_FAILURE)
+    assert ["a3"] == h.dispatched()
+    assert 2 == h.policy.connections("a.com")
+
+
+def test_units_due_later_join_the_back_of_a_parked_domain_line() -> None:
+    h = Harness(max_connections={"a.com": 1})
+    first = h.add("a0")
+    h.add("a1")
+    assert ["a0"] == h.dispatched()
+    h.add("a2")
+    decisions = h.tick()
+    assert [(UnitKey("a2", "a.com"), WaitForConnection(1))] == decisions
+    h.scheduler.finished(first, Outcome.SUCCESS)
+    assert ["a1"] == h.dispatched()
+    h.scheduler.finished(UnitKey("a1", "a.com"), Outcome.SUCCESS)
+    assert ["a2"] == h.dispatched()
+
+
+def test_rate_limited_units_wait_for_their_token_without_re_reporting() -> None:
+    h = Harness(rates={"slow.com": RateLimit(2.0, 1)})
+    keys = [h.add(f"s{i}", "slow.com") for i in range(4)]
+    t0 = h.clock.monotonic()
+    decisions = h.tick()
+    assert (keys[0], Dispatch()) == decisions[0]
+    assert [(k, DeferRateLimit(t0 + 0.5)) for k in keys[1:]] == decisions[1:]
+    assert 3 == h.policy.limiter.deferred("slow.com")
+    assert h.scheduler.wake_delay_s() == pytest.approx(0.5)
+    h.clock.advance(0.25)
+    assert [] == h.tick()
+    h.clock.advance(0.25)
+    assert ["s1"] == h.dispatched()
+    h.clock.advance(0.5)
+    assert ["s2"] == h.dispatched()
+    assert 3 == h.policy.limiter.deferred("slow.com")  # head re-checks are not counted
+
+
+def test_two_per_second_domain_holds_while_another_domain_runs_unthrottled() -> None:
+    h = Harness(rates={"slow.com": RateLimit(2.0, 2)})
+    slow: list[float] = []
+    fast = 0
+    for i in range(200):
+        h.add(f"s{i}", "slow.com")
+    for step in range(2000):  # 20 s in 10 ms steps
+        h.add(f"f{step}", "fast.com")
+        for key, d in h.scheduler.tick():
+            if isinstance(d, Dispatch):
+                h.scheduler.finished(key, Outcome.SUCCESS)
+                if key.domain == "slow.com":
+                    slow.append(h.clock.monotonic())
+                else:
+                    fast += 1
+        h.clock.advance(0.01)
+    assert 2000 == fast
+    assert 40 <= len(slow) <= 44  # 2/s over 20 s (+ burst of 2), within 10 %
+
+
+def test_open_breaker_defers_then_lets_exactly_one_probe_and_closes_on_success() -> None:
+    h = Harness(breaker=BreakerSettings(failure_threshold=1, timeout_s=300.0))
+    first = h.add("m0")
+    assert ["m0"] == h.dispatched()
+    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    assert BreakerState.OPEN == h.policy.breaker_state("a.com")
+    t0 = h.clock.monotonic()
+    keys = [h.add(f"m{i}") for i in range(1, 5)]
+    assert [(k, DeferBreaker(t0 + 300.0, BreakerState.OPEN)) for k in keys] == h.tick()
+    h.clock.advance(300.0)
+    decisions = h.tick()
+    assert 1 == len(decisions)
+    probe_key, probe = decisions[0]
+    assert probe_key == keys[0]
+    assert isinstance(probe, Dispatch)
+    assert probe.probe > 0
+    for _ in range(3):
+        h.clock.advance(5.0)
+        assert [] == h.tick()  # one probe in flight: the others keep waiting
+    h.scheduler.finished(probe_key, Outcome.SUCCESS)
+    assert ["m2", "m3", "m4"] == h.dispatched()
+    assert [
+        "Circuit breaker OPENED for a.com",
+        "Circuit breaker HALF-OPEN for a.com",
+        "Circuit breaker CLOSED for a.com",
+    ] == [t.message for t in h.transitions]
+
+
+def test_probe_failure_reopens_and_units_keep_waiting() -> None:
+    h = Harness(breaker=BreakerSettings(failure_threshold=1, timeout_s=60.0))
+    first = h.add("m0")
+    h.tick()
+    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    h.add("m1")
+    h.add("m2")
+    h.tick()
+    h.clock.advance(60.0)
+    assert ["m1"] == h.dispatched()
+    h.scheduler.finished(UnitKey("m1", "a.com"), Outcome.TEMPORARY_FAILURE)
+    assert [] == h.dispatched()
+    assert 2 == h.policy.breaker.trips_total("a.com")
+    h.clock.advance(60.0)
+    assert ["m2"] == h.dispatched()
+
+
+def test_permanent_failures_never_trip_the_breaker() -> None:
+    h = Harness(breaker=BreakerSettings(failure_threshold=1))
+    for i in range(5):
+        key = h.add(f"m{i}")
+        assert [f"m{i}"] == h.dispatched()
+        h.scheduler.finished(key, Outcome.PERMANENT_FAILURE)
+    assert BreakerState.CLOSED == h.policy.breaker_state("a.com")
+
+
+def test_deferral_returns_everything_it_took() -> None:
+    clock = FakeClock()
+    policy = LocalPolicyState(
+        clock, BreakerSettings(failure_threshold=1, timeout_s=10.0), RateLimit(1.0, 1)
+    )
+    policy.breaker_failure("a.com", 0)
+    clock.advance(10.0)
+    assert Dispatch(probe=1) == decide("a.com", policy, 5)  # the Half-Open probe
+    policy.breaker_release("a.com", 1)
+    assert isinstance(decide("a.com", policy, 5), DeferRateLimit)  # probe + slot given back
+    assert 1 == policy.connections("a.com")  # only the dispatched one holds a slot
+    assert not policy.breaker.probe_in_flight("a.com")
+
+
+def test_process_now_makes_every_scheduled_unit_due_in_order() -> None:
+    h = Harness()
+    h.add("c", delay_s=3000.0)
+    h.add("a", delay_s=1000.0)
+    h.add("b", delay_s=2000.0)
+    assert [] == h.dispatched()
+    assert 3 == h.scheduler.process_now()
+    assert ["a", "b", "c"] == h.dispatched()
+
+
+def test_process_now_rechecks_parked_domains() -> None:
+    h = Harness(max_connections={"a.com": 1})
+    h.add("a0")
+    h.add("a1")
+    h.tick()
+    h.scheduler.reconfigure(max_connections_for=lambda d: 5)
+    assert ["a1"] == h.dispatched()
+
+
+def test_remove_forgets_scheduled_and_parked_units_but_not_in_flight_ones() -> None:
+    h = Harness(max_connections={"a.com": 1})
+    running = h.add("a0")
+    parked = h.add("a1")
+    h.tick()
+    later = h.add("a2", delay_s=100.0)
+    assert h.scheduler.remove(parked)
+    assert h.scheduler.remove(later)
+    assert not h.scheduler.remove(running)
+    assert 1 == len(h.scheduler)
+    h.scheduler.finished(running, Outcome.SUCCESS)
+    assert [] == h.dispatched()
+    assert 0 == len(h.scheduler)
+
+
+def test_re_adding_a_parked_unit_reschedules_it() -> None:
+    h = Harness(max_connections={"a.com": 1})
+    running = h.add("a0")
+    h.add("a1")
+    h.tick()
+    h.add("a1", delay_s=100.0)
+    h.scheduler.finished(running, Outcome.SUCCESS)
+    assert [] == h.dispatched()
+    h.clock.advance(100.0)
+    assert ["a1"] == h.dispatched()
+
+
+def test_adding_an_in_flight_unit_is_refused_and_finished_is_idempotent() -> None:
+    h = Harness()
+    key = h.add("m")
+    h.tick()
+    with pytest.raises(ValueError):
+        h.scheduler.add(key, 0.0)
+    assert h.scheduler.finished(key, Outcome.CANCELLED)
+    assert not h.scheduler.finished(key, Outcome.CANCELLED)
+    assert 0 == h.policy.connections("a.com")
+
+
+def test_heartbeat_records_each_tick() -> None:
+    h = Harness()
+    h.clock.advance(30.0)
+    assert 30.0 == h.scheduler.heartbeat().age_s(h.clock.monotonic())
+    h.tick()
+    beat = h.scheduler.heartbeat()
+    assert (h.clock.monotonic(), 1) == (beat.last_tick_monotonic, beat.ticks)
+    assert 0.0 == beat.age_s(h.clock.monotonic())
+
+
+def test_a_long_backlog_is_worked_through_in_bounded_ticks() -> None:
+    h = Harness(cap=10_000, max_units_per_tick=100)
+    for i in range(250):
+        h.add(f"m{i}", domain=f"d{i}.com")
+    assert 100 == len(h.dispatched())
+    assert 0.0 == h.scheduler.wake_delay_s()
+    assert 100 == len(h.dispatched())
+    assert 50 == len(h.dispatched())
+
+
+def test_stats_count_where_units_are() -> None:
+    h = Harness(max_connections={"a.com": 1})
+    h.add("a0")
+    h.add("a1")
+    h.add("later", delay_s=50.0)
+    h.tick()
+    stats = h.scheduler.stats()
+    assert (1, 1, 1, 1, 0) == (
+        stats.scheduled,
+        stats.parked,
+        stats.in_flight,
+        stats.blocked_domains,
+        stats.ready_domains,
+    )
+    assert isinstance(h.scheduler.blocked("a.com"), WaitForConnection)
+
+
+# -- property: caps are never exceeded and no unit is lost or dispatched twice --------
+
+SCHED_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 2), st.floats(-1.0, 5.0)),
+        st.tuples(st.just("tick"), st.just(0), st.just(0.0)),
+        st.tuples(st.just("finish"), st.integers(0, 3), st.just(0.0)),
+        st.tuples(st.just("advance"), st.just(0), st.floats(0.0, 400.0)),
+        st.tuples(st.just("process_now"), st.just(0), st.just(0.0)),
+    ),
+    max_size=80,
+)
+DOMAINS = ("a.com", "b.com", "c.com")
+OUTCOMES = list(Outcome)
+
+
+@given(SCHED_OPS, st.integers(1, 4), st.integers(1, 3))
+def test_property_caps_hold_and_every_unit_is_dispatched_exactly_once(
+    ops: list[tuple[str, int, float]], cap: int, per_domain: int
+) -> None:
+    h = Harness(
+        cap=cap,
+        max_connections=dict.fromkeys(DOMAINS, per_domain),
+        rates={"b.com": RateLimit(1.0, 1)},
+        breaker=BreakerSettings(failure_threshold=2, timeout_s=60.0, success_threshold=2),
+    )
+    sched = h.scheduler
+    waiting: set[UnitKey] = set()
+    running: list[UnitKey] = []
+    n = 0
+
+    def run_tick() -> None:
+        for key, d in sched.tick():
+            if isinstance(d, Dispatch):
+                assert key in waiting  # dispatched once per add, never twice
+                waiting.discard(key)
+                running.append(key)
+        assert len(running) <= cap
+        for domain in DOMAINS:
+            assert sum(1 for k in running if k.domain == domain) <= per_domain
+            assert h.policy.breaker.probe_in_flight(domain) <= 1
+
+    for op, arg, t in ops:
+        if op == "add":
+            key = h.add(f"m{n}", DOMAINS[arg], delay_s=t)
+            n += 1
+            waiting.add(key)
+        elif op == "tick":
+            run_tick()
+        elif op == "finish" and running:
+            key = running.pop(0)
+            assert sched.finished(key, OUTCOMES[arg])
+        elif op == "advance":
+            h.clock.advance(t)
+        elif op == "process_now":
+            sched.process_now()
+        assert len(waiting) + len(running) == len(sched)
+
+    # drain: finish everything successfully and let time pass; every unit goes out
+    for _ in range(200):
+        run_tick()
+        while running:
+            sched.finished(running.pop(), Outcome.SUCCESS)
+        if not waiting:
+            break
+        h.clock.advance(60.0)
+    assert set() == waiting
+    assert 0 == len(sched)
