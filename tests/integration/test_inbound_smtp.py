@@ -98,7 +98,9 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def serving(specs: list[ListenerSpec], relay: RelayPolicy = RELAY, **kw: Any) -> Iterator[ServerThread]:
+def serving(
+    specs: list[ListenerSpec], relay: RelayPolicy = RELAY, **kw: Any
+) -> Iterator[ServerThread]:
     srv = ServerThread(specs, relay, **kw)
     srv.start()
     try:
@@ -117,7 +119,9 @@ class Raw:
     """A raw SMTP client socket: send bytes, read whole replies."""
 
     def __init__(self, port: int, source: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(source, 0)
+        )
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.parser = ReplyParser()
         self.pending: list[Reply] = []
@@ -176,8 +180,9 @@ def test_smtplib_several_recipients_stored_byte_exact_with_received_header(
     assert stored.startswith(b"Received: from ")
     assert f"(Empath) with ESMTP id {msg.id};".encode() in stored
     assert stored.endswith(b"\r\n\r\n" + body.split(b"\r\n\r\n", 1)[1])
-    head, _, rest = stored.partition(b"\r\nSubject:")
+    trace, _, rest = stored.partition(b"\r\nSubject:")
     assert b"Subject:" + rest == body
+    assert 3 == trace.count(b"\r\n") + 1  # the Received: header is folded over 3 lines
     assert [msg.id] == [m.id for m in srv.accepted]
     assert 1 == srv.group.stats[spec_label(srv)].messages_received
 
@@ -572,3 +577,19 @@ def test_smtp_source_load_every_250_is_stored(srv: ServerThread) -> None:
     assert (2000, 0) == (stats.messages_received, stats.sessions_errored)
 
 
+def test_audit_line_per_accepted_message(
+    srv: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each accepted message logs one audit INFO line "Message received" with its id,
+    sender, recipient count, size and peer (component smtp)."""
+    caplog.set_level("INFO", logger="empath")
+    with srv.smtp() as c:
+        c.sendmail("a@x.example", ["b@y.example", "c@y.example"], b"Subject: a\r\n\r\nx\r\n")
+    ((msg, _),) = srv.stored()
+    (rec,) = [r for r in caplog.records if r.getMessage() == "Message received"]
+    fields = rec.empath_fields  # type: ignore[attr-defined]
+    assert (True, "smtp", msg.id, "a@x.example", 2, msg.envelope.size) == (
+        fields["audit"], fields["component"], fields["message_id"], fields["sender"],
+        fields["recipients"], fields["size"],
+    )  # fmt: skip
+    assert fields["peer"].startswith("127.0.0.1:")

@@ -565,7 +565,7 @@ class DeliveryRunner:
             return outcome
         if delivered:
             return Outcome.SUCCESS
-        if error is not None and not error.permanent or is_breaker_failure(outcomes):
+        if (error is not None and not error.permanent) or is_breaker_failure(outcomes):
             return Outcome.TEMPORARY_FAILURE
         return Outcome.PERMANENT_FAILURE
 

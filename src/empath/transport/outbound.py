@@ -31,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -377,7 +378,8 @@ class OutboundConnection:
                 f"connect to {label}: Connection timed out", enhanced="4.4.1", mx=key.host
             ) from None
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            # asyncio's "Connect call failed (addr)" hides the errno's own text.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise TemporaryDeliveryError(
                 f"connect to {label}: {reason}", enhanced="4.4.1", mx=key.host
             ) from None

@@ -344,7 +344,7 @@ class SmtpSession(asyncio.Protocol):
         self._commit_task = None
         if new is None:  # pragma: no cover - the connection went away meanwhile
             return
-        self._transport = cast(asyncio.Transport, new)
+        self._transport = new
         self._resume(server.tls_started())
 
     def _close(self) -> None:

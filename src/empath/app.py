@@ -1,0 +1,355 @@
+"""The composition root: config → objects → one running daemon.
+
+Everything long-lived is built here and nowhere else (no module singletons):
+the spool, the delivery policy state, scheduler, DNS router, connection pool and
+runner, the SMTP listeners and the health endpoint.  Signals are wired here too:
+SIGTERM/SIGINT stop gracefully (a second one exits at once; every message that
+got a 250 is already durable, so nothing accepted is lost either way), SIGHUP
+reloads the settings that can change without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from empath.clock import Clock, SystemClock
+from empath.config.load import load_config
+from empath.config.model import Config, DomainConfig, ListenerConfig
+from empath.delivery.attempt import AttemptSettings
+from empath.dns.mx import MxRouter, build_router
+from empath.dns.resolver import DnsResolver
+from empath.errors import ConfigError, EmpathError
+from empath.observability.health import Check, HealthServer
+from empath.observability.logs import get_logger, set_level, setup_logging
+from empath.policy.breaker import BreakerSettings, Transition
+from empath.policy.ratelimit import RateLimit, resolve_limits
+from empath.policy.retry import RetryPolicy
+from empath.policy.state import LocalPolicyState
+from empath.queue.runner import DeliveryRunner, DomainPolicy, RunnerSettings
+from empath.queue.scheduler import Scheduler
+from empath.smtp.server import RelayPolicy
+from empath.spool.store import Spool
+from empath.transport.listener import ListenerSpec, SmtpServerGroup
+from empath.transport.outbound import ConnectionPool
+
+log = get_logger("config", __name__)
+SHUTDOWN_GRACE_S = 30.0
+COMPACT_INTERVAL_S = 30.0
+
+
+def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
+    tls = cfg.tls
+    t = cfg.timeouts
+    return ListenerSpec(
+        host=cfg.host,
+        port=cfg.port,
+        hostname=hostname,
+        max_message_bytes=cfg.max_message_bytes,
+        max_recipients=cfg.max_recipients,
+        max_connections=cfg.max_connections,
+        max_connections_per_ip=cfg.max_connections_per_ip,
+        command_timeout_s=t.command_secs,
+        data_init_timeout_s=t.data_init_secs,
+        data_block_timeout_s=t.data_block_secs,
+        data_termination_timeout_s=t.data_termination_secs,
+        connection_timeout_s=t.connection_secs,
+        tls_cert=tls.certificate if tls else None,
+        tls_key=tls.key if tls else None,
+        context=dict(cfg.context),
+        name=cfg.socket,
+    )
+
+
+def _rate(mps: float, burst: int) -> RateLimit:
+    return RateLimit(mps if mps > 0 else math.inf, burst)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryParts:
+    """Settings derived from `delivery`/`dsn` (rebuilt on SIGHUP)."""
+
+    breaker: BreakerSettings
+    default_rate: RateLimit
+    rate_overrides: dict[str, RateLimit]
+    retry: RetryPolicy
+    runner: RunnerSettings
+
+
+def delivery_parts(config: Config, tls_ca_file: str | None = None) -> DeliveryParts:
+    d = config.delivery
+    cb = d.circuit_breaker
+    rl = d.rate_limit
+
+    def domain_policy(domain: str) -> DomainPolicy:
+        dc: DomainConfig = d.domain_config(domain)
+        invalid = (
+            d.accept_invalid_certs if dc.accept_invalid_certs is None else dc.accept_invalid_certs
+        )
+        return DomainPolicy(dc.require_tls, invalid, dc.max_connections)
+
+    return DeliveryParts(
+        breaker=BreakerSettings(
+            cb.failure_threshold, cb.failure_window_secs, cb.timeout_secs, cb.success_threshold
+        ),
+        default_rate=_rate(rl.messages_per_second, rl.burst_size),
+        rate_overrides=resolve_limits(
+            rl.domain_limits, {name: dc.rate_limit for name, dc in d.domains.items()}
+        ),
+        retry=RetryPolicy(
+            d.base_retry_delay_secs,
+            d.max_retry_delay_secs,
+            d.retry_jitter_factor,
+            d.max_attempts,
+            d.message_expiration_secs,
+        ),
+        runner=RunnerSettings(
+            hostname=config.hostname,
+            attempt=AttemptSettings(
+                hostname=config.hostname,
+                timeouts=d.smtp_timeouts,
+                accept_invalid_certs=d.accept_invalid_certs,
+                tls_ca_file=tls_ca_file,
+            ),
+            domain_policy=domain_policy,
+            dsn_enabled=config.dsn.enabled,
+            reporting_mta=config.dsn.reporting_mta,
+            postmaster=config.postmaster_address,
+            delay_warning_s=config.dsn.delay_warning_secs,
+            failed_retention_s=d.failed_retention_secs,
+        ),
+    )
+
+
+def _overrides(config: Config) -> dict[str, str]:
+    return {
+        name.lower(): dc.mx_override
+        for name, dc in config.delivery.domains.items()
+        if dc.mx_override
+    }
+
+
+class App:
+    """One daemon.  ``await App(config).serve()`` runs until a stop signal."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        # Verified TLS uses the system trust store (OpenSSL honours SSL_CERT_FILE).
+        self._ca_file: str | None = None
+        self._stop = asyncio.Event()
+        self._stop_count = 0
+        self.spool = self._build_spool()
+        parts = delivery_parts(config, self._ca_file)
+        d = config.delivery
+        self.policy = LocalPolicyState(
+            self.clock,
+            parts.breaker,
+            parts.default_rate,
+            parts.rate_overrides,
+            on_transition=self._on_breaker,
+        )
+        self.scheduler = Scheduler(
+            self.policy,
+            self.clock,
+            max_concurrent_deliveries=d.max_concurrent_deliveries,
+            max_connections_for=lambda dom: d.domain_config(dom).max_connections,
+        )
+        self.resolver = DnsResolver(
+            d.dns.nameservers, timeout_s=d.dns.timeout_secs, clock=self.clock
+        )
+        overrides = _overrides(config)
+        self.router: MxRouter = build_router(
+            self.resolver,
+            clock=self.clock,
+            rng=random.Random(),
+            overrides=overrides.get,
+            cache_size=d.dns.cache_size,
+            min_cache_ttl_secs=d.dns.min_cache_ttl_secs,
+            max_cache_ttl_secs=d.dns.max_cache_ttl_secs,
+            negative_ttl_secs=d.dns.negative_ttl_secs,
+        )
+        self.pool = ConnectionPool(max_per_key=max(d.max_concurrent_deliveries, 1))
+        self.runner = DeliveryRunner(
+            spool=self.spool,
+            scheduler=self.scheduler,
+            router=self.router,
+            pool=self.pool,
+            retry=parts.retry,
+            settings=parts.runner,
+            clock=self.clock,
+        )
+        smtp = config.smtp_controller
+        self.listeners = SmtpServerGroup(
+            [listener_spec(lc, config.hostname) for lc in smtp.listeners],
+            RelayPolicy(tuple(smtp.relay.trusted_networks), tuple(smtp.relay.accepted_domains)),
+            self.spool,
+            self.runner.submit,
+            clock=self.clock,
+            audit=config.audit.enabled,
+            redact_sender=config.audit.redact_sender,
+        )
+        self.health: HealthServer | None = None
+        if config.health.enabled:
+            host, _, port = config.health.listen_address.rpartition(":")
+            self.health = HealthServer(host.strip("[]"), int(port), self.readiness)
+
+    def _build_spool(self) -> Spool:
+        if self.config.spool.type == "Memory":
+            from empath.spool.memory import MemorySpool
+
+            return MemorySpool()
+        from empath.spool.fs import FileSpool
+
+        return FileSpool(Path(self.config.spool.path), clock=self.clock)
+
+    # -- signals and reload ---------------------------------------------------
+
+    def _on_breaker(self, t: Transition) -> None:
+        dlog = get_logger("delivery", "empath.policy.breaker")
+        emit = {"error": dlog.error, "warn": dlog.warn}.get(t.log_level, dlog.info)
+        emit(t.message, domain=t.domain, state=t.new.value, trips_total=t.trips_total)
+
+    def request_stop(self, signame: str = "") -> None:
+        self._stop_count += 1
+        if self._stop_count > 1:
+            log.warn(
+                "Second stop signal: exiting at once (accepted mail is durable)", signal=signame
+            )
+            os._exit(1)
+        log.info("Shutting down", signal=signame)
+        self._stop.set()
+
+    def reload(self) -> str | None:
+        """SIGHUP / `config reload`: apply the new file or keep the old config.
+
+        Returns None on success, else the error text.
+        """
+        path = self.config.source_path
+        try:
+            if path is None:
+                raise ConfigError("the running config was not loaded from a file")
+            new = load_config(path)
+            parts = delivery_parts(new, self._ca_file)
+        except (ConfigError, ValueError) as exc:
+            log.error("Config reload failed; keeping the old config", error=str(exc))
+            return str(exc)
+        d = new.delivery
+        self.policy.reconfigure(parts.breaker, parts.default_rate, parts.rate_overrides)
+        self.scheduler.reconfigure(
+            max_concurrent_deliveries=d.max_concurrent_deliveries,
+            max_connections_for=lambda dom: d.domain_config(dom).max_connections,
+        )
+        try:
+            self.resolver.reconfigure(d.dns.nameservers, d.dns.timeout_secs)
+        except ConfigError as exc:
+            log.error("DNS settings not applied", error=str(exc))
+        self.router.cache.reconfigure(
+            cache_size=d.dns.cache_size,
+            min_cache_ttl_secs=d.dns.min_cache_ttl_secs,
+            max_cache_ttl_secs=d.dns.max_cache_ttl_secs,
+            negative_ttl_secs=d.dns.negative_ttl_secs,
+        )
+        self.router.set_overrides(_overrides(new).get)
+        self.runner.retry = parts.retry
+        self.runner.settings = parts.runner
+        set_level(new.log.level)
+        self.config = new
+        log.info("Config reloaded", path=str(path))
+        return None
+
+    # -- health ---------------------------------------------------------------
+
+    def readiness(self) -> list[Check]:
+        usage = self.spool.usage()
+        free_ratio = usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0
+        heartbeat = self.runner.heartbeat_age_s()
+        pending = len(self.scheduler)
+        return [
+            Check("listeners", self.listeners.bound, self.listeners.bound),
+            Check("spool_free_ratio", free_ratio >= 0.01, round(free_ratio, 4)),
+            Check("scheduler_heartbeat_age_s", heartbeat <= 10.0, round(heartbeat, 3)),
+            Check("pending_units", pending < self.config.health.max_queue_size, pending),
+        ]
+
+    # -- run ------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        report = await self.spool.open()
+        get_logger("spool", __name__).info(
+            "Spool recovered",
+            messages=report.messages,
+            records=report.records,
+            quarantined=report.quarantined,
+            missing=report.missing,
+            seconds=round(report.seconds, 3),
+        )
+        for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.request_stop, name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.runner.start()
+        try:
+            await self.listeners.start()
+            if self.health is not None:
+                await self.health.start()
+        except (OSError, EmpathError) as exc:
+            log.error("Startup failed", error=str(exc))
+            await self._shutdown()
+            return 1
+        compactor = asyncio.create_task(self._compact_loop(), name="empath-compactor")
+        log.info(
+            "Empath ready",
+            hostname=self.config.hostname,
+            listeners=[f"{h}:{p}" for h, p in self.listeners.addresses],
+            startup_s=round(time.monotonic() - started, 3),
+        )
+        await self._stop.wait()
+        compactor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await compactor
+        await self._shutdown()
+        log.info("Stopped")
+        return 0
+
+    async def _shutdown(self) -> None:
+        await self.listeners.shutdown(SHUTDOWN_GRACE_S)
+        await self.runner.drain()
+        if self.health is not None:
+            await self.health.close()
+        await self.spool.close()
+
+    async def _compact_loop(self) -> None:
+        compact = getattr(self.spool, "compact", None)
+        if compact is None:
+            return
+        slog = get_logger("spool", __name__)
+        while True:
+            await asyncio.sleep(COMPACT_INTERVAL_S)
+            try:
+                await compact()
+            except Exception:
+                slog.exception("Spool compaction failed")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(config: Config) -> int:
+    setup_logging(config.log.level, config.log.format)
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        return runner.run(App(config).serve())
