@@ -23,11 +23,31 @@ def tool(name: str) -> str:
     return path
 
 
-def smtp_source(port: int, messages: int, sessions: int, size: int, domain: str,
-                host: str = "127.0.0.1", extra: list[str] | None = None) -> float:
+def smtp_source(
+    port: int,
+    messages: int,
+    sessions: int,
+    size: int,
+    domain: str,
+    host: str = "127.0.0.1",
+    extra: list[str] | None = None,
+) -> float:
     """Run smtp-source; returns elapsed seconds."""
-    args = [tool("smtp-source"), "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", f"sender@{domain}", "-t", f"rcpt@{domain}", *(extra or []), f"{host}:{port}"]
+    args = [
+        tool("smtp-source"),
+        "-s",
+        str(sessions),
+        "-m",
+        str(messages),
+        "-l",
+        str(size),
+        "-f",
+        f"sender@{domain}",
+        "-t",
+        f"rcpt@{domain}",
+        *(extra or []),
+        f"{host}:{port}",
+    ]
     start = time.monotonic()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
     return time.monotonic() - start
@@ -62,3 +82,117 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} CPUs ({cpu}), {os.uname().sysname} {os.uname().release}"
+
+
+class SmtpSinkProc:
+    """Postfix smtp-sink with -c counters, read from its stdout (stopped by PID)."""
+
+    def __init__(self, port: int, backlog: int = 1024) -> None:
+        import re
+        import threading
+
+        self.port = port
+        self._re = re.compile(rb"mesg=(\d+)")
+        self.messages = 0
+        self.proc = subprocess.Popen(
+            [tool("smtp-sink"), "-u", "nobody", "-c", f"127.0.0.1:{port}", str(backlog)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        buf = b""
+        while True:
+            chunk = self.proc.stdout.read1(4096)  # type: ignore[attr-defined]
+            if not chunk:
+                return
+            buf = (buf + chunk)[-256:]
+            found = self._re.findall(buf)
+            if found:
+                self.messages = int(found[-1])
+
+    def wait_messages(self, n: int, timeout: float) -> float | None:
+        """Seconds until the sink counted n messages (None on timeout)."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.messages >= n:
+                return time.monotonic()
+            time.sleep(0.005)
+        return None
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+async def paced_load(
+    port: int, rate: float, seconds: float, domain: str, connections: int = 10, size: int = 1000
+) -> int:
+    """Offer `rate` msg/s for `seconds` over persistent SMTP connections. Returns 250s seen."""
+    import asyncio
+
+    body = (b"Subject: latency probe\r\n\r\n" + b"x" * 70 + b"\r\n") * max(1, size // 96)
+    total = int(rate * seconds)
+    interval = 1.0 / rate
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    ok = 0
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise ConnectionError("closed")
+            if line[3:4] != b"-":
+                return line
+
+    async def worker() -> None:
+        nonlocal ok
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reply(reader)
+        writer.write(b"EHLO load.test\r\n")
+        await reply(reader)
+        while True:
+            i = await queue.get()
+            if i < 0:
+                break
+            writer.write(
+                f"MAIL FROM:<load@{domain}>\r\nRCPT TO:<r{i}@{domain}>\r\nDATA\r\n".encode()
+            )
+            for _ in range(3):
+                await reply(reader)
+            writer.write(body + b".\r\n")
+            if (await reply(reader)).startswith(b"250"):
+                ok += 1
+        writer.write(b"QUIT\r\n")
+        await writer.drain()
+        writer.close()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(connections)]
+    for i in range(total):
+        delay = start + i * interval - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        queue.put_nowait(i)
+    for _ in tasks:
+        queue.put_nowait(-1)
+    await asyncio.gather(*tasks)
+    return ok
+
+
+def percentiles(values: list[float], ps: tuple[float, ...] = (50, 95, 99)) -> list[float]:
+    if not values:
+        return [float("nan")] * len(ps)
+    s = sorted(values)
+    return [s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps]

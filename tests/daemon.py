@@ -6,18 +6,25 @@ its PID, and its JSON log lines can be read back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from empath.spool.fs import FileSpool
+from empath.spool.model import MessageState
+from empath.spool.store import RecoveryReport
 from tests.helpers import free_port, stop_pid
 
 
@@ -60,8 +67,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class Daemon:
     """One Empath process with its own spool, sockets and log file under `workdir`."""
 
-    def __init__(self, workdir: Path, overrides: dict[str, Any] | None = None,
-                 smtp_host: str = "127.0.0.1", listener: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        overrides: dict[str, Any] | None = None,
+        smtp_host: str = "127.0.0.1",
+        listener: dict[str, Any] | None = None,
+    ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.smtp_host = smtp_host
@@ -75,8 +87,11 @@ class Daemon:
             "hostname": "empath.test",
             "smtp_controller": {
                 "listeners": [
-                    {"socket": f"{smtp_host}:{self.smtp_port}", "context": {"service": "smtp"},
-                     **(listener or {})}
+                    {
+                        "socket": f"{smtp_host}:{self.smtp_port}",
+                        "context": {"service": "smtp"},
+                        **(listener or {}),
+                    }
                 ],
                 "relay": {"trusted_networks": ["127.0.0.0/8", "::1/128"], "accepted_domains": []},
             },
@@ -93,13 +108,16 @@ class Daemon:
         self._log_file: Any = None
 
     def write_config(self) -> None:
-        self.config_path.write_text("Empath " + to_ron(self.config) + "\n")
+        self.config_path.write_text(to_ron(self.config) + "\n")
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
+        """Start and wait for readiness; ``env`` adds variables (e.g. SSL_CERT_FILE)."""
         self.write_config()
         self._log_file = self.log_path.open("ab")
+        extra_env = env or {}
         env = dict(os.environ)
         env.pop("EMPATH_CONFIG", None)
+        env.update(extra_env)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "empath", "--config", str(self.config_path)],
             stdout=self._log_file,
@@ -148,6 +166,22 @@ class Daemon:
         assert self.proc is not None
         os.kill(self.proc.pid, sig)
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_exit(self, timeout: float = 40.0) -> int:
+        """Wait for the process to exit on its own (after a signal); its exit code."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        self._close_log()
+        return code
+
+    def rss_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the process from /proc/PID/status, in KiB."""
+        return proc_status_kib(self.pid, field)
+
     def _close_log(self) -> None:
         if self._log_file is not None:
             with contextlib.suppress(Exception):
@@ -174,3 +208,130 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- helpers for daemon-level tests (spool inspection, parked domains, raw SMTP) ----------
+
+QUEUED_RE = re.compile(r"queued as ([0-9A-HJKMNP-TV-Z]{26})")
+
+
+def queued_id(text: str | bytes) -> str:
+    """The message id in a ``250 2.0.0 Ok: queued as <ID>`` reply (fails if absent)."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    match = QUEUED_RE.search(text)
+    assert match is not None, f"no queue id in {text!r}"
+    return match.group(1)
+
+
+def parked_overrides(*domains: str) -> dict[str, Any]:
+    """Delivery settings that keep mail for `domains` in the spool.
+
+    Each domain's MX is a closed local port (the first attempt fails to connect and is
+    retried in about a minute) and its rate limit is one token, so nothing is delivered
+    or removed while a test runs.
+    """
+    closed = free_port()
+    return {
+        "delivery": {
+            "domains": {d: {"mx_override": f"127.0.0.1:{closed}"} for d in domains},
+            "rate_limit": {
+                "domain_limits": {
+                    d: {"messages_per_second": 0.0001, "burst_size": 1} for d in domains
+                }
+            },
+        }
+    }
+
+
+def proc_status_kib(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolContents:
+    """What a (stopped) daemon left in its spool, read back with FileSpool."""
+
+    report: RecoveryReport
+    messages: dict[str, MessageState]
+    bodies: dict[str, bytes]
+
+
+def read_spool(path: Path) -> SpoolContents:
+    """Open the spool at `path` (recovering it like a starting daemon) and read everything."""
+
+    async def go() -> SpoolContents:
+        spool = FileSpool(path)
+        report = await spool.open()
+        try:
+            messages = {m.id: m for m in spool.messages()}
+            bodies = {i: await spool.read_body(i) for i in messages}
+        finally:
+            await spool.close()
+        return SpoolContents(report, messages, bodies)
+
+    return asyncio.run(go())
+
+
+def split_received(stored: bytes) -> tuple[bytes, bytes]:
+    """Split a stored body into our prepended (folded) Received: header and the rest."""
+    assert stored.startswith(b"Received: from "), stored[:80]
+    end = 0
+    while True:
+        end = stored.index(b"\r\n", end) + 2
+        if stored[end : end + 1] not in (b"\t", b" "):
+            return stored[:end], stored[end:]
+
+
+def assert_stored(contents: SpoolContents, msg_id: str, sent: bytes) -> MessageState:
+    """`msg_id` is in the spool; its body is our Received: header (naming the id) + `sent`."""
+    assert msg_id in contents.messages, f"acknowledged message {msg_id} is not in the spool"
+    header, rest = split_received(contents.bodies[msg_id])
+    assert sent == rest
+    assert f" id {msg_id}".encode() in header
+    msg = contents.messages[msg_id]
+    assert len(contents.bodies[msg_id]) == msg.envelope.size
+    return msg
+
+
+class RawSmtp:
+    """A plain-socket SMTP client for pipelining, BDAT and exact byte sequences."""
+
+    def __init__(self, host: str, port: int, timeout: float = 20.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, str]:
+        """The next (possibly multi-line) reply: (code, text of all lines joined by \\n)."""
+        lines: list[str] = []
+        while True:
+            while b"\r\n" not in self._buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"connection closed; partial reply {lines!r}")
+                self._buf += chunk
+            line, self._buf = self._buf.split(b"\r\n", 1)
+            lines.append(line[4:].decode(errors="replace"))
+            if line[3:4] != b"-":
+                return int(line[:3]), "\n".join(lines)
+
+    def replies(self, n: int) -> list[tuple[int, str]]:
+        return [self.reply() for _ in range(n)]
+
+    def codes(self, n: int) -> list[int]:
+        return [code for code, _ in self.replies(n)]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSmtp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -386,3 +386,29 @@ def test_scripted_peer_runs_as_a_subprocess_and_records_to_a_file(tmp_path: Path
     assert ["ok@x.test"] == txns[0]["recipients"]
     assert BODY.decode() == txns[0]["body"]
     assert ["session", "transaction", "session_end"] == [e["event"] for e in events]
+
+
+def test_scripted_reply_lists_are_used_in_order_then_the_last_repeats() -> None:
+    script = {
+        "data_end": ["451 4.3.0 Try again", "250 2.0.0 Ok"],
+        "rcpt": {"slow@x.test": ["450 4.2.1 busy", "250 2.1.5 Ok"]},
+    }
+
+    async def scenario() -> None:
+        async with ScriptedPeer(script) as peer:
+            pool = ConnectionPool()
+            target = [Target("mx1.test", peer.port, ("127.0.0.1",))]
+            first = await deliver(pool, target, "a@x.test", "slow@x.test")
+            second = await deliver(pool, target, "a@x.test", "slow@x.test")
+            third = await deliver(pool, target, "a@x.test")
+            await pool.close_all()
+            assert {
+                "a@x.test": ("temporary", 451, "4.3.0"),
+                "slow@x.test": ("temporary", 450, "4.2.1"),
+            } == by_address(first)
+            assert ("a@x.test", "slow@x.test") == second.delivered
+            assert ("a@x.test",) == third.delivered
+            assert 3 == len(peer.transactions)
+            assert 2 == len(peer.delivered)
+
+    run(scenario())

@@ -249,7 +249,7 @@ async def attempt_delivery(
                 failures.append(HostFailure(label, exc))
                 log.debug("MX host skipped", mx=label, error=exc.text)
                 continue
-            result = await conn.send(txn, body)
+            result = await _send(pool, conn, txn, body)
             if reused and _stale(result):
                 # The pooled session died while idle; send on a fresh one.
                 pool.discard(conn)
@@ -259,7 +259,7 @@ async def attempt_delivery(
                     failures.append(HostFailure(label, exc))
                     continue
                 reused = False
-                result = await conn.send(txn, body)
+                result = await _send(pool, conn, txn, body)
             tls = conn.tls_active
             used_address = conn.address or address
             pool.release(conn)
@@ -281,6 +281,17 @@ async def attempt_delivery(
         error=error,
         failures=tuple(failures),
     )
+
+
+async def _send(
+    pool: ConnectionPool, conn: OutboundConnection, txn: Transaction, body: BodySource
+) -> TransactionResult:
+    try:
+        return await conn.send(txn, body)
+    except BaseException:
+        # Cancelled (shutdown) or a bug: the session is in an unknown state.
+        pool.discard(conn)
+        raise
 
 
 async def _open_fresh(

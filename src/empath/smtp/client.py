@@ -36,6 +36,10 @@ Per-recipient verdicts: a rejected MAIL decides every recipient; a non-2xx RCPT
 decides its recipient; the DATA (or final ".") reply decides every recipient
 whose RCPT was accepted.  When no RCPT was accepted the body is not sent and the
 next transaction on the connection starts with RSET.
+
+(Over 600 lines on purpose: the event and verdict types are the client's public
+vocabulary and live next to the state table that produces them; most of the
+length is the RFC text quoted where it is enforced.)
 """
 
 from __future__ import annotations

@@ -98,15 +98,22 @@ def _err(code: int, enhanced: str, text: str) -> SmtpProtocolError:
 # --- command line -----------------------------------------------------------
 
 
-def parse_command(line: bytes) -> Command:
-    """Split one command line (without CRLF) into verb and argument."""
+def split_command(line: bytes) -> tuple[str, str]:
+    """(upper-cased verb word, argument) of a command line; the hot path of the server."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise _err(500, "5.5.2", "Syntax error: invalid UTF-8") from None
     sp = text.find(" ")
-    word, arg = (text, "") if sp < 0 else (text[:sp], text[sp + 1 :])
-    verb = _VERBS.get(word.upper()) if word.isascii() else None
+    if sp < 0:
+        return text.upper(), ""
+    return text[:sp].upper(), text[sp + 1 :]
+
+
+def parse_command(line: bytes) -> Command:
+    """Split one command line (without CRLF) into verb and argument."""
+    word, arg = split_command(line)
+    verb = _VERBS.get(word)
     if verb is None:
         raise _err(500, "5.5.1", "Command unrecognized")
     return Command(verb, arg)

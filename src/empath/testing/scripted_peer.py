@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import signal
 import ssl
@@ -236,9 +235,7 @@ class ScriptedPeer:
             sess.ended = True
             self.active_sessions -= 1
             self._record({"event": "session_end", "session": sess.id, "quit": sess.quit})
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            writer.close()  # flushes what is buffered; not awaited (stop() may cancel us)
             self._tasks.discard(task)
 
     async def _converse(
@@ -249,7 +246,10 @@ class ScriptedPeer:
         if not greeting.startswith("2"):
             # A refusing server still answers QUIT (RFC 5321 §3.1); wait briefly.
             first = await reader.readline()
+            if first:
+                sess.commands.append(first.rstrip(b"\r\n").decode("utf-8", "replace"))
             if first[:4].upper() == b"QUIT":
+                sess.quit = True
                 await self._reply(writer, "quit", self._next("quit", script.quit))
             return
         sender: str | None = None

@@ -23,6 +23,9 @@ mode) for the next message (the client starts that one with MAIL, or RSET after
 a failure), closes idle ones with QUIT after ``idle_timeout_s``, caps
 connections per key (acquirers wait for a free one) and counts openings and
 reuses for tests and metrics.
+
+(Over 600 lines on purpose: the pump, the connection and the pool share one
+life cycle — idle timers, health and closing — and read best side by side.)
 """
 
 from __future__ import annotations
@@ -199,6 +202,8 @@ class _Pump(asyncio.Protocol):
         self._timeouts = timeouts
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # loop time by which the current phase must progress
+        self._deadline_phase: Cmd | None = None
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -224,6 +229,7 @@ class _Pump(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
         reason = f"lost connection with {self.label}"
         if exc is not None:
             reason += f": {exc}"
@@ -260,10 +266,7 @@ class _Pump(asyncio.Protocol):
             try:
                 await self._waiter
             finally:
-                self._waiter = None
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
+                self._waiter = None  # the (lazy) timer stays; see _arm
         return self.events.popleft()
 
     async def drain(self, timeout_s: float) -> None:
@@ -279,22 +282,48 @@ class _Pump(asyncio.Protocol):
             self._drain_waiter = None
 
     def abort(self) -> None:
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
-    def _arm(self) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        """Set the deadline for the current phase.
+
+        The timer is lazy: progress only moves ``_deadline``; the one pending
+        timer re-checks it when it fires.  This saves a TimerHandle per reply on
+        the hot path (a pooled connection keeps one timer alive, not thousands).
+        """
+        loop = asyncio.get_running_loop()
         phase = self.client.phase
-        timeout_s = self._timeouts.get(phase, 30.0)
-        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._timed_out, phase)
+        self._deadline_phase = phase
+        self._deadline = loop.time() + self._timeouts.get(phase, 30.0)
+        timer = self._timer
+        if timer is None or self._deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self._waiter is None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._deadline:
+            self._timed_out(self._deadline_phase)
+        else:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
 
     def _timed_out(self, phase: Cmd | None) -> None:
-        self._timer = None
         what = _PHASE_TEXT.get(phase, "waiting") if phase is not None else "waiting"
         events = self.client.connection_lost(
             f"conversation with {self.label} timed out while {what}"

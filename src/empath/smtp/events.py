@@ -1,0 +1,86 @@
+"""What the sans-I/O server asks its transport to do, and the Received: trace line.
+
+Events are frozen, slotted dataclasses returned by :class:`~empath.smtp.server.SmtpServer`
+in the order they must be carried out (see that module's theory of operation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --- events --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    """The envelope of the message being received."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    helo: str
+    smtputf8: bool
+    body_8bit: bool
+    esmtp: bool  # EHLO (not HELO) was used
+    tls: bool
+
+    @property
+    def protocol(self) -> str:
+        """RFC 3848 / RFC 6531 "with" keyword for the Received: header."""
+        base = "UTF8SMTP" if self.smtputf8 else ("ESMTP" if self.esmtp else "SMTP")
+        return base + "S" if self.tls else base
+
+
+@dataclass(frozen=True, slots=True)
+class BodyStart:
+    """Open a spool body (and write the Received: header into it)."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BodyAbort:
+    """Discard the open body (message refused, transaction reset, session ended)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageComplete:
+    """Commit the body; answer with message_committed() or message_failed()."""
+
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Start the TLS handshake; answer with tls_started() (or close)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+    error: bool = False  # the session ended by error/timeout (for connection_error_rate)
+
+
+Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | Close
+
+
+def received_header(
+    transaction: Transaction, *, client_ip: str, hostname: str, msg_id: str, date: str
+) -> bytes:
+    """RFC 5321 §4.4 trace line, folded one clause per line (each well under 998 octets).
+
+    ``date`` is an RFC 5322 date-time supplied by the caller (this module reads no clock).
+    """
+    lit = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    helo = transaction.helo or "unknown"
+    rcpt = transaction.recipients
+    tail = f"\r\n\tfor <{rcpt[0]}>;" if len(rcpt) == 1 else ";"
+    return (
+        f"Received: from {helo} ([{lit}])\r\n"
+        f"\tby {hostname} (Empath) with {transaction.protocol} id {msg_id}{tail}\r\n"
+        f"\t{date}\r\n"
+    ).encode("utf-8", "replace")
