@@ -32,8 +32,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench bench/ingest bench/relay
+	$(VENV)/bin/ruff format --check src tests bench bench/ingest bench/relay
 
 typecheck: deps
 	$(VENV)/bin/mypy

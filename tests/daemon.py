@@ -197,6 +197,31 @@ class Daemon:
                 out.append(json.loads(line))
         return out
 
+    def logs(self, text: str, **fields: Any) -> list[dict[str, Any]]:
+        """Log lines whose message contains ``text`` and whose fields equal ``fields``."""
+        out = []
+        for line in self.log_lines():
+            f = line.get("fields", {})
+            if text in str(f.get("message", "")) and all(f.get(k) == v for k, v in fields.items()):
+                out.append(line)
+        return out
+
+    def wait_log(
+        self, text: str, count: int = 1, timeout: float = 15.0, **fields: Any
+    ) -> list[dict[str, Any]]:
+        """Poll until ``count`` lines match :meth:`logs`; fail with the log tail otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.logs(text, **fields)
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{len(found)} of {count} log lines {text!r} {fields} in {timeout}s:\n"
+                    + self.log_tail(60)
+                )
+            time.sleep(0.02)
+
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path.exists():
             return ""
@@ -335,3 +360,153 @@ class RawSmtp:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --- helpers for delivery tests: submitting mail, peers in a thread, log timestamps --------
+
+
+def log_time(line: dict[str, Any]) -> float:
+    """A JSON log line's timestamp as seconds since the epoch."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(str(line["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+class Submitter:
+    """An SMTP client session to the daemon: ``send()`` returns the queue id of each message."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 20.0) -> None:
+        import smtplib
+
+        self.smtp = smtplib.SMTP(host, port, timeout=timeout)
+        self.smtp.ehlo("client.test")
+
+    def send(self, sender: str, recipients: list[str] | tuple[str, ...], body: bytes | str) -> str:
+        if isinstance(body, str):
+            body = body.replace("\n", "\r\n").encode()
+        code, text = self.smtp.mail(sender)
+        assert 250 == code, text
+        for rcpt in recipients:
+            code, text = self.smtp.rcpt(rcpt)
+            assert 250 == code, text
+        code, text = self.smtp.data(body)
+        assert 250 == code, text
+        return queued_id(text)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.smtp.quit()
+        self.smtp.close()
+
+    def __enter__(self) -> Submitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def submit(
+    port: int, sender: str, recipients: list[str] | tuple[str, ...], body: bytes | str
+) -> str:
+    """Send one message to the daemon in its own session; its queue id."""
+    with Submitter(port) as s:
+        return s.send(sender, recipients, body)
+
+
+class ThreadedPeer:
+    """A :class:`ScriptedPeer` served by an event loop in a background thread.
+
+    For synchronous tests that drive the daemon: ``events()`` are the peer's
+    session/transaction records with the wall-clock time they happened, and
+    ``transactions()``/``sessions()`` are snapshots taken on the peer's loop.
+    Binding 127.0.0.x:25 (a stand-in MX) needs root.
+    """
+
+    def __init__(
+        self,
+        script: Any = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: Any = None,
+    ) -> None:
+        import threading
+
+        from empath.testing.scripted_peer import ScriptedPeer
+
+        events: list[tuple[float, dict[str, Any]]] = []
+
+        class _TimedPeer(ScriptedPeer):
+            def _record(self, event: dict[str, Any]) -> None:
+                events.append((time.time(), event))
+
+        self._events = events
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.peer = _TimedPeer(script, host=host, port=port, ssl_context=ssl_context)
+        self.host = host
+
+    def start(self) -> ThreadedPeer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.peer.start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.peer.stop(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> ThreadedPeer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self.peer.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for an ``mx_override``."""
+        return f"{self.host}:{self.port}"
+
+    def _call(self, fn: Any) -> Any:
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(10)
+
+    def events(self, kind: str | None = None) -> list[tuple[float, dict[str, Any]]]:
+        evs = self._call(lambda: list(self._events))
+        return [e for e in evs if kind is None or e[1]["event"] == kind]
+
+    def transactions(self) -> list[Any]:
+        return list(self._call(lambda: list(self.peer.transactions)))
+
+    def delivered(self) -> list[Any]:
+        """Transactions answered 2xx at the end of DATA."""
+        return list(self._call(lambda: list(self.peer.delivered)))
+
+    def sessions(self) -> list[Any]:
+        return list(self._call(lambda: list(self.peer.sessions)))
+
+    def max_concurrent_sessions(self) -> int:
+        return int(self._call(lambda: self.peer.max_concurrent_sessions))
+
+    def wait_delivered(self, n: int, timeout: float = 15.0) -> list[Any]:
+        """Poll until at least ``n`` transactions were accepted; fail otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.delivered()
+            if len(got) >= n:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"peer {self.address} accepted {len(got)} of {n} messages in {timeout}s"
+                )
+            time.sleep(0.02)

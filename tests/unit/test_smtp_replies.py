@@ -108,7 +108,10 @@ def test_parser_bounds_number_of_lines() -> None:
         st.tuples(
             st.integers(200, 599),
             st.lists(
-                st.text(st.characters(blacklist_characters="\r\n"), max_size=50),
+                st.text(
+                    st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                    max_size=50,
+                ),
                 min_size=1,
                 max_size=5,
             ),

@@ -56,6 +56,10 @@ from empath.smtp.replies import Reply, ReplyParser
 
 
 class ClientState(enum.Enum):
+    # Members are singletons: identity hashing is correct and much cheaper than
+    # Enum's name hashing (these key the transition table on every reply).
+    __hash__ = object.__hash__
+
     GREETING = "greeting"
     EHLO = "ehlo"
     HELO = "helo"
@@ -71,6 +75,8 @@ class ClientState(enum.Enum):
 
 class Cmd(enum.Enum):
     """What an outstanding reply answers (also the phase for per-phase timeouts)."""
+
+    __hash__ = object.__hash__  # see ClientState
 
     GREETING = "greeting"
     EHLO = "ehlo"

@@ -95,7 +95,7 @@ class Reply:
         for i, line in enumerate(lines):
             sep = " " if i == last else "-"
             parts.append(f"{code}{sep}{line}\r\n" if line or i != last else f"{code}\r\n")
-        return "".join(parts).encode("utf-8")
+        return "".join(parts).encode("utf-8", "replace")
 
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
