@@ -255,8 +255,10 @@ def test_swaks_tls_with_trustme_certificate(tls_daemon: Daemon, tmp_path: Path) 
             ["--server", f"127.0.0.1:{tls_daemon.smtp_port}", "--from", "t@parked.test",
              "--to", "t@parked.test", "--tls", "--data", f"@{data_file}", *extra]
         )  # fmt: skip
-        assert "250-STARTTLS" in out.stdout
-        assert "TLS started" in out.stdout
+        assert re.search(r"<-  250[- ]STARTTLS\n", out.stdout), out.stdout
+        assert "=== TLS started" in out.stdout
+        assert not re.search(r"<~  250[- ]STARTTLS", out.stdout)  # not offered again
+        assert re.search(r"<~  250 2\.0\.0 Ok: queued as", out.stdout)  # inside TLS
         ids.append(queued_id(out.stdout))
     contents = stop_and_read(tls_daemon)
     assert set(ids) == set(contents.messages)
@@ -269,9 +271,16 @@ def test_swaks_tls_with_trustme_certificate(tls_daemon: Daemon, tmp_path: Path) 
 
 
 def smtp_source_body(length: int) -> bytes:
-    """The text smtp-source -l sends: '1' then 'X's, folded into 80-character lines."""
-    text = b"1" + b"X" * (length - 1)
-    return b"".join(text[i : i + 80] + b"\r\n" for i in range(0, len(text), 80))
+    """The text `smtp-source -l length` sends: lines of 78 characters, each a digit (its
+    number mod 10) then 'X's, and a shorter last line of 'X's only; `length` counts the
+    line breaks between lines."""
+    lines, left = [], length
+    while left > 0:
+        n = min(78, left)
+        left -= n + 2
+        number = str((len(lines) + 1) % 10).encode()
+        lines.append(number + b"X" * (n - 1) if n == 78 else b"X" * n)
+    return b"\r\n".join(lines) + b"\r\n"
 
 
 def test_postfix_smtp_source_20_sessions_2000_messages(daemon: Daemon) -> None:

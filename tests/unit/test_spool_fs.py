@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import logging
 import os
 import tracemalloc
 from collections.abc import Awaitable
@@ -165,24 +166,49 @@ def test_torn_tail_at_every_offset_is_quarantined(tmp_path: Path) -> None:
     (seg,) = segments(tmp_path)
     original = seg.read_bytes()
     assert len(original) > start
-    for cut in range(start, len(original)):
-        seg.write_bytes(original[:cut])
-        for f in corrupt_files(tmp_path):
-            f.unlink()
 
-        async def check(cut: int = cut) -> None:
+    async def check_all() -> None:
+        for cut in range(start, len(original)):
+            seg.write_bytes(original[:cut])
+            for f in corrupt_files(tmp_path):
+                f.unlink()
             spool, report = await reopen(tmp_path)
             assert ids == [m.id for m in spool.messages()], cut
             assert (0 if cut == start else 1) == report.quarantined, cut
             assert last_id not in spool
             await spool.close()
+            assert start == seg.stat().st_size  # the torn tail was cut off
+            if cut > start:
+                (q,) = corrupt_files(tmp_path)
+                assert original[start:cut] == q.read_bytes()
+                assert f"{seg.name}-{start}.bin" == q.name
 
-        run(check())
-        assert start == seg.stat().st_size  # the torn tail was cut off
-        if cut > start:
-            (q,) = corrupt_files(tmp_path)
-            assert original[start:cut] == q.read_bytes()
-            assert f"{seg.name}-{start}.bin" == q.name
+    run(check_all())
+
+
+def test_recovery_logs_quarantine_at_error_and_progress(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Quarantine is an ERROR of component "spool"; large recoveries log their progress."""
+
+    async def main() -> None:
+        spool, _ = await reopen(tmp_path)
+        for i in range(5):
+            await put(spool, b"m %d\r\n" % i)
+        await spool.close()
+        (seg,) = segments(tmp_path)
+        with seg.open("ab") as f:
+            f.write(b"EmpR garbage")
+        caplog.set_level(logging.INFO, logger="empath")
+        spool, report = await reopen(tmp_path, progress_every=2)
+        await spool.close()
+        assert 1 == report.quarantined
+
+    run(main())
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert ["spool"] == [r.empath_fields["component"] for r in errors]  # type: ignore[attr-defined]
+    progress = [r for r in caplog.records if r.getMessage() == "Spool recovery progress"]
+    assert len(progress) >= 2
 
 
 @pytest.mark.parametrize("where", ["header", "body"])

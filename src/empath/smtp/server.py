@@ -59,10 +59,10 @@ from empath.smtp.parsing import (
     MailFrom,
     Verb,
     parse_bdat,
-    split_command,
     parse_helo,
     parse_mail,
     parse_rcpt,
+    split_command,
 )
 from empath.smtp.relay import RelayPolicy
 from empath.smtp.replies import Reply
@@ -286,6 +286,11 @@ class SmtpServer:
     def in_message(self) -> bool:
         """Receiving or committing a message body (shutdown lets these finish)."""
         return self.phase in (Phase.DATA, Phase.BDAT, Phase.WAITING) or self.state is State.BDAT
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Input held but not yet interpreted (e.g. pipelined while WAITING)."""
+        return len(self._buf)
 
     @property
     def awaiting_first_data(self) -> bool:

@@ -20,7 +20,7 @@ by scanning the log at ``open()`` (recovery.py).  It reflects commits once they
 are durable and updates as soon as they are made (their records are queued in
 call order, so the log converges to the same newest state).
 
-Bodies: the :class:`FileBodyWriter` buffers up to ``spill_bytes`` in memory; a
+Bodies (body.py): the :class:`FileBodyWriter` buffers up to ``spill_bytes`` in memory; a
 body that grows past that is written (unsynced) to ``bodies/<id>`` as it
 arrives, in chunks of at most ``FLUSH_BYTES`` buffered.  At commit a spilled
 body is fsync'd and its directory fsync'd (in a thread) before its MSG record is
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import os
 import threading
@@ -48,10 +47,11 @@ from pathlib import Path
 from typing import Final
 
 from empath.clock import Clock, SystemClock
-from empath.errors import SpoolError, SpoolFullError, UnknownMessageError
+from empath.errors import SpoolError, UnknownMessageError
 from empath.ids import new_ulid
 from empath.observability.logs import get_logger
 from empath.spool import codec
+from empath.spool.body import FileBodyWriter, map_os_error
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
 from empath.spool.store import BodyWriter, RecoveryReport, SpoolUsage
@@ -61,127 +61,7 @@ __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]
 
 log = get_logger("spool", __name__)
 
-FLUSH_BYTES: Final = 64 * 1024  # spilled bodies are written out in chunks of about this size
 COPY_BATCH_BYTES: Final = 4 * 1024 * 1024  # compaction moves this much per group commit
-_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-
-
-def map_os_error(exc: OSError, what: str) -> SpoolError:
-    """ENOSPC/EDQUOT -> SpoolFullError (452 4.3.1); anything else -> SpoolError (451 4.3.0)."""
-    if exc.errno in _FULL_ERRNOS:
-        return SpoolFullError(f"{what}: spool filesystem is full ({exc.strerror})")
-    return SpoolError(f"{what}: {exc.strerror or exc}")
-
-
-class FileBodyWriter:
-    """A message body being received.  ``write`` never raises; errors surface at commit."""
-
-    __slots__ = (
-        "_buffered",
-        "_chunks",
-        "_error",
-        "_fd",
-        "_id",
-        "_path",
-        "_size",
-        "_spill_bytes",
-        "_state",
-    )
-
-    def __init__(self, msg_id: str, bodies_dir: Path, spill_bytes: int) -> None:
-        self._id = msg_id
-        self._path = bodies_dir / msg_id
-        self._spill_bytes = spill_bytes
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._size = 0
-        self._fd: int | None = None
-        self._error: OSError | None = None
-        self._state = "open"  # open | committing | done | aborted
-
-    @property
-    def id(self) -> str:
-        return self._id
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def write(self, data: bytes) -> None:
-        if self._state != "open" or not data:
-            return
-        chunk = bytes(data)
-        self._size += len(chunk)
-        if self._error is not None:
-            return
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._fd is None and self._buffered <= self._spill_bytes:
-            return
-        if self._fd is not None and self._buffered < FLUSH_BYTES:
-            return
-        try:
-            if self._fd is None:
-                self._fd = os.open(
-                    self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
-                )
-            self._flush()
-        except OSError as exc:
-            self._error = exc
-            self._chunks.clear()
-            self._buffered = 0
-
-    def _flush(self) -> None:
-        assert self._fd is not None
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-
-    def abort(self) -> None:
-        if self._state in ("aborted", "done"):
-            return
-        self._state = "aborted"
-        self._chunks.clear()
-        self._discard_file()
-
-    def _discard_file(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-            with contextlib.suppress(OSError):
-                self._path.unlink()
-
-    # --- used by FileSpool.commit ------------------------------------------------
-
-    def _start_commit(self) -> None:
-        if self._state == "aborted":
-            raise SpoolError("message body was aborted")
-        if self._state != "open":
-            raise SpoolError("message body was already committed")
-        self._state = "committing"
-        if self._error is not None:
-            exc = self._error
-            self._discard_file()
-            raise map_os_error(exc, "writing the message body")
-
-    def _inline_body(self) -> bytes:
-        body = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        return body
-
-    def _finish_spill(self) -> None:
-        """Write what is buffered, fsync the body and its directory (blocking: in a thread)."""
-        assert self._fd is not None
-        self._flush()
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        fsync_dir(self._path.parent)
 
 
 class FileSpool:
@@ -224,7 +104,10 @@ class FileSpool:
         if self._writer is not None:
             raise SpoolError("spool is already open")
         started = time.monotonic()
-        report, dropped = await asyncio.to_thread(self._open_blocking)
+        try:
+            report, dropped = await asyncio.to_thread(self._open_blocking)
+        except OSError as exc:
+            raise map_os_error(exc, f"opening the spool at {self.path}") from exc
         assert self._writer is not None
         self._writer.start(asyncio.get_running_loop(), self._on_batch)
         for msg_id in dropped:  # tombstone them so they are reported only once
@@ -235,6 +118,7 @@ class FileSpool:
     def _open_blocking(self) -> tuple[RecoveryReport, list[str]]:
         for sub in (self.path, self._log_dir, self._bodies_dir, self.path / "corrupt"):
             sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fsync_dir(self.path)  # make the new subdirectories' entries durable
         lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -387,6 +271,13 @@ class FileSpool:
     def _on_batch(self, batch: list[Entry], error: OSError | None) -> None:
         """Runs on the loop once per written batch: index bookkeeping, then wake the waiters."""
         if error is not None:
+            log.error(
+                "Spool write failed",
+                error=error.strerror or str(error),
+                errno=error.errno,
+                records=len(batch),
+                path=str(self.path),
+            )
             for entry in batch:
                 fut = entry.future
                 if fut is not None and not fut.done():

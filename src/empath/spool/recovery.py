@@ -39,7 +39,7 @@ from empath.spool import codec
 from empath.spool.codec import RecordType
 from empath.spool.memory import requeue_in_progress
 from empath.spool.model import MessageState
-from empath.spool.writer import Segment
+from empath.spool.writer import Segment, fsync_dir
 
 log = get_logger("spool", __name__)
 _U32 = struct.Struct("<I")
@@ -97,6 +97,7 @@ def _quarantine(
         os.fsync(fd)
     finally:
         os.close(fd)
+    fsync_dir(corrupt_dir)  # the copy must be durable before the segment is cut or padded
 
 
 def _next_valid(buf: memoryview, mm: mmap.mmap, start: int, limit: int, seed: int) -> int:
@@ -154,7 +155,7 @@ class _Scanner:
                         truncate_at = self._scan(
                             buf, mm, seq, seed, name=path.name, limit=limit, pads=pads
                         )
-                        if truncate_at is None and limit < size:
+                        if limit < size:  # a failed batch the writer could not cut off
                             _quarantine(
                                 self.corrupt_dir,
                                 path.name,
@@ -163,7 +164,7 @@ class _Scanner:
                                 "after the end declared by the next segment",
                             )
                             self.quarantined += 1
-                            truncate_at = limit
+                            truncate_at = limit if truncate_at is None else truncate_at
                         for start, end in pads:
                             pads_payload = buf[start + codec.HEADER_BYTES : end]
                             header = codec.pad_header(

@@ -241,36 +241,22 @@ class LogWriter:
 
     def _rotate(self, prev_end: int) -> None:
         """Start a new segment; its header says where the old one's valid data ends."""
-        seq = self.active.seq + 1
-        seed = int.from_bytes(os.urandom(4), "little")
-        path = self._log_dir / codec.segment_name(seq, seed)
-        header = codec.frame(
-            RecordType.SEGMENT, codec.segment_payload(seq, prev_end, self._now()), seed
-        )
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            write_all(fd, header, 0)
-            os.fsync(fd)
-            fsync_dir(self._log_dir)
-            read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
-        new = Segment(seq=seq, seed=seed, path=path, size=len(header), read_fd=read_fd)
+        new, fd = _new_segment(self._log_dir, self.active.seq + 1, prev_end, self._now())
         old_fd = self._write_fd
         self._write_fd = fd
         with self._segments_lock:
-            self._segments[seq] = new
+            self._segments[new.seq] = new
             self.active = new
         self._poisoned_at = None
         with contextlib.suppress(OSError):
             os.close(old_fd)
 
 
-def create_segment(log_dir: Path, seq: int, prev_end: int | None, now: float) -> Segment:
-    """Create a fresh, synced segment with its header (used at open when none is usable)."""
+def _new_segment(log_dir: Path, seq: int, prev_end: int | None, now: float) -> tuple[Segment, int]:
+    """Create a segment file with its SEGMENT header, synced with its directory.
+
+    Returns the segment (with its read fd) and an open write fd.
+    """
     seed = int.from_bytes(os.urandom(4), "little")
     path = log_dir / codec.segment_name(seq, seed)
     header = codec.frame(RecordType.SEGMENT, codec.segment_payload(seq, prev_end, now), seed)
@@ -278,8 +264,18 @@ def create_segment(log_dir: Path, seq: int, prev_end: int | None, now: float) ->
     try:
         write_all(fd, header, 0)
         os.fsync(fd)
-    finally:
+        fsync_dir(log_dir)
+        read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         os.close(fd)
-    fsync_dir(log_dir)
-    read_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    return Segment(seq=seq, seed=seed, path=path, size=len(header), read_fd=read_fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return Segment(seq=seq, seed=seed, path=path, size=len(header), read_fd=read_fd), fd
+
+
+def create_segment(log_dir: Path, seq: int, prev_end: int | None, now: float) -> Segment:
+    """Create a fresh, synced segment with its header (used at open when none is usable)."""
+    seg, fd = _new_segment(log_dir, seq, prev_end, now)
+    os.close(fd)
+    return seg

@@ -62,6 +62,8 @@ _R_SPOOL_ERROR: Final = Reply.of(451, "4.3.0", "Local error in processing, try a
 _R_TOO_MANY: Final = Reply.of(421, "4.7.0", "Too many connections, try again later").to_bytes()
 _R_SHUTDOWN_NOW: Final = Reply.of(421, "4.3.2", "Service shutting down").to_bytes()
 
+_MAX_BUFFERED_WHILE_WAITING: Final = 64 * 1024
+
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
                   "Nov", "Dec")  # fmt: skip
@@ -100,6 +102,7 @@ class SmtpSession(asyncio.Protocol):
         "_errored",
         "_ip",
         "_last_read",
+        "_paused",
         "_peer",
         "_rt",
         "_server",
@@ -122,6 +125,7 @@ class SmtpSession(asyncio.Protocol):
         self._counted = False  # counted in active/per-IP totals
         self._errored = False
         self._closing = False
+        self._paused = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -174,6 +178,11 @@ class SmtpSession(asyncio.Protocol):
             self._transport.write(out)
         if events:
             self._handle(events)
+        if server.phase is Phase.WAITING and server.buffered_bytes > _MAX_BUFFERED_WHILE_WAITING:
+            # Input piling up while we commit: stop reading until the reply is out.
+            # (Not paused by default: one commit per message would cost two epoll_ctl
+            # calls, and the state machine already holds pipelined input unread.)
+            self._pause()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -217,14 +226,12 @@ class SmtpSession(asyncio.Protocol):
                 self._begin_body(ev.transaction)
             elif kind is MessageComplete:
                 assert isinstance(ev, MessageComplete)
-                if self._transport is not None:
-                    self._transport.pause_reading()
                 self._commit_task = self._rt.loop.create_task(self._commit(ev.transaction))
             elif kind is BodyAbort:
                 self._abort_body()
             elif kind is StartTls:
-                if self._transport is not None:
-                    self._transport.pause_reading()
+                # the ClientHello must not reach data_received before start_tls runs
+                self._pause()
                 self._commit_task = self._rt.loop.create_task(self._start_tls())
             elif kind is Close:
                 assert isinstance(ev, Close)
@@ -320,7 +327,8 @@ class SmtpSession(asyncio.Protocol):
         self._last_read = self._rt.loop.time()
         if events:
             self._handle(events)
-        if not self._closing and server.phase is not Phase.WAITING:
+        if self._paused and not self._closing and server.phase is not Phase.WAITING:
+            self._paused = False
             transport.resume_reading()
 
     async def _start_tls(self) -> None:
@@ -345,7 +353,13 @@ class SmtpSession(asyncio.Protocol):
         if new is None:  # pragma: no cover - the connection went away meanwhile
             return
         self._transport = new
+        self._paused = False  # start_tls resumed the raw transport; the TLS one is fresh
         self._resume(server.tls_started())
+
+    def _pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
 
     def _close(self) -> None:
         if self._closing:

@@ -1,0 +1,99 @@
+"""Disk full: the spool on a 4 MiB tmpfs.  When the filesystem fills up, commits raise
+SpoolFullError and leave nothing recovery would resurrect or call corrupt; once space is
+freed, commits succeed again without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from empath.errors import SpoolFullError
+from empath.spool.fs import FileSpool
+from empath.spool.model import Envelope, MessageState, initial_units
+from tests.helpers import require_tool
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str = "4m") -> Iterator[Path]:
+    mount = require_tool("mount")
+    umount = require_tool("umount")
+    where.mkdir()
+    subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run([umount, str(where)], check=True)
+
+
+def fill(path: Path) -> int:
+    """Write a filler file until the filesystem refuses more; returns bytes written."""
+    written = 0
+    with path.open("wb", buffering=0) as f:
+        for size in (65536, 4096, 1):  # big chunks, then top up the last partial pages
+            with contextlib.suppress(OSError):
+                while n := f.write(b"\0" * size):
+                    written += n
+    return written
+
+
+async def put(spool: FileSpool, body: bytes) -> MessageState:
+    w = spool.begin()
+    for i in range(0, len(body), 65536):
+        w.write(body[i : i + 65536])
+    e = Envelope("s@example.org", ("r@example.net",), 1.0)
+    return await spool.commit(w, e, initial_units(e.recipients))
+
+
+def test_full_filesystem_gives_spool_full_and_recovers(tmp_path: Path) -> None:
+    """Full disk -> SpoolFullError for small and spilled bodies; freeing space resumes commits."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        spool_dir = fs / "spool"
+        filler = fs / "filler"
+
+        async def main() -> None:
+            spool = FileSpool(spool_dir, spill_bytes=64 * 1024)
+            await spool.open()
+            acked = [await put(spool, b"before %d\r\n" % i) for i in range(20)]
+            fill(filler)
+            failures = 0
+            for i in range(300):  # the segment's last page may still take a few records
+                try:
+                    acked.append(await put(spool, b"during %d " % i + b"x" * 900 + b"\r\n"))
+                except SpoolFullError:
+                    failures += 1
+                    if failures >= 5:
+                        break
+            assert 5 == failures, "commits kept succeeding on a full filesystem"
+            with pytest.raises(SpoolFullError):
+                await put(spool, b"y" * (512 * 1024))  # spilled body: fails while spilling
+            assert [] == list((spool_dir / "bodies").iterdir())
+            # a restart while the disk is still full recovers exactly the acknowledged mail
+            await spool.close()
+            spool = FileSpool(spool_dir, spill_bytes=64 * 1024)
+            report = await spool.open()
+            assert 0 == report.quarantined
+            assert [m.id for m in acked] == [m.id for m in spool.messages()]
+            # free the space: the same spool accepts mail again, small and spilled
+            filler.unlink()
+            acked.append(await put(spool, b"after\r\n"))
+            big = await put(spool, b"z" * (512 * 1024))
+            acked.append(big)
+            assert 512 * 1024 == len(await spool.read_body(big.id))
+            await spool.close()
+            spool = FileSpool(spool_dir, spill_bytes=64 * 1024)
+            report = await spool.open()
+            assert 0 == report.quarantined
+            assert [m.id for m in acked] == [m.id for m in spool.messages()]
+            for m in acked:
+                assert m.envelope.size == len(await spool.read_body(m.id))
+            assert [] == list((spool_dir / "corrupt").iterdir())
+            await spool.close()
+
+        asyncio.run(main())
+        assert not os.path.exists(filler)
