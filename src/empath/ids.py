@@ -6,7 +6,7 @@ sorting ids sorts messages by acceptance order.
 
 from __future__ import annotations
 
-import os
+import random
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -14,11 +14,16 @@ _DECODE = {c: i for i, c in enumerate(_ALPHABET)}
 
 
 class _UlidFactory:
-    __slots__ = ("_last_ms", "_last_rand")
+    """Monotonic ULIDs.  The random part comes from a PRNG seeded from the OS once:
+    queue ids must be unique and unguessable enough for logs, not secret, and
+    ``os.urandom`` per id showed up in ingest profiles."""
+
+    __slots__ = ("_last_ms", "_last_rand", "_rng")
 
     def __init__(self) -> None:
         self._last_ms = -1
         self._last_rand = 0
+        self._rng = random.Random()  # seeded from os.urandom by the stdlib
 
     def new(self, now_ms: int | None = None) -> str:
         ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -27,9 +32,9 @@ class _UlidFactory:
             rand = self._last_rand + 1
             if rand >= 1 << 80:  # pragma: no cover - 2^80 ids in one millisecond
                 ms += 1
-                rand = int.from_bytes(os.urandom(10), "big")
+                rand = self._rng.getrandbits(80)
         else:
-            rand = int.from_bytes(os.urandom(10), "big")
+            rand = self._rng.getrandbits(80)
         self._last_ms = ms
         self._last_rand = rand
         return encode((ms << 80) | rand)

@@ -155,9 +155,7 @@ def test_4xx_is_retried_with_backoff_until_success(tmp_path: Path, origin: Threa
         assert [] == origin.transactions()  # no DSN for a delivered message
 
 
-def test_5xx_sends_exactly_one_dsn_and_is_not_retried(
-    tmp_path: Path, origin: ThreadedPeer
-) -> None:
+def test_5xx_sends_exactly_one_dsn_and_is_not_retried(tmp_path: Path, origin: ThreadedPeer) -> None:
     base_s = 0.5
     with ThreadedPeer({"data_end": "554 5.7.1 rejected by policy"}) as dest:
         daemon = start_daemon(

@@ -34,9 +34,7 @@ def origin() -> Iterator[ThreadedPeer]:
         yield peer
 
 
-def start_daemon(
-    tmp_path: Path, nameserver: str, origin: ThreadedPeer, **delivery: Any
-) -> Daemon:
+def start_daemon(tmp_path: Path, nameserver: str, origin: ThreadedPeer, **delivery: Any) -> Daemon:
     daemon = Daemon(
         tmp_path / "empath",
         overrides={

@@ -55,11 +55,16 @@ class ServerThread:
     """An SmtpServerGroup on a private event loop in a daemon thread."""
 
     def __init__(
-        self, specs: list[ListenerSpec], relay: RelayPolicy = RELAY, *, use_uvloop: bool = True
+        self,
+        specs: list[ListenerSpec],
+        relay: RelayPolicy = RELAY,
+        *,
+        use_uvloop: bool = True,
+        spool: MemorySpool | None = None,
     ) -> None:
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.spool = MemorySpool()
+        self.spool = spool or MemorySpool()
         self.accepted: list[MessageState] = []
         self.group = SmtpServerGroup(specs, relay, self.spool, self.accepted.append)
         self.port = specs[0].port
@@ -593,3 +598,64 @@ def test_audit_line_per_accepted_message(
         fields["recipients"], fields["size"],
     )  # fmt: skip
     assert fields["peer"].startswith("127.0.0.1:")
+
+
+class RecordingSpool(MemorySpool):
+    """MemorySpool that remembers its body writers (to watch streaming)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: list[Any] = []
+
+    def begin(self) -> Any:
+        writer = super().begin()
+        self.writers.append(writer)
+        return writer
+
+
+def test_data_is_streamed_to_the_spool_before_end_of_data() -> None:
+    """Body bytes reach the spool's BodyWriter while the client is still sending
+    (DATA is streamed, not buffered whole)."""
+    spool = RecordingSpool()
+    s = ServerThread([spec(max_message_bytes=10_000_000)], spool=spool)
+    s.start()
+    try:
+        with Raw(s.port) as r:
+            r.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+            assert [220, 250, 250, 250, 354] == r.codes(5)
+            chunk = (b"z" * 98 + b"\r\n") * 1000
+            for _ in range(30):
+                r.send(chunk)
+            wait_for(lambda: spool.writers and spool.writers[0].size >= 2_900_000, 10)
+            r.send(b".\r\n")
+            assert [250] == r.codes(1)
+        ((_, stored),) = s.stored()
+        assert stored.endswith(chunk * 30)
+    finally:
+        s.stop()
+
+
+def test_dual_stack_listener_serves_ipv4_and_ipv6() -> None:
+    """A listener on [::] accepts both IPv4 and IPv6 clients (trusted ::1 and 127.0.0.1)."""
+    port = free_port()
+    relay = RelayPolicy(trusted_networks=("127.0.0.1/32", "::1/128"))
+    with serving([spec(host="[::]", port=port)], relay) as s:
+        for host in ("127.0.0.1", "::1"):
+            with smtplib.SMTP(host, port, timeout=10) as c:
+                c.sendmail("a@x.example", ["b@y.example"], b"Subject: v\r\n\r\nx\r\n")
+        peers = sorted(m.envelope.peer.rsplit(":", 1)[0] for m, _ in s.stored())
+        assert ["127.0.0.1", "[::1]"] == peers
+
+
+def test_data_block_timeout() -> None:
+    """A client that stalls inside DATA is cut off with 421 4.4.2 and nothing is stored."""
+    with serving([spec(data_block_timeout_s=0.3, data_init_timeout_s=0.3)]) as s:
+        with Raw(s.port) as r:
+            r.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
+            assert [220, 250, 250, 250, 354] == r.codes(5)
+            r.send(b"Subject: stalled\r\n\r\nhalf a mess")
+            got = r.replies(1)
+            assert [(421, "4.4.2")] == [(x.code, x.enhanced) for x in got]
+            assert r.closed_by_server()
+        assert [] == s.stored()
+        s.assert_serving()

@@ -6,6 +6,8 @@ import ast
 import pathlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import empath.smtp
 from empath.smtp.replies import Reply, ReplyParser
@@ -366,3 +368,36 @@ def test_smtp_package_imports_no_io() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module.split(".")[0]]
             assert not forbidden & set(names), f"{path.name} imports {names}"
+
+
+_tokens = st.sampled_from(
+    [
+        b"EHLO c\r\n", b"HELO c\r\n", b"MAIL FROM:<a@x.example>\r\n", b"RCPT TO:<b@ok.example>\r\n",
+        b"RCPT TO:<b@no.example>\r\n", b"DATA\r\n", b"BDAT 3\r\n", b"BDAT 2 LAST\r\n", b"RSET\r\n",
+        b"STARTTLS\r\n", b"NOOP\r\n", b".\r\n", b"\r\n", b"\n", b"\r", b".", b"\0", b"x" * 600,
+    ]
+)  # fmt: skip
+
+
+@given(st.lists(_tokens | st.binary(max_size=20), max_size=40), st.integers(1, 50))
+def test_server_never_raises_and_always_answers_valid_replies(
+    parts: list[bytes], step: int
+) -> None:
+    """Random input in random splits: the state machine never raises, and everything it
+    writes parses as well-formed SMTP replies."""
+    server = SmtpServer(CFG, lambda d: d == "ok.example")
+    parser = ReplyParser()
+    wire = b"".join(parts)
+    parser.feed(server.take_output())
+
+    def handle(events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, MessageComplete):
+                handle(server.message_committed("ID"))
+            elif isinstance(ev, StartTls):
+                handle(server.tls_started())
+
+    for i in range(0, len(wire), step):
+        handle(server.feed(wire[i : i + step]))
+        parser.feed(server.take_output())
+    assert not parser.pending

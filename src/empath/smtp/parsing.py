@@ -159,14 +159,14 @@ def _address_literal_ok(literal: str) -> bool:
     return True
 
 
-def parse_path(text: str, *, smtputf8: bool, bad: SmtpProtocolError) -> str:
+def parse_path(text: str, *, smtputf8: bool, bad: tuple[int, str, str]) -> str:
     """The mailbox of ``<...>`` (``""`` for ``<>``); ``bad`` is raised on a syntax error.
 
     RFC 5321 §3.3: "the <reverse-path> ... can contain more than just a mailbox"
     (a source route), which "SHOULD" be ignored: we return the mailbox only.
     """
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
-        raise bad
+        raise _err(*bad)
     inner = text[1:-1]
     if not inner:
         return ""
@@ -176,16 +176,16 @@ def parse_path(text: str, *, smtputf8: bool, bad: SmtpProtocolError) -> str:
         raise _err(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
     m = (_MAILBOX_ASCII if ascii_only else _MAILBOX_UTF8).fullmatch(inner)
     if m is None:
-        raise bad
+        raise _err(*bad)
     local, domain = m.group("local"), m.group("domain")
     if domain[0] == "[" and not _address_literal_ok(domain):
-        raise bad
+        raise _err(*bad)
     if (
         len(local.encode()) > MAX_LOCAL_PART_BYTES
         or len(domain.encode()) > MAX_DOMAIN_BYTES
         or len(inner.encode()) > MAX_PATH_BYTES
     ):
-        raise bad
+        raise _err(*bad)
     start = m.start("local")
     return inner[start:] if start else inner
 
@@ -197,7 +197,7 @@ def parse_path(text: str, *, smtputf8: bool, bad: SmtpProtocolError) -> str:
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9\-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+))?")
 
 
-def _split_path(arg: str, prefix: str, bad: SmtpProtocolError) -> tuple[str, list[str]]:
+def _split_path(arg: str, prefix: str, bad: tuple[int, str, str]) -> tuple[str, list[str]]:
     """``FROM:<path> params`` → (``<path>``, params).  A space after the colon is tolerated."""
     if arg[: len(prefix)].upper() != prefix:
         raise _err(
@@ -205,13 +205,13 @@ def _split_path(arg: str, prefix: str, bad: SmtpProtocolError) -> tuple[str, lis
         )
     rest = arg[len(prefix) :].lstrip(" ")
     if not rest.startswith("<"):
-        raise bad
+        raise _err(*bad)
     end = rest.find(">")
     # a ">" may sit inside a quoted local part; take the first ">" followed by space/end
     while end >= 0 and end + 1 < len(rest) and rest[end + 1] != " ":
         end = rest.find(">", end + 1)
     if end < 0:
-        raise bad
+        raise _err(*bad)
     return rest[: end + 1], rest[end + 1 :].split()
 
 
@@ -228,8 +228,10 @@ def _params(words: list[str]) -> dict[str, str | None]:
     return out
 
 
-_MAIL_BAD: Final = _err(501, "5.1.7", "Bad sender address syntax")
-_RCPT_BAD: Final = _err(553, "5.1.3", "Bad recipient address syntax")
+# (code, enhanced, text) — a fresh exception is made for every raise (re-raising one
+# module-level instance would grow its __traceback__ forever).
+_MAIL_BAD: Final = (501, "5.1.7", "Bad sender address syntax")
+_RCPT_BAD: Final = (553, "5.1.3", "Bad recipient address syntax")
 
 
 def parse_mail(arg: str) -> MailFrom:

@@ -239,6 +239,7 @@ class SmtpServer:
         "_relay_allows",
         "_skip_bytes",
         "_skip_reply",
+        "_txn",
         "phase",
         "state",
         "tls_active",
@@ -265,6 +266,7 @@ class SmtpServer:
         self._helo = ""
         self._esmtp = False
         self._mail: MailFrom | None = None
+        self._txn: Transaction | None = None  # frozen at DATA/first BDAT
         self._rcpts: list[str] = []
         self._data: DataDecoder | None = None
         self._bdat: BdatDecoder | None = None
@@ -321,6 +323,7 @@ class SmtpServer:
         self.tls_active = True
         self.state = State.FRESH
         self.phase = Phase.COMMAND
+        self._buf = b""
         self._helo = ""
         self._esmtp = False
         self._clear_transaction([])
@@ -464,7 +467,7 @@ class SmtpServer:
             if self._draining:
                 self._close(events, _R_SHUTDOWN, "shutdown")
             return
-        events.append(MessageComplete(self._transaction()))
+        events.append(MessageComplete(self._txn or self._transaction()))
         self.phase = Phase.WAITING
 
     def _after_message(self) -> list[Event]:
@@ -498,6 +501,7 @@ class SmtpServer:
             events.append(BodyAbort())
             self._body_open = False
         self._mail = None
+        self._txn = None
         self._rcpts = []
         self._data = None
         self._bdat = None
@@ -558,7 +562,8 @@ class SmtpServer:
         self._data = DataDecoder(self._cfg.max_message_bytes)
         self.phase = Phase.DATA
         self._body_open = True
-        events.append(BodyStart(self._transaction()))
+        self._txn = txn = self._transaction()
+        events.append(BodyStart(txn))
         self._out.append(_R_DATA_GO)
 
     def _on_bdat(self, arg: str, events: list[Event]) -> None:
@@ -567,7 +572,8 @@ class SmtpServer:
             self._bdat = BdatDecoder(self._cfg.max_message_bytes)
             self._body_open = True
             self.state = State.BDAT
-            events.append(BodyStart(self._transaction()))
+            self._txn = txn = self._transaction()
+            events.append(BodyStart(txn))
         elif self.state is not State.BDAT:
             # RFC 3030 §2: the chunk follows the command whatever we answer, so
             # read (and drop) its bytes before replying.

@@ -135,6 +135,8 @@ class SmtpSession(asyncio.Protocol):
         rt = self._rt
         peer = transport.get_extra_info("peername")
         ip, port = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]  # an IPv4 client of a dual-stack [::] listener
         self._ip = ip
         self._peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         stats = rt.stats
