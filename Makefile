@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-APT_PACKAGES := postfix swaks dnsmasq-base prometheus prometheus-alertmanager
+APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-base \
+                prometheus prometheus-alertmanager
 # command that proves each package is present
 APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool
 
@@ -23,6 +24,7 @@ run: deps
 system-deps:
 	@missing=""; for t in $(APT_PROBES); do \
 	  command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
+	perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || missing="$$missing perl-tls"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

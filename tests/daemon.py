@@ -147,6 +147,16 @@ class Daemon:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
             return str(r.read().decode())
 
+    def http_json(self, path: str) -> tuple[int, Any]:
+        """(status, decoded JSON body) of a GET, whatever the status (503 included)."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status), json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return int(exc.code), json.loads(exc.read())
+
     def stop(self, timeout: float = 40.0) -> int | None:
         if self.proc is None:
             return None

@@ -28,6 +28,7 @@ from empath.dns.mx import MxRouter, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
 from empath.observability.health import Check, HealthServer
+from empath.observability.logs import flush as flush_logs
 from empath.observability.logs import get_logger, set_level, setup_logging
 from empath.policy.breaker import BreakerSettings, Transition
 from empath.policy.ratelimit import RateLimit, resolve_limits
@@ -351,5 +352,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def run(config: Config) -> int:
     setup_logging(config.log.level, config.log.format)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(App(config).serve())
+    try:
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            return runner.run(App(config).serve())
+    finally:
+        flush_logs()

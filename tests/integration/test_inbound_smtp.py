@@ -64,7 +64,7 @@ class ServerThread:
     ) -> None:
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.spool = spool or MemorySpool()
+        self.spool = spool if spool is not None else MemorySpool()
         self.accepted: list[MessageState] = []
         self.group = SmtpServerGroup(specs, relay, self.spool, self.accepted.append)
         self.port = specs[0].port

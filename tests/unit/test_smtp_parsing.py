@@ -98,6 +98,7 @@ def test_parse_mail_accepts(arg: str, expected: MailFrom) -> None:
         ("FROM:<a b@b.example>", 501, "5.1.7"),
         ("FROM:<noatsign>", 501, "5.1.7"),
         ("FROM:<" + "a" * 65 + "@b.example>", 501, "5.1.7"),
+        ("FROM:<" + "ü" * 33 + "@b.example> SMTPUTF8", 501, "5.1.7"),  # 66 octets
         ("TO:<a@b.example>", 501, "5.5.4"),
         ("FROM:<a@b.example> SIZE=abc", 501, "5.5.4"),
         ("FROM:<a@b.example> SIZE=", 501, "5.5.4"),

@@ -180,7 +180,8 @@ def parse_path(text: str, *, smtputf8: bool, bad: tuple[int, str, str]) -> str:
     local, domain = m.group("local"), m.group("domain")
     if domain[0] == "[" and not _address_literal_ok(domain):
         raise _err(*bad)
-    if (
+    # a short ASCII path cannot break the limits (skip the encodes on the hot path)
+    if (not ascii_only or len(inner) > MAX_LOCAL_PART_BYTES) and (
         len(local.encode()) > MAX_LOCAL_PART_BYTES
         or len(domain.encode()) > MAX_DOMAIN_BYTES
         or len(inner.encode()) > MAX_PATH_BYTES

@@ -98,6 +98,7 @@ class ListenerRuntime:
         "_idle",
         "_relay",
         "_relay_cache",
+        "_sweeper",
         "audit",
         "clock",
         "loop",
@@ -156,6 +157,7 @@ class ListenerRuntime:
             spec.connection_timeout_s,
         )
         self.tick_s = min(5.0, max(0.02, min(timeouts) / 4))
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def relay_check(self, client_ip: str) -> Callable[[str], bool]:
         check = self._relay_cache.get(client_ip)
@@ -166,9 +168,29 @@ class ListenerRuntime:
             self._relay_cache[client_ip] = check
         return check
 
+    def session_added(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.tick_s, self._sweep)
+
     def session_gone(self) -> None:
         if not self.sessions:
             self._idle.set()
+
+    def _sweep(self) -> None:
+        """Timeouts of every session, once per tick, while there are sessions."""
+        self._sweeper = None
+        if not self.sessions:
+            return
+        now = self.loop.time()
+        for session in list(self.sessions):
+            session.check_timeout(now)
+        if self.sessions:
+            self._sweeper = self.loop.call_later(self.tick_s, self._sweep)
+
+    def stop_sweeper(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def wait_idle(self) -> None:
         while self.sessions:
@@ -325,6 +347,8 @@ class SmtpServerGroup:
                 session.force_close()
         if pending:
             await asyncio.wait(pending, timeout=max(1.0, grace_s))
+        for rt in self._runtimes:
+            rt.stop_sweeper()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)

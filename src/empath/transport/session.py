@@ -20,8 +20,8 @@ carries out its events:
 asyncio.Protocol rather than streams: no per-read coroutine switch, which is most
 of the difference between ~3k and ~7k messages/s on two cores.
 
-Timeouts use one timer per session that re-arms itself from the time of the last
-read (rescheduling a timer on every read would cost more than the read).
+Timeouts: each read records ``loop.time()``; one sweeper per listener (see
+listener.py) checks every session each tick — no timer per connection or per read.
 """
 
 from __future__ import annotations
@@ -106,7 +106,6 @@ class SmtpSession(asyncio.Protocol):
         "_peer",
         "_rt",
         "_server",
-        "_timer",
         "_transport",
         "_writer",
     )
@@ -116,7 +115,6 @@ class SmtpSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._server: SmtpServer | None = None
         self._writer: BodyWriter | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._commit_task: asyncio.Task[None] | None = None
         self._ip = ""
         self._peer = ""
@@ -167,7 +165,7 @@ class SmtpSession(asyncio.Protocol):
         now = rt.loop.time()
         self._last_read = now
         self._conn_deadline = now + spec.connection_timeout_s
-        self._timer = rt.loop.call_at(now + rt.tick_s, self._on_timer)
+        rt.session_added()
 
     def data_received(self, data: bytes) -> None:
         server = self._server
@@ -190,9 +188,6 @@ class SmtpSession(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         server = self._server
         if server is not None:
             if server.phase is not Phase.CLOSED and exc is not None:
@@ -372,14 +367,14 @@ class SmtpSession(asyncio.Protocol):
 
     # --- timers and shutdown -------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def check_timeout(self, now: float) -> None:
+        """Called by the listener's sweeper every tick (one timer per listener, not one
+        per session: creating and cancelling a timer per connection costs more)."""
         server = self._server
         if server is None or self._transport is None or self._closing:
             return
         rt = self._rt
         spec = rt.spec
-        now = rt.loop.time()
         phase = server.phase
         if phase is Phase.WAITING:
             limit = None  # our own commit / handshake has its own limits
@@ -400,8 +395,6 @@ class SmtpSession(asyncio.Protocol):
             if out:
                 self._transport.write(out)
             self._handle(events)
-            return
-        self._timer = rt.loop.call_at(now + rt.tick_s, self._on_timer)
 
     def shutdown(self) -> None:
         """Graceful stop: 421 4.3.2 now if idle, else after the message in progress."""
