@@ -172,6 +172,7 @@ def test_5xx_sends_exactly_one_dsn_and_is_not_retried(tmp_path: Path, origin: Th
             assert 1 == len(origin.transactions())
             (failed,) = daemon.logs("Delivery failed permanently")
             assert "554" == failed["fields"]["smtp_code"]
+            assert ["failed"] == [q["fields"]["kind"] for q in daemon.logs("DSN queued")]
             assert [] == daemon.logs("Delivery deferred")
         finally:
             daemon.stop()
@@ -197,6 +198,7 @@ def test_exhausted_attempts_send_a_dsn(tmp_path: Path, origin: ThreadedPeer) -> 
             assert 2 == gave_up["fields"]["attempt"]
             assert "gave up after 2 attempts" in gave_up["fields"]["error"]
             assert 2 == len(dest.transactions())
+            assert ["exhausted"] == [q["fields"]["kind"] for q in daemon.logs("DSN queued")]
         finally:
             daemon.stop()
 
@@ -220,6 +222,7 @@ def test_expired_message_sends_a_dsn(tmp_path: Path, origin: ThreadedPeer) -> No
             assert "expired" in gave_up["fields"]["error"]
             attempts = len(dest.transactions())
             assert 2 <= attempts < 25  # stopped by the deadline, not by max_attempts
+            assert ["expired"] == [q["fields"]["kind"] for q in daemon.logs("DSN queued")]
         finally:
             daemon.stop()
 
@@ -259,5 +262,36 @@ def test_a_failing_dsn_is_not_bounced(tmp_path: Path) -> None:
             assert ["dest.test", "origin.test"] == failed_domains
             assert 1 == len(daemon.logs("DSN queued"))
             assert_nothing_more(lambda: daemon.logs("DSN queued"), 1, 0.3)
+        finally:
+            daemon.stop()
+
+
+def test_delay_warning_dsn_is_sent_once_then_the_message_is_delivered(
+    tmp_path: Path, origin: ThreadedPeer
+) -> None:
+    script = {"data_end": ["451 4.3.0 try again"] * 3 + ["250 2.0.0 Ok"]}
+    with ThreadedPeer(script) as dest:
+        daemon = Daemon(
+            tmp_path / "empath",
+            overrides={
+                "delivery": {
+                    "domains": {
+                        "origin.test": {"mx_override": origin.address},
+                        "dest.test": {"mx_override": dest.address},
+                    },
+                    "base_retry_delay_secs": 0.3,
+                },
+                "dsn": {"delay_warning_secs": 0.5},
+            },
+        )
+        daemon.start()
+        try:
+            submit(daemon.smtp_port, SENDER, ["w@dest.test"], BODY)
+            daemon.wait_log("Delivered", timeout=15, domain="dest.test", attempt=4)
+            (dsn,) = origin.wait_delivered(1)
+            report = dsn_report(dsn)
+            assert "Action: delayed" in report
+            assert "w@dest.test" in report
+            assert ["delayed"] == [q["fields"]["kind"] for q in daemon.logs("DSN queued")]
         finally:
             daemon.stop()

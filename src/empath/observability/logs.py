@@ -80,15 +80,13 @@ class LineSink:
 
     def emit(self, level: int, target: str, fields: dict[str, Any]) -> None:
         if self.json:
-            line = json.dumps(
+            line = _ENCODE(
                 {
                     "timestamp": _rfc3339(time.time()),
                     "level": LEVEL_NAMES.get(level, "INFO"),
                     "target": target,
                     "fields": fields,
-                },
-                ensure_ascii=False,
-                default=str,
+                }
             )
         else:
             message = fields.pop("message", "")
@@ -129,6 +127,8 @@ class LineSink:
 
 
 _sink: LineSink | None = None
+# One encoder for every line: json.dumps(..., default=...) builds a new one per call.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
 class JsonFormatter(logging.Formatter):
