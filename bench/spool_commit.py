@@ -56,8 +56,10 @@ async def run(committers: int, seconds: float, body_bytes: int, where: Path) -> 
     spool = FileSpool(where)
     report = await spool.open()
     await spool.close()
-    print(f"reopen: {report.messages} messages, {report.records} records in "
-          f"{time.monotonic() - t0:.2f}s")
+    print(
+        f"reopen: {report.messages} messages, {report.records} records in "
+        f"{time.monotonic() - t0:.2f}s"
+    )
 
 
 def main() -> None:

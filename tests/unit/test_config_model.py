@@ -663,7 +663,9 @@ _count = st.integers(1, 10**6)
 _domain = st.from_regex(r"[a-z0-9]{1,10}(\.[a-z]{2,5}){1,2}", fullmatch=True)
 _generated = st.fixed_dictionaries(
     {
-        "hostname": st.from_regex(r"[a-z]([a-z0-9-]{0,9}[a-z0-9])?(\.[a-z]{2,6}){0,2}", fullmatch=True),
+        "hostname": st.from_regex(
+            r"[a-z]([a-z0-9-]{0,9}[a-z0-9])?(\.[a-z]{2,6}){0,2}", fullmatch=True
+        ),
         "delivery": st.fixed_dictionaries(
             {
                 "max_attempts": _count,
