@@ -199,7 +199,7 @@ class Daemon:
             self._log_file = None
 
     def log_lines(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.log_path.exists():
             return out
         for line in self.log_path.read_text(errors="replace").splitlines():
@@ -209,7 +209,7 @@ class Daemon:
 
     def logs(self, text: str, **fields: Any) -> list[dict[str, Any]]:
         """Log lines whose message contains ``text`` and whose fields equal ``fields``."""
-        out = []
+        out: list[dict[str, Any]] = []
         for line in self.log_lines():
             f = line.get("fields", {})
             if text in str(f.get("message", "")) and all(f.get(k) == v for k, v in fields.items()):

@@ -3,16 +3,20 @@
 * SIGTERM/SIGINT: the listener closes at once, an idle session gets
   ``421 4.3.2`` right away, a session in the middle of DATA may finish its
   message and gets its 250 (then 421), and the process exits 0.  The message is
-  in the spool when the daemon starts again.
+  in the spool when the daemon starts again.  A second stop signal exits at
+  once (status 1) without losing anything already acknowledged.
 * ``empath --check-config FILE``: the repo's dev config is valid (exit 0) and
   the effective config it prints is itself a valid config; a broken file exits 1
-  with an error naming ``file:line:column``.
+  with an error naming ``file:line:column``; without ``--config`` the file is
+  found via ``$EMPATH_CONFIG``, then ``./empath.config.ron``.
 * A 25 MiB message is streamed to disk as it arrives: the daemon's peak RSS
   while receiving it stays within a few MiB of its idle RSS.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,30 +75,46 @@ def read_to_eof(r: RawSmtp) -> bytes:
 def test_stop_signal_421s_idle_sessions_and_lets_data_finish(
     daemon: Daemon, sig: signal.Signals
 ) -> None:
-    """On a stop signal: no new connections, the idle session gets 421 4.3.2 and is closed,
-    the session half-way through DATA completes with 250 (then 421), the process exits 0,
-    and after a restart the message is in the spool byte-exact."""
+    """On a stop signal: no new connections, the idle sessions (one greeted, one between
+    RCPT and DATA) get 421 4.3.2 and are closed; the session half-way through DATA and the
+    one between BDAT chunks complete with 250 (then 421); the process exits 0; after a
+    restart both messages are in the spool byte-exact."""
     first, second = b"Subject: in flight\r\n\r\nfirst half\r\n", b"..second half\r\nend\r\n"
-    with greeted(daemon.smtp_port) as idle, greeted(daemon.smtp_port) as busy:
-        busy.send(b"MAIL FROM:<s@parked.test>\r\nRCPT TO:<r@parked.test>\r\nDATA\r\n")
-        assert [250, 250, 354] == busy.codes(3)
-        busy.send(first)
+    chunk1, chunk2 = b"Subject: bdat in flight\r\n\r\nfirst", b" chunk, last chunk\r\n"
+    envelope = b"MAIL FROM:<s@parked.test>\r\nRCPT TO:<r@parked.test>\r\n"
+    with (
+        greeted(daemon.smtp_port) as idle,
+        greeted(daemon.smtp_port) as rcpt_done,
+        greeted(daemon.smtp_port) as in_data,
+        greeted(daemon.smtp_port) as in_bdat,
+    ):
+        rcpt_done.send(envelope)
+        assert [250, 250] == rcpt_done.codes(2)
+        in_data.send(envelope + b"DATA\r\n")
+        assert [250, 250, 354] == in_data.codes(3)
+        in_data.send(first)
+        in_bdat.send(envelope + b"BDAT %d\r\n%s" % (len(chunk1), chunk1))
+        assert [250, 250, 250] == in_bdat.codes(3)
 
         daemon.signal(sig)
-        code, text = idle.reply()
-        assert (421, "4.3.2") == (code, text[:5])
-        assert b"" == read_to_eof(idle)
+        for session in (idle, rcpt_done):
+            code, text = session.reply()
+            assert (421, "4.3.2") == (code, text[:5])
+            assert b"" == read_to_eof(session)
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=5).close()
         assert daemon.proc is not None and daemon.proc.poll() is None  # still finishing
 
-        busy.send(second + b".\r\n")
-        code, text = busy.reply()
-        assert 250 == code, text
-        msg_id = queued_id(text)
-        code, text = busy.reply()
-        assert (421, "4.3.2") == (code, text[:5])
-        assert b"" == read_to_eof(busy)
+        in_data.send(second + b".\r\n")
+        in_bdat.send(b"BDAT %d LAST\r\n%s" % (len(chunk2), chunk2))
+        ids = []
+        for session in (in_data, in_bdat):
+            code, text = session.reply()
+            assert 250 == code, text
+            ids.append(queued_id(text))
+            code, text = session.reply()
+            assert (421, "4.3.2") == (code, text[:5])
+            assert b"" == read_to_eof(session)
     assert 0 == daemon.wait_exit(30), daemon.log_tail()
     assert "Stopped" == daemon.log_lines()[-1]["fields"]["message"]
 
@@ -104,14 +124,70 @@ def test_stop_signal_421s_idle_sessions_and_lets_data_finish(
         for line in daemon.log_lines()
         if line.get("fields", {}).get("message") == "Spool recovered"
     ]
-    assert 1 == recovered[-1]["messages"]
+    assert 2 == recovered[-1]["messages"]
     assert 0 == daemon.stop()
     contents = read_spool(daemon.spool_path)
-    msg = assert_stored(contents, msg_id, first + second[1:])
-    assert ("s@parked.test", ("r@parked.test",)) == (
-        msg.envelope.sender,
-        msg.envelope.recipients,
-    )
+    for msg_id, body in zip(ids, (first + second[1:], chunk1 + chunk2), strict=True):
+        msg = assert_stored(contents, msg_id, body)
+        assert ("s@parked.test", ("r@parked.test",)) == (
+            msg.envelope.sender,
+            msg.envelope.recipients,
+        )
+
+
+def test_second_stop_signal_exits_at_once_and_loses_nothing_acknowledged(daemon: Daemon) -> None:
+    """While a graceful stop waits for a session in DATA, a second SIGTERM exits at once
+    (status 1); the message acknowledged before it is still in the spool."""
+    body = b"Subject: acked\r\n\r\nacknowledged before the stop\r\n"
+    with greeted(daemon.smtp_port) as done, greeted(daemon.smtp_port) as busy:
+        done.send(b"MAIL FROM:<s@parked.test>\r\nRCPT TO:<r@parked.test>\r\nDATA\r\n")
+        assert [250, 250, 354] == done.codes(3)
+        done.send(body + b".\r\n")
+        code, text = done.reply()
+        assert 250 == code, text
+        msg_id = queued_id(text)
+        busy.send(b"MAIL FROM:<s@parked.test>\r\nRCPT TO:<r@parked.test>\r\nDATA\r\n")
+        assert [250, 250, 354] == busy.codes(3)
+        busy.send(b"Subject: never finished\r\n\r\nhalf")
+
+        daemon.signal(signal.SIGTERM)
+        code, text = done.reply()
+        assert (421, "4.3.2") == (code, text[:5])  # graceful stop is under way
+        daemon.signal(signal.SIGTERM)
+        assert 1 == daemon.wait_exit(10), daemon.log_tail()
+        assert b"" == read_to_eof(busy)  # the unfinished message got no reply
+    contents = read_spool(daemon.spool_path)
+    assert [msg_id] == list(contents.messages)
+    assert_stored(contents, msg_id, body)
+
+
+def test_config_discovery_order_of_the_empath_command(tmp_path: Path) -> None:
+    """With no --config the command uses $EMPATH_CONFIG, else ./empath.config.ron; an
+    explicit file beats both."""
+    files = {}
+    for name in ("cwd", "env", "cli"):
+        path = tmp_path / name / "empath.config.ron"
+        path.parent.mkdir()
+        path.write_text(f'Empath ( hostname: "{name}.example" )\n')
+        files[name] = path
+    cwd = files["cwd"].parent
+
+    def hostname_used(args: list[str], env_file: Path | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "EMPATH_CONFIG"}
+        if env_file is not None:
+            env["EMPATH_CONFIG"] = str(env_file)
+        out = subprocess.run(
+            [*empath_command(), "--check-config", *args],
+            capture_output=True, text=True, timeout=30, check=False, cwd=cwd, env=env,
+        )  # fmt: skip
+        assert 0 == out.returncode, out.stderr
+        match = re.search(r'hostname: "([a-z]+)\.example"', out.stdout)
+        assert match is not None, out.stdout
+        return match.group(1)
+
+    assert "cwd" == hostname_used([], None)
+    assert "env" == hostname_used([], files["env"])
+    assert "cli" == hostname_used([str(files["cli"])], files["env"])
 
 
 def test_check_config_accepts_the_dev_config_and_prints_a_valid_effective_config(
