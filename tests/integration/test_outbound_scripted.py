@@ -234,7 +234,7 @@ def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
             await deliver(pool, [Target("mx1.test", peer.port, ("127.0.0.1",))], "a@x.test")
             assert 1 == pool.idle_count()
             async with asyncio.timeout(5):
-                while not peer.sessions[0].ended:  # noqa: ASYNC110 - polling with a deadline
+                while not peer.sessions[0].ended:
                     await asyncio.sleep(0.02)
             assert peer.sessions[0].quit
             assert "QUIT" == peer.sessions[0].commands[-1]
