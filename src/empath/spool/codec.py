@@ -124,8 +124,12 @@ def parse_at(buf: memoryview, offset: int, limit: int, seed: int) -> RawRecord |
 # --- message payloads ----------------------------------------------------------
 
 
+# One compact encoder for every record (json.dumps with options builds a new one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _ENCODE(obj).encode()
 
 
 def units_json(units: tuple[UnitState, ...]) -> list[dict[str, Any]]:
