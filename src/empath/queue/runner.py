@@ -295,26 +295,27 @@ class DeliveryRunner:
         self._timer = self._loop.call_later(delay, self._kick)
 
     async def _run_unit(self, key: UnitKey) -> None:
+        """Run one attempt and report it to the scheduler exactly once.
+
+        A retried unit is reported by ``_apply`` itself (it must be ``finished``
+        before it is re-added), which takes it out of ``_tasks``; everything else is
+        reported here.  A crash in the attempt keeps the unit: it is tried again after
+        the first retry delay.
+        """
         outcome = Outcome.CANCELLED
+        retry_at: float | None = None
         try:
             outcome = await self._attempt(key)
         except asyncio.CancelledError:
-            outcome = Outcome.CANCELLED
             raise
         except Exception:
             log.exception("Delivery attempt crashed", message_id=key.message_id, domain=key.domain)
-            outcome = Outcome.CANCELLED
-            # Keep the unit alive: try again after the first retry delay.
-            with contextlib.suppress(Exception):
-                self.scheduler.finished(key, outcome)
-                self.scheduler.add(key, self.clock.now() + self.retry.delay_for(1))
-                outcome = Outcome.CANCELLED
-                self._tasks.pop(key, None)
-                self._kick()
-                return
+            retry_at = self.clock.now() + self.retry.delay_for(1)
         finally:
-            if self._tasks.pop(key, None) is not None or outcome is Outcome.CANCELLED:
+            if self._tasks.pop(key, None) is not None:
                 self.scheduler.finished(key, outcome)
+                if retry_at is not None:
+                    self.scheduler.add(key, retry_at)
             self._kick()
 
     # -- one attempt ----------------------------------------------------------
