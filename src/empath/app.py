@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import random
 import signal
@@ -69,10 +68,6 @@ def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
     )
 
 
-def _rate(mps: float, burst: int) -> RateLimit:
-    return RateLimit(mps if mps > 0 else math.inf, burst)
-
-
 @dataclass(frozen=True, slots=True)
 class DeliveryParts:
     """Settings derived from `delivery`/`dsn` (rebuilt on SIGHUP)."""
@@ -100,7 +95,7 @@ def delivery_parts(config: Config, tls_ca_file: str | None = None) -> DeliveryPa
         breaker=BreakerSettings(
             cb.failure_threshold, cb.failure_window_secs, cb.timeout_secs, cb.success_threshold
         ),
-        default_rate=_rate(rl.messages_per_second, rl.burst_size),
+        default_rate=RateLimit(rl.messages_per_second, rl.burst_size),
         rate_overrides=resolve_limits(
             rl.domain_limits, {name: dc.rate_limit for name, dc in d.domains.items()}
         ),
