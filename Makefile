@@ -34,8 +34,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench bench/ingest bench/relay
-	$(VENV)/bin/ruff format --check src tests bench bench/ingest bench/relay
+	$(VENV)/bin/ruff check src tests bench bench/ingest bench/relay bench/ingest_cpu
+	$(VENV)/bin/ruff format --check src tests bench bench/ingest bench/relay bench/ingest_cpu
 
 typecheck: deps
 	$(VENV)/bin/mypy
