@@ -35,6 +35,8 @@ import time
 import traceback
 from typing import IO, Any, Final
 
+import orjson
+
 LEVEL_NAMES: Final = {
     logging.CRITICAL: "ERROR",
     logging.ERROR: "ERROR",
@@ -75,12 +77,12 @@ class LineSink:
         self._fd = fd
         self.level = level
         self.json = json_format
-        self._buffer: list[str] = []
+        self._buffer: list[bytes] = []
         self._scheduled = False
 
     def emit(self, level: int, target: str, fields: dict[str, Any]) -> None:
         if self.json:
-            line = _ENCODE(
+            line = encode_line(
                 {
                     "timestamp": _rfc3339(time.time()),
                     "level": LEVEL_NAMES.get(level, "INFO"),
@@ -92,9 +94,13 @@ class LineSink:
             message = fields.pop("message", "")
             kv = " ".join(f"{k}={v}" for k, v in fields.items())
             line = (
-                f"{_rfc3339(time.time())} {LEVEL_NAMES.get(level, 'INFO'):5} {target}: "
-                f"{message} {kv}"
-            ).rstrip()
+                (
+                    f"{_rfc3339(time.time())} {LEVEL_NAMES.get(level, 'INFO'):5} {target}: "
+                    f"{message} {kv}"
+                )
+                .rstrip()
+                .encode("utf-8", "replace")
+            )
         self._buffer.append(line)
         if self._scheduled:
             return
@@ -110,7 +116,8 @@ class LineSink:
         self._scheduled = False
         if not self._buffer:
             return
-        data = ("\n".join(self._buffer) + "\n").encode("utf-8", "replace")
+        self._buffer.append(b"")
+        data = b"\n".join(self._buffer)
         self._buffer.clear()
         view = memoryview(data)
         while view:
@@ -127,8 +134,17 @@ class LineSink:
 
 
 _sink: LineSink | None = None
-# One encoder for every line: json.dumps(..., default=...) builds a new one per call.
-_ENCODE = json.JSONEncoder(ensure_ascii=False, default=str).encode
+_ORJSON_OPTS: Final = orjson.OPT_NON_STR_KEYS
+_FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
+def encode_line(obj: dict[str, Any]) -> bytes:
+    """One JSON log line (UTF-8, no newline).  orjson costs a tenth of json.dumps; the
+    stdlib encoder is the fallback for the values orjson refuses (ints beyond 64 bits)."""
+    try:
+        return orjson.dumps(obj, default=str, option=_ORJSON_OPTS)
+    except (TypeError, orjson.JSONEncodeError):
+        return _FALLBACK(obj).encode("utf-8", "replace")
 
 
 class JsonFormatter(logging.Formatter):
@@ -139,16 +155,14 @@ class JsonFormatter(logging.Formatter):
             fields.update(extra)
         if record.exc_info and record.exc_info[0] is not None:
             fields.setdefault("error", self.formatException(record.exc_info))
-        return json.dumps(
+        return encode_line(
             {
                 "timestamp": _rfc3339(record.created),
                 "level": LEVEL_NAMES.get(record.levelno, record.levelname),
                 "target": record.name,
                 "fields": fields,
-            },
-            ensure_ascii=False,
-            default=str,
-        )
+            }
+        ).decode("utf-8", "replace")
 
 
 class TextFormatter(logging.Formatter):

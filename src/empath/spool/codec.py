@@ -30,11 +30,12 @@ scan skips it silently.
 from __future__ import annotations
 
 import enum
-import json
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
+
+import orjson
 
 from empath.spool.model import (
     Attempt,
@@ -124,12 +125,10 @@ def parse_at(buf: memoryview, offset: int, limit: int, seed: int) -> RawRecord |
 # --- message payloads ----------------------------------------------------------
 
 
-# One compact encoder for every record (json.dumps with options builds a new one per call).
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
-def _dumps(obj: Any) -> bytes:
-    return _ENCODE(obj).encode()
+# orjson writes the same compact UTF-8 JSON as json.dumps(separators=(",", ":"),
+# ensure_ascii=False) at about a tenth of the cost (~1 µs for a MSG header, which
+# is built once per accepted message on the event loop).
+_dumps: Final = orjson.dumps
 
 
 def units_json(units: tuple[UnitState, ...]) -> list[dict[str, Any]]:
@@ -186,11 +185,9 @@ def split_message(buf: memoryview, rec: RawRecord) -> tuple[str, int, int] | Non
     return msg_id, jstart, jstart + jlen
 
 
-_decoder = json.JSONDecoder()
-
-
 def loads(data: bytes | memoryview) -> Any:
-    return _decoder.decode(bytes(data).decode())
+    """Decode a record's JSON; malformed input raises ``ValueError`` (as json.loads does)."""
+    return orjson.loads(data)
 
 
 # Recovery decodes every live message once; the model's validating from_json

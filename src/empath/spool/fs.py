@@ -195,6 +195,13 @@ class FileSpool:
     async def commit(
         self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
     ) -> MessageState:
+        return await self.start_commit(body, envelope, units)
+
+    def start_commit(
+        self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
+    ) -> asyncio.Future[MessageState]:
+        """The commit as a future, without a Task for the common case (an inline body):
+        the record is built and queued now, the future resolves once it is durable."""
         if not isinstance(body, FileBodyWriter):
             raise TypeError("FileSpool.commit needs a writer from FileSpool.begin()")
         writer = self._live_writer()
@@ -204,38 +211,42 @@ class FileSpool:
             envelope = replace(envelope, size=size)
         units = tuple(units)
         msg = MessageState(id=body.id, envelope=envelope, units=units)
-        spilled = body._fd is not None
+        loop = asyncio.get_running_loop()
+        if body._fd is not None:
+            return loop.create_task(self._commit_spilled(writer, body, msg))
+        payload, body_rel = codec.msg_payload(
+            body.id, envelope, units, body_bytes=size, spilled=False,
+            inline_body=body._inline_body(),
+        )  # fmt: skip
+        body._state = "done"  # its bytes now live in the record
+        future: asyncio.Future[MessageState] = loop.create_future()
+        writer.submit(
+            Entry(EntryKind.COMMIT, body.id, payload, future, body_rel=body_rel,
+                  body_bytes=size, message=msg)
+        )  # fmt: skip
+        return future
+
+    async def _commit_spilled(
+        self, writer: LogWriter, body: FileBodyWriter, msg: MessageState
+    ) -> MessageState:
         try:
-            if spilled:
-                await asyncio.to_thread(body._finish_spill)
-                inline = b""
-            else:
-                inline = body._inline_body()
+            await asyncio.to_thread(body._finish_spill)
         except OSError as exc:
             body.abort()
             raise map_os_error(exc, "syncing the message body") from exc
         payload, body_rel = codec.msg_payload(
-            body.id, envelope, units, body_bytes=size, spilled=spilled, inline_body=inline
+            body.id, msg.envelope, msg.units, body_bytes=body.size, spilled=True
         )
-        del inline
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = Entry(
-            EntryKind.COMMIT,
-            body.id,
-            payload,
-            future,
-            body_rel=body_rel,
-            body_bytes=size,
-            spilled=spilled,
-            message=msg,
-        )
-        writer.submit(entry)
+        future: asyncio.Future[MessageState] = asyncio.get_running_loop().create_future()
+        writer.submit(
+            Entry(EntryKind.COMMIT, body.id, payload, future, body_rel=body_rel,
+                  body_bytes=body.size, spilled=True, message=msg)
+        )  # fmt: skip
         try:
             await future
         except SpoolError:
             body._state = "done"
-            if spilled:
-                await asyncio.to_thread(_unlink_quietly, self._bodies_dir / body.id)
+            await asyncio.to_thread(_unlink_quietly, self._bodies_dir / body.id)
             raise
         body._state = "done"
         return msg
@@ -305,7 +316,7 @@ class FileSpool:
                         self._spill_total -= loc.length
             fut = entry.future
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                fut.set_result(entry.message)
 
     def _place(self, entry: Entry) -> None:
         seg = self._segments[entry.seg]

@@ -157,6 +157,11 @@ class MemorySpool:
         self.commits += 1
         return msg
 
+    def start_commit(
+        self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
+    ) -> asyncio.Future[MessageState]:
+        return asyncio.ensure_future(self.commit(body, envelope, units))
+
     async def update(
         self, msg_id: str, units: tuple[UnitState, ...], *, durable: bool = True
     ) -> MessageState:

@@ -22,6 +22,7 @@ Contract (SPEC §3):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,6 +87,13 @@ class Spool(Protocol):
         self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
     ) -> MessageState:
         """Make body + envelope + units durable, then index them.  See module doc."""
+        ...
+
+    def start_commit(
+        self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
+    ) -> asyncio.Future[MessageState]:
+        """``commit`` as a future (may raise at once for a body that cannot be committed);
+        the SMTP session uses it to avoid a Task per message."""
         ...
 
     async def update(

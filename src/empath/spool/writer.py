@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from empath.spool import codec
 from empath.spool.codec import RecordType
@@ -51,7 +52,7 @@ class Entry:
     kind: EntryKind
     msg_id: str
     payload: bytes
-    future: asyncio.Future[None] | None = None
+    future: asyncio.Future[Any] | None = None
     body_rel: int = 0  # offset of the inline body within the payload
     body_bytes: int = 0
     spilled: bool = False

@@ -25,6 +25,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from empath.clock import Clock, SystemClock
 from empath.errors import EmpathError
@@ -101,6 +102,7 @@ class ListenerRuntime:
         "_sweeper",
         "audit",
         "clock",
+        "label",
         "loop",
         "on_accepted",
         "per_ip",
@@ -129,6 +131,7 @@ class ListenerRuntime:
         redact_sender: bool,
     ) -> None:
         self.spec = spec
+        self.label = spec.label  # computed once: sessions log it per message
         self._relay = relay
         self._relay_cache: dict[str, Callable[[str], bool]] = {}
         self.spool = spool
@@ -338,7 +341,7 @@ class SmtpServerGroup:
             except TimeoutError:
                 log.warn("Shutdown grace period over, closing remaining SMTP sessions",
                          sessions=sum(len(rt.sessions) for rt in self._runtimes))  # fmt: skip
-        pending: list[asyncio.Task[None]] = []
+        pending: list[asyncio.Future[Any]] = []
         for rt in self._runtimes:
             for session in list(rt.sessions):
                 task = session.pending_task

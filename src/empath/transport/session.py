@@ -10,9 +10,9 @@ carries out its events:
 * ``BodyChunk``  → ``BodyWriter.write`` (synchronous, cheap: the spool spills big
   bodies to disk itself, so nothing here holds a whole message);
 * ``BodyAbort``  → ``BodyWriter.abort``;
-* ``MessageComplete`` → pause reading, ``await spool.commit(...)`` in a task, then
-  answer through ``message_committed``/``message_failed`` (250 only once durable;
-  ``SpoolFullError`` → 452 4.3.1, other spool errors → 451 4.3.0) and resume;
+* ``MessageComplete`` → ``spool.start_commit(...)`` (a future, no Task), then answer
+  from its done-callback through ``message_committed``/``message_failed`` (250 only
+  once durable; ``SpoolFullError`` → 452 4.3.1, other spool errors → 451 4.3.0);
   pipelined input read meanwhile stays buffered in the state machine;
 * ``StartTls``   → pause reading, ``loop.start_tls``, then ``tls_started``;
 * ``Close``      → close after the reply is flushed.
@@ -31,7 +31,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from empath.errors import SpoolError, SpoolFullError
 from empath.observability.logs import get_logger
@@ -49,7 +49,7 @@ from empath.smtp.server import (
     Transaction,
     received_header,
 )
-from empath.spool.model import Envelope, initial_units
+from empath.spool.model import Envelope, MessageState, initial_units
 
 if TYPE_CHECKING:
     from empath.spool.store import BodyWriter
@@ -96,7 +96,9 @@ class SmtpSession(asyncio.Protocol):
 
     __slots__ = (
         "_closing",
+        "_commit_body",
         "_commit_task",
+        "_commit_txn",
         "_conn_deadline",
         "_counted",
         "_errored",
@@ -115,7 +117,9 @@ class SmtpSession(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._server: SmtpServer | None = None
         self._writer: BodyWriter | None = None
-        self._commit_task: asyncio.Task[None] | None = None
+        self._commit_task: asyncio.Future[Any] | None = None  # commit or TLS handshake
+        self._commit_txn: Transaction | None = None
+        self._commit_body: BodyWriter | None = None
         self._ip = ""
         self._peer = ""
         self._last_read = 0.0
@@ -153,7 +157,7 @@ class SmtpSession(asyncio.Protocol):
             transport.write(_R_TOO_MANY)
             transport.close()
             log.debug("Connection refused: limit reached", peer=self._peer,
-                      listener=spec.label)  # fmt: skip
+                      listener=rt.label)  # fmt: skip
             return
         self._counted = True
         stats.connections_active += 1
@@ -223,7 +227,7 @@ class SmtpSession(asyncio.Protocol):
                 self._begin_body(ev.transaction)
             elif kind is MessageComplete:
                 assert isinstance(ev, MessageComplete)
-                self._commit_task = self._rt.loop.create_task(self._commit(ev.transaction))
+                self._commit(ev.transaction)
             elif kind is BodyAbort:
                 self._abort_body()
             elif kind is StartTls:
@@ -257,12 +261,13 @@ class SmtpSession(asyncio.Protocol):
             self._writer = None
             writer.abort()
 
-    async def _commit(self, txn: Transaction) -> None:
+    def _commit(self, txn: Transaction) -> None:
+        """Queue the message for the spool; ``_committed`` answers once it is durable.
+        A future and a done-callback, not a Task: this runs once per accepted message."""
         rt = self._rt
         writer = self._writer
         self._writer = None
-        server = self._server
-        assert writer is not None and server is not None
+        assert writer is not None
         now = rt.clock.now()
         envelope = Envelope(
             sender=txn.sender,
@@ -273,45 +278,60 @@ class SmtpSession(asyncio.Protocol):
             smtputf8=txn.smtputf8,
             body_8bit=txn.body_8bit,
             size=writer.size,
-            listener=rt.spec.label,
+            listener=rt.label,
         )
         try:
-            state = await rt.spool.commit(writer, envelope, initial_units(txn.recipients, now))
-        except SpoolFullError as exc:
+            fut = rt.spool.start_commit(writer, envelope, initial_units(txn.recipients, now))
+        except Exception as exc:
+            fut = rt.loop.create_future()
+            fut.set_exception(exc)
+        self._commit_task = fut
+        self._commit_txn = txn
+        self._commit_body = writer
+        fut.add_done_callback(self._committed)
+
+    def _committed(self, fut: asyncio.Future[MessageState]) -> None:
+        rt = self._rt
+        server = self._server
+        txn = self._commit_txn
+        writer = self._commit_body
+        self._commit_task = self._commit_txn = self._commit_body = None
+        assert server is not None and txn is not None and writer is not None
+        exc = None if fut.cancelled() else fut.exception()
+        if fut.cancelled() or exc is not None:
             writer.abort()
-            log.error("Spool full, message refused", peer=self._peer, error=str(exc),
-                      smtp_code="452")  # fmt: skip
-            events = server.message_failed(_R_SPOOL_FULL)
-        except SpoolError as exc:
-            writer.abort()
-            log.error("Spool error, message refused", peer=self._peer, error=str(exc),
-                      smtp_code="451")  # fmt: skip
-            events = server.message_failed(_R_SPOOL_ERROR)
-        except Exception as exc:  # a bug in a backend must not kill the session silently
-            writer.abort()
-            log.exception("Unexpected spool failure", peer=self._peer, error=repr(exc))
-            events = server.message_failed(_R_SPOOL_ERROR)
-        else:
-            rt.stats.messages_received += 1
-            if rt.audit:
-                log.audit(
-                    "Message received",
-                    message_id=state.id,
-                    sender=rt.show_sender(txn.sender),
-                    recipients=len(txn.recipients),
-                    size=envelope.size,
-                    peer=self._peer,
-                    listener=rt.spec.label,
-                )
-            if rt.on_accepted is not None:
-                try:
-                    rt.on_accepted(state)
-                except Exception as exc:
-                    log.exception("on_accepted callback failed", message_id=state.id,
-                                  error=repr(exc))  # fmt: skip
-            events = server.message_committed(state.id)
-        self._commit_task = None
-        self._resume(events)
+            if isinstance(exc, SpoolFullError):
+                log.error("Spool full, message refused", peer=self._peer, error=str(exc),
+                          smtp_code="452")  # fmt: skip
+                events = server.message_failed(_R_SPOOL_FULL)
+            elif isinstance(exc, SpoolError):
+                log.error("Spool error, message refused", peer=self._peer, error=str(exc),
+                          smtp_code="451")  # fmt: skip
+                events = server.message_failed(_R_SPOOL_ERROR)
+            else:  # a bug in a backend must not kill the session silently
+                log.error("Unexpected spool failure", peer=self._peer, error=repr(exc))
+                events = server.message_failed(_R_SPOOL_ERROR)
+            self._resume(events)
+            return
+        state = fut.result()
+        rt.stats.messages_received += 1
+        if rt.audit:
+            log.audit(
+                "Message received",
+                message_id=state.id,
+                sender=rt.show_sender(txn.sender),
+                recipients=len(txn.recipients),
+                size=state.envelope.size,
+                peer=self._peer,
+                listener=rt.label,
+            )
+        if rt.on_accepted is not None:
+            try:
+                rt.on_accepted(state)
+            except Exception as exc:
+                log.exception("on_accepted callback failed", message_id=state.id,
+                              error=repr(exc))  # fmt: skip
+        self._resume(server.message_committed(state.id))
 
     def _resume(self, events: list[Event]) -> None:
         transport = self._transport
@@ -387,7 +407,7 @@ class SmtpSession(asyncio.Protocol):
         else:
             limit = spec.command_timeout_s
         if now >= self._conn_deadline or (limit is not None and now - self._last_read >= limit):
-            log.info("Session timed out", peer=self._peer, listener=spec.label,
+            log.info("Session timed out", peer=self._peer, listener=rt.label,
                      phase=phase.value)  # fmt: skip
             self._errored = True
             events = server.timed_out()
@@ -421,7 +441,7 @@ class SmtpSession(asyncio.Protocol):
         self._transport.close()
 
     @property
-    def pending_task(self) -> asyncio.Task[None] | None:
+    def pending_task(self) -> asyncio.Future[Any] | None:
         """The commit (or TLS handshake) in progress, if any."""
         return self._commit_task
 
