@@ -297,7 +297,7 @@ class SmtpSession(asyncio.Protocol):
         writer = self._commit_body
         self._commit_task = self._commit_txn = self._commit_body = None
         assert server is not None and txn is not None and writer is not None
-        exc = None if fut.cancelled() else fut.exception()
+        exc: BaseException | None = None if fut.cancelled() else fut.exception()
         if fut.cancelled() or exc is not None:
             writer.abort()
             if isinstance(exc, SpoolFullError):
@@ -328,9 +328,9 @@ class SmtpSession(asyncio.Protocol):
         if rt.on_accepted is not None:
             try:
                 rt.on_accepted(state)
-            except Exception as exc:
+            except Exception as cb_exc:
                 log.exception("on_accepted callback failed", message_id=state.id,
-                              error=repr(exc))  # fmt: skip
+                              error=repr(cb_exc))  # fmt: skip
         self._resume(server.message_committed(state.id))
 
     def _resume(self, events: list[Event]) -> None:
