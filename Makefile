@@ -4,11 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-base \
-                prometheus prometheus-alertmanager
+                prometheus prometheus-alertmanager gcc libc6-dev
 # command that proves each package is present
-APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool
+APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc
+# the SMTP modules compiled by mypyc (scripts/build_native.py)
+NATIVE_SRC   := $(wildcard src/empath/smtp/*.py) scripts/build_native.py
+NATIVE       := src/empath/smtp/_native/manifest.json
 
-.PHONY: run test lint typecheck unit bench deps system-deps clean
+.PHONY: run test lint typecheck unit bench deps system-deps native clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,14 @@ $(VENV)/.installed: pyproject.toml
 
 deps: $(VENV)/.installed
 
+$(NATIVE): $(VENV)/.installed $(NATIVE_SRC)
+	$(PY) scripts/build_native.py
+
+native: $(NATIVE)
+
+# Without a C compiler Empath still runs (pure Python, slower): say so and go on.
 run: deps
+	@$(MAKE) --no-print-directory native || echo "warning: SMTP modules not compiled; running pure Python"
 	$(VENV)/bin/empath --config empath.config.ron
 
 system-deps:
@@ -34,18 +44,18 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench bench/ingest bench/relay bench/ingest_cpu
-	$(VENV)/bin/ruff format --check src tests bench bench/ingest bench/relay bench/ingest_cpu
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu
 
 typecheck: deps
 	$(VENV)/bin/mypy
 
-test: system-deps deps lint typecheck
+test: system-deps deps lint typecheck native
 	$(VENV)/bin/pytest -q
 
-bench: system-deps deps
+bench: system-deps deps native
 	$(PY) bench/ingest
 	$(PY) bench/relay
 
 clean:
-	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/smtp/_native
