@@ -205,3 +205,11 @@ def percentiles(values: list[float], ps: tuple[float, ...] = (50, 95, 99)) -> li
         return [float("nan")] * len(ps)
     s = sorted(values)
     return [s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps]
+
+
+def smtp_build() -> str:
+    """Whether the daemon will run the mypyc-compiled SMTP modules (see `make native`)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from empath.smtp import native_build
+
+    return "compiled (make native)" if native_build() is not None else "pure Python"
