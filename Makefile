@@ -7,9 +7,9 @@ APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-b
                 prometheus prometheus-alertmanager gcc libc6-dev
 # command that proves each package is present
 APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc
-# the SMTP modules compiled by mypyc (scripts/build_native.py)
-NATIVE_SRC   := $(wildcard src/empath/smtp/*.py) scripts/build_native.py
-NATIVE       := src/empath/smtp/_native/manifest.json
+# the hot-path modules compiled by mypyc (scripts/build_native.py lists them)
+NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
+NATIVE       := src/empath/_native/manifest.json
 
 .PHONY: run test lint typecheck unit bench deps system-deps native clean
 
@@ -28,7 +28,7 @@ native: $(NATIVE)
 
 # Without a C compiler Empath still runs (pure Python, slower): say so and go on.
 run: deps
-	@$(MAKE) --no-print-directory native || echo "warning: SMTP modules not compiled; running pure Python"
+	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
 	$(VENV)/bin/empath --config empath.config.ron
 
 system-deps:
@@ -58,4 +58,4 @@ bench: system-deps deps native
 	$(PY) bench/relay
 
 clean:
-	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/smtp/_native
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/_native

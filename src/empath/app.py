@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import empath.smtp
+import empath
 from empath.clock import Clock, SystemClock
 from empath.config.load import load_config
 from empath.config.model import Config, DomainConfig, ListenerConfig
@@ -308,7 +308,7 @@ class App:
             hostname=self.config.hostname,
             listeners=[f"{h}:{p}" for h, p in self.listeners.addresses],
             startup_s=round(time.monotonic() - started, 3),
-            smtp_compiled=empath.smtp.NATIVE,
+            compiled=empath.NATIVE,
         )
         await self._stop.wait()
         compactor.cancel()

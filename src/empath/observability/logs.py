@@ -134,7 +134,9 @@ class LineSink:
 
 
 _sink: LineSink | None = None
-_ORJSON_OPTS: Final = orjson.OPT_NON_STR_KEYS
+# Dataclasses go through default=str like any other object: orjson's own dataclass
+# support reads slots directly, which mypyc-compiled classes do not have.
+_ORJSON_OPTS: Final = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
 _FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 
