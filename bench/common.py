@@ -208,8 +208,8 @@ def percentiles(values: list[float], ps: tuple[float, ...] = (50, 95, 99)) -> li
 
 
 def smtp_build() -> str:
-    """Whether the daemon will run the mypyc-compiled SMTP modules (see `make native`)."""
+    """Whether the daemon will run the mypyc-compiled hot path (see `make native`)."""
     sys.path.insert(0, str(ROOT / "src"))
-    from empath.smtp import native_build
+    from empath import native_build
 
     return "compiled (make native)" if native_build() is not None else "pure Python"
