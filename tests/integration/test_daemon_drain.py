@@ -8,6 +8,7 @@ from pathlib import Path
 
 from empath.app import App
 from empath.config.load import loads_config
+from empath.queue.index import UnitKey
 from empath.spool.model import UnitStatus
 from tests.daemon import Daemon, ThreadedPeer, submit, to_ron
 from tests.helpers import free_port, wait_for
@@ -69,24 +70,38 @@ def test_process_now_makes_a_waiting_retry_due_at_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         app = App(config)
         serving = asyncio.create_task(app.serve())
-        while not app.listeners.bound:
-            await asyncio.sleep(0.01)
-        host, port = app.listeners.addresses[0]
-        await asyncio.to_thread(_send, host, port)
-        msg = await _wait_for_status(app, UnitStatus.RETRY)
-        first = msg.units[0]
-        assert 1 == first.attempts
-        assert first.next_attempt_at > app.clock.now() + 3000
-        assert 0.0 <= app.runner.heartbeat_age_s() < 2.0
-
-        with peer_on(dead):
-            assert 1 == app.runner.process_now()
-            while len(app.spool):
-                await asyncio.sleep(0.02)
-        app.request_stop("test")
-        assert 0 == await serving
+        try:
+            await _process_now_scenario(app, dead)
+        finally:  # a failed assertion must not leave the listener's socket behind
+            app.request_stop("test")
+            assert 0 == await serving
 
     asyncio.run(scenario())
+
+
+async def _process_now_scenario(app: App, dead: int) -> None:
+    while not app.listeners.bound:
+        await asyncio.sleep(0.01)
+    host, port = app.listeners.addresses[0]
+    await asyncio.to_thread(_send, host, port)
+    msg = await _wait_for_status(app, UnitStatus.RETRY)
+    first = msg.units[0]
+    assert 1 == first.attempts
+    assert first.next_attempt_at > app.clock.now() + 3000
+    assert 0.0 <= app.runner.heartbeat_age_s() < 2.0
+    # The spool shows RETRY as soon as the outcome is written; the runner puts the
+    # unit back in the schedule once that write is durable.  process_now() (like
+    # `postqueue -f`) leaves a unit that is still in flight alone, so wait for that.
+    key = UnitKey(msg.id, first.domain)
+    for _ in range(500):
+        if key in app.scheduler and not app.scheduler.is_in_flight(key):
+            break
+        await asyncio.sleep(0.01)
+
+    with peer_on(dead):
+        assert 1 == app.runner.process_now()
+        while len(app.spool):
+            await asyncio.sleep(0.02)
 
 
 def _send(host: str, port: int) -> None:
