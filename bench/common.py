@@ -207,7 +207,7 @@ def percentiles(values: list[float], ps: tuple[float, ...] = (50, 95, 99)) -> li
     return [s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps]
 
 
-def smtp_build() -> str:
+def compiled_build() -> str:
     """Whether the daemon will run the mypyc-compiled hot path (see `make native`)."""
     sys.path.insert(0, str(ROOT / "src"))
     from empath import native_build

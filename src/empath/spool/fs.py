@@ -41,20 +41,20 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Final
 
 from empath.clock import Clock, SystemClock
-from empath.errors import SpoolError, UnknownMessageError
+from empath.errors import SpoolError
 from empath.ids import new_ulid
 from empath.observability.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import FileBodyWriter, map_os_error
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
-from empath.spool.store import BodyWriter, RecoveryReport, SpoolUsage
+from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
 from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, create_segment, fsync_dir
 
 __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]
@@ -64,7 +64,7 @@ log = get_logger("spool", __name__)
 COPY_BATCH_BYTES: Final = 4 * 1024 * 1024  # compaction moves this much per group commit
 
 
-class FileSpool:
+class FileSpool(IndexedMessages):
     """The production :class:`~empath.spool.store.Spool` (see the module doc)."""
 
     def __init__(
@@ -338,21 +338,6 @@ class FileSpool:
             seg.live_bytes -= loc.record_bytes
 
     # --- reading ----------------------------------------------------------------
-
-    def get(self, msg_id: str) -> MessageState:
-        try:
-            return self._index[msg_id]
-        except KeyError:
-            raise UnknownMessageError(f"no such message: {msg_id}") from None
-
-    def messages(self) -> Iterator[MessageState]:
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, msg_id: object) -> bool:
-        return msg_id in self._index
 
     def _location(self, msg_id: str) -> BodyLocation:
         self.get(msg_id)

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from empath.clock import Clock, SystemClock
-from empath.errors import SpoolError, UnknownMessageError
+from empath.errors import SpoolError
 from empath.ids import new_ulid
 from empath.spool.model import Envelope, MessageState, UnitState, UnitStatus
-from empath.spool.store import BodyWriter, RecoveryReport, SpoolUsage
+from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
 
 __all__ = ["MemoryBodyWriter", "MemorySpool", "requeue_in_progress"]
 
@@ -82,7 +82,7 @@ class MemoryBodyWriter:
         return body
 
 
-class MemorySpool:
+class MemorySpool(IndexedMessages):
     """Spool backend that keeps everything in process memory (tests, ``--dry-run`` tools)."""
 
     def __init__(self, *, clock: Clock | None = None) -> None:
@@ -183,21 +183,6 @@ class MemorySpool:
         self._bodies.pop(msg_id, None)
 
     # --- reading --------------------------------------------------------------
-
-    def get(self, msg_id: str) -> MessageState:
-        try:
-            return self._index[msg_id]
-        except KeyError:
-            raise UnknownMessageError(f"no such message: {msg_id}") from None
-
-    def messages(self) -> Iterator[MessageState]:
-        return iter(list(self._index.values()))
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def __contains__(self, msg_id: object) -> bool:
-        return msg_id in self._index
 
     async def read_body(self, msg_id: str) -> bytes:
         self.get(msg_id)

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from empath.errors import UnknownMessageError
 from empath.spool.model import Envelope, MessageState, UnitState
 
 
@@ -129,3 +130,24 @@ class Spool(Protocol):
     def usage(self) -> SpoolUsage:
         """Filesystem and spool sizes (for health and metrics)."""
         ...
+
+
+class IndexedMessages:
+    """The read side both spools share: live messages by id in ``_index``."""
+
+    _index: dict[str, MessageState]
+
+    def get(self, msg_id: str) -> MessageState:
+        try:
+            return self._index[msg_id]
+        except KeyError:
+            raise UnknownMessageError(f"no such message: {msg_id}") from None
+
+    def messages(self) -> Iterator[MessageState]:
+        return iter(list(self._index.values()))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._index
