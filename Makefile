@@ -11,7 +11,7 @@ APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc
 NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
 NATIVE       := src/empath/_native/manifest.json
 
-.PHONY: run test lint typecheck unit bench deps system-deps native clean
+.PHONY: run test lint typecheck unit bench torture deps system-deps native clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ typecheck: deps
 
 test: system-deps deps lint typecheck native
 	$(VENV)/bin/pytest -q
+
+# The torture suite at the issue's full scale (the CI-sized run is part of `make test`).
+torture: system-deps deps native
+	EMPATH_TORTURE=full $(VENV)/bin/pytest -s -q tests/torture
 
 bench: system-deps deps native
 	$(PY) bench/ingest
