@@ -50,8 +50,15 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy
 
+# The whole suite on the compiled build, then the unit tests on pure Python (what a
+# wheel ships; the integration tests already ran against the daemon once).
 test: system-deps deps lint typecheck native
 	$(VENV)/bin/pytest -q
+	EMPATH_PURE_PYTHON=1 $(VENV)/bin/pytest -q tests/unit
+
+# The unit tests alone, pure Python (seconds; no Debian tools needed).
+unit: deps
+	EMPATH_PURE_PYTHON=1 $(VENV)/bin/pytest -q tests/unit
 
 # The torture suite at the issue's full scale (the CI-sized run is part of `make test`).
 torture: system-deps deps native
