@@ -82,9 +82,12 @@ Empath (
     enabled: true,
     token_hashes: ["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"],
   ),
-  metrics: ( enabled: false, max_domain_cardinality: 50, rate_window_secs: 60 ),
+  metrics: ( enabled: false, max_domain_cardinality: 50, rate_window_secs: 60,
+             endpoint: "https://otel.example.com:4318/v1/metrics", push_interval_secs: 5 ),
   health: ( enabled: false, listen_address: "[::1]:9090", max_queue_size: 500 ),
-  audit: ( enabled: false, redact_sender: true, redact_recipients: true ),
+  audit: ( enabled: false, redact_sender: true, redact_recipients: true,
+           redact_message_content: false ),
+  modules: [],
   log: ( level: "debug", format: "text" ),
   cluster: ( redis_url: "redis://127.0.0.1:6379/0" ),
 )
@@ -219,10 +222,17 @@ def test_full_config_sets_every_key() -> None:
     assert "/run/empath/control.sock" == c.control_socket
     assert c.control_auth.enabled
     assert 1 == len(c.control_auth.token_hashes)
-    assert (False, 50, 60.0) == dataclasses.astuple(c.metrics)
+    assert (
+        False,
+        50,
+        60.0,
+        "https://otel.example.com:4318/v1/metrics",
+        5.0,
+    ) == dataclasses.astuple(c.metrics)
     assert (False, "[::1]:9090", 500) == dataclasses.astuple(c.health)
     assert ("::1", 9090) == (c.health.host, c.health.port)
-    assert (False, True, True) == dataclasses.astuple(c.audit)
+    assert (False, True, True, False) == dataclasses.astuple(c.audit)
+    assert () == c.modules
     assert ("debug", "text") == (c.log.level, c.log.format)
     assert ClusterConfig(redis_url="redis://127.0.0.1:6379/0") == c.cluster
 

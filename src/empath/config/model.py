@@ -56,6 +56,7 @@ __all__ = [
     "ListenerTimeouts",
     "LogConfig",
     "MetricsConfig",
+    "ModuleConfig",
     "RateLimitConfig",
     "RelayConfig",
     "SmtpControllerConfig",
@@ -210,6 +211,12 @@ def mailbox(value: str) -> str | None:
     local, at, domain = value.rpartition("@")
     if not at or not local or not domain:
         return f"{value!r} is not an address of the form local@domain"
+    return None
+
+
+def http_url(value: str) -> str | None:
+    if not value.startswith(("http://", "https://")) or len(value.split("//", 1)[1]) == 0:
+        return "must be an http:// or https:// URL"
     return None
 
 
@@ -485,9 +492,14 @@ class ControlAuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
+    """``endpoint``: an OTLP/HTTP collector the metrics are pushed to every
+    ``push_interval_secs`` (None: only the ``/metrics`` scrape)."""
+
     enabled: bool = True
     max_domain_cardinality: int = rule(1000, check=positive)
     rate_window_secs: float = rule(300.0, check=positive)
+    endpoint: str | None = rule(None, check=http_url)
+    push_interval_secs: float = rule(15.0, check=positive)
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,15 +519,37 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
+    """``redact_message_content``: kept for the original's files.  Audit lines never
+    carry message content (subject, headers, body) whatever its value."""
+
     enabled: bool = True
     redact_sender: bool = False
     redact_recipients: bool = False
+    redact_message_content: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: LogLevel = "info"
     format: LogFormat = "json"
+
+
+def no_native_module(module: ModuleConfig) -> str | None:
+    return (
+        f"{module.type} module {module.name!r}: native modules of the Rust implementation "
+        "cannot be loaded by this Empath; remove this entry from modules"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleConfig:
+    """An entry of the original (Rust) Empath's ``modules`` list: a shared library
+    loaded into that process.  Accepted by the schema so that ``modules: []`` loads;
+    every entry is refused (:func:`no_native_module`)."""
+
+    type: str = required(check=non_empty)
+    name: str = required(check=non_empty)
+    arguments: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,6 +577,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
+    modules: tuple[ModuleConfig, ...] = rule((), check_each=no_native_module)
     # where the config was read from; not a RON key
     source_path: str | None = field(default=None, compare=False, metadata={"ron": False})
 
