@@ -551,8 +551,7 @@ class DeliveryRunner:
         for kind, reports in dsn_reports:
             await self._send_dsn(msg, kind, reports, now)
 
-        units = tuple(new if u.domain == unit.domain else u for u in msg.units)
-        await self._persist(msg, units)
+        await self._persist(msg.id, new)
 
         if new.status is UnitStatus.RETRY:
             self._tasks.pop(UnitKey(msg.id, domain), None)
@@ -617,16 +616,27 @@ class DeliveryRunner:
             smtp_code="",
             audit=True,
         )
-        units = tuple(new if u.domain == unit.domain else u for u in msg.units)
-        await self._persist(msg, units)
+        await self._persist(msg.id, new)
 
-    async def _persist(self, msg: MessageState, units: tuple[UnitState, ...]) -> None:
-        """Write the new state durably; forget the message when nothing is left to keep."""
-        done = all(u.status.terminal for u in units)
-        if done and all(u.status is UnitStatus.DELIVERED for u in units):
-            await self.spool.remove(msg.id)
+    async def _persist(self, msg_id: str, new: UnitState) -> None:
+        """Write ``new`` into the message's *current* state, durably; forget the message
+        when nothing is left to keep.
+
+        The message is read again here, after the attempt's network round trip and DSN
+        commit: the other units of the same message run concurrently and may have
+        finished meanwhile, so only this unit is replaced.  Reading and writing the index
+        happen without an await in between, so no other unit's result can slip between.
+        """
+        try:
+            current = self.spool.get(msg_id)
+        except UnknownMessageError:
+            log.info("Message deleted during delivery", message_id=msg_id, domain=new.domain)
+            return
+        units = tuple(new if u.domain == new.domain else u for u in current.units)
+        if all(u.status is UnitStatus.DELIVERED for u in units):
+            await self.spool.remove(msg_id)
         else:
-            await self.spool.update(msg.id, units)
+            await self.spool.update(msg_id, units)
 
     async def _send_dsn(
         self, msg: MessageState, kind: DsnKind, reports: list[RecipientReport], now: float
