@@ -396,3 +396,40 @@ def test_any_dsn_is_wire_safe_and_parses_back(
     ascii_only = sender.isascii() and all(a.isascii() for a in addresses)
     assert ascii_only is (not msg.smtputf8)
     assert ascii_only is body.isascii()
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "want"),
+    [
+        (DsnKind.DELAYED, "4.2.0", "4.2.0"),  # a greylisting reply stays transient
+        (DsnKind.DELAYED, "5.2.0", "4.2.0"),
+        (DsnKind.FAILED, "5.1.1", "5.1.1"),
+        (DsnKind.EXHAUSTED, "4.2.0", "5.2.0"),  # giving up makes it permanent
+        (DsnKind.EXPIRED, "4.4.7", "5.4.7"),
+        (DsnKind.DELETED, "2.0.0", "5.0.0"),
+    ],
+)
+def test_status_class_agrees_with_the_action_of_every_kind(
+    kind: DsnKind, given: str, want: str
+) -> None:
+    """RFC 3464 §2.3.3/§2.3.4 with RFC 3463 §3.1: failed is 5.x.x, delayed is 4.x.x."""
+    report = RecipientReport("bob@x.com", kind.action, given, "mx1.x.com", "smtp; 4xx", NOW)
+    (rcpt,) = parse_dsn(dsn(kind=kind, reports=(report,)).body).per_recipient
+    assert (kind.action.value, want) == (rcpt["action"], rcpt["status"])
+
+
+@pytest.mark.parametrize(
+    ("remote_mta", "want"),
+    [
+        ("192.0.2.1", "dns; [192.0.2.1]"),
+        ("192.0.2.1:2525", "dns; [192.0.2.1]"),
+        ("2001:db8::1", "dns; [IPv6:2001:db8::1]"),
+        ("[192.0.2.7]:25", "dns; [192.0.2.7]"),
+        ("mx1.x.com:25", "dns; mx1.x.com"),
+    ],
+)
+def test_remote_mta_of_an_address_only_route_is_an_address_literal(
+    remote_mta: str, want: str
+) -> None:
+    (rcpt,) = parse_dsn(dsn(reports=(failed(remote_mta=remote_mta),)).body).per_recipient
+    assert want == rcpt["remote-mta"]

@@ -114,6 +114,8 @@ class AttemptResult:
     port: int = 0
     error: DeliveryError | None = None  # set when no recipient was delivered
     tls: bool = False  # the transaction ran over TLS
+    tls_version: str = ""  # e.g. "TLSv1.3" ("" in plaintext)
+    tls_cipher: str = ""  # e.g. "TLS_AES_256_GCM_SHA384"
     reused: bool = False  # over a pooled connection
     failures: tuple[HostFailure, ...] = ()  # hosts tried before (or instead of) mx
 
@@ -261,7 +263,8 @@ async def attempt_delivery(
                 reused = False
                 result = await _send(pool, conn, txn, body)
             tls = conn.tls_active
-            used_address = conn.address or address
+            tls_version, tls_cipher = conn.tls_session
+            used_address = conn.peer_address or address
             pool.release(conn)
             outcomes = _outcomes(result, host)
             return AttemptResult(
@@ -271,6 +274,8 @@ async def attempt_delivery(
                 port=target.port,
                 error=_unit_error(outcomes, host),
                 tls=tls,
+                tls_version=tls_version,
+                tls_cipher=tls_cipher,
                 reused=reused,
                 failures=tuple(failures),
             )

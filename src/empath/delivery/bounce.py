@@ -38,6 +38,7 @@ import binascii
 import email.parser
 import email.policy
 import enum
+import ipaddress
 import re
 import textwrap
 from collections.abc import Callable, Sequence
@@ -374,21 +375,41 @@ _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 
 
 def _status(report: RecipientReport) -> str:
-    """RFC 3464 §2.3.4 status-code; a malformed one falls back to x.0.0 for the action."""
+    """RFC 3464 §2.3.4 status-code whose class agrees with the action.
+
+    "failed" is a permanent failure (5.x.x) and "delayed" a transient one that is still
+    being retried (4.x.x) (RFC 3463 §3.1 classes); a status of the other class keeps its
+    subject and detail with the action's class, and a malformed one becomes x.0.0.
+    """
+    klass = _ACTION_CLASS[report.action]
     status = report.status.strip()
-    if _STATUS.fullmatch(status):
-        return status
-    return "4.0.0" if report.action is DsnAction.DELAYED else "5.0.0"
+    if not _STATUS.fullmatch(status):
+        return f"{klass}.0.0"
+    return klass + status[1:]
+
+
+_ACTION_CLASS = {DsnAction.FAILED: "5", DsnAction.DELAYED: "4"}
 
 
 def _host(remote_mta: str) -> str:
-    """The MX host of "host", "host:port" or "[addr]:port"."""
+    """The MX host of "host", "host:port" or "[addr]:port"; a bare IP address is written
+    as an RFC 5321 address literal ("[192.0.2.1]", "[IPv6:2001:db8::1]"), never as a name."""
     host = _one_line(remote_mta)
     if host.startswith("[") and "]" in host:
         return host[: host.index("]") + 1]
-    if host.count(":") == 1:
-        return host.split(":", 1)[0]
-    return host
+    if _ip(host) is None and host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    ip = _ip(host)
+    if ip is None:
+        return host
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip.compressed}]"
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _address_field(address: str) -> str:

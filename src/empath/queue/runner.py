@@ -140,6 +140,17 @@ def _summary(
     return result.mx, worst.code, worst.diagnostic
 
 
+def _connection_fields(result: AttemptResult | None) -> dict[str, str]:
+    """Which MX address took the attempt and whether TLS was used (log fields)."""
+    if result is None:
+        return {"mx_address": "", "tls": "none", "tls_cipher": ""}
+    return {
+        "mx_address": result.address,
+        "tls": result.tls_version or "none",
+        "tls_cipher": result.tls_cipher,
+    }
+
+
 class DeliveryRunner:
     """Drives the scheduler; see the module docstring."""
 
@@ -436,6 +447,7 @@ class DeliveryRunner:
                 smtp_code=str(delivered[0].code or ""),
                 attempt=attempts,
                 recipients=len(delivered),
+                **_connection_fields(result),
             )
         for o in newly_failed:
             log.error(
@@ -517,6 +529,7 @@ class DeliveryRunner:
                     attempt=attempts,
                     error=text,
                     retry_in_s=round(decision.at - now, 1),
+                    **_connection_fields(result),
                 )
                 if (
                     not new.delay_warned
@@ -530,7 +543,7 @@ class DeliveryRunner:
                                 RecipientReport(
                                     a,
                                     DsnAction.DELAYED,
-                                    self._enhanced(by_addr.get(a), "4.0.0"),
+                                    self._delayed_status(by_addr.get(a)),
                                     mx,
                                     diagnostic_code(code, text),
                                     now,
@@ -570,7 +583,15 @@ class DeliveryRunner:
         return Outcome.PERMANENT_FAILURE
 
     @staticmethod
+    def _delayed_status(o: RecipientOutcome | None) -> str:
+        """A delayed report keeps the transient 4.x.x class of the reply (RFC 3463 §3.1)."""
+        if o is None or not o.enhanced.startswith("4."):
+            return "4.0.0"
+        return o.enhanced
+
+    @staticmethod
     def _enhanced(o: RecipientOutcome | None, default: str) -> str:
+        """The status of a give-up report: the last reply's detail, made permanent."""
         if o is None or not o.enhanced:
             return default
         return "5" + o.enhanced[1:] if o.enhanced[0] == "4" else o.enhanced

@@ -466,6 +466,26 @@ class OutboundConnection:
     def tls_active(self) -> bool:
         return self.client.tls_active
 
+    @property
+    def tls_session(self) -> tuple[str, str]:
+        """(protocol, cipher) of the TLS session, e.g. ``("TLSv1.3", "TLS_AES_256_GCM_SHA384")``;
+        ``("", "")`` in plaintext (delivery log lines)."""
+        transport = self._pump.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return "", ""
+        cipher = ssl_object.cipher()
+        return str(ssl_object.version() or ""), str(cipher[0]) if cipher else ""
+
+    @property
+    def peer_address(self) -> str:
+        """The remote IP address this connection goes to (``address`` when given)."""
+        if self.address:
+            return self.address
+        transport = self._pump.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if peer else ""
+
     # --- sending -----------------------------------------------------------------
 
     async def send(self, txn: Transaction, body: BodySource) -> TransactionResult:
