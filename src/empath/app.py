@@ -30,6 +30,13 @@ from empath.errors import ConfigError, EmpathError
 from empath.observability.health import Check, HealthServer
 from empath.observability.logs import flush as flush_logs
 from empath.observability.logs import get_logger, set_level, setup_logging
+from empath.observability.metrics import (
+    EmpathCollector,
+    MetricsSettings,
+    build_registry,
+    renderer,
+)
+from empath.observability.stats import DomainLabels, RunnerStats
 from empath.policy.breaker import BreakerSettings, Transition
 from empath.policy.ratelimit import RateLimit, resolve_limits
 from empath.policy.retry import RetryPolicy
@@ -174,6 +181,7 @@ class App:
             negative_ttl_secs=d.dns.negative_ttl_secs,
         )
         self.pool = ConnectionPool(max_per_key=max(d.max_concurrent_deliveries, 1))
+        self.runner_stats = RunnerStats(DomainLabels(config.metrics.max_domain_cardinality))
         self.runner = DeliveryRunner(
             spool=self.spool,
             scheduler=self.scheduler,
@@ -182,6 +190,7 @@ class App:
             retry=parts.retry,
             settings=parts.runner,
             clock=self.clock,
+            stats=self.runner_stats,
         )
         smtp = config.smtp_controller
         self.listeners = SmtpServerGroup(
@@ -193,10 +202,29 @@ class App:
             audit=config.audit.enabled,
             redact_sender=config.audit.redact_sender,
         )
+        self.metrics = EmpathCollector(
+            settings=MetricsSettings(
+                config.metrics.max_domain_cardinality, config.metrics.rate_window_secs
+            ),
+            clock=self.clock,
+            queue=self.spool,
+            in_flight=self.runner.in_flight_keys,
+            runner=self.runner_stats,
+            policy=self.policy,
+            listeners=self.listeners.stats,
+            dns_cache=self.router.cache,
+            dns_lookups=self.resolver.stats,
+        )
+        self.registry = build_registry(self.metrics)
         self.health: HealthServer | None = None
         if config.health.enabled:
             host, _, port = config.health.listen_address.rpartition(":")
-            self.health = HealthServer(host.strip("[]"), int(port), self.readiness)
+            self.health = HealthServer(
+                host.strip("[]"),
+                int(port),
+                self.readiness,
+                renderer(self.registry) if config.metrics.enabled else None,
+            )
 
     def _build_spool(self) -> Spool:
         if self.config.spool.type == "Memory":
@@ -269,12 +297,26 @@ class App:
         free_ratio = usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0
         heartbeat = self.runner.heartbeat_age_s()
         pending = len(self.scheduler)
+        writable = self._spool_writable()
         return [
             Check("listeners", self.listeners.bound, self.listeners.bound),
+            Check("spool_writable", writable, writable),
             Check("spool_free_ratio", free_ratio >= 0.01, round(free_ratio, 4)),
             Check("scheduler_heartbeat_age_s", heartbeat <= 10.0, round(heartbeat, 3)),
             Check("pending_units", pending < self.config.health.max_queue_size, pending),
         ]
+
+    def _spool_writable(self) -> bool:
+        """The spool directory accepts writes: not on a read-only filesystem (remounted
+        after I/O errors, say) and writable for this user.  No file is written."""
+        if self.config.spool.type == "Memory":
+            return True
+        path = self.config.spool.path
+        try:
+            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+        return not read_only and os.access(path, os.W_OK | os.X_OK)
 
     # -- run ------------------------------------------------------------------
 

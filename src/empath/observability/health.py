@@ -5,7 +5,10 @@ every check passes, else 503; both answer a JSON body naming each check and its
 value.  `/metrics` is served from a pluggable renderer (the metrics module).
 
 The server reads one request per connection, answers, and closes: health probes
-and scrapes are rare, so simplicity wins over keep-alive.
+and scrapes are rare, so simplicity wins over keep-alive.  At most
+``max_connections`` connections are served at once; one more is answered ``503``
+and closed without reading it, so a flood of idle sockets costs file descriptors
+up to that cap only (each request must arrive within ``REQUEST_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from empath.observability.logs import get_logger
 log = get_logger("health", __name__)
 
 MAX_REQUEST_BYTES = 8192
+MAX_CONNECTIONS = 64
+REQUEST_TIMEOUT_S = 10.0
+REFUSE_READ_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +63,16 @@ class HealthServer:
         port: int,
         readiness: ReadinessProbe,
         metrics: MetricsRenderer | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._host = host
         self._port = port
         self._readiness = readiness
         self._metrics = metrics
         self._server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self.active = 0
+        self.refused = 0
 
     @property
     def port(self) -> int:
@@ -102,8 +112,33 @@ class HealthServer:
         return _response(404, b"not found\n", "text/plain")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self.refused += 1
+            await self._refuse(reader, writer)
+            return
+        self.active += 1
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    @staticmethod
+    async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """503 after at most a second of reading the request (closing a socket with
+        unread input would reset it and lose the answer)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REFUSE_READ_S)
+        try:
+            writer.write(_response(503, b"too many connections\n", "text/plain"))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT_S)
             if len(head) > MAX_REQUEST_BYTES:
                 raise ValueError("request too large")
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()

@@ -53,6 +53,7 @@ from empath.delivery.classify import OutcomeKind, RecipientOutcome, is_breaker_f
 from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
 from empath.observability.logs import get_logger
+from empath.observability.stats import RunnerStats
 from empath.policy.retry import GiveUp, RetryPolicy
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
@@ -103,25 +104,6 @@ class RunnerSettings:
     drain_timeout_s: float = 30.0
 
 
-@dataclass(slots=True)
-class RunnerStats:
-    """Counters the metrics collector reads (SPEC §6 names in comments)."""
-
-    # empath_delivery_attempts_total{status, domain, smtp_code}
-    attempts: dict[tuple[str, str, str], int] = field(default_factory=dict)
-    delivered: int = 0
-    failed: int = 0
-    dsns: int = 0
-    # (wall time of the attempt, seconds from acceptance): empath_delivery_queue_age_seconds
-    queue_ages_s: list[float] = field(default_factory=list)
-    # recent attempt results for the success/error-rate windows: (mono time, ok, permanent)
-    recent: list[tuple[float, bool, bool]] = field(default_factory=list)
-
-    def count_attempt(self, status: str, domain: str, smtp_code: str) -> None:
-        key = (status, domain, smtp_code)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-
-
 def _summary(
     result: AttemptResult | None, error: DeliveryError | None
 ) -> tuple[str, int | None, str]:
@@ -164,6 +146,7 @@ class DeliveryRunner:
         retry: RetryPolicy,
         settings: RunnerSettings,
         clock: Clock,
+        stats: RunnerStats | None = None,
     ) -> None:
         self.spool = spool
         self.scheduler = scheduler
@@ -172,7 +155,7 @@ class DeliveryRunner:
         self.retry = retry
         self.settings = settings
         self.clock = clock
-        self.stats = RunnerStats()
+        self.stats = stats if stats is not None else RunnerStats()
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
         self._timer: asyncio.TimerHandle | None = None
@@ -341,9 +324,7 @@ class DeliveryRunner:
             return Outcome.CANCELLED
         now = self.clock.now()
         env = msg.envelope
-        self.stats.queue_ages_s.append(max(0.0, now - env.received_at))
-        if len(self.stats.queue_ages_s) > 100_000:
-            del self.stats.queue_ages_s[:50_000]
+        self.stats.queue_age.observe(max(0.0, now - env.received_at))
         if self.retry.is_expired(env.received_at, now) and unit.attempts > 0:
             await self._give_up(msg, unit, "expired", now)
             return Outcome.CANCELLED
@@ -434,10 +415,9 @@ class DeliveryRunner:
 
         # metrics + logs, one per unit attempt
         ok = bool(delivered) and not newly_failed and all(o.delivered for o in outcomes)
-        self.stats.count_attempt("delivered" if ok else "failed", domain, smtp_code)
-        self.stats.recent.append((self.clock.monotonic(), ok, bool(newly_failed)))
-        if len(self.stats.recent) > 200_000:
-            del self.stats.recent[:100_000]
+        self.stats.count_attempt(ok, domain, smtp_code)
+        if newly_failed:
+            self.stats.count_permanent_failure()
         if delivered:
             log.audit(
                 "Delivered",
@@ -492,6 +472,8 @@ class DeliveryRunner:
                     else f"gave up after {attempts} attempts"
                 )
                 new = self._fail_pending(new, status, f"{reason}: {text}", now)
+                if not newly_failed:
+                    self.stats.count_permanent_failure()
                 dsn_reports.append(
                     (
                         kind,
@@ -611,6 +593,7 @@ class DeliveryRunner:
         pending = unit.pending_recipients()
         text = unit.last_error or "message expired"
         new = self._fail_pending(unit, UnitStatus.EXPIRED, f"message expired: {text}", now)
+        self.stats.count_permanent_failure()
         last = unit.history[-1] if unit.history else None
         await self._send_dsn(
             msg,
