@@ -7,7 +7,7 @@ APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-b
                 prometheus prometheus-alertmanager gcc libc6-dev
 # command that proves each package is present
 APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc
-# the hot-path modules compiled by mypyc (scripts/build_native.py lists them)
+# the build is keyed on every source (scripts/build_native.py lists what it compiles)
 NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
 NATIVE       := src/empath/_native/manifest.json
 

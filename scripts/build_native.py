@@ -18,14 +18,15 @@ checks would buy little and risk much.
 
 The build happens in a scratch copy of src/, so nothing compiled lands next to
 a .py file.  _native/ mirrors the package tree (extension modules), holds the
-shared mypyc runtime under lib/ and manifest.json with the SHA-256 of every
-source compiled: `empath/__init__.py` uses the build only while all of them
-still match, so an edited module is never shadowed by a stale build.
+shared mypyc runtime under lib/ and manifest.json: the modules compiled (MODULES
+below is the one hand-kept list; `empath/__init__.py` loads what the manifest
+names, nothing else) and the SHA-256 of every source under src/empath.  mypyc
+compiles against the types of everything a compiled module imports, so the build
+is used - and `make native` says "up to date" - only while all of them still match.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -36,7 +37,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "src" / "empath"
-OUT = PKG / "_native"
+sys.path.insert(0, str(ROOT / "src"))
+from empath import (  # noqa: E402 (the package of this checkout, wherever it is installed)
+    NATIVE_DIRNAME,
+    extension_path,
+    native_build,
+    source_digests,
+)
+
+OUT = PKG / NATIVE_DIRNAME
 MODULES = (
     "empath.ids",
     "empath.observability.logs",
@@ -56,64 +65,56 @@ MODULES = (
 )
 
 
-def rel_path(module: str) -> Path:
-    """empath.smtp.server -> smtp/server (relative to the empath package)."""
-    return Path(*module.split(".")[1:])
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def main() -> int:
     mypyc = Path(sys.executable).with_name("mypyc")
     if not mypyc.exists():
         print(f"build_native: {mypyc} not found (install the test extras)", file=sys.stderr)
         return 1
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    wanted = {
-        "ext_suffix": suffix,
-        "sources": {m: digest(PKG / rel_path(m).with_suffix(".py")) for m in MODULES},
-    }
-    try:
-        if json.loads((OUT / "manifest.json").read_text()) == wanted:
-            (OUT / "manifest.json").touch()  # make's timestamp: nothing to rebuild
-            print("build_native: up to date")
-            return 0
-    except (OSError, ValueError):
-        pass
+    current = native_build(PKG, suffix, environ={})
+    if current is not None and current.compiled == MODULES:
+        (OUT / "manifest.json").touch()  # make's timestamp: nothing to rebuild
+        print("build_native: up to date")
+        return 0
     with tempfile.TemporaryDirectory(prefix="empath-native-") as tmp:
         src = Path(tmp) / "src"
         shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("_native", "__pycache__"))
-        targets = [str(Path("empath") / rel_path(m).with_suffix(".py")) for m in MODULES]
+        sources = source_digests(src / "empath")  # what is compiled, even if edited meanwhile
+        targets = [module_source(m) for m in MODULES]
         done = subprocess.run(
             [str(mypyc), *targets], cwd=src, capture_output=True, text=True, check=False
         )
         if done.returncode != 0:
             print(done.stdout[-4000:], done.stderr[-4000:], sep="\n", file=sys.stderr)
             return 1
-        staged = Path(tmp) / "_native"
-        (staged / "lib").mkdir(parents=True)
-        for module in MODULES:
-            rel = rel_path(module)
-            (staged / rel.parent).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / "empath" / rel.parent / f"{rel.name}{suffix}", staged / rel.parent)
         runtimes = list(src.glob(f"*__mypyc{suffix}"))
         if len(runtimes) != 1:
             print(f"build_native: expected one mypyc runtime, found {runtimes}", file=sys.stderr)
             return 1
-        shutil.copy2(runtimes[0], staged / "lib")
+        runtime = runtimes[0].name.removesuffix(suffix)
+        staged = Path(tmp) / NATIVE_DIRNAME
+        built = {m: extension_path(src / "empath", m, suffix) for m in MODULES}
+        built[runtime] = runtimes[0]
+        for module, path in built.items():
+            target = extension_path(staged, module, suffix)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
         manifest = {
             "ext_suffix": suffix,
-            "sources": {
-                m: digest(src / "empath" / rel_path(m).with_suffix(".py")) for m in MODULES
-            },
+            "compiled": list(MODULES),
+            "runtime": runtime,
+            "sources": sources,
         }
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(OUT, ignore_errors=True)
         shutil.copytree(staged, OUT)
     print(f"build_native: compiled {len(MODULES)} modules into {OUT.relative_to(ROOT)}")
     return 0
+
+
+def module_source(module: str) -> str:
+    """empath.smtp.server -> empath/smtp/server.py (relative to src/)."""
+    return "/".join(module.split(".")) + ".py"
 
 
 if __name__ == "__main__":

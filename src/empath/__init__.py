@@ -1,74 +1,112 @@
 """Empath: a durable, fast mail transfer agent.
 
 Compiled modules.  ``make native`` (run by ``make run``, ``make test`` and ``make
-bench``; see ``scripts/build_native.py``) compiles the per-message hot path -
-the SMTP state machine, the session pump, record encoding, logging, scheduling
-and policy - with mypyc into ``empath/_native/``, mirroring the package tree.
-That build is used only when its ``manifest.json`` names the SHA-256 of every
-current source it was made from (all or nothing: compiled modules call each
-other directly), so an edited module is never shadowed by a stale build;
-``EMPATH_PURE_PYTHON=1`` turns it off.  ``NATIVE`` says which is in use (the
-daemon logs it at startup).
+bench``; see ``scripts/build_native.py``) compiles the per-message hot path with
+mypyc into ``empath/_native/``.  Its ``manifest.json`` is the only list of what is
+loaded from there: the modules it names as ``compiled`` (and their shared mypyc
+runtime) are imported from their extension files by a finder put first on
+``sys.meta_path``; every other module is the ``.py``.  The build is used only when the
+manifest holds the SHA-256 of every ``.py`` under ``src/empath`` as it is now - mypyc
+compiles against the types of the modules a compiled one imports, so an edit to any
+of them (or a file added or removed) makes the whole build stale, all or nothing.
+``EMPATH_PURE_PYTHON=1`` turns it off.  ``NATIVE`` says whether a build is in use and
+``NATIVE_MODULES`` which modules it serves (the daemon logs both at startup).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
 import sysconfig
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 
 __version__ = "0.1.0"
 
 _ROOT = Path(__file__).resolve().parent
+NATIVE_DIRNAME = "_native"
+
+
+def source_digests(root: Path = _ROOT) -> dict[str, str]:
+    """SHA-256 of every ``.py`` under ``root`` (the build excluded), by relative path."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*.py"))
+        if NATIVE_DIRNAME not in path.relative_to(root).parts
+    }
+
+
+def extension_path(native: Path, module: str, suffix: str) -> Path:
+    """Where the build keeps a compiled module: ``empath.smtp.server`` ->
+    ``_native/smtp/server<suffix>``; the top-level mypyc runtime lives in ``lib/``."""
+    parts = module.split(".")
+    if parts[0] != "empath":
+        return native / "lib" / f"{module}{suffix}"
+    return native.joinpath(*parts[1:-1], f"{parts[-1]}{suffix}")
+
+
+@dataclass(frozen=True, slots=True)
+class NativeBuild:
+    """A usable build: its directory and the extension file of each module it serves."""
+
+    directory: Path
+    compiled: tuple[str, ...]  # the Empath modules, as the manifest lists them
+    files: Mapping[str, Path]  # every module the finder serves, runtime included
 
 
 def native_build(
     root: Path = _ROOT, ext_suffix: str | None = None, environ: Mapping[str, str] | None = None
-) -> Path | None:
-    """The ``_native`` directory if it may be used: present, built for this
-    interpreter, and from exactly the sources under ``root``."""
+) -> NativeBuild | None:
+    """The build under ``root`` if it may be used: present, made for this interpreter,
+    and from exactly the sources under ``root`` as they are now."""
     env = os.environ if environ is None else environ
     if env.get("EMPATH_PURE_PYTHON", "") not in ("", "0"):
         return None
-    native = root / "_native"
+    native = root / NATIVE_DIRNAME
+    suffix = ext_suffix or sysconfig.get_config_var("EXT_SUFFIX")
     try:
         manifest = json.loads((native / "manifest.json").read_text())
-        suffix = ext_suffix or sysconfig.get_config_var("EXT_SUFFIX")
         if manifest.get("ext_suffix") != suffix:
             return None
-        sources = manifest["sources"]
-        if not sources:
+        compiled = tuple(str(m) for m in manifest["compiled"])
+        runtime = str(manifest["runtime"])
+        if not compiled or manifest["sources"] != source_digests(root):
             return None
-        for module, digest in sources.items():
-            rel = Path(*module.split(".")[1:])  # "empath.smtp.server" -> smtp/server
-            source = (root / rel.with_suffix(".py")).read_bytes()
-            if hashlib.sha256(source).hexdigest() != digest:
-                return None
-            if not (native / rel.parent / f"{rel.name}{suffix}").is_file():
-                return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return native
+    files = {m: extension_path(native, m, suffix) for m in (*compiled, runtime)}
+    if not all(path.is_file() for path in files.values()):
+        return None
+    return NativeBuild(native, compiled, files)
 
 
-NATIVE_DIR = native_build()
-NATIVE = NATIVE_DIR is not None
+class NativeFinder(importlib.abc.MetaPathFinder):
+    """Finds exactly the modules of one build, as extension modules."""
+
+    def __init__(self, build: NativeBuild) -> None:
+        self._files = dict(build.files)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        file = self._files.get(fullname)
+        if file is None:
+            return None
+        loader = importlib.machinery.ExtensionFileLoader(fullname, str(file))
+        return importlib.util.spec_from_file_location(fullname, file, loader=loader)
 
 
-def use_native(package: str, path: list[str]) -> None:
-    """Called by each subpackage's ``__init__``: look for its modules in the build first."""
-    if NATIVE_DIR is not None:
-        mirror = NATIVE_DIR.joinpath(*package.split(".")[1:])
-        if mirror.is_dir():
-            path.insert(0, str(mirror))
+NATIVE_BUILD = native_build()
+NATIVE = NATIVE_BUILD is not None
+NATIVE_MODULES: tuple[str, ...] = NATIVE_BUILD.compiled if NATIVE_BUILD is not None else ()
 
-
-if NATIVE_DIR is not None:
-    # Modules are looked up along __path__, the compiled ones first; their shared
-    # mypyc runtime is a uniquely named top-level module, found through sys.path.
-    __path__.insert(0, str(NATIVE_DIR))
-    sys.path.append(str(NATIVE_DIR / "lib"))
+if NATIVE_BUILD is not None:
+    sys.meta_path.insert(0, NativeFinder(NATIVE_BUILD))

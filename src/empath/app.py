@@ -351,6 +351,7 @@ class App:
             listeners=[f"{h}:{p}" for h, p in self.listeners.addresses],
             startup_s=round(time.monotonic() - started, 3),
             compiled=empath.NATIVE,
+            compiled_modules=len(empath.NATIVE_MODULES),
         )
         await self._stop.wait()
         compactor.cancel()

@@ -1,56 +1,106 @@
-"""The compiled hot-path modules are used only when they were built from the current sources."""
+"""The compiled build is used only when built from the current sources - all of them -
+and what it serves is exactly what its manifest lists."""
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import json
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
 import orjson
 
 import empath
-import empath.smtp.server
 import empath.spool.model
-import empath.transport.session
-from empath import native_build
+from empath import NativeFinder, native_build, source_digests
 from empath.observability.logs import encode_line
 from empath.policy.breaker import BreakerSettings
 
 SUFFIX = ".cpython-311-x86_64-linux-gnu.so"
+RUNTIME = "abc123__mypyc"
 
 
-def _tree(tmp_path: Path, *, modules: tuple[str, ...] = ("ids", "smtp.server")) -> Path:
+def _tree(tmp_path: Path, *, compiled: tuple[str, ...] = ("ids", "smtp.server")) -> Path:
+    """A package with compiled modules and one that is not (spool/model.py)."""
     root = tmp_path / "empath"
     native = root / "_native"
-    sources = {}
-    for module in modules:
+    for module in (*compiled, "spool.model"):
         rel = Path(*module.split("."))
         (root / rel.parent).mkdir(parents=True, exist_ok=True)
+        (root / rel.with_suffix(".py")).write_text(f"# {module}\n")
+    for module in compiled:
+        rel = Path(*module.split("."))
         (native / rel.parent).mkdir(parents=True, exist_ok=True)
-        text = f"# {module}\n".encode()
-        (root / rel.with_suffix(".py")).write_bytes(text)
         (native / rel.parent / f"{rel.name}{SUFFIX}").write_bytes(b"\x7fELF")
-        sources[f"empath.{module}"] = hashlib.sha256(text).hexdigest()
-    (native / "manifest.json").write_text(json.dumps({"ext_suffix": SUFFIX, "sources": sources}))
+    (native / "lib").mkdir()
+    (native / "lib" / f"{RUNTIME}{SUFFIX}").write_bytes(b"\x7fELF")
+    manifest = {
+        "ext_suffix": SUFFIX,
+        "compiled": [f"empath.{m}" for m in compiled],
+        "runtime": RUNTIME,
+        "sources": source_digests(root),
+    }
+    (native / "manifest.json").write_text(json.dumps(manifest))
     return root
 
 
-def test_a_build_from_the_current_sources_is_used(tmp_path: Path) -> None:
+def test_a_build_from_the_current_sources_serves_what_its_manifest_lists(tmp_path: Path) -> None:
     root = _tree(tmp_path)
-    assert native_build(root, SUFFIX, {}) == root / "_native"
+    build = native_build(root, SUFFIX, {})
+    assert build is not None
+    assert root / "_native" == build.directory
+    assert ("empath.ids", "empath.smtp.server") == build.compiled
+    assert {
+        "empath.ids": root / "_native" / f"ids{SUFFIX}",
+        "empath.smtp.server": root / "_native" / "smtp" / f"server{SUFFIX}",
+        RUNTIME: root / "_native" / "lib" / f"{RUNTIME}{SUFFIX}",
+    } == build.files
 
 
-def test_one_edited_source_disables_the_whole_build(tmp_path: Path) -> None:
+def test_the_finder_serves_the_manifests_modules_and_nothing_else(tmp_path: Path) -> None:
+    build = native_build(_tree(tmp_path), SUFFIX, {})
+    assert build is not None
+    finder = NativeFinder(build)
+    spec = finder.find_spec("empath.smtp.server", None)
+    assert spec is not None
+    assert str(build.files["empath.smtp.server"]) == spec.origin
+    assert finder.find_spec(RUNTIME, None) is not None
+    assert finder.find_spec("empath.spool.model", None) is None
+    assert finder.find_spec("empath.smtp", None) is None
+
+
+def test_an_edit_to_a_module_that_is_not_compiled_disables_the_build(tmp_path: Path) -> None:
+    """mypyc compiled the others against spool/model.py's types: editing it makes the
+    build stale (the old manifest hashed only the compiled modules)."""
+    root = _tree(tmp_path)
+    (root / "spool" / "model.py").write_text("# model, edited\n")
+    assert native_build(root, SUFFIX, {}) is None
+
+
+def test_a_source_added_or_removed_disables_the_build(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    (root / "new.py").write_text("# new\n")
+    assert native_build(root, SUFFIX, {}) is None
+    (root / "new.py").unlink()
+    assert native_build(root, SUFFIX, {}) is not None
+    (root / "spool" / "model.py").unlink()
+    assert native_build(root, SUFFIX, {}) is None
+
+
+def test_one_edited_compiled_source_disables_the_whole_build(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     (root / "smtp" / "server.py").write_text("# server, edited\n")
     assert native_build(root, SUFFIX, {}) is None
 
 
-def test_another_interpreter_or_a_missing_module_disables_the_build(tmp_path: Path) -> None:
+def test_another_interpreter_or_a_missing_extension_disables_the_build(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     assert native_build(root, ".cpython-312-x86_64-linux-gnu.so", {}) is None
+    (root / "_native" / "lib" / f"{RUNTIME}{SUFFIX}").unlink()
+    assert native_build(root, SUFFIX, {}) is None
+    root = _tree(tmp_path / "again")
     (root / "_native" / f"ids{SUFFIX}").unlink()
     assert native_build(root, SUFFIX, {}) is None
 
@@ -58,33 +108,48 @@ def test_another_interpreter_or_a_missing_module_disables_the_build(tmp_path: Pa
 def test_no_build_or_a_broken_manifest_means_pure_python(tmp_path: Path) -> None:
     assert native_build(tmp_path, SUFFIX, {}) is None
     root = _tree(tmp_path)
-    (root / "_native" / "manifest.json").write_text("{not json")
+    manifest = root / "_native" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text("{not json")
     assert native_build(root, SUFFIX, {}) is None
-    (root / "_native" / "manifest.json").write_text(json.dumps({"ext_suffix": SUFFIX}))
+    for key in ("compiled", "runtime", "sources"):
+        manifest.write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        assert native_build(root, SUFFIX, {}) is None
+    manifest.write_text(json.dumps({**good, "compiled": []}))
     assert native_build(root, SUFFIX, {}) is None
 
 
 def test_the_environment_can_turn_it_off(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     assert native_build(root, SUFFIX, {"EMPATH_PURE_PYTHON": "1"}) is None
-    assert native_build(root, SUFFIX, {"EMPATH_PURE_PYTHON": "0"}) == root / "_native"
+    assert native_build(root, SUFFIX, {"EMPATH_PURE_PYTHON": "0"}) is not None
 
 
-def test_this_checkout_runs_the_build_it_has() -> None:
-    """`make test` builds the modules first: with CI=true they must be the ones in use."""
+def test_every_compiled_module_is_the_one_loaded() -> None:
+    """`make test` builds first: with CI=true the build must be in use, and then each
+    module the manifest lists is its extension file; every other Empath module loaded
+    is its .py."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    built = native_build() is not None
+    build = native_build()
     if os.environ.get("CI") == "true" and not os.environ.get("EMPATH_PURE_PYTHON"):
-        assert built, "make native did not produce a usable build"
-    assert empath.NATIVE is built
-    for module in (empath.smtp.server, empath.transport.session):
-        assert module.__file__ is not None
-        assert module.__file__.endswith(suffix if built else ".py")
+        assert build is not None, "make native did not produce a usable build"
+    assert empath.NATIVE is (build is not None)
+    compiled = build.compiled if build is not None else ()
+    assert compiled == empath.NATIVE_MODULES
+    for name in compiled:
+        module = importlib.import_module(name)
+        assert build is not None
+        assert str(build.files[name]) == module.__file__
+    for name, module in list(sys.modules.items()):
+        if name.startswith("empath.") and name not in compiled and module.__file__:
+            assert module.__file__.endswith(".py"), name
+            assert not module.__file__.endswith(suffix), name
 
 
 def test_the_spool_model_stays_interpreted() -> None:
     """orjson serialises the model's dataclasses by reading their slots (spool/codec.py);
     a mypyc-compiled class has none and crashes it, so model.py must never be compiled."""
+    assert "empath.spool.model" not in empath.NATIVE_MODULES
     assert empath.spool.model.__file__ is not None
     assert empath.spool.model.__file__.endswith(".py")
 

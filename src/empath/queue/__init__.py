@@ -1,3 +1,0 @@
-from empath import use_native
-
-use_native(__name__, __path__)
