@@ -23,6 +23,8 @@ import empath
 from empath.clock import Clock, SystemClock
 from empath.config.load import load_config
 from empath.config.model import Config, DomainConfig, ListenerConfig
+from empath.control.commands import ReloadRecord, command_table
+from empath.control.server import ControlServer, ControlSocketInUse
 from empath.delivery.attempt import AttemptSettings
 from empath.dns.mx import MxRouter, build_router
 from empath.dns.resolver import DnsResolver
@@ -216,6 +218,14 @@ class App:
             dns_lookups=self.resolver.stats,
         )
         self.registry = build_registry(self.metrics)
+        self.started_at = time.time()
+        self.last_reload: ReloadRecord | None = None
+        self.control = ControlServer(
+            config.control_socket,
+            command_table(self),
+            auth_enabled=config.control_auth.enabled,
+            token_hashes=config.control_auth.token_hashes,
+        )
         self.health: HealthServer | None = None
         if config.health.enabled:
             host, _, port = config.health.listen_address.rpartition(":")
@@ -265,6 +275,7 @@ class App:
             parts = delivery_parts(new, self._ca_file)
         except (ConfigError, ValueError) as exc:
             log.error("Config reload failed; keeping the old config", error=str(exc))
+            self.last_reload = ReloadRecord(time.time(), False, str(exc))
             return str(exc)
         d = new.delivery
         self.policy.reconfigure(parts.breaker, parts.default_rate, parts.rate_overrides)
@@ -286,7 +297,9 @@ class App:
         self.runner.retry = parts.retry
         self.runner.settings = parts.runner
         set_level(new.log.level)
+        self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)
         self.config = new
+        self.last_reload = ReloadRecord(time.time(), True)
         log.info("Config reloaded", path=str(path))
         return None
 
@@ -323,6 +336,12 @@ class App:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        try:
+            # First, so a second daemon on the same socket stops before touching anything.
+            self.control.bind()
+        except (ControlSocketInUse, OSError) as exc:
+            log.error("Startup failed: control socket", error=str(exc))
+            return 1
         report = await self.spool.open()
         get_logger("spool", __name__).info(
             "Spool recovered",
@@ -340,6 +359,7 @@ class App:
             await self.listeners.start()
             if self.health is not None:
                 await self.health.start()
+            await self.control.start()
         except (OSError, EmpathError) as exc:
             log.error("Startup failed", error=str(exc))
             await self._shutdown()
@@ -362,6 +382,7 @@ class App:
         return 0
 
     async def _shutdown(self) -> None:
+        await self.control.close()
         await self.listeners.shutdown(SHUTDOWN_GRACE_S)
         await self.runner.drain()
         if self.health is not None:

@@ -1,36 +1,388 @@
-"""`empathctl` — the operator's control tool.
+"""`empathctl` — steer a running Empath daemon over its control socket (SPEC §5).
 
-The control socket and its commands (queue, dns, system, config) are specified in
-SPEC §5 and arrive with the control-socket work; this entry point already takes the
-global options so scripts can be written against it.
+This module parses arguments and prints; the socket work is in
+:mod:`empath.control.client` and the daemon-side commands in
+:mod:`empath.control.commands`.  Every command is one :class:`CliCommand` in
+:data:`COMMANDS` (group, name, arguments, what to send, how to print): adding one
+(``cluster status``) is one entry.
+
+Exit codes: 0 ok; 1 the command failed (unknown id, refused); 2 usage; 3 the
+daemon cannot be reached (the message names the socket and how to set it);
+4 authentication failed.  Output to a closed pipe (``| head``) ends quietly with 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from empath.cli import output
+from empath.control.client import (
+    ControlClient,
+    ControlError,
+    SocketChoice,
+    discover_socket,
+)
+from empath.control.protocol import TOKEN_ENV_VAR
+
+STATUSES: Final = ("pending", "in_progress", "retry", "failed", "expired", "delivered")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="empathctl", description="Control a running Empath daemon.")
-    p.add_argument("--socket", metavar="PATH", help="control socket (default: from the config)")
-    p.add_argument("--config", metavar="FILE", help="config file used to find the socket")
-    p.add_argument("--token", metavar="T", help="control token when control_auth is enabled")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("command", nargs="*", help="queue | dns | system | config ...")
+class Ctx:
+    """What a command runs with: parsed options, the output mode and a lazy client."""
+
+    def __init__(self, ns: argparse.Namespace) -> None:
+        self.ns = ns
+        self.json: bool = bool(getattr(ns, "json", False))
+        self._client: ControlClient | None = None
+
+    def client(self) -> ControlClient:
+        if self._client is None:
+            choice: SocketChoice = discover_socket(
+                getattr(self.ns, "socket", None), getattr(self.ns, "config", None)
+            )
+            token = getattr(self.ns, "token", None) or os.environ.get(TOKEN_ENV_VAR) or None
+            self._client = ControlClient(choice, token)
+            self._client.connect()
+        return self._client
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return self.client().call(cmd, args)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def emit(self, data: Any, text: str) -> None:
+        """Print ``data`` as JSON with --json, else ``text``."""
+        if self.json:
+            sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+        else:
+            sys.stdout.write(text)
+
+
+Runner = Callable[[Ctx, argparse.Namespace], int]
+
+
+def _no_args(_p: argparse.ArgumentParser) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CliCommand:
+    group: str
+    name: str
+    help: str
+    run: Runner
+    configure: Callable[[argparse.ArgumentParser], None] = field(default=_no_args)
+
+
+# --- queue -------------------------------------------------------------------------
+
+
+def _list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", choices=STATUSES, help="only units with this status")
+    p.add_argument("--domain", metavar="D", help="only units for this recipient domain")
+    p.add_argument("--limit", metavar="N", type=_positive_int, help="at most N lines (oldest)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def queue_list(ctx: Ctx, ns: argparse.Namespace) -> int:
+    pairs = (("status", ns.status), ("domain", ns.domain), ("limit", ns.limit))
+    args = {k: v for k, v in pairs if v}
+    write = sys.stdout.write
+    for chunk in ctx.client().stream("queue.list", args):
+        if ctx.json:
+            write("".join(orjson.dumps(o).decode() + "\n" for o in output.list_objects(chunk)))
+        else:
+            write(output.list_lines(chunk))
+    return EXIT_OK
+
+
+def _stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    p.add_argument(
+        "--interval", metavar="S", type=_positive_float, default=2.0, help="seconds (default 2)"
+    )
+
+
+def queue_stats(ctx: Ctx, ns: argparse.Namespace) -> int:
+    if not ns.watch:
+        data = ctx.call("queue.stats")
+        ctx.emit(data, output.stats_text(data))
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            data = ctx.call("queue.stats")
+            if ctx.json:
+                sys.stdout.write(orjson.dumps(data).decode() + "\n")
+            elif tty:
+                stamp = time.strftime("%H:%M:%S")
+                sys.stdout.write(
+                    "\x1b[H\x1b[2J"
+                    + output.stats_text(data)
+                    + f"\n{stamp}  every {ns.interval:g}s, Ctrl-C to stop\n"
+                )
+            else:
+                sys.stdout.write(output.stats_text(data) + "\n")
+            sys.stdout.flush()
+            time.sleep(ns.interval)
+    except KeyboardInterrupt:
+        if tty and not ctx.json:
+            sys.stdout.write("\n")
+        return EXIT_OK
+
+
+def _id_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", metavar="ID", help="message id (ULID)")
+
+
+def queue_view(ctx: Ctx, ns: argparse.Namespace) -> int:
+    data = ctx.call("queue.view", {"id": ns.id})
+    ctx.emit(data, output.view_text(data))
+    return EXIT_OK
+
+
+def _retry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", metavar="ID", nargs="?", help="message id (ULID)")
+    p.add_argument("--status", choices=STATUSES, help="retry every unit with this status")
+    p.add_argument("--domain", metavar="D", help="with --status: only this domain")
+
+
+def queue_retry(ctx: Ctx, ns: argparse.Namespace) -> int:
+    if (ns.id is None) == (ns.status is None) or (ns.domain and ns.status is None):
+        print("empathctl: queue retry takes an ID or --status S [--domain D]", file=sys.stderr)
+        return EXIT_USAGE
+    args: dict[str, Any] = {"id": ns.id} if ns.id else {"status": ns.status, "domain": ns.domain}
+    data = ctx.call("queue.retry", {k: v for k, v in args.items() if v})
+    ctx.emit(data, f"{data['units']} unit(s) scheduled for delivery now\n")
+    return EXIT_OK
+
+
+def _delete_args(p: argparse.ArgumentParser) -> None:
+    _id_arg(p)
+    p.add_argument("--bounce", action="store_true", help="send the sender a DSN first")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+
+def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
+    if not ns.yes and sys.stdin.isatty():
+        what = "bounce and delete" if ns.bounce else "delete"
+        try:
+            answer = input(f"{what} message {ns.id}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            print("empathctl: not deleted", file=sys.stderr)
+            return EXIT_FAILED
+    data = ctx.call("queue.delete", {"id": ns.id, "bounce": ns.bounce})
+    text = f"deleted {data['id']}"
+    if data.get("dsn_id"):
+        text += f" (DSN {data['dsn_id']} queued to {output.sender(data['dsn_to'])})"
+    ctx.emit(data, text + "\n")
+    return EXIT_OK
+
+
+def queue_process_now(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("queue.process-now")
+    ctx.emit(data, f"{data['units']} unit(s) made due now\n")
+    return EXIT_OK
+
+
+# --- dns ---------------------------------------------------------------------------
+
+
+def dns_list_cache(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("dns.list-cache")
+    ctx.emit(data, "".join(line + "\n" for line in data["lines"]))
+    return EXIT_OK
+
+
+def dns_clear_cache(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("dns.clear-cache")
+    ctx.emit(data, f"cleared {data['entries']} DNS cache entries\n")
+    return EXIT_OK
+
+
+def _domain_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN")
+
+
+def dns_refresh(ctx: Ctx, ns: argparse.Namespace) -> int:
+    data = ctx.call("dns.refresh", {"domain": ns.domain})
+    ctx.emit(data, "".join(line + "\n" for line in data["lines"]))
+    return EXIT_OK
+
+
+# --- system ------------------------------------------------------------------------
+
+
+def system_status(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("system.status")
+    ctx.emit(data, output.status_text(data))
+    return EXIT_OK
+
+
+def system_ping(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    started = time.monotonic()
+    data = ctx.call("system.ping")
+    ms = (time.monotonic() - started) * 1000
+    ctx.emit(data, f"pong from pid {data['pid']} (Empath {data['version']}) in {ms:.1f} ms\n")
+    return EXIT_OK
+
+
+# --- config ------------------------------------------------------------------------
+
+
+def config_reload(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("config.reload")
+    changes = data["changes"]
+    text = f"reloaded {data['file']}: " + (
+        f"{len(changes)} change(s)\n" + "".join(f"  {c}\n" for c in changes)
+        if changes
+        else "no changes\n"
+    )
+    ctx.emit(data, text)
+    return EXIT_OK
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", nargs="?", help="check this file here (no daemon)")
+
+
+def config_check(ctx: Ctx, ns: argparse.Namespace) -> int:
+    if ns.file is None:
+        data = ctx.call("config.check")
+    else:
+        from empath.config.load import load_config
+        from empath.errors import ConfigError
+
+        try:
+            load_config(ns.file)
+        except ConfigError as exc:
+            print(f"empathctl: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        data = {"file": os.path.abspath(ns.file), "ok": True}
+    ctx.emit(data, f"{data['file']}: OK\n")
+    return EXIT_OK
+
+
+COMMANDS: list[CliCommand] = [
+    CliCommand("queue", "list", "one line per delivery unit, oldest first", queue_list, _list_args),
+    CliCommand(
+        "queue", "stats", "counts, top domains, oldest age, rates", queue_stats, _stats_args
+    ),
+    CliCommand("queue", "view", "one message in full", queue_view, _id_arg),
+    CliCommand(
+        "queue", "retry", "make units due now (reopens failed ones)", queue_retry, _retry_args
+    ),
+    CliCommand(
+        "queue", "delete", "delete a message (--bounce: DSN first)", queue_delete, _delete_args
+    ),
+    CliCommand("queue", "process-now", "every waiting unit due now", queue_process_now),
+    CliCommand("dns", "list-cache", "one line per cached answer", dns_list_cache),
+    CliCommand("dns", "clear-cache", "drop every cached answer", dns_clear_cache),
+    CliCommand("dns", "refresh", "resolve a domain again now", dns_refresh, _domain_arg),
+    CliCommand("system", "status", "version, uptime, listeners, queue, DNS, spool", system_status),
+    CliCommand("system", "ping", "is the daemon answering?", system_ping),
+    CliCommand("config", "reload", "re-read the config (as SIGHUP)", config_reload),
+    CliCommand("config", "check", "validate the config file", config_check, _check_args),
+]
+
+
+def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    # On subcommands too (`empathctl queue list --json`); SUPPRESS keeps the top-level value.
+    default = None if top else argparse.SUPPRESS
+    p.add_argument("--socket", metavar="PATH", default=default, help="control socket")
+    p.add_argument("--config", metavar="FILE", default=default, help="config to find the socket in")
+    p.add_argument(
+        "--token", metavar="T", default=default, help=f"auth token (or ${TOKEN_ENV_VAR})"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="JSON output",
+    )
+
+
+def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="empathctl",
+        description="Control a running Empath daemon. Socket: --socket, "
+        "$EMPATH_CONTROL_SOCKET, else control_socket of the config (--config, "
+        "$EMPATH_CONFIG, ./empath.config.ron, /etc/empath/empath.config.ron).",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed",
+    )
+    _global_options(p, top=True)
+    groups = p.add_subparsers(dest="group", metavar="{" + ",".join(_groups(commands)) + "}")
+    groups.required = True
+    sub: dict[str, Any] = {}
+    for c in commands:
+        if c.group not in sub:
+            gp = groups.add_parser(c.group, help=f"{c.group} commands")
+            sp = gp.add_subparsers(dest="command", metavar="COMMAND")
+            sp.required = True
+            sub[c.group] = sp
+        cp = sub[c.group].add_parser(c.name, help=c.help, description=c.help)
+        _global_options(cp, top=False)
+        c.configure(cp)
+        cp.set_defaults(run=c.run)
     return p
 
 
+def _groups(commands: Sequence[CliCommand]) -> list[str]:
+    return list(dict.fromkeys(c.group for c in commands))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    what = " ".join(args.command) or "(none)"
-    print(
-        f"empathctl: command {what!r} is not available in this version: the control socket "
-        "is not implemented yet",
-        file=sys.stderr,
-    )
-    return 2
+    ns = build_parser().parse_args(argv)
+    ctx = Ctx(ns)
+    run: Runner = ns.run
+    try:
+        code = run(ctx, ns)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `empathctl queue list | head`: the reader is gone; that is not an error.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+    except ControlError as exc:
+        print(f"empathctl: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        ctx.close()
+    return code
 
 
 if __name__ == "__main__":

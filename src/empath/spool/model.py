@@ -154,6 +154,13 @@ class UnitState:
     delay_warned: bool = False  # the "delayed" DSN went out
     last_error: str = ""
     finished_at: float = 0.0  # wall clock when it became terminal
+    # wall clock of the last `queue retry` that reopened it (failed/expired): its
+    # expiry window starts here instead of at acceptance; 0 = never reopened
+    reopened_at: float = 0.0
+
+    def expiry_base(self, received_at: float) -> float:
+        """Where this unit's ``message_expiration_secs`` window starts."""
+        return max(received_at, self.reopened_at)
 
     def with_attempt(self, attempt: Attempt) -> UnitState:
         return replace(self, history=(*self.history, attempt)[-MAX_HISTORY:])
@@ -172,6 +179,7 @@ class UnitState:
             "delay_warned": self.delay_warned,
             "last_error": self.last_error,
             "finished_at": self.finished_at,
+            "reopened_at": self.reopened_at,
         }
 
     @classmethod
@@ -186,6 +194,7 @@ class UnitState:
             delay_warned=bool(data.get("delay_warned", False)),
             last_error=str(data.get("last_error", "")),
             finished_at=float(data.get("finished_at", 0.0)),
+            reopened_at=float(data.get("reopened_at", 0.0)),
         )
 
 

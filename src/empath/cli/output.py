@@ -1,0 +1,147 @@
+"""How `empathctl` prints each reply: plain text for people and pipelines, or JSON.
+
+The `queue list` line is a contract (SPEC §5, the runbook's pipelines)::
+
+    id: <ULID> domain: <domain>, status: <s>, attempts: <n>, age: <dur>, \
+        next: <time|->, from: <sender>, rcpts: <n>            (one line)
+
+No field may hold a space before ``domain:`` or a comma before ``status:``, and no
+free text (remote replies) appears on it; ``queue view`` shows those.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+LIST_FIELDS = ("id", "domain", "status", "attempts", "age_s", "next_attempt_at", "from", "rcpts")
+
+
+def duration(seconds: float | None) -> str:
+    """Compact age: 42s, 5m12s, 3h05m, 2d04h."""
+    if seconds is None:
+        return "-"
+    s = int(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def timestamp(at: float | None) -> str:
+    """UTC, second precision, no spaces: 2026-11-29T23:14:20Z (or '-')."""
+    if not at:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def sender(address: str) -> str:
+    return address or "<>"
+
+
+def list_lines(rows: Iterable[list[Any]]) -> str:
+    """Plain `queue list` lines for a chunk of wire rows (see module doc)."""
+    return "".join(
+        f"id: {r[0]} domain: {r[1]}, status: {r[2]}, attempts: {r[3]}, age: {duration(r[4])}, "
+        f"next: {timestamp(r[5])}, from: {r[6] or '<>'}, rcpts: {r[7]}\n"
+        for r in rows
+    )
+
+
+def list_objects(rows: Iterable[list[Any]]) -> list[dict[str, Any]]:
+    """`queue list --json`: one object per unit (printed one per line)."""
+    out = []
+    for r in rows:
+        obj = dict(zip(LIST_FIELDS, r, strict=True))
+        obj["next_attempt_at"] = timestamp(r[5]) if r[5] else None
+        out.append(obj)
+    return out
+
+
+def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
+    items = list(pairs)
+    width = max((len(k) for k, _ in items), default=0)
+    return [f"{indent}{k:<{width}}  {v}" for k, v in items]
+
+
+def stats_text(data: dict[str, Any]) -> str:
+    lines = ["Units by status:"]
+    lines += _table(data["by_status"].items())
+    lines.append(f"Messages: {data['messages']}   in flight: {data['in_flight']}")
+    if data.get("oldest_id"):
+        lines.append(f"Oldest queued: {duration(data['oldest_age_s'])} ({data['oldest_id']})")
+    else:
+        lines.append("Oldest queued: -")
+    top = data.get("top_domains") or []
+    lines.append("Top domains by queued units:" if top else "Top domains by queued units: -")
+    lines += _table((d, n) for d, n in top)
+    lines.append(
+        f"Last {duration(data['window_s'])}: {data['delivered_in_window']} delivered "
+        f"({data['delivered_per_min']}/min), {data['failed_attempts_in_window']} failed "
+        f"attempts ({data['failed_per_min']}/min)"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def status_text(data: dict[str, Any]) -> str:
+    dns = data["dns_cache"]
+    hit_rate = "-" if dns["hit_rate"] is None else f"{dns['hit_rate'] * 100:.1f}%"
+    spool = data["spool"]
+    cfg = data["config"]
+    if cfg["last_reload_at"] is None:
+        reload = "never"
+    elif cfg["last_reload_ok"]:
+        reload = f"{timestamp(cfg['last_reload_at'])} ok"
+    else:
+        reload = f"{timestamp(cfg['last_reload_at'])} FAILED: {cfg['last_reload_error']}"
+    queue = ", ".join(f"{k} {v}" for k, v in data["queue"].items())
+    lines = [
+        f"Empath {data['version']} (pid {data['pid']}, up {duration(data['uptime_s'])}, "
+        f"{'compiled' if data['compiled'] else 'pure Python'}) on {data['hostname']}",
+        "Listeners:",
+        *(f"  {x['name']}  active sessions: {x['active_sessions']}" for x in data["listeners"]),
+        f"Queue: {queue} ({data['messages']} messages)",
+        f"Deliveries in flight: {data['in_flight']}",
+        f"DNS cache: {dns['entries']} entries, hit rate {hit_rate} "
+        f"({dns['hits']} hits, {dns['misses']} misses)",
+        f"Open circuit breakers: {', '.join(data['open_breakers']) or 'none'}",
+        f"Spool: {spool['path']} ({spool['type']}), {spool['free_bytes'] // 2**20} MiB free, "
+        f"{spool['size_bytes'] // 2**20} MiB used",
+        f"Config: {cfg['file'] or '-'}, last reload: {reload}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def view_text(data: dict[str, Any]) -> str:
+    rcpts = ", ".join(data["recipients"])
+    lines = [
+        f"Message {data['id']}",
+        f"  from: {sender(data['sender'])}",
+        f"  to: {rcpts}",
+        f"  received: {timestamp(data['received_at'])} (age {duration(data['age_s'])})"
+        f" from {data['peer'] or '-'} helo {data['helo'] or '-'}",
+        f"  size: {data['size']} bytes{'  (a DSN)' if data['is_dsn'] else ''}",
+    ]
+    for u in data["units"]:
+        lines.append(
+            f"Unit {u['domain']}: {u['status']}, attempts {u['attempts']}, "
+            f"next {timestamp(u['next_attempt_at'])}"
+        )
+        for r in u["recipients"]:
+            code = "" if r["code"] is None else f" {r['code']}"
+            text = f" {r['text']}" if r["text"] else ""
+            lines.append(f"  rcpt {r['address']}: {r['status']}{code}{text}")
+        for a in u["history"]:
+            code = "-" if a["code"] is None else str(a["code"])
+            lines.append(f"  attempt {timestamp(a['at'])} mx {a['mx'] or '-'}: {code} {a['text']}")
+    lines.append("Headers:")
+    lines += [f"  {h}" for h in data.get("headers", "").split("\r\n") if h]
+    lines.append("Body preview:")
+    lines += [f"  {b}" for b in data.get("body_preview", "").split("\r\n")]
+    if data.get("body_truncated"):
+        lines.append("  [...]")
+    return "\n".join(lines) + "\n"

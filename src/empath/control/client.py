@@ -1,0 +1,187 @@
+"""The client side of the control socket (used by `empathctl`, tests and benches).
+
+Blocking and small on purpose: `empathctl` starts, sends a request or two and
+exits, so start-up time is what an operator feels; this module imports only the
+wire protocol.  The config loader is imported only when the socket has to be
+found through the config file.
+
+Socket discovery (SPEC §1, §5): ``--socket``, else ``$EMPATH_CONTROL_SOCKET``,
+else the ``control_socket`` of the config the daemon would use (``--config``,
+``$EMPATH_CONFIG``, ``./empath.config.ron``, ``/etc/empath/empath.config.ron``),
+else the default ``/tmp/empath.sock``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+import orjson
+
+from empath.control.protocol import (
+    PROTOCOL_VERSION,
+    SOCKET_ENV_VAR,
+    ErrorCode,
+    encode_request,
+)
+
+DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - SPEC §1's default
+HOW_TO_SET: Final = (
+    f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketChoice:
+    path: str
+    source: str  # where the path came from, for error messages
+
+
+class ControlError(Exception):
+    """Base of the client's errors; ``exit_code`` is what `empathctl` exits with."""
+
+    exit_code = 1
+
+
+class Unreachable(ControlError):  # noqa: N818 - reads as the situation
+    """The daemon could not be reached (exit 3)."""
+
+    exit_code = 3
+
+
+class AuthFailed(ControlError):  # noqa: N818
+    """The daemon refused the token (exit 4)."""
+
+    exit_code = 4
+
+
+class CommandFailed(ControlError):  # noqa: N818
+    """The daemon ran the command and it failed (exit 1)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def discover_socket(
+    cli_socket: str | None, cli_config: str | None, env: Mapping[str, str] = os.environ
+) -> SocketChoice:
+    """Which control socket to use; raises Unreachable when the config cannot be read."""
+    if cli_socket:
+        return SocketChoice(cli_socket, "--socket")
+    if env.get(SOCKET_ENV_VAR):
+        return SocketChoice(env[SOCKET_ENV_VAR], f"${SOCKET_ENV_VAR}")
+    from empath.config.load import discover_config_path, load_config
+    from empath.errors import ConfigError
+
+    try:
+        path = discover_config_path(cli_config, env)
+    except ConfigError as exc:
+        if cli_config or env.get("EMPATH_CONFIG"):
+            raise Unreachable(f"cannot find the control socket: {exc}") from None
+        return SocketChoice(DEFAULT_SOCKET, "the default (no config file found)")
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        raise Unreachable(
+            f"cannot find the control socket: {exc}; {HOW_TO_SET.replace('set it', 'or set it')}"
+        ) from None
+    return SocketChoice(config.control_socket, f"control_socket in {path}")
+
+
+class ControlClient:
+    """One connection to the daemon; many requests over it."""
+
+    def __init__(self, choice: SocketChoice, token: str | None = None, timeout_s: float = 60.0):
+        self.choice = choice
+        self.token = token
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._file: IO[bytes] | None = None
+        self._next_id = 1
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout_s)
+        try:
+            sock.connect(self.choice.path)
+        except OSError as exc:
+            sock.close()
+            reason = exc.strerror or str(exc)
+            raise Unreachable(
+                f"cannot reach the Empath daemon at {self.choice.path} "
+                f"({self.choice.source}): {reason}; is it running? {HOW_TO_SET}"
+            ) from None
+        self._sock = sock
+        self._file = sock.makefile("rb", buffering=256 * 1024)  # type: ignore[assignment]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> ControlClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, cmd: str, args: dict[str, Any]) -> int:
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        rid = self._next_id
+        self._next_id += 1
+        try:
+            self._sock.sendall(encode_request(rid, cmd, args, self.token))
+        except OSError as exc:
+            self.close()
+            raise Unreachable(f"connection to {self.choice.path} lost: {exc}") from None
+        return rid
+
+    def _frame(self) -> dict[str, Any]:
+        assert self._file is not None
+        try:
+            line = self._file.readline()
+        except OSError as exc:
+            self.close()
+            raise Unreachable(f"connection to {self.choice.path} lost: {exc}") from None
+        if not line:
+            self.close()
+            raise Unreachable(f"the daemon at {self.choice.path} closed the connection")
+        frame = orjson.loads(line)
+        if not isinstance(frame, dict) or frame.get("v") != PROTOCOL_VERSION:
+            raise ControlError(f"unexpected reply from the daemon: {line[:200]!r}")
+        if not frame.get("ok"):
+            err = frame.get("error") or {}
+            code = str(err.get("code", ""))
+            message = str(err.get("message", "unknown error"))
+            if code == ErrorCode.AUTH:
+                raise AuthFailed(message)
+            raise CommandFailed(code, message)
+        return frame
+
+    def call(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its reply's data (raises ControlError)."""
+        self._send(cmd, args or {})
+        frame = self._frame()
+        while frame.get("more"):  # a streaming reply to a unary call: drain it
+            frame = self._frame()
+        return frame.get("data")
+
+    def stream(self, cmd: str, args: dict[str, Any] | None = None) -> Iterator[list[Any]]:
+        """Send one request and yield the item chunks of its streamed reply."""
+        self._send(cmd, args or {})
+        while True:
+            frame = self._frame()
+            if not frame.get("more"):
+                return
+            yield frame["items"]

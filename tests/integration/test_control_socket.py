@@ -1,0 +1,129 @@
+"""The control socket of a live daemon: creation mode, ownership of the path, and the
+basic commands through the installed `empathctl`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.ctl import LIST_LINE, ctl, ctl_env
+from tests.daemon import Daemon, parked_overrides, submit
+from tests.helpers import wait_for
+
+SENDER = "ops@origin.test"
+BODY = "From: ops@origin.test\nSubject: control\n\nhello\n"
+
+
+def test_ping_status_and_list_answer_from_a_live_daemon(tmp_path: Path) -> None:
+    with Daemon(tmp_path / "d", parked_overrides("parked.test")) as d:
+        ids = [submit(d.smtp_port, SENDER, [f"u{i}@parked.test"], BODY) for i in range(3)]
+
+        ping = ctl(d, "system", "ping")
+        assert 0 == ping.returncode, ping.stderr
+        assert f"pid {d.pid}" in ping.stdout
+
+        status = ctl(d, "system", "status", "--json")
+        assert 0 == status.returncode, status.stderr
+        data = json.loads(status.stdout)
+        assert d.pid == data["pid"]
+        queued = ("pending", "in_progress", "retry")
+        assert 3 == sum(data["queue"][s] for s in queued)
+        assert str(d.config_path) == data["config"]["file"]
+
+        listing = ctl(d, "queue", "list")
+        assert 0 == listing.returncode, listing.stderr
+        lines = listing.stdout.splitlines()
+        matches = [LIST_LINE.match(line) for line in lines]
+        assert all(matches), lines
+        assert ids == [m["id"] for m in matches if m]
+        assert {"parked.test"} == {m["domain"] for m in matches if m}
+        assert {m["status"] for m in matches if m} <= set(queued)
+
+        oldest = ctl(d, "queue", "list", "--limit", "1", "--json")
+        assert [ids[0]] == [json.loads(line)["id"] for line in oldest.stdout.splitlines()]
+
+        audit = d.wait_log("Control command", command="system.ping", outcome="ok")
+        assert audit[0]["fields"]["audit"] is True
+        assert os.getuid() == audit[0]["fields"]["peer_uid"]
+        assert isinstance(audit[0]["fields"]["peer_pid"], int)
+
+
+def test_socket_is_mode_0600_from_the_moment_it_exists(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "d")
+    d.write_config()
+    log = d.log_path.open("ab")
+    env = {k: v for k, v in os.environ.items() if k != "EMPATH_CONFIG"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "empath", "--config", str(d.config_path)],
+        stdout=log,
+        stderr=log,
+        cwd=d.workdir,
+        env=env,
+    )
+    d.proc = proc
+    try:
+        modes: list[int] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                st = os.lstat(d.socket_path)
+            except FileNotFoundError:
+                continue
+            modes.append(stat.S_IMODE(st.st_mode))
+            if len(modes) > 200:
+                break
+        assert modes, "the control socket never appeared"
+        assert {0o600} == set(modes)
+        assert stat.S_ISSOCK(os.lstat(d.socket_path).st_mode)
+        wait_for(lambda: d.http_status("/health/ready") == 200, 20, what="readiness")
+    finally:
+        d.stop()
+        log.close()
+    assert not d.socket_path.exists(), "the socket is removed at shutdown"
+
+
+def test_a_second_daemon_on_the_same_socket_refuses_to_start(tmp_path: Path) -> None:
+    with Daemon(tmp_path / "first") as first:
+        second = Daemon(tmp_path / "second", {"control_socket": str(first.socket_path)})
+        try:
+            second.start()
+        except RuntimeError as exc:
+            assert "another Empath daemon is running" in str(exc)
+        else:
+            raise AssertionError("the second daemon started")
+        finally:
+            second.stop()
+        assert 1 == second.proc.returncode if second.proc else False
+        assert 0 == ctl(first, "system", "ping").returncode
+
+
+def test_a_stale_socket_file_is_replaced(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "d")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(d.socket_path))
+    stale.close()  # the file stays; nobody listens behind it
+    assert d.socket_path.exists()
+    with d:
+        assert 0 == ctl(d, "system", "ping").returncode
+        assert d.logs("Replacing stale control socket")
+
+
+def test_unreachable_daemon_exits_3_naming_the_socket_and_how_to_set_it(tmp_path: Path) -> None:
+    sock = tmp_path / "nobody.sock"
+    r = subprocess.run(
+        ["empathctl", "--socket", str(sock), "system", "ping"],
+        check=False,
+        env=ctl_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert 3 == r.returncode
+    assert str(sock) in r.stderr
+    assert "--socket" in r.stderr and "EMPATH_CONTROL_SOCKET" in r.stderr

@@ -1,0 +1,83 @@
+"""The control protocol's request parsing, token check and `queue list` line format."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+
+from empath.cli import output
+from empath.control.protocol import (
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    RequestError,
+    encode_request,
+    parse_request,
+)
+from empath.control.server import token_ok
+
+BAD = [
+    (b"", ErrorCode.BAD_REQUEST),
+    (b"not json", ErrorCode.BAD_REQUEST),
+    (b"[1, 2]", ErrorCode.BAD_REQUEST),
+    (b'{"v": 1}', ErrorCode.BAD_REQUEST),
+    (b'{"v": 1, "cmd": ""}', ErrorCode.BAD_REQUEST),
+    (b'{"v": 1, "cmd": "x", "args": []}', ErrorCode.BAD_REQUEST),
+    (b'{"v": 1, "cmd": "x", "token": 5}', ErrorCode.BAD_REQUEST),
+    (b'{"cmd": "system.ping"}', ErrorCode.VERSION),
+    (b'{"v": 2, "cmd": "system.ping"}', ErrorCode.VERSION),
+    (b'{"v": "1", "cmd": "system.ping"}', ErrorCode.VERSION),
+    (b"\xff\xfe", ErrorCode.BAD_REQUEST),
+]
+
+
+@pytest.mark.parametrize(("line", "code"), BAD)
+def test_malformed_requests_are_refused_with_a_code(line: bytes, code: ErrorCode) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(line)
+    assert code == info.value.code
+
+
+def test_a_request_round_trips_with_its_version_and_id() -> None:
+    line = encode_request(7, "queue.list", {"status": "retry"}, token="t")
+    assert line.endswith(b"\n") and len(line) < MAX_REQUEST_BYTES
+    req = parse_request(line.rstrip(b"\n"))
+    assert (7, "queue.list", {"status": "retry"}, "t") == (req.id, req.cmd, req.args, req.token)
+    assert f'"v":{PROTOCOL_VERSION}'.encode() in line
+
+
+def test_version_errors_keep_the_request_id() -> None:
+    with pytest.raises(RequestError) as info:
+        parse_request(b'{"v": 9, "id": 4, "cmd": "system.ping"}')
+    assert 4 == info.value.request_id
+
+
+def test_token_check_accepts_only_a_listed_hash() -> None:
+    hashes = [hashlib.sha256(b"other").hexdigest(), hashlib.sha256(b"s3cret").hexdigest()]
+    assert token_ok("s3cret", hashes)
+    assert not token_ok("wrong", hashes)
+    assert not token_ok(None, hashes)
+    assert not token_ok("", [hashlib.sha256(b"").hexdigest()])
+    assert not token_ok("s3cret", [])
+
+
+def test_list_line_has_the_runbook_shape() -> None:
+    row = ["01M8MSPFV9WZBW343VCQDXQR4K", "example.com", "retry", 3, 3725.2, 1796000000.0, "", 2]
+    line = output.list_lines([row])
+    assert (
+        "id: 01M8MSPFV9WZBW343VCQDXQR4K domain: example.com, status: retry, attempts: 3, "
+        "age: 1h02m, next: 2026-11-30T00:53:20Z, from: <>, rcpts: 2\n"
+    ) == line
+    # the runbook's extractions
+    assert ["domain: example.com"] == re.findall(r"domain: [^,]*", line)
+    assert ["id: 01M8MSPFV9WZBW343VCQDXQR4K"] == re.findall(r"id: [^ ]*", line)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0s"), (59.9, "59s"), (60, "1m00s"), (3599, "59m59s"), (3600, "1h00m"), (90061, "1d01h")],
+)
+def test_durations_are_compact(seconds: float, text: str) -> None:
+    assert text == output.duration(seconds)
