@@ -2,7 +2,11 @@
 
 Protocol errors carry the SMTP reply they imply; delivery outcomes are Temporary
 or Permanent; foreign exceptions (OSError, ssl.SSLError, dns.exception.*) are
-mapped to these at the boundary where they are caught.
+mapped to these at the boundary where they are caught.  Every Empath exception
+class lives here - DNS, null-MX and TLS failures are delivery outcomes, a listener
+that cannot bind is a startup error - so ``except`` clauses and the classifiers
+read one tree.  (The scripted test peer keeps a private one for its own control
+flow.)
 """
 
 from __future__ import annotations
@@ -107,6 +111,29 @@ class PermanentDeliveryError(DeliveryError):
     """Never retried: 5xx, null MX, NXDOMAIN, SMTPUTF8 unsupported."""
 
     permanent = True
+
+
+class DnsNameNotFoundError(PermanentDeliveryError):
+    """The name does not exist (NXDOMAIN) or cannot exist (invalid syntax)."""
+
+
+class DnsTemporaryError(TemporaryDeliveryError):
+    """The DNS could not answer now (SERVFAIL, timeout, no usable nameserver)."""
+
+
+class NullMxError(PermanentDeliveryError):
+    """The domain publishes a null MX: it accepts no mail (RFC 7505)."""
+
+
+class TlsHandshakeError(TemporaryDeliveryError):
+    """STARTTLS was agreed but the handshake (or certificate check) failed."""
+
+
+# --- listeners -----------------------------------------------------------------
+
+
+class ListenerBindError(EmpathError):
+    """A listener could not bind its address (port taken, permission, bad address)."""
 
 
 # --- control -----------------------------------------------------------------

@@ -11,9 +11,14 @@ from typing import Any, TypeVar
 import pytest
 
 from empath.clock import SystemClock
-from empath.dns.mx import MxRouter, NullMxError, Target, build_router
-from empath.dns.resolver import DnsNameNotFoundError, DnsResolver, DnsTemporaryError
-from empath.errors import PermanentDeliveryError
+from empath.dns.mx import MxRouter, Target, build_router
+from empath.dns.resolver import DnsResolver
+from empath.errors import (
+    DnsNameNotFoundError,
+    DnsTemporaryError,
+    NullMxError,
+    PermanentDeliveryError,
+)
 from tests.dnsmasq import (
     NXDOMAIN_NAME,
     STANDARD,

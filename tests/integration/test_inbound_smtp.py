@@ -24,12 +24,12 @@ import pytest
 import trustme
 import uvloop
 
-from empath.errors import SpoolError, SpoolFullError
+from empath.errors import ListenerBindError, SpoolError, SpoolFullError
 from empath.smtp.replies import Reply, ReplyParser
 from empath.smtp.server import RelayPolicy
 from empath.spool.memory import MemorySpool
 from empath.spool.model import MessageState
-from empath.transport.listener import ListenerBindError, ListenerSpec, SmtpServerGroup
+from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from tests.helpers import free_port, require_tool, wait_for
 
 T = TypeVar("T")

@@ -12,8 +12,8 @@ import pytest
 from empath.clock import FakeClock
 from empath.dns.cache import EntryKind, Exchanger, MxCache, Resolution
 from empath.dns.mx import dns_loader
-from empath.dns.resolver import DnsFailure, DnsNameNotFoundError, DnsTemporaryError, QueryType
-from empath.errors import ConfigError
+from empath.dns.resolver import DnsFailure, QueryType
+from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
 from empath.testing.fake_resolver import FakeResolver
 
 T = TypeVar("T")

@@ -14,13 +14,18 @@ from hypothesis import strategies as st
 from empath.clock import FakeClock
 from empath.dns.mx import (
     MxRouter,
-    NullMxError,
     Target,
     build_router,
     parse_override,
 )
-from empath.dns.resolver import DnsFailure, DnsNameNotFoundError, DnsTemporaryError, QueryType
-from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
+from empath.dns.resolver import DnsFailure, QueryType
+from empath.errors import (
+    DnsNameNotFoundError,
+    DnsTemporaryError,
+    NullMxError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
 from empath.testing.fake_resolver import FakeResolver
 
 T = TypeVar("T")

@@ -9,16 +9,20 @@ import pytest
 
 from empath.dns.resolver import (
     DnsFailure,
-    DnsNameNotFoundError,
     DnsResolver,
-    DnsTemporaryError,
     LookupStats,
     QueryType,
     failure_error,
     normalize_name,
     parse_nameserver,
 )
-from empath.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
+from empath.errors import (
+    ConfigError,
+    DnsNameNotFoundError,
+    DnsTemporaryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+)
 from empath.testing.fake_resolver import FakeResolver
 
 

@@ -46,7 +46,12 @@ from empath.delivery.classify import (
     outcome_from_error,
     outcome_from_reply,
 )
-from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from empath.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
+    TlsHandshakeError,
+)
 from empath.observability.logs import get_logger
 from empath.smtp.client import LocalVerdict, Transaction, TransactionResult
 from empath.smtp.replies import Reply
@@ -58,7 +63,6 @@ from empath.transport.outbound import (
     PoolKey,
     SmtpTimeouts,
     TimeoutsLike,
-    TlsHandshakeError,
     TlsMode,
     tls_mode_for,
 )

@@ -46,18 +46,18 @@ from typing import TypeAlias
 
 from empath.clock import Clock
 from empath.dns.cache import EntryKind, Exchanger, Loader, MxCache, Resolution
-from empath.dns.resolver import (
+from empath.dns.resolver import MxRecord, Resolver, normalize_name
+from empath.errors import (
+    DeliveryError,
     DnsTemporaryError,
-    MxRecord,
-    Resolver,
-    normalize_name,
+    NullMxError,
+    PermanentDeliveryError,
+    TemporaryDeliveryError,
 )
-from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from empath.observability.logs import get_logger
 
 __all__ = [
     "MxRouter",
-    "NullMxError",
     "Route",
     "Target",
     "build_router",
@@ -85,10 +85,6 @@ class Target:
 
 #: Targets in the order they must be tried.
 Route: TypeAlias = tuple[Target, ...]
-
-
-class NullMxError(PermanentDeliveryError):
-    """The domain publishes a null MX: it accepts no mail (RFC 7505)."""
 
 
 def is_ip_literal(host: str) -> bool:

@@ -59,15 +59,13 @@ import dns.rdatatype
 import dns.resolver
 
 from empath.clock import Clock, SystemClock
-from empath.errors import ConfigError, PermanentDeliveryError, TemporaryDeliveryError
+from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
 
 __all__ = [
     "DEFAULT_BUCKETS_S",
     "AddressAnswer",
     "DnsFailure",
-    "DnsNameNotFoundError",
     "DnsResolver",
-    "DnsTemporaryError",
     "HistogramSnapshot",
     "LookupStats",
     "MxAnswer",
@@ -96,14 +94,6 @@ class DnsFailure(StrEnum):
     SERVFAIL = "servfail"
     TIMEOUT = "timeout"
     ERROR = "error"
-
-
-class DnsNameNotFoundError(PermanentDeliveryError):
-    """The name does not exist (NXDOMAIN) or cannot exist (invalid syntax)."""
-
-
-class DnsTemporaryError(TemporaryDeliveryError):
-    """The DNS could not answer now (SERVFAIL, timeout, no usable nameserver)."""
 
 
 def failure_error(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from empath.clock import Clock, SystemClock
-from empath.errors import EmpathError
+from empath.errors import ListenerBindError
 from empath.observability.logs import get_logger
 from empath.smtp.server import DEFAULT_MAX_MESSAGE_BYTES, RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
@@ -38,10 +38,6 @@ from empath.transport.session import SmtpSession
 log = get_logger("smtp", __name__)
 
 _RELAY_CACHE_MAX = 4096
-
-
-class ListenerBindError(EmpathError):
-    """A listener could not bind its address (port taken, permission, bad address)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from empath.errors import (
     DeliveryError,
     PermanentDeliveryError,
     TemporaryDeliveryError,
+    TlsHandshakeError,
 )
 from empath.observability.logs import get_logger
 from empath.smtp.client import (
@@ -335,10 +336,6 @@ class _Pump(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-class TlsHandshakeError(TemporaryDeliveryError):
-    """STARTTLS was agreed but the handshake (or certificate check) failed."""
 
 
 def _error_from_event(event: Event, mx: str) -> DeliveryError:
