@@ -26,7 +26,7 @@ from empath.config.model import Config, DomainConfig, ListenerConfig
 from empath.control.commands import ReloadRecord, command_table
 from empath.control.server import ControlServer, ControlSocketInUse
 from empath.delivery.attempt import AttemptSettings
-from empath.dns.mx import MxRouter, build_router
+from empath.dns.mx import MxRouter, OwnListeners, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
 from empath.observability.health import Check, HealthServer
@@ -181,6 +181,7 @@ class App:
             min_cache_ttl_secs=d.dns.min_cache_ttl_secs,
             max_cache_ttl_secs=d.dns.max_cache_ttl_secs,
             negative_ttl_secs=d.dns.negative_ttl_secs,
+            own=OwnListeners((lc.host, lc.port) for lc in config.smtp_controller.listeners),
         )
         self.pool = ConnectionPool(max_per_key=max(d.max_concurrent_deliveries, 1))
         self.runner_stats = RunnerStats(DomainLabels(config.metrics.max_domain_cardinality))

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from empath.clock import FakeClock
 from empath.dns.mx import (
     MxRouter,
+    OwnListeners,
     Target,
     build_router,
+    is_local_address,
     parse_override,
 )
 from empath.dns.resolver import DnsFailure, QueryType
@@ -42,6 +44,7 @@ def make_router(
     seed: int = 1,
     overrides: Callable[[str], str | None] = lambda _d: None,
     mx_port: int = 25,
+    own: OwnListeners | None = None,
 ) -> MxRouter:
     return build_router(
         fake,
@@ -49,6 +52,7 @@ def make_router(
         rng=random.Random(seed),
         overrides=overrides,
         mx_port=mx_port,
+        own=own,
         min_cache_ttl_secs=60,
         max_cache_ttl_secs=3600,
         negative_ttl_secs=300,
@@ -364,3 +368,72 @@ def test_route_is_every_mx_host_once_in_non_decreasing_preference(
     assert sorted(f"{h}.p.test" for _p, h in records) == sorted(t.host for t in route)
     prefs = [t.preference for t in route]
     assert sorted(prefs) == prefs
+
+
+# -- loops back to myself (issue 7, defect 4) ------------------------------------------
+
+LOCAL = {"192.0.2.1", "2001:db8::1", "127.0.0.1"}  # this host's addresses, for the tests
+
+
+def own(*listeners: tuple[str, int]) -> OwnListeners:
+    return OwnListeners(listeners, is_local=LOCAL.__contains__)
+
+
+@pytest.mark.parametrize(
+    ("listener", "address", "port", "is_self"),
+    [
+        (("192.0.2.1", 25), "192.0.2.1", 25, True),
+        (("192.0.2.1", 25), "192.0.2.1", 2525, False),  # another port is another server
+        (("192.0.2.1", 25), "192.0.2.2", 25, False),
+        (("0.0.0.0", 25), "127.0.0.1", 25, True),  # wildcard: any local address
+        (("0.0.0.0", 25), "192.0.2.9", 25, False),  # ... but not a remote one
+        (("0.0.0.0", 25), "2001:db8::1", 25, False),  # 0.0.0.0 is IPv4 only
+        (("::", 25), "2001:db8::1", 25, True),
+        (("::", 25), "192.0.2.1", 25, True),  # [::] takes IPv4 too (dual stack)
+        (("[::]", 25), "::ffff:192.0.2.1", 25, True),
+        (("2001:db8::1", 25), "2001:DB8:0::1", 25, True),
+        (("192.0.2.1", 0), "192.0.2.1", 25, False),
+    ],
+)
+def test_own_listeners_match_address_and_port_or_any_local_address_of_a_wildcard(
+    listener: tuple[str, int], address: str, port: int, is_self: bool
+) -> None:
+    assert is_self == own(listener).is_self(address, port)
+
+
+def test_is_local_address_asks_the_kernel() -> None:
+    assert is_local_address("127.0.0.1")
+    assert is_local_address("127.0.0.29")  # all of 127.0.0.0/8 is loopback
+    assert not is_local_address("192.0.2.200")  # TEST-NET-1, never assigned here
+    assert not is_local_address("mx.example.com")
+
+
+def test_override_to_our_own_listener_fails_permanently_as_a_loop() -> None:
+    router = make_router(
+        FakeResolver(), overrides={"loop.test": "127.0.0.1:2525"}.get, own=own(("0.0.0.0", 2525))
+    )
+    with pytest.raises(PermanentDeliveryError) as info:
+        run(router.route("loop.test"))
+    assert "5.4.6" == info.value.enhanced
+    assert "mail for loop.test loops back to myself" == info.value.text
+
+
+def test_when_we_are_the_best_mx_the_route_loops() -> None:
+    router = make_router(two_mx(), own=own(("192.0.2.1", 25)))
+    with pytest.raises(PermanentDeliveryError, match=r"mail for two\.test loops back to myself"):
+        run(router.route("two.test"))
+
+
+def test_when_we_are_a_backup_mx_only_the_better_ones_are_kept() -> None:
+    """As Postfix: our own MX and every MX of equal or worse preference are dropped."""
+    fake = two_mx()
+    fake.add_mx("three.test", (10, "mx1.two.test"), (20, "mx2.two.test"), (30, "mx3.test"))
+    fake.add_host("mx3.test", "192.0.2.3")
+    router = make_router(fake, own=own(("192.0.2.2", 25)))
+    route = run(router.route("three.test"))
+    assert ["mx1.two.test"] == [t.host for t in route]
+
+
+def test_other_ports_and_remote_addresses_are_not_loops() -> None:
+    router = make_router(two_mx(), own=own(("0.0.0.0", 2525), ("192.0.2.2", 587)))
+    assert 2 == len(run(router.route("two.test")))

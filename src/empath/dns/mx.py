@@ -30,6 +30,14 @@ connect failure, a timeout or a 4xx greeting.
 
    Permanent outcomes are cached negatively; temporary ones are not.
 
+4. Mail loops (as Postfix's ``smtp_addr.c``): when an address of a target is one
+   of Empath's own SMTP listeners (:class:`OwnListeners`: the same address and
+   port, or any local address with the port of a wildcard ``0.0.0.0``/``[::]``
+   listener), that target and every target of equal or worse preference are
+   dropped -- the better ones are the backups that may still take the mail.  When
+   nothing is left (an ``mx_override`` to ourselves, or we are the best MX), the
+   route fails permanently: ``5.4.6 mail for <domain> loops back to myself``.
+
 The port for MX-derived targets is ``mx_port`` (25; tests use another so the
 peers need not run as root on port 25).
 """
@@ -40,7 +48,8 @@ import asyncio
 import ipaddress
 import itertools
 import random
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -58,11 +67,13 @@ from empath.observability.logs import get_logger
 
 __all__ = [
     "MxRouter",
+    "OwnListeners",
     "Route",
     "Target",
     "build_router",
     "dns_loader",
     "is_ip_literal",
+    "is_local_address",
     "parse_override",
     "resolve_exchangers",
     "resolve_host",
@@ -236,6 +247,100 @@ def dns_loader(resolver: Resolver) -> Loader:
     return load
 
 
+# --- loops back to myself ---------------------------------------------------------------
+
+_IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_WILDCARDS_V4 = frozenset({"", "0.0.0.0"})
+_WILDCARD_V6 = "::"
+
+
+def _ip(text: str) -> _IpAddress | None:
+    """The address, IPv4-mapped IPv6 as IPv4; None for a name."""
+    try:
+        ip = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_local_address(address: str) -> bool:
+    """True when ``address`` is one of this host's addresses: a socket can be bound to it.
+
+    (The kernel refuses ``bind`` to an address of no local interface with
+    EADDRNOTAVAIL; every 127.0.0.0/8 address and the unspecified ones are local.)
+    """
+    ip = _ip(address)
+    if ip is None:
+        return False
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((str(ip), 0))
+        except OSError:
+            return False
+    return True
+
+
+class OwnListeners:
+    """Empath's own SMTP listening sockets: is a target address one of them?
+
+    A listener on a specific address matches that address and port; a wildcard
+    listener (``0.0.0.0`` for IPv4, ``::`` for both families) matches every local
+    address with its port (like Postfix's ``inet_interfaces = all``).  Each answer is
+    remembered per (address, port), so ``is_local`` (a ``bind``) runs once per address.
+    """
+
+    __slots__ = ("_answers", "_is_local", "_specific", "_wild_v4", "_wild_v6")
+
+    def __init__(
+        self,
+        listeners: Iterable[tuple[str, int]],
+        is_local: Callable[[str], bool] = is_local_address,
+    ) -> None:
+        self._specific: set[tuple[_IpAddress, int]] = set()
+        self._wild_v4: set[int] = set()
+        self._wild_v6: set[int] = set()
+        for host, port in listeners:
+            if port == 0:
+                continue
+            if host in _WILDCARDS_V4:
+                self._wild_v4.add(port)
+            elif host.strip("[]") == _WILDCARD_V6:
+                self._wild_v6.add(port)
+            elif (ip := _ip(host)) is not None:
+                self._specific.add((ip, port))
+        self._is_local = is_local
+        self._answers: dict[tuple[str, int], bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._specific or self._wild_v4 or self._wild_v6)
+
+    def __repr__(self) -> str:
+        wild = sorted(self._wild_v4 | self._wild_v6)
+        return f"OwnListeners(specific={len(self._specific)}, wildcard_ports={wild})"
+
+    def is_self(self, address: str, port: int) -> bool:
+        """True when a connection to ``address``:``port`` would reach one of our listeners."""
+        key = (address, port)
+        known = self._answers.get(key)
+        if known is None:
+            if len(self._answers) >= _MAX_MEMO:
+                self._answers.clear()
+            known = self._answers[key] = self._decide(address, port)
+        return known
+
+    def _decide(self, address: str, port: int) -> bool:
+        ip = _ip(address)
+        if ip is None:
+            return False
+        if (ip, port) in self._specific:
+            return True
+        wildcard = port in self._wild_v6 or (ip.version == 4 and port in self._wild_v4)
+        return wildcard and self._is_local(str(ip))
+
+
 # --- routing ---------------------------------------------------------------------------
 
 
@@ -259,7 +364,16 @@ class MxRouter:
     memoized by their text.
     """
 
-    __slots__ = ("_mx_port", "_overrides", "_parsed", "_plans", "_rng", "cache", "resolver")
+    __slots__ = (
+        "_mx_port",
+        "_overrides",
+        "_own",
+        "_parsed",
+        "_plans",
+        "_rng",
+        "cache",
+        "resolver",
+    )
 
     def __init__(
         self,
@@ -269,8 +383,10 @@ class MxRouter:
         overrides: Callable[[str], str | None] = _no_overrides,
         *,
         mx_port: int = SMTP_PORT,
+        own: OwnListeners | None = None,
     ) -> None:
         self.resolver = resolver
+        self._own = own if own else None
         self.cache = cache
         self._rng = rng if rng is not None else random.Random()
         self._overrides = overrides
@@ -298,9 +414,27 @@ class MxRouter:
         domain = normalize_name(domain)
         override = self._overrides(domain)
         if override:
-            return await self._override_route(domain, override)
-        resolution = await self.cache.lookup(EntryKind.MX, domain)
-        return self._order(resolution)
+            route = await self._override_route(domain, override)
+        else:
+            route = self._order(await self.cache.lookup(EntryKind.MX, domain))
+        return route if self._own is None else self._without_self(domain, route, self._own)
+
+    @staticmethod
+    def _without_self(domain: str, route: Route, own: OwnListeners) -> Route:
+        """Drop our own listeners and every worse target; nothing left is a loop."""
+        cut: int | None = None
+        for target in route:
+            if any(own.is_self(a, target.port) for a in target.addresses):
+                cut = target.preference if cut is None else min(cut, target.preference)
+        if cut is None:
+            return route
+        kept = tuple(t for t in route if t.preference < cut)
+        if not kept:
+            # Postfix's wording (smtp_addr.c), with its status 5.4.6 (RFC 3463: routing loop).
+            raise PermanentDeliveryError(
+                f"mail for {domain} loops back to myself", enhanced="5.4.6"
+            )
+        return kept
 
     def _order(self, resolution: Resolution) -> Route:
         memo = self._plans.get(id(resolution))
@@ -372,6 +506,7 @@ def build_router(
     min_cache_ttl_secs: float = 60.0,
     max_cache_ttl_secs: float = 3600.0,
     negative_ttl_secs: float = 300.0,
+    own: OwnListeners | None = None,
 ) -> MxRouter:
     """Resolver → cache (loading through it) → router, wired together."""
     cache = MxCache(
@@ -382,4 +517,4 @@ def build_router(
         max_cache_ttl_secs=max_cache_ttl_secs,
         negative_ttl_secs=negative_ttl_secs,
     )
-    return MxRouter(resolver, cache, rng, overrides, mx_port=mx_port)
+    return MxRouter(resolver, cache, rng, overrides, mx_port=mx_port, own=own)

@@ -436,6 +436,7 @@ class DeliveryRunner:
                 domain=domain,
                 mx=o.mx,
                 smtp_code="" if o.code is None else str(o.code),
+                dsn=o.enhanced,
                 attempt=attempts,
                 error=o.diagnostic,
                 audit=True,
