@@ -29,7 +29,7 @@ from empath.delivery.attempt import AttemptSettings
 from empath.dns.mx import MxRouter, OwnListeners, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
-from empath.observability.health import Check, HealthServer
+from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
 from empath.observability.logs import flush as flush_logs
 from empath.observability.logs import get_logger, set_level, setup_logging
 from empath.observability.metrics import (
@@ -51,6 +51,7 @@ from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from empath.transport.outbound import ConnectionPool
 
 log = get_logger("config", __name__)
+_breaker_log = get_logger("delivery", "empath.policy.breaker")
 SHUTDOWN_GRACE_S = 30.0
 COMPACT_INTERVAL_S = 30.0
 
@@ -249,9 +250,7 @@ class App:
     # -- signals and reload ---------------------------------------------------
 
     def _on_breaker(self, t: Transition) -> None:
-        dlog = get_logger("delivery", "empath.policy.breaker")
-        emit = {"error": dlog.error, "warn": dlog.warn}.get(t.log_level, dlog.info)
-        emit(t.message, domain=t.domain, state=t.new.value, trips_total=t.trips_total)
+        _breaker_log.log(t.log_level, t.message, **t.log_fields())
 
     def request_stop(self, signame: str = "") -> None:
         self._stop_count += 1
@@ -308,17 +307,16 @@ class App:
 
     def readiness(self) -> list[Check]:
         usage = self.spool.usage()
-        free_ratio = usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0
-        heartbeat = self.runner.heartbeat_age_s()
-        pending = len(self.scheduler)
-        writable = self._spool_writable()
-        return [
-            Check("listeners", self.listeners.bound, self.listeners.bound),
-            Check("spool_writable", writable, writable),
-            Check("spool_free_ratio", free_ratio >= 0.01, round(free_ratio, 4)),
-            Check("scheduler_heartbeat_age_s", heartbeat <= 10.0, round(heartbeat, 3)),
-            Check("pending_units", pending < self.config.health.max_queue_size, pending),
-        ]
+        return readiness_checks(
+            ReadinessInputs(
+                listeners_bound=self.listeners.bound,
+                spool_writable=self._spool_writable(),
+                spool_free_ratio=usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0,
+                heartbeat_age_s=self.runner.heartbeat_age_s(),
+                pending_units=len(self.scheduler),
+                max_queue_size=self.config.health.max_queue_size,
+            )
+        )
 
     def _spool_writable(self) -> bool:
         """The spool directory accepts writes: not on a read-only filesystem (remounted

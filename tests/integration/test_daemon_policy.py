@@ -70,6 +70,7 @@ def test_circuit_breaker_opens_then_lets_one_probe_through_then_closes(tmp_path:
             (half,) = daemon.wait_log("Circuit breaker HALF-OPEN for dest.test", timeout=10)
             (closed,) = daemon.wait_log("Circuit breaker CLOSED for dest.test", timeout=10)
             daemon.wait_log("Delivered", count=5, domain="dest.test")
+            assert ["ERROR", "WARN", "INFO"] == [e["level"] for e in (opened, half, closed)]
             t_open, t_half, t_closed = map(log_time, (opened, half, closed))
             assert timeout_s - 0.1 <= t_half - t_open <= timeout_s + 1.5
 

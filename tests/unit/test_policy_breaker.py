@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -62,7 +64,8 @@ def test_threshold_failures_within_window_open_the_breaker_and_count_a_trip() ->
     assert BreakerState.OPEN == breaker.state(D)
     assert 1 == breaker.trips_total(D)
     assert ["Circuit breaker OPENED for example.com"] == messages(events)
-    assert "error" == events[0].log_level
+    assert logging.ERROR == events[0].log_level
+    assert {"domain": D, "state": "Open", "trips_total": 1} == events[0].log_fields()
     assert (BreakerState.CLOSED, BreakerState.OPEN) == (events[0].old, events[0].new)
 
 

@@ -18,7 +18,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from empath.observability.logs import get_logger
 
@@ -35,6 +35,42 @@ class Check:
     name: str
     ok: bool
     value: Any
+
+
+MIN_SPOOL_FREE_RATIO: Final = 0.01  # SPEC §7: the spool has at least 1 % free
+MAX_HEARTBEAT_AGE_S: Final = 10.0  # SPEC §7: the delivery scheduler ticked within 10 s
+
+
+@dataclass(frozen=True, slots=True)
+class ReadinessInputs:
+    """What readiness judges, read at one instant (by the composition root)."""
+
+    listeners_bound: bool
+    spool_writable: bool
+    spool_free_ratio: float
+    heartbeat_age_s: float
+    pending_units: int
+    max_queue_size: int
+
+
+def readiness_checks(inputs: ReadinessInputs) -> list[Check]:
+    """SPEC §7's checks, each with the value it judged."""
+    i = inputs
+    return [
+        Check("listeners", i.listeners_bound, i.listeners_bound),
+        Check("spool_writable", i.spool_writable, i.spool_writable),
+        Check(
+            "spool_free_ratio",
+            i.spool_free_ratio >= MIN_SPOOL_FREE_RATIO,
+            round(i.spool_free_ratio, 4),
+        ),
+        Check(
+            "scheduler_heartbeat_age_s",
+            i.heartbeat_age_s <= MAX_HEARTBEAT_AGE_S,
+            round(i.heartbeat_age_s, 3),
+        ),
+        Check("pending_units", i.pending_units < i.max_queue_size, i.pending_units),
+    ]
 
 
 ReadinessProbe = Callable[[], list[Check]]

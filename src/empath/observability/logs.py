@@ -212,6 +212,10 @@ class EventLogger:
         fields["component"] = self._component
         self._logger.log(level, message, extra={"empath_fields": fields}, exc_info=exc)
 
+    def log(self, level: int, message: str, **fields: Any) -> None:
+        """At a stdlib level number chosen elsewhere (e.g. a breaker transition's)."""
+        self._log(level, message, fields)
+
     def trace(self, message: str, **fields: Any) -> None:
         self._log(TRACE, message, fields)
 

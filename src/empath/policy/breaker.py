@@ -43,7 +43,7 @@ comes, carries a stale ticket and is ignored.
 Transitions are reported through the ``on_transition`` callback as
 :class:`Transition` values; the caller logs ``transition.message``
 (``Circuit breaker OPENED|HALF-OPEN|CLOSED for <domain>``, component
-"delivery", field ``domain``) at ``transition.log_level``.  Trips are counted per
+"delivery", ``transition.log_fields()``) at ``transition.log_level``.  Trips are counted per
 domain for ``empath_delivery_circuit_breaker_trips_total``.
 
 All time is monotonic, read from the injected clock; nothing here does I/O.
@@ -52,6 +52,7 @@ All time is monotonic, read from the injected clock; nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import logging
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -81,10 +82,10 @@ _VERB: Final = {
     BreakerState.OPEN: "OPENED",
     BreakerState.HALF_OPEN: "HALF-OPEN",
 }
-_LOG_LEVEL: Final = {
-    BreakerState.CLOSED: "info",
-    BreakerState.OPEN: "error",  # the runbook's storm query filters on level="ERROR"
-    BreakerState.HALF_OPEN: "warn",
+_LOG_LEVEL: Final = {  # stdlib logging levels (numbers; nothing is logged here)
+    BreakerState.CLOSED: logging.INFO,
+    BreakerState.OPEN: logging.ERROR,  # the runbook's storm query filters on level="ERROR"
+    BreakerState.HALF_OPEN: logging.WARNING,
 }
 
 
@@ -140,9 +141,13 @@ class Transition:
         return f"Circuit breaker {_VERB[self.new]} for {self.domain}"
 
     @property
-    def log_level(self) -> str:
-        """ "error" for OPENED, "warn" for HALF-OPEN, "info" for CLOSED."""
+    def log_level(self) -> int:
+        """ERROR for OPENED, WARNING for HALF-OPEN, INFO for CLOSED."""
         return _LOG_LEVEL[self.new]
+
+    def log_fields(self) -> dict[str, object]:
+        """The fields of its log line (besides ``message``)."""
+        return {"domain": self.domain, "state": self.new.value, "trips_total": self.trips_total}
 
 
 @dataclass(frozen=True, slots=True)
