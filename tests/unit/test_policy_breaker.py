@@ -305,3 +305,11 @@ def test_property_never_two_probes_in_flight(
             if mine:  # an outstanding probe means Half-Open with that probe in flight
                 assert BreakerState.HALF_OPEN == breaker.state(domain)
                 assert breaker.probe_in_flight(domain)
+
+
+def test_repr_counts_domains_by_state_and_trips() -> None:
+    breaker, _clock, _ = make(threshold=2, window=30.0)
+    assert "<CircuitBreaker domains=0 open=0 half_open=0 trips=0 threshold=2/30s>" == repr(breaker)
+    trip(breaker, 2)
+    breaker.record_failure("other.org")
+    assert "<CircuitBreaker domains=2 open=1 half_open=0 trips=1 threshold=2/30s>" == repr(breaker)

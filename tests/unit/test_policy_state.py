@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-import pytest
-
-import empath
 from empath.clock import FakeClock
 from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
@@ -76,24 +70,3 @@ def test_reconfigure_applies_new_limits() -> None:
     state.reconfigure(BreakerSettings(failure_threshold=9), RateLimit(5.0, 1), {})
     assert RateLimit(5.0, 1) == state.limiter.limit_for("fast.org")
     assert 9 == state.breaker.settings.failure_threshold
-
-
-FORBIDDEN = {"asyncio", "socket", "ssl", "time", "threading", "selectors", "subprocess"}
-SRC = Path(empath.__file__).parent
-PURE = [
-    *sorted((SRC / "policy").glob("*.py")),
-    SRC / "queue" / "index.py",
-    SRC / "queue" / "scheduler.py",
-]
-
-
-@pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(SRC)))
-def test_pure_modules_import_nothing_async_or_io(path: Path) -> None:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert set() == imported & FORBIDDEN

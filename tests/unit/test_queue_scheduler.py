@@ -401,3 +401,15 @@ def test_property_caps_hold_and_every_unit_is_dispatched_exactly_once(
         h.clock.advance(60.0)
     assert set() == waiting
     assert 0 == len(sched)
+
+
+def test_repr_shows_the_queue_at_a_glance() -> None:
+    h = Harness(cap=4, max_connections={"a.com": 1})
+    for i in range(3):
+        h.add(f"m{i}")
+    h.add("later", delay_s=60)
+    assert "<Scheduler scheduled=4 parked=0 in_flight=0/4" in repr(h.scheduler)
+    h.scheduler.tick()
+    assert "<Scheduler scheduled=1 parked=2 in_flight=1/4 domains blocked=1 ready=0>" == repr(
+        h.scheduler
+    )

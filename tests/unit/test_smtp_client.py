@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import itertools
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -470,17 +468,3 @@ def test_replies_split_anywhere_give_the_same_conversation(
     c.end_body()
     result = done(c.receive_data(b"250 2.0.0 ok\r\n"))
     assert {"a@b": 250, "c@b": 550} == codes(result)
-
-
-def test_client_module_imports_no_io() -> None:
-    """Sans-I/O: smtp/client.py imports no asyncio, socket, ssl, time or selectors."""
-    import empath.smtp.client as mod
-
-    tree = ast.parse(Path(mod.__file__).read_text(encoding="utf-8"))
-    imported: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
-    assert set() == imported & {"asyncio", "socket", "ssl", "time", "selectors", "threading"}

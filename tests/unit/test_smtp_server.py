@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import empath.smtp
 from empath.smtp.replies import Reply, ReplyParser
 from empath.smtp.server import (
     BodyAbort,
@@ -354,20 +350,6 @@ def test_received_header_is_folded_crlf() -> None:
         b"\tby mx.test (Empath) with ESMTPS id ID\r\n\tfor <b@y>;\r\n"
         b"\tMon, 1 Jan 2024 00:00:00 +0000\r\n"
     ) == hdr
-
-
-def test_smtp_package_imports_no_io() -> None:
-    """House style: smtp/ is sans-I/O (no asyncio, socket, ssl, time, selectors)."""
-    forbidden = {"asyncio", "socket", "ssl", "time", "selectors", "threading", "uvloop"}
-    for path in pathlib.Path(empath.smtp.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name.split(".")[0] for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module.split(".")[0]]
-            assert not forbidden & set(names), f"{path.name} imports {names}"
 
 
 _tokens = st.sampled_from(

@@ -198,6 +198,16 @@ class CircuitBreaker:
     def settings(self) -> BreakerSettings:
         return self._settings
 
+    def __repr__(self) -> str:
+        states = [d.state for d in self._domains.values()]
+        open_ = sum(1 for s in states if s is BreakerState.OPEN)
+        half = sum(1 for s in states if s is BreakerState.HALF_OPEN)
+        return (
+            f"<CircuitBreaker domains={len(states)} open={open_} half_open={half} "
+            f"trips={sum(self._trips.values())} threshold={self._settings.failure_threshold}"
+            f"/{self._settings.failure_window_s:g}s>"
+        )
+
     def reconfigure(self, settings: BreakerSettings) -> None:
         """Apply new settings (SIGHUP); current states, trips and open timers are kept."""
         self._settings = settings

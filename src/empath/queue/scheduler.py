@@ -404,6 +404,14 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._index) + len(self._parked) + len(self._inflight)
 
+    def __repr__(self) -> str:
+        s = self.stats()
+        return (
+            f"<Scheduler scheduled={s.scheduled} parked={s.parked} "
+            f"in_flight={s.in_flight}/{self._max_concurrent} "
+            f"domains blocked={s.blocked_domains} ready={s.ready_domains}>"
+        )
+
     def __contains__(self, key: object) -> bool:
         return key in self._index or key in self._parked or key in self._inflight
 
