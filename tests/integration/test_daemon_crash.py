@@ -155,7 +155,11 @@ def test_sigkill_during_continuous_ingest_loses_no_acknowledged_message(tmp_path
             t.start()
         for kill in range(KILLS):
             before = len(ledger)
-            wait_for(lambda n=before: len(ledger) >= n + 20, 20, what="clients to get 250s")
+
+            def twenty_more(n: int = before + 20) -> bool:
+                return len(ledger) >= n
+
+            wait_for(twenty_more, 20, what="clients to get 250s")
             time.sleep(rng.uniform(0.3, 1.5))  # a random moment under load, not a sync
             d.kill()
             if kill == TORN_AFTER_KILL:

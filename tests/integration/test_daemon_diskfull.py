@@ -136,8 +136,8 @@ def test_full_spool_filesystem_gives_452_and_acceptance_resumes_when_space_retur
                 assert 250 == code, text
                 acked[queued_id(text)] = body
     finally:
-        code = d.stop()
-    assert 0 == code, d.log_tail()
+        exit_code = d.stop()
+    assert 0 == exit_code, d.log_tail()
     refused_logged = [
         line["fields"]
         for line in d.log_lines()

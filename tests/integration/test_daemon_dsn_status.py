@@ -28,7 +28,9 @@ def status_groups(txn: RecordedTransaction) -> list[dict[str, str]]:
     msg = email.message_from_bytes(txn.body)
     for part in msg.walk():
         if part.get_content_type() == "message/delivery-status":
-            blocks: list[Message] = list(part.get_payload())
+            payload = part.get_payload()
+            assert isinstance(payload, list)
+            blocks = [b for b in payload if isinstance(b, Message)]
             return [{k.lower(): str(v) for k, v in b.items()} for b in blocks[1:]]
     raise AssertionError("no message/delivery-status part")
 

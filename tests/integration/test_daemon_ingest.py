@@ -274,7 +274,8 @@ def smtp_source_body(length: int) -> bytes:
     """The text `smtp-source -l length` sends: lines of 78 characters, each a digit (its
     number mod 10) then 'X's, and a shorter last line of 'X's only; `length` counts the
     line breaks between lines."""
-    lines, left = [], length
+    lines: list[bytes] = []
+    left = length
     while left > 0:
         n = min(78, left)
         left -= n + 2

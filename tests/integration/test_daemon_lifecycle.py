@@ -296,8 +296,8 @@ def test_25_mib_message_is_streamed_with_little_rss_growth(tmp_path: Path) -> No
             msg_id = queued_id(text)
             peak_kib = d.rss_kib("VmHWM")
     finally:
-        code = d.stop()
-    assert 0 == code, d.log_tail()
+        exit_code = d.stop()
+    assert 0 == exit_code, d.log_tail()
     growth_mib = (peak_kib - idle_kib) / 1024
     assert growth_mib <= 8.0, f"RSS grew by {growth_mib:.1f} MiB receiving 25 MiB"
     contents = read_spool(d.spool_path)

@@ -109,7 +109,7 @@ def test_parser_bounds_number_of_lines() -> None:
             st.integers(200, 599),
             st.lists(
                 st.text(
-                    st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                    st.characters(blacklist_characters="\r\n", blacklist_categories=["Cs"]),
                     max_size=50,
                 ),
                 min_size=1,

@@ -54,7 +54,7 @@ MSG_ID = "01JD0000000000000000000000"
 
 def _same_document(header: bytes, expected: object) -> bool:
     """Equal as JSON (orjson spells some floats differently: 1e-06 vs 1e-6)."""
-    return json.loads(header) == json.loads(json.dumps(expected))
+    return bool(json.loads(header) == json.loads(json.dumps(expected)))
 
 
 @given(envelopes, st.lists(units, min_size=1, max_size=3).map(tuple), st.booleans())

@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 import pytest
 
 from empath.errors import SpoolError, SpoolFullError, UnknownMessageError
-from empath.spool import writer as writer_mod
 from empath.spool.fs import FileSpool
 from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
 
@@ -407,7 +406,7 @@ def test_untruncatable_failed_batch_is_discarded_by_recovery(
     async def main() -> None:
         spool, _ = await reopen(tmp_path, fdatasync=sync)
         ok = await put(spool, b"ok\r\n")
-        monkeypatch.setattr(writer_mod.os, "ftruncate", no_truncate)
+        monkeypatch.setattr(os, "ftruncate", no_truncate)  # as empath.spool.writer calls it
         sync.fail = 1
         with pytest.raises(SpoolFullError):
             await put(spool, b"lost\r\n")  # written, not synced, not truncatable

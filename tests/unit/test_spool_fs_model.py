@@ -7,6 +7,7 @@ import asyncio
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,7 +47,7 @@ def test_reopened_spool_equals_the_model(program: list[tuple[object, ...]]) -> N
     """After each reopen, ids, envelopes, units and bodies equal the model's."""
 
     async def main(path: Path) -> None:
-        kw = {"segment_bytes": 2048, "spill_bytes": 128}
+        kw: dict[str, Any] = {"segment_bytes": 2048, "spill_bytes": 128}
         spool = FileSpool(path, **kw)
         await spool.open()
         model: dict[str, tuple[Envelope, tuple[UnitState, ...], bytes]] = {}
@@ -75,6 +76,7 @@ def test_reopened_spool_equals_the_model(program: list[tuple[object, ...]]) -> N
                 elif op[0] == "update" and ids:
                     idx, status, durable = op[1], op[2], op[3]
                     assert isinstance(idx, int) and isinstance(durable, bool)
+                    assert isinstance(status, UnitStatus)
                     msg_id = ids[idx % len(ids)]
                     envelope, units, body = model[msg_id]
                     new = (
