@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-base \
-                prometheus prometheus-alertmanager gcc libc6-dev
+                prometheus prometheus-alertmanager gcc libc6-dev redis-server
 # command that proves each package is present
-APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc
+APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc redis-server
 # the build is keyed on every source (scripts/build_native.py lists what it compiles)
 NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
 NATIVE       := src/empath/_native/manifest.json

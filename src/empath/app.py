@@ -16,8 +16,10 @@ import os
 import random
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import empath
 from empath.clock import Clock, SystemClock
@@ -50,10 +52,15 @@ from empath.spool.store import Spool
 from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from empath.transport.outbound import ConnectionPool
 
+if TYPE_CHECKING:
+    from empath.cluster.node import ClusterNode
+    from empath.cluster.state import SharedPolicyState
+
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
 SHUTDOWN_GRACE_S = 30.0
 COMPACT_INTERVAL_S = 30.0
+QUEUE_SIZES_CACHE_S = 5.0
 
 
 def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
@@ -76,6 +83,7 @@ def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
         tls_key=tls.key if tls else None,
         context=dict(cfg.context),
         name=cfg.socket,
+        reuse_port=cfg.reuse_port,
     )
 
 
@@ -153,16 +161,22 @@ class App:
         self._ca_file: str | None = None
         self._stop = asyncio.Event()
         self._stop_count = 0
+        self._queue_sizes_cache: tuple[float, dict[str, int]] | None = None
         self.spool = self._build_spool()
         parts = delivery_parts(config, self._ca_file)
         d = config.delivery
-        self.policy = LocalPolicyState(
-            self.clock,
-            parts.breaker,
-            parts.default_rate,
-            parts.rate_overrides,
-            on_transition=self._on_breaker,
-        )
+        self.cluster: ClusterNode | None = None
+        self.policy: LocalPolicyState | SharedPolicyState
+        if config.cluster is not None:
+            self.policy = self._build_shared_policy(parts)
+        else:
+            self.policy = LocalPolicyState(
+                self.clock,
+                parts.breaker,
+                parts.default_rate,
+                parts.rate_overrides,
+                on_transition=self._on_breaker,
+            )
         self.scheduler = Scheduler(
             self.policy,
             self.clock,
@@ -184,7 +198,16 @@ class App:
             negative_ttl_secs=d.dns.negative_ttl_secs,
             own=OwnListeners((lc.host, lc.port) for lc in config.smtp_controller.listeners),
         )
-        self.pool = ConnectionPool(max_per_key=max(d.max_concurrent_deliveries, 1))
+        # Cluster mode: a connection lease must outlive the pooled connection, so idle
+        # connections close quickly (see empath.cluster.state, POOL_IDLE_S).
+        pool_idle_s = 10.0
+        if config.cluster is not None:
+            from empath.cluster.state import POOL_IDLE_S
+
+            pool_idle_s = POOL_IDLE_S
+        self.pool = ConnectionPool(
+            max_per_key=max(d.max_concurrent_deliveries, 1), idle_timeout_s=pool_idle_s
+        )
         self.runner_stats = RunnerStats(DomainLabels(config.metrics.max_domain_cardinality))
         self.runner = DeliveryRunner(
             spool=self.spool,
@@ -196,6 +219,8 @@ class App:
             clock=self.clock,
             stats=self.runner_stats,
         )
+        if config.cluster is not None:
+            self._build_cluster_node()
         smtp = config.smtp_controller
         self.listeners = SmtpServerGroup(
             [listener_spec(lc, config.hostname) for lc in smtp.listeners],
@@ -237,6 +262,63 @@ class App:
                 self.readiness,
                 renderer(self.registry) if config.metrics.enabled else None,
             )
+
+    def _build_shared_policy(self, parts: DeliveryParts) -> SharedPolicyState:
+        """Cluster mode (SPEC §11): the policy state lives in Redis."""
+        import secrets
+
+        from empath.cluster.backend import RedisBackend
+        from empath.cluster.state import SharedPolicyState
+
+        cc = self.config.cluster
+        assert cc is not None
+        backend = RedisBackend(cc.redis_url, cc.key_prefix, cc.timeout_ms / 1000.0)
+        return SharedPolicyState(
+            backend,
+            node_id=cc.node_id,
+            instance=secrets.token_hex(4),
+            breaker_settings=parts.breaker,
+            default_rate=parts.default_rate,
+            rate_overrides=parts.rate_overrides,
+            lease_s=cc.lease_secs,
+            on_transition=self._on_breaker,
+            clock=self.clock,
+        )
+
+    def _build_cluster_node(self) -> None:
+        from empath.cluster.node import ClusterNode
+        from empath.cluster.state import SharedPolicyState
+
+        cc = self.config.cluster
+        assert cc is not None and isinstance(self.policy, SharedPolicyState)
+        self.policy.set_waker(self.runner.wake)
+        self.cluster = ClusterNode(
+            self.policy,
+            self.policy.backend,
+            node_id=cc.node_id,
+            heartbeat_s=cc.heartbeat_secs,
+            lease_s=cc.lease_secs,
+            queue_sizes=self.queue_sizes,
+            in_flight=lambda: self.scheduler.in_flight,
+        )
+
+    def queue_sizes(self) -> Mapping[str, int]:
+        """Units by status (SPEC §6 statuses), for the cluster heartbeat."""
+        now = time.monotonic()
+        cached = self._queue_sizes_cache
+        if cached is not None and now - cached[0] < QUEUE_SIZES_CACHE_S:
+            return cached[1]
+        counts = dict.fromkeys(("pending", "in_progress", "retry", "failed", "expired"), 0)
+        for msg in self.spool.messages():
+            for unit in msg.units:
+                key = unit.status.value
+                if key in counts:
+                    counts[key] += 1
+        in_flight = self.scheduler.in_flight
+        counts["in_progress"] += in_flight
+        counts["pending"] = max(0, counts["pending"] - in_flight)
+        self._queue_sizes_cache = (now, counts)
+        return counts
 
     def _build_spool(self) -> Spool:
         if self.config.spool.type == "Memory":
@@ -354,6 +436,8 @@ class App:
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.runner.start()
+        if self.cluster is not None:
+            self.cluster.start()
         try:
             await self.listeners.start()
             if self.health is not None:
@@ -384,6 +468,8 @@ class App:
         await self.control.close()
         await self.listeners.shutdown(SHUTDOWN_GRACE_S)
         await self.runner.drain()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.health is not None:
             await self.health.close()
         await self.spool.close()

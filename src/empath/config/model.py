@@ -276,6 +276,8 @@ class ListenerConfig:
     max_connections: int = rule(1000, check=positive)
     max_connections_per_ip: int = rule(50, check=positive)
     max_recipients: int = rule(100, check=positive)
+    # SO_REUSEPORT: several Empath nodes on one host share this port (SPEC §11)
+    reuse_port: bool = False
 
     @property
     def max_message_bytes(self) -> int:
@@ -554,9 +556,18 @@ class ModuleConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
-    """SPEC §11: shared state for several instances."""
+    """SPEC §11: per-destination policy shared by several nodes through Redis.
+
+    ``node_id`` names this node in heartbeats and ``empathctl cluster status``; the
+    default is the host name, so nodes sharing a host must each set their own.
+    """
 
     redis_url: str = required(check=valid_redis_url)
+    node_id: str = rule(factory=socket.gethostname, check=non_empty)
+    key_prefix: str = "empath:"
+    timeout_ms: int = rule(250, check=positive)  # per Redis call; then local fallback
+    lease_secs: float = rule(15.0, check=positive)  # connection lease life, renewed while held
+    heartbeat_secs: float = rule(1.0, check=positive)
 
 
 @dataclass(frozen=True, slots=True)

@@ -224,6 +224,11 @@ class DeliveryRunner:
         self._kick()
         return n
 
+    def wake(self, domain: str) -> None:
+        """The policy state of ``domain`` changed outside the scheduler (cluster mode)."""
+        self.scheduler.wake(domain)
+        self._kick()
+
     def forget(self, msg_id: str, domains: list[str]) -> None:
         for domain in domains:
             self.scheduler.remove(UnitKey(msg_id, domain))

@@ -265,6 +265,11 @@ class Scheduler:
             self._wake(domain)
         return moved
 
+    def wake(self, domain: str) -> None:
+        """Re-check ``domain``'s line at the next tick: its shared policy state changed
+        (a cluster node's answer arrived; see ``empath.cluster.state``)."""
+        self._wake(domain)
+
     def reconfigure(
         self,
         *,

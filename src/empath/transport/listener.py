@@ -60,6 +60,7 @@ class ListenerSpec:
     tls_key: str | None = None
     context: Mapping[str, str] = field(default_factory=dict)
     name: str = ""  # label for metrics/logs; default "host:port"
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (SPEC §11)
 
     @property
     def label(self) -> str:
@@ -219,10 +220,12 @@ def _tls_context(spec: ListenerSpec) -> ssl.SSLContext | None:
     return ctx
 
 
-def _dual_stack_socket(port: int, backlog: int) -> socket.socket:
+def _dual_stack_socket(port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(("::", port))
@@ -312,10 +315,15 @@ class SmtpServerGroup:
 
         try:
             if host in ("::", ""):
-                sock = _dual_stack_socket(spec.port, self._backlog)
+                sock = _dual_stack_socket(spec.port, self._backlog, spec.reuse_port)
                 return await loop.create_server(factory, sock=sock)
             return await loop.create_server(
-                factory, host, spec.port, reuse_address=True, backlog=self._backlog
+                factory,
+                host,
+                spec.port,
+                reuse_address=True,
+                reuse_port=spec.reuse_port or None,
+                backlog=self._backlog,
             )
         except OSError as exc:
             raise ListenerBindError(
