@@ -110,8 +110,15 @@ class Daemon:
     def write_config(self) -> None:
         self.config_path.write_text(to_ron(self.config) + "\n")
 
-    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> None:
-        """Start and wait for readiness; ``env`` adds variables (e.g. SSL_CERT_FILE)."""
+    def start(
+        self,
+        timeout: float = 20.0,
+        env: dict[str, str] | None = None,
+        wait_path: str = "/health/ready",
+    ) -> None:
+        """Start and wait until ``wait_path`` answers 200 (readiness, or ``/health/live``
+        when the test expects not to be ready); ``env`` adds variables (e.g. SSL_CERT_FILE).
+        """
         self.write_config()
         self._log_file = self.log_path.open("ab")
         extra_env = env or {}
@@ -129,7 +136,7 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"empath exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.http_status("/health/ready") == 200:
+            if self.http_status(wait_path) == 200:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"empath did not become ready in {timeout}s:\n{self.log_tail()}")

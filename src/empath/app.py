@@ -423,12 +423,18 @@ class App:
         except (ControlSocketInUse, OSError) as exc:
             log.error("Startup failed: control socket", error=str(exc))
             return 1
-        report = await self.spool.open()
+        try:
+            report = await self.spool.open()
+        except (OSError, EmpathError) as exc:  # e.g. "... spool filesystem is full"
+            log.error("Startup failed", error=str(exc), path=self.config.spool.path)
+            await self.control.close()
+            return 1
         get_logger("spool", __name__).info(
             "Spool recovered",
             messages=report.messages,
             records=report.records,
             quarantined=report.quarantined,
+            left_in_place=report.deferred,
             missing=report.missing,
             seconds=round(report.seconds, 3),
         )

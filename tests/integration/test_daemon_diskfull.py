@@ -158,3 +158,40 @@ def test_full_spool_filesystem_gives_452_and_acceptance_resumes_when_space_retur
         )
     spilled = {i for i, body in contents.bodies.items() if len(body) > SPILL_BYTES}
     assert spilled == {p.name for p in (d.spool_path / "bodies").iterdir()}
+
+
+def test_start_on_a_full_spool_filesystem(tmpfs_spool: Path) -> None:
+    """Issue 7 defect 7: a torn tail that cannot be copied to corrupt/ on a full disk does
+    not stop the daemon (it starts, serves, and logs the region left in place); when
+    start-up cannot go on (a fresh spool needs its first segment) it exits 1 with a
+    "Startup failed" line that names the cause - never an unrelated BufferError."""
+    d = Daemon(tmpfs_spool.parent, overrides=parked_overrides("parked.test"))
+    d.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=20) as conn:
+            code, text = send(conn, body_of(1, 1000))
+        assert 250 == code, text
+    finally:
+        assert 0 == d.stop(), d.log_tail()
+    (seg,) = (tmpfs_spool / "log").iterdir()
+    with seg.open("ab") as f:  # a batch cut off mid-record
+        f.write(b"EMPR" + b"\x01" * 5000)
+    fill(tmpfs_spool / "filler")
+    try:
+        d.start(wait_path="/health/live")  # not ready: the spool has no free space
+        (line,) = d.logs("Could not quarantine a corrupt spool region")
+        assert "no space left on the spool filesystem" in line["fields"]["error"]
+        assert d.logs("Spool recovered", left_in_place=1, messages=1)
+    finally:
+        assert 0 == d.stop(), d.log_tail()
+    for sub in ("log", "bodies", "corrupt", "lock"):
+        subprocess.run(["rm", "-rf", str(tmpfs_spool / sub)], check=True)
+    fill(tmpfs_spool / "filler")  # take what the removal gave back
+    try:
+        with pytest.raises(RuntimeError, match="exited with 1"):
+            d.start()
+    finally:
+        d.stop()
+    (line,) = d.logs("Startup failed")
+    assert "spool filesystem is full" in line["fields"]["error"], line
+    assert not d.logs("BufferError")

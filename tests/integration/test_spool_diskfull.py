@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from empath.errors import SpoolFullError
+from empath.spool import codec
 from empath.spool.fs import FileSpool
 from empath.spool.model import Envelope, MessageState, initial_units
 from tests.helpers import require_tool
@@ -27,8 +28,13 @@ def small_tmpfs(where: Path, size: str = "4m") -> Iterator[Path]:
     subprocess.run([mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
     try:
         yield where
-    finally:
-        subprocess.run([umount, str(where)], check=True)
+    except BaseException:
+        if subprocess.run([umount, str(where)], check=False).returncode != 0:
+            subprocess.run([umount, "--lazy", str(where)], check=True)  # a failed test's files
+        raise
+    if subprocess.run([umount, str(where)], check=False).returncode != 0:
+        subprocess.run([umount, "--lazy", str(where)], check=True)
+        raise AssertionError(f"{where} was still in use: a file was left open")
 
 
 def fill(path: Path) -> int:
@@ -97,3 +103,62 @@ def test_full_filesystem_gives_spool_full_and_recovers(tmp_path: Path) -> None:
 
         asyncio.run(main())
         assert not os.path.exists(filler)
+
+
+def test_quarantine_on_a_full_disk_leaves_the_torn_tail_for_later(tmp_path: Path) -> None:
+    """Issue 7 defect 7: a torn tail whose copy to corrupt/ fails (ENOSPC) does not stop
+    start-up (it once raised BufferError from the mmap, hiding the cause): the region stays
+    in place, untouched, every message is restored, new mail goes after it, and the start
+    after space was freed quarantines it."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        spool_dir = fs / "spool"
+        filler = fs / "filler"
+
+        async def main() -> None:
+            spool = FileSpool(spool_dir)
+            await spool.open()
+            acked = [await put(spool, b"before %d\r\n" % i) for i in range(5)]
+            await spool.close()
+            (seg,) = (spool_dir / "log").iterdir()
+            parsed = codec.parse_segment_name(seg.name)
+            assert parsed is not None
+            torn = codec.frame(codec.RecordType.STATE, b"t" * 20000, parsed[1])[:-7000]
+            with seg.open("ab") as f:
+                f.write(torn)
+            intact = seg.read_bytes()
+            fill(filler)
+            spool = FileSpool(spool_dir)
+            report = await spool.open()  # must not raise
+            assert (0, 1) == (report.quarantined, report.deferred)
+            assert [m.id for m in acked] == [m.id for m in spool.messages()]
+            assert intact == seg.read_bytes()
+            assert [] == list((spool_dir / "corrupt").iterdir())
+            filler.unlink()
+            acked.append(await put(spool, b"after the torn tail\r\n"))
+            await spool.close()
+            spool = FileSpool(spool_dir)
+            report = await spool.open()
+            assert (1, 0) == (report.quarantined, report.deferred)
+            assert [m.id for m in acked] == [m.id for m in spool.messages()]
+            (copy,) = (spool_dir / "corrupt").iterdir()
+            assert torn == copy.read_bytes()
+            await spool.close()
+            spool = FileSpool(spool_dir)
+            report = await spool.open()  # padded over: reported only once
+            await spool.close()
+            assert (0, 0) == (report.quarantined, report.deferred)
+
+        asyncio.run(main())
+
+
+def test_open_on_a_full_disk_fails_naming_the_cause(tmp_path: Path) -> None:
+    """When start-up cannot go on without space (a fresh spool needs its first segment),
+    the error says the spool filesystem is full."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        fill(fs / "filler")
+
+        async def main() -> None:
+            with pytest.raises(SpoolFullError, match="spool filesystem is full"):
+                await FileSpool(fs / "spool").open()
+
+        asyncio.run(main())

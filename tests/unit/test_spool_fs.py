@@ -19,6 +19,7 @@ import pytest
 from empath.errors import SpoolError, SpoolFullError, UnknownMessageError
 from empath.spool.fs import FileSpool
 from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
+from tests.helpers import wait_for
 
 T = TypeVar("T")
 
@@ -271,7 +272,7 @@ def test_orphaned_body_files_are_removed_at_open(tmp_path: Path) -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         w = spool.begin()
         w.write(b"y" * 100)
-        assert (tmp_path / "bodies" / w.id).exists()
+        wait_for((tmp_path / "bodies" / w.id).exists, what="the spill file")  # spill thread
         await spool.close()
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         assert [] == list((tmp_path / "bodies").iterdir())
@@ -342,7 +343,7 @@ def test_aborted_body_cannot_be_committed(tmp_path: Path) -> None:
         w.write(b"z" * 100)
         w.abort()
         w.abort()
-        assert not (tmp_path / "bodies" / w.id).exists()
+        wait_for(lambda: not (tmp_path / "bodies" / w.id).exists(), what="the discard")
         with pytest.raises(SpoolError):
             await spool.commit(w, env("r@example.net"), initial_units(["r@example.net"]))
         await spool.close()

@@ -51,7 +51,7 @@ from empath.errors import SpoolError
 from empath.ids import new_ulid
 from empath.observability.logs import get_logger
 from empath.spool import codec
-from empath.spool.body import FileBodyWriter, map_os_error
+from empath.spool.body import BodyState, FileBodyWriter, map_os_error
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
 from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
@@ -116,9 +116,7 @@ class FileSpool(IndexedMessages):
         return self.last_recovery
 
     def _open_blocking(self) -> tuple[RecoveryReport, list[str]]:
-        for sub in (self.path, self._log_dir, self._bodies_dir, self.path / "corrupt"):
-            sub.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fsync_dir(self.path)  # make the new subdirectories' entries durable
+        self._make_dirs()
         lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -128,36 +126,66 @@ class FileSpool(IndexedMessages):
         self._lock_fd = lock_fd
         try:
             rec = recover(self.path, progress_every=self._progress_every)
+            self._index, self._locs, self._segments = rec.index, rec.locations, rec.segments
+            self._spill_total = rec.spill_bytes
+            self._writer = LogWriter(
+                self._log_dir,
+                self._segments,
+                self._segments_lock,
+                self._active_segment(),
+                segment_bytes=self._segment_bytes,
+                fdatasync=self._fdatasync,
+                clock_now=self._clock.now,
+            )
         except BaseException:
+            for seg in self._segments.values():
+                with contextlib.suppress(OSError):
+                    os.close(seg.read_fd)
+            self._segments = {}
             self._release_lock()
             raise
-        self._index, self._locs, self._segments = rec.index, rec.locations, rec.segments
-        self._spill_total = rec.spill_bytes
-        active = self._segments[max(self._segments)] if self._segments else None
-        if active is None or active.size == 0 or active.size >= self._segment_bytes:
-            seq = active.seq + 1 if active else 1
-            prev_end = active.size if active else None
-            if active is not None and active.size == 0 and not active.refs:
-                self._drop_segment_file(active)
-            active = create_segment(self._log_dir, seq, prev_end, self._clock.now())
-            self._segments[active.seq] = active
-        self._writer = LogWriter(
-            self._log_dir,
-            self._segments,
-            self._segments_lock,
-            active,
-            segment_bytes=self._segment_bytes,
-            fdatasync=self._fdatasync,
-            clock_now=self._clock.now,
-        )
         report = RecoveryReport(
             messages=len(self._index),
             records=rec.records,
             quarantined=rec.quarantined,
             missing=len(rec.dropped),
             seconds=0.0,
+            deferred=rec.deferred,
         )
         return report, rec.dropped
+
+    def _make_dirs(self) -> None:
+        """Create what is missing of the spool's directories; each new entry is made
+        durable by syncing its parent (the spool directory's parent the first time)."""
+        for sub in (self.path, self._log_dir, self._bodies_dir, self.path / "corrupt"):
+            missing: list[Path] = []
+            at = sub
+            while not at.is_dir():
+                missing.append(at)
+                at = at.parent
+            for new in reversed(missing):
+                new.mkdir(mode=0o700 if new.is_relative_to(self.path) else 0o777, exist_ok=True)
+                fsync_dir(new.parent)
+
+    def _active_segment(self) -> Segment:
+        """The segment to append to: the newest, unless it is full or was never written."""
+        seq = max(self._segments, default=0) + 1
+        while self._segments and self._segments[max(self._segments)].size == 0:
+            # A crash while creating it (an empty file, or a torn header that recovery
+            # cut off): it holds no record.  Drop it and carry on as if it had never been
+            # created; a replacement declares the end of the real predecessor - never the
+            # dropped file's size, 0, which would make the next recovery discard that
+            # whole predecessor (issue 7, defect 2).
+            empty = self._segments[max(self._segments)]
+            assert not empty.refs
+            self._drop_segment_file(empty)
+            seq = empty.seq
+        active = self._segments[max(self._segments)] if self._segments else None
+        if active is None or active.size >= self._segment_bytes:
+            prev_end = active.size if active else None
+            active = create_segment(self._log_dir, seq, prev_end, self._clock.now())
+            self._segments[active.seq] = active
+        return active
 
     def _drop_segment_file(self, seg: Segment) -> None:
         with contextlib.suppress(OSError):
@@ -212,13 +240,13 @@ class FileSpool(IndexedMessages):
         units = tuple(units)
         msg = MessageState(id=body.id, envelope=envelope, units=units)
         loop = asyncio.get_running_loop()
-        if body._fd is not None:
+        if body.spilled:
             return loop.create_task(self._commit_spilled(writer, body, msg))
         payload, body_rel = codec.msg_payload(
             body.id, envelope, units, body_bytes=size, spilled=False,
             inline_body=body._inline_body(),
         )  # fmt: skip
-        body._state = "done"  # its bytes now live in the record
+        body._state = BodyState.DONE  # its bytes now live in the record
         future: asyncio.Future[MessageState] = loop.create_future()
         writer.submit(
             Entry(EntryKind.COMMIT, body.id, payload, future, body_rel=body_rel,
@@ -233,7 +261,7 @@ class FileSpool(IndexedMessages):
             await asyncio.to_thread(body._finish_spill)
         except OSError as exc:
             body.abort()
-            raise map_os_error(exc, "syncing the message body") from exc
+            raise map_os_error(exc, "writing the message body") from exc
         payload, body_rel = codec.msg_payload(
             body.id, msg.envelope, msg.units, body_bytes=body.size, spilled=True
         )
@@ -245,10 +273,10 @@ class FileSpool(IndexedMessages):
         try:
             await future
         except SpoolError:
-            body._state = "done"
+            body._state = BodyState.DONE
             await asyncio.to_thread(_unlink_quietly, self._bodies_dir / body.id)
             raise
-        body._state = "done"
+        body._state = BodyState.DONE
         return msg
 
     async def update(

@@ -23,6 +23,7 @@ spilled body file is missing (or short) is logged and dropped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import mmap
 import os
@@ -74,30 +75,61 @@ class Recovered:
     dropped: list[str] = field(default_factory=list)  # ids to tombstone (body missing)
     records: int = 0
     quarantined: int = 0
+    deferred: int = 0  # damaged regions left in place: their copy to corrupt/ failed
     spill_bytes: int = 0
 
 
 def _quarantine(
     corrupt_dir: Path, seg_name: str, offset: int, data: bytes | memoryview, why: str
-) -> None:
+) -> bool:
+    """Copy a damaged region to ``corrupt/`` (synced).  False if the copy could not be
+    made (a full disk): the caller then leaves the region in place, untouched, so a later
+    start-up quarantines it - never cut away or padded over without its copy."""
     target = corrupt_dir / f"{seg_name}-{offset}.bin"
+    size = len(data)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with memoryview(data) as whole:
+                done = 0
+                while done < size:
+                    with whole[done:] as rest:
+                        done += os.write(fd, rest)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(corrupt_dir)  # the copy must be durable before the segment is cut or padded
+    except OSError as exc:
+        # The views above are released already (with-blocks), so the segment's mmap can
+        # still be closed and this, the real cause, is what the log says.
+        with contextlib.suppress(OSError):
+            target.unlink()
+        log.error(
+            "Could not quarantine a corrupt spool region; left in place for the next start",
+            segment=seg_name,
+            offset=offset,
+            bytes=size,
+            reason=why,
+            path=str(target),
+            error=_describe(exc),
+            errno=exc.errno,
+        )
+        return False
     log.error(
         "Quarantined corrupt spool region",
         segment=seg_name,
         offset=offset,
-        bytes=len(data),
+        bytes=size,
         reason=why,
         path=str(target),
     )
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(corrupt_dir)  # the copy must be durable before the segment is cut or padded
+    return True
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the spool filesystem ({exc.strerror})"
+    return exc.strerror or str(exc)
 
 
 def _next_valid(buf: memoryview, mm: mmap.mmap, start: int, limit: int, seed: int) -> int:
@@ -139,9 +171,21 @@ class _Scanner:
         self.found: dict[str, _Found] = {}
         self.records = 0
         self.quarantined = 0
+        self.deferred = 0
+
+    def _quarantine(self, seg_name: str, offset: int, data: memoryview, why: str) -> bool:
+        copied = _quarantine(self.corrupt_dir, seg_name, offset, data, why)
+        if copied:
+            self.quarantined += 1
+        else:
+            self.deferred += 1
+        return copied
 
     def scan_segment(self, seq: int, seed: int, path: Path, prev_end: int | None) -> int:
-        """Scan one segment, neutralising damage on disk.  Returns its valid size."""
+        """Scan one segment, neutralising damage on disk.  Returns its size afterwards.
+
+        A damaged region whose copy to ``corrupt/`` failed stays in the file (and in the
+        size returned): the writer appends after it, and a later start quarantines it."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
@@ -156,15 +200,15 @@ class _Scanner:
                             buf, mm, seq, seed, name=path.name, limit=limit, pads=pads
                         )
                         if limit < size:  # a failed batch the writer could not cut off
-                            _quarantine(
-                                self.corrupt_dir,
+                            if self._quarantine(
                                 path.name,
                                 limit,
                                 buf[limit:size],
                                 "after the end declared by the next segment",
-                            )
-                            self.quarantined += 1
-                            truncate_at = limit if truncate_at is None else truncate_at
+                            ):
+                                truncate_at = limit if truncate_at is None else truncate_at
+                            else:
+                                truncate_at = None  # cutting at the tail would cut it too
                         for start, end in pads:
                             pads_payload = buf[start + codec.HEADER_BYTES : end]
                             header = codec.pad_header(
@@ -223,17 +267,11 @@ class _Scanner:
                 if not good:
                     nxt = _next_valid(buf, mm, off, limit, seed)
                     tail = nxt >= limit
-                    _quarantine(
-                        self.corrupt_dir,
-                        name,
-                        off,
-                        buf[off:nxt],
-                        "torn tail" if tail else "checksum or header mismatch",
-                    )
-                    self.quarantined += 1
+                    why = "torn tail" if tail else "checksum or header mismatch"
+                    copied = self._quarantine(name, off, buf[off:nxt], why)
                     if tail:
-                        return off
-                    if nxt - off >= hdr:
+                        return off if copied else None
+                    if copied and nxt - off >= hdr:
                         pads.append((off, nxt))
                     off = nxt
                     continue
@@ -324,8 +362,19 @@ def _recover(spool_dir: Path, progress_every: int) -> Recovered:
     for i, (seq, seed, path) in enumerate(names):
         prev_end = None
         if i + 1 < len(names):
-            _, nseed, npath = names[i + 1]
+            nseq, nseed, npath = names[i + 1]
             prev_end = _read_prev_end(npath, nseed)
+            if prev_end is not None and nseq != seq + 1:
+                # Only the direct successor speaks for a segment.  A gap means the
+                # declaring segment replaced a dropped, empty one (older versions
+                # wrote that file's size, 0, here): cutting by it would lose data.
+                log.warn(
+                    "Ignored the end a non-adjacent segment declares",
+                    segment=path.name,
+                    declared_by=npath.name,
+                    prev_end=prev_end,
+                )
+                prev_end = None
         size = scanner.scan_segment(seq, seed, path, prev_end)
         sizes[seq] = (seq, seed, path, size)
 
@@ -344,6 +393,7 @@ def _recover(spool_dir: Path, progress_every: int) -> Recovered:
         segments=segments,
         records=scanner.records,
         quarantined=scanner.quarantined,
+        deferred=scanner.deferred,
     )
     referenced: set[str] = set()
     for msg_id in sorted(scanner.found):
@@ -390,6 +440,7 @@ def _recover(spool_dir: Path, progress_every: int) -> Recovered:
             messages=len(result.index),
             records=result.records,
             quarantined=result.quarantined,
+            left_in_place=result.deferred,
             missing=len(result.dropped),
             seconds=round(time.monotonic() - started, 3),
         )

@@ -40,6 +40,7 @@ class RecoveryReport:
     quarantined: int  # corrupt/torn regions moved to <spool>/corrupt/
     missing: int  # messages whose body vanished behind our back (dropped, logged)
     seconds: float
+    deferred: int = 0  # damaged regions left in place: their quarantine copy failed (disk full)
 
 
 @dataclass(frozen=True, slots=True)
