@@ -116,6 +116,13 @@ def status_text(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _reply(code: int | None, text: str) -> str:
+    """A reply as '550 5.1.1 text', without repeating a code the text starts with."""
+    if code is None or text.startswith(str(code)):
+        return text
+    return f"{code} {text}".rstrip()
+
+
 def view_text(data: dict[str, Any]) -> str:
     rcpts = ", ".join(data["recipients"])
     lines = [
@@ -132,12 +139,11 @@ def view_text(data: dict[str, Any]) -> str:
             f"next {timestamp(u['next_attempt_at'])}"
         )
         for r in u["recipients"]:
-            code = "" if r["code"] is None else f" {r['code']}"
-            text = f" {r['text']}" if r["text"] else ""
-            lines.append(f"  rcpt {r['address']}: {r['status']}{code}{text}")
+            reply = _reply(r["code"], r["text"])
+            lines.append(f"  rcpt {r['address']}: {r['status']}{' ' + reply if reply else ''}")
         for a in u["history"]:
-            code = "-" if a["code"] is None else str(a["code"])
-            lines.append(f"  attempt {timestamp(a['at'])} mx {a['mx'] or '-'}: {code} {a['text']}")
+            reply = _reply(a["code"], a["text"]) or "-"
+            lines.append(f"  attempt {timestamp(a['at'])} mx {a['mx'] or '-'}: {reply}")
     lines.append("Headers:")
     lines += [f"  {h}" for h in data.get("headers", "").split("\r\n") if h]
     lines.append("Body preview:")

@@ -14,6 +14,7 @@ else the default ``/tmp/empath.sock``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from empath.control.protocol import (
     encode_request,
 )
 
+_SOCKET_LINE: Final = re.compile(r'^\s*"?control_socket"?\s*:\s*"([^"\n]+)"', re.MULTILINE)
 DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - SPEC §1's default
 HOW_TO_SET: Final = (
     f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
@@ -87,6 +89,11 @@ def discover_socket(
     try:
         config = load_config(path)
     except ConfigError as exc:
+        # A config being edited may be broken just when `config reload` is wanted: the
+        # control_socket line alone is enough to reach the daemon (which reports the error).
+        found = _SOCKET_LINE.search(path.read_text(errors="replace")) if path.is_file() else None
+        if found:
+            return SocketChoice(found.group(1), f"control_socket in {path} (which does not load)")
         raise Unreachable(
             f"cannot find the control socket: {exc}; {HOW_TO_SET.replace('set it', 'or set it')}"
         ) from None

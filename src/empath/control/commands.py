@@ -11,6 +11,8 @@ handler and add one :class:`~empath.control.server.Command` to the table that
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,12 +24,15 @@ from empath.config.model import Config
 from empath.control import queue as q
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, Command, CommandError
-from empath.errors import UnknownMessageError
+from empath.dns.cache import CacheEntryInfo
+from empath.dns.resolver import normalize_name
+from empath.errors import ConfigError, DeliveryError, UnknownMessageError
 from empath.observability.stats import RunnerStats, Window
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
+from empath.spool.model import UnitState, UnitStatus
 from empath.spool.store import Spool
 from empath.transport.listener import SmtpServerGroup
 
@@ -241,6 +246,172 @@ class Handlers:
         data["body_truncated"] = truncated or msg.envelope.size > len(head)
         return data
 
+    async def queue_retry(self, args: Args) -> dict[str, Any]:
+        msg_id = _str(args, "id")
+        status = _status(args)
+        domain = _str(args, "domain")
+        if (msg_id is None) == (status is None):
+            raise RequestError(ErrorCode.BAD_REQUEST, "give either 'id' or 'status'")
+        if msg_id is not None:
+            msg = self._message(args)
+            targets = {
+                msg.id: [u.domain for u in msg.units if u.status is not UnitStatus.DELIVERED]
+            }
+        else:
+            targets = await self._select(status, domain)
+        # Reopen failed/expired units first: persisted before they are scheduled (the
+        # last write durable, so every earlier one in the log is too).
+        now = time.time()
+        reopened: list[tuple[str, tuple[UnitState, ...]]] = []
+        for mid, domains in targets.items():
+            try:
+                current = self.d.spool.get(mid)
+            except UnknownMessageError:
+                continue
+            if any(u.status.terminal and u.domain in domains for u in current.units):
+                units = tuple(
+                    q.reopen(u, now) if u.domain in domains and u.status in _REOPENABLE else u
+                    for u in current.units
+                )
+                reopened.append((mid, units))
+        for i, (mid, units) in enumerate(reopened):
+            with contextlib.suppress(UnknownMessageError):
+                await self.d.spool.update(mid, units, durable=i == len(reopened) - 1)
+        count = 0
+        for mid, domains in targets.items():
+            with contextlib.suppress(UnknownMessageError):
+                count += self.d.runner.retry_now(mid, domains)
+        return {"units": count, "reopened": len(reopened)}
+
+    async def _select(self, status: str | None, domain: str | None) -> dict[str, list[str]]:
+        """Message id → domains of the units with ``status`` (and ``domain``)."""
+        out: dict[str, list[str]] = {}
+        flt = q.ListFilter(status, domain)
+        for chunk in q.list_rows(self.d.spool.messages(), flt, time.time(), self._in_flight()):
+            for r in chunk:
+                out.setdefault(r[0], []).append(r[1])
+            await asyncio.sleep(0)
+        return out
+
+    async def queue_delete(self, args: Args) -> dict[str, Any]:
+        msg = self._message(args)
+        bounce = _bool(args, "bounce")
+        try:
+            dsn_id = await self.d.runner.delete(msg.id, bounce=bounce)
+        except UnknownMessageError:
+            raise CommandError(ErrorCode.NOT_FOUND, f"no message {msg.id} in the queue") from None
+        return {
+            "id": msg.id,
+            "dsn_id": dsn_id,
+            "dsn_to": msg.envelope.sender if dsn_id else None,
+        }
+
+    async def queue_process_now(self, _args: Args) -> dict[str, Any]:
+        return {"units": self.d.runner.process_now()}
+
+    # dns
+
+    async def dns_list_cache(self, _args: Args) -> dict[str, Any]:
+        entries = self.d.runner.router.cache.entries()
+        return {"entries": [_entry_json(e) for e in entries], "lines": [e.line() for e in entries]}
+
+    async def dns_clear_cache(self, _args: Args) -> dict[str, Any]:
+        return {"entries": self.d.runner.router.cache.clear()}
+
+    async def dns_refresh(self, args: Args) -> dict[str, Any]:
+        domain = _str(args, "domain", required=True)
+        assert domain is not None
+        cache = self.d.runner.router.cache
+        try:
+            resolution = await cache.refresh(domain)
+        except DeliveryError as exc:
+            raise CommandError(ErrorCode.FAILED, f"{domain}: {exc}") from None
+        name = normalize_name(domain)
+        entries = [e for e in cache.entries() if e.name == name]
+        lines = [e.line() for e in entries] or [
+            f"{name} MX {x.preference} {x.host} [{','.join(x.addresses)}]"
+            for x in resolution.exchangers
+        ]
+        return {"domain": name, "entries": [_entry_json(e) for e in entries], "lines": lines}
+
+    # config
+
+    async def config_reload(self, _args: Args) -> dict[str, Any]:
+        old = self.d.config
+        error = self.d.reload()
+        if error is not None:
+            raise CommandError(ErrorCode.FAILED, f"reload failed, old config kept: {error}")
+        changes, restart = config_changes(old, self.d.config)
+        return {"file": self.d.config.source_path, "changes": changes, "need_restart": restart}
+
+    async def config_check(self, _args: Args) -> dict[str, Any]:
+        from empath.config.load import load_config
+
+        path = self.d.config.source_path
+        if path is None:
+            raise CommandError(ErrorCode.FAILED, "the running config was not loaded from a file")
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            raise CommandError(ErrorCode.FAILED, str(exc)) from None
+        changes, restart = config_changes(self.d.config, new)
+        return {"file": path, "ok": True, "changes": changes, "need_restart": restart}
+
+
+_REOPENABLE: Final = frozenset({UnitStatus.FAILED, UnitStatus.EXPIRED})
+# Top-level sections a reload records but only a restart applies.
+RESTART_SECTIONS: Final = frozenset(
+    {"smtp_controller", "spool", "control_socket", "health", "metrics", "cluster", "modules"}
+)
+
+
+def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
+    return {
+        "name": e.name,
+        "kind": e.kind.value,
+        "ttl_remaining_s": round(e.ttl_remaining_s, 3),
+        "negative": e.negative,
+        "error": e.error,
+        "exchangers": [
+            {"preference": x.preference, "host": x.host, "addresses": list(x.addresses)}
+            for x in e.exchangers
+        ],
+    }
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+
+
+def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Human lines ``key.path: old -> new`` and the changed keys that need a restart."""
+    from empath.config.load import config_to_plain
+
+    a: dict[str, Any] = {}
+    b: dict[str, Any] = {}
+    _flatten(config_to_plain(old), "", a)
+    _flatten(config_to_plain(new), "", b)
+    changes: list[str] = []
+    restart: list[str] = []
+    for key in sorted(a.keys() | b.keys()):
+        if a.get(key, _MISSING) == b.get(key, _MISSING):
+            continue
+        before = "(unset)" if key not in a else json.dumps(a[key], default=str)
+        after = "(unset)" if key not in b else json.dumps(b[key], default=str)
+        line = f"{key}: {before} -> {after}"
+        if key.split(".", 1)[0] in RESTART_SECTIONS:
+            line += "  (applies after a restart)"
+            restart.append(key)
+        changes.append(line)
+    return changes, restart
+
+
+_MISSING: Final = object()
+
 
 def command_table(daemon: Daemon) -> Mapping[str, Command]:
     """Every control command, by wire name."""
@@ -251,6 +422,14 @@ def command_table(daemon: Daemon) -> Mapping[str, Command]:
         ("queue.list", h.queue_list, True),
         ("queue.stats", h.queue_stats, False),
         ("queue.view", h.queue_view, False),
+        ("queue.retry", h.queue_retry, False),
+        ("queue.delete", h.queue_delete, False),
+        ("queue.process-now", h.queue_process_now, False),
+        ("dns.list-cache", h.dns_list_cache, False),
+        ("dns.clear-cache", h.dns_clear_cache, False),
+        ("dns.refresh", h.dns_refresh, False),
+        ("config.reload", h.config_reload, False),
+        ("config.check", h.config_check, False),
     ]
     table: dict[str, Command] = {}
     for name, fn, streaming in entries:

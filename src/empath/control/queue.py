@@ -164,7 +164,7 @@ def view(msg: MessageState, in_flight: Container[tuple[str, str]], now: float) -
                 "domain": u.domain,
                 "status": unit_status(msg.id, u, in_flight),
                 "attempts": u.attempts,
-                "next_attempt_at": u.next_attempt_at or None,
+                "next_attempt_at": None if u.status.terminal else (u.next_attempt_at or None),
                 "last_error": u.last_error,
                 "recipients": [
                     {"address": r.address, "status": r.status.value, "code": r.code, "text": r.text}

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -211,13 +211,15 @@ class DeliveryRunner:
         self._kick()
         return moved
 
-    def retry_now(self, msg_id: str) -> int:
-        """`empathctl queue retry <id>`: this message's waiting units are due now."""
+    def retry_now(self, msg_id: str, domains: Collection[str] | None = None) -> int:
+        """`empathctl queue retry`: this message's waiting units (of ``domains``) are due now."""
         msg = self.spool.get(msg_id)
         now = self.clock.now()
         n = 0
         for unit in msg.units:
             key = UnitKey(msg.id, unit.domain)
+            if domains is not None and unit.domain not in domains:
+                continue
             if not unit.status.terminal and not self.scheduler.is_in_flight(key):
                 self.scheduler.add(key, now)
                 n += 1
@@ -228,6 +230,35 @@ class DeliveryRunner:
         """The policy state of ``domain`` changed outside the scheduler (cluster mode)."""
         self.scheduler.wake(domain)
         self._kick()
+
+    async def delete(self, msg_id: str, *, bounce: bool) -> str | None:
+        """`empathctl queue delete <id> [--bounce]`: stop scheduling the message, send its
+        sender a DSN for every recipient still pending (``bounce``), then remove it durably.
+        An attempt already in flight ends on its own ("Message deleted during delivery").
+        Returns the DSN's id, if one was queued.  Raises UnknownMessageError."""
+        msg = self.spool.get(msg_id)
+        self.forget(msg_id, [u.domain for u in msg.units])
+        dsn_id = None
+        if bounce:
+            now = self.clock.now()
+            reports = []
+            for unit in msg.units:
+                last = unit.history[-1] if unit.history else None
+                reports += [
+                    RecipientReport(
+                        address,
+                        DsnAction.FAILED,
+                        "5.0.0",
+                        last.mx if last else "",
+                        diagnostic_code(None, "deleted from the queue by the administrator"),
+                        last.at if last else None,
+                    )
+                    for address in unit.pending_recipients()
+                ]
+            dsn_id = await self._send_dsn(msg, DsnKind.DELETED, reports, now)
+        await self.spool.remove(msg_id)
+        log.audit("Message deleted by the operator", message_id=msg_id, dsn_id=dsn_id or "")
+        return dsn_id
 
     def forget(self, msg_id: str, domains: list[str]) -> None:
         for domain in domains:
@@ -330,7 +361,7 @@ class DeliveryRunner:
         now = self.clock.now()
         env = msg.envelope
         self.stats.queue_age.observe(max(0.0, now - env.received_at))
-        if self.retry.is_expired(env.received_at, now) and unit.attempts > 0:
+        if self.retry.is_expired(unit.expiry_base(env.received_at), now) and unit.attempts > 0:
             await self._give_up(msg, unit, "expired", now)
             return Outcome.CANCELLED
 
@@ -468,7 +499,7 @@ class DeliveryRunner:
 
         pending = new.pending_recipients()
         if pending:
-            decision = self.retry.decide(attempts, msg.envelope.received_at, now)
+            decision = self.retry.decide(attempts, unit.expiry_base(msg.envelope.received_at), now)
             if isinstance(decision, GiveUp):
                 status = UnitStatus.EXPIRED if decision.reason == "expired" else UnitStatus.FAILED
                 kind = DsnKind.EXPIRED if decision.reason == "expired" else DsnKind.EXHAUSTED
@@ -535,7 +566,9 @@ class DeliveryRunner:
                                     mx,
                                     diagnostic_code(code, text),
                                     now,
-                                    will_retry_until=self.retry.deadline(msg.envelope.received_at),
+                                    will_retry_until=self.retry.deadline(
+                                        unit.expiry_base(msg.envelope.received_at)
+                                    ),
                                 )
                                 for a in pending
                             ],
@@ -650,9 +683,10 @@ class DeliveryRunner:
 
     async def _send_dsn(
         self, msg: MessageState, kind: DsnKind, reports: list[RecipientReport], now: float
-    ) -> None:
+    ) -> str | None:
+        """Commit a DSN about ``msg`` and schedule it; its id (None when none is due)."""
         if not self.settings.dsn_enabled or not reports or not should_send_dsn(msg.envelope):
-            return
+            return None
         try:
             headers = header_block(await self.spool.read_body(msg.id))
         except (SpoolError, OSError):
@@ -683,6 +717,7 @@ class DeliveryRunner:
             recipients=len(reports),
         )
         self.submit(stored)
+        return stored.id
 
     # -- retention ------------------------------------------------------------
 
