@@ -63,7 +63,9 @@ COMPACT_INTERVAL_S = 30.0
 QUEUE_SIZES_CACHE_S = 5.0
 
 
-def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
+def listener_spec(
+    cfg: ListenerConfig, hostname: str, *, hop_limit: int = 50, postmaster: str = ""
+) -> ListenerSpec:
     tls = cfg.tls
     t = cfg.timeouts
     return ListenerSpec(
@@ -84,6 +86,8 @@ def listener_spec(cfg: ListenerConfig, hostname: str) -> ListenerSpec:
         context=dict(cfg.context),
         name=cfg.socket,
         reuse_port=cfg.reuse_port,
+        hop_limit=hop_limit,
+        postmaster=postmaster,
     )
 
 
@@ -223,7 +227,15 @@ class App:
             self._build_cluster_node()
         smtp = config.smtp_controller
         self.listeners = SmtpServerGroup(
-            [listener_spec(lc, config.hostname) for lc in smtp.listeners],
+            [
+                listener_spec(
+                    lc,
+                    config.hostname,
+                    hop_limit=smtp.hop_limit,
+                    postmaster=config.postmaster_address,
+                )
+                for lc in smtp.listeners
+            ],
             RelayPolicy(tuple(smtp.relay.trusted_networks), tuple(smtp.relay.accepted_domains)),
             self.spool,
             self.runner.submit,

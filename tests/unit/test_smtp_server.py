@@ -37,8 +37,10 @@ class Harness:
         self.replies = self.parser.feed(self.server.take_output())
 
     def send(self, data: bytes, *, commit: bool = True) -> list[Reply]:
-        evs = self.server.feed(data)
-        return self._drain(evs, commit)
+        got = self._drain(self.server.feed(data), commit)
+        while self.server.has_backlog:  # the transport's call_soon loop, inline
+            got += self._drain(self.server.proceed(), commit)
+        return got
 
     def _drain(self, evs: list[Event], commit: bool) -> list[Reply]:
         got = self.parser.feed(self.server.take_output())

@@ -332,6 +332,9 @@ def _default_listeners() -> tuple[ListenerConfig, ...]:
 class SmtpControllerConfig:
     listeners: tuple[ListenerConfig, ...] = field(default_factory=_default_listeners)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    # SPEC §3 loops: more Received: header fields than this → 554 5.4.6 (Postfix's
+    # hopcount_limit, same default).
+    hop_limit: int = rule(50, check=positive)
 
 
 # --- spool -------------------------------------------------------------------

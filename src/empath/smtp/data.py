@@ -311,3 +311,42 @@ class BdatDecoder:
             if self._checker.error is None:
                 self._checker.error = BodyError.BARE_LINE_ENDING
         self.finished = True
+
+
+# --- loop detection ------------------------------------------------------------
+
+_RECEIVED: Final = b"\nreceived:"
+_END_OF_HEADERS: Final = b"\n\r\n"
+
+
+class ReceivedCounter:
+    """Counts the ``Received:`` header fields of an incoming message (SPEC §3, loops).
+
+    Fed the unstuffed body chunk by chunk, it looks only at the header section (up
+    to the first empty line) and keeps the last few bytes of each chunk so a field
+    name or the empty line is recognised wherever the network split it.  A line
+    starts after an LF (the body already passed the bare-LF check, or is refused
+    anyway); header field names compare case-insensitively (RFC 5322 §1.2.2).
+    Postfix's ``hopcount_limit`` counts the same way.
+    """
+
+    __slots__ = ("_tail", "count", "done")
+
+    def __init__(self) -> None:
+        self._tail = b"\n"  # the message starts a line
+        self.count = 0
+        self.done = False  # the empty line ending the header section was seen
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done or not chunk:
+            return
+        data = self._tail + chunk
+        end = data.find(_END_OF_HEADERS)
+        if end >= 0:
+            self.done = True
+            data = data[: end + 1]
+        data = data.lower()
+        # the tail is shorter than the pattern: no match lies wholly inside it,
+        # so none is counted twice
+        self.count += data.count(_RECEIVED)
+        self._tail = data[-(len(_RECEIVED) - 1) :]

@@ -305,6 +305,13 @@ def parse_rcpt(arg: str, *, smtputf8: bool) -> RcptTo:
     return RcptTo(rcpt, notify, orcpt)
 
 
+def domain_of(address: str) -> str:
+    """The lower-cased domain part of an address ("" for the null address or a bare
+    ``postmaster``)."""
+    at = address.rfind("@")
+    return address[at + 1 :].lower() if at >= 0 else ""
+
+
 def parse_bdat(arg: str) -> tuple[int, bool]:
     """RFC 3030: ``BDAT <chunk-size> [LAST]`` → (size, last)."""
     words = arg.split()

@@ -25,6 +25,14 @@ commands after the end of data are answered only after the message's 250; the
 transport resumes it with :meth:`message_committed`, :meth:`message_failed` or
 :meth:`tls_started`.
 
+Input is one buffer and an offset into it: each command advances the offset, and
+the unread rest is copied once per :meth:`feed` (not once per command, which made
+87k pipelined NOOPs quadratic).  The work done per call is bounded: after
+``MAX_COMMANDS_PER_TURN`` commands the server stops with :attr:`has_backlog` set
+and the transport calls :meth:`proceed` on a later loop iteration, so one client
+pipelining megabytes of commands cannot starve the other sessions (and produces
+its replies no faster than the transport lets it write them).
+
 The body is never buffered here: DATA/BDAT content is forwarded chunk by chunk
 as :class:`BodyChunk` events.  A message found bad (bare CR/LF, NUL, line too
 long, too big) is read to its real end, then refused; the transport discards
@@ -42,7 +50,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from empath.errors import SmtpProtocolError
-from empath.smtp.data import BdatDecoder, BodyError, DataDecoder
+from empath.smtp.data import BdatDecoder, BodyError, DataDecoder, ReceivedCounter
 from empath.smtp.events import (
     BodyAbort,
     BodyChunk,
@@ -58,6 +66,7 @@ from empath.smtp.parsing import (
     Body,
     MailFrom,
     Verb,
+    domain_of,
     parse_bdat,
     parse_helo,
     parse_mail,
@@ -66,11 +75,12 @@ from empath.smtp.parsing import (
 )
 from empath.smtp.relay import RelayPolicy
 from empath.smtp.replies import Reply
-from empath.spool.model import domain_of
 
 __all__ = [
+    "DEFAULT_HOP_LIMIT",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_BAD_COMMANDS",
+    "MAX_COMMANDS_PER_TURN",
     "MAX_COMMAND_BYTES",
     "BodyAbort",
     "BodyChunk",
@@ -93,6 +103,10 @@ __all__ = [
 MAX_COMMAND_BYTES: Final = 512
 MAX_BAD_COMMANDS: Final = 10
 DEFAULT_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024  # SPEC §3: a sane default, never tiny
+DEFAULT_HOP_LIMIT: Final = 50  # SPEC §3; Postfix's hopcount_limit
+# Commands interpreted per feed()/proceed() call: enough for any honest pipelined
+# transaction (RFC 2920 groups), small enough that one call's replies stay a few KiB.
+MAX_COMMANDS_PER_TURN: Final = 100
 
 
 class State(enum.Enum):
@@ -137,7 +151,9 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
 }
 
 # Replies that mean "the client speaks broken SMTP"; ten of them end the session.
-_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 553, 555})
+# SPEC §3: relay denials (554 5.7.1) and 452 too-many-recipients count too, as
+# Postfix's smtpd_hard_error_limit counts rejected RCPTs.
+_BAD_COMMAND_CODES: Final = frozenset({452, 500, 501, 502, 503, 504, 553, 554, 555})
 
 
 # --- settings -----------------------------------------------------------------------
@@ -149,6 +165,8 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_recipients: int = 100
     tls_available: bool = False  # a certificate is configured
+    hop_limit: int = DEFAULT_HOP_LIMIT  # more Received: fields than this → 554 5.4.6
+    postmaster: str = ""  # where RCPT TO:<postmaster> goes; "" → postmaster@<hostname>
 
 
 _BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
@@ -179,6 +197,8 @@ _R_SHUTDOWN = _b(421, "4.3.2", "Service shutting down, closing connection")
 _R_VRFY = _b(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 _R_HELP = _b(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT")
 _R_TLS_GO = _b(220, "2.0.0", "Ready to start TLS")
+# SPEC §3 (Postfix's wording): a message that went through too many MTAs is a loop.
+_R_TOO_MANY_HOPS = _b(554, "5.4.6", "Too many hops")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +242,7 @@ class SmtpServer:
     """One inbound session; see module doc."""
 
     __slots__ = (
+        "_backlog",
         "_bad_commands",
         "_bdat",
         "_body_open",
@@ -233,8 +254,10 @@ class SmtpServer:
         "_draining",
         "_esmtp",
         "_helo",
+        "_hops",
         "_mail",
         "_out",
+        "_pos",
         "_rcpts",
         "_relay_allows",
         "_skip_bytes",
@@ -260,6 +283,8 @@ class SmtpServer:
         self.phase = Phase.COMMAND
         self._out: list[bytes] = [self._canned.greeting]
         self._buf = b""
+        self._pos = 0  # interpreted up to here
+        self._backlog = False  # stopped with complete commands left (see proceed)
         self._discarding = False  # dropping the rest of an over-long command line
         self._bad_commands = 0
         self._draining = False  # shutdown requested: close after the current message
@@ -270,9 +295,18 @@ class SmtpServer:
         self._rcpts: list[str] = []
         self._data: DataDecoder | None = None
         self._bdat: BdatDecoder | None = None
+        self._hops: ReceivedCounter | None = None
         self._body_open = False
         self._skip_bytes = 0
         self._skip_reply = b""
+
+    def __repr__(self) -> str:
+        return (
+            f"<SmtpServer {self._cfg.hostname} state={self.state.value} "
+            f"phase={self.phase.value} helo={self._helo!r} recipients={len(self._rcpts)} "
+            f"buffered={self.buffered_bytes} backlog={self._backlog} "
+            f"bad_commands={self._bad_commands} tls={self.tls_active}>"
+        )
 
     # --- transport-facing API ---------------------------------------------------
 
@@ -292,7 +326,12 @@ class SmtpServer:
     @property
     def buffered_bytes(self) -> int:
         """Input held but not yet interpreted (e.g. pipelined while WAITING)."""
-        return len(self._buf)
+        return len(self._buf) - self._pos
+
+    @property
+    def has_backlog(self) -> bool:
+        """The last call stopped at its work bound with input left: call :meth:`proceed`."""
+        return self._backlog
 
     @property
     def awaiting_first_data(self) -> bool:
@@ -303,8 +342,21 @@ class SmtpServer:
         events: list[Event] = []
         if self.phase is Phase.CLOSED or not data:
             return events
-        self._buf = self._buf + data if self._buf else data
+        buf = self._buf
+        pos = self._pos
+        if pos < len(buf):
+            self._buf = (buf[pos:] if pos else buf) + data
+        else:
+            self._buf = data
+        self._pos = 0
         self._run(events)
+        return events
+
+    def proceed(self) -> list[Event]:
+        """Interpret more of the input held back by the per-call work bound."""
+        events: list[Event] = []
+        if self.phase is not Phase.CLOSED:
+            self._run(events)
         return events
 
     def message_committed(self, msg_id: str) -> list[Event]:
@@ -323,7 +375,7 @@ class SmtpServer:
         self.tls_active = True
         self.state = State.FRESH
         self.phase = Phase.COMMAND
-        self._buf = b""
+        self._drop_input()
         self._helo = ""
         self._esmtp = False
         self._clear_transaction([])
@@ -352,10 +404,26 @@ class SmtpServer:
 
     # --- input loop -----------------------------------------------------------------
 
+    def _drop_input(self) -> None:
+        self._buf = b""
+        self._pos = 0
+        self._backlog = False
+
+    def _rest(self) -> bytes:
+        """The uninterpreted input as one bytes object (for the body decoders)."""
+        pos = self._pos
+        return self._buf[pos:] if pos else self._buf
+
     def _run(self, events: list[Event]) -> None:
-        while self._buf:
+        budget = MAX_COMMANDS_PER_TURN
+        self._backlog = False
+        while self._pos < len(self._buf):
             phase = self.phase
             if phase is Phase.COMMAND:
+                if budget == 0:
+                    self._backlog = True
+                    return
+                budget -= 1
                 if not self._command_line(events):
                     return
             elif phase is Phase.DATA:
@@ -369,23 +437,24 @@ class SmtpServer:
 
     def _command_line(self, events: list[Event]) -> bool:
         buf = self._buf
-        nl = buf.find(b"\n")
+        pos = self._pos
+        nl = buf.find(b"\n", pos)
         if nl < 0:
-            if len(buf) >= MAX_COMMAND_BYTES:
+            if len(buf) - pos >= MAX_COMMAND_BYTES:
                 # bounded buffer: answer now, drop the rest of this line as it comes
-                self._buf = b""
+                self._drop_input()
                 if not self._discarding:
                     self._discarding = True
                     self._bad(events, _R_LINE_TOO_LONG)
             return False
-        self._buf = buf[nl + 1 :]
+        self._pos = nl + 1
         if self._discarding:
             self._discarding = False
             return True
-        if nl + 1 > MAX_COMMAND_BYTES:
+        if nl + 1 - pos > MAX_COMMAND_BYTES:
             self._bad(events, _R_LINE_TOO_LONG)
             return True
-        line = buf[: nl - 1] if nl and buf[nl - 1] == 0x0D else buf[:nl]
+        line = buf[pos : nl - 1] if nl > pos and buf[nl - 1] == 0x0D else buf[pos:nl]
         try:
             word, arg = split_command(line)
             entry = _DISPATCH.get(word)
@@ -415,7 +484,7 @@ class SmtpServer:
     ) -> None:
         self._out.append(reply)
         self.phase = Phase.CLOSED
-        self._buf = b""
+        self._drop_input()
         events.append(Close(reason, error))
 
     # --- message content ---------------------------------------------------------------
@@ -423,10 +492,11 @@ class SmtpServer:
     def _data_bytes(self, events: list[Event]) -> None:
         dec = self._data
         assert dec is not None
-        body, done, rest = dec.feed(self._buf)
+        body, done, rest = dec.feed(self._rest())
         self._buf = rest
+        self._pos = 0
         if body:
-            events.append(BodyChunk(body))
+            self._body(events, body)
         if done:
             self._data = None
             self._end_of_message(events, dec.error)
@@ -434,12 +504,19 @@ class SmtpServer:
     def _bdat_bytes(self, events: list[Event]) -> None:
         dec = self._bdat
         assert dec is not None
-        body, done, rest = dec.feed(self._buf)
+        body, done, rest = dec.feed(self._rest())
         self._buf = rest
+        self._pos = 0
         if body:
-            events.append(BodyChunk(body))
+            self._body(events, body)
         if done:
             self._chunk_done(events)
+
+    def _body(self, events: list[Event], body: bytes) -> None:
+        hops = self._hops
+        if hops is not None and not hops.done:
+            hops.feed(body)
+        events.append(BodyChunk(body))
 
     def _chunk_done(self, events: list[Event]) -> None:
         dec = self._bdat
@@ -452,16 +529,20 @@ class SmtpServer:
             self._out.append(_b(250, "2.0.0", f"{dec.size} octets received"))
 
     def _skip(self, events: list[Event]) -> None:
-        take = min(self._skip_bytes, len(self._buf))
+        take = min(self._skip_bytes, len(self._buf) - self._pos)
         self._skip_bytes -= take
-        self._buf = self._buf[take:]
+        self._pos += take
         if self._skip_bytes == 0:
             self.phase = Phase.COMMAND
             self._out.append(self._skip_reply)
 
     def _end_of_message(self, events: list[Event], error: BodyError | None) -> None:
-        if error is not None:
-            self._out.append(_BODY_ERROR_REPLIES[error].to_bytes())
+        hops = self._hops
+        self._hops = None
+        if error is not None or (hops is not None and hops.count > self._cfg.hop_limit):
+            self._out.append(
+                _BODY_ERROR_REPLIES[error].to_bytes() if error is not None else _R_TOO_MANY_HOPS
+            )
             self._clear_transaction(events)
             self.phase = Phase.COMMAND
             if self._draining:
@@ -505,6 +586,7 @@ class SmtpServer:
         self._rcpts = []
         self._data = None
         self._bdat = None
+        self._hops = None
         if self.state is not State.FRESH:
             self.state = State.GREETED
 
@@ -546,7 +628,13 @@ class SmtpServer:
         # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients").
         if len(self._rcpts) >= self._cfg.max_recipients:
             raise SmtpProtocolError(452, "4.5.3", "Too many recipients")
-        if not self._relay_allows(domain_of(rcpt)):
+        if rcpt == "postmaster":
+            # RFC 5321 §4.5.1: "Any system that includes an SMTP server supporting mail
+            # relaying or delivery MUST support the reserved mailbox "postmaster" as a
+            # case-insensitive local name."  Accepted from anyone, stored as the
+            # dsn.postmaster address so delivery never sees a domain-less recipient.
+            rcpt = self._cfg.postmaster or f"postmaster@{self._cfg.hostname}"
+        elif not self._relay_allows(domain_of(rcpt)):
             raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
         if rcpt not in self._rcpts:
             self._rcpts.append(rcpt)
@@ -560,6 +648,7 @@ class SmtpServer:
             # RFC 5321 §3.3: no (accepted) RCPT → 554 "no valid recipients".
             raise SmtpProtocolError(554, "5.5.1", "No valid recipients")
         self._data = DataDecoder(self._cfg.max_message_bytes)
+        self._hops = ReceivedCounter()
         self.phase = Phase.DATA
         self._body_open = True
         self._txn = txn = self._transaction()
@@ -570,6 +659,7 @@ class SmtpServer:
         size, last = parse_bdat(arg)
         if self.state is State.RCPT:
             self._bdat = BdatDecoder(self._cfg.max_message_bytes)
+            self._hops = ReceivedCounter()
             self._body_open = True
             self.state = State.BDAT
             self._txn = txn = self._transaction()
@@ -623,7 +713,7 @@ class SmtpServer:
             raise SmtpProtocolError(454, "4.7.0", "TLS not available")
         self._out.append(_R_TLS_GO)
         # Anything pipelined after STARTTLS was sent in clear: drop it (CVE-2011-0411).
-        self._buf = b""
+        self._drop_input()
         self.phase = Phase.WAITING
         events.append(StartTls())
 

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from empath.smtp.parsing import domain_of
+
 
 class UnitStatus(enum.StrEnum):
     """Status of one (message, domain) delivery unit.  See SPEC §4."""
@@ -196,12 +198,6 @@ class UnitState:
             finished_at=float(data.get("finished_at", 0.0)),
             reopened_at=float(data.get("reopened_at", 0.0)),
         )
-
-
-def domain_of(address: str) -> str:
-    """The lower-cased domain part of an address ("" for the null address)."""
-    at = address.rfind("@")
-    return address[at + 1 :].lower() if at >= 0 else ""
 
 
 def initial_units(recipients: Iterable[str], now: float = 0.0) -> tuple[UnitState, ...]:

@@ -30,7 +30,12 @@ from typing import Any
 from empath.clock import Clock, SystemClock
 from empath.errors import ListenerBindError
 from empath.observability.logs import get_logger
-from empath.smtp.server import DEFAULT_MAX_MESSAGE_BYTES, RelayPolicy, ServerConfig
+from empath.smtp.server import (
+    DEFAULT_HOP_LIMIT,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RelayPolicy,
+    ServerConfig,
+)
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
 from empath.transport.session import SmtpSession
@@ -61,6 +66,8 @@ class ListenerSpec:
     context: Mapping[str, str] = field(default_factory=dict)
     name: str = ""  # label for metrics/logs; default "host:port"
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (SPEC §11)
+    hop_limit: int = DEFAULT_HOP_LIMIT  # smtp_controller.hop_limit
+    postmaster: str = ""  # dsn.postmaster; "" → postmaster@<hostname>
 
     @property
     def label(self) -> str:
@@ -143,6 +150,8 @@ class ListenerRuntime:
             max_message_bytes=spec.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
             max_recipients=spec.max_recipients,
             tls_available=ssl_context is not None,
+            hop_limit=spec.hop_limit,
+            postmaster=spec.postmaster,
         )
         self.stats = ListenerStats()
         self.per_ip: dict[str, int] = {}
@@ -277,6 +286,10 @@ class SmtpServerGroup:
             name = server.sockets[0].getsockname()
             out.append((str(name[0]), int(name[1])))
         return out
+
+    def sessions(self) -> list[SmtpSession]:
+        """The open sessions of every listener (call on the event loop's thread)."""
+        return [session for rt in self._runtimes for session in rt.sessions]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -22,11 +22,32 @@ of the difference between ~3k and ~7k messages/s on two cores.
 
 Timeouts: each read records ``loop.time()``; one sweeper per listener (see
 listener.py) checks every session each tick — no timer per connection or per read.
+
+Backpressure (SPEC §3): the session stops reading while any of these holds, and
+resumes once none does:
+
+* the transport's write buffer is over its high-water mark (``pause_writing`` →
+  ``resume_writing``): a client that pipelines and never reads its replies cannot
+  make us buffer them without bound;
+* the state machine stopped at its per-call work bound (``has_backlog``): the rest
+  is interpreted from ``call_soon`` callbacks, one bounded batch per loop
+  iteration, so a client pipelining megabytes does not starve other sessions;
+* a commit is pending with more than 64 KiB of pipelined input behind it;
+* a TLS handshake is starting.
+
+A session whose timeout fires while output is still unsent is *aborted*: a
+``close()`` would wait for a buffer the client never drains and keep the slot
+(per-IP and global) forever.  A session closing (QUIT, 421) whose last reply does
+not drain within the command timeout is aborted too.
+
+The per-IP cap counts IPv4 clients by address and IPv6 clients by /64 (one
+customer's allocation; any address in it is the same client for the cap).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 import time
 from collections.abc import Callable
@@ -62,7 +83,7 @@ _R_SPOOL_ERROR: Final = Reply.of(451, "4.3.0", "Local error in processing, try a
 _R_TOO_MANY: Final = Reply.of(421, "4.7.0", "Too many connections, try again later").to_bytes()
 _R_SHUTDOWN_NOW: Final = Reply.of(421, "4.3.2", "Service shutting down").to_bytes()
 
-_MAX_BUFFERED_WHILE_WAITING: Final = 64 * 1024
+_MAX_HELD_WAITING: Final = 64 * 1024  # pipelined input held while a commit is pending
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
@@ -95,6 +116,8 @@ class SmtpSession(asyncio.Protocol):
     """One inbound connection; see module doc."""
 
     __slots__ = (
+        "_backlog_call",
+        "_close_deadline",
         "_closing",
         "_commit_body",
         "_commit_task",
@@ -103,12 +126,15 @@ class SmtpSession(asyncio.Protocol):
         "_counted",
         "_errored",
         "_ip",
+        "_ip_key",
         "_last_read",
         "_paused",
         "_peer",
         "_rt",
         "_server",
+        "_tls_starting",
         "_transport",
+        "_write_paused",
         "_writer",
     )
 
@@ -121,13 +147,25 @@ class SmtpSession(asyncio.Protocol):
         self._commit_txn: Transaction | None = None
         self._commit_body: BodyWriter | None = None
         self._ip = ""
+        self._ip_key = ""  # what the per-IP cap counts: the address, or its /64 for IPv6
         self._peer = ""
         self._last_read = 0.0
         self._conn_deadline = 0.0
+        self._close_deadline = 0.0
         self._counted = False  # counted in active/per-IP totals
         self._errored = False
         self._closing = False
-        self._paused = False
+        self._paused = False  # reading paused (see module doc: backpressure)
+        self._write_paused = False  # the transport's write buffer is over high water
+        self._tls_starting = False
+        self._backlog_call: asyncio.Handle | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"<SmtpSession {self._peer} listener={self._rt.label} server={self._server!r} "
+            f"read_paused={self._paused} write_paused={self._write_paused} "
+            f"closing={self._closing}>"
+        )
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -140,6 +178,7 @@ class SmtpSession(asyncio.Protocol):
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]  # an IPv4 client of a dual-stack [::] listener
         self._ip = ip
+        self._ip_key = key = per_ip_key(ip)
         self._peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         stats = rt.stats
         stats.connections_total += 1
@@ -148,7 +187,7 @@ class SmtpSession(asyncio.Protocol):
             transport.close()
             return
         spec = rt.spec
-        per_ip = rt.per_ip.get(ip, 0)
+        per_ip = rt.per_ip.get(key, 0)
         if (
             stats.connections_active >= spec.max_connections
             or per_ip >= spec.max_connections_per_ip
@@ -162,7 +201,7 @@ class SmtpSession(asyncio.Protocol):
         self._counted = True
         stats.connections_active += 1
         stats.sessions_total += 1
-        rt.per_ip[ip] = per_ip + 1
+        rt.per_ip[key] = per_ip + 1
         rt.sessions.add(self)
         self._server = server = SmtpServer(rt.server_config, rt.relay_check(ip))
         transport.write(server.take_output())
@@ -182,16 +221,67 @@ class SmtpSession(asyncio.Protocol):
             self._transport.write(out)
         if events:
             self._handle(events)
-        if server.phase is Phase.WAITING and server.buffered_bytes > _MAX_BUFFERED_WHILE_WAITING:
-            # Input piling up while we commit: stop reading until the reply is out.
-            # (Not paused by default: one commit per message would cost two epoll_ctl
-            # calls, and the state machine already holds pipelined input unread.)
-            self._pause()
+        if (
+            server.has_backlog
+            or self._write_paused
+            or self._paused
+            or (server.phase is Phase.WAITING and server.buffered_bytes > _MAX_HELD_WAITING)
+        ):
+            # (Not paused in the common case: one commit per message would cost two
+            # epoll_ctl calls, and the state machine already holds pipelined input.)
+            self._flow()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._flow()
+
+    def _flow(self) -> None:
+        """Schedule held-back input and pause or resume reading (module doc)."""
+        server = self._server
+        transport = self._transport
+        if server is None or transport is None or self._closing:
+            return
+        if server.has_backlog and not self._write_paused and self._backlog_call is None:
+            self._backlog_call = self._rt.loop.call_soon(self._proceed)
+        hold = (
+            self._write_paused
+            or server.has_backlog
+            or self._tls_starting
+            or (server.phase is Phase.WAITING and server.buffered_bytes > _MAX_HELD_WAITING)
+        )
+        if hold and not self._paused:
+            self._paused = True
+            transport.pause_reading()
+        elif not hold and self._paused:
+            self._paused = False
+            transport.resume_reading()
+
+    def _proceed(self) -> None:
+        """Interpret the next batch of input held back by the state machine."""
+        self._backlog_call = None
+        server = self._server
+        transport = self._transport
+        if server is None or transport is None or self._closing or self._write_paused:
+            return
+        events = server.proceed()
+        out = server.take_output()
+        if out:
+            transport.write(out)
+        if events:
+            self._handle(events)
+        self._flow()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._backlog_call is not None:
+            self._backlog_call.cancel()
+            self._backlog_call = None
         server = self._server
         if server is not None:
             if server.phase is not Phase.CLOSED and exc is not None:
@@ -205,11 +295,11 @@ class SmtpSession(asyncio.Protocol):
             rt.stats.connections_active -= 1
             if self._errored:
                 rt.stats.sessions_errored += 1
-            left = rt.per_ip.get(self._ip, 1) - 1
+            left = rt.per_ip.get(self._ip_key, 1) - 1
             if left > 0:
-                rt.per_ip[self._ip] = left
+                rt.per_ip[self._ip_key] = left
             else:
-                rt.per_ip.pop(self._ip, None)
+                rt.per_ip.pop(self._ip_key, None)
             rt.sessions.discard(self)
             rt.session_gone()
 
@@ -232,7 +322,8 @@ class SmtpSession(asyncio.Protocol):
                 self._abort_body()
             elif kind is StartTls:
                 # the ClientHello must not reach data_received before start_tls runs
-                self._pause()
+                self._tls_starting = True
+                self._flow()
                 self._commit_task = self._rt.loop.create_task(self._start_tls())
             elif kind is Close:
                 assert isinstance(ev, Close)
@@ -344,9 +435,8 @@ class SmtpSession(asyncio.Protocol):
         self._last_read = self._rt.loop.time()
         if events:
             self._handle(events)
-        if self._paused and not self._closing and server.phase is not Phase.WAITING:
-            self._paused = False
-            transport.resume_reading()
+        if self._paused or server.has_backlog:
+            self._flow()
 
     async def _start_tls(self) -> None:
         rt = self._rt
@@ -362,6 +452,7 @@ class SmtpSession(asyncio.Protocol):
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("TLS handshake failed", peer=self._peer, error=str(exc))
             self._errored = True
+            self._tls_starting = False
             self._commit_task = None
             if self._transport is not None:
                 self._transport.abort()
@@ -370,18 +461,18 @@ class SmtpSession(asyncio.Protocol):
         if new is None:  # pragma: no cover - the connection went away meanwhile
             return
         self._transport = new
+        self._tls_starting = False
         self._paused = False  # start_tls resumed the raw transport; the TLS one is fresh
+        self._write_paused = False
         self._resume(server.tls_started())
-
-    def _pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
 
     def _close(self) -> None:
         if self._closing:
             return
         self._closing = True
+        rt = self._rt
+        # a reply the client never reads must not keep the slot: see check_timeout
+        self._close_deadline = rt.loop.time() + rt.spec.command_timeout_s
         if self._transport is not None:
             self._transport.close()  # flushes the reply first
 
@@ -391,9 +482,16 @@ class SmtpSession(asyncio.Protocol):
         """Called by the listener's sweeper every tick (one timer per listener, not one
         per session: creating and cancelling a timer per connection costs more)."""
         server = self._server
-        if server is None or self._transport is None or self._closing:
+        transport = self._transport
+        if server is None or transport is None:
             return
         rt = self._rt
+        if self._closing:
+            if now >= self._close_deadline:
+                log.info("Session aborted: closing reply not read", peer=self._peer,
+                         listener=rt.label)  # fmt: skip
+                transport.abort()
+            return
         spec = rt.spec
         phase = server.phase
         if phase is Phase.WAITING:
@@ -410,10 +508,19 @@ class SmtpSession(asyncio.Protocol):
             log.info("Session timed out", peer=self._peer, listener=rt.label,
                      phase=phase.value)  # fmt: skip
             self._errored = True
+            if transport.get_write_buffer_size() > 0:
+                # SPEC §3: output still unsent - the client is not reading; close()
+                # would wait for it forever.  Abort frees the slot now.
+                log.info("Session aborted: replies not read", peer=self._peer,
+                         listener=rt.label,
+                         unsent=transport.get_write_buffer_size())  # fmt: skip
+                self._closing = True
+                transport.abort()
+                return
             events = server.timed_out()
             out = server.take_output()
             if out:
-                self._transport.write(out)
+                transport.write(out)
             self._handle(events)
 
     def shutdown(self) -> None:
@@ -438,7 +545,10 @@ class SmtpSession(asyncio.Protocol):
         ):
             self._transport.write(_R_SHUTDOWN_NOW)
         self._closing = True
-        self._transport.close()
+        if self._transport.get_write_buffer_size() > 0:
+            self._transport.abort()  # a client that does not read would hold us here
+        else:
+            self._transport.close()
 
     @property
     def pending_task(self) -> asyncio.Future[Any] | None:
@@ -448,6 +558,26 @@ class SmtpSession(asyncio.Protocol):
     @property
     def in_message(self) -> bool:
         return self._server is not None and self._server.in_message
+
+    @property
+    def held_bytes(self) -> int:
+        """Memory this session holds for its client: unread input plus unsent replies."""
+        held = self._server.buffered_bytes if self._server is not None else 0
+        if self._transport is not None:
+            held += self._transport.get_write_buffer_size()
+        return held
+
+
+def per_ip_key(ip: str) -> str:
+    """What the per-IP connection cap counts (SPEC §3): an IPv4 address as it is, an
+    IPv6 address by its /64 (``2001:db8:1:2::/64``)."""
+    if ":" not in ip:
+        return ip
+    try:
+        net = ipaddress.IPv6Network((ip.split("%", 1)[0], 64), strict=False)
+    except ValueError:
+        return ip
+    return str(net)
 
 
 SessionFactory = Callable[[], SmtpSession]
