@@ -493,14 +493,11 @@ class App:
         await self.spool.close()
 
     async def _compact_loop(self) -> None:
-        compact = getattr(self.spool, "compact", None)
-        if compact is None:
-            return
         slog = get_logger("spool", __name__)
         while True:
             await asyncio.sleep(COMPACT_INTERVAL_S)
             try:
-                await compact()
+                await self.spool.compact()
             except Exception:
                 slog.exception("Spool compaction failed")
 

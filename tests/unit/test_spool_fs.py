@@ -17,8 +17,11 @@ from typing import Any, TypeVar
 import pytest
 
 from empath.errors import SpoolError, SpoolFullError, UnknownMessageError
+from empath.spool.body import BodyState
 from empath.spool.fs import FileSpool
+from empath.spool.memory import MemorySpool
 from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
+from empath.spool.store import Spool
 from tests.helpers import wait_for
 
 T = TypeVar("T")
@@ -468,5 +471,41 @@ def test_usage_counts_log_and_spilled_bytes(tmp_path: Path) -> None:
         assert u.size_bytes >= empty + 1000
         assert 0 < u.free_bytes <= u.total_bytes
         await spool.close()
+
+    run(main())
+
+
+# --- the protocol's shape ------------------------------------------------------
+
+
+def test_compact_is_part_of_the_spool_protocol_for_both_backends(tmp_path: Path) -> None:
+    """The app calls ``Spool.compact`` without asking whether the backend has one."""
+
+    async def compact_all(spools: list[Spool]) -> list[int]:
+        for spool in spools:
+            await spool.open()
+        freed = [await spool.compact() for spool in spools]
+        for spool in spools:
+            await spool.close()
+        return freed
+
+    assert [0, 0] == run(compact_all([FileSpool(tmp_path), MemorySpool()]))
+
+
+def test_repr_and_body_states_are_informative(tmp_path: Path) -> None:
+    async def main() -> None:
+        spool, _ = await reopen(tmp_path, spill_bytes=16)
+        await put(spool, b"one\r\n")
+        text = repr(spool)
+        assert text.startswith(f"<FileSpool {str(tmp_path)!r} open messages=1 segments=1 ")
+        assert "active=0000000001-" in text and "records_written=1" in text
+        w = spool.begin()
+        assert BodyState.OPEN is w.state
+        w.write(b"z" * 100)
+        assert w.spilled
+        w.abort()
+        assert BodyState.ABORTED is w.state
+        await spool.close()
+        assert f"<FileSpool {str(tmp_path)!r} closed messages=1>" == repr(spool)
 
     run(main())

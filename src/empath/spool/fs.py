@@ -98,6 +98,20 @@ class FileSpool(IndexedMessages):
         self._compact_lock = asyncio.Lock()
         self.last_recovery: RecoveryReport | None = None
 
+    def __repr__(self) -> str:
+        writer = self._writer
+        if writer is None:
+            return f"<FileSpool {str(self.path)!r} closed messages={len(self._index)}>"
+        with self._segments_lock:
+            segments = len(self._segments)
+            log_bytes = sum(seg.size for seg in self._segments.values())
+        return (
+            f"<FileSpool {str(self.path)!r} open messages={len(self._index)} "
+            f"segments={segments} active={writer.active.name} log_bytes={log_bytes} "
+            f"spilled_bytes={self._spill_total} batches={writer.batches} "
+            f"records_written={writer.records}>"
+        )
+
     # --- lifecycle --------------------------------------------------------------
 
     async def open(self) -> RecoveryReport:

@@ -126,7 +126,7 @@ class MemorySpool(IndexedMessages):
         self._open = False
 
     async def compact(self) -> int:
-        """Nothing to reclaim in memory; present so callers can treat backends alike."""
+        """Nothing to reclaim in memory (removed messages are gone at once)."""
         return 0
 
     # --- writing --------------------------------------------------------------

@@ -16,6 +16,7 @@ Contract (SPEC §3):
   everything else); ``durable=False`` queues it for the next flush and returns at
   once (used for ``in_progress`` marks, which recovery treats as pending anyway).
 - ``remove()`` durably forgets a message; its space becomes reclaimable.
+- ``compact()`` reclaims that space (the app calls it periodically).
 - The in-memory index (``get``/``messages``) reflects every committed/updated
   state immediately, and after ``open()`` everything recovered from disk.
 """
@@ -130,6 +131,11 @@ class Spool(Protocol):
 
     def usage(self) -> SpoolUsage:
         """Filesystem and spool sizes (for health and metrics)."""
+        ...
+
+    async def compact(self) -> int:
+        """Reclaim space held by finished messages (called periodically by the app);
+        the bytes freed, 0 when there is nothing to do (always, for a memory spool)."""
         ...
 
 
