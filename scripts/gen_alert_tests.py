@@ -1,0 +1,184 @@
+"""Write deploy/prometheus/prometheus-alerts.test.yml (the `promtool test rules` cases).
+
+For every alert of deploy/prometheus/prometheus-alerts.yml: an instance ``fire`` whose
+series make it true and an instance ``quiet`` whose series keep it false; evaluated
+just before the rule's ``for`` has passed (nothing firing yet) and just after (only
+``fire``).  Expected annotations are the rule's with ``{{ $labels.x }}`` filled in, so
+a changed rule regenerates its test: ``.venv/bin/python scripts/gen_alert_tests.py``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "deploy" / "prometheus" / "prometheus-alerts.yml"
+OUT = ROOT / "deploy" / "prometheus" / "prometheus-alerts.test.yml"
+
+
+def s(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+def both(name: str, extra: dict[str, str], fire: str, quiet: str, job: str = "empath") -> list:
+    return [
+        s(name, {**extra, "instance": "fire", "job": job}, fire),
+        s(name, {**extra, "instance": "quiet", "job": job}, quiet),
+    ]
+
+
+def bucket_series(instance: str, counts: dict[str, str]) -> list[dict[str, str]]:
+    return [
+        s("empath_delivery_queue_age_seconds_bucket", {"le": le, "instance": instance,
+                                                       "job": "empath"}, v)
+        for le, v in counts.items()
+    ]  # fmt: skip
+
+
+# alert → (source group index or None for "any", series, before, after, output labels of fire)
+CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str, str]]]] = {
+    "DeliverySuccessRateLow": [
+        (None, both("empath_delivery_success_rate", {}, "0.5x30", "0.99x30"), "4m", "6m", {})
+    ],
+    "QueueBacklogCritical": [
+        (None, both("empath_delivery_queue_size", {"status": "pending"}, "20000x30", "500x30"),
+         "1m", "3m", {"status": "pending"}),
+    ],
+    "SMTPListenerDown": [
+        (None,
+         both("empath_smtp_connections_total", {"listener": "[::]:25"}, "5x30", "0+10x30")
+         + both("empath_smtp_connections_active", {"listener": "[::]:25"}, "0x30", "0x30"),
+         "3m", "5m", {}),
+    ],
+    "CircuitBreakerStormDetected": [
+        (None,
+         [s("empath_delivery_circuit_breaker_trips_total",
+            {"domain": f"d{i}.test", "instance": "fire", "job": "empath"}, "0 1x30")
+          for i in range(5)]
+         + [s("empath_delivery_circuit_breaker_trips_total",
+              {"domain": f"d{i}.test", "instance": "quiet", "job": "empath"}, "0 1x30")
+            for i in range(4)],
+         "1m", "3m", {}),
+    ],
+    "SpoolDiskSpaceLow": [
+        ("node_exporter",
+         both("node_filesystem_avail_bytes", {"mountpoint": "/var/spool/empath"}, "5x30",
+              "50x30", job="node")
+         + both("node_filesystem_size_bytes", {"mountpoint": "/var/spool/empath"}, "100x30",
+                "100x30", job="node"),
+         "4m", "6m", {"mountpoint": "/var/spool/empath", "job": "node"}),
+        ("empath",
+         both("empath_spool_free_bytes", {}, "5x30", "50x30")
+         + both("empath_spool_size_bytes", {}, "100x30", "100x30"),
+         "4m", "6m", {}),
+    ],
+    "EmpathDown": [(None, both("up", {}, "0x30", "1x30"), "0m", "2m", {})],
+    "DeliveryLatencyHigh": [
+        (None,
+         bucket_series("fire", {"60": "0x40", "600": "0x40", "3600": "0+10x40",
+                                "+Inf": "0+10x40"})
+         + bucket_series("quiet", {"60": "0+10x40", "600": "0+10x40", "3600": "0+10x40",
+                                   "+Inf": "0+10x40"}),
+         "10m", "12m", {}),
+    ],
+    "OldestMessageAgeHigh": [
+        (None, both("empath_delivery_queue_oldest_seconds", {}, "4000x30", "100x30"),
+         "4m", "6m", {}),
+    ],
+    "DnsCacheHitRateLow": [
+        (None,
+         both("empath_dns_cache_hits_total", {}, "0+10x40", "0+90x40")
+         + both("empath_dns_cache_misses_total", {}, "0+90x40", "0+10x40"),
+         "15m", "17m", {}),
+    ],
+    "RateLimitingExcessive": [
+        (None,
+         [s("empath_delivery_rate_limited_total",
+            {"domain": "slow.test", "instance": "fire", "job": "empath"}, "0+300x30"),
+          s("empath_delivery_rate_limited_total",
+            {"domain": "slow.test", "instance": "quiet", "job": "empath"}, "0+60x30")],
+         "5m", "7m", {"domain": "slow.test"}),
+    ],
+    "DeliveryErrorRateElevated": [
+        (None, both("empath_delivery_error_rate", {}, "0.2x30", "0.01x30"), "14m", "16m", {}),
+    ],
+    "QueueSizeGrowing": [
+        (None, both("empath_delivery_queue_size", {"status": "pending"}, "0+100x40", "100x40"),
+         "15m", "17m", {"status": "pending"}),
+    ],
+    "CircuitBreakerOpen": [
+        (None,
+         [s("empath_delivery_circuit_breaker_state",
+            {"domain": "dead.test", "state": "Open", "instance": "fire", "job": "empath"},
+            "1x30"),
+          s("empath_delivery_circuit_breaker_state",
+            {"domain": "dead.test", "state": "Closed", "instance": "quiet", "job": "empath"},
+            "0x30")],
+         "9m", "11m", {"domain": "dead.test"}),
+    ],
+}  # fmt: skip
+
+LABEL_RE = re.compile(r"\{\{ \$labels\.(\w+) \}\}")
+
+
+def rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text())
+    return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
+
+
+def main() -> int:
+    all_rules = rules()
+    names = {r["alert"] for r in all_rules}
+    missing = names - CASES.keys()
+    if missing:
+        print(f"no test case for {sorted(missing)}", file=sys.stderr)
+        return 1
+    tests = []
+    for alert, cases in CASES.items():
+        for source, series, before, after, out in cases:
+            (rule,) = [
+                r for r in all_rules
+                if r["alert"] == alert and (source is None or r["labels"].get("source") == source)
+            ]  # fmt: skip
+            labels = {"instance": "fire", "job": "empath", **out, **rule["labels"]}
+            annotations = {
+                k: LABEL_RE.sub(lambda m: labels[m.group(1)], v)
+                for k, v in rule["annotations"].items()
+            }
+            tests.append(
+                {
+                    "interval": "1m",
+                    "input_series": series,
+                    "alert_rule_test": [
+                        {"eval_time": before, "alertname": alert, "exp_alerts": []},
+                        {
+                            "eval_time": after,
+                            "alertname": alert,
+                            "exp_alerts": [
+                                {"exp_labels": labels, "exp_annotations": annotations}
+                            ],
+                        },
+                    ],
+                }
+            )
+    header = (
+        "# Generated by scripts/gen_alert_tests.py: for every alert, one instance that fires\n"
+        "# after the rule's `for` and one that stays quiet.  Run: promtool test rules <this>\n"
+    )
+    body = yaml.safe_dump(
+        {"rule_files": ["prometheus-alerts.yml"], "evaluation_interval": "1m", "tests": tests},
+        sort_keys=False,
+        width=120,
+    )
+    OUT.write_text(header + body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
