@@ -160,9 +160,7 @@ def main() -> int:
                         {
                             "eval_time": after,
                             "alertname": alert,
-                            "exp_alerts": [
-                                {"exp_labels": labels, "exp_annotations": annotations}
-                            ],
+                            "exp_alerts": [{"exp_labels": labels, "exp_annotations": annotations}],
                         },
                     ],
                 }

@@ -413,16 +413,22 @@ class App:
         )
 
     def _spool_writable(self) -> bool:
-        """The spool directory accepts writes: not on a read-only filesystem (remounted
-        after I/O errors, say) and writable for this user.  No file is written."""
+        """The spool directory accepts a new file: not on a read-only filesystem
+        (remounted after I/O errors, say), not immutable, writable for this user.  The
+        probe file is created and removed at once, never synced (recovery ignores the
+        spool's top directory, so a leftover one is harmless)."""
         if self.config.spool.type == "Memory":
             return True
         path = self.config.spool.path
+        probe = os.path.join(path, ".ready-probe")
         try:
-            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                return False
+            os.close(os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600))
+            os.unlink(probe)
         except OSError:
             return False
-        return not read_only and os.access(path, os.W_OK | os.X_OK)
+        return True
 
     # -- run ------------------------------------------------------------------
 

@@ -137,9 +137,7 @@ def test_alertmanager_config_and_routes() -> None:
 
 def test_alertmanager_inhibitions_are_the_three_of_the_spec() -> None:
     doc = yaml.safe_load(AM.read_text())
-    pairs = {
-        (r["source_matchers"][0], r["target_matchers"][0]) for r in doc["inhibit_rules"]
-    }
+    pairs = {(r["source_matchers"][0], r["target_matchers"][0]) for r in doc["inhibit_rules"]}
     assert {
         ('alertname="DeliverySuccessRateLow"', 'alertname="DeliveryErrorRateElevated"'),
         ('alertname="QueueBacklogCritical"', 'alertname="QueueSizeGrowing"'),

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import logql
 from tests.daemon import Daemon, Submitter, ThreadedPeer
 from tests.dnsmasq import DnsRecords, dnsmasq
-from tests.helpers import free_port, require_tool, wait_for
+from tests.helpers import free_port, require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 SENDER = "sender@good.test"

@@ -1,0 +1,68 @@
+"""/health/ready on the live daemon (SPEC §7): 503 naming the failing check, 200 after.
+
+The spool directory is made immutable with ``chattr +i`` (we run as root, so
+permissions alone would not stop us); the queue reaches ``max_queue_size`` while a
+slow sink holds three deliveries, and drains when it answers.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.daemon import Daemon, Submitter, ThreadedPeer
+from tests.helpers import require_tool, wait_for
+
+
+def chattr(flag: str, path: Path) -> None:
+    subprocess.run([require_tool("chattr"), flag, str(path)], check=True, capture_output=True,
+                   timeout=10)  # fmt: skip
+
+
+def ready(daemon: Daemon) -> tuple[int, dict[str, dict[str, object]]]:
+    status, body = daemon.http_json("/health/ready")
+    return status, body["checks"]
+
+
+def test_ready_is_503_naming_spool_writable_while_the_spool_is_immutable(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "empath")
+    daemon.start()
+    try:
+        assert 200 == ready(daemon)[0]
+        chattr("+i", daemon.spool_path)  # not even root may create a file in it now
+        try:
+            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 503 and r, timeout=10)
+            assert {"ok": False, "value": False} == checks["spool_writable"]
+            assert all(c["ok"] for name, c in checks.items() if name != "spool_writable")
+        finally:
+            chattr("-i", daemon.spool_path)
+        wait_for(lambda: ready(daemon)[0] == 200, timeout=10, what="ready again")
+        assert not (daemon.spool_path / ".ready-probe").exists()
+    finally:
+        daemon.stop()
+
+
+def test_ready_is_503_naming_pending_units_above_max_queue_size_then_200(tmp_path: Path) -> None:
+    script = {"delay_secs": {"data_end": 3.0}}  # three units stay queued (in flight) for 3 s
+    with ThreadedPeer(script) as sink:
+        daemon = Daemon(
+            tmp_path / "empath",
+            overrides={
+                "health": {"max_queue_size": 3},
+                "delivery": {
+                    "domains": {"busy.test": {"mx_override": sink.address}},
+                },
+            },
+        )
+        daemon.start()
+        try:
+            with Submitter(daemon.smtp_port) as s:
+                for i in range(3):
+                    s.send("a@origin.test", [f"u{i}@busy.test"], "Subject: q\n\nx\n")
+            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 503 and r, timeout=10)
+            assert {"ok": False, "value": 3} == checks["pending_units"]
+            sink.wait_delivered(3, timeout=20)
+            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 200 and r, timeout=10)
+            assert {"ok": True, "value": 0} == checks["pending_units"]
+        finally:
+            daemon.stop()
