@@ -148,7 +148,7 @@ def main() -> int:
             ]  # fmt: skip
             labels = {"instance": "fire", "job": "empath", **out, **rule["labels"]}
             annotations = {
-                k: LABEL_RE.sub(lambda m: labels[m.group(1)], v)
+                k: LABEL_RE.sub(lambda m, lb=labels: lb[m.group(1)], v)
                 for k, v in rule["annotations"].items()
             }
             tests.append(
