@@ -38,7 +38,8 @@ DASHBOARDS: dict[str, tuple[str, list[Panel]]] = {
         ("Failed attempts by SMTP code", "ops",
          ['sum by (smtp_code) (rate(empath_delivery_attempts_total{status="failed"}[5m]))']),
         ("Queue age p50 / p95 / p99", "s",
-         [f"histogram_quantile({q}, sum by (le) (rate(empath_delivery_queue_age_seconds_bucket[5m])))"
+         [f"histogram_quantile({q}, sum by (le) "
+          "(rate(empath_delivery_queue_age_seconds_bucket[5m])))"
           for q in ("0.5", "0.95", "0.99")]),
         ("Circuit breaker state by domain", "short",
          ["max by (domain) (empath_delivery_circuit_breaker_state)"]),
