@@ -26,7 +26,9 @@ def s(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
     return {"series": f"{name}{{{inner}}}", "values": values}
 
 
-def both(name: str, extra: dict[str, str], fire: str, quiet: str, job: str = "empath") -> list:
+def both(
+    name: str, extra: dict[str, str], fire: str, quiet: str, job: str = "empath"
+) -> list[dict[str, str]]:
     return [
         s(name, {**extra, "instance": "fire", "job": job}, fire),
         s(name, {**extra, "instance": "quiet", "job": job}, quiet),
@@ -127,6 +129,10 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
 LABEL_RE = re.compile(r"\{\{ \$labels\.(\w+) \}\}")
 
 
+def fill(template: str, labels: dict[str, str]) -> str:
+    return LABEL_RE.sub(lambda m: labels[m.group(1)], template)
+
+
 def rules() -> list[dict[str, Any]]:
     doc = yaml.safe_load(RULES.read_text())
     return [r for g in doc["groups"] for r in g["rules"] if "alert" in r]
@@ -147,10 +153,7 @@ def main() -> int:
                 if r["alert"] == alert and (source is None or r["labels"].get("source") == source)
             ]  # fmt: skip
             labels = {"instance": "fire", "job": "empath", **out, **rule["labels"]}
-            annotations = {
-                k: LABEL_RE.sub(lambda m, lb=labels: lb[m.group(1)], v)
-                for k, v in rule["annotations"].items()
-            }
+            annotations = {k: fill(v, labels) for k, v in rule["annotations"].items()}
             tests.append(
                 {
                     "interval": "1m",

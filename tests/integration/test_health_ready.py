@@ -19,9 +19,22 @@ def chattr(flag: str, path: Path) -> None:
                    timeout=10)  # fmt: skip
 
 
-def ready(daemon: Daemon) -> tuple[int, dict[str, dict[str, object]]]:
+Checks = dict[str, dict[str, object]]
+
+
+def ready(daemon: Daemon) -> tuple[int, Checks]:
     status, body = daemon.http_json("/health/ready")
     return status, body["checks"]
+
+
+def wait_status(daemon: Daemon, status: int) -> Checks:
+    """Poll /health/ready until it answers `status`; its checks."""
+
+    def probe() -> Checks:
+        got, checks = ready(daemon)
+        return checks if got == status else {}
+
+    return wait_for(probe, timeout=10, what=f"/health/ready {status}")
 
 
 def test_ready_is_503_naming_spool_writable_while_the_spool_is_immutable(tmp_path: Path) -> None:
@@ -31,12 +44,12 @@ def test_ready_is_503_naming_spool_writable_while_the_spool_is_immutable(tmp_pat
         assert 200 == ready(daemon)[0]
         chattr("+i", daemon.spool_path)  # not even root may create a file in it now
         try:
-            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 503 and r, timeout=10)
+            checks = wait_status(daemon, 503)
             assert {"ok": False, "value": False} == checks["spool_writable"]
             assert all(c["ok"] for name, c in checks.items() if name != "spool_writable")
         finally:
             chattr("-i", daemon.spool_path)
-        wait_for(lambda: ready(daemon)[0] == 200, timeout=10, what="ready again")
+        wait_status(daemon, 200)
         assert not (daemon.spool_path / ".ready-probe").exists()
     finally:
         daemon.stop()
@@ -59,10 +72,10 @@ def test_ready_is_503_naming_pending_units_above_max_queue_size_then_200(tmp_pat
             with Submitter(daemon.smtp_port) as s:
                 for i in range(3):
                     s.send("a@origin.test", [f"u{i}@busy.test"], "Subject: q\n\nx\n")
-            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 503 and r, timeout=10)
+            checks = wait_status(daemon, 503)
             assert {"ok": False, "value": 3} == checks["pending_units"]
             sink.wait_delivered(3, timeout=20)
-            _status, checks = wait_for(lambda: (r := ready(daemon))[0] == 200 and r, timeout=10)
+            checks = wait_status(daemon, 200)
             assert {"ok": True, "value": 0} == checks["pending_units"]
         finally:
             daemon.stop()
