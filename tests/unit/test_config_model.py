@@ -54,6 +54,7 @@ Empath (
     ) ],
     relay: ( trusted_networks: ["10.0.0.0/8", "192.168.1.1/24"],
              accepted_domains: ["Example.ORG"] ),
+    hop_limit: 30,
   ),
   spool: ( type: "Memory", path: "/srv/spool" ),
   delivery: (
@@ -63,7 +64,8 @@ Empath (
     scan_interval_secs: 15, process_interval_secs: 5,
     accept_invalid_certs: true,
     smtp_timeouts: ( connect_secs: 31, ehlo_secs: 32, starttls_secs: 33, mail_from_secs: 34,
-                     rcpt_to_secs: 35, data_secs: 121, quit_secs: 11 ),
+                     rcpt_to_secs: 35, data_secs: 121, quit_secs: 11,
+                     attempt_secs: 900 ),
     dns: ( nameservers: ["127.0.0.1:5353", "::1"], timeout_secs: 2.5, cache_size: 50,
            min_cache_ttl_secs: 1, max_cache_ttl_secs: 60, negative_ttl_secs: 30 ),
     domains: { "Example.com": ( mx_override: "127.0.0.1:2526", require_tls: true,
@@ -182,6 +184,7 @@ def test_full_config_sets_every_key() -> None:
     relay = c.smtp_controller.relay
     assert ("10.0.0.0/8", "192.168.1.1/24") == relay.trusted_networks
     assert ("example.org",) == relay.accepted_domains
+    assert 30 == c.smtp_controller.hop_limit
     assert ipaddress.ip_network("192.168.1.0/24") == relay.ip_networks()[1]
     assert ("Memory", "/srv/spool") == (c.spool.type, c.spool.path)
     d = c.delivery
@@ -197,7 +200,9 @@ def test_full_config_sets_every_key() -> None:
         d.process_interval_secs,
         d.accept_invalid_certs,
     )
-    assert (31.0, 32.0, 33.0, 34.0, 35.0, 121.0, 11.0) == dataclasses.astuple(d.smtp_timeouts)
+    assert (31.0, 32.0, 33.0, 34.0, 35.0, 121.0, 11.0, 900.0) == dataclasses.astuple(
+        d.smtp_timeouts
+    )
     assert (("127.0.0.1:5353", "::1"), 2.5, 50, 1.0, 60.0, 30.0) == dataclasses.astuple(d.dns)
     assert (("127.0.0.1", 5353), ("::1", 53)) == d.dns.nameserver_addresses()
     assert {

@@ -362,6 +362,10 @@ class SmtpTimeouts:
     rcpt_to_secs: float = rule(30.0, check=positive)
     data_secs: float = rule(120.0, check=positive)
     quit_secs: float = rule(10.0, check=positive)
+    # The cap on one whole attempt (connect → last reply of the transaction); None:
+    # the sum of the phase timeouts above with data counted twice (content, then the
+    # reply to the final dot) - 400 s with the defaults.
+    attempt_secs: float | None = rule(None, check=positive)
 
 
 @dataclass(frozen=True, slots=True)

@@ -257,6 +257,7 @@ class SmtpClient:
         "hostname",
         "mx",
         "needs_rset",
+        "replies_received",
         "state",
         "tls_active",
         "tls_policy",
@@ -279,6 +280,7 @@ class SmtpClient:
         self.needs_rset = False
         self.used_helo = False
         self._parser = ReplyParser()
+        self.replies_received = 0  # progress marker: the transport's reply deadlines
         self._expect: collections.deque[tuple[Cmd, int]] = collections.deque([(Cmd.GREETING, 0)])
         self._out: list[bytes] = []
         self._events: list[Event] = []
@@ -317,6 +319,7 @@ class SmtpClient:
             self._abort(None, f"protocol error from {self.mx or 'server'}: {exc.text}")
             return self._take_events()
         for reply in replies:
+            self.replies_received += 1
             self._on_reply(reply)
             if self.closed:
                 break

@@ -7,10 +7,15 @@ An :class:`OutboundConnection` is a thin asyncio pump around the sans-I/O
 every read to the client, writes whatever the client wants written, and queues
 the client's events; the coroutines here only wait for *events* (session ready,
 354, transaction done), never for individual replies, so a pipelined message
-costs two waits.  A single timer, re-armed whenever bytes arrive, enforces the
-per-phase timeouts of ``smtp_timeouts`` (the phase is the oldest outstanding
-command).  A timeout or a network error ends the connection; the client then
-settles every open recipient as temporary.
+costs two waits.  One lazy timer enforces the per-phase timeouts of
+``smtp_timeouts``: the phase is the oldest outstanding command, and its timeout is
+a *deadline for its whole reply*, set when that reply becomes the one awaited and
+never moved by bytes that arrive meanwhile (a server dripping one byte a second
+must not hold a connection for ever).  On top of that, each attempt has a cap
+(``attempt_secs``, by default the sum of the phase timeouts with ``data_secs``
+twice: 400 s): from the connect, or from the start of a transaction on a pooled
+connection, to its last reply.  A timeout or a network error ends the connection;
+the client then settles every open recipient as temporary.
 
 TLS (RFC 3207): STARTTLS is used whenever the server offers it.  Opportunistic
 sessions use an unverified context (any certificate is better than plaintext);
@@ -87,6 +92,19 @@ class TimeoutsLike(Protocol):
     def data_secs(self) -> float: ...
     @property
     def quit_secs(self) -> float: ...
+    @property
+    def attempt_secs(self) -> float | None: ...
+
+
+def attempt_cap_s(t: TimeoutsLike) -> float:
+    """The whole-attempt deadline: ``attempt_secs``, or the sum of the phases (data
+    twice: the content, then the reply to the final dot)."""
+    if t.attempt_secs is not None:
+        return t.attempt_secs
+    return (
+        t.connect_secs + t.ehlo_secs + t.starttls_secs + t.mail_from_secs
+        + t.rcpt_to_secs + 2 * t.data_secs + t.quit_secs
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +118,7 @@ class SmtpTimeouts:
     rcpt_to_secs: float = 30.0
     data_secs: float = 120.0
     quit_secs: float = 10.0
+    attempt_secs: float | None = None  # None: derived, see attempt_cap_s
 
 
 class TlsMode(enum.Enum):
@@ -203,8 +222,14 @@ class _Pump(asyncio.Protocol):
         self._timeouts = timeouts
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # loop time by which the current phase must progress
+        self._deadline = 0.0  # loop time by which the awaited reply must be complete
         self._deadline_phase: Cmd | None = None
+        # what the deadline is for: (phase, replies received, client state); only a
+        # change of it starts a new deadline
+        self._deadline_for: tuple[Cmd | None, int, ClientState] | None = None
+        self._phase_deadline = 0.0
+        self._cap = float("inf")  # the attempt's deadline (start_attempt)
+        self._cap_s = 0.0
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
 
@@ -223,7 +248,7 @@ class _Pump(asyncio.Protocol):
             self.events.extend(events)
             self._wake()
         elif self._waiter is not None:
-            self._arm()  # progress: restart the timer for the new phase
+            self._arm()  # a reply completed: the next one gets its own deadline
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -273,14 +298,23 @@ class _Pump(asyncio.Protocol):
     async def drain(self, timeout_s: float) -> None:
         if not self._paused or self.closed:
             return
-        self._drain_waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._drain_waiter = loop.create_future()
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(min(loop.time() + timeout_s, self._cap)):
                 await self._drain_waiter
         except TimeoutError:
             self._timed_out(Cmd.DATA)
         finally:
             self._drain_waiter = None
+
+    def start_attempt(self, cap_s: float) -> None:
+        """From now the attempt must be over within ``cap_s`` seconds."""
+        self._cap_s = cap_s
+        self._cap = asyncio.get_running_loop().time() + cap_s
+
+    def end_attempt(self) -> None:
+        self._cap = float("inf")
 
     def abort(self) -> None:
         self._cancel_timer()
@@ -298,16 +332,24 @@ class _Pump(asyncio.Protocol):
             self._timer = None
 
     def _arm(self) -> None:
-        """Set the deadline for the current phase.
+        """Set the deadline for the reply awaited now.
 
-        The timer is lazy: progress only moves ``_deadline``; the one pending
-        timer re-checks it when it fires.  This saves a TimerHandle per reply on
-        the hot path (a pooled connection keeps one timer alive, not thousands).
+        A new deadline starts only when the awaited reply changes (another phase,
+        another reply received, another client state), never because bytes of the
+        same reply arrived; it is capped by the attempt's deadline.  The timer is
+        lazy: a new reply only moves ``_deadline``; the one pending timer re-checks
+        it when it fires.  This saves a TimerHandle per reply on the hot path (a
+        pooled connection keeps one timer alive, not thousands).
         """
         loop = asyncio.get_running_loop()
-        phase = self.client.phase
-        self._deadline_phase = phase
-        self._deadline = loop.time() + self._timeouts.get(phase, 30.0)
+        client = self.client
+        phase = client.phase
+        awaited = (phase, client.replies_received, client.state)
+        if awaited != self._deadline_for:
+            self._deadline_for = awaited
+            self._deadline_phase = phase
+            self._phase_deadline = loop.time() + self._timeouts.get(phase, 30.0)
+        self._deadline = min(self._phase_deadline, self._cap)
         timer = self._timer
         if timer is None or self._deadline < timer.when():
             if timer is not None:
@@ -326,8 +368,10 @@ class _Pump(asyncio.Protocol):
 
     def _timed_out(self, phase: Cmd | None) -> None:
         what = _PHASE_TEXT.get(phase, "waiting") if phase is not None else "waiting"
+        over = asyncio.get_running_loop().time() >= self._cap
+        limit = f" (attempt time limit of {self._cap_s:g}s exceeded)" if over else ""
         events = self.client.connection_lost(
-            f"conversation with {self.label} timed out while {what}"
+            f"conversation with {self.label} timed out while {what}{limit}"
         )
         self.events.extend(events)
         self._wake()
@@ -396,6 +440,7 @@ class OutboundConnection:
         label = f"{key.host}[{target}]:{key.port}"
         client = SmtpClient(local_hostname, mx=key.host, tls_policy=key.tls.policy)
         pump = _Pump(client, _phase_timeouts(timeouts), label)
+        pump.start_attempt(attempt_cap_s(timeouts))
         try:
             async with asyncio.timeout(timeouts.connect_secs):
                 await loop.create_connection(lambda: pump, target, key.port)
@@ -492,20 +537,25 @@ class OutboundConnection:
         verdicts (the connection is then unusable).
         """
         pump = self._pump
-        events = self.client.start_transaction(txn)
-        for event in events:
-            if isinstance(event, TransactionDone):
-                return event.result
-        pump.flush_client()
-        self.messages_sent += 1
-        while True:
-            event = await pump.next_event()
-            if isinstance(event, TransactionDone):
-                return event.result
-            if isinstance(event, SendBody):
-                await self._write_body(body)
-            # SessionClosed without TransactionDone cannot happen: the client
-            # settles the transaction first.
+        if self.messages_sent:  # a pooled connection: this transaction is the attempt
+            pump.start_attempt(attempt_cap_s(self.timeouts))
+        try:
+            events = self.client.start_transaction(txn)
+            for event in events:
+                if isinstance(event, TransactionDone):
+                    return event.result
+            pump.flush_client()
+            self.messages_sent += 1
+            while True:
+                event = await pump.next_event()
+                if isinstance(event, TransactionDone):
+                    return event.result
+                if isinstance(event, SendBody):
+                    await self._write_body(body)
+                # SessionClosed without TransactionDone cannot happen: the client
+                # settles the transaction first.
+        finally:
+            pump.end_attempt()
 
     async def _write_body(self, body: BodySource) -> None:
         pump = self._pump
@@ -589,6 +639,15 @@ class ConnectionPool:
         self._keys: dict[PoolKey, _KeyState] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+
+    def __repr__(self) -> str:
+        st = self.stats
+        return (
+            f"<ConnectionPool keys={len(self._keys)} open={self.open_count()} "
+            f"idle={st.idle} in_use={st.in_use} opened={st.opened} reused={st.reused} "
+            f"max_per_key={self.max_per_key} idle_timeout_s={self.idle_timeout_s:g}"
+            f"{' closed' if self._closed else ''}>"
+        )
 
     async def acquire(self, key: PoolKey, wait_s: float = 30.0) -> OutboundConnection | None:
         """An idle healthy connection for ``key``, or None with a slot reserved.
