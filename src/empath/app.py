@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import empath
 from empath.clock import Clock, SystemClock
@@ -39,6 +39,7 @@ from empath.observability.metrics import (
     MetricsSettings,
     build_registry,
     renderer,
+    summarise_queue,
 )
 from empath.observability.stats import DomainLabels, RunnerStats
 from empath.policy.breaker import BreakerSettings, Transition
@@ -256,6 +257,10 @@ class App:
             dns_cache=self.router.cache,
             dns_lookups=self.resolver.stats,
         )
+        if self.cluster is not None:
+            from empath.cluster.metrics import ClusterMetrics
+
+            self.metrics.add_source(ClusterMetrics(self.cluster))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
@@ -315,22 +320,44 @@ class App:
         )
 
     def queue_sizes(self) -> Mapping[str, int]:
-        """Units by status (SPEC §6 statuses), for the cluster heartbeat."""
+        """Units by status (SPEC §6 statuses) for the cluster heartbeat, at most every 5 s."""
         now = time.monotonic()
         cached = self._queue_sizes_cache
         if cached is not None and now - cached[0] < QUEUE_SIZES_CACHE_S:
             return cached[1]
-        counts = dict.fromkeys(("pending", "in_progress", "retry", "failed", "expired"), 0)
-        for msg in self.spool.messages():
-            for unit in msg.units:
-                key = unit.status.value
-                if key in counts:
-                    counts[key] += 1
-        in_flight = self.scheduler.in_flight
-        counts["in_progress"] += in_flight
-        counts["pending"] = max(0, counts["pending"] - in_flight)
-        self._queue_sizes_cache = (now, counts)
-        return counts
+        summary = summarise_queue(
+            self.spool.messages(), set(self.runner.in_flight_keys()), time.time(), 0
+        )
+        sizes = {status.value: n for status, n in summary.sizes.items()}
+        self._queue_sizes_cache = (now, sizes)
+        return sizes
+
+    async def cluster_status(self) -> dict[str, Any] | None:
+        """``empathctl cluster status``: this node's view and every node's heartbeat;
+        None without ``cluster``."""
+        if self.cluster is None or self.config.cluster is None:
+            return None
+        from empath.cluster.backend import RedisUnavailableError
+        from empath.cluster.node import cluster_status
+
+        node = self.cluster
+        cc = self.config.cluster
+        data: dict[str, Any] = {
+            "node_id": cc.node_id,
+            "redis_url": cc.redis_url,
+            "redis_up": node.redis_up and not node.state.fallback,
+            "fallback": node.state.fallback,
+            "node_count": node.state.node_count,
+            "nodes": [],
+            "error": None,
+        }
+        try:
+            nodes = await cluster_status(node.backend, cc.heartbeat_secs)
+        except RedisUnavailableError as exc:
+            data["error"] = str(exc)
+        else:
+            data["nodes"] = [n.to_json() for n in nodes]
+        return data
 
     def _build_spool(self) -> Spool:
         if self.config.spool.type == "Memory":

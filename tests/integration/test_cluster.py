@@ -4,6 +4,7 @@ redis-server on loopback, delivering to scripted peers that count what they see.
 from __future__ import annotations
 
 import collections
+import json
 import re
 import threading
 import time
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from empath.testing.scripted_peer import PeerScript
-from tests.daemon import Daemon, Submitter, ThreadedPeer, log_time, submit
+from tests.ctl import ctl
+from tests.daemon import Daemon, Submitter, ThreadedPeer, log_time, parked_overrides, submit
 from tests.helpers import free_port, wait_for
 from tests.redis_server import RedisServer
 
@@ -212,6 +214,8 @@ def test_redis_killed_and_restarted_loses_no_mail(
                 }
             },
         )
+        for n in nodes:
+            assert 0.0 == metric(n, "empath_cluster_fallback")
         accepted: list[str] = []
         stop = threading.Event()
 
@@ -229,6 +233,8 @@ def test_redis_killed_and_restarted_loses_no_mail(
             redis_server.kill()
             for n in nodes:
                 n.wait_log("Cluster: Redis unreachable")
+                assert 1.0 == metric(n, "empath_cluster_fallback")
+                assert 0.0 == metric(n, "empath_cluster_redis_up")
             wait_for(lambda: len(accepted) > 60, timeout=30, what="load during the fallback")
             redis_server.start()
             for n in nodes:
@@ -244,6 +250,53 @@ def test_redis_killed_and_restarted_loses_no_mail(
         for n in nodes:
             assert 1 == len(n.logs("Cluster: Redis unreachable"))
             assert 1 == len(n.logs("Cluster: Redis reachable again"))
+            assert 0.0 == metric(n, "empath_cluster_fallback")
+            assert 1.0 == metric(n, "empath_cluster_redis_up")
+            assert 1.0 == metric(n, "empath_cluster_fallback_entries_total")
+
+
+def test_cluster_status_lists_every_node_with_its_queue_and_heartbeat(cluster: Cluster) -> None:
+    """`empathctl cluster status` (plain and --json), `system status` and /metrics."""
+    nodes = cluster(2, parked_overrides("park.test"))
+    ids = [submit(nodes[0].smtp_port, "a@x.org", ["p@park.test"], MSG) for _ in range(2)]
+
+    def queued_on_node0() -> dict[str, int]:
+        data = json.loads(ctl(nodes[1], "--json", "cluster", "status").stdout)
+        node0 = next(n for n in data["nodes"] if n["node_id"] == "node0")
+        return dict(node0["queue"]) if sum(node0["queue"].values()) >= len(ids) else {}
+
+    queue = wait_for(queued_on_node0, timeout=15, what="node0's queue in its heartbeat")
+    assert len(ids) == queue["pending"] + queue["retry"] + queue["in_progress"]
+    data = json.loads(ctl(nodes[1], "--json", "cluster", "status").stdout)
+    assert ["node0", "node1"] == sorted(n["node_id"] for n in data["nodes"])
+    assert all(n["alive"] and n["heartbeat_age_s"] < 5 for n in data["nodes"])
+    assert (False, True, 2) == (data["fallback"], data["redis_up"], data["node_count"])
+    plain = ctl(nodes[0], "cluster", "status")
+    assert 0 == plain.returncode, plain.stderr
+    lines = [x for x in plain.stdout.splitlines() if x.startswith("node: ")]
+    assert 2 == len(lines)
+    assert all(", alive, heartbeat: " in x for x in lines)
+    status = ctl(nodes[0], "system", "status").stdout
+    assert "Cluster: node node0, 2 live node(s), Redis up" in status
+    assert 2.0 == metric(nodes[0], "empath_cluster_nodes")
+    assert 1.0 == metric(nodes[0], "empath_cluster_redis_up")
+    assert metric(nodes[0], "empath_cluster_redis_roundtrip_seconds_count") > 0
+
+
+def test_cluster_status_without_cluster_mode_fails_with_exit_1(tmp_path: Path) -> None:
+    """`empathctl cluster status` on a node without `cluster` says so, exit 1."""
+    with Daemon(tmp_path / "solo") as d:
+        r = ctl(d, "cluster", "status")
+        assert 1 == r.returncode
+        assert "cluster mode is off" in r.stderr
+
+
+def metric(node: Daemon, name: str) -> float:
+    """The value of an unlabelled sample in the node's /metrics."""
+    for line in node.http_get("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def test_two_nodes_share_one_port_with_reuse_port(tmp_path: Path) -> None:

@@ -251,6 +251,12 @@ def system_status(ctx: Ctx, _ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cluster_status(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    data = ctx.call("cluster.status")
+    ctx.emit(data, output.cluster_text(data))
+    return EXIT_OK
+
+
 def system_ping(ctx: Ctx, _ns: argparse.Namespace) -> int:
     started = time.monotonic()
     data = ctx.call("system.ping")
@@ -313,6 +319,7 @@ COMMANDS: list[CliCommand] = [
     CliCommand("dns", "refresh", "resolve a domain again now", dns_refresh, _domain_arg),
     CliCommand("system", "status", "version, uptime, listeners, queue, DNS, spool", system_status),
     CliCommand("system", "ping", "is the daemon answering?", system_ping),
+    CliCommand("cluster", "status", "nodes, their queues and last heartbeats", cluster_status),
     CliCommand("config", "reload", "re-read the config (as SIGHUP)", config_reload),
     CliCommand("config", "check", "validate the config file", config_check, _check_args),
 ]

@@ -113,6 +113,33 @@ def status_text(data: dict[str, Any]) -> str:
         f"{spool['size_bytes'] // 2**20} MiB used",
         f"Config: {cfg['file'] or '-'}, last reload: {reload}",
     ]
+    cluster = data.get("cluster")
+    if cluster is not None:
+        mode = "FALLBACK to local limits (Redis unreachable)" if cluster["fallback"] else "Redis up"
+        lines.append(
+            f"Cluster: node {cluster['node_id']}, {cluster['node_count']} live node(s), {mode}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def cluster_text(data: dict[str, Any]) -> str:
+    """``empathctl cluster status``: a header, then one line per node."""
+    mode = "FALLBACK to local limits" if data["fallback"] else "shared state"
+    lines = [
+        f"Cluster via {data['redis_url']}: this node {data['node_id']}, "
+        f"Redis {'up' if data['redis_up'] else 'DOWN'}, {mode}, "
+        f"{data['node_count']} live node(s)"
+    ]
+    if data.get("error"):
+        lines.append(f"  cannot read the node list: {data['error']}")
+    for n in data["nodes"]:
+        queue = ", ".join(f"{k} {v}" for k, v in n["queue"].items())
+        lines.append(
+            f"node: {n['node_id']}, {'alive' if n['alive'] else 'DEAD'}, "
+            f"heartbeat: {n['heartbeat_age_s']:.1f}s ago, pid: {n['pid']}, host: {n['host']}, "
+            f"in_flight: {n['in_flight']}, fallback: {'yes' if n['fallback'] else 'no'}, "
+            f"queue: {queue or '-'}"
+        )
     return "\n".join(lines) + "\n"
 
 

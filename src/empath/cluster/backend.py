@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from empath.cluster import lua
+from empath.observability.stats import Histogram
 
 T = TypeVar("T")
 
@@ -39,18 +40,8 @@ class RedisUnavailableError(Exception):
 class BackendStats:
     """Round trips and errors, read by the metrics collector."""
 
-    rtt_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RTT_BUCKETS_S))
-    rtt_count: int = 0
-    rtt_sum_s: float = 0.0
+    rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS_S))
     errors: int = 0
-
-    def observe(self, seconds: float) -> None:
-        self.rtt_count += 1
-        self.rtt_sum_s += seconds
-        for i, bound in enumerate(RTT_BUCKETS_S):
-            if seconds <= bound:
-                self.rtt_bucket_counts[i] += 1
-                break
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +115,7 @@ class RedisBackend:
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.errors += 1
             raise RedisUnavailableError(f"{type(exc).__name__}: {exc}") from exc
-        self.stats.observe(time.perf_counter() - started)
+        self.stats.rtt.observe(time.perf_counter() - started)
         return result
 
     async def reset(self) -> None:

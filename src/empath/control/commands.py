@@ -72,6 +72,7 @@ class Daemon(Protocol):
     def last_reload(self) -> ReloadRecord | None: ...
 
     def reload(self) -> str | None: ...
+    async def cluster_status(self) -> dict[str, Any] | None: ...
 
 
 # --- argument helpers ----------------------------------------------------------
@@ -140,6 +141,7 @@ class Handlers:
         usage = d.spool.usage()
         breakers = d.policy.snapshot().breakers
         last = d.last_reload
+        cluster = await d.cluster_status()
         return {
             "version": empath.__version__,
             "pid": os.getpid(),
@@ -168,6 +170,9 @@ class Handlers:
                 "free_bytes": usage.free_bytes,
                 "size_bytes": usage.size_bytes,
             },
+            "cluster": None
+            if cluster is None
+            else {k: cluster[k] for k in ("node_id", "redis_up", "fallback", "node_count")},
             "config": {
                 "file": d.config.source_path,
                 "last_reload_at": last.at if last else None,
@@ -175,6 +180,14 @@ class Handlers:
                 "last_reload_error": last.error if last else None,
             },
         }
+
+    # cluster
+
+    async def cluster_status(self, _args: Args) -> dict[str, Any]:
+        data = await self.d.cluster_status()
+        if data is None:
+            raise CommandError(ErrorCode.FAILED, "cluster mode is off (no `cluster` in the config)")
+        return data
 
     # queue
 
@@ -419,6 +432,7 @@ def command_table(daemon: Daemon) -> Mapping[str, Command]:
     entries: list[tuple[str, Callable[[Args], Any], bool]] = [
         ("system.ping", h.ping, False),
         ("system.status", h.status, False),
+        ("cluster.status", h.cluster_status, False),
         ("queue.list", h.queue_list, True),
         ("queue.stats", h.queue_stats, False),
         ("queue.view", h.queue_view, False),
