@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,9 @@ WINDOWS = {"1m": "5s", "5m": "30s", "10m": "30s", "30m": "60s"}
 
 
 def shortened_rules() -> dict[str, Any]:
-    doc = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus-alerts.yml").read_text())
+    doc: dict[str, Any] = yaml.safe_load(
+        (ROOT / "deploy" / "prometheus" / "prometheus-alerts.yml").read_text()
+    )
     for group in doc["groups"]:
         for rule in group["rules"]:
             rule["for"] = "2s"
@@ -69,7 +72,7 @@ class Stack:
         return [a for a in self.alerts() if a["labels"]["alertname"] == name]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        url = f"{self.prom}/api/v1/query?query={urllib.request.quote(expr)}"
+        url = f"{self.prom}/api/v1/query?query={urllib.parse.quote(expr)}"
         result: list[dict[str, Any]] = get_json(url)["data"]["result"]
         return result
 
@@ -172,11 +175,12 @@ def test_alerts_fire_in_a_real_prometheus_and_alertmanager_inhibits(
             smtp.send("s@origin.test", [f"u@{d}"], BODY)
 
     wait_for(lambda: s.firing("DeliverySuccessRateLow"), timeout=30, what="DeliverySuccessRateLow")
-    opened = wait_for(
-        lambda: (f := s.firing("CircuitBreakerOpen")) and len(f) == len(DEAD_DOMAINS) and f,
-        timeout=40,
-        what="CircuitBreakerOpen for every dead domain",
-    )
+
+    def all_open() -> list[dict[str, Any]]:
+        found = s.firing("CircuitBreakerOpen")
+        return found if len(found) == len(DEAD_DOMAINS) else []
+
+    opened = wait_for(all_open, timeout=40, what="CircuitBreakerOpen for every dead domain")
     assert set(DEAD_DOMAINS) == {a["labels"]["domain"] for a in opened}
     (storm,) = wait_for(lambda: s.firing("CircuitBreakerStormDetected"), timeout=30, what="storm")
     assert "critical" == storm["labels"]["severity"]
