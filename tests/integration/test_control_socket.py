@@ -3,6 +3,7 @@ basic commands through the installed `empathctl`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -12,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.ctl import LIST_LINE, ctl, ctl_env
-from tests.daemon import Daemon, parked_overrides, submit
+from tests.ctl import LIST_LINE, ctl, ctl_env, sh
+from tests.daemon import Daemon, Submitter, parked_overrides, submit
 from tests.helpers import wait_for
 
 SENDER = "ops@origin.test"
@@ -127,3 +128,42 @@ def test_unreachable_daemon_exits_3_naming_the_socket_and_how_to_set_it(tmp_path
     assert 3 == r.returncode
     assert str(sock) in r.stderr
     assert "--socket" in r.stderr and "EMPATH_CONTROL_SOCKET" in r.stderr
+
+
+def test_a_closed_pipe_ends_queue_list_quietly_with_exit_0(tmp_path: Path) -> None:
+    domains = [f"d{i:02d}.parked.test" for i in range(20)]
+    with Daemon(tmp_path / "d", parked_overrides(*domains)) as d:
+        with Submitter(d.smtp_port) as s:
+            for n in range(100):
+                s.send(SENDER, [f"u{n}@{dom}" for dom in domains], BODY)
+        full = ctl(d, "queue", "list")
+        assert 2000 == len(full.stdout.splitlines())  # ~300 KB: more than a pipe holds
+        r = sh(d, "empathctl queue list | head -n 1", pipefail=True)
+        assert 0 == r.returncode, r.stderr
+        assert "" == r.stderr
+        first = LIST_LINE.match(full.stdout.splitlines()[0])
+        got = LIST_LINE.match(r.stdout.strip())
+        assert first is not None and got is not None
+        assert (first["id"], first["domain"]) == (got["id"], got["domain"])
+
+
+def test_auth_refuses_a_missing_or_wrong_token_and_audits_it(tmp_path: Path) -> None:
+    token = "s3cret-token"
+    auth = {"enabled": True, "token_hashes": [hashlib.sha256(token.encode()).hexdigest()]}
+    with Daemon(tmp_path / "d", {"control_auth": auth}) as d:
+        none = ctl(d, "system", "ping")
+        assert 4 == none.returncode
+        assert "authentication failed" in none.stderr
+        wrong = ctl(d, "--token", "nope", "queue", "stats")
+        assert 4 == wrong.returncode
+        assert 0 == ctl(d, "--token", token, "system", "ping").returncode
+        env = ctl_env(d, EMPATH_CONTROL_TOKEN=token)
+        assert 0 == ctl(d, "queue", "list", env=env).returncode
+        denied = d.wait_log("Control command", count=2, outcome="denied")
+        assert [("system.ping", "no token given"), ("queue.stats", "wrong token")] == [
+            (x["fields"]["command"], x["fields"]["error"]) for x in denied
+        ]
+        assert all(x["fields"]["audit"] is True for x in denied)
+        assert all(x["fields"]["peer_uid"] == os.getuid() for x in denied)
+        assert all(token not in json.dumps(x) for x in d.log_lines())
+        d.wait_log("Control command", command="queue.list", outcome="ok")
