@@ -42,7 +42,7 @@ class Conn:
                 return None
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
-        frame = json.loads(line)
+        frame: dict[str, object] = json.loads(line)
         assert 1 == frame["v"]
         return frame
 
