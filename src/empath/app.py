@@ -33,7 +33,13 @@ from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
 from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
 from empath.observability.logs import flush as flush_logs
-from empath.observability.logs import get_logger, set_level, setup_logging
+from empath.observability.logs import (
+    get_logger,
+    redacted_fields,
+    set_level,
+    set_redaction,
+    setup_logging,
+)
 from empath.observability.metrics import (
     EmpathCollector,
     MetricsSettings,
@@ -418,6 +424,7 @@ class App:
         self.runner.retry = parts.retry
         self.runner.settings = parts.runner
         set_level(new.log.level)
+        set_redaction(redacted_fields(new.audit.redact_sender, new.audit.redact_recipients))
         self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)
         self.config = new
         self.last_reload = ReloadRecord(time.time(), True)
@@ -545,7 +552,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(config: Config) -> int:
-    setup_logging(config.log.level, config.log.format)
+    setup_logging(
+        config.log.level,
+        config.log.format,
+        redacted=redacted_fields(config.audit.redact_sender, config.audit.redact_recipients),
+    )
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             return runner.run(App(config).serve())

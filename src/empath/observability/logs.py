@@ -68,15 +68,44 @@ def _rfc3339(ts: float) -> str:
     return f"{_second_cache[1]}.{micros:06d}Z"
 
 
+SENDER_FIELDS: Final = frozenset({"sender"})
+RECIPIENT_FIELDS: Final = frozenset({"recipient", "rcpt", "to"})
+
+
+def redact_address(addr: str) -> str:
+    """``user@example.com`` → ``[REDACTED]@example.com`` (the domain stays: routing
+    problems are per domain)."""
+    at = addr.rfind("@")
+    if at >= 0:
+        return "[REDACTED]" + addr[at:]
+    return "[REDACTED]" if addr else ""
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_address(value)
+    if isinstance(value, list | tuple):
+        return [redact_address(v) if isinstance(v, str) else v for v in value]
+    return value
+
+
 class LineSink:
-    """The daemon's log output: formats lines directly, writes once per loop iteration."""
+    """The daemon's log output: formats lines directly, writes once per loop iteration.
 
-    __slots__ = ("_buffer", "_fd", "_scheduled", "json", "level")
+    ``redacted`` names the fields whose addresses lose their local part
+    (``audit.redact_sender`` → ``sender``, ``audit.redact_recipients`` →
+    ``recipient``/``rcpt``/``to``); applied to every line, audit or not.
+    """
 
-    def __init__(self, fd: int, level: int, json_format: bool) -> None:
+    __slots__ = ("_buffer", "_fd", "_scheduled", "json", "level", "redacted")
+
+    def __init__(
+        self, fd: int, level: int, json_format: bool, redacted: frozenset[str] = frozenset()
+    ) -> None:
         self._fd = fd
         self.level = level
         self.json = json_format
+        self.redacted = redacted
         self._buffer: list[bytes] = []
         self._scheduled = False
 
@@ -203,6 +232,9 @@ class EventLogger:
             if level < sink.level:
                 return
             out = {"message": message, **fields, "component": self._component}
+            if sink.redacted:
+                for key in sink.redacted.intersection(out):
+                    out[key] = _redact_value(out[key])
             if exc:
                 out.setdefault("error", traceback.format_exc().rstrip())
             sink.emit(level, self._logger.name, out)
@@ -245,7 +277,19 @@ def get_logger(component: str, name: str) -> EventLogger:
     return EventLogger(component, logging.getLogger(name))
 
 
-def setup_logging(level: str = "info", fmt: str = "json", stream: IO[str] | None = None) -> None:
+def redacted_fields(redact_sender: bool, redact_recipients: bool) -> frozenset[str]:
+    """The field names ``audit.redact_*`` hide the local parts of."""
+    return (SENDER_FIELDS if redact_sender else frozenset()) | (
+        RECIPIENT_FIELDS if redact_recipients else frozenset()
+    )
+
+
+def setup_logging(
+    level: str = "info",
+    fmt: str = "json",
+    stream: IO[str] | None = None,
+    redacted: frozenset[str] = frozenset(),
+) -> None:
     """Configure daemon logging (called once by the composition root).
 
     Event loggers write through a :class:`LineSink` on the stream's file
@@ -256,7 +300,7 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: IO[str] | None
     target = stream or sys.stderr
     target.flush()
     _sink = LineSink(
-        target.fileno(), _CONFIG_LEVELS.get(level.lower(), logging.INFO), fmt == "json"
+        target.fileno(), _CONFIG_LEVELS.get(level.lower(), logging.INFO), fmt == "json", redacted
     )
     logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -274,6 +318,12 @@ def set_level(level: str) -> None:
     logging.getLogger("empath").setLevel(value)
     if _sink is not None:
         _sink.level = value
+
+
+def set_redaction(redacted: frozenset[str]) -> None:
+    """Apply ``audit.redact_*`` (at start and on reload)."""
+    if _sink is not None:
+        _sink.redacted = redacted
 
 
 def flush() -> None:

@@ -470,6 +470,7 @@ class DeliveryRunner:
                 "Delivery failed permanently",
                 message_id=msg.id,
                 domain=domain,
+                recipient=o.address,
                 mx=o.mx,
                 smtp_code="" if o.code is None else str(o.code),
                 dsn=o.enhanced,
