@@ -62,6 +62,7 @@ from empath.transport.outbound import ConnectionPool
 if TYPE_CHECKING:
     from empath.cluster.node import ClusterNode
     from empath.cluster.state import SharedPolicyState
+    from empath.observability.otlp import OtlpPusher
 
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
@@ -285,6 +286,16 @@ class App:
                 self.readiness,
                 renderer(self.registry) if config.metrics.enabled else None,
             )
+        self.otlp: OtlpPusher | None = None
+        if config.metrics.enabled and config.metrics.endpoint:
+            from empath.observability.otlp import OtlpPusher
+
+            self.otlp = OtlpPusher(
+                self.registry,
+                config.metrics.endpoint,
+                config.metrics.push_interval_secs,
+                service_instance=config.hostname,
+            )
 
     def _build_shared_policy(self, parts: DeliveryParts) -> SharedPolicyState:
         """Cluster mode (SPEC §11): the policy state lives in Redis."""
@@ -501,6 +512,8 @@ class App:
             if self.health is not None:
                 await self.health.start()
             await self.control.start()
+            if self.otlp is not None:
+                self.otlp.start()
         except (OSError, EmpathError) as exc:
             log.error("Startup failed", error=str(exc))
             await self._shutdown()
@@ -528,6 +541,8 @@ class App:
         await self.runner.drain()
         if self.cluster is not None:
             await self.cluster.stop()
+        if self.otlp is not None:
+            await self.otlp.close()
         if self.health is not None:
             await self.health.close()
         await self.spool.close()
