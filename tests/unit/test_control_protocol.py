@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 
 import pytest
 
 from empath.cli import output
+from empath.config.load import discover_config_path
+from empath.control.client import Unreachable, config_path, discover_socket
 from empath.control.protocol import (
     MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
@@ -17,6 +20,7 @@ from empath.control.protocol import (
     parse_request,
 )
 from empath.control.server import token_ok
+from empath.errors import ConfigError
 
 BAD = [
     (b"", ErrorCode.BAD_REQUEST),
@@ -81,3 +85,40 @@ def test_list_line_has_the_runbook_shape() -> None:
 )
 def test_durations_are_compact(seconds: float, text: str) -> None:
     assert text == output.duration(seconds)
+
+
+def test_empathctl_finds_the_config_the_daemon_would_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """client.config_path mirrors config.load.discover_config_path (apart for start-up time)."""
+    monkeypatch.chdir(tmp_path)
+    named = tmp_path / "named.ron"
+    named.write_text('Empath ( control_socket: "/run/named.sock" )')
+    envfile = tmp_path / "env.ron"
+    envfile.write_text('Empath ( control_socket: "/run/env.sock" )')
+    cases: list[tuple[str | None, dict[str, str]]] = [
+        (str(named), {"EMPATH_CONFIG": str(envfile)}),
+        (None, {"EMPATH_CONFIG": str(envfile)}),
+        (None, {}),
+    ]
+    for cli, env in cases:
+        try:
+            expected: Path | None = discover_config_path(cli, env)
+        except ConfigError:
+            expected = None  # (/etc/empath/empath.config.ron does not exist here)
+        assert expected == config_path(cli, env)
+    local = tmp_path / "empath.config.ron"
+    local.write_text('Empath ( // no socket here\n  hostname: "a.test" )')
+    assert discover_config_path(None, {}) == config_path(None, {})
+    assert "/tmp/empath.sock" == discover_socket(None, None, {}).path
+    assert "/run/named.sock" == discover_socket(None, str(named), {}).path
+    assert "/run/env.sock" == discover_socket(None, None, {"EMPATH_CONFIG": str(envfile)}).path
+    # a file that is broken elsewhere still names its socket (as a daemon mid-reload sees)
+    local.write_text('Empath ( control_socket: "/run/x.sock", delivery: ( max_attempts: "x" ) )')
+    assert "/run/x.sock" == discover_socket(None, None, {}).path
+    assert "/run/cli.sock" == discover_socket("/run/cli.sock", None, {}).path
+    assert (
+        "/run/e.sock" == discover_socket(None, None, {"EMPATH_CONTROL_SOCKET": "/run/e.sock"}).path
+    )
+    with pytest.raises(Unreachable):
+        discover_socket(None, str(tmp_path / "missing.ron"), {})

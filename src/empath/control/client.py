@@ -14,10 +14,10 @@ else the default ``/tmp/empath.sock``.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any, Final
 
 import orjson
@@ -29,7 +29,7 @@ from empath.control.protocol import (
     encode_request,
 )
 
-_SOCKET_LINE: Final = re.compile(r'^\s*"?control_socket"?\s*:\s*"([^"\n]+)"', re.MULTILINE)
+CONFIG_CANDIDATES: Final = (Path("empath.config.ron"), Path("/etc/empath/empath.config.ron"))
 DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - SPEC §1's default
 HOW_TO_SET: Final = (
     f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
@@ -77,27 +77,42 @@ def discover_socket(
         return SocketChoice(cli_socket, "--socket")
     if env.get(SOCKET_ENV_VAR):
         return SocketChoice(env[SOCKET_ENV_VAR], f"${SOCKET_ENV_VAR}")
-    from empath.config.load import discover_config_path, load_config
+    # Only the RON reader, not the schema (empath.config.load): it is what an operator
+    # waits for on every command, and a file broken elsewhere (mid-edit, before
+    # `config reload`) still names the socket.
+    from empath.config.ron import parse, to_python
     from empath.errors import ConfigError
 
-    try:
-        path = discover_config_path(cli_config, env)
-    except ConfigError as exc:
-        if cli_config or env.get("EMPATH_CONFIG"):
-            raise Unreachable(f"cannot find the control socket: {exc}") from None
+    path = config_path(cli_config, env)
+    if path is None:
         return SocketChoice(DEFAULT_SOCKET, "the default (no config file found)")
     try:
-        config = load_config(path)
-    except ConfigError as exc:
-        # A config being edited may be broken just when `config reload` is wanted: the
-        # control_socket line alone is enough to reach the daemon (which reports the error).
-        found = _SOCKET_LINE.search(path.read_text(errors="replace")) if path.is_file() else None
-        if found:
-            return SocketChoice(found.group(1), f"control_socket in {path} (which does not load)")
-        raise Unreachable(
-            f"cannot find the control socket: {exc}; {HOW_TO_SET.replace('set it', 'or set it')}"
-        ) from None
-    return SocketChoice(config.control_socket, f"control_socket in {path}")
+        text = path.read_text(encoding="utf-8")
+        tree = to_python(parse(text, file=str(path)))
+    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+        raise Unreachable(f"cannot find the control socket: {exc}; {HOW_TO_SET}") from None
+    value = tree.get("control_socket") if isinstance(tree, dict) else None
+    if value is None:
+        return SocketChoice(DEFAULT_SOCKET, f"the default (no control_socket in {path})")
+    if not isinstance(value, str) or not value:
+        raise Unreachable(f"control_socket in {path} is not a path; {HOW_TO_SET}")
+    return SocketChoice(value, f"control_socket in {path}")
+
+
+def config_path(cli_config: str | None, env: Mapping[str, str]) -> Path | None:
+    """The daemon's config discovery (``empath.config.load.discover_config_path``, which
+    a test keeps equal): ``--config``, ``$EMPATH_CONFIG``, then the first existing of
+    ./empath.config.ron and /etc/empath/empath.config.ron; None when none exists.
+    Raises Unreachable when an explicitly named file is missing."""
+    for named, source in ((cli_config, "--config"), (env.get("EMPATH_CONFIG"), "$EMPATH_CONFIG")):
+        if named:
+            if not Path(named).is_file():
+                raise Unreachable(f"cannot find the control socket: {source} {named} is not a file")
+            return Path(named)
+    for candidate in CONFIG_CANDIDATES:
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class ControlClient:
