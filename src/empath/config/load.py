@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from empath.config.model import Check, Config, normalise_domain
+from empath.config.model import Check, Config, CrossChecked, normalise_domain
 from empath.config.ron import (
     MapValue,
     RonBool,
@@ -360,9 +360,8 @@ class _Binder:
             if spec.required and spec.name not in kwargs:
                 raise self.fail(node, path, f"missing required key {spec.name!r}")
         obj = cls(**kwargs)
-        consistency = getattr(obj, "consistency_errors", None)
-        if consistency is not None:
-            for name, message in consistency():
+        if isinstance(obj, CrossChecked):
+            for name, message in obj.consistency_errors():
                 raise self.fail(value_nodes.get(name, node), [*path, name], message)
         return obj
 

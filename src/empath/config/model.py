@@ -19,8 +19,8 @@ Per-field rules live in the field metadata, built with :func:`rule`:
 * ``lower_keys`` — map keys are domains: lower-cased, trailing dot removed;
 * ``ron=False`` — not a config key at all (``Config.source_path``).
 
-Cross-field rules are a ``consistency_errors()`` method returning
-``(field name, message)`` pairs. Durations are ``*_secs`` floats (an integer in
+Cross-field rules are the :class:`CrossChecked` protocol: a
+``consistency_errors()`` method returning ``(field name, message)`` pairs. Durations are ``*_secs`` floats (an integer in
 the file is accepted); counts are ints (a float in the file is an error).
 
 Constructing these classes directly (tests, the composition root) performs no
@@ -36,7 +36,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -45,6 +45,7 @@ __all__ = [
     "ClusterConfig",
     "Config",
     "ControlAuthConfig",
+    "CrossChecked",
     "DeliveryConfig",
     "DnsConfig",
     "DomainConfig",
@@ -70,6 +71,16 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_BYTES: Final = 26_214_400  # 25 MiB, SPEC §2 listener "size"
 
 Check = Callable[[Any], "str | None"]
+
+
+@runtime_checkable
+class CrossChecked(Protocol):
+    """A config struct with rules across its fields (checked after binding)."""
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        """``(field name, message)`` for each rule the values break."""
+        ...
+
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
 LogFormat = Literal["json", "text"]
 SpoolType = Literal["File", "Memory"]
