@@ -17,17 +17,16 @@ import random
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import empath
 from empath.clock import Clock, SystemClock
+from empath.config.derive import derive
 from empath.config.load import load_config
-from empath.config.model import Config, DomainConfig, ListenerConfig
+from empath.config.model import Config
 from empath.control.commands import ReloadRecord, command_table
 from empath.control.server import ControlServer, ControlSocketInUse
-from empath.delivery.attempt import AttemptSettings
 from empath.dns.mx import MxRouter, OwnListeners, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
@@ -48,15 +47,12 @@ from empath.observability.metrics import (
     summarise_queue,
 )
 from empath.observability.stats import DomainLabels, RunnerStats
-from empath.policy.breaker import BreakerSettings, Transition
-from empath.policy.ratelimit import RateLimit, resolve_limits
-from empath.policy.retry import RetryPolicy
-from empath.policy.state import LocalPolicyState
-from empath.queue.runner import DeliveryRunner, DomainPolicy, RunnerSettings
+from empath.policy.breaker import Transition
+from empath.policy.state import LocalPolicyState, PolicySettings
+from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
-from empath.smtp.server import RelayPolicy
 from empath.spool.store import Spool
-from empath.transport.listener import ListenerSpec, SmtpServerGroup
+from empath.transport.listener import SmtpServerGroup
 from empath.transport.outbound import ConnectionPool
 
 if TYPE_CHECKING:
@@ -71,98 +67,6 @@ COMPACT_INTERVAL_S = 30.0
 QUEUE_SIZES_CACHE_S = 5.0
 
 
-def listener_spec(
-    cfg: ListenerConfig, hostname: str, *, hop_limit: int = 50, postmaster: str = ""
-) -> ListenerSpec:
-    tls = cfg.tls
-    t = cfg.timeouts
-    return ListenerSpec(
-        host=cfg.host,
-        port=cfg.port,
-        hostname=hostname,
-        max_message_bytes=cfg.max_message_bytes,
-        max_recipients=cfg.max_recipients,
-        max_connections=cfg.max_connections,
-        max_connections_per_ip=cfg.max_connections_per_ip,
-        command_timeout_s=t.command_secs,
-        data_init_timeout_s=t.data_init_secs,
-        data_block_timeout_s=t.data_block_secs,
-        data_termination_timeout_s=t.data_termination_secs,
-        connection_timeout_s=t.connection_secs,
-        tls_cert=tls.certificate if tls else None,
-        tls_key=tls.key if tls else None,
-        context=dict(cfg.context),
-        name=cfg.socket,
-        reuse_port=cfg.reuse_port,
-        hop_limit=hop_limit,
-        postmaster=postmaster,
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryParts:
-    """Settings derived from `delivery`/`dsn` (rebuilt on SIGHUP)."""
-
-    breaker: BreakerSettings
-    default_rate: RateLimit
-    rate_overrides: dict[str, RateLimit]
-    retry: RetryPolicy
-    runner: RunnerSettings
-
-
-def delivery_parts(config: Config, tls_ca_file: str | None = None) -> DeliveryParts:
-    d = config.delivery
-    cb = d.circuit_breaker
-    rl = d.rate_limit
-
-    def domain_policy(domain: str) -> DomainPolicy:
-        dc: DomainConfig = d.domain_config(domain)
-        invalid = (
-            d.accept_invalid_certs if dc.accept_invalid_certs is None else dc.accept_invalid_certs
-        )
-        return DomainPolicy(dc.require_tls, invalid, dc.max_connections)
-
-    return DeliveryParts(
-        breaker=BreakerSettings(
-            cb.failure_threshold, cb.failure_window_secs, cb.timeout_secs, cb.success_threshold
-        ),
-        default_rate=RateLimit(rl.messages_per_second, rl.burst_size),
-        rate_overrides=resolve_limits(
-            rl.domain_limits, {name: dc.rate_limit for name, dc in d.domains.items()}
-        ),
-        retry=RetryPolicy(
-            d.base_retry_delay_secs,
-            d.max_retry_delay_secs,
-            d.retry_jitter_factor,
-            d.max_attempts,
-            d.message_expiration_secs,
-        ),
-        runner=RunnerSettings(
-            hostname=config.hostname,
-            attempt=AttemptSettings(
-                hostname=config.hostname,
-                timeouts=d.smtp_timeouts,
-                accept_invalid_certs=d.accept_invalid_certs,
-                tls_ca_file=tls_ca_file,
-            ),
-            domain_policy=domain_policy,
-            dsn_enabled=config.dsn.enabled,
-            reporting_mta=config.dsn.reporting_mta,
-            postmaster=config.postmaster_address,
-            delay_warning_s=config.dsn.delay_warning_secs,
-            failed_retention_s=d.failed_retention_secs,
-        ),
-    )
-
-
-def _overrides(config: Config) -> dict[str, str]:
-    return {
-        name.lower(): dc.mx_override
-        for name, dc in config.delivery.domains.items()
-        if dc.mx_override
-    }
-
-
 class App:
     """One daemon.  ``await App(config).serve()`` runs until a stop signal."""
 
@@ -175,39 +79,22 @@ class App:
         self._stop_count = 0
         self._queue_sizes_cache: tuple[float, dict[str, int]] | None = None
         self.spool = self._build_spool()
-        parts = delivery_parts(config, self._ca_file)
-        d = config.delivery
+        settings = derive(config, self._ca_file)
         self.cluster: ClusterNode | None = None
         self.policy: LocalPolicyState | SharedPolicyState
         if config.cluster is not None:
-            self.policy = self._build_shared_policy(parts)
+            self.policy = self._build_shared_policy(settings.policy)
         else:
             self.policy = LocalPolicyState(
-                self.clock,
-                parts.breaker,
-                parts.default_rate,
-                parts.rate_overrides,
-                on_transition=self._on_breaker,
+                self.clock, settings.policy, on_transition=self._on_breaker
             )
-        self.scheduler = Scheduler(
-            self.policy,
-            self.clock,
-            max_concurrent_deliveries=d.max_concurrent_deliveries,
-            max_connections_for=lambda dom: d.domain_config(dom).max_connections,
-        )
-        self.resolver = DnsResolver(
-            d.dns.nameservers, timeout_s=d.dns.timeout_secs, clock=self.clock
-        )
-        overrides = _overrides(config)
+        self.scheduler = Scheduler(self.policy, self.clock, settings.scheduler)
+        self.resolver = DnsResolver(settings.dns, clock=self.clock)
         self.router: MxRouter = build_router(
             self.resolver,
+            settings.routing,
             clock=self.clock,
             rng=random.Random(),
-            overrides=overrides.get,
-            cache_size=d.dns.cache_size,
-            min_cache_ttl_secs=d.dns.min_cache_ttl_secs,
-            max_cache_ttl_secs=d.dns.max_cache_ttl_secs,
-            negative_ttl_secs=d.dns.negative_ttl_secs,
             own=OwnListeners((lc.host, lc.port) for lc in config.smtp_controller.listeners),
         )
         # Cluster mode: a connection lease must outlive the pooled connection, so idle
@@ -218,7 +105,7 @@ class App:
 
             pool_idle_s = POOL_IDLE_S
         self.pool = ConnectionPool(
-            max_per_key=max(d.max_concurrent_deliveries, 1), idle_timeout_s=pool_idle_s
+            max_per_key=settings.pool_max_per_key, idle_timeout_s=pool_idle_s
         )
         self.runner_stats = RunnerStats(DomainLabels(config.metrics.max_domain_cardinality))
         self.runner = DeliveryRunner(
@@ -226,25 +113,16 @@ class App:
             scheduler=self.scheduler,
             router=self.router,
             pool=self.pool,
-            retry=parts.retry,
-            settings=parts.runner,
+            retry=settings.retry,
+            settings=settings.runner,
             clock=self.clock,
             stats=self.runner_stats,
         )
         if config.cluster is not None:
             self._build_cluster_node()
-        smtp = config.smtp_controller
         self.listeners = SmtpServerGroup(
-            [
-                listener_spec(
-                    lc,
-                    config.hostname,
-                    hop_limit=smtp.hop_limit,
-                    postmaster=config.postmaster_address,
-                )
-                for lc in smtp.listeners
-            ],
-            RelayPolicy(tuple(smtp.relay.trusted_networks), tuple(smtp.relay.accepted_domains)),
+            list(settings.listeners),
+            settings.relay,
             self.spool,
             self.runner.submit,
             clock=self.clock,
@@ -297,7 +175,7 @@ class App:
                 service_instance=config.hostname,
             )
 
-    def _build_shared_policy(self, parts: DeliveryParts) -> SharedPolicyState:
+    def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:
         """Cluster mode (SPEC §11): the policy state lives in Redis."""
         import secrets
 
@@ -311,9 +189,7 @@ class App:
             backend,
             node_id=cc.node_id,
             instance=secrets.token_hex(4),
-            breaker_settings=parts.breaker,
-            default_rate=parts.default_rate,
-            rate_overrides=parts.rate_overrides,
+            settings=policy,
             lease_s=cc.lease_secs,
             on_transition=self._on_breaker,
             clock=self.clock,
@@ -410,30 +286,19 @@ class App:
             if path is None:
                 raise ConfigError("the running config was not loaded from a file")
             new = load_config(path)
-            parts = delivery_parts(new, self._ca_file)
+            settings = derive(new, self._ca_file)
         except (ConfigError, ValueError) as exc:
             log.error("Config reload failed; keeping the old config", error=str(exc))
             self.last_reload = ReloadRecord(time.time(), False, str(exc))
             return str(exc)
-        d = new.delivery
-        self.policy.reconfigure(parts.breaker, parts.default_rate, parts.rate_overrides)
-        self.scheduler.reconfigure(
-            max_concurrent_deliveries=d.max_concurrent_deliveries,
-            max_connections_for=lambda dom: d.domain_config(dom).max_connections,
-        )
+        self.policy.reconfigure(settings.policy)
+        self.scheduler.reconfigure(settings.scheduler)
         try:
-            self.resolver.reconfigure(d.dns.nameservers, d.dns.timeout_secs)
+            self.resolver.reconfigure(settings.dns)
         except ConfigError as exc:
             log.error("DNS settings not applied", error=str(exc))
-        self.router.cache.reconfigure(
-            cache_size=d.dns.cache_size,
-            min_cache_ttl_secs=d.dns.min_cache_ttl_secs,
-            max_cache_ttl_secs=d.dns.max_cache_ttl_secs,
-            negative_ttl_secs=d.dns.negative_ttl_secs,
-        )
-        self.router.set_overrides(_overrides(new).get)
-        self.runner.retry = parts.retry
-        self.runner.settings = parts.runner
+        self.router.reconfigure(settings.routing)
+        self.runner.reconfigure(settings.retry, settings.runner)
         set_level(new.log.level)
         set_redaction(redacted_fields(new.audit.redact_sender, new.audit.redact_recipients))
         self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)

@@ -11,14 +11,15 @@ from typing import Any, TypeVar
 import pytest
 
 from empath.clock import SystemClock
-from empath.dns.mx import MxRouter, Target, build_router
-from empath.dns.resolver import DnsResolver
+from empath.dns.mx import MxRouter, RoutingSettings, Target, build_router
+from empath.dns.resolver import DnsResolver, DnsSettings
 from empath.errors import (
     DnsNameNotFoundError,
     DnsTemporaryError,
     NullMxError,
     PermanentDeliveryError,
 )
+from empath.testing.settings import cache_limits
 from tests.dnsmasq import (
     NXDOMAIN_NAME,
     STANDARD,
@@ -49,7 +50,8 @@ def router_for(
     nameservers: list[str], *, timeout_s: float = 2.0, mx_port: int = 2525, seed: int = 3
 ) -> MxRouter:
     return build_router(
-        DnsResolver(nameservers, timeout_s=timeout_s),
+        DnsResolver(DnsSettings(tuple(nameservers), timeout_s)),
+        RoutingSettings(cache_limits(), {}),
         clock=SystemClock(),
         rng=random.Random(seed),
         mx_port=mx_port,
@@ -67,7 +69,7 @@ def test_two_mx_domain_routes_by_preference(dns_server: DnsmasqServer) -> None:
 
 def test_resolver_returns_records_with_their_ttls(dns_server: DnsmasqServer) -> None:
     """MX records and A+AAAA addresses come back with dnsmasq's --local-ttl."""
-    resolver = DnsResolver([dns_server.nameserver], timeout_s=2.0)
+    resolver = DnsResolver(DnsSettings((dns_server.nameserver,), 2.0))
 
     async def ask() -> tuple[Any, Any]:
         return await resolver.mx("two.test"), await resolver.addresses("dual.test")
@@ -193,7 +195,7 @@ def test_factory_serves_custom_records_and_ttl(
             ttl_s=30,
         )
     )
-    resolver = DnsResolver([server.nameserver], timeout_s=2.0)
+    resolver = DnsResolver(DnsSettings((server.nameserver,), 2.0))
     mx = run(resolver.mx("custom.test"))
     assert (30.0, "in.custom.test") == (mx.ttl_s, mx.records[0].exchange)
     assert "query[MX] custom.test" in server.log()

@@ -29,6 +29,7 @@ from empath.smtp.replies import Reply, ReplyParser
 from empath.smtp.server import RelayPolicy
 from empath.spool.memory import MemorySpool
 from empath.spool.model import MessageState
+from empath.testing.settings import listener_spec
 from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from tests.helpers import free_port, require_tool, wait_for
 
@@ -38,7 +39,7 @@ RELAY = RelayPolicy(trusted_networks=("127.0.0.1/32",), accepted_domains=("accep
 
 
 def spec(**kw: Any) -> ListenerSpec:
-    base = ListenerSpec(
+    base = listener_spec(
         host="127.0.0.1",
         port=free_port(),
         hostname="mx.test",

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
-from empath.transport.outbound import ConnectionPool, SmtpTimeouts, attempt_cap_s
+from empath.transport.outbound import ConnectionPool, attempt_cap_s
 
 BODY = b"Subject: drip\r\n\r\nhello\r\n"
 

@@ -14,11 +14,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import AttemptResult, AttemptSettings, Target, attempt_delivery
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer, read_records
-from empath.transport.outbound import ConnectionPool, SmtpTimeouts
+from empath.transport.outbound import ConnectionPool
 from tests.helpers import free_port, stop_pid
 
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from empath.clock import FakeClock
-from empath.dns.cache import EntryKind, Exchanger, MxCache, Resolution
+from empath.dns.cache import CacheLimits, EntryKind, Exchanger, MxCache, Resolution
 from empath.dns.mx import dns_loader
 from empath.dns.resolver import DnsFailure, QueryType
 from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
@@ -36,10 +36,7 @@ def make_cache(
     return MxCache(
         dns_loader(fake),
         clock=clock,
-        cache_size=size,
-        min_cache_ttl_secs=min_ttl,
-        max_cache_ttl_secs=max_ttl,
-        negative_ttl_secs=negative_ttl,
+        limits=CacheLimits(size, min_ttl, max_ttl, negative_ttl),
     )
 
 
@@ -289,9 +286,7 @@ def test_reconfigure_shrink_keeps_most_recent_and_counts_evictions() -> None:
     cache = make_cache(fake, clock, size=10)
     for d in names:
         run(lookups_after(cache, clock, d, [0]))
-    cache.reconfigure(
-        cache_size=2, min_cache_ttl_secs=1, max_cache_ttl_secs=10, negative_ttl_secs=5
-    )
+    cache.reconfigure(CacheLimits(2, 1, 10, 5))
     assert ["d3.test", "d4.test"] == [e.name for e in cache.entries()]
     assert 3 == cache.evictions
     assert (2, 1.0, 10.0, 5.0) == (
@@ -324,7 +319,7 @@ def test_reconfigure_rejects_invalid_settings_and_keeps_the_old(settings: dict[s
     """Bad limits raise ConfigError and change nothing."""
     cache = make_cache(FakeResolver(), FakeClock(), size=7)
     with pytest.raises(ConfigError):
-        cache.reconfigure(**settings)
+        cache.reconfigure(CacheLimits(**settings))
     assert 7 == cache.cache_size
 
 

@@ -15,6 +15,7 @@ from empath.clock import FakeClock
 from empath.dns.mx import (
     MxRouter,
     OwnListeners,
+    RoutingSettings,
     Target,
     build_router,
     is_local_address,
@@ -29,6 +30,7 @@ from empath.errors import (
     TemporaryDeliveryError,
 )
 from empath.testing.fake_resolver import FakeResolver
+from empath.testing.settings import cache_limits
 
 T = TypeVar("T")
 
@@ -46,17 +48,16 @@ def make_router(
     mx_port: int = 25,
     own: OwnListeners | None = None,
 ) -> MxRouter:
-    return build_router(
+    router = build_router(
         fake,
+        RoutingSettings(cache_limits(min_cache_ttl_secs=60, max_cache_ttl_secs=3600), {}),
         clock=clock or FakeClock(),
         rng=random.Random(seed),
-        overrides=overrides,
         mx_port=mx_port,
         own=own,
-        min_cache_ttl_secs=60,
-        max_cache_ttl_secs=3600,
-        negative_ttl_secs=300,
     )
+    router.set_overrides(overrides)
+    return router
 
 
 def two_mx() -> FakeResolver:

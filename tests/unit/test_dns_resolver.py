@@ -10,6 +10,7 @@ import pytest
 from empath.dns.resolver import (
     DnsFailure,
     DnsResolver,
+    DnsSettings,
     LookupStats,
     QueryType,
     failure_error,
@@ -56,20 +57,20 @@ def test_parse_nameserver_rejects_names_and_bad_ports(spec: str) -> None:
 def test_resolver_rejects_bad_settings_and_reconfigure_keeps_the_old() -> None:
     """Invalid nameservers or timeout raise ConfigError; a failed reload changes nothing."""
     with pytest.raises(ConfigError):
-        DnsResolver(["resolver.example"])
+        DnsResolver(DnsSettings(("resolver.example",), 5.0))
     with pytest.raises(ConfigError):
-        DnsResolver(["127.0.0.1"], timeout_s=0)
-    resolver = DnsResolver(["127.0.0.1:5353"], timeout_s=1.5)
+        DnsResolver(DnsSettings(("127.0.0.1",), 0))
+    resolver = DnsResolver(DnsSettings(("127.0.0.1:5353",), 1.5))
     with pytest.raises(ConfigError):
-        resolver.reconfigure(["nope"], 3.0)
+        resolver.reconfigure(DnsSettings(("nope",), 3.0))
     assert (("127.0.0.1:5353",), 1.5) == (resolver.nameservers, resolver.timeout_s)
-    resolver.reconfigure(["127.0.0.2:53", "[::1]:5300"], 4.0)
+    resolver.reconfigure(DnsSettings(("127.0.0.2:53", "[::1]:5300"), 4.0))
     assert (("127.0.0.2:53", "[::1]:5300"), 4.0) == (resolver.nameservers, resolver.timeout_s)
 
 
 def test_invalid_name_is_permanent_without_any_query() -> None:
     """A name with an empty label cannot exist: 5.1.2 and no round trip recorded."""
-    resolver = DnsResolver(["127.0.0.1:9"], timeout_s=0.5)
+    resolver = DnsResolver(DnsSettings(("127.0.0.1:9",), 0.5))
     with pytest.raises(DnsNameNotFoundError) as info:
         asyncio.run(resolver.mx("bad..example"))
     assert "5.1.2" == info.value.enhanced

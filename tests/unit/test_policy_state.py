@@ -5,7 +5,7 @@ from __future__ import annotations
 from empath.clock import FakeClock
 from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
-from empath.policy.state import ConnectionSlots, LocalPolicyState, PolicyState
+from empath.policy.state import ConnectionSlots, LocalPolicyState, PolicySettings, PolicyState
 
 D = "example.com"
 
@@ -15,9 +15,11 @@ def make() -> tuple[LocalPolicyState, FakeClock, list[Transition]]:
     events: list[Transition] = []
     state = LocalPolicyState(
         clock,
-        BreakerSettings(failure_threshold=2),
-        RateLimit(1.0, 2),
-        {"fast.org": RateLimit(100.0, 50)},
+        PolicySettings(
+            BreakerSettings(failure_threshold=2),
+            RateLimit(1.0, 2),
+            {"fast.org": RateLimit(100.0, 50)},
+        ),
         on_transition=events.append,
     )
     return state, clock, events
@@ -67,6 +69,6 @@ def test_local_state_delegates_breaker_rate_and_connections() -> None:
 
 def test_reconfigure_applies_new_limits() -> None:
     state, _clock, _ = make()
-    state.reconfigure(BreakerSettings(failure_threshold=9), RateLimit(5.0, 1), {})
+    state.reconfigure(PolicySettings(BreakerSettings(failure_threshold=9), RateLimit(5.0, 1), {}))
     assert RateLimit(5.0, 1) == state.limiter.limit_for("fast.org")
     assert 9 == state.breaker.settings.failure_threshold

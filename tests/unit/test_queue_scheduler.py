@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from empath.clock import FakeClock
 from empath.policy.breaker import BreakerSettings, BreakerState, Transition
 from empath.policy.ratelimit import RateLimit
-from empath.policy.state import LocalPolicyState
+from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
     DeferBreaker,
@@ -19,6 +19,7 @@ from empath.queue.scheduler import (
     Dispatch,
     Outcome,
     Scheduler,
+    SchedulerSettings,
     WaitForConnection,
     decide,
 )
@@ -40,17 +41,18 @@ class Harness:
         self.transitions: list[Transition] = []
         self.policy = LocalPolicyState(
             self.clock,
-            breaker or BreakerSettings(failure_threshold=1, timeout_s=300.0),
-            UNLIMITED,
-            rates,
+            PolicySettings(
+                breaker or BreakerSettings(failure_threshold=1, timeout_s=300.0),
+                UNLIMITED,
+                rates or {},
+            ),
             on_transition=self.transitions.append,
         )
         conns = max_connections or {}
         self.scheduler = Scheduler(
             self.policy,
             self.clock,
-            max_concurrent_deliveries=cap,
-            max_connections_for=lambda d: conns.get(d, 20),
+            SchedulerSettings(cap, lambda d: conns.get(d, 20)),
             max_units_per_tick=max_units_per_tick,
         )
 
@@ -228,7 +230,8 @@ def test_permanent_failures_never_trip_the_breaker() -> None:
 def test_deferral_returns_everything_it_took() -> None:
     clock = FakeClock()
     policy = LocalPolicyState(
-        clock, BreakerSettings(failure_threshold=1, timeout_s=10.0), RateLimit(1.0, 1)
+        clock,
+        PolicySettings(BreakerSettings(failure_threshold=1, timeout_s=10.0), RateLimit(1.0, 1), {}),
     )
     policy.breaker_failure("a.com", 0)
     clock.advance(10.0)
@@ -254,7 +257,7 @@ def test_process_now_rechecks_parked_domains() -> None:
     h.add("a0")
     h.add("a1")
     h.tick()
-    h.scheduler.reconfigure(max_connections_for=lambda d: 5)
+    h.scheduler.reconfigure(SchedulerSettings(64, lambda d: 5))
     assert ["a1"] == h.dispatched()
 
 

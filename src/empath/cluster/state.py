@@ -63,14 +63,13 @@ from empath.policy.breaker import (
     Admit,
     BreakerDecision,
     BreakerInfo,
-    BreakerSettings,
     BreakerState,
     Deny,
     Transition,
     TransitionCallback,
 )
 from empath.policy.ratelimit import GRANTED, RateDecision, RateLimit, Wait
-from empath.policy.state import LocalPolicyState, PolicySnapshot
+from empath.policy.state import LocalPolicyState, PolicySettings, PolicySnapshot
 
 log = get_logger("cluster", __name__)
 
@@ -161,9 +160,7 @@ class SharedPolicyState:
         *,
         node_id: str,
         instance: str,
-        breaker_settings: BreakerSettings,
-        default_rate: RateLimit,
-        rate_overrides: Mapping[str, RateLimit] | None = None,
+        settings: PolicySettings,
         lease_s: float = 15.0,
         on_transition: TransitionCallback | None = None,
         clock: Clock | None = None,
@@ -173,9 +170,9 @@ class SharedPolicyState:
         self.instance = instance
         self.member_prefix = f"{node_id}/{instance}/"
         self.lease_s = lease_s
-        self._breaker_settings = breaker_settings
-        self._default = default_rate
-        self._overrides = {d.lower(): r for d, r in (rate_overrides or {}).items()}
+        self._breaker_settings = settings.breaker
+        self._default = settings.default_rate
+        self._overrides = {d.lower(): r for d, r in settings.rate_overrides.items()}
         self._on_transition = on_transition
         self._clock: Clock = clock or SystemClock()
         self._mono = self._clock.monotonic
@@ -205,17 +202,12 @@ class SharedPolicyState:
         """``waker(domain)``: re-check that domain's line now (the runner's wake)."""
         self._waker = waker
 
-    def reconfigure(
-        self,
-        breaker_settings: BreakerSettings,
-        default_rate: RateLimit,
-        rate_overrides: Mapping[str, RateLimit] | None = None,
-    ) -> None:
-        self._breaker_settings = breaker_settings
-        self._default = default_rate
-        self._overrides = {d.lower(): r for d, r in (rate_overrides or {}).items()}
+    def reconfigure(self, settings: PolicySettings) -> None:
+        self._breaker_settings = settings.breaker
+        self._default = settings.default_rate
+        self._overrides = {d.lower(): r for d, r in settings.rate_overrides.items()}
         if self._local is not None:
-            self._local.reconfigure(*self._scaled_settings())
+            self._local.reconfigure(self._scaled_settings())
 
     def limit_for(self, domain: str) -> RateLimit:
         return self._overrides.get(domain, self._default)
@@ -479,7 +471,7 @@ class SharedPolicyState:
         self.fallback_entries += 1
         self._local = LocalPolicyState(
             self._clock,
-            *self._scaled_settings(),
+            self._scaled_settings(),
             on_transition=self._on_transition,
         )
         log.error(
@@ -511,9 +503,9 @@ class SharedPolicyState:
         for domain in list(self._domains):
             self._wake(domain)
 
-    def _scaled_settings(self) -> tuple[BreakerSettings, RateLimit, dict[str, RateLimit]]:
+    def _scaled_settings(self) -> PolicySettings:
         n = max(1, self.node_count)
-        return (
+        return PolicySettings(
             self._breaker_settings,
             scaled(self._default, n),
             {d: scaled(r, n) for d, r in self._overrides.items()},

@@ -20,8 +20,9 @@ Per-field rules live in the field metadata, built with :func:`rule`:
 * ``ron=False`` — not a config key at all (``Config.source_path``).
 
 Cross-field rules are the :class:`CrossChecked` protocol: a
-``consistency_errors()`` method returning ``(field name, message)`` pairs. Durations are ``*_secs`` floats (an integer in
-the file is accepted); counts are ints (a float in the file is an error).
+``consistency_errors()`` method returning ``(field name, message)`` pairs.
+Durations are ``*_secs`` floats (an integer in the file is accepted); counts are
+ints (a float in the file is an error).
 
 Constructing these classes directly (tests, the composition root) performs no
 validation: only configs read through the loader are checked.
@@ -80,6 +81,7 @@ class CrossChecked(Protocol):
     def consistency_errors(self) -> list[tuple[str, str]]:
         """``(field name, message)`` for each rule the values break."""
         ...
+
 
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
 LogFormat = Literal["json", "text"]

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from empath.config.model import SmtpTimeouts
 from empath.delivery.classify import (
     OutcomeKind,
     RecipientOutcome,
@@ -61,8 +62,6 @@ from empath.transport.outbound import (
     ConnectionPool,
     OutboundConnection,
     PoolKey,
-    SmtpTimeouts,
-    TimeoutsLike,
     TlsMode,
     tls_mode_for,
 )
@@ -95,7 +94,7 @@ class AttemptSettings:
     """What an attempt needs from the config (global merged with the domain's)."""
 
     hostname: str  # our EHLO name
-    timeouts: TimeoutsLike = field(default_factory=SmtpTimeouts)
+    timeouts: SmtpTimeouts = field(default_factory=SmtpTimeouts)  # the config's defaults
     require_tls: bool = False
     accept_invalid_certs: bool = False
     tls_ca_file: str | None = None  # extra trust anchors (tests, private CAs)

@@ -132,19 +132,20 @@ def _clone(error: DeliveryError) -> DeliveryError:
     return type(error)(error.text, code=error.code, enhanced=error.enhanced, mx=error.mx)
 
 
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    """``delivery.dns`` cache settings: entries kept, TTL clamps, negative TTL."""
+
+    cache_size: int
+    min_cache_ttl_secs: float
+    max_cache_ttl_secs: float
+    negative_ttl_secs: float
+
+
 class MxCache:
     """TTL-honouring, negatively caching, LRU-bounded cache of routing answers."""
 
-    def __init__(
-        self,
-        loader: Loader,
-        *,
-        clock: Clock,
-        cache_size: int = 10_000,
-        min_cache_ttl_secs: float = 60.0,
-        max_cache_ttl_secs: float = 3600.0,
-        negative_ttl_secs: float = 300.0,
-    ) -> None:
+    def __init__(self, loader: Loader, *, clock: Clock, limits: CacheLimits) -> None:
         self._loader = loader
         self._clock = clock
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
@@ -156,24 +157,16 @@ class MxCache:
         self.min_cache_ttl_secs = 0.0
         self.max_cache_ttl_secs = 0.0
         self.negative_ttl_secs = 0.0
-        self.reconfigure(
-            cache_size=cache_size,
-            min_cache_ttl_secs=min_cache_ttl_secs,
-            max_cache_ttl_secs=max_cache_ttl_secs,
-            negative_ttl_secs=negative_ttl_secs,
-        )
+        self.reconfigure(limits)
 
     # --- settings ----------------------------------------------------------
 
-    def reconfigure(
-        self,
-        *,
-        cache_size: int,
-        min_cache_ttl_secs: float,
-        max_cache_ttl_secs: float,
-        negative_ttl_secs: float,
-    ) -> None:
+    def reconfigure(self, limits: CacheLimits) -> None:
         """Apply new limits (SIGHUP). Shrinking evicts least recently used entries."""
+        cache_size = limits.cache_size
+        min_cache_ttl_secs = limits.min_cache_ttl_secs
+        max_cache_ttl_secs = limits.max_cache_ttl_secs
+        negative_ttl_secs = limits.negative_ttl_secs
         if cache_size < 0:
             raise ConfigError("must be >= 0", path="delivery.dns.cache_size")
         if min_cache_ttl_secs < 0 or negative_ttl_secs < 0:

@@ -49,12 +49,12 @@ import ipaddress
 import itertools
 import random
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
 from empath.clock import Clock
-from empath.dns.cache import EntryKind, Exchanger, Loader, MxCache, Resolution
+from empath.dns.cache import CacheLimits, EntryKind, Exchanger, Loader, MxCache, Resolution
 from empath.dns.resolver import MxRecord, Resolver, normalize_name
 from empath.errors import (
     DeliveryError,
@@ -69,6 +69,7 @@ __all__ = [
     "MxRouter",
     "OwnListeners",
     "Route",
+    "RoutingSettings",
     "Target",
     "build_router",
     "dns_loader",
@@ -405,9 +406,14 @@ class MxRouter:
         self._plans.clear()
 
     def set_overrides(self, overrides: Callable[[str], str | None]) -> None:
-        """Replace the override lookup (config reload)."""
+        """Replace the override lookup."""
         self._overrides = overrides
         self._parsed.clear()
+
+    def reconfigure(self, settings: RoutingSettings) -> None:
+        """SIGHUP: new cache limits (entries kept) and mx_overrides."""
+        self.cache.reconfigure(settings.cache)
+        self.set_overrides(settings.overrides.get)
 
     async def route(self, domain: str) -> Route:
         """Targets to try in order; raises Temporary/PermanentDeliveryError."""
@@ -495,26 +501,23 @@ class MxRouter:
         return (Target(host, port, resolution.exchangers[0].addresses),)
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    """The cache limits and the per-domain ``mx_override`` texts (lower-case keys)."""
+
+    cache: CacheLimits
+    overrides: Mapping[str, str]
+
+
 def build_router(
     resolver: Resolver,
+    settings: RoutingSettings,
     *,
     clock: Clock,
     rng: random.Random | None = None,
-    overrides: Callable[[str], str | None] = _no_overrides,
     mx_port: int = SMTP_PORT,
-    cache_size: int = 10_000,
-    min_cache_ttl_secs: float = 60.0,
-    max_cache_ttl_secs: float = 3600.0,
-    negative_ttl_secs: float = 300.0,
     own: OwnListeners | None = None,
 ) -> MxRouter:
     """Resolver → cache (loading through it) → router, wired together."""
-    cache = MxCache(
-        dns_loader(resolver),
-        clock=clock,
-        cache_size=cache_size,
-        min_cache_ttl_secs=min_cache_ttl_secs,
-        max_cache_ttl_secs=max_cache_ttl_secs,
-        negative_ttl_secs=negative_ttl_secs,
-    )
-    return MxRouter(resolver, cache, rng, overrides, mx_port=mx_port, own=own)
+    cache = MxCache(dns_loader(resolver), clock=clock, limits=settings.cache)
+    return MxRouter(resolver, cache, rng, settings.overrides.get, mx_port=mx_port, own=own)

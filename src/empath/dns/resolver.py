@@ -66,6 +66,7 @@ __all__ = [
     "AddressAnswer",
     "DnsFailure",
     "DnsResolver",
+    "DnsSettings",
     "HistogramSnapshot",
     "LookupStats",
     "MxAnswer",
@@ -315,6 +316,15 @@ def _to_dns_name(name: str, query_type: QueryType) -> dns.name.Name:
 _MAX_TRY_S: Final = 2.0
 
 
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """``delivery.dns``: nameservers ("host" or "host:port"; empty: the system's)
+    and the timeout of one lookup."""
+
+    nameservers: tuple[str, ...]
+    timeout_s: float
+
+
 class DnsResolver:
     """dnspython's async resolver behind the :class:`Resolver` protocol.
 
@@ -326,18 +336,16 @@ class DnsResolver:
 
     def __init__(
         self,
-        nameservers: Sequence[str] = (),
+        settings: DnsSettings,
         *,
-        timeout_s: float = 5.0,
         stats: LookupStats | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.stats = stats if stats is not None else LookupStats()
         self._clock: Clock = clock if clock is not None else SystemClock()
-        self.nameservers: tuple[str, ...] = ()
-        self.timeout_s = timeout_s
-        self._resolver = self._build(nameservers, timeout_s)
-        self.nameservers = tuple(nameservers)
+        self._resolver = self._build(settings.nameservers, settings.timeout_s)
+        self.nameservers = tuple(settings.nameservers)
+        self.timeout_s = settings.timeout_s
 
     @staticmethod
     def _build(nameservers: Sequence[str], timeout_s: float) -> dns.asyncresolver.Resolver:
@@ -367,12 +375,12 @@ class DnsResolver:
         resolver.cache = None  # the MX cache is ours (TTL clamps, LRU, counters)
         return resolver
 
-    def reconfigure(self, nameservers: Sequence[str], timeout_s: float) -> None:
+    def reconfigure(self, settings: DnsSettings) -> None:
         """Apply new settings (SIGHUP); validates fully before changing anything."""
-        resolver = self._build(nameservers, timeout_s)
+        resolver = self._build(settings.nameservers, settings.timeout_s)
         self._resolver = resolver
-        self.nameservers = tuple(nameservers)
-        self.timeout_s = timeout_s
+        self.nameservers = tuple(settings.nameservers)
+        self.timeout_s = settings.timeout_s
 
     async def mx(self, domain: str) -> MxAnswer:
         qname = _to_dns_name(domain, QueryType.MX)

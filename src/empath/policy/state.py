@@ -129,6 +129,15 @@ class ConnectionSlots:
         return dict(self._counts)
 
 
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """The breaker's settings and the rate limits (default and per domain)."""
+
+    breaker: BreakerSettings
+    default_rate: RateLimit
+    rate_overrides: Mapping[str, RateLimit]
+
+
 class LocalPolicyState:
     """The in-process :class:`PolicyState`: a breaker, a rate limiter and slot counts."""
 
@@ -137,24 +146,17 @@ class LocalPolicyState:
     def __init__(
         self,
         clock: Clock,
-        breaker_settings: BreakerSettings,
-        default_rate: RateLimit,
-        rate_overrides: Mapping[str, RateLimit] | None = None,
+        settings: PolicySettings,
         on_transition: TransitionCallback | None = None,
     ) -> None:
-        self.breaker = CircuitBreaker(breaker_settings, clock, on_transition)
-        self.limiter = RateLimiter(default_rate, clock, rate_overrides)
+        self.breaker = CircuitBreaker(settings.breaker, clock, on_transition)
+        self.limiter = RateLimiter(settings.default_rate, clock, settings.rate_overrides)
         self.slots = ConnectionSlots()
 
-    def reconfigure(
-        self,
-        breaker_settings: BreakerSettings,
-        default_rate: RateLimit,
-        rate_overrides: Mapping[str, RateLimit] | None = None,
-    ) -> None:
+    def reconfigure(self, settings: PolicySettings) -> None:
         """SIGHUP: new settings, current breaker states and bucket levels kept."""
-        self.breaker.reconfigure(breaker_settings)
-        self.limiter.reconfigure(default_rate, rate_overrides)
+        self.breaker.reconfigure(settings.breaker)
+        self.limiter.reconfigure(settings.default_rate, settings.rate_overrides)
 
     def breaker_allow(self, domain: str) -> BreakerDecision:
         return self.breaker.allow(domain)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from empath import ids
@@ -84,24 +84,26 @@ HEARTBEAT_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class DomainPolicy:
-    """Per-domain delivery settings, merged from the global ones."""
+    """Per-domain delivery settings, merged from the global ones (config/derive.py)."""
 
-    require_tls: bool = False
-    accept_invalid_certs: bool = False
-    max_connections: int = 20
+    require_tls: bool
+    accept_invalid_certs: bool
+    max_connections: int
 
 
 @dataclass(frozen=True, slots=True)
 class RunnerSettings:
+    """What the runner takes from the config (derived in config/derive.py)."""
+
     hostname: str
     attempt: AttemptSettings
-    domain_policy: Callable[[str], DomainPolicy] = field(default=lambda _d: DomainPolicy())
-    dsn_enabled: bool = True
-    reporting_mta: str | None = None
-    postmaster: str = "postmaster"
-    delay_warning_s: float = 14400.0
-    failed_retention_s: float = 604800.0
-    drain_timeout_s: float = 30.0
+    domain_policy: Callable[[str], DomainPolicy]
+    dsn_enabled: bool
+    reporting_mta: str | None
+    postmaster: str
+    delay_warning_s: float
+    failed_retention_s: float
+    drain_timeout_s: float = 30.0  # not a config key: how long drain() waits
 
 
 def _summary(
@@ -164,6 +166,11 @@ class DeliveryRunner:
         self._janitor: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
+
+    def reconfigure(self, retry: RetryPolicy, settings: RunnerSettings) -> None:
+        """SIGHUP: the retry schedule and delivery settings for attempts from now on."""
+        self.retry = retry
+        self.settings = settings
 
     def start(self) -> int:
         """Load every recovered unit and start ticking.  Returns units scheduled."""

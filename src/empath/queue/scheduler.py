@@ -67,8 +67,6 @@ from empath.policy.ratelimit import Wait
 from empath.policy.state import PolicyState
 from empath.queue.index import DueIndex, UnitKey
 
-DEFAULT_MAX_CONNECTIONS: Final = 20  # DomainConfig.max_connections default (SPEC §2)
-
 
 class Outcome(enum.Enum):
     """What an attempt says about the destination (for the breaker), reported by the runner."""
@@ -151,6 +149,18 @@ class SchedulerStats:
     ready_domains: int
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    """The caps the config sets: deliveries at once, connections per domain."""
+
+    max_concurrent_deliveries: int
+    max_connections_for: Callable[[str], int]
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_deliveries < 1:
+            raise ValueError("max_concurrent_deliveries must be at least 1")
+
+
 class _Line:
     """Due units of one domain waiting for the domain to take them (internal)."""
 
@@ -189,21 +199,18 @@ class Scheduler:
         self,
         policy: PolicyState,
         clock: Clock,
+        settings: SchedulerSettings,
         *,
-        max_concurrent_deliveries: int,
-        max_connections_for: Callable[[str], int] | None = None,
         parked_recheck_s: float = 5.0,
         max_units_per_tick: int = 10_000,
         prune_interval_s: float = 60.0,
     ) -> None:
-        if max_concurrent_deliveries < 1:
-            raise ValueError("max_concurrent_deliveries must be at least 1")
         if parked_recheck_s <= 0 or max_units_per_tick < 1:
             raise ValueError("parked_recheck_s and max_units_per_tick must be positive")
         self._policy = policy
         self._clock = clock
-        self._max_concurrent = max_concurrent_deliveries
-        self._max_connections_for = max_connections_for or _default_max_connections
+        self._max_concurrent = settings.max_concurrent_deliveries
+        self._max_connections_for = settings.max_connections_for
         self._parked_recheck_s = parked_recheck_s
         self._max_units_per_tick = max_units_per_tick
         self._prune_interval_s = prune_interval_s
@@ -270,19 +277,10 @@ class Scheduler:
         (a cluster node's answer arrived; see ``empath.cluster.state``)."""
         self._wake(domain)
 
-    def reconfigure(
-        self,
-        *,
-        max_concurrent_deliveries: int | None = None,
-        max_connections_for: Callable[[str], int] | None = None,
-    ) -> None:
+    def reconfigure(self, settings: SchedulerSettings) -> None:
         """SIGHUP: new caps; every domain line is re-checked at the next tick."""
-        if max_concurrent_deliveries is not None:
-            if max_concurrent_deliveries < 1:
-                raise ValueError("max_concurrent_deliveries must be at least 1")
-            self._max_concurrent = max_concurrent_deliveries
-        if max_connections_for is not None:
-            self._max_connections_for = max_connections_for
+        self._max_concurrent = settings.max_concurrent_deliveries
+        self._max_connections_for = settings.max_connections_for
         for domain in list(self._lines):
             self._wake(domain)
 
@@ -476,7 +474,3 @@ class Scheduler:
         if not isinstance(blocked, WaitForConnection):
             at = min(at, blocked.until)
         self._timers.schedule(domain, at)
-
-
-def _default_max_connections(_domain: str) -> int:
-    return DEFAULT_MAX_CONNECTIONS

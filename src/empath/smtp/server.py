@@ -78,7 +78,6 @@ from empath.smtp.replies import Reply
 
 __all__ = [
     "DEFAULT_HOP_LIMIT",
-    "DEFAULT_MAX_MESSAGE_BYTES",
     "MAX_BAD_COMMANDS",
     "MAX_COMMANDS_PER_TURN",
     "MAX_COMMAND_BYTES",
@@ -102,7 +101,6 @@ __all__ = [
 # command word and the <CRLF> is 512 octets."
 MAX_COMMAND_BYTES: Final = 512
 MAX_BAD_COMMANDS: Final = 10
-DEFAULT_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024  # SPEC §3: a sane default, never tiny
 DEFAULT_HOP_LIMIT: Final = 50  # SPEC §3; Postfix's hopcount_limit
 # Commands interpreted per feed()/proceed() call: enough for any honest pipelined
 # transaction (RFC 2920 groups), small enough that one call's replies stay a few KiB.
@@ -162,8 +160,8 @@ _BAD_COMMAND_CODES: Final = frozenset({452, 500, 501, 502, 503, 504, 553, 554, 5
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_recipients: int = 100
+    max_message_bytes: int
+    max_recipients: int
     tls_available: bool = False  # a certificate is configured
     hop_limit: int = DEFAULT_HOP_LIMIT  # more Received: fields than this → 554 5.4.6
     postmaster: str = ""  # where RCPT TO:<postmaster> goes; "" → postmaster@<hostname>

@@ -24,18 +24,13 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from empath.clock import Clock, SystemClock
 from empath.errors import ListenerBindError
 from empath.observability.logs import get_logger
-from empath.smtp.server import (
-    DEFAULT_HOP_LIMIT,
-    DEFAULT_MAX_MESSAGE_BYTES,
-    RelayPolicy,
-    ServerConfig,
-)
+from empath.smtp.server import RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
 from empath.transport.session import SmtpSession
@@ -47,27 +42,27 @@ _RELAY_CACHE_MAX = 4096
 
 @dataclass(frozen=True, slots=True)
 class ListenerSpec:
-    """One SMTP listener's settings (the lead maps ListenerConfig onto this)."""
+    """One SMTP listener's settings (config/derive.py maps a ListenerConfig onto this)."""
 
-    host: str = "127.0.0.1"
-    port: int = 1025
-    hostname: str = "localhost"
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_recipients: int = 100
-    max_connections: int = 1000
-    max_connections_per_ip: int = 50
-    command_timeout_s: float = 300.0
-    data_init_timeout_s: float = 120.0
-    data_block_timeout_s: float = 180.0
-    data_termination_timeout_s: float = 600.0  # client-side notion; accepted for symmetry
-    connection_timeout_s: float = 1800.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    context: Mapping[str, str] = field(default_factory=dict)
-    name: str = ""  # label for metrics/logs; default "host:port"
-    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (SPEC §11)
-    hop_limit: int = DEFAULT_HOP_LIMIT  # smtp_controller.hop_limit
-    postmaster: str = ""  # dsn.postmaster; "" → postmaster@<hostname>
+    host: str
+    port: int
+    hostname: str
+    max_message_bytes: int
+    max_recipients: int
+    max_connections: int
+    max_connections_per_ip: int
+    command_timeout_s: float
+    data_init_timeout_s: float
+    data_block_timeout_s: float
+    data_termination_timeout_s: float  # client-side notion; accepted for symmetry
+    connection_timeout_s: float
+    tls_cert: str | None
+    tls_key: str | None
+    context: Mapping[str, str]
+    name: str  # label for metrics/logs; "" means "host:port"
+    reuse_port: bool  # SO_REUSEPORT: several processes share the port (SPEC §11)
+    hop_limit: int  # smtp_controller.hop_limit
+    postmaster: str  # dsn.postmaster; "" → postmaster@<hostname>
 
     @property
     def label(self) -> str:
@@ -147,7 +142,7 @@ class ListenerRuntime:
         self.show_sender: Callable[[str], str] = _redact if redact_sender else _same
         self.server_config = ServerConfig(
             hostname=spec.hostname,
-            max_message_bytes=spec.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+            max_message_bytes=spec.max_message_bytes,
             max_recipients=spec.max_recipients,
             tls_available=ssl_context is not None,
             hop_limit=spec.hop_limit,

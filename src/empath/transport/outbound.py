@@ -43,8 +43,9 @@ import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol, cast
+from typing import Final, cast
 
+from empath.config.model import SmtpTimeouts
 from empath.delivery.classify import error_from_exception
 from empath.errors import (
     DeliveryError,
@@ -75,28 +76,7 @@ BodySource = bytes | Callable[[], AsyncIterator[bytes]]
 """A message body in stored form (CRLF lines): bytes, or a factory of chunk iterators."""
 
 
-class TimeoutsLike(Protocol):
-    """Anything with the ``smtp_timeouts`` fields (the config's SmtpTimeouts fits)."""
-
-    @property
-    def connect_secs(self) -> float: ...
-    @property
-    def ehlo_secs(self) -> float: ...
-    @property
-    def starttls_secs(self) -> float: ...
-    @property
-    def mail_from_secs(self) -> float: ...
-    @property
-    def rcpt_to_secs(self) -> float: ...
-    @property
-    def data_secs(self) -> float: ...
-    @property
-    def quit_secs(self) -> float: ...
-    @property
-    def attempt_secs(self) -> float | None: ...
-
-
-def attempt_cap_s(t: TimeoutsLike) -> float:
+def attempt_cap_s(t: SmtpTimeouts) -> float:
     """The whole-attempt deadline: ``attempt_secs``, or the sum of the phases (data
     twice: the content, then the reply to the final dot)."""
     if t.attempt_secs is not None:
@@ -105,20 +85,6 @@ def attempt_cap_s(t: TimeoutsLike) -> float:
         t.connect_secs + t.ehlo_secs + t.starttls_secs + t.mail_from_secs
         + t.rcpt_to_secs + 2 * t.data_secs + t.quit_secs
     )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class SmtpTimeouts:
-    """Default per-phase timeouts (SPEC §2 ``delivery.smtp_timeouts``), seconds."""
-
-    connect_secs: float = 30.0
-    ehlo_secs: float = 30.0
-    starttls_secs: float = 30.0
-    mail_from_secs: float = 30.0
-    rcpt_to_secs: float = 30.0
-    data_secs: float = 120.0
-    quit_secs: float = 10.0
-    attempt_secs: float | None = None  # None: derived, see attempt_cap_s
 
 
 class TlsMode(enum.Enum):
@@ -194,7 +160,7 @@ _PHASE_TEXT: Final = {
 }
 
 
-def _phase_timeouts(t: TimeoutsLike) -> dict[Cmd | None, float]:
+def _phase_timeouts(t: SmtpTimeouts) -> dict[Cmd | None, float]:
     return {
         None: t.quit_secs,
         Cmd.GREETING: t.ehlo_secs,
@@ -408,7 +374,7 @@ class OutboundConnection:
         "timeouts",
     )
 
-    def __init__(self, key: PoolKey, address: str, pump: _Pump, timeouts: TimeoutsLike) -> None:
+    def __init__(self, key: PoolKey, address: str, pump: _Pump, timeouts: SmtpTimeouts) -> None:
         self.key = key
         self.address = address
         self.label = pump.label
@@ -426,7 +392,7 @@ class OutboundConnection:
         *,
         address: str,
         local_hostname: str,
-        timeouts: TimeoutsLike,
+        timeouts: SmtpTimeouts,
         tls_contexts: TlsContexts,
         tls_ca_file: str | None = None,
     ) -> OutboundConnection:

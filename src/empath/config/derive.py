@@ -1,0 +1,169 @@
+"""Config → the settings objects the components take, in one place.
+
+Theory of operation
+-------------------
+The config model (``empath.config.model``) is the one source of every default.
+Components never read the config and keep no defaults of their own for what the
+config sets: each takes a small frozen settings object of its own shape (a
+listener's :class:`ListenerSpec`, the scheduler's :class:`SchedulerSettings`, the
+runner's :class:`RunnerSettings`, ...).  :func:`derive` builds all of them from one
+:class:`Config`; the composition root passes them in at startup and, on SIGHUP,
+derives again from the new file and hands each reloadable component its part
+through ``reconfigure(settings)``.  Deriving is pure and raises ``ValueError``
+(or ``ConfigError``) for a value a component cannot take, before anything is
+changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from empath.config.model import Config, ListenerConfig
+from empath.delivery.attempt import AttemptSettings
+from empath.dns.cache import CacheLimits
+from empath.dns.mx import RoutingSettings
+from empath.dns.resolver import DnsSettings
+from empath.policy.breaker import BreakerSettings
+from empath.policy.ratelimit import RateLimit, resolve_limits
+from empath.policy.retry import RetryPolicy
+from empath.policy.state import PolicySettings
+from empath.queue.runner import DomainPolicy, RunnerSettings
+from empath.queue.scheduler import SchedulerSettings
+from empath.smtp.relay import RelayPolicy
+from empath.transport.listener import ListenerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every component's settings, derived from one config."""
+
+    listeners: tuple[ListenerSpec, ...]
+    relay: RelayPolicy
+    policy: PolicySettings
+    scheduler: SchedulerSettings
+    dns: DnsSettings
+    routing: RoutingSettings
+    retry: RetryPolicy
+    runner: RunnerSettings
+    pool_max_per_key: int
+
+
+def derive(config: Config, tls_ca_file: str | None = None) -> Settings:
+    smtp = config.smtp_controller
+    return Settings(
+        listeners=tuple(
+            listener_spec(
+                lc, config.hostname, hop_limit=smtp.hop_limit, postmaster=config.postmaster_address
+            )
+            for lc in smtp.listeners
+        ),
+        relay=RelayPolicy(tuple(smtp.relay.trusted_networks), tuple(smtp.relay.accepted_domains)),
+        policy=policy_settings(config),
+        scheduler=scheduler_settings(config),
+        dns=DnsSettings(config.delivery.dns.nameservers, config.delivery.dns.timeout_secs),
+        routing=routing_settings(config),
+        retry=retry_policy(config),
+        runner=runner_settings(config, tls_ca_file),
+        pool_max_per_key=max(config.delivery.max_concurrent_deliveries, 1),
+    )
+
+
+def listener_spec(
+    cfg: ListenerConfig, hostname: str, *, hop_limit: int, postmaster: str
+) -> ListenerSpec:
+    tls = cfg.tls
+    t = cfg.timeouts
+    return ListenerSpec(
+        host=cfg.host,
+        port=cfg.port,
+        hostname=hostname,
+        max_message_bytes=cfg.max_message_bytes,
+        max_recipients=cfg.max_recipients,
+        max_connections=cfg.max_connections,
+        max_connections_per_ip=cfg.max_connections_per_ip,
+        command_timeout_s=t.command_secs,
+        data_init_timeout_s=t.data_init_secs,
+        data_block_timeout_s=t.data_block_secs,
+        data_termination_timeout_s=t.data_termination_secs,
+        connection_timeout_s=t.connection_secs,
+        tls_cert=tls.certificate if tls else None,
+        tls_key=tls.key if tls else None,
+        context=dict(cfg.context),
+        name=cfg.socket,
+        reuse_port=cfg.reuse_port,
+        hop_limit=hop_limit,
+        postmaster=postmaster,
+    )
+
+
+def policy_settings(config: Config) -> PolicySettings:
+    d = config.delivery
+    cb = d.circuit_breaker
+    rl = d.rate_limit
+    return PolicySettings(
+        breaker=BreakerSettings(
+            cb.failure_threshold, cb.failure_window_secs, cb.timeout_secs, cb.success_threshold
+        ),
+        default_rate=RateLimit(rl.messages_per_second, rl.burst_size),
+        rate_overrides=resolve_limits(
+            rl.domain_limits, {name: dc.rate_limit for name, dc in d.domains.items()}
+        ),
+    )
+
+
+def scheduler_settings(config: Config) -> SchedulerSettings:
+    d = config.delivery
+    return SchedulerSettings(
+        max_concurrent_deliveries=d.max_concurrent_deliveries,
+        max_connections_for=lambda domain: d.domain_config(domain).max_connections,
+    )
+
+
+def routing_settings(config: Config) -> RoutingSettings:
+    dns = config.delivery.dns
+    return RoutingSettings(
+        cache=CacheLimits(
+            dns.cache_size, dns.min_cache_ttl_secs, dns.max_cache_ttl_secs, dns.negative_ttl_secs
+        ),
+        overrides={
+            name: dc.mx_override for name, dc in config.delivery.domains.items() if dc.mx_override
+        },
+    )
+
+
+def retry_policy(config: Config) -> RetryPolicy:
+    d = config.delivery
+    return RetryPolicy(
+        d.base_retry_delay_secs,
+        d.max_retry_delay_secs,
+        d.retry_jitter_factor,
+        d.max_attempts,
+        d.message_expiration_secs,
+    )
+
+
+def runner_settings(config: Config, tls_ca_file: str | None) -> RunnerSettings:
+    d = config.delivery
+
+    def domain_policy(domain: str) -> DomainPolicy:
+        dc = d.domain_config(domain)
+        invalid = (
+            d.accept_invalid_certs if dc.accept_invalid_certs is None else dc.accept_invalid_certs
+        )
+        return DomainPolicy(dc.require_tls, invalid, dc.max_connections)
+
+    return RunnerSettings(
+        hostname=config.hostname,
+        attempt=AttemptSettings(
+            hostname=config.hostname,
+            timeouts=d.smtp_timeouts,
+            accept_invalid_certs=d.accept_invalid_certs,
+            tls_ca_file=tls_ca_file,
+        ),
+        domain_policy=domain_policy,
+        dsn_enabled=config.dsn.enabled,
+        reporting_mta=config.dsn.reporting_mta,
+        postmaster=config.postmaster_address,
+        delay_warning_s=config.dsn.delay_warning_secs,
+        failed_retention_s=d.failed_retention_secs,
+    )
