@@ -55,7 +55,9 @@ class Driver:
 
     def run(self, script: bytes) -> None:
         server = SmtpServer(
-            ServerConfig(hostname="mx.test", max_message_bytes=20_000, tls_available=True),
+            ServerConfig(
+                hostname="mx.test", max_message_bytes=20_000, max_recipients=100, tls_available=True
+            ),
             lambda d: d != "denied.test",
         )
         parser = ReplyParser()
