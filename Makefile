@@ -44,8 +44,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu
-	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -67,6 +67,7 @@ torture: system-deps deps native
 bench: system-deps deps native
 	$(PY) bench/ingest
 	$(PY) bench/relay
+	$(PY) bench/control
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/_native
