@@ -124,6 +124,9 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
             "0x30")],
          "9m", "11m", {"domain": "dead.test"}),
     ],
+    "ClusterFallbackMode": [
+        (None, both("empath_cluster_fallback", {}, "1x30", "0x30"), "4m", "6m", {}),
+    ],
 }  # fmt: skip
 
 LABEL_RE = re.compile(r"\{\{ \$labels\.(\w+) \}\}")

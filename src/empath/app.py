@@ -142,10 +142,11 @@ class App:
             dns_cache=self.router.cache,
             dns_lookups=self.resolver.stats,
         )
-        if self.cluster is not None:
-            from empath.cluster.metrics import ClusterMetrics
+        from empath.cluster.metrics import ClusterMetrics, StandaloneMetrics
 
-            self.metrics.add_source(ClusterMetrics(self.cluster))
+        self.metrics.add_source(
+            StandaloneMetrics() if self.cluster is None else ClusterMetrics(self.cluster)
+        )
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None

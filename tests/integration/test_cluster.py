@@ -283,12 +283,16 @@ def test_cluster_status_lists_every_node_with_its_queue_and_heartbeat(cluster: C
     assert metric(nodes[0], "empath_cluster_redis_roundtrip_seconds_count") > 0
 
 
-def test_cluster_status_without_cluster_mode_fails_with_exit_1(tmp_path: Path) -> None:
-    """`empathctl cluster status` on a node without `cluster` says so, exit 1."""
+def test_cluster_status_without_cluster_mode_says_so(tmp_path: Path) -> None:
+    """`empathctl cluster status` on a node without `cluster`: "off", exit 0; metrics
+    say a cluster of one, never in fallback."""
     with Daemon(tmp_path / "solo") as d:
         r = ctl(d, "cluster", "status")
-        assert 1 == r.returncode
-        assert "cluster mode is off" in r.stderr
+        assert (0, "") == (r.returncode, r.stderr)
+        assert "cluster mode is off" in r.stdout
+        assert {"enabled": False} == json.loads(ctl(d, "cluster", "status", "--json").stdout)
+        assert 0.0 == metric(d, "empath_cluster_fallback")
+        assert 1.0 == metric(d, "empath_cluster_nodes")
 
 
 def metric(node: Daemon, name: str) -> float:

@@ -124,6 +124,8 @@ def status_text(data: dict[str, Any]) -> str:
 
 def cluster_text(data: dict[str, Any]) -> str:
     """``empathctl cluster status``: a header, then one line per node."""
+    if not data["enabled"]:
+        return "cluster mode is off (no `cluster` section in the config): a single node\n"
     mode = "FALLBACK to local limits" if data["fallback"] else "shared state"
     lines = [
         f"Cluster via {data['redis_url']}: this node {data['node_id']}, "

@@ -1,7 +1,8 @@
 """The cluster's metric families, read at scrape time (joins ``EmpathCollector``).
 
 * ``empath_cluster_redis_up`` (gauge): 1 while this node reaches Redis;
-* ``empath_cluster_fallback`` (gauge): 1 while this node runs on local limits;
+* ``empath_cluster_fallback`` (gauge): 1 while this node runs on local limits
+  (0 on a node without ``cluster``, as is ``empath_cluster_nodes`` 1);
 * ``empath_cluster_fallback_entries_total`` (counter): times it fell back;
 * ``empath_cluster_nodes`` (gauge): live nodes as of the last heartbeat;
 * ``empath_cluster_redis_roundtrip_seconds`` (histogram): every Redis call;
@@ -11,11 +12,29 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from empath.cluster.node import ClusterNode
 from empath.observability.metrics import histogram_family
+
+if TYPE_CHECKING:  # no Redis client import on a node without `cluster`
+    from empath.cluster.node import ClusterNode
+
+
+class StandaloneMetrics:
+    """Without ``cluster``: a cluster of one node that is never in fallback (so the
+    ClusterFallbackMode rule and dashboards have a series on every node)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "empath_cluster_fallback",
+            "1 while this node runs on local limits (Redis unreachable)",
+            value=0,
+        )
+        yield GaugeMetricFamily(
+            "empath_cluster_nodes", "Live cluster nodes at the last heartbeat", value=1
+        )
 
 
 class ClusterMetrics:

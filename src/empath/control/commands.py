@@ -185,9 +185,7 @@ class Handlers:
 
     async def cluster_status(self, _args: Args) -> dict[str, Any]:
         data = await self.d.cluster_status()
-        if data is None:
-            raise CommandError(ErrorCode.FAILED, "cluster mode is off (no `cluster` in the config)")
-        return data
+        return {"enabled": False} if data is None else {"enabled": True, **data}
 
     # queue
 
