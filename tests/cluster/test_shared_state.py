@@ -16,6 +16,7 @@ from empath.cluster.backend import RedisBackend
 from empath.cluster.state import SharedPolicyState, batch_size, scaled
 from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Deny, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
+from empath.policy.state import PolicySettings
 from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
@@ -51,8 +52,7 @@ def node(
         RedisBackend(url, "t:", 0.5),
         node_id=name,
         instance=name,
-        breaker_settings=breaker or BreakerSettings(),
-        default_rate=rate,
+        settings=PolicySettings(breaker or BreakerSettings(), rate, {}),
         lease_s=1.0,
         on_transition=None if transitions is None else transitions.append,
     )
