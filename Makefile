@@ -11,7 +11,7 @@ APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc redis-server
 NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
 NATIVE       := src/empath/_native/manifest.json
 
-.PHONY: run test lint typecheck unit bench torture deps system-deps native clean
+.PHONY: run cluster test lint typecheck unit bench torture deps system-deps native clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ native: $(NATIVE)
 run: deps
 	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
 	$(VENV)/bin/empath --config empath.config.ron
+
+# A local cluster (SPEC §11): redis-server + 2 nodes sharing 127.0.0.1:1025 (reuse_port),
+# files under ./cluster; NODES=3 for more.  Ctrl-C stops everything.
+NODES ?= 2
+cluster: system-deps deps
+	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
+	$(PY) scripts/cluster.py --nodes $(NODES) --dir cluster
 
 system-deps:
 	@missing=""; for t in $(APT_PROBES); do \
