@@ -51,8 +51,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control
-	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -75,6 +75,7 @@ bench: system-deps deps native
 	$(PY) bench/ingest
 	$(PY) bench/relay
 	$(PY) bench/control
+	$(PY) bench/cluster
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/_native
