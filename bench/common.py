@@ -213,3 +213,16 @@ def compiled_build() -> str:
     from empath import native_build
 
     return "compiled (make native)" if native_build() is not None else "pure Python"
+
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def write_results(name: str, data: dict[str, object]) -> Path:
+    """Keep a benchmark's figures as bench/results/<name>.json (read by bench/charts.py)."""
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=1) + "\n")
+    return path

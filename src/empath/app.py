@@ -163,7 +163,7 @@ class App:
                 host.strip("[]"),
                 int(port),
                 self.readiness,
-                renderer(self.registry) if config.metrics.enabled else None,
+                renderer(self.metrics) if config.metrics.enabled else None,
             )
         self.otlp: OtlpPusher | None = None
         if config.metrics.enabled and config.metrics.endpoint:

@@ -17,24 +17,25 @@ them into metric families:
 * every ``domain`` label goes through one :class:`DomainLabels` (the runner's), so
   at most ``max_domain_cardinality`` domains appear and the rest are ``other``.
 
-The registry is built by the composition root (``app.py``) and passed to the HTTP
-server; more collectors (cluster state) join with :meth:`EmpathCollector.add_source`.
+The registry is built by the composition root (``app.py``); more collectors (cluster
+state) join with :meth:`EmpathCollector.add_source`.  The families are plain
+:class:`Family` values: ``collect()`` hands them to prometheus-client as ``Metric``
+objects (for the registry and the OTLP push), while ``/metrics`` writes the text
+format from them directly (:func:`render_text`).  Measured (``bench/scrape``, 10,000
+domains, 100,000 queued units, 60,000 series): prometheus-client's per-sample objects
+and ``generate_latest`` took ~1.9 s a scrape, the direct text ~10x less.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from empath.clock import Clock
 from empath.dns.resolver import LookupStats
@@ -55,6 +56,8 @@ QUEUE_STATUSES = (
 )
 # Which state wins when several domains fold into "other" (the one needing attention).
 _STATE_RANK = {BreakerState.OPEN: 2, BreakerState.HALF_OPEN: 1, BreakerState.CLOSED: 0}
+_STATE_LABEL = {st: st.value for st in BreakerState}
+_STATE_VALUE = {st: float(st.gauge_value) for st in BreakerState}
 
 
 class QueueSource(Protocol):
@@ -101,30 +104,85 @@ def summarise_queue(
     max_retry_series: int,
 ) -> QueueSummary:
     """Units by status, the oldest non-terminal unit's age, and retry counts (oldest first)."""
-    sizes = dict.fromkeys(QUEUE_STATUSES, 0)
+    counts = dict.fromkeys(UnitStatus, 0)
     oldest: float | None = None
     retries: list[tuple[str, int]] = []
-    delivered = UnitStatus.DELIVERED
+    live_statuses = _LIVE
+    flying = 0
     for msg in messages:
         live = False
         tries = 0
         for unit in msg.units:
             status = unit.status
-            if status is delivered:
-                continue  # delivered units are not queued
-            if not status.terminal:
+            counts[status] += 1
+            if status in live_statuses:
                 live = True
                 tries = max(tries, unit.attempts)
                 if in_flight and UnitKey(msg.id, unit.domain) in in_flight:
-                    status = UnitStatus.IN_PROGRESS
-            sizes[status] += 1
+                    flying += 1
+                    counts[status] -= 1
         if live:
             received = msg.envelope.received_at
             if oldest is None or received < oldest:
                 oldest = received
             if tries and len(retries) < max_retry_series:
                 retries.append((msg.id, tries))
+    counts[UnitStatus.IN_PROGRESS] += flying
+    sizes = {status: counts[status] for status in QUEUE_STATUSES}
     return QueueSummary(sizes, 0.0 if oldest is None else max(0.0, now - oldest), tuple(retries))
+
+
+_ATTEMPT_LABELS = ("status", "domain", "smtp_code")
+_LIVE = frozenset({UnitStatus.PENDING, UnitStatus.RETRY, UnitStatus.IN_PROGRESS})
+
+Labels = tuple[tuple[str, str], ...]
+# (sample name, label names, label values, value)
+Sample = tuple[str, tuple[str, ...], tuple[str, ...], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family as plain data.
+
+    Label values are written as they are unless ``escape`` is set: the collector's own
+    values (domains from parsed SMTP paths, ULIDs, statuses, reply codes, bucket bounds)
+    never contain a backslash, a double quote or a newline; values from elsewhere
+    (listener names from the config, other sources) are escaped.
+    """
+
+    name: str
+    documentation: str
+    type: str  # counter | gauge | histogram | summary
+    samples: list[Sample]
+    escape: bool = False
+
+    def to_prometheus(self) -> Metric:
+        metric = Metric(self.name, self.documentation, self.type)
+        for sample, names, values, value in self.samples:
+            metric.add_sample(sample, dict(zip(names, values, strict=True)), value)
+        return metric
+
+    @classmethod
+    def from_prometheus(cls, metric: Metric) -> Family:
+        return cls(
+            metric.name,
+            metric.documentation,
+            metric.type,
+            [
+                (s.name, tuple(s.labels), tuple(s.labels.values()), float(s.value))
+                for s in metric.samples
+            ],
+            escape=True,
+        )
+
+
+def gauge(name: str, documentation: str, value: float) -> Family:
+    return Family(name, documentation, "gauge", [(name, (), (), float(value))])
+
+
+def counter(name: str, documentation: str, value: float) -> Family:
+    """``name`` without ``_total`` (the family name); the sample is ``name_total``."""
+    return Family(name, documentation, "counter", [(name + "_total", (), (), float(value))])
 
 
 def _le(bound: float) -> str:
@@ -135,17 +193,74 @@ def _le(bound: float) -> str:
 def histogram_family(
     name: str,
     documentation: str,
-    counts: Iterable[tuple[tuple[str, ...], HistogramCounts]],
-    labels: tuple[str, ...] = (),
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=list(labels))
-    for label_values, h in counts:
-        family.add_metric(
-            list(label_values),
-            [(_le(le), float(n)) for le, n in h.buckets],
-            h.sum_s,
+    counts: Iterable[tuple[Labels, HistogramCounts]],
+) -> Metric:
+    """A histogram as a prometheus-client ``Metric`` (for ``MetricsSource`` authors)."""
+    return _histogram(name, documentation, counts).to_prometheus()
+
+
+def _histogram(
+    name: str,
+    documentation: str,
+    counts: Iterable[tuple[Labels, HistogramCounts]],
+) -> Family:
+    samples: list[Sample] = []
+    bucket, count, total = name + "_bucket", name + "_count", name + "_sum"
+    for labels, h in counts:
+        names = tuple(k for k, _ in labels)
+        values = tuple(v for _, v in labels)
+        with_le = (*names, "le")
+        for le, n in h.buckets:
+            samples.append((bucket, with_le, (*values, _le(le)), float(n)))
+        samples.append((count, names, values, float(h.count)))
+        samples.append((total, names, values, float(h.sum_s)))
+    return Family(name, documentation, "histogram", samples)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _go_float(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    return "+Inf" if value > 0 else "-Inf"
+
+
+def render_text(families: Iterable[Family]) -> bytes:
+    """The Prometheus text exposition format (0.0.4) of ``families``.
+
+    One ``%``-template per (sample name, label names), so a sample costs one tuple and
+    one format; values are floats (``repr`` is Prometheus's notation but for NaN/Inf).
+    """
+    out: list[str] = []
+    append = out.append
+    templates: dict[tuple[str, tuple[str, ...]], str] = {}
+    for f in families:
+        doc = f.documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        # 0.0.4 text names a counter's family by its sample (``x_total``), as
+        # prometheus-client does; `promtool check metrics` wants the help on that name.
+        name = (
+            f.name + "_total" if f.type == "counter" and not f.name.endswith("_total") else f.name
         )
-    return family
+        append(f"# HELP {name} {doc}\n# TYPE {name} {f.type}\n")
+        escape = f.escape
+        for sample, names, values, value in f.samples:
+            key = (sample, names)
+            template = templates.get(key)
+            if template is None:
+                inner = ",".join(f'{n}="%s"' for n in names)
+                template = templates[key] = (
+                    f"{sample}{{{inner}}} %s\n" if names else f"{sample} %s\n"
+                )
+            number = repr(value)
+            if number[-1] in "nf":  # nan, inf
+                number = _go_float(value)
+            if escape:
+                append(template % (*(_escape(v) for v in values), number))
+            else:
+                append(template % (*values, number))
+    return "".join(out).encode("utf-8")
 
 
 class EmpathCollector:
@@ -185,80 +300,97 @@ class EmpathCollector:
     def describe(self) -> Iterable[Metric]:
         return ()  # no collect at registration time; names are unique by construction
 
-    def collect(self) -> Iterator[Metric]:
-        yield from self._delivery()
-        yield from self._queue_families()
-        yield from self._policy_families()
-        yield from self._smtp()
-        yield from self._dns()
-        yield from self._spool()
+    def families(self) -> list[Family]:
+        """Every family, read now (on the event loop)."""
+        out = [
+            *self._delivery(),
+            *self._queue_families(),
+            *self._policy_families(),
+            *self._smtp(),
+            *self._dns(),
+            *self._spool(),
+        ]
         for source in self._sources:
-            yield from source.collect()
+            out.extend(Family.from_prometheus(m) for m in source.collect())
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield family.to_prometheus()
+
+    def render(self) -> tuple[bytes, str]:
+        """The ``/metrics`` body."""
+        return render_text(self.families()), CONTENT_TYPE_LATEST
 
     # -- delivery -------------------------------------------------------------
 
-    def _delivery(self) -> Iterator[Metric]:
+    def _delivery(self) -> Iterator[Family]:
         r = self._runner
         delivered, failed, attempts_failed, attempts = self._delivery_window.delta(
             self._clock.monotonic(),
             (r.units_delivered, r.units_failed, r.attempts_failed, r.attempts_total),
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             "empath_delivery_success_rate",
             "Delivered / (delivered + permanently failed) units over the rate window; 1 when none.",
-            value=delivered / (delivered + failed) if delivered + failed else 1.0,
+            delivered / (delivered + failed) if delivered + failed else 1.0,
         )
-        yield GaugeMetricFamily(
+        yield gauge(
             "empath_delivery_error_rate",
             "Failed attempts (temporary or permanent) / all attempts over the rate window.",
-            value=attempts_failed / attempts if attempts else 0.0,
+            attempts_failed / attempts if attempts else 0.0,
         )
-        family = CounterMetricFamily(
+        yield Family(
             "empath_delivery_attempts",
             "Delivery attempts, one per (message, domain) unit attempt.",
-            labels=["status", "domain", "smtp_code"],
+            "counter",
+            [
+                ("empath_delivery_attempts_total", _ATTEMPT_LABELS, key, float(n))
+                for key, n in list(r.attempts.items())
+            ],
         )
-        for (status, domain, code), n in list(r.attempts.items()):
-            family.add_metric([status, domain, code], n)
-        yield family
-        yield histogram_family(
+        yield _histogram(
             "empath_delivery_queue_age_seconds",
             "Seconds from acceptance to each delivery attempt.",
             [((), r.queue_age.snapshot())],
         )
 
-    def _queue_families(self) -> Iterator[Metric]:
+    def _queue_families(self) -> Iterator[Family]:
         summary = summarise_queue(
             self._queue.messages(),
             self._in_flight(),
             self._clock.now(),
             self.settings.max_domain_cardinality,
         )
-        sizes = GaugeMetricFamily(
-            "empath_delivery_queue_size", "Delivery units by status.", labels=["status"]
+        yield Family(
+            "empath_delivery_queue_size",
+            "Delivery units by status.",
+            "gauge",
+            [
+                ("empath_delivery_queue_size", ("status",), (st.value,), float(summary.sizes[st]))
+                for st in QUEUE_STATUSES
+            ],
         )
-        for status in QUEUE_STATUSES:
-            sizes.add_metric([status.value], summary.sizes[status])
-        yield sizes
-        yield GaugeMetricFamily(
+        yield gauge(
             "empath_delivery_queue_oldest_seconds",
             "Age of the oldest non-terminal unit (0 when none).",
-            value=summary.oldest_s,
+            summary.oldest_s,
         )
         # SPEC §6 names the series empath_delivery_retry_count (a gauge); `promtool check
         # metrics` refuses a `_count` suffix on anything but a histogram or summary, so
         # the family is a summary named empath_delivery_retry with only its _count
         # sample: the series name, label and values are the spec's.
-        retry = Metric(
+        yield Family(
             "empath_delivery_retry",
             "Attempts so far (the _count) of queued messages with at least one failed attempt.",
             "summary",
+            [
+                ("empath_delivery_retry_count", ("message_id",), (mid,), float(n))
+                for mid, n in summary.retry_counts
+            ],
         )
-        for mid, n in summary.retry_counts:
-            retry.add_sample("empath_delivery_retry_count", {"message_id": mid}, n)
-        yield retry
 
-    def _policy_families(self) -> Iterator[Metric]:
+    def _policy_families(self) -> Iterator[Family]:
         snap = self._policy.snapshot()
         labels = self._runner.domains
         states: dict[str, BreakerState] = {}
@@ -269,103 +401,111 @@ class EmpathCollector:
             if old is None or _STATE_RANK[info.state] > _STATE_RANK[old]:
                 states[label] = info.state
             trips[label] = trips.get(label, 0) + info.trips_total
-        state = GaugeMetricFamily(
+        yield Family(
             "empath_delivery_circuit_breaker_state",
             "Circuit breaker state per domain: 0 Closed, 1 Open, 2 HalfOpen.",
-            labels=["domain", "state"],
-        )
-        for domain, st in sorted(states.items()):
-            state.add_metric([domain, st.value], st.gauge_value)
-        yield state
-        trip_family = CounterMetricFamily(
-            "empath_delivery_circuit_breaker_trips",
-            "Circuit breaker transitions into Open.",
-            labels=["domain"],
+            "gauge",
+            [
+                (
+                    "empath_delivery_circuit_breaker_state",
+                    ("domain", "state"),
+                    (domain, _STATE_LABEL[st]),
+                    _STATE_VALUE[st],
+                )
+                for domain, st in states.items()
+            ],
         )
         # Every domain that was attempted has a series (0 before its first trip), so
         # increase() sees the first trip too.
-        for domain in labels.known():
-            trips.setdefault(domain, 0)
+        for domain in labels:
+            if domain not in trips:
+                trips[domain] = 0
         if OTHER in states:
             trips.setdefault(OTHER, 0)
-        for domain, n in sorted(trips.items()):
-            trip_family.add_metric([domain], n)
-        yield trip_family
+        yield Family(
+            "empath_delivery_circuit_breaker_trips",
+            "Circuit breaker transitions into Open.",
+            "counter",
+            [
+                ("empath_delivery_circuit_breaker_trips_total", ("domain",), (d,), float(n))
+                for d, n in trips.items()
+            ],
+        )
         limited: dict[str, int] = {}
         for domain, n in snap.rate_limited_total.items():
             label = labels(domain)
             limited[label] = limited.get(label, 0) + n
-        rl = CounterMetricFamily(
+        yield Family(
             "empath_delivery_rate_limited",
             "Deliveries deferred for want of a rate-limit token.",
-            labels=["domain"],
+            "counter",
+            [
+                ("empath_delivery_rate_limited_total", ("domain",), (d,), float(n))
+                for d, n in limited.items()
+            ],
         )
-        for domain, n in sorted(limited.items()):
-            rl.add_metric([domain], n)
-        yield rl
 
     # -- SMTP, DNS, spool -------------------------------------------------------
 
-    def _smtp(self) -> Iterator[Metric]:
+    def _smtp(self) -> Iterator[Family]:
         listeners = list(self._listeners.items())
-        total = CounterMetricFamily(
-            "empath_smtp_connections", "Accepted SMTP connections.", labels=["listener"]
-        )
-        active = GaugeMetricFamily(
-            "empath_smtp_connections_active", "Open SMTP sessions.", labels=["listener"]
-        )
-        received = CounterMetricFamily(
-            "empath_smtp_messages_received",
-            "Messages committed to the spool.",
-            labels=["listener"],
-        )
+        total: list[Sample] = []
+        active: list[Sample] = []
+        received: list[Sample] = []
         errored = sessions = 0
+        names = ("listener",)
         for label, st in listeners:
-            total.add_metric([label], st.connections_total)
-            active.add_metric([label], st.connections_active)
-            received.add_metric([label], st.messages_received)
+            lb = (label,)
+            total.append(("empath_smtp_connections_total", names, lb, float(st.connections_total)))
+            active.append(
+                ("empath_smtp_connections_active", names, lb, float(st.connections_active))
+            )
+            received.append(
+                ("empath_smtp_messages_received_total", names, lb, float(st.messages_received))
+            )
             errored += st.sessions_errored
             sessions += st.sessions_total
-        yield total
-        yield active
-        yield received
+        yield Family(
+            "empath_smtp_connections", "Accepted SMTP connections.", "counter", total, escape=True
+        )
+        yield Family(
+            "empath_smtp_connections_active", "Open SMTP sessions.", "gauge", active, escape=True
+        )
+        yield Family(
+            "empath_smtp_messages_received",
+            "Messages committed to the spool.",
+            "counter",
+            received,
+            escape=True,
+        )
         d_err, d_all = self._smtp_window.delta(self._clock.monotonic(), (errored, sessions))
-        yield GaugeMetricFamily(
+        yield gauge(
             "empath_smtp_connection_error_rate",
             "Sessions ended by error or timeout / all sessions over the rate window.",
-            value=d_err / d_all if d_all else 0.0,
+            d_err / d_all if d_all else 0.0,
         )
 
-    def _dns(self) -> Iterator[Metric]:
+    def _dns(self) -> Iterator[Family]:
         c = self._dns_cache
-        yield CounterMetricFamily("empath_dns_cache_hits", "MX cache hits.", value=c.hits)
-        yield CounterMetricFamily("empath_dns_cache_misses", "MX cache misses.", value=c.misses)
-        yield CounterMetricFamily(
-            "empath_dns_cache_evictions", "MX cache LRU evictions.", value=c.evictions
-        )
+        yield counter("empath_dns_cache_hits", "MX cache hits.", c.hits)
+        yield counter("empath_dns_cache_misses", "MX cache misses.", c.misses)
+        yield counter("empath_dns_cache_evictions", "MX cache LRU evictions.", c.evictions)
         lookups = self._dns_lookups
-        snaps = []
+        snaps: list[tuple[Labels, HistogramCounts]] = []
         for qt in lookups.query_types():
             s = lookups.snapshot(qt)
-            snaps.append(((qt,), HistogramCounts(s.count, s.sum_s, s.buckets)))
-        yield histogram_family(
-            "empath_dns_lookup_duration_seconds",
-            "DNS resolver round trips.",
-            snaps,
-            labels=("query_type",),
-        )
+            snaps.append(((("query_type", qt),), HistogramCounts(s.count, s.sum_s, s.buckets)))
+        yield _histogram("empath_dns_lookup_duration_seconds", "DNS resolver round trips.", snaps)
 
-    def _spool(self) -> Iterator[Metric]:
+    def _spool(self) -> Iterator[Family]:
         usage = self._queue.usage()
-        yield GaugeMetricFamily(
+        yield gauge(
             "empath_spool_free_bytes",
             "Free bytes on the spool's filesystem (for an unprivileged user).",
-            value=usage.free_bytes,
+            usage.free_bytes,
         )
-        yield GaugeMetricFamily(
-            "empath_spool_size_bytes",
-            "Size of the spool's filesystem in bytes.",
-            value=usage.total_bytes,
+        yield gauge(
+            "empath_spool_size_bytes", "Size of the spool's filesystem in bytes.", usage.total_bytes
         )
 
 
@@ -376,10 +516,6 @@ def build_registry(collector: EmpathCollector) -> CollectorRegistry:
     return registry
 
 
-def renderer(registry: CollectorRegistry) -> Callable[[], tuple[bytes, str]]:
-    """The ``/metrics`` body: Prometheus text format 0.0.4."""
-
-    def render() -> tuple[bytes, str]:
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-
-    return render
+def renderer(collector: EmpathCollector) -> Callable[[], tuple[bytes, str]]:
+    """The ``/metrics`` body: Prometheus text format 0.0.4, written directly."""
+    return collector.render
