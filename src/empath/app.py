@@ -63,7 +63,6 @@ if TYPE_CHECKING:
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
 SHUTDOWN_GRACE_S = 30.0
-COMPACT_INTERVAL_S = 30.0
 QUEUE_SIZES_CACHE_S = 5.0
 
 
@@ -260,7 +259,8 @@ class App:
             return MemorySpool()
         from empath.spool.fs import FileSpool
 
-        return FileSpool(Path(self.config.spool.path), clock=self.clock)
+        cfg = self.config.spool
+        return FileSpool(Path(cfg.path), clock=self.clock, segment_bytes=cfg.segment_bytes)
 
     # -- signals and reload ---------------------------------------------------
 
@@ -416,7 +416,7 @@ class App:
     async def _compact_loop(self) -> None:
         slog = get_logger("spool", __name__)
         while True:
-            await asyncio.sleep(COMPACT_INTERVAL_S)
+            await asyncio.sleep(self.config.spool.compact_interval_secs)
             try:
                 await self.spool.compact()
             except Exception:

@@ -123,6 +123,10 @@ def positive(value: float) -> str | None:
     return None
 
 
+def _at_least(value: int, low: int) -> str | None:
+    return None if value >= low else f"must be at least {low}"
+
+
 def non_negative(value: float) -> str | None:
     if not math.isfinite(value) or value < 0:
         return "must be 0 or more"
@@ -359,6 +363,9 @@ class SpoolConfig:
 
     type: SpoolType = "File"
     path: str = rule("/var/spool/empath", check=non_empty)
+    # The log rotates to a new segment file at this size; compaction frees whole segments.
+    segment_bytes: int = rule(64 * 1024 * 1024, check=lambda v: _at_least(v, 64 * 1024))
+    compact_interval_secs: float = rule(30.0, check=positive)
 
 
 # --- delivery ----------------------------------------------------------------

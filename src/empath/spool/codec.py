@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -195,15 +196,25 @@ def loads(data: bytes | memoryview) -> Any:
 # only when the shape differs (e.g. a record from an older model version).
 
 
+# Strings a queue repeats (senders, recipients, domains, HELO names, peers, listeners)
+# are interned as they are decoded: a message's recipients then share one str with
+# its units', and a large queue holds each distinct value once (issue 7: RSS per unit).
+
+
 def envelope_from_json(data: dict[str, Any]) -> Envelope:
     try:
         fields = dict(data)
-        fields["recipients"] = tuple(fields["recipients"])
+        fields["recipients"] = tuple([_intern(r) for r in fields["recipients"]])
+        for key in ("sender", "peer", "helo", "listener"):
+            value = fields.get(key)
+            if type(value) is str:
+                fields[key] = _intern(value)
         return Envelope(**fields)
     except (TypeError, KeyError):
         return Envelope.from_json(data)
 
 
+_intern: Final = sys.intern
 _RCPT_STATUS: Final = {s.value: s for s in RcptStatus}
 _UNIT_STATUS: Final = {s.value: s for s in UnitStatus}
 
@@ -216,11 +227,17 @@ def units_from_json(data: list[dict[str, Any]]) -> tuple[UnitState, ...]:
             fields = dict(unit)
             fields["recipients"] = tuple(
                 [
-                    RecipientState(r["address"], rcpt_status[r["status"]], r["code"], r["text"])
+                    RecipientState(
+                        _intern(r["address"]), rcpt_status[r["status"]], r["code"], r["text"]
+                    )
                     for r in fields["recipients"]
                 ]
             )
             fields["status"] = _UNIT_STATUS[fields["status"]]
+            fields["domain"] = _intern(fields["domain"])
+            for key in ("next_attempt_at", "finished_at", "reopened_at"):
+                if fields.get(key) == 0:
+                    fields[key] = 0.0  # one shared constant instead of a float per unit
             history = fields["history"]
             fields["history"] = tuple([Attempt(**a) for a in history]) if history else ()
             out.append(UnitState(**fields))

@@ -396,8 +396,9 @@ def _recover(spool_dir: Path, progress_every: int) -> Recovered:
         deferred=scanner.deferred,
     )
     referenced: set[str] = set()
-    for msg_id in sorted(scanner.found):
-        f = scanner.found[msg_id]
+    found = scanner.found
+    for msg_id in sorted(found):
+        f = found.pop(msg_id)  # its JSON's memory is reused by what it decodes to
         try:
             msg, spilled, length = _decode(msg_id, f)
         except (ValueError, KeyError, TypeError) as exc:

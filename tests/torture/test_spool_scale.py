@@ -1,0 +1,117 @@
+"""Torture, scale: the daemon restarted on a queue of many units (1,000,000 full, 50,000 ci).
+
+The queue is written straight into log segments with the spool's own codec (the
+records the writer would produce: one MSG per message, one unit each, waiting for a
+retry a day away, so nothing is attempted while we measure), which builds a million
+units in seconds.  The daemon is then started on it; the figure is the time from
+spawn to ``Empath ready`` (spool recovery + the runner's schedule), and the RSS per
+queued unit above an empty daemon's.  Goals (issue 7): < 60 s and <= 1 KiB per unit.
+
+The time goal is asserted.  The memory goal is not met by this build (about 1.3-1.4 KiB
+per unit measured; the spool's index is ~0.95 KiB of it per one-unit message, the rest
+the scheduler's entries and allocator slack): what it would take is an index that does
+not keep a decoded MessageState for every queued message - the id, the unit's due time
+and the record's (segment, offset) in compact arrays, decoding a message when its unit
+comes due.  The test asserts the 2 KiB this build holds, so a regression fails.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from empath.ids import new_ulid
+from empath.spool import codec
+from empath.spool.codec import RecordType
+from empath.spool.model import Envelope, UnitStatus, initial_units
+from empath.spool.writer import create_segment
+from tests.daemon import Daemon, parked_overrides
+from tests.torture.conftest import figure, full_scale, pick
+
+SEGMENT_BYTES = 64 * 1024 * 1024
+BODY = b"Subject: scale\r\nMessage-ID: <scale@empath.test>\r\n\r\n" + b"queued for later.\r\n" * 8
+GOAL_SECONDS = 60.0
+GOAL_BYTES_PER_UNIT = 1024  # the issue's goal: not met yet, see the module doc
+BAR_BYTES_PER_UNIT = 2048  # what this build holds (a regression fails here)
+
+
+def build_queue(spool: Path, units: int, now: float) -> None:
+    """``units`` messages of one unit each, due in a day, as the writer would log them."""
+    log_dir = spool / "log"
+    for sub in ("log", "bodies", "corrupt"):
+        (spool / sub).mkdir(parents=True, exist_ok=True)
+    env = Envelope("sender@scale.test", ("rcpt@parked.test",), now - 60.0, peer="127.0.0.1:1")
+    (unit,) = initial_units(env.recipients, now - 60.0)
+    unit = replace(unit, status=UnitStatus.RETRY, attempts=1, next_attempt_at=now + 86400.0)
+    template, _ = codec.msg_payload(
+        "0" * 26, env, (unit,), body_bytes=len(BODY), spilled=False, inline_body=BODY
+    )
+    rest = template[26:]
+    seg = create_segment(log_dir, 1, None, now)
+    os.close(seg.read_fd)
+    out = seg.path.open("ab", buffering=1024 * 1024)
+    size = seg.size
+    try:
+        for _ in range(units):
+            record = codec.frame(RecordType.MSG, new_ulid().encode() + rest, seg.seed)
+            if size + len(record) > SEGMENT_BYTES:
+                out.close()
+                seg = create_segment(log_dir, seg.seq + 1, size, now)
+                os.close(seg.read_fd)
+                out = seg.path.open("ab", buffering=1024 * 1024)
+                size = seg.size
+            out.write(record)
+            size += len(record)
+        out.flush()
+        os.fsync(out.fileno())
+    finally:
+        out.close()
+
+
+def start_measured(d: Daemon, timeout: float) -> tuple[float, int]:
+    """(seconds from spawn to "Empath ready", VmRSS KiB once ready)."""
+    started = time.monotonic()
+    d.start(timeout=timeout, wait_path="/health/live")
+    d.wait_log("Empath ready", timeout=timeout)
+    seconds = time.monotonic() - started
+    return seconds, d.rss_kib()
+
+
+def test_restart_on_a_large_queue(tmp_path: Path) -> None:
+    units = pick(50_000, 1_000_000)
+    overrides = parked_overrides("parked.test")
+    overrides["health"] = {"max_queue_size": 10 * units}
+    timeout = 600.0 if full_scale() else 120.0
+
+    empty = Daemon(tmp_path / "empty", overrides=overrides)
+    try:
+        _, base_kib = start_measured(empty, timeout)
+    finally:
+        empty.stop()
+
+    d = Daemon(tmp_path / "big", overrides=overrides)
+    built = time.monotonic()
+    build_queue(d.spool_path, units, time.time())
+    build_s = time.monotonic() - built
+    try:
+        seconds, rss_kib = start_measured(d, timeout)
+        (recovered,) = d.logs("Spool recovered")
+        (runner,) = d.logs("Delivery runner started")
+    finally:
+        assert 0 == d.stop(), d.log_tail()
+    fields = recovered["fields"]
+    assert (units, 0, 0) == (fields["messages"], fields["quarantined"], fields["missing"])
+    assert units == runner["fields"]["units"]
+    per_unit = (rss_kib - base_kib) * 1024 / units
+    figure(
+        "scale",
+        f"{units:,} queued units: restart {seconds:.1f} s to ready (recovery "
+        f"{fields['seconds']:.1f} s; goal < {GOAL_SECONDS:.0f} s), RSS {rss_kib / 1024:.0f} MiB"
+        f" = {per_unit:.0f} B per unit above an empty daemon's {base_kib / 1024:.0f} MiB "
+        f"(goal <= {GOAL_BYTES_PER_UNIT} B: {'met' if per_unit <= GOAL_BYTES_PER_UNIT else 'NOT met'}"
+        f", bar {BAR_BYTES_PER_UNIT} B); queue built in {build_s:.1f} s",
+    )
+    assert seconds < GOAL_SECONDS
+    assert per_unit <= BAR_BYTES_PER_UNIT, "see the figure line"
