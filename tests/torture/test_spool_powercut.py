@@ -38,7 +38,8 @@ class Acked:
     """What the workload was told is durable, as the copies must show it."""
 
     live: dict[str, tuple[bytes, int]] = field(default_factory=dict)  # id -> (body, attempts)
-    removed: set[str] = field(default_factory=set)
+    removing: set[str] = field(default_factory=set)  # removal issued (maybe not durable yet)
+    removed: set[str] = field(default_factory=set)  # removal durable
     ops: int = 0
 
 
@@ -57,6 +58,7 @@ async def workload(spool: FileSpool, acked: Acked, rng: random.Random, until: in
         if roll < 0.15 and candidates:
             msg_id = rng.choice(candidates)
             acked.live.pop(msg_id)  # neither required nor forbidden until the DEL is durable
+            acked.removing.add(msg_id)
             await spool.remove(msg_id)
             acked.removed.add(msg_id)
         elif roll < 0.35 and acked.live:
@@ -115,6 +117,8 @@ async def take_copies(
         active, acked_size, _, _ = spool.segment_stats()[-1]  # the newest: being appended to
         copy = Copy(root / f"copy{n}", dict(acked.live), set(acked.removed))
         await asyncio.to_thread(copy_spool, spool.path, copy.path)
+        for msg_id in acked.removing & copy.live.keys():  # removed while the copy ran:
+            del copy.live[msg_id]  # the copy may have the DEL or not
         if n % 2:
             cut(copy, active, acked_size, rng)
         copies.append(copy)
