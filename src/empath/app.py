@@ -154,6 +154,7 @@ class App:
             command_table(self),
             auth_enabled=config.control_auth.enabled,
             token_hashes=config.control_auth.token_hashes,
+            busy=self._smtp_busy,
         )
         self.health: HealthServer | None = None
         if config.health.enabled:
@@ -251,6 +252,10 @@ class App:
         else:
             data["nodes"] = [n.to_json() for n in nodes]
         return data
+
+    def _smtp_busy(self) -> bool:
+        """Any SMTP session open (the control server yields to mail then)."""
+        return any(s.connections_active for s in self.listeners.stats.values())
 
     def _build_spool(self) -> Spool:
         if self.config.spool.type == "Memory":

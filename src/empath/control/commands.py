@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import time
@@ -32,7 +33,7 @@ from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
-from empath.spool.model import UnitState, UnitStatus
+from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.spool.store import Spool
 from empath.transport.listener import SmtpServerGroup
 
@@ -191,16 +192,18 @@ class Handlers:
 
     async def _counts(self) -> q.QueueCounts:
         counts = q.new_counts()
-        in_flight = self._in_flight()
-        batch: list[Any] = []
-        for msg in self.d.spool.messages():
-            batch.append(msg)
-            if len(batch) >= q.SCAN_CHUNK:
-                q.count_messages(counts, batch, in_flight)
-                batch.clear()
-                await asyncio.sleep(0)
-        q.count_messages(counts, batch, in_flight)
+        messages = self.d.spool.messages()
+        while batch := list(itertools.islice(messages, q.SCAN_CHUNK)):
+            q.count_messages(counts, batch)
+            await asyncio.sleep(0)  # a large queue is scanned in slices
+        q.count_in_flight(counts, self._in_flight(), self._get_or_none)
         return counts
+
+    def _get_or_none(self, msg_id: str) -> MessageState | None:
+        try:
+            return self.d.spool.get(msg_id)
+        except UnknownMessageError:
+            return None
 
     async def queue_list(self, args: Args) -> AsyncIterator[list[q.Row]]:
         flt = q.ListFilter(_status(args), _str(args, "domain"), _limit(args))

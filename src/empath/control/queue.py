@@ -12,7 +12,7 @@ A list row is a compact JSON array (the wire form, rendered by the CLI):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -39,42 +39,51 @@ def unit_status(msg_id: str, unit: UnitState, in_flight: Container[tuple[str, st
     return unit.status.value
 
 
-def row(msg: MessageState, unit: UnitState, status: str, now: float) -> Row:
-    nxt = unit.next_attempt_at
-    waiting = status in ("pending", "retry") and nxt > now
-    return [
-        msg.id,
-        unit.domain,
-        status,
-        unit.attempts,
-        round(max(0.0, now - msg.envelope.received_at), 3),
-        nxt if waiting else None,
-        msg.envelope.sender,
-        len(unit.recipients),
-    ]
-
-
 def list_rows(
     messages: Iterable[MessageState],
     flt: ListFilter,
     now: float,
     in_flight: Container[tuple[str, str]],
 ) -> Iterator[list[Row]]:
-    """Chunks of rows, oldest first; empty chunks mark a long scan (yield points)."""
+    """Chunks of rows, oldest first; empty chunks mark a long scan (yield points).
+
+    The loop is written flat (no helper calls per unit): it is what a full
+    ``queue list`` of a large queue costs the daemon's event loop.
+    """
     want_status = flt.status
     want_domain = flt.domain.lower() if flt.domain else None
     left = flt.limit if flt.limit is not None else -1
+    busy = bool(in_flight)
+    in_progress = UnitStatus.IN_PROGRESS
+    waiting = (UnitStatus.PENDING, UnitStatus.RETRY)
     chunk: list[Row] = []
     scanned = 0
     for msg in messages:
+        mid = msg.id
+        env = msg.envelope
         for unit in msg.units:
             scanned += 1
-            if want_domain is not None and unit.domain != want_domain:
+            domain = unit.domain
+            if want_domain is not None and domain != want_domain:
                 continue
-            status = unit_status(msg.id, unit, in_flight)
+            status = unit.status
+            if busy and (mid, domain) in in_flight:
+                status = in_progress
             if want_status is not None and status != want_status:
                 continue
-            chunk.append(row(msg, unit, status, now))
+            nxt = unit.next_attempt_at
+            chunk.append(
+                [
+                    mid,
+                    domain,
+                    status,
+                    unit.attempts,
+                    round(now - env.received_at, 3),
+                    nxt if nxt > now and status in waiting else None,
+                    env.sender,
+                    len(unit.recipients),
+                ]
+            )
             left -= 1
             if left == 0:
                 yield chunk
@@ -105,26 +114,35 @@ def new_counts() -> QueueCounts:
     return QueueCounts(Counter(dict.fromkeys(STATUSES, 0)), Counter())
 
 
-def count_messages(
-    counts: QueueCounts, messages: Iterable[MessageState], in_flight: Container[tuple[str, str]]
-) -> None:
-    """Add ``messages`` to ``counts`` (call once per chunk of the spool)."""
-    by_status = counts.by_status
-    domains = counts.domains
-    for msg in messages:
-        counts.messages += 1
-        live = False
-        for unit in msg.units:
-            status = unit_status(msg.id, unit, in_flight)
-            by_status[status] += 1
-            if not unit.status.terminal:
-                domains[unit.domain] += 1
-                live = True
-        if live:
-            at = msg.envelope.received_at
-            if counts.oldest_at is None or at < counts.oldest_at:
-                counts.oldest_at = at
+def count_messages(counts: QueueCounts, messages: Sequence[MessageState]) -> None:
+    """Add a chunk of the spool (oldest first) to ``counts``: one C-level Counter pass
+    over (status, domain) pairs; the oldest live message is the first one found."""
+    pairs = Counter([(u.status, u.domain) for m in messages for u in m.units])
+    for (status, domain), n in pairs.items():
+        counts.by_status[status.value] += n
+        if not status.terminal:
+            counts.domains[domain] += n
+    counts.messages += len(messages)
+    if counts.oldest_id is None:
+        for msg in messages:
+            if not msg.finished:
+                counts.oldest_at = msg.envelope.received_at
                 counts.oldest_id = msg.id
+                break
+
+
+def count_in_flight(
+    counts: QueueCounts,
+    in_flight: Iterable[tuple[str, str]],
+    get: Callable[[str], MessageState | None],
+) -> None:
+    """Move the (few) units in flight from their stored status to ``in_progress``."""
+    for mid, domain in in_flight:
+        msg = get(mid)
+        unit = next((u for u in msg.units if u.domain == domain), None) if msg else None
+        if unit is not None and not unit.status.terminal:
+            counts.by_status[unit.status.value] -= 1
+            counts.by_status[UnitStatus.IN_PROGRESS.value] += 1
 
 
 def reopen(unit: UnitState, now: float) -> UnitState:

@@ -15,7 +15,9 @@ Theory of operation
   ``idle_timeout_s``; a unary command must finish within ``request_timeout_s``;
   a reply chunk must drain within ``write_timeout_s`` (a client that stops reading
   is disconnected).  Past ``max_connections`` a new connection gets a ``busy``
-  error and is closed.
+  error and is closed.  While ``busy()`` says mail is flowing (SMTP sessions open),
+  a streamed reply sleeps between chunks so that it takes at most ``stream_duty`` of
+  the loop: a full ``queue list`` of a huge queue slows down, ingest does not.
 * **Commands** come from a table of :class:`Command` (name → handler), so a new
   command is one entry (``cluster.status`` later).  A unary handler returns the
   reply's data; a streaming handler is an async iterator of item chunks, each sent
@@ -41,6 +43,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +68,7 @@ REQUEST_TIMEOUT_S: Final = 30.0
 IDLE_TIMEOUT_S: Final = 300.0
 WRITE_TIMEOUT_S: Final = 30.0
 MAX_CONNECTIONS: Final = 128
+STREAM_DUTY: Final = 0.1  # share of the loop a streamed reply may take while mail flows
 WRITE_HIGH_WATER: Final = 256 * 1024
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
 
@@ -195,6 +199,8 @@ class ControlServer:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        busy: Callable[[], bool] = lambda: False,
+        stream_duty: float = STREAM_DUTY,
     ) -> None:
         self.path = path
         self.commands = commands
@@ -202,6 +208,8 @@ class ControlServer:
         self.idle_timeout_s = idle_timeout_s
         self.write_timeout_s = write_timeout_s
         self.max_connections = max_connections
+        self._busy = busy
+        self._stream_duty = stream_duty
         self._auth_enabled = auth_enabled
         self._hashes: tuple[str, ...] = tuple(token_hashes)
         self._server: asyncio.AbstractServer | None = None
@@ -376,14 +384,19 @@ class ControlServer:
         self, req: Request, handler: StreamHandler, writer: asyncio.StreamWriter
     ) -> int:
         count = 0
+        pause = (1.0 - self._stream_duty) / self._stream_duty
+        started = time.perf_counter()
         async for chunk in handler(req.args):
             if chunk:
                 count += len(chunk)
                 writer.write(encode_items(req.id, chunk))
-                async with asyncio.timeout(self.write_timeout_s):
-                    await writer.drain()
-            else:
-                await asyncio.sleep(0)
+            spent = time.perf_counter() - started
+            # Mail first: while SMTP sessions are open, a long stream takes at most
+            # stream_duty of the event loop (it sleeps the rest), so ingest keeps going.
+            await asyncio.sleep(spent * pause if self._busy() else 0)
+            async with asyncio.timeout(self.write_timeout_s):
+                await writer.drain()
+            started = time.perf_counter()
         return count
 
     @staticmethod
