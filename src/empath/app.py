@@ -11,7 +11,6 @@ reloads the settings that can change without a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
@@ -52,6 +51,7 @@ from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
 from empath.spool.store import Spool
+from empath.supervisor import Supervisor
 from empath.transport.listener import SmtpServerGroup
 from empath.transport.outbound import ConnectionPool
 
@@ -76,6 +76,8 @@ class App:
         self._ca_file: str | None = None
         self._stop = asyncio.Event()
         self._stop_count = 0
+        self._exit_code = 0
+        self.supervisor = Supervisor(on_crash=self._on_crash)
         self._queue_sizes_cache: tuple[float, dict[str, int]] | None = None
         self.spool = self._build_spool()
         settings = derive(config, self._ca_file)
@@ -104,7 +106,10 @@ class App:
 
             pool_idle_s = POOL_IDLE_S
         self.pool = ConnectionPool(
-            max_per_key=settings.pool_max_per_key, idle_timeout_s=pool_idle_s
+            max_per_key=settings.pool_max_per_key,
+            idle_timeout_s=pool_idle_s,
+            clock=self.clock,
+            spawn=self.supervisor.spawn,
         )
         self.runner_stats = RunnerStats(DomainLabels(config.metrics.max_domain_cardinality))
         self.runner = DeliveryRunner(
@@ -115,6 +120,7 @@ class App:
             retry=settings.retry,
             settings=settings.runner,
             clock=self.clock,
+            spawn=self.supervisor.spawn,
             stats=self.runner_stats,
         )
         if config.cluster is not None:
@@ -272,6 +278,13 @@ class App:
     def _on_breaker(self, t: Transition) -> None:
         _breaker_log.log(t.log_level, t.message, **t.log_fields())
 
+    def _on_crash(self, name: str, _exc: BaseException) -> None:
+        """An essential background task died (the supervisor logged it): stop
+        gracefully and exit 1, so the service manager restarts a whole daemon."""
+        self._exit_code = 1
+        log.error("Essential task crashed; shutting down", task=name)
+        self._stop.set()
+
     def request_stop(self, signame: str = "") -> None:
         self._stop_count += 1
         if self._stop_count > 1:
@@ -377,19 +390,19 @@ class App:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.runner.start()
         if self.cluster is not None:
-            self.cluster.start()
+            self.cluster.start(self.supervisor.spawn)
         try:
             await self.listeners.start()
             if self.health is not None:
                 await self.health.start()
             await self.control.start()
             if self.otlp is not None:
-                self.otlp.start()
+                self.otlp.start(self.supervisor.spawn)
         except (OSError, EmpathError) as exc:
             log.error("Startup failed", error=str(exc))
             await self._shutdown()
             return 1
-        compactor = asyncio.create_task(self._compact_loop(), name="empath-compactor")
+        self.supervisor.spawn(self._compact_loop(), name="empath-compactor", essential=True)
         log.info(
             "Empath ready",
             hostname=self.config.hostname,
@@ -399,12 +412,9 @@ class App:
             compiled_modules=len(empath.NATIVE_MODULES),
         )
         await self._stop.wait()
-        compactor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await compactor
         await self._shutdown()
-        log.info("Stopped")
-        return 0
+        log.info("Stopped", exit_code=self._exit_code)
+        return self._exit_code
 
     async def _shutdown(self) -> None:
         await self.control.close()
@@ -416,12 +426,13 @@ class App:
             await self.otlp.close()
         if self.health is not None:
             await self.health.close()
+        await self.supervisor.shutdown()
         await self.spool.close()
 
     async def _compact_loop(self) -> None:
         slog = get_logger("spool", __name__)
         while True:
-            await asyncio.sleep(self.config.spool.compact_interval_secs)
+            await self.clock.sleep(self.config.spool.compact_interval_secs)
             try:
                 await self.spool.compact()
             except Exception:

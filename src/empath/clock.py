@@ -1,13 +1,23 @@
-"""Clocks: every time-dependent decision takes a Clock so tests run in virtual time."""
+"""Clocks: every time-dependent decision and every wait takes a Clock, so tests run
+in virtual time (``empath.testing.clock.FakeClock``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
+class Timer(Protocol):
+    """A pending :meth:`Clock.call_later` callback."""
+
+    def cancel(self) -> None: ...
+
+
 class Clock(Protocol):
-    """Wall time for records and monotonic time for intervals, both in seconds."""
+    """Wall time for records and monotonic time for intervals, both in seconds; and
+    the waits measured on the monotonic one."""
 
     def now(self) -> float:
         """Seconds since the epoch (wall clock): stored in records, shown to operators."""
@@ -17,9 +27,17 @@ class Clock(Protocol):
         """Seconds on a clock that never goes backwards: used for timers and rates."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Return after ``seconds`` of this clock's time."""
+        ...
+
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        """Run ``callback`` on the event loop after ``seconds`` of this clock's time."""
+        ...
+
 
 class SystemClock:
-    """The real clock."""
+    """The real clock (waits on the running event loop)."""
 
     __slots__ = ()
 
@@ -29,24 +47,8 @@ class SystemClock:
     def monotonic(self) -> float:
         return time.monotonic()
 
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
-class FakeClock:
-    """A clock that only moves when a test says so (virtual time)."""
-
-    __slots__ = ("_mono", "_wall")
-
-    def __init__(self, start_wall: float = 1_700_000_000.0, start_mono: float = 1000.0) -> None:
-        self._wall = start_wall
-        self._mono = start_mono
-
-    def now(self) -> float:
-        return self._wall
-
-    def monotonic(self) -> float:
-        return self._mono
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("a FakeClock never goes backwards")
-        self._wall += seconds
-        self._mono += seconds
+    def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
+        return asyncio.get_running_loop().call_later(seconds, callback)

@@ -18,6 +18,7 @@ from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import AttemptResult, AttemptSettings, Target, attempt_delivery
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
+from empath.testing.clock import FakeClock
 from empath.testing.scripted_peer import ScriptedPeer, read_records
 from empath.transport.outbound import ConnectionPool
 from tests.helpers import free_port, stop_pid
@@ -229,11 +230,19 @@ def test_pool_cap_limits_concurrent_connections_per_key() -> None:
 
 
 def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
+    """The idle timer runs in virtual time: not a moment early, then QUIT."""
+
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
-            pool = ConnectionPool(idle_timeout_s=0.2)
+            clock = FakeClock()
+            pool = ConnectionPool(idle_timeout_s=10.0, clock=clock)
             await deliver(pool, [Target("mx1.test", peer.port, ("127.0.0.1",))], "a@x.test")
             assert 1 == pool.idle_count()
+            await clock.run_for(9.9)
+            assert 1 == pool.idle_count()
+            assert not peer.sessions[0].ended
+            await clock.run_for(0.1)
+            assert 0 == pool.idle_count()
             async with asyncio.timeout(5):
                 while not peer.sessions[0].ended:
                     await asyncio.sleep(0.02)

@@ -9,11 +9,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from empath.clock import FakeClock
 from empath.dns.cache import CacheLimits, EntryKind, Exchanger, MxCache, Resolution
 from empath.dns.mx import dns_loader
 from empath.dns.resolver import DnsFailure, QueryType
 from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
+from empath.testing.clock import FakeClock
 from empath.testing.fake_resolver import FakeResolver
 
 T = TypeVar("T")

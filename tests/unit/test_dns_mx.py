@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from empath.clock import FakeClock
 from empath.dns.mx import (
     MxRouter,
     OwnListeners,
@@ -29,6 +28,7 @@ from empath.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
+from empath.testing.clock import FakeClock
 from empath.testing.fake_resolver import FakeResolver
 from empath.testing.settings import cache_limits
 

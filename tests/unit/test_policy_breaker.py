@@ -7,7 +7,6 @@ import logging
 from hypothesis import given
 from hypothesis import strategies as st
 
-from empath.clock import FakeClock
 from empath.policy.breaker import (
     ADMIT,
     Admit,
@@ -18,6 +17,7 @@ from empath.policy.breaker import (
     Transition,
     states_by_domain,
 )
+from empath.testing.clock import FakeClock
 
 D = "example.com"
 

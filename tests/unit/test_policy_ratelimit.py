@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from empath.clock import FakeClock
 from empath.policy.ratelimit import (
     GRANTED,
     RateLimit,
@@ -18,6 +17,7 @@ from empath.policy.ratelimit import (
     one_second_burst,
     resolve_limits,
 )
+from empath.testing.clock import FakeClock
 
 D = "example.com"
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from empath.clock import FakeClock
 from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
 from empath.policy.state import ConnectionSlots, LocalPolicyState, PolicySettings, PolicyState
+from empath.testing.clock import FakeClock
 
 D = "example.com"
 

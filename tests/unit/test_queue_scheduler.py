@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from empath.clock import FakeClock
 from empath.policy.breaker import BreakerSettings, BreakerState, Transition
 from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
@@ -23,6 +22,7 @@ from empath.queue.scheduler import (
     WaitForConnection,
     decide,
 )
+from empath.testing.clock import FakeClock
 
 UNLIMITED = RateLimit(math.inf, 1)
 

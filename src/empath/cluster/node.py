@@ -30,6 +30,7 @@ from typing import Final
 from empath.cluster.backend import RedisBackend, RedisUnavailableError
 from empath.cluster.state import SharedPolicyState
 from empath.observability.logs import get_logger
+from empath.supervisor import Spawn
 
 log = get_logger("cluster", __name__)
 
@@ -91,8 +92,9 @@ class ClusterNode:
         self.redis_up = False
         self.heartbeats = 0
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="empath-cluster")
+    def start(self, spawn: Spawn) -> None:
+        """Start the heartbeat loop under the daemon's supervisor."""
+        self._task = spawn(self._run(), name="empath-cluster", essential=True)
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 
 import empath
 from empath.observability.logs import get_logger
+from empath.supervisor import Spawn
 
 log = get_logger("health", __name__)
 
@@ -155,8 +156,9 @@ class OtlpPusher:
         # The exporter logs every failed request itself; one line per outage is ours.
         logging.getLogger("opentelemetry").setLevel(logging.CRITICAL + 1)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="empath-otlp")
+    def start(self, spawn: Spawn) -> None:
+        """Start the push loop under the daemon's supervisor."""
+        self._task = spawn(self._loop(), name="empath-otlp", essential=True)
         log.info("OTLP metrics push enabled", endpoint=self.endpoint, interval_s=self.interval_s)
 
     async def close(self) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from empath import ids
-from empath.clock import Clock
+from empath.clock import Clock, Timer
 from empath.delivery.attempt import AttemptResult, AttemptSettings, attempt_delivery
 from empath.delivery.bounce import (
     DsnAction,
@@ -74,12 +74,14 @@ from empath.spool.model import (
     initial_units,
 )
 from empath.spool.store import Spool
+from empath.supervisor import Spawn
 from empath.transport.outbound import BodySource, ConnectionPool
 
 log = get_logger("delivery", __name__)
 
 INLINE_BODY_MAX_BYTES = 1 << 20  # bodies up to this size are read whole for sending
 HEARTBEAT_S = 1.0
+JANITOR_INTERVAL_S = 60.0  # how often finished messages past retention are removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +150,7 @@ class DeliveryRunner:
         retry: RetryPolicy,
         settings: RunnerSettings,
         clock: Clock,
+        spawn: Spawn,
         stats: RunnerStats | None = None,
     ) -> None:
         self.spool = spool
@@ -157,10 +160,11 @@ class DeliveryRunner:
         self.retry = retry
         self.settings = settings
         self.clock = clock
+        self._spawn = spawn
         self.stats = stats if stats is not None else RunnerStats()
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
@@ -178,7 +182,7 @@ class DeliveryRunner:
         count = 0
         for msg in list(self.spool.messages()):
             count += self._schedule_message(msg)
-        self._janitor = asyncio.create_task(self._janitor_loop(), name="empath-janitor")
+        self._janitor = self._spawn(self._janitor_loop(), name="empath-janitor", essential=True)
         self._kick()
         log.info("Delivery runner started", units=count)
         return count
@@ -302,7 +306,9 @@ class DeliveryRunner:
             decisions = []
         for key, decision in decisions:
             if isinstance(decision, Dispatch):
-                self._tasks[key] = asyncio.create_task(self._run_unit(key))
+                self._tasks[key] = self._spawn(
+                    self._run_unit(key), name=f"empath-delivery-{key.message_id}-{key.domain}"
+                )
             elif isinstance(decision, DeferRateLimit):
                 log.info(
                     "Rate limit exceeded, delivery deferred",
@@ -329,7 +335,7 @@ class DeliveryRunner:
             self._timer.cancel()
         delay = self.scheduler.wake_delay_s()
         delay = HEARTBEAT_S if delay is None else max(0.0, min(delay, HEARTBEAT_S))
-        self._timer = self._loop.call_later(delay, self._kick)
+        self._timer = self.clock.call_later(delay, self._kick)
 
     async def _run_unit(self, key: UnitKey) -> None:
         """Run one attempt and report it to the scheduler exactly once.
@@ -731,7 +737,7 @@ class DeliveryRunner:
 
     async def _janitor_loop(self) -> None:
         while True:
-            await asyncio.sleep(60)
+            await self.clock.sleep(JANITOR_INTERVAL_S)
             try:
                 await self.purge_expired_failures()
             except Exception:

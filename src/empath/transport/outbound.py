@@ -45,6 +45,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
+from empath.clock import Clock, SystemClock, Timer
 from empath.config.model import SmtpTimeouts
 from empath.delivery.classify import error_from_exception
 from empath.errors import (
@@ -69,6 +70,7 @@ from empath.smtp.client import (
     TransactionDone,
     TransactionResult,
 )
+from empath.supervisor import Spawn
 
 log = get_logger("delivery", __name__)
 
@@ -383,7 +385,7 @@ class OutboundConnection:
         self.messages_sent = 0
         self.last_used = 0.0
         self._pump = pump
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: Timer | None = None
 
     @classmethod
     async def open(
@@ -559,7 +561,7 @@ class OutboundConnection:
         self.cancel_idle_timer()
         self._pump.close()
 
-    def set_idle_timer(self, handle: asyncio.TimerHandle) -> None:
+    def set_idle_timer(self, handle: Timer) -> None:
         self.cancel_idle_timer()
         self._idle_timer = handle
 
@@ -597,9 +599,15 @@ class ConnectionPool:
         max_per_key: int = 20,
         idle_timeout_s: float = 10.0,
         tls_contexts: TlsContexts | None = None,
+        clock: Clock | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
+        """``clock`` times the idle timers (virtual in tests); ``spawn`` starts the
+        polite QUITs under the daemon's supervisor (a plain task when None)."""
         self.max_per_key = max_per_key
         self.idle_timeout_s = idle_timeout_s
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._spawn = spawn
         self.tls_contexts = tls_contexts or TlsContexts()
         self.stats = PoolStats()
         self._keys: dict[PoolKey, _KeyState] = {}
@@ -683,9 +691,7 @@ class ConnectionPool:
         conn.last_used = asyncio.get_running_loop().time()
         st.idle.append(conn)
         self.stats.idle += 1
-        conn.set_idle_timer(
-            asyncio.get_running_loop().call_later(self.idle_timeout_s, self._expire, conn)
-        )
+        conn.set_idle_timer(self._clock.call_later(self.idle_timeout_s, lambda: self._expire(conn)))
         self._wake_one(st)
 
     def discard(self, conn: OutboundConnection) -> None:
@@ -746,7 +752,10 @@ class ConnectionPool:
         if not conn.usable:
             conn.close()
             return
-        task = asyncio.get_running_loop().create_task(conn.quit())
+        if self._spawn is not None:
+            task = self._spawn(conn.quit(), name=f"empath-quit-{conn.key.host}")
+        else:
+            task = asyncio.get_running_loop().create_task(conn.quit())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
