@@ -51,8 +51,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster
-	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -71,11 +71,16 @@ unit: deps
 torture: system-deps deps native
 	EMPATH_TORTURE=full $(VENV)/bin/pytest -s -q tests/torture
 
+# matplotlib is a bench-only extra (charts), never a runtime dependency
 bench: system-deps deps native
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) bench/ingest
 	$(PY) bench/relay
 	$(PY) bench/control
 	$(PY) bench/cluster
+	$(PY) bench/observability
+	$(PY) bench/scrape
+	$(PY) bench/charts.py
 
 clean:
 	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/_native
