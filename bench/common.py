@@ -13,7 +13,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-POSTFIX_PEER = (ROOT.parent / "shared" / "tools" / "postfix-peer").resolve()
+# shared/ sits next to the repository (or next to the directory of its worktrees)
+POSTFIX_PEER = next(
+    (
+        p.resolve()
+        for p in (
+            ROOT.parent / "shared" / "tools" / "postfix-peer",
+            ROOT.parent.parent / "shared" / "tools" / "postfix-peer",
+        )
+        if p.exists()
+    ),
+    ROOT.parent / "shared" / "tools" / "postfix-peer",
+)
 
 
 def tool(name: str) -> str:
