@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from empath.clock import FakeClock
 from empath.dns.resolver import LookupStats
 from empath.observability.metrics import EmpathCollector, MetricsSettings
 from empath.observability.stats import DomainLabels, RunnerStats
@@ -17,6 +16,7 @@ from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.spool.model import MessageState
 from empath.spool.store import SpoolUsage
+from empath.testing.clock import FakeClock
 from empath.transport.listener import ListenerStats
 
 
