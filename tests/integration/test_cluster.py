@@ -278,6 +278,9 @@ def test_cluster_status_lists_every_node_with_its_queue_and_heartbeat(cluster: C
     assert all(", alive, heartbeat: " in x for x in lines)
     status = ctl(nodes[0], "system", "status").stdout
     assert "Cluster: node node0, 2 live node(s), Redis up" in status
+    assert 2 == sum(1 for x in status.splitlines() if x.startswith("  node: "))
+    sys_json = json.loads(ctl(nodes[0], "--json", "system", "status").stdout)
+    assert ["node0", "node1"] == sorted(n["node_id"] for n in sys_json["cluster"]["nodes"])
     assert 2.0 == metric(nodes[0], "empath_cluster_nodes")
     assert 1.0 == metric(nodes[0], "empath_cluster_redis_up")
     assert metric(nodes[0], "empath_cluster_redis_roundtrip_seconds_count") > 0

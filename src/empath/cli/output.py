@@ -119,6 +119,7 @@ def status_text(data: dict[str, Any]) -> str:
         lines.append(
             f"Cluster: node {cluster['node_id']}, {cluster['node_count']} live node(s), {mode}"
         )
+        lines += [f"  {line}" for line in _node_lines(cluster)]
     return "\n".join(lines) + "\n"
 
 
@@ -132,8 +133,14 @@ def cluster_text(data: dict[str, Any]) -> str:
         f"Redis {'up' if data['redis_up'] else 'DOWN'}, {mode}, "
         f"{data['node_count']} live node(s)"
     ]
+    return "\n".join(lines + _node_lines(data)) + "\n"
+
+
+def _node_lines(data: dict[str, Any]) -> list[str]:
+    """One line per node of a cluster status (and why the list is missing)."""
+    lines = []
     if data.get("error"):
-        lines.append(f"  cannot read the node list: {data['error']}")
+        lines.append(f"cannot read the node list: {data['error']}")
     for n in data["nodes"]:
         queue = ", ".join(f"{k} {v}" for k, v in n["queue"].items())
         lines.append(
@@ -142,7 +149,7 @@ def cluster_text(data: dict[str, Any]) -> str:
             f"in_flight: {n['in_flight']}, fallback: {'yes' if n['fallback'] else 'no'}, "
             f"queue: {queue or '-'}"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _reply(code: int | None, text: str) -> str:

@@ -42,6 +42,10 @@ that line (``waker(domain)``, wired to the runner) whatever its result.
   and switches back (once, at WARN) when the node's loop reaches Redis again.
   Breakers known to be Open stay Open locally until their end.
 
+Why this module is longer than 600 lines: the local view and the asks that
+fill it are one state machine (each ask's completion edits the fields the
+synchronous answers read), so they are kept in one class, read side by side.
+
 Connection leases taken in fallback are local only; leases taken from Redis
 stay counted there until released or expired, so the shared count is never too
 low after Redis comes back.

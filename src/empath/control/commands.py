@@ -171,9 +171,7 @@ class Handlers:
                 "free_bytes": usage.free_bytes,
                 "size_bytes": usage.size_bytes,
             },
-            "cluster": None
-            if cluster is None
-            else {k: cluster[k] for k in ("node_id", "redis_up", "fallback", "node_count")},
+            "cluster": cluster,
             "config": {
                 "file": d.config.source_path,
                 "last_reload_at": last.at if last else None,
