@@ -104,7 +104,7 @@ def test_full_disk_during_ingest_compaction_and_dsn_creation(tmp_path: Path) -> 
         overrides: dict[str, Any] = {
             "spool": {"segment_bytes": 64 * 1024, "compact_interval_secs": 2.0},
             "delivery": {
-                "domains": {dom: route for dom in (OK, DEFER, BOUNCE, DSN)},
+                "domains": dict.fromkeys((OK, DEFER, BOUNCE, DSN), route),
                 "base_retry_delay_secs": 1.0,
                 "max_retry_delay_secs": 2.0,
                 "retry_jitter_factor": 0.0,
