@@ -6,8 +6,8 @@
 Why: ingest on a small machine is bound by the event-loop thread, and every
 accepted message runs these modules there: the SMTP state machine, the session
 pump, record encoding, log lines, ids, the scheduler and the policy state.
-Compiled, the event loop spends about 10 % less CPU per message (user time -18 %;
-the README has the numbers).  All are typed under mypy --strict; the whole test
+Compiled, the event-loop thread spends 9-14 % less CPU per message (the README
+has the numbers and how they were measured).  All are typed under mypy --strict; the whole test
 suite runs against the compiled build in `make test`.
 
 Deliberately left out: spool/model.py (orjson serialises those dataclasses by
