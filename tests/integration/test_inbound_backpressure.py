@@ -91,6 +91,27 @@ def test_non_reading_pipeliner_is_bounded_then_aborted_and_its_slot_freed() -> N
         s.assert_serving()
 
 
+def test_half_closed_pipeliner_gets_every_reply() -> None:
+    """A client that pipelines 1,000 commands and half-closes (shutdown SHUT_WR) still
+    gets every reply (the commands held back by the per-turn bound included), then
+    the server closes; a message pipelined before the half-close is committed first."""
+    with serving([spec()]) as s:
+        with Raw(s.port) as r:
+            assert [220] == r.codes(1)
+            r.send(b"EHLO c\r\n" + b"NOOP\r\n" * 1000)
+            r.sock.shutdown(socket.SHUT_WR)
+            assert [250] * 1001 == r.codes(1001)
+            assert r.closed_by_server()
+        with Raw(s.port) as r:
+            assert [220] == r.codes(1)
+            r.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\n"
+                   b"DATA\r\nSubject: s\r\n\r\nx\r\n.\r\nNOOP\r\n")  # fmt: skip
+            r.sock.shutdown(socket.SHUT_WR)
+            assert [250, 250, 250, 354, 250, 250] == r.codes(6)
+            assert r.closed_by_server()
+        assert 1 == len(s.stored())
+
+
 def rtt_while_another_pipelines(daemon: Daemon, flood_bytes: int) -> list[float]:
     """NOOP round trips of one session while another pipelines `flood_bytes` of NOOPs
     (and reads its replies, so only CPU is shared)."""

@@ -124,6 +124,7 @@ class SmtpSession(asyncio.Protocol):
         "_commit_txn",
         "_conn_deadline",
         "_counted",
+        "_eof",
         "_errored",
         "_ip",
         "_ip_key",
@@ -154,6 +155,7 @@ class SmtpSession(asyncio.Protocol):
         self._close_deadline = 0.0
         self._counted = False  # counted in active/per-IP totals
         self._errored = False
+        self._eof = False  # the client half-closed; close once its input is answered
         self._closing = False
         self._paused = False  # reading paused (see module doc: backpressure)
         self._write_paused = False  # the transport's write buffer is over high water
@@ -253,6 +255,10 @@ class SmtpSession(asyncio.Protocol):
             or self._tls_starting
             or (server.phase is Phase.WAITING and server.buffered_bytes > _MAX_HELD_WAITING)
         )
+        if self._eof:
+            if not server.has_backlog and server.phase is not Phase.WAITING:
+                self._close()
+            return
         if hold and not self._paused:
             self._paused = True
             transport.pause_reading()
@@ -276,6 +282,15 @@ class SmtpSession(asyncio.Protocol):
         self._flow()
 
     def eof_received(self) -> bool | None:
+        server = self._server
+        if (
+            server is not None
+            and not self._closing
+            and (server.has_backlog or server.phase is Phase.WAITING)
+        ):
+            # a client may half-close after pipelining: answer what it sent first
+            self._eof = True
+            return True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -435,7 +450,7 @@ class SmtpSession(asyncio.Protocol):
         self._last_read = self._rt.loop.time()
         if events:
             self._handle(events)
-        if self._paused or server.has_backlog:
+        if self._paused or server.has_backlog or self._eof:
             self._flow()
 
     async def _start_tls(self) -> None:
