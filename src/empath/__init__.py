@@ -11,23 +11,24 @@ compiles against the types of the modules a compiled one imports, so an edit to 
 of them (or a file added or removed) makes the whole build stale, all or nothing.
 ``EMPATH_PURE_PYTHON=1`` turns it off.  ``NATIVE`` says whether a build is in use and
 ``NATIVE_MODULES`` which modules it serves (the daemon logs both at startup).
+
+Every process that imports anything of Empath runs this module first, `empathctl`
+included, whose start-up an operator waits for: it imports only ``os``, ``sys`` and
+``pathlib`` up front; the rest (hashing, JSON, the import machinery) only when a
+build is there to be checked or loaded.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.abc
-import importlib.machinery
-import importlib.util
-import json
 import os
 import sys
-import sysconfig
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from importlib.machinery import ModuleSpec
 from pathlib import Path
-from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,8 @@ NATIVE_DIRNAME = "_native"
 
 def source_digests(root: Path = _ROOT) -> dict[str, str]:
     """SHA-256 of every ``.py`` under ``root`` (the build excluded), by relative path."""
+    import hashlib
+
     return {
         path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(root.rglob("*.py"))
@@ -53,8 +56,7 @@ def extension_path(native: Path, module: str, suffix: str) -> Path:
     return native.joinpath(*parts[1:-1], f"{parts[-1]}{suffix}")
 
 
-@dataclass(frozen=True, slots=True)
-class NativeBuild:
+class NativeBuild(NamedTuple):
     """A usable build: its directory and the extension file of each module it serves."""
 
     directory: Path
@@ -71,9 +73,16 @@ def native_build(
     if env.get("EMPATH_PURE_PYTHON", "") not in ("", "0"):
         return None
     native = root / NATIVE_DIRNAME
+    try:
+        text = (native / "manifest.json").read_text()
+    except OSError:
+        return None  # no build: nothing more to import or check
+    import json
+    import sysconfig
+
     suffix = ext_suffix or sysconfig.get_config_var("EXT_SUFFIX")
     try:
-        manifest = json.loads((native / "manifest.json").read_text())
+        manifest = json.loads(text)
         if manifest.get("ext_suffix") != suffix:
             return None
         compiled = tuple(str(m) for m in manifest["compiled"])
@@ -88,8 +97,8 @@ def native_build(
     return NativeBuild(native, compiled, files)
 
 
-class NativeFinder(importlib.abc.MetaPathFinder):
-    """Finds exactly the modules of one build, as extension modules."""
+class NativeFinder:
+    """Finds exactly the modules of one build, as extension modules (a meta path finder)."""
 
     def __init__(self, build: NativeBuild) -> None:
         self._files = dict(build.files)
@@ -100,6 +109,9 @@ class NativeFinder(importlib.abc.MetaPathFinder):
         file = self._files.get(fullname)
         if file is None:
             return None
+        import importlib.machinery
+        import importlib.util
+
         loader = importlib.machinery.ExtensionFileLoader(fullname, str(file))
         return importlib.util.spec_from_file_location(fullname, file, loader=loader)
 

@@ -303,3 +303,29 @@ def test_delete_survives_a_restart(world: World) -> None:
     assert victim not in delivered_ids(world.ok)
     r = ctl(d, "queue", "view", victim)
     assert 1 == r.returncode and "no message" in r.stderr
+
+
+def test_every_command_speaks_json(world: World) -> None:
+    d = world.daemon
+    some_id = json.loads(ctl(d, "queue", "list", "--limit", "1", "--json").stdout)["id"]
+    commands = [
+        ["system", "ping"],
+        ["system", "status"],
+        ["queue", "stats"],
+        ["queue", "view", some_id],
+        ["queue", "retry", some_id],
+        ["queue", "retry", "--status", "retry"],
+        ["queue", "process-now"],
+        ["dns", "list-cache"],
+        ["dns", "clear-cache"],
+        ["config", "check"],
+        ["config", "reload"],
+    ]
+    for args in commands:
+        r = ctl(d, *args, "--json")
+        assert 0 == r.returncode, (args, r.stderr)
+        assert isinstance(json.loads(r.stdout), dict), args
+    lines = ctl(d, "--json", "queue", "list").stdout.splitlines()
+    assert lines and all(json.loads(line)["id"] for line in lines)
+    unknown = ctl(d, "queue", "retry", "01M8MT0XHT36ZFWGQD12C079XX")
+    assert 1 == unknown.returncode and "no message" in unknown.stderr

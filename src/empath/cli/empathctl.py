@@ -14,14 +14,12 @@ daemon cannot be reached (the message names the socket and how to set it);
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
-
-import orjson
+from typing import Any, Final, NamedTuple
 
 from empath.cli import output
 from empath.control.client import (
@@ -64,7 +62,7 @@ class Ctx:
     def emit(self, data: Any, text: str) -> None:
         """Print ``data`` as JSON with --json, else ``text``."""
         if self.json:
-            sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+            sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         else:
             sys.stdout.write(text)
 
@@ -76,13 +74,14 @@ def _no_args(_p: argparse.ArgumentParser) -> None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class CliCommand:
+class CliCommand(NamedTuple):
+    """One `empathctl GROUP NAME` (a NamedTuple, not a dataclass: start-up time)."""
+
     group: str
     name: str
     help: str
     run: Runner
-    configure: Callable[[argparse.ArgumentParser], None] = field(default=_no_args)
+    configure: Callable[[argparse.ArgumentParser], None] = _no_args
 
 
 # --- queue -------------------------------------------------------------------------
@@ -120,7 +119,8 @@ def queue_list(ctx: Ctx, ns: argparse.Namespace) -> int:
     write = sys.stdout.write
     for chunk in ctx.client().stream("queue.list", args):
         if ctx.json:
-            write("".join(orjson.dumps(o).decode() + "\n" for o in output.list_objects(chunk)))
+            dumps = json.dumps
+            write("".join(dumps(o, ensure_ascii=False) + "\n" for o in output.list_objects(chunk)))
         else:
             write(output.list_lines(chunk))
     return EXIT_OK
@@ -143,7 +143,7 @@ def queue_stats(ctx: Ctx, ns: argparse.Namespace) -> int:
         while True:
             data = ctx.call("queue.stats")
             if ctx.json:
-                sys.stdout.write(orjson.dumps(data).decode() + "\n")
+                sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
             elif tty:
                 stamp = time.strftime("%H:%M:%S")
                 sys.stdout.write(

@@ -13,14 +13,12 @@ else the default ``/tmp/empath.sock``.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
-
-import orjson
+from typing import IO, Any, Final, NamedTuple
 
 from empath.control.protocol import (
     PROTOCOL_VERSION,
@@ -36,8 +34,7 @@ HOW_TO_SET: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class SocketChoice:
+class SocketChoice(NamedTuple):
     path: str
     source: str  # where the path came from, for error messages
 
@@ -179,7 +176,7 @@ class ControlClient:
         if not line:
             self.close()
             raise Unreachable(f"the daemon at {self.choice.path} closed the connection")
-        frame = orjson.loads(line)
+        frame = json.loads(line)
         if not isinstance(frame, dict) or frame.get("v") != PROTOCOL_VERSION:
             raise ControlError(f"unexpected reply from the daemon: {line[:200]!r}")
         if not frame.get("ok"):

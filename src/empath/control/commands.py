@@ -222,7 +222,7 @@ class Handlers:
         return {
             "by_status": dict(counts.by_status),
             "messages": counts.messages,
-            "top_domains": counts.domains.most_common(q.TOP_DOMAINS),
+            "top_domains": [[d, n] for d, n in counts.domains.most_common(q.TOP_DOMAINS) if n > 0],
             "oldest_id": counts.oldest_id,
             "oldest_age_s": None if counts.oldest_at is None else round(now - counts.oldest_at, 3),
             "in_flight": self.d.scheduler.in_flight,

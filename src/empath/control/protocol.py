@@ -27,16 +27,17 @@ gets a ``version`` error naming the one spoken here.  A request line longer than
 (the rest of that line cannot be framed); any other malformed line gets a
 ``bad_request`` error and the connection stays usable.
 
-This module is imported by `empathctl`, so it imports nothing heavy.
+This module is imported by `empathctl`, so it imports nothing heavy: the stdlib
+``json`` (orjson pulls in ``dataclasses`` and ``inspect`` at import, a third of the
+CLI's start-up; the daemon encodes its replies with orjson in ``server``), and records
+are NamedTuples.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Final
-
-import orjson
+import json
+from typing import Any, Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST_BYTES: Final = 64 * 1024
@@ -59,8 +60,7 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"  # a bug: logged by the daemon
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A validated request line."""
 
     id: int | str | None
@@ -82,8 +82,8 @@ class RequestError(Exception):
 def parse_request(line: bytes) -> Request:
     """Decode and validate one request line (without its newline)."""
     try:
-        obj = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
+        obj = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
         raise RequestError(ErrorCode.BAD_REQUEST, f"not a JSON object: {exc}") from None
     if not isinstance(obj, dict):
         raise RequestError(ErrorCode.BAD_REQUEST, "a request is a JSON object")
@@ -115,32 +115,4 @@ def encode_request(
     obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "args": args}
     if token is not None:
         obj["token"] = token
-    return orjson.dumps(obj) + b"\n"
-
-
-def encode_ok(request_id: int | str | None, data: Any) -> bytes:
-    return orjson.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "data": data}) + b"\n"
-
-
-def encode_items(request_id: int | str | None, items: list[Any]) -> bytes:
-    """One chunk of a streamed reply."""
-    return (
-        orjson.dumps(
-            {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "more": True, "items": items}
-        )
-        + b"\n"
-    )
-
-
-def encode_error(request_id: int | str | None, code: ErrorCode, message: str) -> bytes:
-    return (
-        orjson.dumps(
-            {
-                "v": PROTOCOL_VERSION,
-                "id": request_id,
-                "ok": False,
-                "error": {"code": code.value, "message": message},
-            }
-        )
-        + b"\n"
-    )
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"

@@ -22,6 +22,7 @@ LIST_CHUNK: Final = 1000  # rows per streamed frame
 SCAN_CHUNK: Final = 20_000  # units looked at between yields to the event loop
 TOP_DOMAINS: Final = 10
 STATUSES: Final = tuple(s.value for s in UnitStatus)
+_TERMINAL: Final = frozenset(s for s in UnitStatus if s.terminal)
 
 Row = list[Any]
 
@@ -115,15 +116,16 @@ def new_counts() -> QueueCounts:
 
 
 def count_messages(counts: QueueCounts, messages: Sequence[MessageState]) -> None:
-    """Add a chunk of the spool (oldest first) to ``counts``: one C-level Counter pass
-    over (status, domain) pairs; the oldest live message is the first one found."""
-    pairs = Counter([(u.status, u.domain) for m in messages for u in m.units])
-    for (status, domain), n in pairs.items():
+    """Add a chunk of the spool (oldest first) to ``counts``: C-level Counter passes
+    over plain attribute lists (no per-unit tuples or calls); the oldest live message
+    is the first one found."""
+    units = [u for m in messages for u in m.units]
+    for status, n in Counter([u.status for u in units]).items():
         counts.by_status[status.value] += n
-        if not status.terminal:
-            counts.domains[domain] += n
+    counts.domains.update([u.domain for u in units])
+    counts.domains.subtract([u.domain for u in units if u.status in _TERMINAL])
     counts.messages += len(messages)
-    if counts.oldest_id is None:
+    if counts.oldest_id is None:  # (Counter.subtract may leave zero entries: dropped later)
         for msg in messages:
             if not msg.finished:
                 counts.oldest_at = msg.envelope.received_at

@@ -49,14 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
+
 from empath.control.protocol import (
     MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
     ErrorCode,
     Request,
     RequestError,
-    encode_error,
-    encode_items,
-    encode_ok,
     parse_request,
 )
 from empath.errors import EmpathError
@@ -71,6 +71,34 @@ MAX_CONNECTIONS: Final = 128
 STREAM_DUTY: Final = 0.1  # share of the loop a streamed reply may take while mail flows
 WRITE_HIGH_WATER: Final = 256 * 1024
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
+
+
+def encode_ok(request_id: int | str | None, data: Any) -> bytes:
+    return orjson.dumps({"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "data": data}) + b"\n"
+
+
+def encode_items(request_id: int | str | None, items: list[Any]) -> bytes:
+    """One chunk of a streamed reply."""
+    return (
+        orjson.dumps(
+            {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "more": True, "items": items}
+        )
+        + b"\n"
+    )
+
+
+def encode_error(request_id: int | str | None, code: ErrorCode, message: str) -> bytes:
+    return (
+        orjson.dumps(
+            {
+                "v": PROTOCOL_VERSION,
+                "id": request_id,
+                "ok": False,
+                "error": {"code": code.value, "message": message},
+            }
+        )
+        + b"\n"
+    )
 
 
 class ControlSocketInUse(EmpathError):  # noqa: N818 - the name says what the operator sees
@@ -285,7 +313,11 @@ class ControlServer:
             log.exception("Control connection failed", peer_pid=peer.pid)
         finally:
             self._conns.discard(task)
-            writer.transport.abort() if writer.transport.is_closing() else writer.close()
+            transport = writer.transport
+            if transport.get_write_buffer_size():
+                transport.abort()  # a client that stopped reading gets nothing more
+            else:
+                writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         writer.write(frame)
