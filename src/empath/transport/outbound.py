@@ -47,7 +47,6 @@ from typing import Final, cast
 
 from empath.clock import Clock, SystemClock, Timer
 from empath.config.model import SmtpTimeouts
-from empath.delivery.classify import error_from_exception
 from empath.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -71,6 +70,7 @@ from empath.smtp.client import (
     TransactionResult,
 )
 from empath.supervisor import Spawn
+from empath.transport.failures import error_from_exception
 
 log = get_logger("delivery", __name__)
 
