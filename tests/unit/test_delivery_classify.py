@@ -9,7 +9,6 @@ from empath.delivery.classify import (
     RecipientOutcome,
     enhanced_of,
     error_from_reply,
-    is_breaker_failure,
     kind_of,
     outcome_from_error,
     outcome_from_reply,
@@ -76,23 +75,3 @@ def test_error_from_reply_is_permanent_for_5xx_and_temporary_for_4xx() -> None:
     assert (554, "5.7.1", "greeting: 554 5.7.1 go away") == (perm.code, perm.enhanced, perm.text)
     assert isinstance(temp, TemporaryDeliveryError)
     assert (421, "4.3.2") == (temp.code, temp.enhanced)
-
-
-def _o(kind: OutcomeKind) -> RecipientOutcome:
-    return RecipientOutcome("a@x", kind, None, "", "")
-
-
-@pytest.mark.parametrize(
-    ("kinds", "counts"),
-    [
-        ((OutcomeKind.TEMPORARY,), True),
-        ((OutcomeKind.TEMPORARY, OutcomeKind.PERMANENT), True),
-        ((OutcomeKind.PERMANENT,), False),  # 5xx never counts
-        ((OutcomeKind.DELIVERED, OutcomeKind.TEMPORARY), False),  # the host works
-        ((), False),
-    ],
-)
-def test_breaker_counts_only_attempts_with_temporary_failure_and_nothing_delivered(
-    kinds: tuple[OutcomeKind, ...], counts: bool
-) -> None:
-    assert counts == is_breaker_failure([_o(k) for k in kinds])

@@ -37,7 +37,7 @@ attempt history.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from empath.config.model import SmtpTimeouts
@@ -111,6 +111,12 @@ class HostFailure:
 
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
+    """The one result of a unit's attempt, routing failures included (see module doc).
+
+    The SMTP client's wire-level ``TransactionResult`` is turned into this here and
+    nowhere else; the runner and :mod:`empath.delivery.transition` see only this.
+    """
+
     outcomes: tuple[RecipientOutcome, ...]  # one per recipient, in the given order
     mx: str  # MX host name that took the transaction ("" when none did)
     address: str = ""  # the address connected to
@@ -121,6 +127,26 @@ class AttemptResult:
     tls_cipher: str = ""  # e.g. "TLS_AES_256_GCM_SHA384"
     reused: bool = False  # over a pooled connection
     failures: tuple[HostFailure, ...] = ()  # hosts tried before (or instead of) mx
+
+    @classmethod
+    def failed(cls, recipients: Sequence[str], error: DeliveryError) -> AttemptResult:
+        """No host was tried or none took the transaction (routing, every MX down)."""
+        return cls(
+            outcomes=tuple(outcome_from_error(r, error) for r in recipients), mx="", error=error
+        )
+
+    @property
+    def summary(self) -> tuple[str, int | None, str]:
+        """(mx, code, text) for attempt history and logs: the unit-level error, else the
+        first recipient that was not delivered, else the first one."""
+        if self.error is not None:
+            return self.mx or self.error.mx, self.error.code, self.error.text
+        worst = next((o for o in self.outcomes if not o.delivered), None)
+        if worst is None and self.outcomes:
+            worst = self.outcomes[0]
+        if worst is None:
+            return self.mx, None, "no recipients"
+        return self.mx, worst.code, worst.diagnostic
 
     @property
     def delivered(self) -> tuple[str, ...]:
@@ -282,12 +308,8 @@ async def attempt_delivery(
                 reused=reused,
                 failures=tuple(failures),
             )
-    error = _all_failed_error(failures)
-    return AttemptResult(
-        outcomes=tuple(outcome_from_error(r, error) for r in rcpts),
-        mx="",
-        error=error,
-        failures=tuple(failures),
+    return replace(
+        AttemptResult.failed(rcpts, _all_failed_error(failures)), failures=tuple(failures)
     )
 
 

@@ -139,15 +139,3 @@ def error_from_reply(reply: Reply, mx: str = "", context: str = "") -> DeliveryE
     text = f"{context}: {reply_text(reply)}" if context else reply_text(reply)
     cls = PermanentDeliveryError if reply.code // 100 == 5 else TemporaryDeliveryError
     return cls(text, code=reply.code, enhanced=enhanced_of(reply), mx=mx)
-
-
-def is_breaker_failure(outcomes: tuple[RecipientOutcome, ...] | list[RecipientOutcome]) -> bool:
-    """True when an attempt counts as a temporary failure for the circuit breaker.
-
-    SPEC §4: temporary failures (connect, timeout, 4xx) count; 5xx never counts.
-    An attempt counts when nothing was delivered and at least one recipient got a
-    temporary outcome.
-    """
-    if not outcomes:
-        return False
-    return not any(o.delivered for o in outcomes) and any(o.temporary for o in outcomes)

@@ -15,9 +15,13 @@ and when; this module does the rest on the event loop:
   heartbeat.
 * **One attempt** (:meth:`_attempt`): route (MX cache / override), hand the
   pending recipients to :func:`~empath.delivery.attempt.attempt_delivery` over
-  the connection pool, then apply per-recipient outcomes: 2xx delivered,
-  5xx failed, 4xx left pending for a retry at ``RetryPolicy.decide`` (or failed
-  or expired when it gives up).
+  the connection pool.  What the result means (delivered, retry at T, failed,
+  expired; which DSNs; what to log) is decided by the pure
+  :mod:`empath.delivery.transition`; :meth:`_carry_out` only does what it says.
+* **Current state.**  The units of one message run concurrently.  The decision is
+  taken on the unit as the spool holds it when the attempt returns, and the new
+  unit replaces only itself in the message's state as it is at write time, so
+  one unit's result never overwrites another's.
 * **Persist before acting.**  A DSN is committed to the spool before the state
   that caused it, so a crash can duplicate a DSN but never lose one; the new unit
   state is group-committed before the unit is rescheduled or forgotten.  A
@@ -39,22 +43,15 @@ from typing import Any
 
 from empath import ids
 from empath.clock import Clock, Timer
+from empath.delivery import transition
 from empath.delivery.attempt import AttemptResult, AttemptSettings, attempt_delivery
-from empath.delivery.bounce import (
-    DsnAction,
-    DsnKind,
-    RecipientReport,
-    build_dsn,
-    diagnostic_code,
-    header_block,
-    should_send_dsn,
-)
-from empath.delivery.classify import OutcomeKind, RecipientOutcome, is_breaker_failure
+from empath.delivery.bounce import build_dsn, header_block
+from empath.delivery.classify import OutcomeKind
 from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
 from empath.observability.logs import get_logger
 from empath.observability.stats import RunnerStats
-from empath.policy.retry import GiveUp, RetryPolicy
+from empath.policy.retry import RetryPolicy
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
     DeferBreaker,
@@ -64,15 +61,7 @@ from empath.queue.scheduler import (
     Scheduler,
     WaitForConnection,
 )
-from empath.spool.model import (
-    Attempt,
-    MessageState,
-    RcptStatus,
-    RecipientState,
-    UnitState,
-    UnitStatus,
-    initial_units,
-)
+from empath.spool.model import MessageState, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
 from empath.supervisor import Spawn
 from empath.transport.outbound import BodySource, ConnectionPool
@@ -108,33 +97,23 @@ class RunnerSettings:
     drain_timeout_s: float = 30.0  # not a config key: how long drain() waits
 
 
-def _summary(
-    result: AttemptResult | None, error: DeliveryError | None
-) -> tuple[str, int | None, str]:
-    """(mx, code, text) describing an attempt for history and logs."""
-    if error is not None:
-        return error.mx, error.code, error.text
-    assert result is not None
-    if result.error is not None:
-        return result.mx or result.error.mx, result.error.code, result.error.text
-    worst: RecipientOutcome | None = None
-    for o in result.outcomes:
-        if worst is None or (not o.delivered and worst.delivered):
-            worst = o
-    if worst is None:
-        return result.mx, None, "no recipients"
-    return result.mx, worst.code, worst.diagnostic
+_EMIT: dict[transition.Severity, Callable[..., None]] = {
+    transition.Severity.INFO: log.info,
+    transition.Severity.WARN: log.warn,
+    transition.Severity.ERROR: log.error,
+}
+
+# What a transition says about the destination → the scheduler's breaker input.
+_BREAKER: dict[OutcomeKind | None, Outcome] = {
+    OutcomeKind.DELIVERED: Outcome.SUCCESS,
+    OutcomeKind.TEMPORARY: Outcome.TEMPORARY_FAILURE,
+    OutcomeKind.PERMANENT: Outcome.PERMANENT_FAILURE,
+    None: Outcome.CANCELLED,
+}
 
 
-def _connection_fields(result: AttemptResult | None) -> dict[str, str]:
-    """Which MX address took the attempt and whether TLS was used (log fields)."""
-    if result is None:
-        return {"mx_address": "", "tls": "none", "tls_cipher": ""}
-    return {
-        "mx_address": result.address,
-        "tls": result.tls_version or "none",
-        "tls_cipher": result.tls_cipher,
-    }
+def _unit_of(msg: MessageState, domain: str) -> UnitState | None:
+    return next((u for u in msg.units if u.domain == domain), None)
 
 
 class DeliveryRunner:
@@ -168,6 +147,13 @@ class DeliveryRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
+
+    @property
+    def _decide(self) -> transition.TransitionSettings:
+        """The decision settings, from the (reloadable) runner settings."""
+        return transition.TransitionSettings(
+            delay_warning_s=self.settings.delay_warning_s, dsn_enabled=self.settings.dsn_enabled
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -252,21 +238,9 @@ class DeliveryRunner:
         dsn_id = None
         if bounce:
             now = self.clock.now()
-            reports = []
-            for unit in msg.units:
-                last = unit.history[-1] if unit.history else None
-                reports += [
-                    RecipientReport(
-                        address,
-                        DsnAction.FAILED,
-                        "5.0.0",
-                        last.mx if last else "",
-                        diagnostic_code(None, "deleted from the queue by the administrator"),
-                        last.at if last else None,
-                    )
-                    for address in unit.pending_recipients()
-                ]
-            dsn_id = await self._send_dsn(msg, DsnKind.DELETED, reports, now)
+            report = transition.deleted(msg.units, envelope=msg.envelope, settings=self._decide)
+            if report is not None:
+                dsn_id = await self._send_dsn(msg, report, now)
         await self.spool.remove(msg_id)
         log.audit("Message deleted by the operator", message_id=msg_id, dsn_id=dsn_id or "")
         return dsn_id
@@ -340,7 +314,7 @@ class DeliveryRunner:
     async def _run_unit(self, key: UnitKey) -> None:
         """Run one attempt and report it to the scheduler exactly once.
 
-        A retried unit is reported by ``_apply`` itself (it must be ``finished``
+        A retried unit is reported by ``_carry_out`` itself (it must be ``finished``
         before it is re-added), which takes it out of ``_tasks``; everything else is
         reported here.  A crash in the attempt keeps the unit: it is tried again after
         the first retry delay.
@@ -368,312 +342,72 @@ class DeliveryRunner:
             msg = self.spool.get(key.message_id)
         except UnknownMessageError:
             return Outcome.CANCELLED  # deleted while waiting
-        unit = next((u for u in msg.units if u.domain == key.domain), None)
+        unit = _unit_of(msg, key.domain)
         if unit is None or unit.status.terminal:
             return Outcome.CANCELLED
         now = self.clock.now()
         env = msg.envelope
         self.stats.queue_age.observe(max(0.0, now - env.received_at))
-        if self.retry.is_expired(unit.expiry_base(env.received_at), now) and unit.attempts > 0:
-            await self._give_up(msg, unit, "expired", now)
+        if transition.expired_while_waiting(unit, env, self.retry, now):
+            expired = transition.expire(unit, envelope=env, now=now, settings=self._decide)
+            return await self._carry_out(msg, expired, now)
+        result = await self._deliver(msg, unit)
+        # Decide on the unit as it is now (the message may have changed meanwhile).
+        try:
+            current = _unit_of(self.spool.get(msg.id), key.domain)
+        except UnknownMessageError:
+            current = None
+        if current is None:
+            log.info("Message deleted during delivery", message_id=msg.id, domain=key.domain)
             return Outcome.CANCELLED
+        decided = transition.after_attempt(
+            current, result, envelope=env, retry=self.retry, now=now, settings=self._decide
+        )
+        return await self._carry_out(msg, decided, now)
 
+    async def _deliver(self, msg: MessageState, unit: UnitState) -> AttemptResult:
+        """Route and try once; every failure is in the result."""
         rcpts = unit.pending_recipients()
-        domain_policy = self.settings.domain_policy(key.domain)
+        try:
+            route = await self.router.route(unit.domain)
+        except DeliveryError as exc:
+            return AttemptResult.failed(rcpts, exc)
+        domain_policy = self.settings.domain_policy(unit.domain)
         attempt_settings = replace(
             self.settings.attempt,
             require_tls=domain_policy.require_tls,
             accept_invalid_certs=domain_policy.accept_invalid_certs,
         )
-        result: AttemptResult | None = None
-        error: DeliveryError | None = None
-        try:
-            route = await self.router.route(key.domain)
-        except DeliveryError as exc:
-            error = exc
+        body: BodySource
+        if msg.envelope.size <= INLINE_BODY_MAX_BYTES:
+            body = await self.spool.read_body(msg.id)
         else:
-            body: BodySource
-            if env.size <= INLINE_BODY_MAX_BYTES:
-                body = await self.spool.read_body(msg.id)
-            else:
-                mid = msg.id
-                body = lambda: self.spool.iter_body(mid)  # noqa: E731
-            result = await attempt_delivery(
-                route, env, rcpts, body, settings=attempt_settings, pool=self.pool
-            )
-
-        outcomes = (
-            result.outcomes
-            if result is not None
-            else tuple(
-                RecipientOutcome(
-                    address=r,
-                    kind=OutcomeKind.PERMANENT
-                    if error and error.permanent
-                    else OutcomeKind.TEMPORARY,
-                    code=error.code if error else None,
-                    enhanced=error.enhanced if error else "",
-                    text=error.text if error else "",
-                    mx=error.mx if error else "",
-                )
-                for r in rcpts
-            )
+            mid = msg.id
+            body = lambda: self.spool.iter_body(mid)  # noqa: E731
+        return await attempt_delivery(
+            route, msg.envelope, rcpts, body, settings=attempt_settings, pool=self.pool
         )
-        return await self._apply(msg, unit, outcomes, result, error, now)
 
-    async def _apply(
-        self,
-        msg: MessageState,
-        unit: UnitState,
-        outcomes: tuple[RecipientOutcome, ...],
-        result: AttemptResult | None,
-        error: DeliveryError | None,
-        now: float,
-    ) -> Outcome:
-        by_addr = {o.address: o for o in outcomes}
-        mx, code, text = _summary(result, error)
-        recipients: list[RecipientState] = []
-        newly_failed: list[RecipientOutcome] = []
-        for r in unit.recipients:
-            o = by_addr.get(r.address)
-            if o is None or r.status is not RcptStatus.PENDING:
-                recipients.append(r)
-                continue
-            if o.delivered:
-                recipients.append(RecipientState(r.address, RcptStatus.DELIVERED, o.code, o.text))
-            elif o.permanent:
-                recipients.append(
-                    RecipientState(r.address, RcptStatus.FAILED, o.code, o.diagnostic)
-                )
-                newly_failed.append(o)
-            else:
-                recipients.append(
-                    RecipientState(r.address, RcptStatus.PENDING, o.code, o.diagnostic)
-                )
-        attempts = unit.attempts + 1
-        new = replace(
-            unit,
-            recipients=tuple(recipients),
-            attempts=attempts,
-            last_error="" if all(o.delivered for o in outcomes) else text,
-        )
-        new = new.with_attempt(Attempt(now, mx, code, text))
-        domain = unit.domain
-        delivered = [o for o in outcomes if o.delivered]
-        smtp_code = "" if code is None else str(code)
-
-        # metrics + logs, one per unit attempt
-        ok = bool(delivered) and not newly_failed and all(o.delivered for o in outcomes)
-        self.stats.count_attempt(ok, domain, smtp_code)
-        if newly_failed:
+    async def _carry_out(self, msg: MessageState, t: transition.Transition, now: float) -> Outcome:
+        """Do what the transition says: count, log, spool its DSNs, then the unit's state,
+        then tell the scheduler (a retried unit is re-added here)."""
+        domain = t.unit.domain
+        if t.attempted:
+            self.stats.count_attempt(t.ok, domain, t.smtp_code)
+        if t.permanent_failure:
             self.stats.count_permanent_failure()
-        if delivered:
-            log.audit(
-                "Delivered",
-                message_id=msg.id,
-                domain=domain,
-                mx=mx,
-                smtp_code=str(delivered[0].code or ""),
-                attempt=attempts,
-                recipients=len(delivered),
-                **_connection_fields(result),
-            )
-        for o in newly_failed:
-            log.error(
-                "Delivery failed permanently",
-                message_id=msg.id,
-                domain=domain,
-                recipient=o.address,
-                mx=o.mx,
-                smtp_code="" if o.code is None else str(o.code),
-                dsn=o.enhanced,
-                attempt=attempts,
-                error=o.diagnostic,
-                audit=True,
-            )
-
-        dsn_reports: list[tuple[DsnKind, list[RecipientReport]]] = []
-        if newly_failed:
-            dsn_reports.append(
-                (
-                    DsnKind.FAILED,
-                    [
-                        RecipientReport(
-                            o.address,
-                            DsnAction.FAILED,
-                            o.enhanced or "5.0.0",
-                            o.mx,
-                            diagnostic_code(o.code, o.text),
-                            now,
-                        )
-                        for o in newly_failed
-                    ],
-                )
-            )
-
-        pending = new.pending_recipients()
-        if pending:
-            decision = self.retry.decide(attempts, unit.expiry_base(msg.envelope.received_at), now)
-            if isinstance(decision, GiveUp):
-                status = UnitStatus.EXPIRED if decision.reason == "expired" else UnitStatus.FAILED
-                kind = DsnKind.EXPIRED if decision.reason == "expired" else DsnKind.EXHAUSTED
-                reason = (
-                    "message expired"
-                    if decision.reason == "expired"
-                    else f"gave up after {attempts} attempts"
-                )
-                new = self._fail_pending(new, status, f"{reason}: {text}", now)
-                if not newly_failed:
-                    self.stats.count_permanent_failure()
-                dsn_reports.append(
-                    (
-                        kind,
-                        [
-                            RecipientReport(
-                                a,
-                                DsnAction.FAILED,
-                                self._enhanced(by_addr.get(a), "4.4.7"),
-                                mx,
-                                diagnostic_code(code, text),
-                                now,
-                            )
-                            for a in pending
-                        ],
-                    )
-                )
-                log.error(
-                    "Delivery gave up",
-                    message_id=msg.id,
-                    domain=domain,
-                    mx=mx,
-                    smtp_code=smtp_code,
-                    attempt=attempts,
-                    error=f"{reason}: {text}",
-                    audit=True,
-                )
-            else:
-                new = replace(new, status=UnitStatus.RETRY, next_attempt_at=decision.at)
-                log.warn(
-                    "Delivery deferred",
-                    message_id=msg.id,
-                    domain=domain,
-                    mx=mx,
-                    smtp_code=smtp_code,
-                    attempt=attempts,
-                    error=text,
-                    retry_in_s=round(decision.at - now, 1),
-                    **_connection_fields(result),
-                )
-                if (
-                    not new.delay_warned
-                    and now - msg.envelope.received_at >= self.settings.delay_warning_s
-                ):
-                    new = replace(new, delay_warned=True)
-                    dsn_reports.append(
-                        (
-                            DsnKind.DELAYED,
-                            [
-                                RecipientReport(
-                                    a,
-                                    DsnAction.DELAYED,
-                                    self._delayed_status(by_addr.get(a)),
-                                    mx,
-                                    diagnostic_code(code, text),
-                                    now,
-                                    will_retry_until=self.retry.deadline(
-                                        unit.expiry_base(msg.envelope.received_at)
-                                    ),
-                                )
-                                for a in pending
-                            ],
-                        )
-                    )
-        else:
-            any_failed = any(r.status is RcptStatus.FAILED for r in new.recipients)
-            new = replace(
-                new,
-                status=UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED,
-                finished_at=now,
-            )
-
-        for kind, reports in dsn_reports:
-            await self._send_dsn(msg, kind, reports, now)
-
-        await self._persist(msg.id, new)
-
-        if new.status is UnitStatus.RETRY:
-            self._tasks.pop(UnitKey(msg.id, domain), None)
-            outcome = (
-                Outcome.TEMPORARY_FAILURE
-                if (error is not None and not error.permanent) or is_breaker_failure(outcomes)
-                else (Outcome.SUCCESS if delivered else Outcome.PERMANENT_FAILURE)
-            )
-            self.scheduler.finished(UnitKey(msg.id, domain), outcome)
-            self.scheduler.add(UnitKey(msg.id, domain), new.next_attempt_at)
-            return outcome
-        if delivered:
-            return Outcome.SUCCESS
-        if (error is not None and not error.permanent) or is_breaker_failure(outcomes):
-            return Outcome.TEMPORARY_FAILURE
-        return Outcome.PERMANENT_FAILURE
-
-    @staticmethod
-    def _delayed_status(o: RecipientOutcome | None) -> str:
-        """A delayed report keeps the transient 4.x.x class of the reply (RFC 3463 §3.1)."""
-        if o is None or not o.enhanced.startswith("4."):
-            return "4.0.0"
-        return o.enhanced
-
-    @staticmethod
-    def _enhanced(o: RecipientOutcome | None, default: str) -> str:
-        """The status of a give-up report: the last reply's detail, made permanent."""
-        if o is None or not o.enhanced:
-            return default
-        return "5" + o.enhanced[1:] if o.enhanced[0] == "4" else o.enhanced
-
-    @staticmethod
-    def _fail_pending(unit: UnitState, status: UnitStatus, text: str, now: float) -> UnitState:
-        recipients = tuple(
-            RecipientState(r.address, RcptStatus.FAILED, r.code, text)
-            if r.status is RcptStatus.PENDING
-            else r
-            for r in unit.recipients
-        )
-        return replace(unit, recipients=recipients, status=status, finished_at=now, last_error=text)
-
-    async def _give_up(self, msg: MessageState, unit: UnitState, reason: str, now: float) -> None:
-        """Expire a unit without an attempt (its deadline passed while it waited)."""
-        pending = unit.pending_recipients()
-        text = unit.last_error or "message expired"
-        new = self._fail_pending(unit, UnitStatus.EXPIRED, f"message expired: {text}", now)
-        self.stats.count_permanent_failure()
-        last = unit.history[-1] if unit.history else None
-        await self._send_dsn(
-            msg,
-            DsnKind.EXPIRED,
-            [
-                RecipientReport(
-                    a,
-                    DsnAction.FAILED,
-                    "4.4.7",
-                    last.mx if last else "",
-                    diagnostic_code(last.code if last else None, text),
-                    last.at if last else None,
-                )
-                for a in pending
-            ],
-            now,
-        )
-        log.error(
-            "Delivery gave up",
-            message_id=msg.id,
-            domain=unit.domain,
-            attempt=unit.attempts,
-            error=f"message expired: {text}",
-            smtp_code="",
-            audit=True,
-        )
-        await self._persist(msg.id, new)
+        for event in t.events:
+            _EMIT[event.severity](event.message, message_id=msg.id, **event.fields)
+        for dsn in t.dsns:
+            await self._send_dsn(msg, dsn, now)
+        await self._persist(msg.id, t.unit)
+        outcome = _BREAKER[t.destination]
+        if t.retry_at is not None:
+            key = UnitKey(msg.id, domain)
+            self._tasks.pop(key, None)
+            self.scheduler.finished(key, outcome)
+            self.scheduler.add(key, t.retry_at)
+        return outcome
 
     async def _persist(self, msg_id: str, new: UnitState) -> None:
         """Write ``new`` into the message's *current* state, durably; forget the message
@@ -695,12 +429,9 @@ class DeliveryRunner:
         else:
             await self.spool.update(msg_id, units)
 
-    async def _send_dsn(
-        self, msg: MessageState, kind: DsnKind, reports: list[RecipientReport], now: float
-    ) -> str | None:
-        """Commit a DSN about ``msg`` and schedule it; its id (None when none is due)."""
-        if not self.settings.dsn_enabled or not reports or not should_send_dsn(msg.envelope):
-            return None
+    async def _send_dsn(self, msg: MessageState, report: transition.DsnReport, now: float) -> str:
+        """Compose the DSN, commit it to the spool and schedule it; its id."""
+        kind = report.kind
         try:
             headers = header_block(await self.spool.read_body(msg.id))
         except (SpoolError, OSError):
@@ -709,7 +440,7 @@ class DeliveryRunner:
             kind=kind,
             original_id=msg.id,
             envelope=msg.envelope,
-            recipients=reports,
+            recipients=report.recipients,
             original_headers=headers,
             hostname=self.settings.hostname,
             reporting_mta=self.settings.reporting_mta,
@@ -728,7 +459,7 @@ class DeliveryRunner:
             message_id=stored.id,
             original_message_id=msg.id,
             kind=kind.value,
-            recipients=len(reports),
+            recipients=len(report.recipients),
         )
         self.submit(stored)
         return stored.id

@@ -1,0 +1,411 @@
+"""Delivery decisions: what one attempt, or an expiry, means for a unit.  Pure.
+
+Theory of operation
+-------------------
+The runner does the I/O (route, connect, send, spool, schedule); this module
+decides.  :func:`after_attempt` takes the unit's state as it is now, the
+:class:`~empath.delivery.attempt.AttemptResult` (one
+:class:`~empath.delivery.classify.RecipientOutcome` per recipient tried), the
+retry policy, ``now`` and the settings, and returns a :class:`Transition`: the
+unit's new state, the DSNs to send, the log events and what the attempt says
+about the destination (for the circuit breaker).  :func:`expire` does the same
+for a unit whose deadline passed while it waited, :func:`deleted` says which DSN
+an operator's ``queue delete --bounce`` sends.  No clock, no spool, no
+network: the same inputs give the same transition (the retry policy's jitter
+comes from its own seeded ``random.Random``).
+
+Per recipient (SPEC §4): 2xx delivered, 5xx failed (a DSN now), 4xx pending.
+Then, with recipients still pending, :meth:`RetryPolicy.decide
+<empath.policy.retry.RetryPolicy.decide>` says retry at T (with the one-time
+delay warning once ``delay_warning_s`` has passed) or give up: ``max_attempts``
+→ failed, deadline → expired, every pending recipient failed with one DSN.
+Without pending recipients the unit is final: delivered when nobody failed,
+else failed.
+
+Invariants (tested with hypothesis in ``tests/unit/test_delivery_transition.py``):
+a final unit never changes again; ``attempts`` only grows, by one per attempt;
+every recipient that fails is reported in exactly one failure DSN (none when the
+sender is null, the message is a DSN or DSNs are off); a 4xx never fails a
+recipient before ``max_attempts`` or the deadline.  A failure report's status is
+always 5.x.x and a delay report's 4.x.x (RFC 3464 §2.3.3 Action values with the
+RFC 3463 §3.1 classes): only giving up turns a transient 4.x.x into 5.x.x.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any
+
+from empath.delivery.attempt import AttemptResult
+from empath.delivery.bounce import (
+    DsnAction,
+    DsnKind,
+    RecipientReport,
+    diagnostic_code,
+    should_send_dsn,
+)
+from empath.delivery.classify import OutcomeKind, RecipientOutcome
+from empath.policy.retry import GiveUp, RetryPolicy
+from empath.spool.model import (
+    Attempt,
+    Envelope,
+    RcptStatus,
+    RecipientState,
+    UnitState,
+    UnitStatus,
+)
+
+
+class Severity(enum.Enum):
+    """How loud a :class:`LogEvent` is."""
+
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class LogEvent:
+    """One log line the runner writes (it adds ``message_id``)."""
+
+    severity: Severity
+    message: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DsnReport:
+    """One DSN to compose and spool: its kind and the affected recipients."""
+
+    kind: DsnKind
+    recipients: tuple[RecipientReport, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionSettings:
+    """The settings a decision needs."""
+
+    delay_warning_s: float
+    dsn_enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What the runner carries out, in this order: DSNs, then the unit state, then the
+    scheduler (``destination`` for the breaker, a retry at ``unit.next_attempt_at``)."""
+
+    unit: UnitState
+    dsns: tuple[DsnReport, ...] = ()
+    events: tuple[LogEvent, ...] = ()
+    # What the attempt says about the destination: DELIVERED (it took something),
+    # TEMPORARY (counts for the breaker), PERMANENT (5xx only); None: no attempt.
+    destination: OutcomeKind | None = None
+    attempted: bool = False  # an attempt was made (the attempts counter)
+    ok: bool = False  # every recipient tried was delivered
+    smtp_code: str = ""  # the attempt's summary reply code ("" for none)
+    permanent_failure: bool = False  # a recipient failed or the unit gave up
+
+    @property
+    def retry_at(self) -> float | None:
+        return self.unit.next_attempt_at if self.unit.status is UnitStatus.RETRY else None
+
+
+def destination_of(result: AttemptResult) -> OutcomeKind:
+    """SPEC §4 breaker input: temporary failures (connect, timeout, 4xx, DNS) count,
+    5xx never; an attempt that delivered anything says the destination works."""
+    outcomes = result.outcomes
+    if any(o.delivered for o in outcomes):
+        return OutcomeKind.DELIVERED
+    if (result.error is not None and not result.error.permanent) or any(
+        o.temporary for o in outcomes
+    ):
+        return OutcomeKind.TEMPORARY
+    return OutcomeKind.PERMANENT
+
+
+def expired_while_waiting(
+    unit: UnitState, envelope: Envelope, retry: RetryPolicy, now: float
+) -> bool:
+    """The deadline passed before this (not first) attempt: give up without one."""
+    return unit.attempts > 0 and retry.is_expired(unit.expiry_base(envelope.received_at), now)
+
+
+def after_attempt(
+    unit: UnitState,
+    result: AttemptResult,
+    *,
+    envelope: Envelope,
+    retry: RetryPolicy,
+    now: float,
+    settings: TransitionSettings,
+) -> Transition:
+    """The unit after ``result``; see the module docstring."""
+    if unit.status.terminal:
+        return Transition(unit)
+    outcomes = result.outcomes
+    by_addr = {o.address: o for o in outcomes}
+    mx, code, text = result.summary
+    recipients: list[RecipientState] = []
+    newly_failed: list[RecipientOutcome] = []
+    for r in unit.recipients:
+        o = by_addr.get(r.address)
+        if o is None or r.status is not RcptStatus.PENDING:
+            recipients.append(r)
+        elif o.delivered:
+            recipients.append(RecipientState(r.address, RcptStatus.DELIVERED, o.code, o.text))
+        elif o.permanent:
+            recipients.append(RecipientState(r.address, RcptStatus.FAILED, o.code, o.diagnostic))
+            newly_failed.append(o)
+        else:
+            recipients.append(RecipientState(r.address, RcptStatus.PENDING, o.code, o.diagnostic))
+    attempts = unit.attempts + 1
+    new = replace(
+        unit,
+        recipients=tuple(recipients),
+        attempts=attempts,
+        last_error="" if all(o.delivered for o in outcomes) else text,
+    ).with_attempt(Attempt(now, mx, code, text))
+    domain = unit.domain
+    delivered = [o for o in outcomes if o.delivered]
+    smtp_code = "" if code is None else str(code)
+    wants_dsn = settings.dsn_enabled and should_send_dsn(envelope)
+    events: list[LogEvent] = []
+    dsns: list[DsnReport] = []
+
+    if delivered:
+        events.append(
+            LogEvent(
+                Severity.INFO,
+                "Delivered",
+                {
+                    "domain": domain,
+                    "mx": mx,
+                    "smtp_code": str(delivered[0].code or ""),
+                    "attempt": attempts,
+                    "recipients": len(delivered),
+                    **_connection_fields(result),
+                    "audit": True,
+                },
+            )
+        )
+    for o in newly_failed:
+        events.append(
+            LogEvent(
+                Severity.ERROR,
+                "Delivery failed permanently",
+                {
+                    "domain": domain,
+                    "recipient": o.address,
+                    "mx": o.mx,
+                    "smtp_code": "" if o.code is None else str(o.code),
+                    "dsn": o.enhanced,
+                    "attempt": attempts,
+                    "error": o.diagnostic,
+                    "audit": True,
+                },
+            )
+        )
+    if newly_failed and wants_dsn:
+        reports = tuple(
+            RecipientReport(
+                o.address,
+                DsnAction.FAILED,
+                _permanent(o.enhanced or "5.0.0"),
+                o.mx,
+                diagnostic_code(o.code, o.text),
+                now,
+            )
+            for o in newly_failed
+        )
+        dsns.append(DsnReport(DsnKind.FAILED, reports))
+
+    gave_up = False
+    pending = new.pending_recipients()
+    if pending:
+        # A unit reopened by `queue retry` counts its expiry from the reopening.
+        expiry_base = unit.expiry_base(envelope.received_at)
+        decision = retry.decide(attempts, expiry_base, now)
+        if isinstance(decision, GiveUp):
+            gave_up = True
+            expired = decision.reason == "expired"
+            reason = "message expired" if expired else f"gave up after {attempts} attempts"
+            new = _fail_pending(
+                new, UnitStatus.EXPIRED if expired else UnitStatus.FAILED, f"{reason}: {text}", now
+            )
+            if wants_dsn:
+                reports = tuple(
+                    RecipientReport(
+                        a,
+                        DsnAction.FAILED,
+                        _permanent(_enhanced(by_addr.get(a), "4.4.7")),
+                        mx,
+                        diagnostic_code(code, text),
+                        now,
+                    )
+                    for a in pending
+                )
+                dsns.append(DsnReport(DsnKind.EXPIRED if expired else DsnKind.EXHAUSTED, reports))
+            events.append(
+                LogEvent(
+                    Severity.ERROR,
+                    "Delivery gave up",
+                    {
+                        "domain": domain,
+                        "mx": mx,
+                        "smtp_code": smtp_code,
+                        "attempt": attempts,
+                        "error": f"{reason}: {text}",
+                        "audit": True,
+                    },
+                )
+            )
+        else:
+            new = replace(new, status=UnitStatus.RETRY, next_attempt_at=decision.at)
+            events.append(
+                LogEvent(
+                    Severity.WARN,
+                    "Delivery deferred",
+                    {
+                        "domain": domain,
+                        "mx": mx,
+                        "smtp_code": smtp_code,
+                        "attempt": attempts,
+                        "error": text,
+                        "retry_in_s": round(decision.at - now, 1),
+                        **_connection_fields(result),
+                    },
+                )
+            )
+            if not new.delay_warned and now - envelope.received_at >= settings.delay_warning_s:
+                new = replace(new, delay_warned=True)
+                if wants_dsn:
+                    until = retry.deadline(expiry_base)
+                    reports = tuple(
+                        RecipientReport(
+                            a,
+                            DsnAction.DELAYED,
+                            _transient(_enhanced(by_addr.get(a), "4.0.0")),
+                            mx,
+                            diagnostic_code(code, text),
+                            now,
+                            will_retry_until=until,
+                        )
+                        for a in pending
+                    )
+                    dsns.append(DsnReport(DsnKind.DELAYED, reports))
+    else:
+        any_failed = any(r.status is RcptStatus.FAILED for r in new.recipients)
+        new = replace(
+            new,
+            status=UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED,
+            finished_at=now,
+        )
+
+    return Transition(
+        unit=new,
+        dsns=tuple(dsns),
+        events=tuple(events),
+        destination=destination_of(result),
+        attempted=True,
+        ok=bool(delivered) and not newly_failed and all(o.delivered for o in outcomes),
+        smtp_code=smtp_code,
+        permanent_failure=bool(newly_failed) or gave_up,
+    )
+
+
+def expire(
+    unit: UnitState, *, envelope: Envelope, now: float, settings: TransitionSettings
+) -> Transition:
+    """Expire a unit without an attempt: its deadline passed while it waited."""
+    if unit.status.terminal:
+        return Transition(unit)
+    pending = unit.pending_recipients()
+    text = unit.last_error or "message expired"
+    new = _fail_pending(unit, UnitStatus.EXPIRED, f"message expired: {text}", now)
+    dsns: tuple[DsnReport, ...] = ()
+    if settings.dsn_enabled and should_send_dsn(envelope) and pending:
+        last = unit.history[-1] if unit.history else None
+        reports = tuple(
+            RecipientReport(
+                a,
+                DsnAction.FAILED,
+                "5.4.7",  # RFC 3463: delivery time expired
+                last.mx if last else "",
+                diagnostic_code(last.code if last else None, text),
+                last.at if last else None,
+            )
+            for a in pending
+        )
+        dsns = (DsnReport(DsnKind.EXPIRED, reports),)
+    event = LogEvent(
+        Severity.ERROR,
+        "Delivery gave up",
+        {
+            "domain": unit.domain,
+            "attempt": unit.attempts,
+            "error": f"message expired: {text}",
+            "smtp_code": "",
+            "audit": True,
+        },
+    )
+    return Transition(unit=new, dsns=dsns, events=(event,), permanent_failure=True)
+
+
+def deleted(
+    units: tuple[UnitState, ...], *, envelope: Envelope, settings: TransitionSettings
+) -> DsnReport | None:
+    """`queue delete --bounce`: the DSN for every recipient still pending, if one is due."""
+    if not (settings.dsn_enabled and should_send_dsn(envelope)):
+        return None
+    reports: list[RecipientReport] = []
+    for unit in units:
+        last = unit.history[-1] if unit.history else None
+        reports += [
+            RecipientReport(
+                address,
+                DsnAction.FAILED,
+                "5.0.0",
+                last.mx if last else "",
+                diagnostic_code(None, "deleted from the queue by the administrator"),
+                last.at if last else None,
+            )
+            for address in unit.pending_recipients()
+        ]
+    return DsnReport(DsnKind.DELETED, tuple(reports)) if reports else None
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _connection_fields(result: AttemptResult) -> dict[str, str]:
+    """Which MX address took the attempt and whether TLS was used."""
+    return {
+        "mx_address": result.address,
+        "tls": result.tls_version or "none",
+        "tls_cipher": result.tls_cipher,
+    }
+
+
+def _enhanced(o: RecipientOutcome | None, default: str) -> str:
+    return o.enhanced if o is not None and o.enhanced else default
+
+
+def _permanent(status: str) -> str:
+    """Giving up: the reply's subject and detail, in the permanent class."""
+    return "5" + status[1:] if status[:1] == "4" else status
+
+
+def _transient(status: str) -> str:
+    """Still retrying: a delay report keeps (or gets) the transient class."""
+    return status if status[:1] == "4" else "4.0.0"
+
+
+def _fail_pending(unit: UnitState, status: UnitStatus, text: str, now: float) -> UnitState:
+    recipients = tuple(
+        RecipientState(r.address, RcptStatus.FAILED, r.code, text)
+        if r.status is RcptStatus.PENDING
+        else r
+        for r in unit.recipients
+    )
+    return replace(unit, recipients=recipients, status=status, finished_at=now, last_error=text)
