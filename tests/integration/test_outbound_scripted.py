@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from empath.config.model import SmtpTimeouts
-from empath.delivery.attempt import AttemptResult, AttemptSettings, Target, attempt_delivery
+from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
+from empath.delivery.classify import AttemptResult
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.clock import FakeClock

@@ -6,7 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
-from empath.delivery.attempt import AttemptResult, AttemptSettings, Target, attempt_delivery
+from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
+from empath.delivery.classify import AttemptResult
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.transport.outbound import BodySource, ConnectionPool

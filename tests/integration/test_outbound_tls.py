@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 
-from empath.delivery.attempt import AttemptResult, AttemptSettings, Target, attempt_delivery
+from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
+from empath.delivery.classify import AttemptResult
 from empath.errors import TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer

@@ -12,9 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from empath.delivery.attempt import AttemptResult
 from empath.delivery.bounce import DsnAction, DsnKind
-from empath.delivery.classify import OutcomeKind, RecipientOutcome, outcome_from_reply
+from empath.delivery.classify import (
+    AttemptResult,
+    OutcomeKind,
+    RecipientOutcome,
+    outcome_from_reply,
+)
 from empath.delivery.transition import (
     Severity,
     Transition,

@@ -24,7 +24,7 @@ PURE = sorted(
         *(SRC / "policy").glob("*.py"),
         SRC / "queue" / "index.py",
         SRC / "queue" / "scheduler.py",
-        *(SRC / "delivery").glob("transition.py"),
+        *(SRC / "delivery" / name for name in ("transition.py", "classify.py", "bounce.py")),
     ]
 )
 FORBIDDEN = {

@@ -42,9 +42,10 @@ from typing import Protocol
 
 from empath.config.model import SmtpTimeouts
 from empath.delivery.classify import (
+    AttemptResult,
+    HostFailure,
     OutcomeKind,
     RecipientOutcome,
-    outcome_from_error,
     outcome_from_reply,
 )
 from empath.errors import (
@@ -99,73 +100,6 @@ class AttemptSettings:
     accept_invalid_certs: bool = False
     tls_ca_file: str | None = None  # extra trust anchors (tests, private CAs)
     pool_wait_s: float = 30.0  # longest wait for a free pooled connection
-
-
-@dataclass(frozen=True, slots=True)
-class HostFailure:
-    """A host/address that did not take the transaction, and why."""
-
-    mx: str  # "host[address]:port"
-    error: DeliveryError
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    """The one result of a unit's attempt, routing failures included (see module doc).
-
-    The SMTP client's wire-level ``TransactionResult`` is turned into this here and
-    nowhere else; the runner and :mod:`empath.delivery.transition` see only this.
-    """
-
-    outcomes: tuple[RecipientOutcome, ...]  # one per recipient, in the given order
-    mx: str  # MX host name that took the transaction ("" when none did)
-    address: str = ""  # the address connected to
-    port: int = 0
-    error: DeliveryError | None = None  # set when no recipient was delivered
-    tls: bool = False  # the transaction ran over TLS
-    tls_version: str = ""  # e.g. "TLSv1.3" ("" in plaintext)
-    tls_cipher: str = ""  # e.g. "TLS_AES_256_GCM_SHA384"
-    reused: bool = False  # over a pooled connection
-    failures: tuple[HostFailure, ...] = ()  # hosts tried before (or instead of) mx
-
-    @classmethod
-    def failed(cls, recipients: Sequence[str], error: DeliveryError) -> AttemptResult:
-        """No host was tried or none took the transaction (routing, every MX down)."""
-        return cls(
-            outcomes=tuple(outcome_from_error(r, error) for r in recipients), mx="", error=error
-        )
-
-    @property
-    def summary(self) -> tuple[str, int | None, str]:
-        """(mx, code, text) for attempt history and logs: the unit-level error, else the
-        first recipient that was not delivered, else the first one."""
-        if self.error is not None:
-            return self.mx or self.error.mx, self.error.code, self.error.text
-        worst = next((o for o in self.outcomes if not o.delivered), None)
-        if worst is None and self.outcomes:
-            worst = self.outcomes[0]
-        if worst is None:
-            return self.mx, None, "no recipients"
-        return self.mx, worst.code, worst.diagnostic
-
-    @property
-    def delivered(self) -> tuple[str, ...]:
-        return tuple(o.address for o in self.outcomes if o.delivered)
-
-    @property
-    def temporary(self) -> tuple[str, ...]:
-        return tuple(o.address for o in self.outcomes if o.temporary)
-
-    @property
-    def permanent(self) -> tuple[str, ...]:
-        return tuple(o.address for o in self.outcomes if o.permanent)
-
-    @property
-    def mx_label(self) -> str:
-        """``host`` or ``host:port`` (attempt history, logs)."""
-        if not self.mx or self.port in (0, 25):
-            return self.mx
-        return f"{self.mx}:{self.port}"
 
 
 def _outcomes(result: TransactionResult, mx: str) -> tuple[RecipientOutcome, ...]:

@@ -14,6 +14,14 @@ condition is temporary, and the action may be requested again."  "5yz Permanent
 Negative Completion reply ... The SMTP client SHOULD NOT repeat the exact
 request (in the same sequence)."
 
+The result of one attempt of a unit is an :class:`AttemptResult`: one
+:class:`RecipientOutcome` per recipient, the MX (and address, TLS) that took
+it, and a unit-level error when nothing was delivered -- routing failures
+included (:meth:`AttemptResult.failed`).  It is the only result type the runner
+and :mod:`empath.delivery.transition` see; the SMTP client's wire-level
+``TransactionResult`` is turned into it in :mod:`empath.delivery.attempt`.
+Like the rest of this module it is pure (no I/O), so the transition can use it.
+
 Enhanced status codes (RFC 3463) are taken from the reply when the server sent
 one whose class matches the reply code; otherwise a generic ``X.0.0`` of the
 reply's class is used, so DSNs always have a ``Status:`` value.  RFC 3463 §2:
@@ -24,6 +32,7 @@ of the basic reply code" — a mismatching one is ignored.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
@@ -139,3 +148,70 @@ def error_from_reply(reply: Reply, mx: str = "", context: str = "") -> DeliveryE
     text = f"{context}: {reply_text(reply)}" if context else reply_text(reply)
     cls = PermanentDeliveryError if reply.code // 100 == 5 else TemporaryDeliveryError
     return cls(text, code=reply.code, enhanced=enhanced_of(reply), mx=mx)
+
+
+@dataclass(frozen=True, slots=True)
+class HostFailure:
+    """A host/address that did not take the transaction, and why."""
+
+    mx: str  # "host[address]:port"
+    error: DeliveryError
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """The one result of a unit's attempt, routing failures included (see module doc).
+
+    The SMTP client's wire-level ``TransactionResult`` is turned into this here and
+    nowhere else; the runner and :mod:`empath.delivery.transition` see only this.
+    """
+
+    outcomes: tuple[RecipientOutcome, ...]  # one per recipient, in the given order
+    mx: str  # MX host name that took the transaction ("" when none did)
+    address: str = ""  # the address connected to
+    port: int = 0
+    error: DeliveryError | None = None  # set when no recipient was delivered
+    tls: bool = False  # the transaction ran over TLS
+    tls_version: str = ""  # e.g. "TLSv1.3" ("" in plaintext)
+    tls_cipher: str = ""  # e.g. "TLS_AES_256_GCM_SHA384"
+    reused: bool = False  # over a pooled connection
+    failures: tuple[HostFailure, ...] = ()  # hosts tried before (or instead of) mx
+
+    @classmethod
+    def failed(cls, recipients: Sequence[str], error: DeliveryError) -> AttemptResult:
+        """No host was tried or none took the transaction (routing, every MX down)."""
+        return cls(
+            outcomes=tuple(outcome_from_error(r, error) for r in recipients), mx="", error=error
+        )
+
+    @property
+    def summary(self) -> tuple[str, int | None, str]:
+        """(mx, code, text) for attempt history and logs: the unit-level error, else the
+        first recipient that was not delivered, else the first one."""
+        if self.error is not None:
+            return self.mx or self.error.mx, self.error.code, self.error.text
+        worst = next((o for o in self.outcomes if not o.delivered), None)
+        if worst is None and self.outcomes:
+            worst = self.outcomes[0]
+        if worst is None:
+            return self.mx, None, "no recipients"
+        return self.mx, worst.code, worst.diagnostic
+
+    @property
+    def delivered(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.delivered)
+
+    @property
+    def temporary(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.temporary)
+
+    @property
+    def permanent(self) -> tuple[str, ...]:
+        return tuple(o.address for o in self.outcomes if o.permanent)
+
+    @property
+    def mx_label(self) -> str:
+        """``host`` or ``host:port`` (attempt history, logs)."""
+        if not self.mx or self.port in (0, 25):
+            return self.mx
+        return f"{self.mx}:{self.port}"

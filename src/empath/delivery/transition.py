@@ -37,7 +37,6 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Any
 
-from empath.delivery.attempt import AttemptResult
 from empath.delivery.bounce import (
     DsnAction,
     DsnKind,
@@ -45,7 +44,7 @@ from empath.delivery.bounce import (
     diagnostic_code,
     should_send_dsn,
 )
-from empath.delivery.classify import OutcomeKind, RecipientOutcome
+from empath.delivery.classify import AttemptResult, OutcomeKind, RecipientOutcome
 from empath.policy.retry import GiveUp, RetryPolicy
 from empath.spool.model import (
     Attempt,

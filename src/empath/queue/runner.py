@@ -44,9 +44,9 @@ from typing import Any
 from empath import ids
 from empath.clock import Clock, Timer
 from empath.delivery import transition
-from empath.delivery.attempt import AttemptResult, AttemptSettings, attempt_delivery
+from empath.delivery.attempt import AttemptSettings, attempt_delivery
 from empath.delivery.bounce import build_dsn, header_block
-from empath.delivery.classify import OutcomeKind
+from empath.delivery.classify import AttemptResult, OutcomeKind
 from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
 from empath.observability.logs import get_logger
