@@ -142,70 +142,22 @@ def after_attempt(
     """The unit after ``result``; see the module docstring."""
     if unit.status.terminal:
         return Transition(unit)
-    outcomes = result.outcomes
-    by_addr = {o.address: o for o in outcomes}
     mx, code, text = result.summary
-    recipients: list[RecipientState] = []
-    newly_failed: list[RecipientOutcome] = []
-    for r in unit.recipients:
-        o = by_addr.get(r.address)
-        if o is None or r.status is not RcptStatus.PENDING:
-            recipients.append(r)
-        elif o.delivered:
-            recipients.append(RecipientState(r.address, RcptStatus.DELIVERED, o.code, o.text))
-        elif o.permanent:
-            recipients.append(RecipientState(r.address, RcptStatus.FAILED, o.code, o.diagnostic))
-            newly_failed.append(o)
-        else:
-            recipients.append(RecipientState(r.address, RcptStatus.PENDING, o.code, o.diagnostic))
-    attempts = unit.attempts + 1
-    new = replace(
-        unit,
-        recipients=tuple(recipients),
-        attempts=attempts,
-        last_error="" if all(o.delivered for o in outcomes) else text,
-    ).with_attempt(Attempt(now, mx, code, text))
-    domain = unit.domain
-    delivered = [o for o in outcomes if o.delivered]
-    smtp_code = "" if code is None else str(code)
-    wants_dsn = settings.dsn_enabled and should_send_dsn(envelope)
-    events: list[LogEvent] = []
+    this = _Attempt(
+        domain=unit.domain,
+        result=result,
+        by_addr={o.address: o for o in result.outcomes},
+        number=unit.attempts + 1,
+        mx=mx,
+        code=code,
+        text=text,
+        now=now,
+        wants_dsn=settings.dsn_enabled and should_send_dsn(envelope),
+    )
+    new, newly_failed = _recipients_after(unit, this)
+    events = [*_delivered(this), *(_failed(this, o) for o in newly_failed)]
     dsns: list[DsnReport] = []
-
-    if delivered:
-        events.append(
-            LogEvent(
-                Severity.INFO,
-                "Delivered",
-                {
-                    "domain": domain,
-                    "mx": mx,
-                    "smtp_code": str(delivered[0].code or ""),
-                    "attempt": attempts,
-                    "recipients": len(delivered),
-                    **_connection_fields(result),
-                    "audit": True,
-                },
-            )
-        )
-    for o in newly_failed:
-        events.append(
-            LogEvent(
-                Severity.ERROR,
-                "Delivery failed permanently",
-                {
-                    "domain": domain,
-                    "recipient": o.address,
-                    "mx": o.mx,
-                    "smtp_code": "" if o.code is None else str(o.code),
-                    "dsn": o.enhanced,
-                    "attempt": attempts,
-                    "error": o.diagnostic,
-                    "audit": True,
-                },
-            )
-        )
-    if newly_failed and wants_dsn:
+    if newly_failed and this.wants_dsn:
         reports = tuple(
             RecipientReport(
                 o.address,
@@ -220,97 +172,182 @@ def after_attempt(
         dsns.append(DsnReport(DsnKind.FAILED, reports))
 
     gave_up = False
-    pending = new.pending_recipients()
-    if pending:
+    if not new.pending_recipients():
+        any_failed = any(r.status is RcptStatus.FAILED for r in new.recipients)
+        status = UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED
+        new = replace(new, status=status, finished_at=now)
+    else:
         # A unit reopened by `queue retry` counts its expiry from the reopening.
         expiry_base = unit.expiry_base(envelope.received_at)
-        decision = retry.decide(attempts, expiry_base, now)
+        decision = retry.decide(this.number, expiry_base, now)
         if isinstance(decision, GiveUp):
             gave_up = True
-            expired = decision.reason == "expired"
-            reason = "message expired" if expired else f"gave up after {attempts} attempts"
-            new = _fail_pending(
-                new, UnitStatus.EXPIRED if expired else UnitStatus.FAILED, f"{reason}: {text}", now
-            )
-            if wants_dsn:
-                reports = tuple(
-                    RecipientReport(
-                        a,
-                        DsnAction.FAILED,
-                        _permanent(_enhanced(by_addr.get(a), "4.4.7")),
-                        mx,
-                        diagnostic_code(code, text),
-                        now,
-                    )
-                    for a in pending
-                )
-                dsns.append(DsnReport(DsnKind.EXPIRED if expired else DsnKind.EXHAUSTED, reports))
-            events.append(
-                LogEvent(
-                    Severity.ERROR,
-                    "Delivery gave up",
-                    {
-                        "domain": domain,
-                        "mx": mx,
-                        "smtp_code": smtp_code,
-                        "attempt": attempts,
-                        "error": f"{reason}: {text}",
-                        "audit": True,
-                    },
-                )
-            )
+            new, dsn, event = _give_up(this, new, expired=decision.reason == "expired")
         else:
-            new = replace(new, status=UnitStatus.RETRY, next_attempt_at=decision.at)
-            events.append(
-                LogEvent(
-                    Severity.WARN,
-                    "Delivery deferred",
-                    {
-                        "domain": domain,
-                        "mx": mx,
-                        "smtp_code": smtp_code,
-                        "attempt": attempts,
-                        "error": text,
-                        "retry_in_s": round(decision.at - now, 1),
-                        **_connection_fields(result),
-                    },
-                )
-            )
-            if not new.delay_warned and now - envelope.received_at >= settings.delay_warning_s:
-                new = replace(new, delay_warned=True)
-                if wants_dsn:
-                    until = retry.deadline(expiry_base)
-                    reports = tuple(
-                        RecipientReport(
-                            a,
-                            DsnAction.DELAYED,
-                            _transient(_enhanced(by_addr.get(a), "4.0.0")),
-                            mx,
-                            diagnostic_code(code, text),
-                            now,
-                            will_retry_until=until,
-                        )
-                        for a in pending
-                    )
-                    dsns.append(DsnReport(DsnKind.DELAYED, reports))
-    else:
-        any_failed = any(r.status is RcptStatus.FAILED for r in new.recipients)
-        new = replace(
-            new,
-            status=UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED,
-            finished_at=now,
-        )
+            warn = not new.delay_warned and now - envelope.received_at >= settings.delay_warning_s
+            until = retry.deadline(expiry_base)
+            new, dsn, event = _defer(this, new, decision.at, warn=warn, until=until)
+        dsns += [dsn] if dsn is not None else []
+        events.append(event)
 
+    outcomes = result.outcomes
     return Transition(
         unit=new,
         dsns=tuple(dsns),
         events=tuple(events),
         destination=destination_of(result),
         attempted=True,
-        ok=bool(delivered) and not newly_failed and all(o.delivered for o in outcomes),
-        smtp_code=smtp_code,
+        ok=bool(outcomes) and not newly_failed and all(o.delivered for o in outcomes),
+        smtp_code=this.smtp_code,
         permanent_failure=bool(newly_failed) or gave_up,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What the steps of :func:`after_attempt` share about the attempt just made."""
+
+    domain: str
+    result: AttemptResult
+    by_addr: dict[str, RecipientOutcome]
+    number: int  # the unit's attempts, this one included
+    mx: str  # the attempt's summary (history, logs, reports)
+    code: int | None
+    text: str
+    now: float
+    wants_dsn: bool
+
+    @property
+    def smtp_code(self) -> str:
+        return "" if self.code is None else str(self.code)
+
+    def status_of(self, address: str, default: str) -> str:
+        o = self.by_addr.get(address)
+        return o.enhanced if o is not None and o.enhanced else default
+
+
+def _recipients_after(unit: UnitState, this: _Attempt) -> tuple[UnitState, list[RecipientOutcome]]:
+    """Per recipient: 2xx delivered, 5xx failed (returned, for the DSN), 4xx pending; the
+    attempt counted and recorded in the history."""
+    recipients: list[RecipientState] = []
+    newly_failed: list[RecipientOutcome] = []
+    for r in unit.recipients:
+        o = this.by_addr.get(r.address)
+        if o is None or r.status is not RcptStatus.PENDING:
+            recipients.append(r)
+        elif o.delivered:
+            recipients.append(RecipientState(r.address, RcptStatus.DELIVERED, o.code, o.text))
+        elif o.permanent:
+            recipients.append(RecipientState(r.address, RcptStatus.FAILED, o.code, o.diagnostic))
+            newly_failed.append(o)
+        else:
+            recipients.append(RecipientState(r.address, RcptStatus.PENDING, o.code, o.diagnostic))
+    all_delivered = all(o.delivered for o in this.result.outcomes)
+    new = replace(
+        unit,
+        recipients=tuple(recipients),
+        attempts=this.number,
+        last_error="" if all_delivered else this.text,
+    ).with_attempt(Attempt(this.now, this.mx, this.code, this.text))
+    return new, newly_failed
+
+
+def _delivered(this: _Attempt) -> list[LogEvent]:
+    delivered = [o for o in this.result.outcomes if o.delivered]
+    if not delivered:
+        return []
+    fields = {
+        "domain": this.domain,
+        "mx": this.mx,
+        "smtp_code": str(delivered[0].code or ""),
+        "attempt": this.number,
+        "recipients": len(delivered),
+        **_connection_fields(this.result),
+        "audit": True,
+    }
+    return [LogEvent(Severity.INFO, "Delivered", fields)]
+
+
+def _failed(this: _Attempt, o: RecipientOutcome) -> LogEvent:
+    fields = {
+        "domain": this.domain,
+        "recipient": o.address,
+        "mx": o.mx,
+        "smtp_code": "" if o.code is None else str(o.code),
+        "dsn": o.enhanced,
+        "attempt": this.number,
+        "error": o.diagnostic,
+        "audit": True,
+    }
+    return LogEvent(Severity.ERROR, "Delivery failed permanently", fields)
+
+
+def _give_up(
+    this: _Attempt, unit: UnitState, *, expired: bool
+) -> tuple[UnitState, DsnReport | None, LogEvent]:
+    """``max_attempts`` (failed) or the deadline (expired): every pending recipient fails."""
+    pending = unit.pending_recipients()
+    reason = "message expired" if expired else f"gave up after {this.number} attempts"
+    error = f"{reason}: {this.text}"
+    new = _fail_pending(unit, UnitStatus.EXPIRED if expired else UnitStatus.FAILED, error, this.now)
+    dsn = None
+    if this.wants_dsn:
+        reports = tuple(
+            RecipientReport(
+                a,
+                DsnAction.FAILED,
+                _permanent(this.status_of(a, "4.4.7")),
+                this.mx,
+                diagnostic_code(this.code, this.text),
+                this.now,
+            )
+            for a in pending
+        )
+        dsn = DsnReport(DsnKind.EXPIRED if expired else DsnKind.EXHAUSTED, reports)
+    fields = {
+        "domain": this.domain,
+        "mx": this.mx,
+        "smtp_code": this.smtp_code,
+        "attempt": this.number,
+        "error": error,
+        "audit": True,
+    }
+    return new, dsn, LogEvent(Severity.ERROR, "Delivery gave up", fields)
+
+
+def _defer(
+    this: _Attempt, unit: UnitState, at: float, *, warn: bool, until: float
+) -> tuple[UnitState, DsnReport | None, LogEvent]:
+    """Retry at ``at``; with ``warn``, the one delay warning (its status stays 4.x.x)."""
+    new = replace(unit, status=UnitStatus.RETRY, next_attempt_at=at)
+    fields = {
+        "domain": this.domain,
+        "mx": this.mx,
+        "smtp_code": this.smtp_code,
+        "attempt": this.number,
+        "error": this.text,
+        "retry_in_s": round(at - this.now, 1),
+        **_connection_fields(this.result),
+    }
+    event = LogEvent(Severity.WARN, "Delivery deferred", fields)
+    if not warn:
+        return new, None, event
+    new = replace(new, delay_warned=True)
+    if not this.wants_dsn:
+        return new, None, event
+    reports = tuple(
+        RecipientReport(
+            a,
+            DsnAction.DELAYED,
+            _transient(this.status_of(a, "4.0.0")),
+            this.mx,
+            diagnostic_code(this.code, this.text),
+            this.now,
+            will_retry_until=until,
+        )
+        for a in new.pending_recipients()
+    )
+    return new, DsnReport(DsnKind.DELAYED, reports), event
 
 
 def expire(
@@ -384,10 +421,6 @@ def _connection_fields(result: AttemptResult) -> dict[str, str]:
         "tls": result.tls_version or "none",
         "tls_cipher": result.tls_cipher,
     }
-
-
-def _enhanced(o: RecipientOutcome | None, default: str) -> str:
-    return o.enhanced if o is not None and o.enhanced else default
 
 
 def _permanent(status: str) -> str:
