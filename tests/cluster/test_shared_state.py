@@ -147,6 +147,28 @@ def test_connection_leases_cap_the_cluster_and_expire_after_a_crash(
     run(go)
 
 
+def test_a_refused_lease_marks_the_domain_contended_for_its_holders(
+    redis_server: RedisServer,
+) -> None:
+    """Holders reuse their leases until another node is refused one; then old ones go back."""
+
+    async def go() -> None:
+        a, b = node(redis_server.url, "a"), node(redis_server.url, "b")
+        assert not a.try_acquire_connection("c.test", 1)
+        await settle(a, b)
+        assert a.try_acquire_connection("c.test", 1)
+        _, contended = await a.backend.read_breakers(["c.test"])
+        assert set() == contended
+        assert not b.try_acquire_connection("c.test", 1)
+        await settle(a, b)
+        assert not b.try_acquire_connection("c.test", 1)  # refused: a holds the only one
+        _, contended = await a.backend.read_breakers(["c.test"])
+        assert {"c.test"} == contended
+        await shut(a, b)
+
+    run(go)
+
+
 def test_a_trip_is_shared_and_exactly_one_node_probes(redis_server: RedisServer) -> None:
     """Failures from two nodes trip the breaker once; of three nodes one gets the probe."""
     settings = BreakerSettings(failure_threshold=3, failure_window_s=60, timeout_s=0.3)
@@ -161,12 +183,12 @@ def test_a_trip_is_shared_and_exactly_one_node_probes(redis_server: RedisServer)
             n.breaker_failure("b.test", 0)
             await settle(*nodes)
         assert [(BreakerState.CLOSED, BreakerState.OPEN)] == [(t.old, t.new) for t in seen]
-        records = await c.backend.read_breakers()
+        records, _ = await c.backend.read_breakers()
         c.apply_breakers(records, time.monotonic())
         assert isinstance(c.breaker_allow("b.test"), Deny)  # c never failed, c is stopped
         await asyncio.sleep(0.35)
         for n in nodes:
-            n.apply_breakers(await n.backend.read_breakers(), time.monotonic())
+            n.apply_breakers((await n.backend.read_breakers())[0], time.monotonic())
             assert isinstance(n.breaker_allow("b.test"), Deny)  # asks for the probe
         await settle(*nodes)
         decisions = [n.breaker_allow("b.test") for n in nodes]

@@ -92,6 +92,9 @@ class RedisBackend:
     def conn_key(self, domain: str) -> str:
         return f"{self.prefix}conn:{domain}"
 
+    def wait_key(self, domain: str) -> str:
+        return f"{self.prefix}wait:{domain}"
+
     @property
     def breakers_key(self) -> str:
         return f"{self.prefix}breakers"
@@ -144,7 +147,7 @@ class RedisBackend:
         """How many of ``members`` became leases (a prefix of the list)."""
         added = await self._call(
             self._acquire_slots(
-                keys=[self.conn_key(domain)],
+                keys=[self.conn_key(domain), self.wait_key(domain)],
                 args=[max_connections, int(ttl_s * 1000), *members],
             )
         )
@@ -204,11 +207,17 @@ class RedisBackend:
         )
         return bool(int(closed))
 
-    async def read_breakers(self) -> dict[str, BreakerRecord]:
-        raw = await self._call(self._read_breakers(keys=[self.breakers_key]))
+    async def read_breakers(
+        self, held_domains: Sequence[str] = ()
+    ) -> tuple[dict[str, BreakerRecord], set[str]]:
+        """Every non-Closed breaker, and which of ``held_domains`` are contended."""
+        keys = [self.breakers_key, *(self.wait_key(d) for d in held_domains)]
+        raw = await self._call(self._read_breakers(keys=keys))
         now = int(raw[0])
+        n = len(held_domains)
+        contended = {d for d, flag in zip(held_domains, raw[1 : 1 + n], strict=True) if flag}
         out: dict[str, BreakerRecord] = {}
-        for i in range(1, len(raw) - 1, 2):
+        for i in range(1 + n, len(raw) - 1, 2):
             domain = raw[i].decode() if isinstance(raw[i], bytes) else str(raw[i])
             st = json.loads(raw[i + 1])
             open_left = max(0.0, (float(st.get("u", 0)) - now) / 1000.0)
@@ -217,7 +226,7 @@ class RedisBackend:
             if st.get("p"):
                 probe_left = max(0.0, (float(st.get("pu", 0)) - now) / 1000.0)
             out[domain] = BreakerRecord(half, 0.0 if half else open_left, probe_left)
-        return out
+        return out, contended
 
     async def heartbeat(
         self,

@@ -13,7 +13,9 @@ reading the time inside a script is allowed.  Keys:
   of Open (ms), ``p`` the probe's token ("" = none), ``pu`` the probe's deadline
   (ms), ``n`` probe successes so far;
 * ``<prefix>bfail:<domain>`` — a sorted set of recent temporary failures
-  (score = ms), while Closed.
+  (score = ms), while Closed;
+* ``<prefix>wait:<domain>`` — set for 2 s when a node was refused a lease: the
+  domain is *contended*, so holders give old leases back instead of reusing them.
 
 GCRA (the generic cell rate algorithm) is a token bucket kept as one number:
 with emission interval ``T = 1/rate`` and room for ``burst`` tokens, ``k``
@@ -54,8 +56,10 @@ return {got, 0}
 """
 )
 
-# KEYS[1] conn key.  ARGV: max, ttl_ms, member1, member2, ...
-# Adds as many of the members as fit under max; returns how many were added.
+# KEYS[1] conn key, KEYS[2] the domain's "someone waits" key.
+# ARGV: max, ttl_ms, member1, member2, ...
+# Adds as many of the members as fit under max; returns how many were added.  A
+# refusal marks the domain contended for 2 s, so holders stop reusing old leases.
 ACQUIRE_SLOTS: Final = (
     _NOW_US
     + """
@@ -69,6 +73,7 @@ for i = 3, #ARGV do
   added = added + 1
 end
 if added > 0 then redis.call('PEXPIRE', KEYS[1], ttl * 2) end
+if added < #ARGV - 2 then redis.call('SET', KEYS[2], '1', 'PX', 2000) end
 return added
 """
 )
@@ -177,11 +182,14 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
 return 0
 """
 
-# KEYS[1] breakers hash.  Returns {now_ms, field1, value1, ...}.
+# KEYS[1] breakers hash, KEYS[2..] "someone waits" keys of the domains whose leases
+# this node holds.  Returns {now_ms, flag per wait key (1 = contended), field1,
+# value1, ...}.
 READ_BREAKERS: Final = (
     _NOW_US
     + """
 local out = {now}
+for k = 2, #KEYS do out[#out + 1] = redis.call('EXISTS', KEYS[k]) end
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all do out[#out + 1] = all[i] end
 return out

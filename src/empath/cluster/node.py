@@ -4,7 +4,7 @@ One task, ticking every :data:`TICK_S`:
 
 * while Redis answers: refresh the breaker mirror (every tick, so a breaker
   opened by another node stops this one within a second), give idle reserved
-  leases back, renew held leases every ``lease_secs / 3``, and write the node's
+  leases back, renew held leases every ``lease_secs / 4``, and write the node's
   heartbeat (queue sizes, in-flight deliveries, fallback flag) every
   ``heartbeat_secs``, learning the number of live nodes from it;
 * in fallback: ping Redis every tick; the first answer ends the fallback (after
@@ -125,7 +125,7 @@ class ClusterNode:
                     continue
                 await self._refresh_breakers()
                 self.state.sweep()
-                if now - last_renew >= self.lease_s / 3:
+                if now - last_renew >= self.lease_s / 4:
                     last_renew = now
                     await self.backend.renew_slots(self.state.held_leases(), self.lease_s)
                 if now - last_beat >= self.heartbeat_s:
@@ -141,8 +141,9 @@ class ClusterNode:
 
     async def _refresh_breakers(self) -> None:
         asked_at = time.monotonic()
-        records = await self.backend.read_breakers()
+        records, contended = await self.backend.read_breakers(list(self.state.held_leases()))
         self.state.apply_breakers(records, asked_at)
+        self.state.contended = contended
 
     async def _heartbeat(self) -> None:
         fields = {

@@ -20,8 +20,10 @@ that line (``waker(domain)``, wired to the runner) whatever its result.
   ``max_connections`` holds cluster-wide and a dead node's leases come back
   within ``lease_secs``.  A finished delivery keeps its lease in a small local
   *reserve* for :data:`RESERVE_IDLE_S` so the next unit of the domain reuses it
-  without a round trip (as a connection pool would), but never beyond
-  :data:`LEASE_REUSE_S` after it was taken, so other nodes get their turn.
+  without a round trip (as a connection pool would); while another node waits
+  for a lease of that domain (it was refused one in the last 2 s: *contended*),
+  a lease older than :data:`LEASE_REUSE_S` is not reused but given back, so
+  other nodes get their turn.
   The reserve also covers the pooled connection's idle life: in cluster mode
   the outbound pool closes idle connections after :data:`POOL_IDLE_S`, before
   the lease goes back, so the peer never sees more than ``max_connections``
@@ -199,6 +201,7 @@ class SharedPolicyState:
         self.fallback_entries = 0
         self._local: LocalPolicyState | None = None
         self._epoch = 0  # + 1 at each return from fallback
+        self.contended: set[str] = set()  # domains another node waits for (node loop)
 
     # -- wiring -----------------------------------------------------------------
 
@@ -303,7 +306,10 @@ class SharedPolicyState:
         now = self._mono()
         if d.tokens > 0 and now < d.tokens_expire:
             d.tokens -= 1
-            if d.tokens * 2 < batch_size(limit) and not d.asking_tokens:
+            batch = batch_size(limit)
+            # refill a fast domain's batch ahead of need; a slow domain (batch 1) asks
+            # when a unit wants to go, so no token is taken just to expire unused
+            if batch > 1 and d.tokens * 2 < batch and not d.asking_tokens:
                 self._ask_tokens(domain, d, limit)
             return GRANTED
         d.tokens = 0
@@ -338,7 +344,7 @@ class SharedPolicyState:
             self._ask_tokens(domain, d, limit)
         if len(d.in_use) >= max_connections:
             return False
-        usable = self._usable_reserve(d, now)
+        usable = self._usable_reserve(d, now, domain in self.contended)
         if usable is None:
             if not d.asking_slots and now >= d.slot_retry_at:
                 self._ask_slots(domain, d, max_connections)
@@ -350,10 +356,12 @@ class SharedPolicyState:
         return True
 
     @staticmethod
-    def _usable_reserve(d: _Domain, now: float) -> int | None:
-        """Index of the newest reserved lease young enough to be reused, or None."""
+    def _usable_reserve(d: _Domain, now: float, contended: bool) -> int | None:
+        """Index of the newest reserved lease that may be reused, or None: any lease,
+        unless another node waits for one (then only those younger than
+        :data:`LEASE_REUSE_S`; the old ones go back at the next sweep)."""
         for i in range(len(d.reserve) - 1, -1, -1):
-            if now - d.reserve[i][0].taken_at < LEASE_REUSE_S:
+            if not contended or now - d.reserve[i][0].taken_at < LEASE_REUSE_S:
                 return i
         return None
 
