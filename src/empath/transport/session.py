@@ -238,6 +238,9 @@ class SmtpSession(asyncio.Protocol):
         self._flow()
 
     def resume_writing(self) -> None:
+        # the client drained our replies: progress, like a read (a slow reader of a
+        # long pipelined batch is not timed out while it keeps reading)
+        self._last_read = self._rt.loop.time()
         self._write_paused = False
         self._flow()
 
