@@ -10,7 +10,8 @@ import pytest
 
 from empath.cli import output
 from empath.config.load import discover_config_path
-from empath.control.client import Unreachable, config_path, discover_socket
+from empath.config.ron import parse, to_python
+from empath.control.client import Unreachable, config_path, discover_socket, scan_control_socket
 from empath.control.protocol import (
     MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
@@ -122,3 +123,38 @@ def test_empathctl_finds_the_config_the_daemon_would_use(
     )
     with pytest.raises(Unreachable):
         discover_socket(None, str(tmp_path / "missing.ron"), {})
+
+
+SCAN_CASES = [
+    ('Empath ( control_socket: "/run/a.sock" )', "/run/a.sock"),
+    ('( control_socket: "/run/b.sock", hostname: "x.test" )', "/run/b.sock"),
+    ('{ "control_socket": "/run/c.sock" }', "/run/c.sock"),
+    ('Empath ( // control_socket: "/no.sock"\n  control_socket: "/run/d.sock" )', "/run/d.sock"),
+    ('Empath ( /* control_socket: "/x" /* nested */ */ control_socket : "/run/e" )', "/run/e"),
+    ('Empath ( delivery: ( control_socket: "/deep" ), hostname: "a.test" )', None),
+    ('Empath ( hostname: "control_socket: \\"/x\\"" )', None),
+    ('Empath ( my_control_socket_x: 1, control_socket: "/run/f" )', "/run/f"),
+    ('Empath ( hostname: "a.test" )', None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), SCAN_CASES)
+def test_the_socket_scanner_agrees_with_the_ron_reader(text: str, expected: str | None) -> None:
+    found = scan_control_socket(text)
+    assert expected == found
+    tree = to_python(parse(text))
+    assert tree.get("control_socket") == found or "deep" in text or "my_control" in text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Empath ( control_socket: Some("/run/s") )',
+        'Empath ( control_socket: r"/run/raw" )',
+        'Empath ( control_socket: "/run/\\u{41}" )',
+        'Empath ( control_socket: "unterminated',
+    ],
+)
+def test_the_socket_scanner_defers_to_the_reader_when_unsure(text: str) -> None:
+    assert scan_control_socket(text) is not None
+    assert not isinstance(scan_control_socket(text), str)

@@ -74,26 +74,114 @@ def discover_socket(
         return SocketChoice(cli_socket, "--socket")
     if env.get(SOCKET_ENV_VAR):
         return SocketChoice(env[SOCKET_ENV_VAR], f"${SOCKET_ENV_VAR}")
-    # Only the RON reader, not the schema (empath.config.load): it is what an operator
-    # waits for on every command, and a file broken elsewhere (mid-edit, before
-    # `config reload`) still names the socket.
-    from empath.config.ron import parse, to_python
-    from empath.errors import ConfigError
-
     path = config_path(cli_config, env)
     if path is None:
         return SocketChoice(DEFAULT_SOCKET, "the default (no config file found)")
     try:
         text = path.read_text(encoding="utf-8")
-        tree = to_python(parse(text, file=str(path)))
-    except (OSError, UnicodeDecodeError, ConfigError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise Unreachable(f"cannot find the control socket: {exc}; {HOW_TO_SET}") from None
-    value = tree.get("control_socket") if isinstance(tree, dict) else None
+    # Not the schema (empath.config.load): a file broken elsewhere (mid-edit, before
+    # `config reload`) still names the socket, and this runs before every command.
+    value = scan_control_socket(text)
+    if value is _UNSURE:
+        from empath.config.ron import parse, to_python
+        from empath.errors import ConfigError
+
+        try:
+            tree = to_python(parse(text, file=str(path)))
+        except ConfigError as exc:
+            raise Unreachable(f"cannot find the control socket: {exc}; {HOW_TO_SET}") from None
+        value = tree.get("control_socket") if isinstance(tree, dict) else None
     if value is None:
         return SocketChoice(DEFAULT_SOCKET, f"the default (no control_socket in {path})")
     if not isinstance(value, str) or not value:
         raise Unreachable(f"control_socket in {path} is not a path; {HOW_TO_SET}")
     return SocketChoice(value, f"control_socket in {path}")
+
+
+_UNSURE: Final = object()
+_OPEN: Final = frozenset("([{")
+_CLOSE: Final = frozenset(")]}")
+
+
+def scan_control_socket(text: str) -> object:
+    """The top-level ``control_socket`` string of a RON config, read without the RON
+    module (start-up time): None when the key is absent, :data:`_UNSURE` for anything
+    but a plain ``control_socket: "..."`` (the caller then uses the real reader).
+
+    Skips ``//`` and (nested) ``/* */`` comments and strings, and tracks bracket
+    depth: only a key at depth 1 (inside the top-level struct) counts.
+    """
+    i, n, depth = 0, len(text), 0
+    while i < n:
+        c = text[i]
+        if c == "/" and text.startswith("//", i):
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif c == "/" and text.startswith("/*", i):
+            nest, i = 1, i + 2
+            while i < n and nest:
+                if text.startswith("/*", i):
+                    nest, i = nest + 1, i + 2
+                elif text.startswith("*/", i):
+                    nest, i = nest - 1, i + 2
+                else:
+                    i += 1
+        elif c == '"':
+            end = _string_end(text, i)
+            if end < 0:
+                return _UNSURE
+            key = text[i + 1 : end - 1]
+            i = end
+            if depth == 1 and key == "control_socket":
+                return _value_after(text, i)
+        elif c in _OPEN:
+            depth += 1
+            i += 1
+        elif c in _CLOSE:
+            depth -= 1
+            i += 1
+        elif c == "r" and text.startswith(('r"', "r#"), i):
+            return _UNSURE  # raw strings: leave them to the real reader
+        elif depth == 1 and text.startswith("control_socket", i) and not _word(text, i - 1):
+            end = i + len("control_socket")
+            if not _word(text, end):
+                return _value_after(text, end)
+            i = end
+        else:
+            i += 1
+    return None
+
+
+def _word(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")
+
+
+def _string_end(text: str, i: int) -> int:
+    """Index just past the string starting at ``text[i] == '"'``; -1 if unterminated."""
+    j = i + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+        elif text[j] == '"':
+            return j + 1
+        else:
+            j += 1
+    return -1
+
+
+def _value_after(text: str, i: int) -> object:
+    """The plain string after ``: `` at ``i``, else _UNSURE."""
+    rest = text[i:].lstrip()
+    if not rest.startswith(":"):
+        return _UNSURE
+    rest = rest[1:].lstrip()
+    if not rest.startswith('"'):
+        return _UNSURE
+    end = _string_end(rest, 0)
+    value = rest[1 : end - 1] if end > 0 else ""
+    return value if value and "\\" not in value else _UNSURE
 
 
 def config_path(cli_config: str | None, env: Mapping[str, str]) -> Path | None:
