@@ -1,8 +1,10 @@
 """The composition root: config → objects → one running daemon.
 
-Everything long-lived is built here and nowhere else (no module singletons):
-the spool, the delivery policy state, scheduler, DNS router, connection pool and
-runner, the SMTP listeners and the health endpoint.  Signals are wired here too:
+Everything long-lived is built here and nowhere else (no module singletons),
+from the settings ``config/derive.py`` derives: the spool, the delivery policy
+state, scheduler, DNS router, connection pool and runner, the SMTP listeners, the
+control socket and the health endpoint - and the :class:`Supervisor` that owns
+every background task they start.  Signals are wired here too:
 SIGTERM/SIGINT stop gracefully (a second one exits at once; every message that
 got a 250 is already durable, so nothing accepted is lost either way), SIGHUP
 reloads the settings that can change without a restart.

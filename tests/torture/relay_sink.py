@@ -60,6 +60,8 @@ class Sink:
         self._ready.set()
         self._loop.run_forever()
         self._server.close()
+        self._loop.run_until_complete(self._server.wait_closed())
+        self._loop.close()  # else its self-pipe leaks (ResourceWarning, an error under -W error)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         st = self.state
