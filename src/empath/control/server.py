@@ -68,7 +68,7 @@ REQUEST_TIMEOUT_S: Final = 30.0
 IDLE_TIMEOUT_S: Final = 300.0
 WRITE_TIMEOUT_S: Final = 30.0
 MAX_CONNECTIONS: Final = 128
-STREAM_DUTY: Final = 0.1  # share of the loop a streamed reply may take while mail flows
+STREAM_DUTY: Final = 0.05  # share of the loop a streamed reply may take while mail flows
 WRITE_HIGH_WATER: Final = 256 * 1024
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
 
