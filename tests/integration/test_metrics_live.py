@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests import logql
 from tests.daemon import Daemon, Submitter, ThreadedPeer
 from tests.dnsmasq import DnsRecords, dnsmasq
-from tests.helpers import free_port, require_tool
+from tests.helpers import free_port, require_tool, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SENDER = "sender@good.test"
@@ -112,8 +114,13 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
             daemon.wait_log("Circuit breaker OPENED for dead.test")
             daemon.wait_log("Rate limit exceeded", count=2, domain="slow.test")
             daemon.wait_log("Delivery deferred", count=3, domain="dead.test")
+            # one session ends by error: the client resets it after the greeting
+            with socket.create_connection(("127.0.0.1", daemon.smtp_port), timeout=10) as raw:
+                assert raw.recv(1024).startswith(b"220")
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            wait_for(lambda: "empath_smtp_connection_error_rate 0.2" in daemon.http_get("/metrics"))
             scrape = daemon.http_get("/metrics")
-            yield Scenario(daemon, parse_scrape(scrape), scrape, ids, sessions=4)
+            yield Scenario(daemon, parse_scrape(scrape), scrape, ids, sessions=5)
         finally:
             daemon.stop()
 
@@ -178,7 +185,7 @@ def test_smtp_counters(scenario: Scenario) -> None:
     assert float(scenario.sessions) == value(s, "empath_smtp_connections_total", listener=listener)
     assert 0.0 == value(s, "empath_smtp_connections_active", listener=listener)
     assert 13.0 == value(s, "empath_smtp_messages_received_total", listener=listener)
-    assert 0.0 == value(s, "empath_smtp_connection_error_rate")
+    assert 1 / 5 == value(s, "empath_smtp_connection_error_rate")  # the reset session
 
 
 def test_dns_cache_and_lookup_durations(scenario: Scenario) -> None:
