@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from empath.config.checks import system_fqdn
 from empath.config.load import (
     discover_config_path,
     format_key_path,
@@ -29,7 +30,6 @@ from empath.config.model import (
     ListenerExtension,
     TlsFiles,
     split_host_port,
-    system_fqdn,
 )
 from empath.config.ron import dumps
 from empath.errors import ConfigError

@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from empath.config.model import Check, Config, CrossChecked, normalise_domain
+from empath.config.checks import Check, CrossChecked, normalise_domain
+from empath.config.model import Config
 from empath.config.ron import (
     MapValue,
     RonBool,
