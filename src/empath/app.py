@@ -55,7 +55,7 @@ from empath.queue.scheduler import Scheduler
 from empath.spool.store import Spool
 from empath.supervisor import Supervisor
 from empath.transport.listener import SmtpServerGroup
-from empath.transport.outbound import ConnectionPool
+from empath.transport.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from empath.cluster.node import ClusterNode

@@ -10,7 +10,8 @@ from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
-from empath.transport.outbound import ConnectionPool, attempt_cap_s
+from empath.transport.outbound import attempt_cap_s
+from empath.transport.pool import ConnectionPool
 
 BODY = b"Subject: drip\r\n\r\nhello\r\n"
 

@@ -21,7 +21,7 @@ from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.clock import FakeClock
 from empath.testing.scripted_peer import ScriptedPeer, read_records
-from empath.transport.outbound import ConnectionPool
+from empath.transport.pool import ConnectionPool
 from tests.helpers import free_port, stop_pid
 
 T = TypeVar("T")

@@ -10,7 +10,8 @@ from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
 from empath.delivery.classify import AttemptResult
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
-from empath.transport.outbound import BodySource, ConnectionPool
+from empath.transport.outbound import BodySource
+from empath.transport.pool import ConnectionPool
 from tests.helpers import free_port
 from tests.sink import SmtpSink
 

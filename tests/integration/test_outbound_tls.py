@@ -16,7 +16,7 @@ from empath.delivery.classify import AttemptResult
 from empath.errors import TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
-from empath.transport.outbound import ConnectionPool
+from empath.transport.pool import ConnectionPool
 
 T = TypeVar("T")
 BODY = b"Subject: tls\r\n\r\nsecret\r\n"

@@ -60,12 +60,12 @@ from empath.smtp.replies import Reply
 from empath.spool.model import Envelope
 from empath.transport.outbound import (
     BodySource,
-    ConnectionPool,
     OutboundConnection,
     PoolKey,
     TlsMode,
     tls_mode_for,
 )
+from empath.transport.pool import ConnectionPool
 
 log = get_logger("delivery", __name__)
 

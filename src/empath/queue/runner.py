@@ -64,7 +64,8 @@ from empath.queue.scheduler import (
 from empath.spool.model import MessageState, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
 from empath.supervisor import Spawn
-from empath.transport.outbound import BodySource, ConnectionPool
+from empath.transport.outbound import BodySource
+from empath.transport.pool import ConnectionPool
 
 log = get_logger("delivery", __name__)
 
