@@ -608,6 +608,10 @@ class SharedPolicyState:
         if d is None or self._local is not None or d.asking_slots:
             return
         if self._mono() - d.demand_at < DEMAND_S and not d.reserve:
+            # The retry time has come, whatever the clock says: a timer may fire a hair
+            # before it, and a "not yet" then would end the polling until the
+            # scheduler's own re-check seconds later.
+            d.slot_retry_at = 0.0
             self._wake(domain)  # the scheduler asks again (and so do we)
 
     async def _release(self, members: list[str], domain: str) -> None:
