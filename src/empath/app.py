@@ -42,7 +42,6 @@ from empath.observability.logs import (
 )
 from empath.observability.metrics import (
     EmpathCollector,
-    MetricsSettings,
     build_registry,
     renderer,
     summarise_queue,
@@ -100,16 +99,8 @@ class App:
             rng=random.Random(),
             own=OwnListeners((lc.host, lc.port) for lc in config.smtp_controller.listeners),
         )
-        # Cluster mode: a connection lease must outlive the pooled connection, so idle
-        # connections close quickly (see empath.cluster.state, POOL_IDLE_S).
-        pool_idle_s = 10.0
-        if config.cluster is not None:
-            from empath.cluster.state import POOL_IDLE_S
-
-            pool_idle_s = POOL_IDLE_S
         self.pool = ConnectionPool(
-            max_per_key=settings.pool_max_per_key,
-            idle_timeout_s=pool_idle_s,
+            settings.pool,
             clock=self.clock,
             spawn=self.supervisor.spawn,
         )
@@ -137,9 +128,7 @@ class App:
             redact_sender=config.audit.redact_sender,
         )
         self.metrics = EmpathCollector(
-            settings=MetricsSettings(
-                config.metrics.max_domain_cardinality, config.metrics.rate_window_secs
-            ),
+            settings=settings.metrics,
             clock=self.clock,
             queue=self.spool,
             in_flight=self.runner.in_flight_keys,

@@ -17,6 +17,7 @@ from empath.cluster.state import SharedPolicyState, batch_size, scaled
 from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Deny, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
 from empath.policy.state import PolicySettings
+from empath.testing.settings import breaker_settings
 from tests.helpers import free_port
 from tests.redis_server import RedisServer
 
@@ -52,7 +53,7 @@ def node(
         RedisBackend(url, "t:", 0.5),
         node_id=name,
         instance=name,
-        settings=PolicySettings(breaker or BreakerSettings(), rate, {}),
+        settings=PolicySettings(breaker or breaker_settings(), rate, {}),
         lease_s=1.0,
         on_transition=None if transitions is None else transitions.append,
     )
@@ -171,7 +172,7 @@ def test_a_refused_lease_marks_the_domain_contended_for_its_holders(
 
 def test_a_trip_is_shared_and_exactly_one_node_probes(redis_server: RedisServer) -> None:
     """Failures from two nodes trip the breaker once; of three nodes one gets the probe."""
-    settings = BreakerSettings(failure_threshold=3, failure_window_s=60, timeout_s=0.3)
+    settings = breaker_settings(failure_threshold=3, failure_window_s=60, timeout_s=0.3)
     seen: list[Transition] = []
 
     async def go() -> None:

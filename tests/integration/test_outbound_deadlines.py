@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 
 from empath.config.model import SmtpTimeouts
-from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
+from empath.delivery.attempt import Target, attempt_delivery
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
+from empath.testing.settings import attempt_settings, connection_pool
 from empath.transport.outbound import attempt_cap_s
-from empath.transport.pool import ConnectionPool
 
 BODY = b"Subject: drip\r\n\r\nhello\r\n"
 
@@ -66,8 +66,8 @@ def test_a_dripped_reply_times_out_at_its_phase_deadline() -> None:
         talked: list[float] = []
         server = await dripping_peer(b"EHLO", 0.1, talked)
         port = server.sockets[0].getsockname()[1]
-        pool = ConnectionPool()
-        settings = AttemptSettings("relay.test", timeouts=SmtpTimeouts(ehlo_secs=0.8))
+        pool = connection_pool()
+        settings = attempt_settings(timeouts=SmtpTimeouts(ehlo_secs=0.8))
         try:
             result = await attempt_delivery(
                 [Target("mx.test", port, ("127.0.0.1",))],
@@ -96,12 +96,12 @@ def test_the_attempt_cap_ends_a_transaction_of_prompt_but_slow_replies() -> None
     async def scenario() -> None:
         rcpts = tuple(f"r{i}@x.test" for i in range(5))
         async with ScriptedPeer({"delay_secs": {"rcpt": 0.4}}) as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             timeouts = SmtpTimeouts(rcpt_to_secs=2.0, attempt_secs=1.2)
             result = await attempt_delivery(
                 [Target("mx.test", peer.port, ("127.0.0.1",))],
                 Envelope("s@a.test", rcpts, 0.0, size=len(BODY)),
-                rcpts, BODY, settings=AttemptSettings("relay.test", timeouts=timeouts),
+                rcpts, BODY, settings=attempt_settings(timeouts=timeouts),
                 pool=pool,
             )  # fmt: skip
             await pool.close_all()
@@ -121,6 +121,6 @@ def test_default_attempt_cap_is_the_sum_of_the_phases() -> None:
 
 def test_pool_repr_says_what_it_holds() -> None:
     """ConnectionPool's repr names its counts and limits."""
-    text = repr(ConnectionPool(max_per_key=3, idle_timeout_s=2.5))
+    text = repr(connection_pool(max_per_key=3, idle_timeout_s=2.5))
     assert "<ConnectionPool keys=0 open=0 idle=0 in_use=0 opened=0 reused=0 max_per_key=3 " \
         "idle_timeout_s=2.5>" == text  # fmt: skip

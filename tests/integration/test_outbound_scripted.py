@@ -21,12 +21,13 @@ from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.clock import FakeClock
 from empath.testing.scripted_peer import ScriptedPeer, read_records
+from empath.testing.settings import attempt_settings, connection_pool
 from empath.transport.pool import ConnectionPool
 from tests.helpers import free_port, stop_pid
 
 T = TypeVar("T")
 BODY = b"From: s@a.test\r\nSubject: hello\r\n\r\n.a line with a leading dot\r\nbye\r\n"
-SETTINGS = AttemptSettings("relay.test")
+SETTINGS = attempt_settings()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -63,7 +64,7 @@ def test_mixed_per_recipient_replies_give_per_recipient_outcomes() -> None:
 
     async def scenario() -> None:
         async with ScriptedPeer(script) as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await deliver(
                 pool,
                 [Target("mx1.test", peer.port, ("127.0.0.1",))],
@@ -95,7 +96,7 @@ def test_all_recipients_rejected_sends_no_data_and_reports_unit_error() -> None:
 
     async def scenario() -> None:
         async with ScriptedPeer(script) as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             target = [Target("mx1.test", peer.port, ("127.0.0.1",))]
             result = await deliver(pool, target, "a@x.test", "b@x.test")
             assert isinstance(result.error, PermanentDeliveryError)
@@ -116,7 +117,7 @@ def test_all_recipients_rejected_sends_no_data_and_reports_unit_error() -> None:
 def test_failover_to_second_target_when_first_refuses_connections() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             dead = Target("mx1.test", free_port(), ("127.0.0.1",))
             live = Target("mx2.test", peer.port, ("127.0.0.1",))
             result = await deliver(pool, [dead, live], "a@x.test")
@@ -133,7 +134,7 @@ def test_failover_to_second_target_when_first_refuses_connections() -> None:
 def test_every_address_of_a_target_is_tried_in_order() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:  # listens on 127.0.0.1 only
-            pool = ConnectionPool()
+            pool = connection_pool()
             target = Target("mx1.test", peer.port, ("127.0.0.2", "127.0.0.1"))
             result = await deliver(pool, [target], "a@x.test")
             await pool.close_all()
@@ -150,7 +151,7 @@ def test_failover_to_second_target_when_first_greets_421() -> None:
             ScriptedPeer({"greeting": "421 4.3.2 Service not available"}) as busy,
             ScriptedPeer() as good,
         ):
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await deliver(
                 pool,
                 [
@@ -175,7 +176,7 @@ def test_5xx_greeting_moves_on_and_is_permanent_only_when_every_host_refuses() -
     async def scenario() -> None:
         refuse = {"greeting": "554 5.7.1 No SMTP service here"}
         async with ScriptedPeer(refuse) as a, ScriptedPeer(refuse) as b:
-            pool = ConnectionPool()
+            pool = connection_pool()
             targets = [
                 Target("mx1.test", a.port, ("127.0.0.1",)),
                 Target("mx2.test", b.port, ("127.0.0.1",)),
@@ -198,7 +199,7 @@ def test_5xx_greeting_moves_on_and_is_permanent_only_when_every_host_refuses() -
 def test_connection_is_reused_for_following_messages() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             target = [Target("mx1.test", peer.port, ("127.0.0.1",))]
             results = [await deliver(pool, target, f"r{i}@x.test") for i in range(25)]
             await pool.close_all()
@@ -216,7 +217,7 @@ def test_connection_is_reused_for_following_messages() -> None:
 def test_pool_cap_limits_concurrent_connections_per_key() -> None:
     async def scenario() -> None:
         async with ScriptedPeer({"delay_secs": {"data_end": 0.05}}) as peer:
-            pool = ConnectionPool(max_per_key=2)
+            pool = connection_pool(max_per_key=2)
             target = [Target("mx1.test", peer.port, ("127.0.0.1",))]
             results = await asyncio.gather(
                 *(deliver(pool, target, f"r{i}@x.test") for i in range(8))
@@ -236,7 +237,7 @@ def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
             clock = FakeClock()
-            pool = ConnectionPool(idle_timeout_s=10.0, clock=clock)
+            pool = connection_pool(idle_timeout_s=10.0, clock=clock)
             await deliver(pool, [Target("mx1.test", peer.port, ("127.0.0.1",))], "a@x.test")
             assert 1 == pool.idle_count()
             await clock.run_for(9.9)
@@ -259,7 +260,7 @@ def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
 def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
     async def scenario() -> None:
         port = free_port()
-        pool = ConnectionPool()
+        pool = connection_pool()
         target = [Target("mx1.test", port, ("127.0.0.1",))]
         async with ScriptedPeer(port=port) as first:
             assert (await deliver(pool, target, "a@x.test")).delivered
@@ -277,10 +278,8 @@ def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
 def test_phase_timeout_defers_with_the_phase_named() -> None:
     async def scenario() -> None:
         async with ScriptedPeer({"delay_secs": {"mail": 3.0}}) as peer:
-            pool = ConnectionPool()
-            settings = AttemptSettings(
-                "relay.test", timeouts=SmtpTimeouts(mail_from_secs=0.3, rcpt_to_secs=0.3)
-            )
+            pool = connection_pool()
+            settings = attempt_settings(timeouts=SmtpTimeouts(mail_from_secs=0.3, rcpt_to_secs=0.3))
             result = await deliver(
                 pool,
                 [Target("mx1.test", peer.port, ("127.0.0.1",))],
@@ -303,8 +302,8 @@ def test_greeting_timeout_moves_to_next_target() -> None:
             ScriptedPeer({"delay_secs": {"connect": 3.0}}) as slow,
             ScriptedPeer() as good,
         ):
-            pool = ConnectionPool()
-            settings = AttemptSettings("relay.test", timeouts=SmtpTimeouts(ehlo_secs=0.3))
+            pool = connection_pool()
+            settings = attempt_settings(timeouts=SmtpTimeouts(ehlo_secs=0.3))
             result = await deliver(
                 pool,
                 [
@@ -335,7 +334,7 @@ def test_body_from_an_async_chunk_iterator_is_sent_byte_exact() -> None:
 
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             env = Envelope("s@a.test", ("a@x.test",), 0.0, size=len(body))
             result = await attempt_delivery(
                 [Target("mx1.test", peer.port, ("127.0.0.1",))],
@@ -377,7 +376,7 @@ def test_scripted_peer_runs_as_a_subprocess_and_records_to_a_file(tmp_path: Path
         port = int(line.split()[1])
 
         async def scenario() -> AttemptResult:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await deliver(
                 pool, [Target("mx1.test", port, ("127.0.0.1",))], "ok@x.test", "bad@x.test"
             )
@@ -407,7 +406,7 @@ def test_scripted_reply_lists_are_used_in_order_then_the_last_repeats() -> None:
 
     async def scenario() -> None:
         async with ScriptedPeer(script) as peer:
-            pool = ConnectionPool()
+            pool = connection_pool()
             target = [Target("mx1.test", peer.port, ("127.0.0.1",))]
             first = await deliver(pool, target, "a@x.test", "slow@x.test")
             second = await deliver(pool, target, "a@x.test", "slow@x.test")

@@ -6,17 +6,18 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
-from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
+from empath.delivery.attempt import Target, attempt_delivery
 from empath.delivery.classify import AttemptResult
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
 from empath.spool.model import Envelope
+from empath.testing.settings import attempt_settings, connection_pool
 from empath.transport.outbound import BodySource
 from empath.transport.pool import ConnectionPool
 from tests.helpers import free_port
 from tests.sink import SmtpSink
 
 T = TypeVar("T")
-SETTINGS = AttemptSettings("relay.test")
+SETTINGS = attempt_settings()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -63,7 +64,7 @@ def test_bodies_arrive_byte_exact_with_all_recipients() -> None:
         rcpts = ("one@dst.test", "two@dst.test", "three@dst.test")
 
         async def scenario() -> list[AttemptResult]:
-            pool = ConnectionPool()
+            pool = connection_pool()
             results = []
             for i, body in enumerate(BODIES):
                 source: BodySource = body if i % 2 else chunked(body, 1021)
@@ -89,7 +90,7 @@ def test_connection_reuse_sessions_far_fewer_than_messages() -> None:
         body = b"Subject: reuse\r\n\r\nx\r\n"
 
         async def scenario() -> ConnectionPool:
-            pool = ConnectionPool(max_per_key=4)
+            pool = connection_pool(max_per_key=4)
             sem = asyncio.Semaphore(4)
 
             async def one(i: int) -> AttemptResult:
@@ -114,7 +115,7 @@ def test_soft_rejected_recipients_are_temporary() -> None:
     with SmtpSink(soft_reject=("RCPT",)) as sink:
 
         async def scenario() -> AttemptResult:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await send(
                 pool,
                 [Target("sink.test", sink.port, ("127.0.0.1",))],
@@ -137,7 +138,7 @@ def test_hard_rejected_mail_is_permanent_for_every_recipient() -> None:
     with SmtpSink(hard_reject=("MAIL",)) as sink:
 
         async def scenario() -> AttemptResult:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await send(
                 pool,
                 [Target("sink.test", sink.port, ("127.0.0.1",))],
@@ -160,7 +161,7 @@ def test_disconnect_after_data_leaves_recipients_temporary() -> None:
     with SmtpSink(disconnect=(".",)) as sink:
 
         async def scenario() -> AttemptResult:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await send(
                 pool,
                 [Target("sink.test", sink.port, ("127.0.0.1",))],
@@ -182,7 +183,7 @@ def test_failover_from_refusing_target_to_sink() -> None:
     with SmtpSink(dump=True) as sink:
 
         async def scenario() -> AttemptResult:
-            pool = ConnectionPool()
+            pool = connection_pool()
             result = await send(
                 pool,
                 [

@@ -16,6 +16,7 @@ from empath.delivery.classify import AttemptResult
 from empath.errors import TemporaryDeliveryError
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
+from empath.testing.settings import attempt_settings, connection_pool
 from empath.transport.pool import ConnectionPool
 
 T = TypeVar("T")
@@ -52,7 +53,7 @@ def attempt(
     peer: ScriptedPeer, settings: AttemptSettings, host: str = "mx1.test"
 ) -> Coroutine[Any, Any, tuple[AttemptResult, ConnectionPool]]:
     async def go() -> tuple[AttemptResult, ConnectionPool]:
-        pool = ConnectionPool()
+        pool = connection_pool()
         env = Envelope("s@a.test", ("a@x.test",), 0.0, size=len(BODY))
         result = await attempt_delivery(
             [Target(host, peer.port, ("127.0.0.1",))],
@@ -73,7 +74,7 @@ def test_require_tls_delivers_to_a_peer_with_a_certificate_for_the_mx_name(
 ) -> None:
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(ca, "mx1.test")) as peer:
-            settings = AttemptSettings("relay.test", require_tls=True, tls_ca_file=ca_file)
+            settings = attempt_settings(require_tls=True, tls_ca_file=ca_file)
             result, _ = await attempt(peer, settings)
             assert ("a@x.test",) == result.delivered
             assert result.tls
@@ -92,7 +93,7 @@ def test_require_tls_with_a_wrong_name_certificate_defers_with_the_reason(
 ) -> None:
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(ca, "other.test")) as peer:
-            settings = AttemptSettings("relay.test", require_tls=True, tls_ca_file=ca_file)
+            settings = attempt_settings(require_tls=True, tls_ca_file=ca_file)
             result, _ = await attempt(peer, settings)
             assert isinstance(result.error, TemporaryDeliveryError)
             assert ("a@x.test",) == result.temporary
@@ -109,7 +110,7 @@ def test_require_tls_with_an_untrusted_self_signed_certificate_defers(ca_file: s
 
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(other_ca, "mx1.test")) as peer:
-            settings = AttemptSettings("relay.test", require_tls=True, tls_ca_file=ca_file)
+            settings = attempt_settings(require_tls=True, tls_ca_file=ca_file)
             result, _ = await attempt(peer, settings)
             assert ("a@x.test",) == result.temporary
             assert "certificate verify failed: " in result.outcomes[0].text
@@ -121,7 +122,7 @@ def test_require_tls_with_an_untrusted_self_signed_certificate_defers(ca_file: s
 def test_require_tls_when_starttls_is_not_offered_defers_with_the_reason() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:  # no certificate: no STARTTLS offer
-            result, _ = await attempt(peer, AttemptSettings("relay.test", require_tls=True))
+            result, _ = await attempt(peer, attempt_settings(require_tls=True))
             assert ("a@x.test",) == result.temporary
             assert "TLS required but not offered by mx1.test" == result.outcomes[0].text
             assert "4.7.4" == result.outcomes[0].enhanced
@@ -135,7 +136,7 @@ def test_accept_invalid_certs_keeps_tls_mandatory_but_skips_verification(
 ) -> None:
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(ca, "other.test")) as peer:
-            settings = AttemptSettings("relay.test", require_tls=True, accept_invalid_certs=True)
+            settings = attempt_settings(require_tls=True, accept_invalid_certs=True)
             result, _ = await attempt(peer, settings)
             assert ("a@x.test",) == result.delivered
             assert result.tls
@@ -146,7 +147,7 @@ def test_accept_invalid_certs_keeps_tls_mandatory_but_skips_verification(
 def test_opportunistic_tls_is_used_when_offered_without_verifying(ca: trustme.CA) -> None:
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(ca, "whatever.test")) as peer:
-            result, _ = await attempt(peer, AttemptSettings("relay.test"))
+            result, _ = await attempt(peer, attempt_settings())
             assert ("a@x.test",) == result.delivered
             assert result.tls
             assert peer.transactions[0].tls
@@ -157,7 +158,7 @@ def test_opportunistic_tls_is_used_when_offered_without_verifying(ca: trustme.CA
 def test_opportunistic_session_without_offer_stays_plaintext() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
-            result, _ = await attempt(peer, AttemptSettings("relay.test"))
+            result, _ = await attempt(peer, attempt_settings())
             assert ("a@x.test",) == result.delivered
             assert not result.tls
             assert "STARTTLS" not in peer.sessions[0].commands

@@ -22,10 +22,10 @@ from empath.smtp.server import (
     BodyStart,
     Event,
     MessageComplete,
-    ServerConfig,
     SmtpServer,
     StartTls,
 )
+from empath.testing.settings import server_config
 from tests.daemon import Daemon, parked_overrides, read_spool, split_received
 from tests.torture.conftest import figure, pick
 from tests.torture.smtp_inputs import FAKE_ENDS, session_script, splits
@@ -55,8 +55,8 @@ class Driver:
 
     def run(self, script: bytes) -> None:
         server = SmtpServer(
-            ServerConfig(
-                hostname="mx.test", max_message_bytes=20_000, max_recipients=100, tls_available=True
+            server_config(
+                "mx.test", max_message_bytes=20_000, max_recipients=100, tls_available=True
             ),
             lambda d: d != "denied.test",
         )

@@ -36,7 +36,7 @@ def test_every_part_is_the_configs_value() -> None:
         listener.hostname,
     )
     assert (5000, 7) == (listener.max_message_bytes, listener.max_recipients)
-    assert 8 == s.scheduler.max_concurrent_deliveries == s.pool_max_per_key
+    assert 8 == s.scheduler.max_concurrent_deliveries == s.pool.max_per_key
     assert 2 == s.scheduler.max_connections_for("slow.example")
     assert 20 == s.scheduler.max_connections_for("other.example") == DomainConfig().max_connections
     assert {"slow.example": RateLimit(1.0, 1)} == dict(s.policy.rate_overrides)  # 60/minute

@@ -36,7 +36,7 @@ from empath.spool.model import Envelope, RcptStatus, UnitState, UnitStatus, init
 from empath.testing.clock import FakeClock
 
 DOMAIN = "x.test"
-SETTINGS = TransitionSettings(delay_warning_s=4 * 3600)
+SETTINGS = TransitionSettings(delay_warning_s=4 * 3600, dsn_enabled=True)
 MAX_ATTEMPTS = 5
 EXPIRATION_S = 5 * 86400
 

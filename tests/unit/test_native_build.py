@@ -16,7 +16,7 @@ import empath
 import empath.spool.model
 from empath import NativeFinder, native_build, source_digests
 from empath.observability.logs import encode_line
-from empath.policy.breaker import BreakerSettings
+from empath.testing.settings import breaker_settings
 
 SUFFIX = ".cpython-311-x86_64-linux-gnu.so"
 RUNTIME = "abc123__mypyc"
@@ -159,6 +159,6 @@ def test_the_spool_model_stays_interpreted() -> None:
 
 
 def test_log_lines_never_hand_a_dataclass_to_orjson() -> None:
-    settings = BreakerSettings()
+    settings = breaker_settings()
     line = orjson.loads(encode_line({"settings": settings}))
     assert line == {"settings": str(settings)}

@@ -18,6 +18,7 @@ from empath.policy.breaker import (
     states_by_domain,
 )
 from empath.testing.clock import FakeClock
+from empath.testing.settings import breaker_settings
 
 D = "example.com"
 
@@ -249,7 +250,7 @@ def test_prune_forgets_quiet_closed_domains_but_keeps_trip_counts() -> None:
 def test_reconfigure_keeps_open_state() -> None:
     breaker, _clock, _ = make(threshold=2)
     trip(breaker, 2)
-    breaker.reconfigure(BreakerSettings(failure_threshold=10))
+    breaker.reconfigure(breaker_settings(failure_threshold=10))
     assert BreakerState.OPEN == breaker.state(D)
     assert 10 == breaker.settings.failure_threshold
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Transition
+from empath.policy.breaker import Admit, BreakerState, Transition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
 from empath.policy.state import ConnectionSlots, LocalPolicyState, PolicySettings, PolicyState
 from empath.testing.clock import FakeClock
+from empath.testing.settings import breaker_settings
 
 D = "example.com"
 
@@ -16,7 +17,7 @@ def make() -> tuple[LocalPolicyState, FakeClock, list[Transition]]:
     state = LocalPolicyState(
         clock,
         PolicySettings(
-            BreakerSettings(failure_threshold=2),
+            breaker_settings(failure_threshold=2),
             RateLimit(1.0, 2),
             {"fast.org": RateLimit(100.0, 50)},
         ),
@@ -69,6 +70,6 @@ def test_local_state_delegates_breaker_rate_and_connections() -> None:
 
 def test_reconfigure_applies_new_limits() -> None:
     state, _clock, _ = make()
-    state.reconfigure(PolicySettings(BreakerSettings(failure_threshold=9), RateLimit(5.0, 1), {}))
+    state.reconfigure(PolicySettings(breaker_settings(failure_threshold=9), RateLimit(5.0, 1), {}))
     assert RateLimit(5.0, 1) == state.limiter.limit_for("fast.org")
     assert 9 == state.breaker.settings.failure_threshold

@@ -23,6 +23,7 @@ from empath.queue.scheduler import (
     decide,
 )
 from empath.testing.clock import FakeClock
+from empath.testing.settings import breaker_settings
 
 UNLIMITED = RateLimit(math.inf, 1)
 
@@ -42,7 +43,7 @@ class Harness:
         self.policy = LocalPolicyState(
             self.clock,
             PolicySettings(
-                breaker or BreakerSettings(failure_threshold=1, timeout_s=300.0),
+                breaker or breaker_settings(failure_threshold=1, timeout_s=300.0),
                 UNLIMITED,
                 rates or {},
             ),
@@ -174,7 +175,7 @@ def test_two_per_second_domain_holds_while_another_domain_runs_unthrottled() -> 
 
 
 def test_open_breaker_defers_then_lets_exactly_one_probe_and_closes_on_success() -> None:
-    h = Harness(breaker=BreakerSettings(failure_threshold=1, timeout_s=300.0))
+    h = Harness(breaker=breaker_settings(failure_threshold=1, timeout_s=300.0))
     first = h.add("m0")
     assert ["m0"] == h.dispatched()
     h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
@@ -202,7 +203,7 @@ def test_open_breaker_defers_then_lets_exactly_one_probe_and_closes_on_success()
 
 
 def test_probe_failure_reopens_and_units_keep_waiting() -> None:
-    h = Harness(breaker=BreakerSettings(failure_threshold=1, timeout_s=60.0))
+    h = Harness(breaker=breaker_settings(failure_threshold=1, timeout_s=60.0))
     first = h.add("m0")
     h.tick()
     h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
@@ -219,7 +220,7 @@ def test_probe_failure_reopens_and_units_keep_waiting() -> None:
 
 
 def test_permanent_failures_never_trip_the_breaker() -> None:
-    h = Harness(breaker=BreakerSettings(failure_threshold=1))
+    h = Harness(breaker=breaker_settings(failure_threshold=1))
     for i in range(5):
         key = h.add(f"m{i}")
         assert [f"m{i}"] == h.dispatched()
@@ -231,7 +232,9 @@ def test_deferral_returns_everything_it_took() -> None:
     clock = FakeClock()
     policy = LocalPolicyState(
         clock,
-        PolicySettings(BreakerSettings(failure_threshold=1, timeout_s=10.0), RateLimit(1.0, 1), {}),
+        PolicySettings(
+            breaker_settings(failure_threshold=1, timeout_s=10.0), RateLimit(1.0, 1), {}
+        ),
     )
     policy.breaker_failure("a.com", 0)
     clock.advance(10.0)
@@ -360,7 +363,7 @@ def test_property_caps_hold_and_every_unit_is_dispatched_exactly_once(
         cap=cap,
         max_connections=dict.fromkeys(DOMAINS, per_domain),
         rates={"b.com": RateLimit(1.0, 1)},
-        breaker=BreakerSettings(failure_threshold=2, timeout_s=60.0, success_threshold=2),
+        breaker=breaker_settings(failure_threshold=2, timeout_s=60.0, success_threshold=2),
     )
     sched = h.scheduler
     waiting: set[UnitKey] = set()

@@ -22,8 +22,9 @@ from empath.smtp.server import (
     Transaction,
     received_header,
 )
+from empath.testing.settings import server_config
 
-CFG = ServerConfig(hostname="mx.test", max_message_bytes=1000, max_recipients=3, tls_available=True)
+CFG = server_config("mx.test", max_message_bytes=1000, max_recipients=3, tls_available=True)
 
 
 class Harness:
@@ -77,7 +78,7 @@ def test_greeting_and_ehlo_keywords() -> None:
 
 def test_no_starttls_keyword_without_certificate() -> None:
     """STARTTLS is only advertised when TLS is configured."""
-    h = Harness(ServerConfig(hostname="mx.test", max_message_bytes=1000, max_recipients=3))
+    h = Harness(server_config("mx.test", max_message_bytes=1000, max_recipients=3))
     (ehlo,) = h.send(b"EHLO c\r\n")
     assert "STARTTLS" not in ehlo.lines
     assert [454] == h.codes(b"STARTTLS\r\n")
@@ -240,7 +241,7 @@ def test_oversize_data_is_drained_then_refused() -> None:
 
 def test_data_line_too_long_is_refused() -> None:
     """A content line over 1000 octets: 500 5.5.2 after the end of data."""
-    h = Harness(ServerConfig(hostname="mx.test", max_message_bytes=1000, max_recipients=3))
+    h = Harness(server_config("mx.test", max_message_bytes=1000, max_recipients=3))
     h.send(b"EHLO c\r\n")
     replies = h.send(
         b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@ok.example>\r\nDATA\r\n"

@@ -19,8 +19,9 @@ from empath.smtp.server import (
     ServerConfig,
     SmtpServer,
 )
+from empath.testing.settings import server_config
 
-CFG = ServerConfig(hostname="mx.test", max_message_bytes=1_000_000, max_recipients=3, hop_limit=5)
+CFG = server_config("mx.test", max_message_bytes=1_000_000, max_recipients=3, hop_limit=5)
 
 
 class Session:
@@ -165,8 +166,8 @@ def test_relay_denials_and_too_many_recipients_count_as_bad_commands(
 def test_postmaster_is_accepted_from_anyone_and_rewritten(word: bytes) -> None:
     """Defect 8, RFC 5321 §4.5.1: RCPT TO:<postmaster> (no domain, any case) is accepted
     even when relaying is denied, and stored as the dsn.postmaster address."""
-    cfg = ServerConfig(
-        hostname="mx.test",
+    cfg = server_config(
+        "mx.test",
         max_message_bytes=1_000_000,
         max_recipients=100,
         postmaster="hostmaster@ops.example",
@@ -181,9 +182,7 @@ def test_postmaster_is_accepted_from_anyone_and_rewritten(word: bytes) -> None:
 
 def test_postmaster_defaults_to_postmaster_at_hostname() -> None:
     """Without dsn.postmaster the recipient is postmaster@<hostname>."""
-    s = Session(
-        ServerConfig(hostname="mx.test", max_message_bytes=1000, max_recipients=9), allowed=()
-    )
+    s = Session(server_config("mx.test", max_message_bytes=1000, max_recipients=9), allowed=())
     s.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<postmaster>\r\nDATA\r\nhi\r\n.\r\n")
     (done,) = [e for e in s.events if isinstance(e, MessageComplete)]
     assert ("postmaster@mx.test",) == done.transaction.recipients

@@ -23,6 +23,7 @@ from empath.delivery.attempt import AttemptSettings
 from empath.dns.cache import CacheLimits
 from empath.dns.mx import RoutingSettings
 from empath.dns.resolver import DnsSettings
+from empath.observability.metrics import MetricsSettings
 from empath.policy.breaker import BreakerSettings
 from empath.policy.ratelimit import RateLimit, resolve_limits
 from empath.policy.retry import RetryPolicy
@@ -31,6 +32,12 @@ from empath.queue.runner import DomainPolicy, RunnerSettings
 from empath.queue.scheduler import SchedulerSettings
 from empath.smtp.relay import RelayPolicy
 from empath.transport.listener import ListenerSpec
+from empath.transport.pool import PoolSettings
+
+# Idle pooled connections close after this long (not a config key).  In cluster mode
+# a connection lease must outlive the pooled connection, so they close sooner (see
+# empath.cluster.state, POOL_IDLE_S).
+POOL_IDLE_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,8 @@ class Settings:
     routing: RoutingSettings
     retry: RetryPolicy
     runner: RunnerSettings
-    pool_max_per_key: int
+    pool: PoolSettings
+    metrics: MetricsSettings
 
 
 def derive(config: Config, tls_ca_file: str | None = None) -> Settings:
@@ -64,7 +72,10 @@ def derive(config: Config, tls_ca_file: str | None = None) -> Settings:
         routing=routing_settings(config),
         retry=retry_policy(config),
         runner=runner_settings(config, tls_ca_file),
-        pool_max_per_key=max(config.delivery.max_concurrent_deliveries, 1),
+        pool=pool_settings(config),
+        metrics=MetricsSettings(
+            config.metrics.max_domain_cardinality, config.metrics.rate_window_secs
+        ),
     )
 
 
@@ -94,6 +105,15 @@ def listener_spec(
         hop_limit=hop_limit,
         postmaster=postmaster,
     )
+
+
+def pool_settings(config: Config) -> PoolSettings:
+    idle_s = POOL_IDLE_S
+    if config.cluster is not None:
+        from empath.cluster.state import POOL_IDLE_S as CLUSTER_POOL_IDLE_S
+
+        idle_s = CLUSTER_POOL_IDLE_S
+    return PoolSettings(max(config.delivery.max_concurrent_deliveries, 1), idle_s)
 
 
 def policy_settings(config: Config) -> PolicySettings:
@@ -157,6 +177,7 @@ def runner_settings(config: Config, tls_ca_file: str | None) -> RunnerSettings:
         attempt=AttemptSettings(
             hostname=config.hostname,
             timeouts=d.smtp_timeouts,
+            require_tls=False,  # only per domain (DomainPolicy)
             accept_invalid_certs=d.accept_invalid_certs,
             tls_ca_file=tls_ca_file,
         ),

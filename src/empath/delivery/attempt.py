@@ -37,7 +37,7 @@ attempt history.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from empath.config.model import SmtpTimeouts
@@ -95,9 +95,9 @@ class AttemptSettings:
     """What an attempt needs from the config (global merged with the domain's)."""
 
     hostname: str  # our EHLO name
-    timeouts: SmtpTimeouts = field(default_factory=SmtpTimeouts)  # the config's defaults
-    require_tls: bool = False
-    accept_invalid_certs: bool = False
+    timeouts: SmtpTimeouts
+    require_tls: bool
+    accept_invalid_certs: bool
     tls_ca_file: str | None = None  # extra trust anchors (tests, private CAs)
     pool_wait_s: float = 30.0  # longest wait for a free pooled connection
 

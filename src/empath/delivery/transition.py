@@ -86,7 +86,7 @@ class TransitionSettings:
     """The settings a decision needs."""
 
     delay_warning_s: float
-    dsn_enabled: bool = True
+    dsn_enabled: bool
 
 
 @dataclass(frozen=True, slots=True)

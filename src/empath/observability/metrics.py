@@ -84,8 +84,8 @@ class MetricsSource(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
-    max_domain_cardinality: int = 1000
-    rate_window_secs: float = 300.0
+    max_domain_cardinality: int
+    rate_window_secs: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,10 +93,10 @@ _LOG_LEVEL: Final = {  # stdlib logging levels (numbers; nothing is logged here)
 class BreakerSettings:
     """``delivery.circuit_breaker`` (SPEC §2) plus the lost-probe safety net."""
 
-    failure_threshold: int = 5
-    failure_window_s: float = 60.0
-    timeout_s: float = 300.0
-    success_threshold: int = 1
+    failure_threshold: int
+    failure_window_s: float
+    timeout_s: float
+    success_threshold: int
     probe_timeout_s: float = DEFAULT_PROBE_TIMEOUT_S
 
     def __post_init__(self) -> None:

@@ -77,7 +77,6 @@ from empath.smtp.relay import RelayPolicy
 from empath.smtp.replies import Reply
 
 __all__ = [
-    "DEFAULT_HOP_LIMIT",
     "MAX_BAD_COMMANDS",
     "MAX_COMMANDS_PER_TURN",
     "MAX_COMMAND_BYTES",
@@ -101,7 +100,6 @@ __all__ = [
 # command word and the <CRLF> is 512 octets."
 MAX_COMMAND_BYTES: Final = 512
 MAX_BAD_COMMANDS: Final = 10
-DEFAULT_HOP_LIMIT: Final = 50  # SPEC §3; Postfix's hopcount_limit
 # Commands interpreted per feed()/proceed() call: enough for any honest pipelined
 # transaction (RFC 2920 groups), small enough that one call's replies stay a few KiB.
 MAX_COMMANDS_PER_TURN: Final = 100
@@ -162,9 +160,9 @@ class ServerConfig:
     hostname: str
     max_message_bytes: int
     max_recipients: int
-    tls_available: bool = False  # a certificate is configured
-    hop_limit: int = DEFAULT_HOP_LIMIT  # more Received: fields than this → 554 5.4.6
-    postmaster: str = ""  # where RCPT TO:<postmaster> goes; "" → postmaster@<hostname>
+    tls_available: bool  # a certificate is configured
+    hop_limit: int  # more Received: fields than this → 554 5.4.6 (SPEC §3)
+    postmaster: str  # where RCPT TO:<postmaster> goes (the config's postmaster address)
 
 
 _BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
@@ -631,7 +629,7 @@ class SmtpServer:
             # relaying or delivery MUST support the reserved mailbox "postmaster" as a
             # case-insensitive local name."  Accepted from anyone, stored as the
             # dsn.postmaster address so delivery never sees a domain-less recipient.
-            rcpt = self._cfg.postmaster or f"postmaster@{self._cfg.hostname}"
+            rcpt = self._cfg.postmaster
         elif not self._relay_allows(domain_of(rcpt)):
             raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
         if rcpt not in self._rcpts:

@@ -62,7 +62,7 @@ class ListenerSpec:
     name: str  # label for metrics/logs; "" means "host:port"
     reuse_port: bool  # SO_REUSEPORT: several processes share the port (SPEC §11)
     hop_limit: int  # smtp_controller.hop_limit
-    postmaster: str  # dsn.postmaster; "" → postmaster@<hostname>
+    postmaster: str  # Config.postmaster_address
 
     @property
     def label(self) -> str:
@@ -70,6 +70,18 @@ class ListenerSpec:
             return self.name
         host = self.host.strip("[]")
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def server_config(spec: ListenerSpec, *, tls_available: bool) -> ServerConfig:
+    """The SMTP state machine's settings for a session of this listener."""
+    return ServerConfig(
+        hostname=spec.hostname,
+        max_message_bytes=spec.max_message_bytes,
+        max_recipients=spec.max_recipients,
+        tls_available=tls_available,
+        hop_limit=spec.hop_limit,
+        postmaster=spec.postmaster,
+    )
 
 
 class ListenerStats:
@@ -140,14 +152,7 @@ class ListenerRuntime:
         self.ssl_context = ssl_context
         self.audit = audit
         self.show_sender: Callable[[str], str] = _redact if redact_sender else _same
-        self.server_config = ServerConfig(
-            hostname=spec.hostname,
-            max_message_bytes=spec.max_message_bytes,
-            max_recipients=spec.max_recipients,
-            tls_available=ssl_context is not None,
-            hop_limit=spec.hop_limit,
-            postmaster=spec.postmaster,
-        )
+        self.server_config = server_config(spec, tls_available=ssl_context is not None)
         self.stats = ListenerStats()
         self.per_ip: dict[str, int] = {}
         self.sessions: set[SmtpSession] = set()

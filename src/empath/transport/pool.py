@@ -21,6 +21,12 @@ from empath.supervisor import Spawn
 from empath.transport.outbound import OutboundConnection, PoolKey, TlsContexts
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    max_per_key: int  # open connections per key at most (acquirers wait beyond it)
+    idle_timeout_s: float  # an idle connection is closed with QUIT after this long
+
+
 @dataclass(slots=True)
 class PoolStats:
     """Counters for tests and metrics."""
@@ -45,17 +51,16 @@ class ConnectionPool:
 
     def __init__(
         self,
+        settings: PoolSettings,
         *,
-        max_per_key: int = 20,
-        idle_timeout_s: float = 10.0,
         tls_contexts: TlsContexts | None = None,
         clock: Clock | None = None,
         spawn: Spawn | None = None,
     ) -> None:
         """``clock`` times the idle timers (virtual in tests); ``spawn`` starts the
         polite QUITs under the daemon's supervisor (a plain task when None)."""
-        self.max_per_key = max_per_key
-        self.idle_timeout_s = idle_timeout_s
+        self.max_per_key = settings.max_per_key
+        self.idle_timeout_s = settings.idle_timeout_s
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._spawn = spawn
         self.tls_contexts = tls_contexts or TlsContexts()
