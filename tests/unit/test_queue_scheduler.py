@@ -18,12 +18,11 @@ from empath.queue.scheduler import (
     Dispatch,
     Outcome,
     Scheduler,
-    SchedulerSettings,
     WaitForConnection,
     decide,
 )
 from empath.testing.clock import FakeClock
-from empath.testing.settings import breaker_settings
+from empath.testing.settings import breaker_settings, scheduler_settings
 
 UNLIMITED = RateLimit(math.inf, 1)
 
@@ -53,8 +52,11 @@ class Harness:
         self.scheduler = Scheduler(
             self.policy,
             self.clock,
-            SchedulerSettings(cap, lambda d: conns.get(d, 20)),
-            max_units_per_tick=max_units_per_tick,
+            scheduler_settings(
+                max_concurrent_deliveries=cap,
+                max_connections_for=lambda d: conns.get(d, 20),
+                max_units_per_tick=max_units_per_tick,
+            ),
         )
 
     def add(self, mid: str, domain: str = "a.com", delay_s: float = 0.0) -> UnitKey:
@@ -260,7 +262,9 @@ def test_process_now_rechecks_parked_domains() -> None:
     h.add("a0")
     h.add("a1")
     h.tick()
-    h.scheduler.reconfigure(SchedulerSettings(64, lambda d: 5))
+    h.scheduler.reconfigure(
+        scheduler_settings(max_concurrent_deliveries=64, max_connections_for=lambda d: 5)
+    )
     assert ["a1"] == h.dispatched()
 
 

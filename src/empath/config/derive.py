@@ -29,7 +29,12 @@ from empath.policy.ratelimit import RateLimit, resolve_limits
 from empath.policy.retry import RetryPolicy
 from empath.policy.state import PolicySettings
 from empath.queue.runner import DomainPolicy, RunnerSettings
-from empath.queue.scheduler import SchedulerSettings
+from empath.queue.scheduler import (
+    MAX_UNITS_PER_TICK,
+    PARKED_RECHECK_S,
+    PRUNE_INTERVAL_S,
+    SchedulerSettings,
+)
 from empath.smtp.relay import RelayPolicy
 from empath.transport.listener import ListenerSpec
 from empath.transport.pool import PoolSettings
@@ -136,6 +141,9 @@ def scheduler_settings(config: Config) -> SchedulerSettings:
     return SchedulerSettings(
         max_concurrent_deliveries=d.max_concurrent_deliveries,
         max_connections_for=lambda domain: d.domain_config(domain).max_connections,
+        parked_recheck_s=PARKED_RECHECK_S,
+        max_units_per_tick=MAX_UNITS_PER_TICK,
+        prune_interval_s=PRUNE_INTERVAL_S,
     )
 
 

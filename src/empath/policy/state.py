@@ -17,7 +17,7 @@ round trip per call — e.g. lease batches of tokens and connection slots from
 Redis with atomic Lua scripts, mirror breaker states (and take the one probe
 with a ``SET NX PX``), and give unused leases back.  Cross-node changes (a slot
 freed on another node) reach a waiting scheduler through its fallback re-check
-timer (``Scheduler(parked_recheck_s=...)``), not through an event.
+timer (``SchedulerSettings.parked_recheck_s``), not through an event.
 
 Contract of the breaker methods: every :class:`~empath.policy.breaker.Admit`
 obtained from :meth:`PolicyState.breaker_allow` is ended by exactly one of

@@ -149,16 +149,28 @@ class SchedulerStats:
     ready_domains: int
 
 
+# Scheduler knobs that are not config keys (config/derive.py passes them in).
+PARKED_RECHECK_S: Final = 5.0  # a parked domain is looked at again after this at most
+MAX_UNITS_PER_TICK: Final = 10_000  # units decided per tick (the rest: next tick)
+PRUNE_INTERVAL_S: Final = 60.0  # how often idle domain lines are dropped
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
-    """The caps the config sets: deliveries at once, connections per domain."""
+    """The caps the config sets (deliveries at once, connections per domain) and the
+    scheduler's own knobs."""
 
     max_concurrent_deliveries: int
     max_connections_for: Callable[[str], int]
+    parked_recheck_s: float
+    max_units_per_tick: int
+    prune_interval_s: float
 
     def __post_init__(self) -> None:
         if self.max_concurrent_deliveries < 1:
             raise ValueError("max_concurrent_deliveries must be at least 1")
+        if self.parked_recheck_s <= 0 or self.max_units_per_tick < 1:
+            raise ValueError("parked_recheck_s and max_units_per_tick must be positive")
 
 
 class _Line:
@@ -200,20 +212,10 @@ class Scheduler:
         policy: PolicyState,
         clock: Clock,
         settings: SchedulerSettings,
-        *,
-        parked_recheck_s: float = 5.0,
-        max_units_per_tick: int = 10_000,
-        prune_interval_s: float = 60.0,
     ) -> None:
-        if parked_recheck_s <= 0 or max_units_per_tick < 1:
-            raise ValueError("parked_recheck_s and max_units_per_tick must be positive")
         self._policy = policy
         self._clock = clock
-        self._max_concurrent = settings.max_concurrent_deliveries
-        self._max_connections_for = settings.max_connections_for
-        self._parked_recheck_s = parked_recheck_s
-        self._max_units_per_tick = max_units_per_tick
-        self._prune_interval_s = prune_interval_s
+        self._apply(settings)
         self._index: DueIndex[UnitKey] = DueIndex()
         self._timers: DueIndex[str] = DueIndex()  # domain -> monotonic wake-up
         self._lines: dict[str, _Line] = {}
@@ -279,10 +281,16 @@ class Scheduler:
 
     def reconfigure(self, settings: SchedulerSettings) -> None:
         """SIGHUP: new caps; every domain line is re-checked at the next tick."""
-        self._max_concurrent = settings.max_concurrent_deliveries
-        self._max_connections_for = settings.max_connections_for
+        self._apply(settings)
         for domain in list(self._lines):
             self._wake(domain)
+
+    def _apply(self, settings: SchedulerSettings) -> None:
+        self._max_concurrent = settings.max_concurrent_deliveries
+        self._max_connections_for = settings.max_connections_for
+        self._parked_recheck_s = settings.parked_recheck_s
+        self._max_units_per_tick = settings.max_units_per_tick
+        self._prune_interval_s = settings.prune_interval_s
 
     # -- the step ----------------------------------------------------------------
 

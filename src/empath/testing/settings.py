@@ -17,6 +17,7 @@ from empath.config.model import Config, ListenerConfig, SmtpControllerConfig
 from empath.delivery.attempt import AttemptSettings
 from empath.dns.cache import CacheLimits
 from empath.policy.breaker import BreakerSettings
+from empath.queue.scheduler import SchedulerSettings
 from empath.smtp.server import ServerConfig
 from empath.transport.listener import ListenerSpec
 from empath.transport.listener import server_config as _server_config
@@ -70,3 +71,8 @@ def attempt_settings(hostname: str = "relay.test", **changes: Any) -> AttemptSet
 def connection_pool(clock: Clock | None = None, **changes: Any) -> ConnectionPool:
     """A pool with the settings of ``Config()`` (``changes`` applied), timed by ``clock``."""
     return ConnectionPool(replace(_defaults().pool, **changes), clock=clock)
+
+
+def scheduler_settings(**changes: Any) -> SchedulerSettings:
+    """The scheduler settings of ``Config()``, with ``changes`` applied."""
+    return replace(_defaults().scheduler, **changes)
