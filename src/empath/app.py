@@ -171,6 +171,7 @@ class App:
                 config.metrics.endpoint,
                 config.metrics.push_interval_secs,
                 service_instance=config.hostname,
+                clock=self.clock,
             )
 
     def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:

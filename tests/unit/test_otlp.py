@@ -11,7 +11,9 @@ from opentelemetry.sdk.metrics.export import Gauge, Histogram, MetricExportResul
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from empath.clock import SystemClock
 from empath.observability.otlp import OtlpPusher, to_otlp
+from empath.testing.clock import FakeClock, settle
 
 
 class Families:
@@ -60,7 +62,7 @@ def test_a_slow_collector_never_blocks_the_loop_and_pushes_do_not_pile_up() -> N
     async def go() -> None:
         pusher = OtlpPusher(
             registry, "http://127.0.0.1:9/v1/metrics", 15.0, service_instance="t",
-            exporter=exporter,  # type: ignore[arg-type]
+            clock=SystemClock(), exporter=exporter,  # type: ignore[arg-type]
         )  # fmt: skip
         first = asyncio.create_task(pusher.push_once())
         ticks = 0
@@ -73,6 +75,49 @@ def test_a_slow_collector_never_blocks_the_loop_and_pushes_do_not_pile_up() -> N
         exporter.release.set()
         assert await first is True
         assert 1 == exporter.calls
+        await pusher.close()
+
+    asyncio.run(go())
+
+
+class CountingExporter:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def export(self, data: Any, timeout_millis: float = 0) -> MetricExportResult:
+        self.calls += 1
+        return MetricExportResult.SUCCESS
+
+
+def test_the_push_loop_runs_once_per_interval_in_virtual_time() -> None:
+    """The loop waits on the injected clock: no push before the interval, one per
+    interval after it, without any real waiting."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())
+    exporter = CountingExporter()
+    clock = FakeClock()
+
+    async def calls_reach(n: int) -> None:
+        for _ in range(500):  # the export itself runs on a thread: poll, with a bound
+            if exporter.calls >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{exporter.calls} pushes, expected {n}")
+
+    async def go() -> None:
+        pusher = OtlpPusher(
+            registry, "http://127.0.0.1:9/v1/metrics", 15.0, service_instance="t",
+            clock=clock, exporter=exporter,  # type: ignore[arg-type]
+        )  # fmt: skip
+        pusher.start(lambda coro, *, name, essential=False: asyncio.create_task(coro, name=name))
+        await settle()  # the loop is waiting on the clock
+        await clock.run_for(14.0)
+        assert 0 == exporter.calls
+        await clock.run_for(1.0)
+        await calls_reach(1)
+        await clock.run_for(15.0)
+        await calls_reach(2)
+        assert 2 == exporter.calls
         await pusher.close()
 
     asyncio.run(go())

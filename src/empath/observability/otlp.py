@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric as PromMetric
 
 import empath
+from empath.clock import Clock
 from empath.observability.logs import get_logger
 from empath.supervisor import Spawn
 
@@ -134,9 +135,12 @@ class OtlpPusher:
         interval_s: float,
         *,
         service_instance: str,
+        clock: Clock,
         exporter: OTLPMetricExporter | None = None,
     ) -> None:
+        """``clock`` times the push interval (virtual in tests)."""
         self._registry = registry
+        self._clock = clock
         self.endpoint = endpoint
         self.interval_s = interval_s
         timeout_s = max(1.0, min(10.0, interval_s))
@@ -210,7 +214,7 @@ class OtlpPusher:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            await self._clock.sleep(self.interval_s)
             try:
                 await self.push_once()
             except asyncio.CancelledError:
