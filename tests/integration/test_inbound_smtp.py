@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import smtplib
 import socket
 import ssl
@@ -29,6 +30,7 @@ from empath.smtp.replies import Reply, ReplyParser
 from empath.smtp.server import RelayPolicy
 from empath.spool.memory import MemorySpool
 from empath.spool.model import MessageState
+from empath.testing.clock import FakeClock
 from empath.testing.settings import listener_spec
 from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from tests.helpers import free_port, require_tool, wait_for
@@ -62,16 +64,34 @@ class ServerThread:
         *,
         use_uvloop: bool = True,
         spool: MemorySpool | None = None,
+        clock: FakeClock | None = None,
     ) -> None:
+        """With ``clock`` the listeners' timeouts run in virtual time (:meth:`advance`)."""
         self.loop = uvloop.new_event_loop() if use_uvloop else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.spool = spool if spool is not None else MemorySpool()
         self.accepted: list[MessageState] = []
-        self.group = SmtpServerGroup(specs, relay, self.spool, self.accepted.append)
+        self.clock = clock
+        self.group = SmtpServerGroup(specs, relay, self.spool, self.accepted.append, clock=clock)
         self.port = specs[0].port
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 15.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def advance(self, seconds: float) -> None:
+        """Move the virtual clock on the server's loop and let it run what fell due."""
+        clock = self.clock
+        assert clock is not None, "advance() needs a ServerThread built with a FakeClock"
+        self.call(clock.run_for(seconds))
+
+    def advance_until_readable(self, sock: socket.socket, step_s: float) -> None:
+        """Advance ``step_s`` at a time until the server has written to ``sock`` (bytes
+        still in flight when a step runs count from after it: hence the repeats)."""
+        for _ in range(50):
+            self.advance(step_s)
+            if select.select([sock], [], [], 0.1)[0]:
+                return
+        raise AssertionError("the server never answered")
 
     def start(self) -> None:
         self.thread.start()
@@ -384,11 +404,16 @@ def test_ten_bad_commands_get_421_and_close(srv: ServerThread) -> None:
 
 
 def test_idle_timeout_gets_421() -> None:
-    """A silent client is told 421 4.4.2 and disconnected; others are still served."""
-    with serving([spec(command_timeout_s=0.3)]) as s:
+    """A silent client is told 421 4.4.2 and disconnected; others are still served.
+    (Virtual time: the listener's sweeper runs on a FakeClock.)"""
+    with serving([spec(command_timeout_s=30)], clock=FakeClock()) as s:
         with Raw(s.port) as r:
-            got = r.replies(2)
-            assert [(220, ""), (421, "4.4.2")] == [(x.code, x.enhanced) for x in got]
+            assert [220] == r.codes(1)
+            s.advance(29)
+            assert 0 == s.group.stats[spec_label(s)].sessions_errored  # not yet
+            s.advance(2)
+            got = r.replies(1)
+            assert [(421, "4.4.2")] == [(x.code, x.enhanced) for x in got]
             assert r.closed_by_server()
         s.assert_serving()
         assert 1 == s.group.stats[spec_label(s)].sessions_errored
@@ -650,11 +675,13 @@ def test_dual_stack_listener_serves_ipv4_and_ipv6() -> None:
 
 def test_data_block_timeout() -> None:
     """A client that stalls inside DATA is cut off with 421 4.4.2 and nothing is stored."""
-    with serving([spec(data_block_timeout_s=0.3, data_init_timeout_s=0.3)]) as s:
+    timeouts = {"data_block_timeout_s": 60, "data_init_timeout_s": 60}
+    with serving([spec(**timeouts)], clock=FakeClock()) as s:
         with Raw(s.port) as r:
             r.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n")
             assert [220, 250, 250, 250, 354] == r.codes(5)
             r.send(b"Subject: stalled\r\n\r\nhalf a mess")
+            s.advance_until_readable(r.sock, 61)
             got = r.replies(1)
             assert [(421, "4.4.2")] == [(x.code, x.enhanced) for x in got]
             assert r.closed_by_server()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from empath.clock import Clock, SystemClock
+from empath.clock import Clock, SystemClock, Timer
 from empath.errors import ListenerBindError
 from empath.observability.logs import get_logger
 from empath.smtp.server import RelayPolicy, ServerConfig
@@ -166,7 +166,7 @@ class ListenerRuntime:
             spec.connection_timeout_s,
         )
         self.tick_s = min(5.0, max(0.02, min(timeouts) / 4))
-        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweeper: Timer | None = None
 
     def relay_check(self, client_ip: str) -> Callable[[str], bool]:
         check = self._relay_cache.get(client_ip)
@@ -179,7 +179,7 @@ class ListenerRuntime:
 
     def session_added(self) -> None:
         if self._sweeper is None:
-            self._sweeper = self.loop.call_later(self.tick_s, self._sweep)
+            self._sweeper = self.clock.call_later(self.tick_s, self._sweep)
 
     def session_gone(self) -> None:
         if not self.sessions:
@@ -190,11 +190,11 @@ class ListenerRuntime:
         self._sweeper = None
         if not self.sessions:
             return
-        now = self.loop.time()
+        now = self.clock.monotonic()
         for session in list(self.sessions):
             session.check_timeout(now)
         if self.sessions:
-            self._sweeper = self.loop.call_later(self.tick_s, self._sweep)
+            self._sweeper = self.clock.call_later(self.tick_s, self._sweep)
 
     def stop_sweeper(self) -> None:
         if self._sweeper is not None:

@@ -20,8 +20,9 @@ carries out its events:
 asyncio.Protocol rather than streams: no per-read coroutine switch, which is most
 of the difference between ~3k and ~7k messages/s on two cores.
 
-Timeouts: each read records ``loop.time()``; one sweeper per listener (see
-listener.py) checks every session each tick — no timer per connection or per read.
+Timeouts: each read records ``clock.monotonic()``; one sweeper per listener (see
+listener.py: a ``clock.call_later`` timer, virtual in tests) checks every session
+each tick — no timer per connection or per read.
 
 Backpressure (SPEC §3): the session stops reading while any of these holds, and
 resumes once none does:
@@ -210,7 +211,7 @@ class SmtpSession(asyncio.Protocol):
         rt.sessions.add(self)
         self._server = server = SmtpServer(rt.server_config, rt.relay_check(ip))
         transport.write(server.take_output())
-        now = rt.loop.time()
+        now = rt.clock.monotonic()
         self._last_read = now
         self._conn_deadline = now + spec.connection_timeout_s
         rt.session_added()
@@ -219,7 +220,7 @@ class SmtpSession(asyncio.Protocol):
         server = self._server
         if server is None:
             return
-        self._last_read = self._rt.loop.time()
+        self._last_read = self._rt.clock.monotonic()
         events = server.feed(data)
         out = server.take_output()
         if out and self._transport is not None:
@@ -243,7 +244,7 @@ class SmtpSession(asyncio.Protocol):
     def resume_writing(self) -> None:
         # the client drained our replies: progress, like a read (a slow reader of a
         # long pipelined batch is not timed out while it keeps reading)
-        self._last_read = self._rt.loop.time()
+        self._last_read = self._rt.clock.monotonic()
         self._write_paused = False
         self._flow()
 
@@ -453,7 +454,7 @@ class SmtpSession(asyncio.Protocol):
         out = server.take_output()
         if out:
             transport.write(out)
-        self._last_read = self._rt.loop.time()
+        self._last_read = self._rt.clock.monotonic()
         if events:
             self._handle(events)
         if self._paused or server.has_backlog or self._eof:
@@ -493,7 +494,7 @@ class SmtpSession(asyncio.Protocol):
         self._closing = True
         rt = self._rt
         # a reply the client never reads must not keep the slot: see check_timeout
-        self._close_deadline = rt.loop.time() + rt.spec.command_timeout_s
+        self._close_deadline = rt.clock.monotonic() + rt.spec.command_timeout_s
         if self._transport is not None:
             self._transport.close()  # flushes the reply first
 
