@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from empath.spool.fs import FileSpool
 from empath.spool.memory import requeue_in_progress
 from empath.spool.model import Envelope, UnitState, UnitStatus, initial_units
+from tests.unit.test_spool_index import assert_index_counts
 
 STATUSES = list(UnitStatus)
 
@@ -44,7 +45,8 @@ def _expected_after_reopen(units: tuple[UnitState, ...]) -> tuple[UnitState, ...
 
 @given(ops)
 def test_reopened_spool_equals_the_model(program: list[tuple[object, ...]]) -> None:
-    """After each reopen, ids, envelopes, units and bodies equal the model's."""
+    """After each reopen, ids, envelopes, units and bodies equal the model's; the
+    index's kept counts equal a full recount after every step and every reopen."""
 
     async def main(path: Path) -> None:
         kw: dict[str, Any] = {"segment_bytes": 2048, "spill_bytes": 128}
@@ -60,6 +62,7 @@ def test_reopened_spool_equals_the_model(program: list[tuple[object, ...]]) -> N
                 assert envelope == got.envelope
                 assert units == got.units
                 assert body == await spool.read_body(msg_id)
+            assert_index_counts(spool)
 
         try:
             for op in program:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import os
 import time
@@ -136,7 +135,7 @@ class Handlers:
     async def status(self, _args: Args) -> dict[str, Any]:
         d = self.d
         now = time.time()
-        counts = await self._counts()
+        counts = self._counts()
         cache = d.runner.router.cache
         lookups = cache.hits + cache.misses
         usage = d.spool.usage()
@@ -188,12 +187,9 @@ class Handlers:
 
     # queue
 
-    async def _counts(self) -> q.QueueCounts:
-        counts = q.new_counts()
-        messages = self.d.spool.messages()
-        while batch := list(itertools.islice(messages, q.SCAN_CHUNK)):
-            q.count_messages(counts, batch)
-            await asyncio.sleep(0)  # a large queue is scanned in slices
+    def _counts(self) -> q.QueueCounts:
+        """From the counts the spool's index keeps (no scan of the queue)."""
+        counts = q.index_counts(self.d.spool.index)
         q.count_in_flight(counts, self._in_flight(), self._get_or_none)
         return counts
 
@@ -211,7 +207,7 @@ class Handlers:
 
     async def queue_stats(self, _args: Args) -> dict[str, Any]:
         now = time.time()
-        counts = await self._counts()
+        counts = self._counts()
         window_s = self.d.config.metrics.rate_window_secs
         if self._window is None or self._window.window_s != window_s:
             self._window = Window(window_s, self.d.runner.clock.monotonic(), 2)

@@ -52,6 +52,7 @@ from empath.ids import new_ulid
 from empath.observability.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import BodyState, FileBodyWriter, map_os_error
+from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
 from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
@@ -87,7 +88,7 @@ class FileSpool(IndexedMessages):
         self._fdatasync = fdatasync
         self._log_dir = self.path / "log"
         self._bodies_dir = self.path / "bodies"
-        self._index: dict[str, MessageState] = {}
+        self._index = MessageIndex()
         self._locs: dict[str, BodyLocation] = {}
         self._segments: dict[int, Segment] = {}
         self._segments_lock = threading.Lock()
@@ -140,7 +141,8 @@ class FileSpool(IndexedMessages):
         self._lock_fd = lock_fd
         try:
             rec = recover(self.path, progress_every=self._progress_every)
-            self._index, self._locs, self._segments = rec.index, rec.locations, rec.segments
+            self._locs, self._segments = rec.locations, rec.segments
+            self._index = MessageIndex(rec.index)
             self._spill_total = rec.spill_bytes
             self._writer = LogWriter(
                 self._log_dir,

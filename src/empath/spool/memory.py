@@ -22,6 +22,7 @@ from dataclasses import replace
 from empath.clock import Clock, SystemClock
 from empath.errors import SpoolError
 from empath.ids import new_ulid
+from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState, UnitStatus
 from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
 
@@ -87,7 +88,7 @@ class MemorySpool(IndexedMessages):
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock = clock or SystemClock()
-        self._index: dict[str, MessageState] = {}
+        self._index = MessageIndex()
         self._bodies: dict[str, bytes] = {}
         self._fail_commit: BaseException | None = None
         self._fail_update: BaseException | None = None

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from empath.errors import UnknownMessageError
+from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
 
 
@@ -121,6 +122,11 @@ class Spool(Protocol):
         """Number of live messages."""
         ...
 
+    @property
+    def index(self) -> MessageIndex:
+        """The live index with the queue's counts, kept as messages change."""
+        ...
+
     async def read_body(self, msg_id: str) -> bytes:
         """The whole stored body (as it will be sent: CRLF lines, not dot-stuffed)."""
         ...
@@ -140,9 +146,10 @@ class Spool(Protocol):
 
 
 class IndexedMessages:
-    """The read side both spools share: live messages by id in ``_index``."""
+    """The read side both spools share: live messages by id in ``_index``, which
+    keeps the queue's counts as messages change (see :mod:`empath.spool.index`)."""
 
-    _index: dict[str, MessageState]
+    _index: MessageIndex
 
     def get(self, msg_id: str) -> MessageState:
         try:
@@ -155,6 +162,12 @@ class IndexedMessages:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    @property
+    def index(self) -> MessageIndex:
+        """The live index and its counts (read-only use: units per status, top
+        domains, the oldest live message)."""
+        return self._index
 
     def __contains__(self, msg_id: object) -> bool:
         return msg_id in self._index
