@@ -13,32 +13,48 @@ of them (or a file added or removed) makes the whole build stale, all or nothing
 ``NATIVE_MODULES`` which modules it serves (the daemon logs both at startup).
 
 Every process that imports anything of Empath runs this module first, `empathctl`
-included, whose start-up an operator waits for: it imports only ``os``, ``sys`` and
-``pathlib`` up front; the rest (hashing, JSON, the import machinery) only when a
-build is there to be checked or loaded.
+included, whose start-up an operator waits for, so nothing is checked up front: when
+a build directory exists, a finder goes first on ``sys.meta_path`` that checks the
+build (hashing every source, ~35 ms) only when a module the build has an extension
+file for is imported.  `empathctl` imports none (its modules are never compiled), so
+it pays one ``stat`` per Empath module and imports nothing but ``os`` and ``sys``
+here.  ``NATIVE``, ``NATIVE_BUILD`` and ``NATIVE_MODULES`` are computed (the build
+checked) on first access.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from importlib.machinery import ModuleSpec
+    from pathlib import Path
     from types import ModuleType
+
+    NATIVE: bool
+    NATIVE_BUILD: NativeBuild | None
+    NATIVE_MODULES: tuple[str, ...]
 
 __version__ = "0.1.0"
 
-_ROOT = Path(__file__).resolve().parent
+_ROOT_DIR = os.path.dirname(os.path.realpath(__file__))
 NATIVE_DIRNAME = "_native"
 
 
-def source_digests(root: Path = _ROOT) -> dict[str, str]:
+def _root() -> Path:
+    from pathlib import Path
+
+    return Path(_ROOT_DIR)
+
+
+def source_digests(root: Path | None = None) -> dict[str, str]:
     """SHA-256 of every ``.py`` under ``root`` (the build excluded), by relative path."""
     import hashlib
+
+    root = _root() if root is None else root
 
     return {
         path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -64,14 +80,20 @@ class NativeBuild(NamedTuple):
     files: Mapping[str, Path]  # every module the finder serves, runtime included
 
 
+def _pure_python(environ: Mapping[str, str]) -> bool:
+    return environ.get("EMPATH_PURE_PYTHON", "") not in ("", "0")
+
+
 def native_build(
-    root: Path = _ROOT, ext_suffix: str | None = None, environ: Mapping[str, str] | None = None
+    root: Path | None = None,
+    ext_suffix: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> NativeBuild | None:
     """The build under ``root`` if it may be used: present, made for this interpreter,
     and from exactly the sources under ``root`` as they are now."""
-    env = os.environ if environ is None else environ
-    if env.get("EMPATH_PURE_PYTHON", "") not in ("", "0"):
+    if _pure_python(os.environ if environ is None else environ):
         return None
+    root = _root() if root is None else root
     native = root / NATIVE_DIRNAME
     try:
         text = (native / "manifest.json").read_text()
@@ -116,9 +138,73 @@ class NativeFinder:
         return importlib.util.spec_from_file_location(fullname, file, loader=loader)
 
 
-NATIVE_BUILD = native_build()
-NATIVE = NATIVE_BUILD is not None
-NATIVE_MODULES: tuple[str, ...] = NATIVE_BUILD.compiled if NATIVE_BUILD is not None else ()
+class _Unchecked:
+    """Marks the build as not checked yet."""
 
-if NATIVE_BUILD is not None:
-    sys.meta_path.insert(0, NativeFinder(NATIVE_BUILD))
+
+_UNCHECKED = _Unchecked()
+_build: NativeBuild | None | _Unchecked = _UNCHECKED
+
+
+def _checked_build() -> NativeBuild | None:
+    """The build, checked once per process (then its finder serves its modules)."""
+    global _build
+    if isinstance(_build, _Unchecked):
+        _build = native_build()
+    return _build
+
+
+class LazyNativeFinder:
+    """First on ``sys.meta_path`` while a build directory exists: an Empath module the
+    build has an extension file for gets the build checked (once); a valid build's
+    :class:`NativeFinder` then serves every module it lists.  Other imports cost a
+    ``stat`` until then (the mypyc runtime is imported only by compiled modules)."""
+
+    def __init__(
+        self, native_dir: str, ext_suffix: str, check: Callable[[], NativeBuild | None]
+    ) -> None:
+        self._dir = native_dir
+        self._suffix = ext_suffix
+        self._check = check
+        self._finder: NativeFinder | None = None
+        self._checked = False
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if not self._checked:
+            parts = fullname.split(".")
+            if parts[0] != "empath" or len(parts) < 2:
+                return None
+            file = os.path.join(self._dir, *parts[1:-1], parts[-1] + self._suffix)
+            if not os.path.isfile(file):
+                return None
+            build = self._check()
+            self._checked = True
+            self._finder = NativeFinder(build) if build is not None else None
+        return None if self._finder is None else self._finder.find_spec(fullname, path, target)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NATIVE_BUILD":
+        return _checked_build()
+    if name == "NATIVE":
+        return _checked_build() is not None
+    if name == "NATIVE_MODULES":
+        build = _checked_build()
+        return build.compiled if build is not None else ()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _install() -> None:
+    native_dir = os.path.join(_ROOT_DIR, NATIVE_DIRNAME)
+    if _pure_python(os.environ) or not os.path.isdir(native_dir):
+        return
+    import _imp
+
+    sys.meta_path.insert(
+        0, LazyNativeFinder(native_dir, _imp.extension_suffixes()[0], _checked_build)
+    )
+
+
+_install()

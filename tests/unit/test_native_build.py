@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -14,7 +15,7 @@ import orjson
 
 import empath
 import empath.spool.model
-from empath import NativeFinder, native_build, source_digests
+from empath import LazyNativeFinder, NativeFinder, native_build, source_digests
 from empath.observability.logs import encode_line
 from empath.testing.settings import breaker_settings
 
@@ -162,3 +163,49 @@ def test_log_lines_never_hand_a_dataclass_to_orjson() -> None:
     settings = breaker_settings()
     line = orjson.loads(encode_line({"settings": settings}))
     assert line == {"settings": str(settings)}
+
+
+def test_the_build_is_checked_only_when_a_module_it_compiled_is_imported(
+    tmp_path: Path,
+) -> None:
+    """`empathctl` start-up: importing modules the build has no extension file for
+    (the CLI's) never hashes the sources; the first compiled one checks the build once,
+    then its modules are served from it."""
+    root = _tree(tmp_path)
+    checks: list[int] = []
+
+    def check() -> empath.NativeBuild | None:
+        checks.append(1)
+        return native_build(root, SUFFIX, {})
+
+    finder = LazyNativeFinder(str(root / "_native"), SUFFIX, check)
+    for name in ("empath.cli.empathctl", "empath.control.client", "empath", "json"):
+        assert finder.find_spec(name, None) is None
+    assert [] == checks
+    spec = finder.find_spec("empath.smtp.server", None)
+    assert spec is not None and spec.origin == str(root / "_native" / "smtp" / f"server{SUFFIX}")
+    runtime = finder.find_spec(RUNTIME, None)
+    assert runtime is not None and runtime.origin is not None
+    assert finder.find_spec("empath.ids", None) is not None
+    assert finder.find_spec("empath.spool.model", None) is None
+    assert [1] == checks
+
+
+def test_a_stale_build_found_lazily_serves_nothing(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    (root / "spool" / "model.py").write_text("# edited\n")
+    finder = LazyNativeFinder(str(root / "_native"), SUFFIX, lambda: native_build(root, SUFFIX, {}))
+    assert finder.find_spec("empath.ids", None) is None
+    assert finder.find_spec(RUNTIME, None) is None
+
+
+def test_empathctl_start_up_does_not_check_the_build() -> None:
+    """Whether or not a build is there: the CLI path leaves it unchecked (no hashing)."""
+    code = (
+        "import sys, empath, empath.cli.empathctl, empath.control.client\n"
+        "print(empath._build is empath._UNCHECKED, 'hashlib' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert ["True", "False"] == out
