@@ -143,7 +143,7 @@ class _Unchecked:
 
 
 _UNCHECKED = _Unchecked()
-_build: NativeBuild | None | _Unchecked = _UNCHECKED
+_build: NativeBuild | _Unchecked | None = _UNCHECKED
 
 
 def _checked_build() -> NativeBuild | None:
