@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from empath.spool.fs import FileSpool
 from empath.spool.model import UnitStatus
 from tests.daemon import Daemon, queued_id, read_spool
@@ -173,6 +175,7 @@ def kill(d: Daemon, sink: Sink, sent: Sent, work: Path, n: int, since: int) -> K
     return Kill(at, in_flight, open_txns, life_of(d, since))
 
 
+@pytest.mark.timeout(pick(300, 3600))
 def test_sigkill_during_relay_loses_nothing(tmp_path: Path) -> None:
     total = pick(1_500, 20_000)
     kills = pick(4, 20)

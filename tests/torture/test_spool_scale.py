@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from empath.ids import new_ulid
 from empath.spool import codec
 from empath.spool.codec import RecordType
@@ -55,13 +57,14 @@ def build_queue(spool: Path, units: int, now: float) -> None:
     size = seg.size
     try:
         for _ in range(units):
-            record = codec.frame(RecordType.MSG, new_ulid().encode() + rest, seg.seed)
-            if size + len(record) > SEGMENT_BYTES:
+            payload = new_ulid().encode() + rest
+            if size + codec.HEADER_BYTES + len(payload) > SEGMENT_BYTES:
                 out.close()
                 seg = create_segment(log_dir, seg.seq + 1, size, now)
                 os.close(seg.read_fd)
                 out = seg.path.open("ab", buffering=1024 * 1024)
                 size = seg.size
+            record = codec.frame(RecordType.MSG, payload, seg.seed)  # the segment's seed
             out.write(record)
             size += len(record)
         out.flush()
@@ -79,6 +82,7 @@ def start_measured(d: Daemon, timeout: float) -> tuple[float, int]:
     return seconds, d.rss_kib()
 
 
+@pytest.mark.timeout(pick(300, 3600))
 def test_restart_on_a_large_queue(tmp_path: Path) -> None:
     units = pick(50_000, 1_000_000)
     overrides = parked_overrides("parked.test")
