@@ -9,8 +9,9 @@ second, so kills land during group commits, segment rotations, compactions and D
 creation alike (the figure line says what each daemon life had done).
 
 At each kill the daemon is first frozen (SIGSTOP); the sink's deliveries and a copy
-of the frozen spool give the deliveries *in flight*: accepted by the sink but not
-yet final in the spool - the only ones a restart may repeat.  Then SIGKILL and
+of the frozen spool give the deliveries *in flight*: accepted by the sink (or in a
+transaction with it) but not yet final in the spool, plus DSNs created for a bounced
+unit not yet final - the only ones a restart may repeat.  Then SIGKILL and
 restart, while the clients keep sending.  After the last restart: every message
 that got a 250 reached each accepting domain (multi-domain ones: every domain),
 its 4xx units are still queued, its bounced units produced a DSN; no corrupt record
@@ -117,28 +118,35 @@ def client(port: int, sent: Sent, total: int, seed: int, stop: threading.Event) 
 # --- kills ------------------------------------------------------------------------
 
 
-def pending_keys(spool_copy: Path) -> set[tuple[int, str]]:
-    """(torture id, domain or "dsn") a frozen spool would still deliver."""
+def pending_keys(spool_copy: Path) -> tuple[set[tuple[int, str]], int]:
+    """(torture id, domain or "dsn") a frozen spool would still deliver, and how many of
+    its DSNs were created but their bounced unit is not yet final (a restart bounces it
+    again: a second DSN)."""
 
-    async def go() -> set[tuple[int, str]]:
+    async def go() -> tuple[set[tuple[int, str]], int]:
         spool = FileSpool(spool_copy)
         await spool.open()
         keys: set[tuple[int, str]] = set()
+        dsns: set[int] = set()
+        bouncing: set[int] = set()
         try:
             for msg in spool.messages():
                 found = TID.search(await spool.read_body(msg.id))
                 if found is None:
                     continue
                 tid = int(found.group(1))
+                if msg.envelope.is_dsn:
+                    dsns.add(tid)
                 for unit in msg.units:
                     if unit.status.terminal:
                         continue
                     keys.add((tid, "dsn") if msg.envelope.is_dsn else (tid, unit.domain))
                     if unit.domain == BOUNCE:
                         keys.add((tid, "dsn"))
+                        bouncing.add(tid)
         finally:
             await spool.close()
-        return keys
+        return keys, len(dsns & bouncing)
 
     return asyncio.run(go())
 
@@ -170,7 +178,8 @@ def kill(d: Daemon, sink: Sink, sent: Sent, work: Path, n: int, since: int) -> K
         shutil.copytree(d.spool_path, frozen, ignore=shutil.ignore_patterns("lock"))
     finally:
         d.kill()  # SIGKILL works on a stopped process
-    in_flight = len(pending_keys(frozen) & delivered) + open_txns
+    pending, dsns_in_flight = pending_keys(frozen)
+    in_flight = len(pending & delivered) + open_txns + dsns_in_flight
     shutil.rmtree(frozen)
     return Kill(at, in_flight, open_txns, life_of(d, since))
 
