@@ -162,3 +162,35 @@ def test_open_on_a_full_disk_fails_naming_the_cause(tmp_path: Path) -> None:
                 await FileSpool(fs / "spool").open()
 
         asyncio.run(main())
+
+
+def test_open_on_a_full_disk_with_a_full_last_segment(tmp_path: Path) -> None:
+    """The last segment reached its size (the next write would rotate) and the disk is full:
+    start-up goes on with that segment (it once failed to create the next one); writes get
+    SpoolFullError until space is freed, then rotate and succeed."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        spool_dir = fs / "spool"
+
+        async def main() -> None:
+            spool = FileSpool(spool_dir, segment_bytes=64 * 1024)
+            await spool.open()
+            acked = [await put(spool, b"x" * 3000)]
+            while spool.segment_stats()[-1][1] < 64 * 1024:
+                acked.append(await put(spool, b"x" * 3000))
+            await spool.close()
+            fill(fs / "filler")
+            spool = FileSpool(spool_dir, segment_bytes=64 * 1024)
+            await spool.open()  # must not raise
+            assert [m.id for m in acked] == [m.id for m in spool.messages()]
+            with pytest.raises(SpoolFullError):
+                await put(spool, b"no room\r\n")
+            (fs / "filler").unlink()
+            acked.append(await put(spool, b"room again\r\n"))
+            assert 2 == len(spool.segment_stats())
+            await spool.close()
+            spool = FileSpool(spool_dir, segment_bytes=64 * 1024)
+            report = await spool.open()
+            await spool.close()
+            assert (len(acked), 0) == (report.messages, report.quarantined)
+
+        asyncio.run(main())

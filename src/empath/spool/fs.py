@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import threading
@@ -199,8 +200,21 @@ class FileSpool(IndexedMessages):
         active = self._segments[max(self._segments)] if self._segments else None
         if active is None or active.size >= self._segment_bytes:
             prev_end = active.size if active else None
-            active = create_segment(self._log_dir, seq, prev_end, self._clock.now())
-            self._segments[active.seq] = active
+            try:
+                new = create_segment(self._log_dir, seq, prev_end, self._clock.now())
+            except OSError as exc:
+                if active is None or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A full disk must not stop start-up: go on with the full segment; the
+                # writer retries the rotation before its next batch (which fails, 452,
+                # until there is space again).
+                log.warn(
+                    "Spool filesystem full: no new segment yet",
+                    segment=active.name,
+                    error=exc.strerror,
+                )
+                return active
+            self._segments[new.seq] = active = new
         return active
 
     def _drop_segment_file(self, seg: Segment) -> None:
