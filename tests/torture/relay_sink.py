@@ -58,10 +58,17 @@ class Sink:
             asyncio.start_server(self._session, "127.0.0.1", self.port)
         )
         self._ready.set()
-        self._loop.run_forever()
-        self._server.close()
-        self._loop.run_until_complete(self._server.wait_closed())
-        self._loop.close()  # else its self-pipe leaks (ResourceWarning, an error under -W error)
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            tasks = asyncio.all_tasks(self._loop)
+            for task in tasks:
+                task.cancel()
+            self._loop.run_until_complete(
+                asyncio.gather(self._server.wait_closed(), *tasks, return_exceptions=True)
+            )
+            self._loop.close()  # else its self-pipe leaks (ResourceWarning, an error under -W error)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         st = self.state
