@@ -68,7 +68,7 @@ class Sink:
             self._loop.run_until_complete(
                 asyncio.gather(self._server.wait_closed(), *tasks, return_exceptions=True)
             )
-            self._loop.close()  # else its self-pipe leaks (ResourceWarning, an error under -W error)
+            self._loop.close()  # else its self-pipe leaks (a ResourceWarning: -W error)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         st = self.state
