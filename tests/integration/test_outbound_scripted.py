@@ -10,11 +10,10 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import AttemptSettings, Target, attempt_delivery
 from empath.delivery.classify import AttemptResult
 from empath.errors import PermanentDeliveryError, TemporaryDeliveryError
@@ -275,17 +274,32 @@ def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
     run(scenario())
 
 
+async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: float) -> None:
+    """Once ``ready()`` holds and a deadline timer is armed, move ``clock`` on once."""
+    for _ in range(1000):
+        if ready() and clock.pending():
+            await clock.run_for(seconds)
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the attempt never reached the awaited phase")
+
+
 def test_phase_timeout_defers_with_the_phase_named() -> None:
+    """The MAIL reply never comes (in virtual time: the deadlines run on a FakeClock)."""
+
     async def scenario() -> None:
-        async with ScriptedPeer({"delay_secs": {"mail": 3.0}}) as peer:
-            pool = connection_pool()
-            settings = attempt_settings(timeouts=SmtpTimeouts(mail_from_secs=0.3, rcpt_to_secs=0.3))
-            result = await deliver(
-                pool,
-                [Target("mx1.test", peer.port, ("127.0.0.1",))],
-                "a@x.test",
-                settings=settings,
+        clock = FakeClock()
+        async with ScriptedPeer({"delay_secs": {"mail": 3600.0}}) as peer:
+            pool = connection_pool(clock=clock)
+            task = asyncio.create_task(
+                deliver(pool, [Target("mx1.test", peer.port, ("127.0.0.1",))], "a@x.test")
             )
+
+            def mail_sent() -> bool:
+                return any(c.startswith("MAIL") for s in peer.sessions for c in s.commands)
+
+            await advance_when(clock, mail_sent, SETTINGS.timeouts.mail_from_secs + 1)
+            result = await task
             await pool.close_all()
             (outcome,) = result.outcomes
             assert ("temporary", None) == (outcome.kind.value, outcome.code)
@@ -297,22 +311,24 @@ def test_phase_timeout_defers_with_the_phase_named() -> None:
 
 
 def test_greeting_timeout_moves_to_next_target() -> None:
+    """The first MX never greets (virtual time); the second one takes the message."""
+
     async def scenario() -> None:
         async with (
-            ScriptedPeer({"delay_secs": {"connect": 3.0}}) as slow,
+            ScriptedPeer({"delay_secs": {"connect": 3600.0}}) as slow,
             ScriptedPeer() as good,
         ):
-            pool = connection_pool()
-            settings = attempt_settings(timeouts=SmtpTimeouts(ehlo_secs=0.3))
-            result = await deliver(
-                pool,
-                [
-                    Target("mx1.test", slow.port, ("127.0.0.1",)),
-                    Target("mx2.test", good.port, ("127.0.0.1",)),
-                ],
-                "a@x.test",
-                settings=settings,
+            clock = FakeClock()
+            pool = connection_pool(clock=clock)
+            targets = [
+                Target("mx1.test", slow.port, ("127.0.0.1",)),
+                Target("mx2.test", good.port, ("127.0.0.1",)),
+            ]
+            task = asyncio.create_task(deliver(pool, targets, "a@x.test"))
+            await advance_when(
+                clock, lambda: slow.session_count == 1, SETTINGS.timeouts.ehlo_secs + 1
             )
+            result = await task
             await pool.close_all()
             assert "mx2.test" == result.mx
             assert "timed out while receiving the initial server greeting" in (

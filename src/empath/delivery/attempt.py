@@ -149,6 +149,7 @@ async def _open(
             local_hostname=settings.hostname,
             timeouts=settings.timeouts,
             tls_contexts=pool.tls_contexts,
+            clock=pool.clock,
             tls_ca_file=settings.tls_ca_file,
         )
     except BaseException:

@@ -7,7 +7,8 @@ An :class:`OutboundConnection` is a thin asyncio pump around the sans-I/O
 every read to the client, writes whatever the client wants written, and queues
 the client's events; the coroutines here only wait for *events* (session ready,
 354, transaction done), never for individual replies, so a pipelined message
-costs two waits.  One lazy timer enforces the per-phase timeouts of
+costs two waits.  One lazy timer (on the injected :class:`~empath.clock.Clock`, so
+tests run in virtual time) enforces the per-phase timeouts of
 ``smtp_timeouts``: the phase is the oldest outstanding command, and its timeout is
 a *deadline for its whole reply*, set when that reply becomes the one awaited and
 never moved by bytes that arrive meanwhile (a server dripping one byte a second
@@ -38,7 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final, cast
 
-from empath.clock import Timer
+from empath.clock import Clock, Timer
 from empath.config.model import SmtpTimeouts
 from empath.errors import (
     DeliveryError,
@@ -173,16 +174,20 @@ def _phase_timeouts(t: SmtpTimeouts) -> dict[Cmd | None, float]:
 class _Pump(asyncio.Protocol):
     """Network side of one connection: bytes → client → events, with a phase timer."""
 
-    def __init__(self, client: SmtpClient, timeouts: dict[Cmd | None, float], label: str) -> None:
+    def __init__(
+        self, client: SmtpClient, timeouts: dict[Cmd | None, float], label: str, clock: Clock
+    ) -> None:
         self.client = client
         self.label = label
+        self._clock = clock  # times the reply deadlines (virtual in tests)
         self.transport: asyncio.Transport | None = None
         self.events: collections.deque[Event] = collections.deque()
         self.closed = False
         self._timeouts = timeouts
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # loop time by which the awaited reply must be complete
+        self._timer: Timer | None = None
+        self._timer_at = 0.0  # when the pending timer fires (clock.monotonic() time)
+        self._deadline = 0.0  # monotonic time by which the awaited reply must be complete
         self._deadline_phase: Cmd | None = None
         # what the deadline is for: (phase, replies received, client state); only a
         # change of it starts a new deadline
@@ -258,20 +263,29 @@ class _Pump(asyncio.Protocol):
     async def drain(self, timeout_s: float) -> None:
         if not self._paused or self.closed:
             return
-        loop = asyncio.get_running_loop()
-        self._drain_waiter = loop.create_future()
+        waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if not waiter.done():
+                waiter.set_result(None)
+
+        wait_s = min(timeout_s, self._cap - self._clock.monotonic())
+        timer = self._clock.call_later(max(0.0, wait_s), expire)
         try:
-            async with asyncio.timeout_at(min(loop.time() + timeout_s, self._cap)):
-                await self._drain_waiter
-        except TimeoutError:
-            self._timed_out(Cmd.DATA)
+            await waiter
         finally:
+            timer.cancel()
             self._drain_waiter = None
+        if expired:
+            self._timed_out(Cmd.DATA)
 
     def start_attempt(self, cap_s: float) -> None:
         """From now the attempt must be over within ``cap_s`` seconds."""
         self._cap_s = cap_s
-        self._cap = asyncio.get_running_loop().time() + cap_s
+        self._cap = self._clock.monotonic() + cap_s
 
     def end_attempt(self) -> None:
         self._cap = float("inf")
@@ -301,34 +315,38 @@ class _Pump(asyncio.Protocol):
         it when it fires.  This saves a TimerHandle per reply on the hot path (a
         pooled connection keeps one timer alive, not thousands).
         """
-        loop = asyncio.get_running_loop()
+        now = self._clock.monotonic()
         client = self.client
         phase = client.phase
         awaited = (phase, client.replies_received, client.state)
         if awaited != self._deadline_for:
             self._deadline_for = awaited
             self._deadline_phase = phase
-            self._phase_deadline = loop.time() + self._timeouts.get(phase, 30.0)
+            self._phase_deadline = now + self._timeouts.get(phase, 30.0)
         self._deadline = min(self._phase_deadline, self._cap)
         timer = self._timer
-        if timer is None or self._deadline < timer.when():
+        if timer is None or self._deadline < self._timer_at:
             if timer is not None:
                 timer.cancel()
-            self._timer = loop.call_at(self._deadline, self._check_deadline)
+            self._set_timer(now)
+
+    def _set_timer(self, now: float) -> None:
+        self._timer_at = self._deadline
+        self._timer = self._clock.call_later(self._deadline - now, self._check_deadline)
 
     def _check_deadline(self) -> None:
         self._timer = None
         if self._waiter is None or self.closed:
             return
-        loop = asyncio.get_running_loop()
-        if loop.time() >= self._deadline:
+        now = self._clock.monotonic()
+        if now >= self._deadline:
             self._timed_out(self._deadline_phase)
         else:
-            self._timer = loop.call_at(self._deadline, self._check_deadline)
+            self._set_timer(now)
 
     def _timed_out(self, phase: Cmd | None) -> None:
         what = _PHASE_TEXT.get(phase, "waiting") if phase is not None else "waiting"
-        over = asyncio.get_running_loop().time() >= self._cap
+        over = self._clock.monotonic() >= self._cap
         limit = f" (attempt time limit of {self._cap_s:g}s exceeded)" if over else ""
         events = self.client.connection_lost(
             f"conversation with {self.label} timed out while {what}{limit}"
@@ -388,9 +406,13 @@ class OutboundConnection:
         local_hostname: str,
         timeouts: SmtpTimeouts,
         tls_contexts: TlsContexts,
+        clock: Clock,
         tls_ca_file: str | None = None,
     ) -> OutboundConnection:
         """Connect to ``address`` (or the MX name when empty) and set the session up.
+
+        ``clock`` times the reply deadlines and the attempt cap; the connect and the
+        TLS handshake are bounded by asyncio's own (real-time) timeouts.
 
         Raises TemporaryDeliveryError for connect failures, timeouts, 4xx greetings
         and TLS failures, PermanentDeliveryError for 5xx greetings/EHLO refusals.
@@ -399,7 +421,7 @@ class OutboundConnection:
         target = address or key.host
         label = f"{key.host}[{target}]:{key.port}"
         client = SmtpClient(local_hostname, mx=key.host, tls_policy=key.tls.policy)
-        pump = _Pump(client, _phase_timeouts(timeouts), label)
+        pump = _Pump(client, _phase_timeouts(timeouts), label, clock)
         pump.start_attempt(attempt_cap_s(timeouts))
         try:
             async with asyncio.timeout(timeouts.connect_secs):

@@ -61,7 +61,7 @@ class ConnectionPool:
         polite QUITs under the daemon's supervisor (a plain task when None)."""
         self.max_per_key = settings.max_per_key
         self.idle_timeout_s = settings.idle_timeout_s
-        self._clock: Clock = clock if clock is not None else SystemClock()
+        self.clock: Clock = clock if clock is not None else SystemClock()
         self._spawn = spawn
         self.tls_contexts = tls_contexts or TlsContexts()
         self.stats = PoolStats()
@@ -143,10 +143,10 @@ class ConnectionPool:
             self._close_politely(conn)
             self._wake_one(st)
             return
-        conn.last_used = asyncio.get_running_loop().time()
+        conn.last_used = self.clock.monotonic()
         st.idle.append(conn)
         self.stats.idle += 1
-        conn.set_idle_timer(self._clock.call_later(self.idle_timeout_s, lambda: self._expire(conn)))
+        conn.set_idle_timer(self.clock.call_later(self.idle_timeout_s, lambda: self._expire(conn)))
         self._wake_one(st)
 
     def discard(self, conn: OutboundConnection) -> None:
