@@ -295,6 +295,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        # Request-scoped, not supervised: asyncio starts it; close() cancels and awaits it.
         self._conns.add(task)
         peer = _peer_of(writer.get_extra_info("socket"))
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)

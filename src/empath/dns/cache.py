@@ -218,6 +218,8 @@ class MxCache:
         return entry.resolution
 
     def _start(self, key: _Key) -> asyncio.Task[Resolution]:
+        # Request-scoped, not supervised: the lookups waiting on this key own it (one
+        # query however many wait); the resolver's timeout bounds it.
         task = asyncio.get_running_loop().create_task(self._loader(*key))
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._finished(key, t))

@@ -271,6 +271,8 @@ class FileSpool(IndexedMessages):
         msg = MessageState(id=body.id, envelope=envelope, units=units)
         loop = asyncio.get_running_loop()
         if body.spilled:
+            # Request-scoped, not supervised: the SMTP session that asked owns the task
+            # (its pending_task, awaited at shutdown) and answers from its done-callback.
             return loop.create_task(self._commit_spilled(writer, body, msg))
         payload, body_rel = codec.msg_payload(
             body.id, envelope, units, body_bytes=size, spilled=False,

@@ -161,6 +161,7 @@ class MemorySpool(IndexedMessages):
     def start_commit(
         self, body: BodyWriter, envelope: Envelope, units: tuple[UnitState, ...]
     ) -> asyncio.Future[MessageState]:
+        # Request-scoped, owned by the caller (as in FileSpool.start_commit).
         return asyncio.ensure_future(self.commit(body, envelope, units))
 
     async def update(

@@ -210,7 +210,7 @@ class ConnectionPool:
         if self._spawn is not None:
             task = self._spawn(conn.quit(), name=f"empath-quit-{conn.key.host}")
         else:
-            task = asyncio.get_running_loop().create_task(conn.quit())
+            task = asyncio.get_running_loop().create_task(conn.quit())  # no daemon: tests
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

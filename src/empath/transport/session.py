@@ -346,6 +346,8 @@ class SmtpSession(asyncio.Protocol):
                 # the ClientHello must not reach data_received before start_tls runs
                 self._tls_starting = True
                 self._flow()
+                # Request-scoped, not supervised: owned by this session (pending_task, which
+                # the listener's shutdown awaits) and bounded by the handshake timeout.
                 self._commit_task = self._rt.loop.create_task(self._start_tls())
             elif kind is Close:
                 assert isinstance(ev, Close)
