@@ -43,7 +43,6 @@ durations, and outcome counts) that the metrics collector reads at scrape time
 from __future__ import annotations
 
 import asyncio
-import bisect
 import ipaddress
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -60,6 +59,7 @@ import dns.resolver
 
 from empath.clock import Clock, SystemClock
 from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
+from empath.observability.stats import Histogram, HistogramCounts
 
 __all__ = [
     "DEFAULT_BUCKETS_S",
@@ -67,7 +67,6 @@ __all__ = [
     "DnsFailure",
     "DnsResolver",
     "DnsSettings",
-    "HistogramSnapshot",
     "LookupStats",
     "MxAnswer",
     "MxRecord",
@@ -183,22 +182,11 @@ DEFAULT_BUCKETS_S: Final[tuple[float, ...]] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class HistogramSnapshot:
-    """Prometheus-shaped: cumulative ``(le, count)`` buckets ending with ``+Inf``."""
-
-    count: int
-    sum_s: float
-    buckets: tuple[tuple[float, int], ...]
-
-
 class _Timings:
-    __slots__ = ("bucket_counts", "count", "recent_s", "sum_s")
+    __slots__ = ("histogram", "recent_s")
 
-    def __init__(self, n_buckets: int, recent: int) -> None:
-        self.count = 0
-        self.sum_s = 0.0
-        self.bucket_counts = [0] * (n_buckets + 1)  # last slot: above every bound
+    def __init__(self, bounds: tuple[float, ...], recent: int) -> None:
+        self.histogram = Histogram(bounds)
         self.recent_s: deque[float] = deque(maxlen=recent)
 
 
@@ -225,28 +213,18 @@ class LookupStats:
         """Record one round trip."""
         t = self._timings.get(query_type)
         if t is None:
-            t = self._timings[query_type] = _Timings(len(self._bounds), self._recent)
-        t.count += 1
-        t.sum_s += duration_s
-        t.bucket_counts[bisect.bisect_left(self._bounds, duration_s)] += 1
+            t = self._timings[query_type] = _Timings(self._bounds, self._recent)
+        t.histogram.observe(duration_s)
         t.recent_s.append(duration_s)
         self.outcomes[(query_type, outcome)] += 1
 
     def query_types(self) -> tuple[str, ...]:
         return tuple(sorted(self._timings))
 
-    def snapshot(self, query_type: str) -> HistogramSnapshot:
+    def snapshot(self, query_type: str) -> HistogramCounts:
         """Cumulative histogram for one query type (all zeros if never observed)."""
         t = self._timings.get(query_type)
-        counts = t.bucket_counts if t is not None else [0] * (len(self._bounds) + 1)
-        cumulative: list[tuple[float, int]] = []
-        running = 0
-        for bound, n in zip((*self._bounds, float("inf")), counts, strict=True):
-            running += n
-            cumulative.append((bound, running))
-        return HistogramSnapshot(
-            count=t.count if t else 0, sum_s=t.sum_s if t else 0.0, buckets=tuple(cumulative)
-        )
+        return (t.histogram if t is not None else Histogram(self._bounds)).snapshot()
 
     def recent_s(self, query_type: str) -> tuple[float, ...]:
         """The most recent durations (bounded window), oldest first."""

@@ -493,8 +493,7 @@ class EmpathCollector:
         lookups = self._dns_lookups
         snaps: list[tuple[Labels, HistogramCounts]] = []
         for qt in lookups.query_types():
-            s = lookups.snapshot(qt)
-            snaps.append(((("query_type", qt),), HistogramCounts(s.count, s.sum_s, s.buckets)))
+            snaps.append(((("query_type", qt),), lookups.snapshot(qt)))
         yield _histogram("empath_dns_lookup_duration_seconds", "DNS resolver round trips.", snaps)
 
     def _spool(self) -> Iterator[Family]:

@@ -116,7 +116,7 @@ class RunnerStats:
     ``empath_delivery_queue_age_seconds``.
     """
 
-    domains: DomainLabels = field(default_factory=lambda: DomainLabels(1000))
+    domains: DomainLabels  # capped at metrics.max_domain_cardinality
     attempts: dict[tuple[str, str, str], int] = field(default_factory=dict)
     attempts_total: int = 0
     attempts_failed: int = 0  # temporary or permanent

@@ -131,7 +131,7 @@ class DeliveryRunner:
         settings: RunnerSettings,
         clock: Clock,
         spawn: Spawn,
-        stats: RunnerStats | None = None,
+        stats: RunnerStats,
     ) -> None:
         self.spool = spool
         self.scheduler = scheduler
@@ -141,7 +141,7 @@ class DeliveryRunner:
         self.settings = settings
         self.clock = clock
         self._spawn = spawn
-        self.stats = stats if stats is not None else RunnerStats()
+        self.stats = stats
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
         self._timer: Timer | None = None
