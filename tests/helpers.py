@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -88,3 +89,20 @@ def running(args: list[str], **kwargs: object) -> Iterator[subprocess.Popen[byte
         yield proc
     finally:
         stop_pid(proc)
+
+
+@contextlib.contextmanager
+def tmpfs_mount(point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (``"16m"``) mounted at ``point`` (created; we run as root),
+    unmounted afterwards - lazily if something still holds it."""
+    mount, umount = require_tool("mount"), require_tool("umount")
+    point.mkdir(parents=True)
+    subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point)],
+        check=True, capture_output=True, timeout=10,
+    )  # fmt: skip
+    try:
+        yield point
+    finally:
+        if subprocess.run([umount, str(point)], check=False, timeout=10).returncode != 0:
+            subprocess.run([umount, "--lazy", str(point)], check=True, timeout=10)

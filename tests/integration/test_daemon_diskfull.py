@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon, assert_stored, parked_overrides, queued_id, read_spool
-from tests.helpers import require_tool, wait_for
+from tests.helpers import tmpfs_mount, wait_for
 
 TMPFS_SIZE = "8m"
 LEFT_FREE_BYTES = 64 * 1024  # what the filler leaves: below the 1% readiness floor
@@ -32,17 +32,8 @@ SPILL_BYTES = 256 * 1024  # FileSpool's default: larger bodies go to their own f
 @pytest.fixture
 def tmpfs_spool(tmp_path: Path) -> Iterator[Path]:
     """A size-limited tmpfs mounted where the daemon's spool will be."""
-    mount, umount = require_tool("mount"), require_tool("umount")
-    point = tmp_path / "empath" / "spool"
-    point.mkdir(parents=True)
-    subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(point)],
-        check=True, capture_output=True, timeout=10,
-    )  # fmt: skip
-    try:
+    with tmpfs_mount(tmp_path / "empath" / "spool", TMPFS_SIZE) as point:
         yield point
-    finally:
-        subprocess.run([umount, str(point)], check=True, capture_output=True, timeout=10)
 
 
 def fill(path: Path, leave_bytes: int = 0) -> None:

@@ -16,16 +16,14 @@ import collections
 import contextlib
 import os
 import smtplib
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.daemon import Daemon, queued_id, read_spool
-from tests.helpers import require_tool
+from tests.helpers import tmpfs_mount
 from tests.torture.conftest import figure, pick
 from tests.torture.relay_sink import BOUNCE, DEFER, DSN, Sink
 
@@ -33,19 +31,8 @@ OK = "a.test"
 TMPFS = "16m"
 
 
-@contextlib.contextmanager
-def tmpfs(point: Path) -> Iterator[Path]:
-    mount, umount = require_tool("mount"), require_tool("umount")
-    point.mkdir(parents=True)
-    subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={TMPFS},mode=0700", "tmpfs", str(point)],
-        check=True, capture_output=True, timeout=10,
-    )  # fmt: skip
-    try:
-        yield point
-    finally:
-        if subprocess.run([umount, str(point)], check=False, timeout=10).returncode != 0:
-            subprocess.run([umount, "--lazy", str(point)], check=True, timeout=10)
+def tmpfs(point: Path) -> contextlib.AbstractContextManager[Path]:
+    return tmpfs_mount(point, TMPFS)
 
 
 def fill(path: Path, leave_bytes: int = 0) -> None:
