@@ -13,6 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from empath.control.client import CommandFailed, ControlClient, SocketChoice
 from tests.ctl import LIST_LINE, ctl, ctl_env, sh
 from tests.daemon import Daemon, Submitter, parked_overrides, submit
 from tests.helpers import wait_for
@@ -48,6 +51,17 @@ def test_ping_status_and_list_answer_from_a_live_daemon(tmp_path: Path) -> None:
 
         oldest = ctl(d, "queue", "list", "--limit", "1", "--json")
         assert [ids[0]] == [json.loads(line)["id"] for line in oldest.stdout.splitlines()]
+
+        # The plain lines are rendered by the daemon (format "lines"); rows stay the default.
+        with ControlClient(SocketChoice(str(d.socket_path), "test")) as client:
+            rows = [r for chunk in client.stream("queue.list", {}) for r in chunk]
+            assert ids == [r[0] for r in rows]
+            rendered = [x for c in client.stream("queue.list", {"format": "lines"}) for x in c]
+            assert ids == [LIST_LINE.match(x)["id"] for x in rendered]  # type: ignore[index]
+            assert all(x.endswith("\n") and x.count("\n") == 1 for x in rendered)
+            with pytest.raises(CommandFailed) as failed:
+                list(client.stream("queue.list", {"format": "csv"}))
+            assert "bad_request" == failed.value.code
 
         audit = d.wait_log("Control command", command="system.ping", outcome="ok")
         assert audit[0]["fields"]["audit"] is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,26 @@ def test_list_line_has_the_runbook_shape() -> None:
     # the runbook's extractions
     assert ["domain: example.com"] == re.findall(r"domain: [^,]*", line)
     assert ["id: 01M8MSPFV9WZBW343VCQDXQR4K"] == re.findall(r"id: [^ ]*", line)
+
+
+def test_memoised_list_lines_equal_formatting_each_row() -> None:
+    """Ages and timestamps come from per-second memos: the same text as formatting each
+    row on its own, across chunks, fractions, zero/negative ages and no next attempt."""
+    rows: list[list[Any]] = [
+        ["01A", "a.test", "retry", i % 4, age, nxt, "s@x.test" if i % 2 else "", 1]
+        for i, (age, nxt) in enumerate(
+            [(0.0, 0.0), (-3.0, None), (59.99, 1796000000.75), (59.2, 1796000000.1)]
+            + [(3725.2 + k * 0.37, 1796000000.0 + k * 0.6) for k in range(400)]
+        )
+    ]
+    expected = "".join(
+        f"id: {r[0]} domain: {r[1]}, status: {r[2]}, attempts: {r[3]}, "
+        f"age: {output.duration(r[4])}, next: {output.timestamp(r[5])}, "
+        f"from: {r[6] or '<>'}, rcpts: {r[7]}\n"
+        for r in rows
+    )
+    assert expected == output.list_lines(rows[:200]) + output.list_lines(rows[200:])
+    assert expected == output.list_lines(rows)
 
 
 @pytest.mark.parametrize(

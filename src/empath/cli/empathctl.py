@@ -115,13 +115,17 @@ def _positive_float(text: str) -> float:
 
 def queue_list(ctx: Ctx, ns: argparse.Namespace) -> int:
     pairs = (("status", ns.status), ("domain", ns.domain), ("limit", ns.limit))
-    args = {k: v for k, v in pairs if v}
+    args: dict[str, Any] = {k: v for k, v in pairs if v}
+    if not ctx.json:
+        args["format"] = "lines"  # rendered by the daemon: nothing to decode or format here
     write = sys.stdout.write
     for chunk in ctx.client().stream("queue.list", args):
         if ctx.json:
             dumps = json.dumps
             write("".join(dumps(o, ensure_ascii=False) + "\n" for o in output.list_objects(chunk)))
-        else:
+        elif chunk and isinstance(chunk[0], str):
+            write("".join(chunk))
+        else:  # a daemon that sends rows only
             write(output.list_lines(chunk))
     return EXIT_OK
 

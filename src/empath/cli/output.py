@@ -43,13 +43,45 @@ def sender(address: str) -> str:
     return address or "<>"
 
 
+_MEMO_MAX = 1 << 16  # entries per memo before it starts over
+_ts_memo: dict[int, str] = {}
+_age_memo: dict[int, str] = {}
+
+
 def list_lines(rows: Iterable[list[Any]]) -> str:
     """Plain `queue list` lines for a chunk of wire rows (see module doc)."""
-    return "".join(
-        f"id: {r[0]} domain: {r[1]}, status: {r[2]}, attempts: {r[3]}, age: {duration(r[4])}, "
-        f"next: {timestamp(r[5])}, from: {r[6] or '<>'}, rcpts: {r[7]}\n"
-        for r in rows
-    )
+    return "".join(list_line_items(rows))
+
+
+def list_line_items(rows: Iterable[list[Any]]) -> list[str]:
+    """One plain `queue list` line per wire row, each ending in a newline.
+
+    The daemon renders them (``queue.list`` with ``format: "lines"``) so that a full
+    list of a large queue costs the CLI no JSON decoding of 100,000s of rows; ages
+    and timestamps are formatted once per distinct second (memos), not per row."""
+    ts_memo = _ts_memo
+    age_memo = _age_memo
+    if len(ts_memo) > _MEMO_MAX or len(age_memo) > _MEMO_MAX:
+        ts_memo.clear()
+        age_memo.clear()
+    out = []
+    for mid, domain, status, attempts, age_s, nxt, frm, rcpts in rows:
+        age_key = int(age_s) if age_s > 0 else 0
+        age = age_memo.get(age_key)
+        if age is None:
+            age = age_memo[age_key] = duration(age_key)
+        if nxt:
+            key = int(nxt)
+            when = ts_memo.get(key)
+            if when is None:
+                when = ts_memo[key] = timestamp(key)
+        else:
+            when = "-"
+        out.append(
+            f"id: {mid} domain: {domain}, status: {status}, attempts: {attempts}, age: {age}, "
+            f"next: {when}, from: {frm or '<>'}, rcpts: {rcpts}\n"
+        )
+    return out
 
 
 def list_objects(rows: Iterable[list[Any]]) -> list[dict[str, Any]]:

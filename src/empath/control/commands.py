@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import empath
+from empath.cli.output import list_line_items
 from empath.config.model import Config
 from empath.control import queue as q
 from empath.control.protocol import ErrorCode, RequestError
@@ -105,6 +106,15 @@ def _limit(args: Args) -> int | None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise RequestError(ErrorCode.BAD_REQUEST, "argument 'limit' must be a positive integer")
     return value
+
+
+def _list_format(args: Args) -> str:
+    """``rows`` (the default: one JSON array per unit, see control/queue.py) or ``lines``
+    (the plain `queue list` lines, rendered here: what the CLI prints as it comes)."""
+    fmt = _str(args, "format") or "rows"
+    if fmt not in ("rows", "lines"):
+        raise RequestError(ErrorCode.BAD_REQUEST, "argument 'format' must be rows or lines")
+    return fmt
 
 
 def _bool(args: Args, name: str) -> bool:
@@ -199,11 +209,12 @@ class Handlers:
         except UnknownMessageError:
             return None
 
-    async def queue_list(self, args: Args) -> AsyncIterator[list[q.Row]]:
+    async def queue_list(self, args: Args) -> AsyncIterator[list[Any]]:
         flt = q.ListFilter(_status(args), _str(args, "domain"), _limit(args))
+        lines = _list_format(args) == "lines"
         rows = q.list_rows(self.d.spool.messages(), flt, time.time(), self._in_flight())
         for chunk in rows:
-            yield chunk
+            yield list_line_items(chunk) if lines and chunk else chunk
 
     async def queue_stats(self, _args: Args) -> dict[str, Any]:
         now = time.time()
