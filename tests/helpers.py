@@ -106,3 +106,17 @@ def tmpfs_mount(point: Path, size: str) -> Iterator[Path]:
     finally:
         if subprocess.run([umount, str(point)], check=False, timeout=10).returncode != 0:
             subprocess.run([umount, "--lazy", str(point)], check=True, timeout=10)
+
+
+def fill(path: Path, leave_bytes: int = 0) -> None:
+    """Append to ``path`` until the filesystem is full, then give back about ``leave_bytes``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (b"\0" * (256 * 1024), b"\0" * 4096, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+        if leave_bytes:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave_bytes))
+    finally:
+        os.close(fd)

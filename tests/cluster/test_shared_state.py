@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -23,15 +22,6 @@ from tests.redis_server import RedisServer
 
 T = TypeVar("T")
 UNLIMITED = RateLimit(math.inf, 1)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def run(coro: Callable[[], Awaitable[T]]) -> T:

@@ -27,15 +27,6 @@ Cluster = Callable[..., list[Daemon]]
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path, redis_server: RedisServer) -> Iterator[Cluster]:
     """start(n, overrides) -> n nodes on one Redis; every node is stopped by PID."""
     started: list[Daemon] = []

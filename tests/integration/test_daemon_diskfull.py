@@ -12,8 +12,6 @@ and no half-written body file is left behind.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import Daemon, assert_stored, parked_overrides, queued_id, read_spool
-from tests.helpers import tmpfs_mount, wait_for
+from tests.helpers import fill, tmpfs_mount, wait_for
 
 TMPFS_SIZE = "8m"
 LEFT_FREE_BYTES = 64 * 1024  # what the filler leaves: below the 1% readiness floor
@@ -34,20 +32,6 @@ def tmpfs_spool(tmp_path: Path) -> Iterator[Path]:
     """A size-limited tmpfs mounted where the daemon's spool will be."""
     with tmpfs_mount(tmp_path / "empath" / "spool", TMPFS_SIZE) as point:
         yield point
-
-
-def fill(path: Path, leave_bytes: int = 0) -> None:
-    """Append to `path` until the filesystem is full, then give back about `leave_bytes`."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for chunk in (b"\0" * (256 * 1024), b"\0" * 4096, b"\0"):
-            with contextlib.suppress(OSError):
-                while os.write(fd, chunk):
-                    pass
-        if leave_bytes:
-            os.ftruncate(fd, os.fstat(fd).st_size - leave_bytes)
-    finally:
-        os.close(fd)
 
 
 def body_of(n: int, size: int) -> bytes:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import smtplib
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon, queued_id, read_spool
-from tests.helpers import tmpfs_mount
+from tests.helpers import fill, tmpfs_mount
 from tests.torture.conftest import figure, pick
 from tests.torture.relay_sink import BOUNCE, DEFER, DSN, Sink
 
@@ -33,19 +32,6 @@ TMPFS = "16m"
 
 def tmpfs(point: Path) -> contextlib.AbstractContextManager[Path]:
     return tmpfs_mount(point, TMPFS)
-
-
-def fill(path: Path, leave_bytes: int = 0) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for chunk in (b"\0" * (256 * 1024), b"\0" * 4096, b"\0"):
-            with contextlib.suppress(OSError):
-                while os.write(fd, chunk):
-                    pass
-        if leave_bytes:
-            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave_bytes))
-    finally:
-        os.close(fd)
 
 
 class Client:
