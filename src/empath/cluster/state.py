@@ -167,7 +167,7 @@ class SharedPolicyState:
         node_id: str,
         instance: str,
         settings: PolicySettings,
-        lease_s: float = 15.0,
+        lease_s: float,  # cluster.lease_secs
         on_transition: TransitionCallback | None = None,
         clock: Clock | None = None,
     ) -> None:
