@@ -5,6 +5,7 @@ from __future__ import annotations
 from empath.config.derive import derive
 from empath.config.load import loads_config
 from empath.config.model import Config, DomainConfig, SmtpTimeouts
+from empath.control.client import DEFAULT_SOCKET
 from empath.dns.cache import CacheLimits
 from empath.policy.ratelimit import RateLimit
 from empath.queue.runner import DomainPolicy
@@ -63,3 +64,19 @@ def test_the_defaults_are_the_config_models() -> None:
     assert 604_800.0 == s.runner.failed_retention_s
     assert 64 == s.scheduler.max_concurrent_deliveries
     assert SmtpTimeouts() == s.runner.attempt.timeouts
+
+
+def test_components_with_a_copy_of_a_default_agree_with_the_model() -> None:
+    """empathctl keeps the control socket's default as a literal (it must start without
+    importing the config model); it is the model's value."""
+    assert Config().control_socket == DEFAULT_SOCKET
+
+
+def test_derived_settings_carry_the_models_limits() -> None:
+    s = derive(Config(hostname="h.example"))
+    assert (Config().smtp_controller.hop_limit, "postmaster@h.example") == (
+        s.listeners[0].hop_limit,
+        s.listeners[0].postmaster,
+    )
+    assert Config().metrics.max_domain_cardinality == s.metrics.max_domain_cardinality
+    assert Config().delivery.circuit_breaker.failure_threshold == s.policy.breaker.failure_threshold
