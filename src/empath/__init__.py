@@ -19,20 +19,22 @@ build (hashing every source, ~35 ms) only when a module the build has an extensi
 file for is imported.  `empathctl` imports none (its modules are never compiled), so
 it pays one ``stat`` per Empath module and imports nothing but ``os`` and ``sys``
 here.  ``NATIVE``, ``NATIVE_BUILD`` and ``NATIVE_MODULES`` are computed (the build
-checked) on first access.
+checked) on first access.  Nor does it import typing (see TYPE_CHECKING below).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections import namedtuple
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from importlib.machinery import ModuleSpec
     from pathlib import Path
     from types import ModuleType
+    from typing import Any, NamedTuple
 
     NATIVE: bool
     NATIVE_BUILD: NativeBuild | None
@@ -72,12 +74,17 @@ def extension_path(native: Path, module: str, suffix: str) -> Path:
     return native.joinpath(*parts[1:-1], f"{parts[-1]}{suffix}")
 
 
-class NativeBuild(NamedTuple):
-    """A usable build: its directory and the extension file of each module it serves."""
+if TYPE_CHECKING:
 
-    directory: Path
-    compiled: tuple[str, ...]  # the Empath modules, as the manifest lists them
-    files: Mapping[str, Path]  # every module the finder serves, runtime included
+    class NativeBuild(NamedTuple):
+        """A usable build: its directory and the extension file of each module it serves."""
+
+        directory: Path
+        compiled: tuple[str, ...]  # the Empath modules, as the manifest lists them
+        files: Mapping[str, Path]  # every module the finder serves, runtime included
+
+else:
+    NativeBuild = namedtuple("NativeBuild", "directory compiled files")
 
 
 def _pure_python(environ: Mapping[str, str]) -> bool:

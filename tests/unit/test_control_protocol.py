@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from empath.cli import output
+from empath.cli import empathctl, output
 from empath.config.load import discover_config_path
 from empath.config.ron import parse, to_python
 from empath.control.client import Unreachable, config_path, discover_socket, scan_control_socket
@@ -128,10 +128,10 @@ def test_empathctl_finds_the_config_the_daemon_would_use(
             expected: Path | None = discover_config_path(cli, env)
         except ConfigError:
             expected = None  # (/etc/empath/empath.config.ron does not exist here)
-        assert expected == config_path(cli, env)
+        assert (None if expected is None else str(expected)) == config_path(cli, env)
     local = tmp_path / "empath.config.ron"
     local.write_text('Empath ( // no socket here\n  hostname: "a.test" )')
-    assert discover_config_path(None, {}) == config_path(None, {})
+    assert str(discover_config_path(None, {})) == config_path(None, {})
     assert "/tmp/empath.sock" == discover_socket(None, None, {}).path
     assert "/run/named.sock" == discover_socket(None, str(named), {}).path
     assert "/run/env.sock" == discover_socket(None, None, {"EMPATH_CONFIG": str(envfile)}).path
@@ -179,3 +179,31 @@ def test_the_socket_scanner_agrees_with_the_ron_reader(text: str, expected: str 
 def test_the_socket_scanner_defers_to_the_reader_when_unsure(text: str) -> None:
     assert scan_control_socket(text) is not None
     assert not isinstance(scan_control_socket(text), str)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["queue", "stats"],
+        ["--json", "queue", "stats"],
+        ["--socket", "queue", "queue", "list", "--limit", "5", "--status", "retry"],
+        ["queue", "list", "--domain", "x.test", "--json", "--token", "list"],
+        ["--config", "/etc/e.ron", "queue", "view", "01ABC"],
+        ["dns", "refresh", "example.org"],
+        ["system", "ping"],
+        ["config", "check"],
+    ],
+)
+def test_the_parser_of_the_named_command_alone_parses_as_the_whole_one(argv: list[str]) -> None:
+    """empathctl builds only the parser of the command named (start-up time): it must
+    read every command line exactly as the parser of all commands does."""
+    picked = empathctl.named_command(argv)
+    assert 1 == len(picked)
+    assert vars(empathctl.build_parser().parse_args(argv)) == vars(
+        empathctl.build_parser(picked).parse_args(argv)
+    )
+
+
+@pytest.mark.parametrize("argv", [["queue"], ["queue", "--help"], ["queue", "nope"], []])
+def test_help_and_unknown_commands_get_the_whole_parser(argv: list[str]) -> None:
+    assert empathctl.COMMANDS == empathctl.named_command(argv)

@@ -129,9 +129,11 @@ def test_connections_past_the_cap_get_busy(tmp_path: Path) -> None:
 
 
 def test_empathctl_does_not_import_the_daemon() -> None:
-    """Start-up time: the CLI path loads neither asyncio nor the daemon's packages."""
+    """Start-up time: the CLI path loads neither asyncio nor the daemon's packages, nor
+    typing, pathlib, shutil (argparse's terminal size) or the native build's checks."""
     code = (
-        "import sys, empath.cli.empathctl, empath.control.client\n"
+        "import sys, empath.cli.empathctl as m, empath.control.client\n"
+        "m.build_parser(m.named_command(['queue', 'stats']))\n"
         "print(' '.join(sorted(sys.modules)))"
     )
     out = subprocess.run(
@@ -139,5 +141,6 @@ def test_empathctl_does_not_import_the_daemon() -> None:
     ).stdout.split()
     heavy = {"asyncio", "empath.app", "empath.queue", "empath.spool", "empath.smtp", "dns"}
     heavy |= {"dataclasses", "orjson", "inspect", "importlib.abc"}  # see control.protocol
+    heavy |= {"typing", "pathlib", "shutil", "hashlib", "sysconfig"}  # see empath/__init__
     assert set() == heavy & set(out)
     assert not [m for m in out if m.startswith(("empath.config.model", "empath.delivery"))]

@@ -18,8 +18,8 @@ import json
 import os
 import sys
 import time
+from collections import namedtuple
 from collections.abc import Callable, Sequence
-from typing import Any, Final, NamedTuple
 
 from empath.cli import output
 from empath.control.client import (
@@ -29,6 +29,11 @@ from empath.control.client import (
     discover_socket,
 )
 from empath.control.protocol import TOKEN_ENV_VAR
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+
+if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
+    from typing import Any, Final, NamedTuple
 
 STATUSES: Final = ("pending", "in_progress", "retry", "failed", "expired", "delivered")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -74,14 +79,19 @@ def _no_args(_p: argparse.ArgumentParser) -> None:
     return None
 
 
-class CliCommand(NamedTuple):
-    """One `empathctl GROUP NAME` (a NamedTuple, not a dataclass: start-up time)."""
+if TYPE_CHECKING:
 
-    group: str
-    name: str
-    help: str
-    run: Runner
-    configure: Callable[[argparse.ArgumentParser], None] = _no_args
+    class CliCommand(NamedTuple):
+        """One `empathctl GROUP NAME` (a namedtuple, not a dataclass: start-up time)."""
+
+        group: str
+        name: str
+        help: str
+        run: Runner
+        configure: Callable[[argparse.ArgumentParser], None] = _no_args
+
+else:
+    CliCommand = namedtuple("CliCommand", "group name help run configure", defaults=(_no_args,))
 
 
 # --- queue -------------------------------------------------------------------------
@@ -345,9 +355,37 @@ def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's, sized as shutil.get_terminal_size would (argparse imports shutil -
+    and with it bz2, lzma, fnmatch - to ask, for every parser it builds)."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(1).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="empathctl",
+        formatter_class=_Formatter,
         description="Control a running Empath daemon. Socket: --socket, "
         "$EMPATH_CONTROL_SOCKET, else control_socket of the config (--config, "
         "$EMPATH_CONFIG, ./empath.config.ron, /etc/empath/empath.config.ron).",
@@ -359,11 +397,13 @@ def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.Argument
     sub: dict[str, Any] = {}
     for c in commands:
         if c.group not in sub:
-            gp = groups.add_parser(c.group, help=f"{c.group} commands")
+            gp = groups.add_parser(c.group, help=f"{c.group} commands", formatter_class=_Formatter)
             sp = gp.add_subparsers(dest="command", metavar="COMMAND")
             sp.required = True
             sub[c.group] = sp
-        cp = sub[c.group].add_parser(c.name, help=c.help, description=c.help)
+        cp = sub[c.group].add_parser(
+            c.name, help=c.help, description=c.help, formatter_class=_Formatter
+        )
         _global_options(cp, top=False)
         c.configure(cp)
         cp.set_defaults(run=c.run)
@@ -374,8 +414,32 @@ def _groups(commands: Sequence[CliCommand]) -> list[str]:
     return list(dict.fromkeys(c.group for c in commands))
 
 
+_VALUE_OPTIONS = frozenset({"--socket", "--config", "--token"})
+
+
+def named_command(argv: Sequence[str]) -> list[CliCommand]:
+    """The one command ``argv`` names by its first two words, or every command (help,
+    usage errors).  Start-up time: building the parsers of all commands costs more
+    than the round trip of `queue stats` (argparse formats and translates each)."""
+    if "-h" in argv or "--help" in argv:
+        return COMMANDS
+    words: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUE_OPTIONS:
+            skip = True
+        elif not arg.startswith("-"):
+            words.append(arg)
+            if len(words) == 2:
+                break
+    return [c for c in COMMANDS if [c.group, c.name] == words] or COMMANDS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(named_command(args)).parse_args(args)
     ctx = Ctx(ns)
     run: Runner = ns.run
     try:

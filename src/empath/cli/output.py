@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    from typing import Any
 
 LIST_FIELDS = ("id", "domain", "status", "attempts", "age_s", "next_attempt_at", "from", "rcpts")
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections import namedtuple
 from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import IO, Any, Final, NamedTuple
 
 from empath.control.protocol import (
     PROTOCOL_VERSION,
@@ -27,16 +26,26 @@ from empath.control.protocol import (
     encode_request,
 )
 
-CONFIG_CANDIDATES: Final = (Path("empath.config.ron"), Path("/etc/empath/empath.config.ron"))
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+
+if TYPE_CHECKING:  # the CLI path imports neither typing nor pathlib (start-up time)
+    from typing import IO, Any, Final, NamedTuple
+
+CONFIG_CANDIDATES: Final = ("empath.config.ron", "/etc/empath/empath.config.ron")
 DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - SPEC §1's default
 HOW_TO_SET: Final = (
     f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
 )
 
 
-class SocketChoice(NamedTuple):
-    path: str
-    source: str  # where the path came from, for error messages
+if TYPE_CHECKING:
+
+    class SocketChoice(NamedTuple):
+        path: str
+        source: str  # where the path came from, for error messages
+
+else:
+    SocketChoice = namedtuple("SocketChoice", "path source")
 
 
 class ControlError(Exception):
@@ -78,7 +87,8 @@ def discover_socket(
     if path is None:
         return SocketChoice(DEFAULT_SOCKET, "the default (no config file found)")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise Unreachable(f"cannot find the control socket: {exc}; {HOW_TO_SET}") from None
     # Not the schema (empath.config.load): a file broken elsewhere (mid-edit, before
@@ -184,18 +194,18 @@ def _value_after(text: str, i: int) -> object:
     return value if value and "\\" not in value else _UNSURE
 
 
-def config_path(cli_config: str | None, env: Mapping[str, str]) -> Path | None:
+def config_path(cli_config: str | None, env: Mapping[str, str]) -> str | None:
     """The daemon's config discovery (``empath.config.load.discover_config_path``, which
     a test keeps equal): ``--config``, ``$EMPATH_CONFIG``, then the first existing of
     ./empath.config.ron and /etc/empath/empath.config.ron; None when none exists.
     Raises Unreachable when an explicitly named file is missing."""
     for named, source in ((cli_config, "--config"), (env.get("EMPATH_CONFIG"), "$EMPATH_CONFIG")):
         if named:
-            if not Path(named).is_file():
+            if not os.path.isfile(named):
                 raise Unreachable(f"cannot find the control socket: {source} {named} is not a file")
-            return Path(named)
+            return named
     for candidate in CONFIG_CANDIDATES:
-        if candidate.is_file():
+        if os.path.isfile(candidate):
             return candidate
     return None
 

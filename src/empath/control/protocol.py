@@ -37,7 +37,12 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import Any, Final, NamedTuple
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+
+if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
+    from typing import Any, Final, NamedTuple
 
 PROTOCOL_VERSION: Final = 1
 MAX_REQUEST_BYTES: Final = 64 * 1024
@@ -60,13 +65,18 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "internal"  # a bug: logged by the daemon
 
 
-class Request(NamedTuple):
-    """A validated request line."""
+if TYPE_CHECKING:
 
-    id: int | str | None
-    cmd: str
-    args: dict[str, Any]
-    token: str | None
+    class Request(NamedTuple):
+        """A validated request line."""
+
+        id: int | str | None
+        cmd: str
+        args: dict[str, Any]
+        token: str | None
+
+else:
+    Request = namedtuple("Request", "id cmd args token")
 
 
 class RequestError(Exception):
