@@ -7,12 +7,14 @@ units in seconds.  The daemon is then started on it; the figure is the time from
 spawn to ``Empath ready`` (spool recovery + the runner's schedule), and the RSS per
 queued unit above an empty daemon's.  Goals (issue 7): < 60 s and <= 1 KiB per unit.
 
-The time goal is asserted.  The memory goal is not met by this build (about 1.3-1.4 KiB
-per unit measured; the spool's index is ~0.95 KiB of it per one-unit message, the rest
-the scheduler's entries and allocator slack): what it would take is an index that does
+The time goal is asserted (1M units, shared 2-vCPU VM: 47 s compiled, 61-122 s pure
+Python depending on the load).  The memory goal is not met by this build (1.4 KiB per
+unit at 50k, 1.8-2.0 KiB at 1M; the spool's index is ~0.95 KiB per one-unit message, the
+rest the scheduler's entries and allocator slack): what it would take is an index that does
 not keep a decoded MessageState for every queued message - the id, the unit's due time
 and the record's (segment, offset) in compact arrays, decoding a message when its unit
-comes due.  The test asserts the 2 KiB this build holds, so a regression fails.
+comes due.  The test asserts what this build holds (2 KiB at 50k, 2.5 KiB at 1M), so a
+regression fails.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 BODY = b"Subject: scale\r\nMessage-ID: <scale@empath.test>\r\n\r\n" + b"queued for later.\r\n" * 8
 GOAL_SECONDS = 60.0
 GOAL_BYTES_PER_UNIT = 1024  # the issue's goal: not met yet, see the module doc
-BAR_BYTES_PER_UNIT = 2048  # what this build holds (a regression fails here)
+BAR_BYTES_PER_UNIT = pick(2048, 2560)  # what this build holds (a regression fails here)
 
 
 def build_queue(spool: Path, units: int, now: float) -> None:
