@@ -44,7 +44,7 @@ not drain within the command timeout is aborted too.
 The per-IP cap counts IPv4 clients by address and IPv6 clients by /64 (one
 customer's allocation; any address in it is the same client for the cap).
 
-(About 600 lines on purpose: the pump, its flow control and its timeouts share the
+(Just over 600 lines on purpose: the pump, its flow control and its timeouts share the
 per-session state and are read best together.)
 """
 
