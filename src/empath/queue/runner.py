@@ -326,6 +326,16 @@ class DeliveryRunner:
             outcome = await self._attempt(key)
         except asyncio.CancelledError:
             raise
+        except SpoolError as exc:
+            # The outcome (or its DSN) could not be made durable - a full or failing spool,
+            # already logged by the spool.  Nothing was acted on; the unit runs again.
+            retry_at = self.clock.now() + self.retry.delay_for(1)
+            log.warn(
+                "Delivery outcome not saved, the unit will be retried",
+                message_id=key.message_id,
+                domain=key.domain,
+                error=str(exc),
+            )
         except Exception:
             log.exception("Delivery attempt crashed", message_id=key.message_id, domain=key.domain)
             retry_at = self.clock.now() + self.retry.delay_for(1)
