@@ -218,7 +218,7 @@ class App:
         if cached is not None and now - cached[0] < QUEUE_SIZES_CACHE_S:
             return cached[1]
         summary = summarise_queue(
-            self.spool.messages(), set(self.runner.in_flight_keys()), time.time(), 0
+            self.spool.index, (), set(self.runner.in_flight_keys()), time.time(), 0
         )
         sizes = {status.value: n for status, n in summary.sizes.items()}
         self._queue_sizes_cache = (now, sizes)

@@ -6,21 +6,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from empath.dns.resolver import LookupStats
-from empath.observability.metrics import EmpathCollector, MetricsSettings
+from empath.observability.metrics import (
+    QUEUE_STATUSES,
+    EmpathCollector,
+    MetricsSettings,
+    QueueSummary,
+    summarise_queue,
+)
 from empath.observability.stats import DomainLabels, RunnerStats
 from empath.policy.breaker import Admit, BreakerSettings
 from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
-from empath.spool.model import MessageState
+from empath.queue.index import UnitKey
+from empath.spool.index import MessageIndex
+from empath.spool.model import Envelope, MessageState, RecipientState, UnitState, UnitStatus
 from empath.spool.store import SpoolUsage
 from empath.testing.clock import FakeClock
 from empath.transport.listener import ListenerStats
 
 
 class EmptyQueue:
+    index = MessageIndex()
+
     def messages(self) -> Iterator[MessageState]:
         return iter(())
 
@@ -96,3 +108,67 @@ def test_rendering_escapes_label_values_that_need_it_and_collect_agrees() -> Non
     assert 3.0 == s[("empath_smtp_connections_total", frozenset({("listener", '[::]:25 "main"')}))]
     via_registry = {m.name for m in c.collect()}
     assert {"empath_smtp_connections", "empath_delivery_queue_size"} <= via_registry
+
+
+def _walked(
+    messages: list[MessageState], in_flight: set[UnitKey], now: float, cap: int
+) -> QueueSummary:
+    """The summary by a full walk of the queue (what the scrape did before the index)."""
+    live = {UnitStatus.PENDING, UnitStatus.RETRY, UnitStatus.IN_PROGRESS}
+    counts = dict.fromkeys(UnitStatus, 0)
+    oldest: float | None = None
+    retries: list[tuple[str, int]] = []
+    for msg in messages:
+        tries = 0
+        for unit in msg.units:
+            counts[unit.status] += 1
+            if unit.status in live:
+                tries = max(tries, unit.attempts)
+                if UnitKey(msg.id, unit.domain) in in_flight:
+                    counts[unit.status] -= 1
+                    counts[UnitStatus.IN_PROGRESS] += 1
+        if not msg.finished:
+            at = msg.envelope.received_at
+            oldest = at if oldest is None else min(oldest, at)
+            if tries and len(retries) < cap:
+                retries.append((msg.id, tries))
+    sizes = {st: counts[st] for st in QUEUE_STATUSES}
+    return QueueSummary(sizes, 0.0 if oldest is None else now - oldest, tuple(retries))
+
+
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a.test", "b.test", "c.test"]),
+                st.sampled_from(list(UnitStatus)),
+                st.integers(0, 3),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+        max_size=25,
+    ),
+    st.integers(0, 4),
+)
+def test_the_scrape_summary_from_the_index_equals_a_full_walk(
+    shapes: list[list[tuple[str, UnitStatus, int, bool]]], cap: int
+) -> None:
+    index = MessageIndex()
+    in_flight: set[UnitKey] = set()
+    for i, units in enumerate(shapes):
+        mid = f"m{i:03d}"
+        by_domain = {d: (s, n, f) for d, s, n, f in units}
+        index[mid] = MessageState(
+            mid,
+            Envelope("s@x.test", tuple(f"u@{d}" for d in by_domain), 1000.0 + (i * 7) % 11),
+            tuple(
+                UnitState(d, (RecipientState(f"u@{d}"),), status=s, attempts=n)
+                for d, (s, n, _f) in by_domain.items()
+            ),
+        )
+        in_flight |= {UnitKey(mid, d) for d, (_s, _n, f) in by_domain.items() if f}
+    messages = list(index.values())
+    got = summarise_queue(index, iter(messages), in_flight, 2000.0, cap)
+    assert _walked(messages, in_flight, 2000.0, cap) == got

@@ -5,6 +5,7 @@ from __future__ import annotations
 from empath.observability.metrics import summarise_queue
 from empath.observability.stats import OTHER, DomainLabels, Histogram, RunnerStats, Window
 from empath.queue.index import UnitKey
+from empath.spool.index import MessageIndex
 from empath.spool.model import (
     Envelope,
     MessageState,
@@ -84,7 +85,10 @@ def test_queue_summary_counts_units_by_status_and_in_flight_as_in_progress() -> 
         ),
         _msg("M3", 200.0, _unit("a.test", UnitStatus.PENDING)),
     ]
-    summary = summarise_queue(messages, {UnitKey("M3", "a.test")}, now=400.0, max_retry_series=10)
+    index = MessageIndex({m.id: m for m in messages})
+    summary = summarise_queue(
+        index, messages, {UnitKey("M3", "a.test")}, now=400.0, max_retry_series=10
+    )
     assert {
         UnitStatus.PENDING: 1,
         UnitStatus.IN_PROGRESS: 1,
@@ -98,5 +102,6 @@ def test_queue_summary_counts_units_by_status_and_in_flight_as_in_progress() -> 
 
 def test_queue_summary_caps_retry_series() -> None:
     messages = [_msg(f"M{i}", float(i), _unit("a.test", UnitStatus.RETRY, 1)) for i in range(50)]
-    summary = summarise_queue(messages, set(), now=100.0, max_retry_series=5)
+    index = MessageIndex({m.id: m for m in messages})
+    summary = summarise_queue(index, messages, set(), now=100.0, max_retry_series=5)
     assert ["M0", "M1", "M2", "M3", "M4"] == [m for m, _ in summary.retry_counts]

@@ -43,6 +43,7 @@ from empath.observability.stats import OTHER, HistogramCounts, RunnerStats, Wind
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicySnapshot
 from empath.queue.index import UnitKey
+from empath.spool.index import MessageIndex
 from empath.spool.model import MessageState, UnitStatus
 from empath.spool.store import SpoolUsage
 from empath.transport.listener import ListenerStats
@@ -62,6 +63,9 @@ _STATE_VALUE = {st: float(st.gauge_value) for st in BreakerState}
 
 class QueueSource(Protocol):
     def messages(self) -> Iterator[MessageState]: ...
+
+    @property
+    def index(self) -> MessageIndex: ...
 
     def usage(self) -> SpoolUsage: ...
 
@@ -98,36 +102,40 @@ class QueueSummary:
 
 
 def summarise_queue(
+    index: MessageIndex,
     messages: Iterable[MessageState],
     in_flight: Collection[UnitKey],
     now: float,
     max_retry_series: int,
 ) -> QueueSummary:
-    """Units by status, the oldest non-terminal unit's age, and retry counts (oldest first)."""
-    counts = dict.fromkeys(UnitStatus, 0)
-    oldest: float | None = None
+    """Units by status and the oldest non-terminal unit's age from the counts the spool's
+    index keeps (no walk of the queue); the retry counts walk it oldest first only until
+    ``max_retry_series`` messages with a failed attempt are found."""
+    counts = index.status_counts()
+    for key in in_flight:
+        msg = index.get(key.message_id)
+        if msg is None:
+            continue
+        for unit in msg.units:
+            if unit.domain == key.domain:
+                if unit.status in _LIVE:
+                    counts[unit.status] -= 1
+                    counts[UnitStatus.IN_PROGRESS] += 1
+                break
+    oldest_msg = index.oldest()
+    oldest = None if oldest_msg is None else oldest_msg.envelope.received_at
     retries: list[tuple[str, int]] = []
     live_statuses = _LIVE
-    flying = 0
-    for msg in messages:
-        live = False
-        tries = 0
-        for unit in msg.units:
-            status = unit.status
-            counts[status] += 1
-            if status in live_statuses:
-                live = True
-                tries = max(tries, unit.attempts)
-                if in_flight and UnitKey(msg.id, unit.domain) in in_flight:
-                    flying += 1
-                    counts[status] -= 1
-        if live:
-            received = msg.envelope.received_at
-            if oldest is None or received < oldest:
-                oldest = received
-            if tries and len(retries) < max_retry_series:
+    if max_retry_series > 0:
+        for msg in messages:
+            tries = 0
+            for unit in msg.units:
+                if unit.status in live_statuses and unit.attempts > tries:
+                    tries = unit.attempts
+            if tries:
                 retries.append((msg.id, tries))
-    counts[UnitStatus.IN_PROGRESS] += flying
+                if len(retries) >= max_retry_series:
+                    break
     sizes = {status: counts[status] for status in QUEUE_STATUSES}
     return QueueSummary(sizes, 0.0 if oldest is None else max(0.0, now - oldest), tuple(retries))
 
@@ -357,6 +365,7 @@ class EmpathCollector:
 
     def _queue_families(self) -> Iterator[Family]:
         summary = summarise_queue(
+            self._queue.index,
             self._queue.messages(),
             self._in_flight(),
             self._clock.now(),
