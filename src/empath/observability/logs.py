@@ -68,6 +68,22 @@ def _rfc3339(ts: float) -> str:
     return f"{_second_cache[1]}.{micros:06d}Z"
 
 
+_us_cache: list[Any] = [-1, ""]
+
+
+def rfc3339_us(us: int) -> str:
+    """Microseconds since the epoch → ``2026-11-28T03:34:28.000042Z``.  The sink's
+    clock: the second's prefix is cached and the fraction is padded by string slicing
+    (half the cost of :func:`_rfc3339`'s float split and format spec, per line)."""
+    whole = us // 1_000_000
+    cache = _us_cache
+    if cache[0] != whole:
+        cache[0] = whole
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+    prefix: str = cache[1]
+    return prefix + str(us - whole * 1_000_000 + 1_000_000)[1:] + "Z"
+
+
 SENDER_FIELDS: Final = frozenset({"sender"})
 RECIPIENT_FIELDS: Final = frozenset({"recipient", "rcpt", "to"})
 
@@ -113,7 +129,7 @@ class LineSink:
         if self.json:
             line = encode_line(
                 {
-                    "timestamp": _rfc3339(time.time()),
+                    "timestamp": rfc3339_us(time.time_ns() // 1000),
                     "level": LEVEL_NAMES.get(level, "INFO"),
                     "target": target,
                     "fields": fields,
@@ -122,14 +138,10 @@ class LineSink:
         else:
             message = fields.pop("message", "")
             kv = " ".join(f"{k}={v}" for k, v in fields.items())
+            stamp = rfc3339_us(time.time_ns() // 1000)
             line = (
-                (
-                    f"{_rfc3339(time.time())} {LEVEL_NAMES.get(level, 'INFO'):5} {target}: "
-                    f"{message} {kv}"
-                )
-                .rstrip()
-                .encode("utf-8", "replace")
-            )
+                f"{stamp} {LEVEL_NAMES.get(level, 'INFO'):5} {target}: {message} {kv}".rstrip()
+            ).encode("utf-8", "replace")
         self._buffer.append(line)
         if self._scheduled:
             return
