@@ -462,6 +462,46 @@ def test_compaction_keeps_live_messages_and_reclaims_finished(tmp_path: Path) ->
     run(main())
 
 
+def test_close_waits_for_a_compaction_under_way(tmp_path: Path) -> None:
+    """Shutdown during a compaction lets it finish its segment, starts no other, and
+    then closes the spool (it once iterated the segments while compaction removed one:
+    "dictionary changed size during iteration")."""
+
+    async def main() -> None:
+        spool, _ = await reopen(tmp_path, segment_bytes=4096, spill_bytes=200)
+        msgs = [await put(spool, b"%04d" % i + b"x" * 150 + b"\r\n") for i in range(60)]
+        for m in msgs[1:]:
+            await spool.remove(m.id)
+        copying = asyncio.Event()
+        release = asyncio.Event()
+        copy_forward = spool._copy_forward
+        victims: list[int] = []
+
+        async def paused_copy(writer: Any, seg: Any) -> int:
+            victims.append(seg.seq)
+            copying.set()
+            await release.wait()
+            return await copy_forward(writer, seg)
+
+        spool._copy_forward = paused_copy  # type: ignore[method-assign]
+        compaction = asyncio.ensure_future(spool.compact())
+        await copying.wait()
+        closing = asyncio.ensure_future(spool.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()  # close waits for the segment being compacted
+        release.set()
+        freed = await compaction
+        await closing
+        assert freed > 0
+        assert 1 == len(victims)  # no further segment was started once close began
+        spool, report = await reopen(tmp_path, segment_bytes=4096, spill_bytes=200)
+        assert [msgs[0].id] == [m.id for m in spool.messages()]
+        assert 0 == report.quarantined
+        await spool.close()
+
+    run(main())
+
+
 def test_usage_counts_log_and_spilled_bytes(tmp_path: Path) -> None:
     async def main() -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)

@@ -98,6 +98,7 @@ class FileSpool(IndexedMessages):
         self._removing: set[str] = set()
         self._spill_total = 0
         self._compact_lock = asyncio.Lock()
+        self._closing = False
         self.last_recovery: RecoveryReport | None = None
 
     def __repr__(self) -> str:
@@ -229,16 +230,23 @@ class FileSpool(IndexedMessages):
             self._lock_fd = None
 
     async def close(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is None:
+        if self._writer is None:
             return
-        await asyncio.to_thread(writer.stop)
-        await asyncio.sleep(0)  # let the last batch callback run
-        for seg in self._segments.values():
-            with contextlib.suppress(OSError):
-                os.close(seg.read_fd)
-        self._segments = {}
-        self._release_lock()
+        # A compaction under way finishes the segment it is on (its copies need the
+        # writer) and starts no other; only then do the writer and the segments go.
+        self._closing = True
+        async with self._compact_lock:
+            writer, self._writer = self._writer, None
+            if writer is None:
+                return
+            await asyncio.to_thread(writer.stop)
+            await asyncio.sleep(0)  # let the last batch callback run
+            with self._segments_lock:
+                segments, self._segments = list(self._segments.values()), {}
+            for seg in segments:
+                with contextlib.suppress(OSError):
+                    os.close(seg.read_fd)
+            self._release_lock()
 
     # --- writing ----------------------------------------------------------------
 
@@ -468,7 +476,7 @@ class FileSpool(IndexedMessages):
         writer = self._live_writer()
         freed = 0
         async with self._compact_lock:
-            while True:
+            while not self._closing:
                 seg = self._pick_victim(writer)
                 if seg is None:
                     return freed
@@ -483,6 +491,7 @@ class FileSpool(IndexedMessages):
                     moved_messages=moved,
                     freed_bytes=seg.size,
                 )
+            return freed
 
     def _pick_victim(self, writer: LogWriter) -> Segment | None:
         with self._segments_lock:
@@ -569,9 +578,10 @@ class FileSpool(IndexedMessages):
         seg.path.unlink()
         fsync_dir(self._log_dir)
         with self._segments_lock:
-            self._segments.pop(seg.seq, None)
-        with contextlib.suppress(OSError):
-            os.close(seg.read_fd)
+            owned = self._segments.pop(seg.seq, None) is not None
+        if owned:  # else close() took the segment and closes its descriptor
+            with contextlib.suppress(OSError):
+                os.close(seg.read_fd)
 
 
 def _unlink_quietly(path: Path) -> None:
