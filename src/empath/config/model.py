@@ -199,6 +199,10 @@ class SmtpControllerConfig:
 # --- spool -------------------------------------------------------------------
 
 
+# a spool log segment's size (FileSpool's default too: one number, here)
+SEGMENT_BYTES: Final = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     """``File`` is the durable on-disk store; ``Memory`` is for tests only."""
@@ -206,7 +210,7 @@ class SpoolConfig:
     type: SpoolType = "File"
     path: str = rule("/var/spool/empath", check=non_empty)
     # The log rotates to a new segment file at this size; compaction frees whole segments.
-    segment_bytes: int = rule(64 * 1024 * 1024, check=lambda v: at_least(v, 64 * 1024))
+    segment_bytes: int = rule(SEGMENT_BYTES, check=lambda v: at_least(v, 64 * 1024))
     compact_interval_secs: float = rule(30.0, check=positive)
 
 

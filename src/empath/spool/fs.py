@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Final
 
 from empath.clock import Clock, SystemClock
+from empath.config.model import SEGMENT_BYTES
 from empath.errors import SpoolError
 from empath.ids import new_ulid
 from empath.observability.logs import get_logger
@@ -74,7 +75,7 @@ class FileSpool(IndexedMessages):
         path: Path,
         *,
         clock: Clock | None = None,
-        segment_bytes: int = 64 * 1024 * 1024,
+        segment_bytes: int = SEGMENT_BYTES,
         spill_bytes: int = 256 * 1024,
         compact_live_ratio: float = 0.5,
         progress_every: int = 100_000,
