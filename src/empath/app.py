@@ -53,7 +53,8 @@ from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
 from empath.spool.store import Spool
 from empath.supervisor import Supervisor
-from empath.transport.listener import SmtpServerGroup
+from empath.transport.acceptance import AcceptancePipeline, AcceptanceStep
+from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from empath.transport.pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class App:
             audit=config.audit.enabled,
             redact_sender=config.audit.redact_sender,
         )
+        self.listeners.set_acceptance(self._acceptance_for)
         self.metrics = EmpathCollector(
             settings=settings.metrics,
             clock=self.clock,
@@ -314,9 +316,23 @@ class App:
         set_redaction(redacted_fields(new.audit.redact_sender, new.audit.redact_recipients))
         self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)
         self.config = new
+        self.listeners.set_acceptance(self._acceptance_for)  # steps built from the new config
         self.last_reload = ReloadRecord(time.time(), True)
         log.info("Config reloaded", path=str(path))
         return None
+
+    # -- end-of-data acceptance steps (transport/acceptance.py) -----------------
+
+    def _acceptance_for(self, spec: ListenerSpec) -> AcceptancePipeline | None:
+        """The one place config becomes end-of-data steps, per listener; called at
+        start and again on reload.  No step → None → the streaming fast path."""
+        steps: list[AcceptanceStep] = []
+        # Stage.MODULES: Python modules and milters (SPEC §14) go here.
+        # Stage.SUBMISSION: the header From: check of AUTH listeners (SPEC §13) goes here.
+        # Stage.DKIM: signing (SPEC §12) goes here.
+        if not steps:
+            return None
+        return AcceptancePipeline(tuple(steps), timeout_s=spec.data_termination_timeout_s)
 
     # -- health ---------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from empath.observability.logs import get_logger
 from empath.smtp.server import RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
+from empath.transport.acceptance import AcceptancePipeline
 from empath.transport.session import SmtpSession
 
 log = get_logger("smtp", __name__)
@@ -111,6 +112,7 @@ class ListenerRuntime:
         "_relay",
         "_relay_cache",
         "_sweeper",
+        "acceptance",
         "audit",
         "clock",
         "label",
@@ -167,6 +169,12 @@ class ListenerRuntime:
         )
         self.tick_s = min(5.0, max(0.02, min(timeouts) / 4))
         self._sweeper: Timer | None = None
+        # end-of-data steps (acceptance.py); None = the streaming fast path
+        self.acceptance: AcceptancePipeline | None = None
+
+    def trusts(self, client_ip: str) -> bool:
+        """The client is in relay.trusted_networks (for acceptance steps)."""
+        return self._relay.trusts(client_ip)
 
     def relay_check(self, client_ip: str) -> Callable[[str], bool]:
         check = self._relay_cache.get(client_ip)
@@ -272,6 +280,16 @@ class SmtpServerGroup:
         self._servers: list[asyncio.Server] = []
         self._runtimes: list[ListenerRuntime] = []
         self.stats: dict[str, ListenerStats] = {}
+        self._acceptance: Callable[[ListenerSpec], AcceptancePipeline | None] | None = None
+
+    def set_acceptance(
+        self, pipeline_for: Callable[[ListenerSpec], AcceptancePipeline | None] | None
+    ) -> None:
+        """Install the end-of-data steps per listener (at start and on reload); sessions
+        use the new pipeline from their next message on."""
+        self._acceptance = pipeline_for
+        for rt in self._runtimes:
+            rt.acceptance = pipeline_for(rt.spec) if pipeline_for is not None else None
 
     @property
     def bound(self) -> bool:
@@ -306,6 +324,8 @@ class SmtpServerGroup:
                     audit=self._audit,
                     redact_sender=self._redact_sender,
                 )
+                if self._acceptance is not None:
+                    rt.acceptance = self._acceptance(spec)
                 server = await self._bind(loop, spec, rt)
                 self._servers.append(server)
                 self._runtimes.append(rt)
