@@ -29,6 +29,7 @@ from empath.control.client import (
     discover_socket,
 )
 from empath.control.protocol import TOKEN_ENV_VAR
+from empath.textsafe import json_text
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
@@ -67,7 +68,7 @@ class Ctx:
     def emit(self, data: Any, text: str) -> None:
         """Print ``data`` as JSON with --json, else ``text``."""
         if self.json:
-            sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            sys.stdout.write(json_text(json.dumps(data, indent=2, ensure_ascii=False)) + "\n")
         else:
             sys.stdout.write(text)
 
@@ -132,7 +133,8 @@ def queue_list(ctx: Ctx, ns: argparse.Namespace) -> int:
     for chunk in ctx.client().stream("queue.list", args):
         if ctx.json:
             dumps = json.dumps
-            write("".join(dumps(o, ensure_ascii=False) + "\n" for o in output.list_objects(chunk)))
+            lines = (dumps(o, ensure_ascii=False) + "\n" for o in output.list_objects(chunk))
+            write(json_text("".join(lines)))
         elif chunk and isinstance(chunk[0], str):
             write("".join(chunk))
         else:  # a daemon that sends rows only
@@ -157,7 +159,7 @@ def queue_stats(ctx: Ctx, ns: argparse.Namespace) -> int:
         while True:
             data = ctx.call("queue.stats")
             if ctx.json:
-                sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+                sys.stdout.write(json_text(json.dumps(data, ensure_ascii=False)) + "\n")
             elif tty:
                 stamp = time.strftime("%H:%M:%S")
                 sys.stdout.write(

@@ -6,13 +6,21 @@ The `queue list` line is a contract (SPEC §5, the runbook's pipelines)::
         next: <time|->, from: <sender>, rcpts: <n>            (one line)
 
 No field may hold a space before ``domain:`` or a comma before ``status:``, and no
-free text (remote replies) appears on it; ``queue view`` shows those.
+free text (remote replies) appears on it; ``queue view`` shows those.  The fields
+that come from the network (the domain and the sender) go through
+:func:`empath.textsafe.list_field`: a hostile sender such as
+``"x id: 01AAA domain: victim.test,"@evil.test`` is printed with its spaces and
+comma escaped (``\x20``, ``\x2c``), so ``grep -o 'id: [^ ]*'`` and ``grep -o
+'domain: [^,]*'`` see only the real fields.  ``queue view`` passes every text it
+shows through :func:`empath.textsafe.terminal`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+
+from empath.textsafe import list_field, terminal
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
@@ -44,7 +52,7 @@ def timestamp(at: float | None) -> str:
 
 
 def sender(address: str) -> str:
-    return address or "<>"
+    return terminal(address) if address else "<>"
 
 
 _MEMO_MAX = 1 << 16  # entries per memo before it starts over
@@ -82,8 +90,8 @@ def list_line_items(rows: Iterable[list[Any]]) -> list[str]:
         else:
             when = "-"
         out.append(
-            f"id: {mid} domain: {domain}, status: {status}, attempts: {attempts}, age: {age}, "
-            f"next: {when}, from: {frm or '<>'}, rcpts: {rcpts}\n"
+            f"id: {mid} domain: {list_field(domain)}, status: {status}, attempts: {attempts}, "
+            f"age: {age}, next: {when}, from: {list_field(frm) if frm else '<>'}, rcpts: {rcpts}\n"
         )
     return out
 
@@ -114,7 +122,7 @@ def stats_text(data: dict[str, Any]) -> str:
         lines.append("Oldest queued: -")
     top = data.get("top_domains") or []
     lines.append("Top domains by queued units:" if top else "Top domains by queued units: -")
-    lines += _table((d, n) for d, n in top)
+    lines += _table((terminal(d), n) for d, n in top)
     lines.append(
         f"Last {duration(data['window_s'])}: {data['delivered_in_window']} delivered "
         f"({data['delivered_per_min']}/min), {data['failed_attempts_in_window']} failed "
@@ -133,7 +141,7 @@ def status_text(data: dict[str, Any]) -> str:
     elif cfg["last_reload_ok"]:
         reload = f"{timestamp(cfg['last_reload_at'])} ok"
     else:
-        reload = f"{timestamp(cfg['last_reload_at'])} FAILED: {cfg['last_reload_error']}"
+        reload = f"{timestamp(cfg['last_reload_at'])} FAILED: {terminal(cfg['last_reload_error'])}"
     queue = ", ".join(f"{k} {v}" for k, v in data["queue"].items())
     lines = [
         f"Empath {data['version']} (pid {data['pid']}, up {duration(data['uptime_s'])}, "
@@ -189,37 +197,42 @@ def _node_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _reply(code: int | None, text: str) -> str:
-    """A reply as '550 5.1.1 text', without repeating a code the text starts with."""
+    """A reply as '550 5.1.1 text', without repeating a code the text starts with
+    (escaped for the terminal: the text is the remote server's)."""
     if code is None or text.startswith(str(code)):
-        return text
-    return f"{code} {text}".rstrip()
+        return terminal(text)
+    return terminal(f"{code} {text}".rstrip())
 
 
 def view_text(data: dict[str, Any]) -> str:
-    rcpts = ", ".join(data["recipients"])
+    """``queue view``: every text that came from the network (addresses, HELO, header
+    lines, body preview, remote replies) escaped for the terminal."""
+    rcpts = ", ".join(terminal(r) for r in data["recipients"])
     lines = [
         f"Message {data['id']}",
         f"  from: {sender(data['sender'])}",
         f"  to: {rcpts}",
         f"  received: {timestamp(data['received_at'])} (age {duration(data['age_s'])})"
-        f" from {data['peer'] or '-'} helo {data['helo'] or '-'}",
+        f" from {terminal(data['peer'] or '-')} helo {terminal(data['helo'] or '-')}",
         f"  size: {data['size']} bytes{'  (a DSN)' if data['is_dsn'] else ''}",
     ]
     for u in data["units"]:
         lines.append(
-            f"Unit {u['domain']}: {u['status']}, attempts {u['attempts']}, "
+            f"Unit {terminal(u['domain'])}: {u['status']}, attempts {u['attempts']}, "
             f"next {timestamp(u['next_attempt_at'])}"
         )
         for r in u["recipients"]:
             reply = _reply(r["code"], r["text"])
-            lines.append(f"  rcpt {r['address']}: {r['status']}{' ' + reply if reply else ''}")
+            lines.append(
+                f"  rcpt {terminal(r['address'])}: {r['status']}{' ' + reply if reply else ''}"
+            )
         for a in u["history"]:
             reply = _reply(a["code"], a["text"]) or "-"
-            lines.append(f"  attempt {timestamp(a['at'])} mx {a['mx'] or '-'}: {reply}")
+            lines.append(f"  attempt {timestamp(a['at'])} mx {terminal(a['mx'] or '-')}: {reply}")
     lines.append("Headers:")
-    lines += [f"  {h}" for h in data.get("headers", "").split("\r\n") if h]
+    lines += [f"  {terminal(h)}" for h in data.get("headers", "").split("\r\n") if h]
     lines.append("Body preview:")
-    lines += [f"  {b}" for b in data.get("body_preview", "").split("\r\n")]
+    lines += [f"  {terminal(b)}" for b in data.get("body_preview", "").split("\r\n")]
     if data.get("body_truncated"):
         lines.append("  [...]")
     return "\n".join(lines) + "\n"

@@ -37,6 +37,8 @@ from typing import IO, Any, Final
 
 import orjson
 
+from empath.textsafe import json_line, terminal
+
 LEVEL_NAMES: Final = {
     logging.CRITICAL: "ERROR",
     logging.ERROR: "ERROR",
@@ -139,7 +141,7 @@ class LineSink:
             message = fields.pop("message", "")
             kv = " ".join(f"{k}={v}" for k, v in fields.items())
             stamp = rfc3339_us(time.time_ns() // 1000)
-            line = (
+            line = terminal(
                 f"{stamp} {LEVEL_NAMES.get(level, 'INFO'):5} {target}: {message} {kv}".rstrip()
             ).encode("utf-8", "replace")
         self._buffer.append(line)
@@ -183,11 +185,13 @@ _FALLBACK = json.JSONEncoder(ensure_ascii=False, default=str).encode
 
 def encode_line(obj: dict[str, Any]) -> bytes:
     """One JSON log line (UTF-8, no newline).  orjson costs a tenth of json.dumps; the
-    stdlib encoder is the fallback for the values orjson refuses (ints beyond 64 bits)."""
+    stdlib encoder is the fallback for the values orjson refuses (ints beyond 64 bits).
+    C1 controls and U+2028/U+2029, which JSON may leave raw, are escaped: one record
+    is one line for every line splitter, and no control reaches a terminal."""
     try:
-        return orjson.dumps(obj, default=str, option=_ORJSON_OPTS)
+        return json_line(orjson.dumps(obj, default=str, option=_ORJSON_OPTS))
     except (TypeError, orjson.JSONEncodeError):
-        return _FALLBACK(obj).encode("utf-8", "replace")
+        return json_line(_FALLBACK(obj).encode("utf-8", "replace"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -218,9 +222,10 @@ class TextFormatter(logging.Formatter):
             f"{_rfc3339(record.created)} {LEVEL_NAMES.get(record.levelno, record.levelname):5} "
             f"{record.name}: {record.getMessage()}"
         )
+        line = terminal(f"{line} {kv}" if kv else line)
         if record.exc_info and record.exc_info[0] is not None:
             line += "\n" + self.formatException(record.exc_info)
-        return f"{line} {kv}" if kv else line
+        return line
 
 
 class EventLogger:
