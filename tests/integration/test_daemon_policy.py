@@ -90,6 +90,42 @@ def test_circuit_breaker_opens_then_lets_one_probe_through_then_closes(tmp_path:
             daemon.stop()
 
 
+def test_451_to_three_mailboxes_at_rcpt_does_not_open_the_breaker(tmp_path: Path) -> None:
+    """Three mailboxes answering 451 at RCPT on a healthy MX are those mailboxes' trouble:
+    they are retried, the breaker stays Closed and mail for the other mailboxes flows."""
+    busy = [f"busy{i}@dest.test" for i in range(3)]
+    script = {"rcpt": dict.fromkeys(busy, "451 4.2.1 mailbox busy, try later")}
+    with ThreadedPeer(script) as dest:
+        daemon = start_daemon(
+            tmp_path,
+            {"dest.test": {"mx_override": dest.address}},
+            base_retry_delay_secs=0.2,
+            max_retry_delay_secs=0.4,
+            circuit_breaker={
+                "failure_threshold": 3,
+                "failure_window_secs": 60.0,
+                "timeout_secs": 300.0,
+                "success_threshold": 1,
+            },
+        )
+        try:
+            send_many(daemon.smtp_port, busy)
+            # Each busy mailbox is refused again and again: far more than the threshold.
+            daemon.wait_log("Delivery deferred", count=12, domain="dest.test", timeout=20)
+            good = send_many(daemon.smtp_port, [f"ok{i}@dest.test" for i in range(5)])
+            delivered = daemon.wait_log("Delivered", count=5, domain="dest.test", timeout=10)
+            assert set(good) == {d["fields"]["message_id"] for d in delivered}
+            assert [] == daemon.logs("Circuit breaker OPENED")
+            metrics = daemon.http_get("/metrics")
+            trips = 'empath_delivery_circuit_breaker_trips_total{domain="dest.test"}'
+            assert all(line == f"{trips} 0.0" for line in metrics.splitlines() if trips in line)
+            asked = [c for sess in dest.sessions() for c in sess.commands if "RCPT" in c]
+            for mailbox in busy:
+                assert sum(1 for c in asked if mailbox in c) >= 4, mailbox
+        finally:
+            daemon.stop()
+
+
 # --- rate limit ---------------------------------------------------------------------------
 
 

@@ -270,8 +270,11 @@ def test_operator_delete_bounces_every_pending_recipient_once() -> None:
     assert deleted((a,), envelope=envelope(clock, sender=""), settings=SETTINGS) is None
 
 
-def _o(kind: OutcomeKind) -> RecipientOutcome:
-    return RecipientOutcome("a@x", kind, None, "", "")
+def _o(kind: OutcomeKind | str) -> RecipientOutcome:
+    """An outcome; ``"rcpt4xx"`` is a 4xx to that recipient's own RCPT."""
+    if kind == "rcpt4xx":
+        return RecipientOutcome("a@x", OutcomeKind.TEMPORARY, 451, "4.2.1", "busy", at_rcpt=True)
+    return RecipientOutcome("a@x", OutcomeKind(kind), None, "", "")
 
 
 @pytest.mark.parametrize(
@@ -283,10 +286,14 @@ def _o(kind: OutcomeKind) -> RecipientOutcome:
         ((OutcomeKind.DELIVERED, OutcomeKind.TEMPORARY), None, OutcomeKind.DELIVERED),
         ((), TemporaryDeliveryError("DNS timeout"), OutcomeKind.TEMPORARY),
         ((), None, OutcomeKind.PERMANENT),
+        # A 4xx to one RCPT is that mailbox's trouble: the destination answered, it works.
+        (("rcpt4xx", "rcpt4xx", "rcpt4xx"), None, OutcomeKind.DELIVERED),
+        (("rcpt4xx", OutcomeKind.PERMANENT), None, OutcomeKind.DELIVERED),
+        (("rcpt4xx", OutcomeKind.TEMPORARY), None, OutcomeKind.TEMPORARY),
     ],
 )
 def test_what_an_attempt_says_about_the_destination(
-    kinds: tuple[OutcomeKind, ...], error: DeliveryError | None, destination: OutcomeKind
+    kinds: tuple[OutcomeKind | str, ...], error: DeliveryError | None, destination: OutcomeKind
 ) -> None:
     result = AttemptResult(tuple(_o(k) for k in kinds), "mx", error=error)
     assert destination is destination_of(result)

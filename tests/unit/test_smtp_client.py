@@ -218,6 +218,7 @@ def test_pipelining_sends_mail_rcpts_and_data_in_one_write_and_matches_replies_i
     assert Cmd.DOT == c.phase
     result = done(c.receive_data(b"250 2.0.0 queued as X\r\n"))
     assert {"ok@b.test": 250, "bad@b.test": 550, "later@b.test": 451} == codes(result)
+    assert frozenset({1, 2}) == result.refused_at_rcpt  # each mailbox's own answer
     assert ("ok@b.test",) == result.delivered()
     assert result.replied
     assert c.usable
@@ -239,6 +240,7 @@ def test_without_pipelining_commands_go_one_at_a_time() -> None:
     c.end_body()
     result = done(c.receive_data(b"250 ok\r\n"))
     assert {"a@b.test": 550, "c@b.test": 250} == codes(result)
+    assert frozenset({0}) == result.refused_at_rcpt
 
 
 def test_no_accepted_recipient_means_no_data_and_rset_before_next_message_pipelined() -> None:
@@ -290,6 +292,7 @@ def test_rejected_mail_from_decides_every_recipient() -> None:
         c.receive_data(b"452 4.3.1 insufficient storage\r\n503 no\r\n503 no\r\n503 no\r\n")
     )
     assert {"a@b.test": 452, "c@b.test": 452} == codes(result)
+    assert frozenset() == result.refused_at_rcpt  # MAIL's refusal: the destination's
     assert c.needs_rset
 
 
@@ -376,6 +379,7 @@ def test_421_mid_transaction_settles_undecided_recipients_and_closes() -> None:
     events = c.receive_data(b"250 ok\r\n550 no\r\n421 4.3.2 shutting down\r\n")
     result = done(events)
     assert {"a@b.test": 550, "c@b.test": 421} == codes(result)
+    assert frozenset({0}) == result.refused_at_rcpt  # the 421 is the destination's
     assert any(isinstance(e, SessionClosed) for e in events)
     assert not c.usable
 

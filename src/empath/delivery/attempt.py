@@ -104,9 +104,10 @@ class AttemptSettings:
 
 def _outcomes(result: TransactionResult, mx: str) -> tuple[RecipientOutcome, ...]:
     out = []
-    for address, verdict in result.verdicts:
+    refused = result.refused_at_rcpt
+    for i, (address, verdict) in enumerate(result.verdicts):
         if isinstance(verdict, Reply):
-            out.append(outcome_from_reply(address, verdict, mx))
+            out.append(outcome_from_reply(address, verdict, mx, at_rcpt=i in refused))
         else:
             out.append(_local_outcome(address, verdict, mx))
     return tuple(out)

@@ -55,6 +55,9 @@ class RecipientOutcome:
     (network error, timeout, a local decision such as SMTPUTF8 unsupported).
     ``enhanced`` is always set for non-delivered outcomes (``4.4.1``, ``5.1.1`` ...).
     ``mx`` is the host that answered (or failed), ``""`` when none was reached.
+    ``at_rcpt`` is True when the reply to this recipient's own RCPT decided it: the
+    mailbox's answer, which says nothing about the destination as a whole (SPEC §4:
+    a 4xx to one RCPT does not count for the circuit breaker).
     """
 
     address: str
@@ -63,6 +66,7 @@ class RecipientOutcome:
     enhanced: str
     text: str
     mx: str = ""
+    at_rcpt: bool = False
 
     @property
     def delivered(self) -> bool:
@@ -116,8 +120,10 @@ def reply_text(reply: Reply) -> str:
     return f"{reply.code} {reply.text}".rstrip()
 
 
-def outcome_from_reply(address: str, reply: Reply, mx: str = "") -> RecipientOutcome:
-    """Classify a remote reply that decided ``address``."""
+def outcome_from_reply(
+    address: str, reply: Reply, mx: str = "", *, at_rcpt: bool = False
+) -> RecipientOutcome:
+    """Classify a remote reply that decided ``address`` (``at_rcpt``: its own RCPT's)."""
     return RecipientOutcome(
         address=address,
         kind=kind_of(reply.code),
@@ -125,6 +131,7 @@ def outcome_from_reply(address: str, reply: Reply, mx: str = "") -> RecipientOut
         enhanced=enhanced_of(reply),
         text=reply.text,
         mx=mx,
+        at_rcpt=at_rcpt,
     )
 
 

@@ -97,8 +97,8 @@ class Transition:
     unit: UnitState
     dsns: tuple[DsnReport, ...] = ()
     events: tuple[LogEvent, ...] = ()
-    # What the attempt says about the destination: DELIVERED (it took something),
-    # TEMPORARY (counts for the breaker), PERMANENT (5xx only); None: no attempt.
+    # What the attempt says about the destination (see destination_of): DELIVERED (it
+    # works), TEMPORARY (counts for the breaker), PERMANENT (5xx only); None: no attempt.
     destination: OutcomeKind | None = None
     attempted: bool = False  # an attempt was made (the attempts counter)
     ok: bool = False  # every recipient tried was delivered
@@ -111,15 +111,23 @@ class Transition:
 
 
 def destination_of(result: AttemptResult) -> OutcomeKind:
-    """SPEC §4 breaker input: temporary failures (connect, timeout, 4xx, DNS) count,
-    5xx never; an attempt that delivered anything says the destination works."""
+    """SPEC §4 breaker input: what the attempt says about the destination as a whole.
+
+    * DELIVERED: it works -- it took a recipient, or it answered each recipient's RCPT
+      itself (a 4xx there is that mailbox's trouble: full, greylisted, moved);
+    * TEMPORARY: a failure of the destination (connect, TLS, timeout, 421, a 4xx to the
+      greeting, EHLO, MAIL, DATA or end of data, DNS temporary): counts for the breaker;
+    * PERMANENT: only 5xx -- "5xx never counts".
+    """
     outcomes = result.outcomes
     if any(o.delivered for o in outcomes):
         return OutcomeKind.DELIVERED
-    if (result.error is not None and not result.error.permanent) or any(
-        o.temporary for o in outcomes
+    if any(o.temporary and not o.at_rcpt for o in outcomes) or (
+        not outcomes and result.error is not None and not result.error.permanent
     ):
         return OutcomeKind.TEMPORARY
+    if any(o.temporary for o in outcomes):
+        return OutcomeKind.DELIVERED
     return OutcomeKind.PERMANENT
 
 

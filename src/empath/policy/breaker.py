@@ -12,8 +12,10 @@ Each recipient domain has a small state machine, created on first use::
       └──────────────────────────────────────────── HALF_OPEN ──────────┘
                                                   one probe in flight
 
-* **Closed** admits everything.  Temporary failures (connect failure, timeout,
-  4xx, DNS temporary failure) are remembered with their monotonic time; once
+* **Closed** admits everything.  Temporary failures of the destination (connect,
+  TLS, timeout, 421, a 4xx to the greeting, EHLO, MAIL or end of data, DNS
+  temporary failure -- not a 4xx to one RCPT, which is one mailbox's trouble; see
+  ``delivery.transition.destination_of``) are remembered with their monotonic time; once
   ``failure_threshold`` of them lie within ``failure_window_s`` the breaker
   *trips*: Open.  Permanent (5xx) outcomes never count: "5xx never counts".
 * **Open** denies everything until ``timeout_s`` after the trip.  Units are
@@ -250,7 +252,7 @@ class CircuitBreaker:
             self._enter(domain, rec, BreakerState.CLOSED, self._clock.monotonic())
 
     def record_failure(self, domain: str, probe: int = 0) -> None:
-        """A delivery failed *temporarily* (connect, timeout, 4xx, DNS temporary).
+        """The destination failed *temporarily* (connect, timeout, 421, 4xx to the session).
 
         Never call this for permanent (5xx) outcomes: "5xx never counts" (SPEC §4).
         """

@@ -71,7 +71,7 @@ from empath.queue.index import DueIndex, UnitKey
 class Outcome(enum.Enum):
     """What an attempt says about the destination (for the breaker), reported by the runner."""
 
-    SUCCESS = "success"  # the destination accepted at least one recipient (2xx)
+    SUCCESS = "success"  # the destination works: took a recipient, or answered each RCPT
     TEMPORARY_FAILURE = "temporary"  # connect/timeout/4xx/DNS temporary: counts for the breaker
     PERMANENT_FAILURE = "permanent"  # 5xx/permanent only: "5xx never counts" (SPEC §4)
     CANCELLED = "cancelled"  # shutdown or deleted mid-flight: says nothing

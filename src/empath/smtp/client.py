@@ -35,7 +35,9 @@ State table (``_TRANSITIONS`` maps *(state, command answered)* to a handler)::
 Per-recipient verdicts: a rejected MAIL decides every recipient; a non-2xx RCPT
 decides its recipient; the DATA (or final ".") reply decides every recipient
 whose RCPT was accepted.  When no RCPT was accepted the body is not sent and the
-next transaction on the connection starts with RSET.
+next transaction on the connection starts with RSET.  The result says which
+recipients were refused by their own RCPT reply (``refused_at_rcpt``): one
+mailbox's trouble, not the destination's (the circuit breaker ignores them).
 
 The client's vocabulary (states, commands, transactions, verdicts, events) is in
 ``empath.smtp.client_types`` and re-exported here.
@@ -101,6 +103,7 @@ class _Txn:
     spec: Transaction
     verdicts: list[Verdict | None]
     accepted: list[int] = field(default_factory=list)
+    refused_at_rcpt: set[int] = field(default_factory=set)  # their own RCPT said non-2xx
     next_rcpt: int = 0  # non-pipelined: next recipient to send
     mail_ok: bool = False
     rset_failed: bool = False
@@ -401,6 +404,7 @@ class SmtpClient:
                 txn.accepted.append(index)
             else:
                 txn.verdicts[index] = reply
+                txn.refused_at_rcpt.add(index)
         if self.extensions.pipelining:
             return
         if txn.next_rcpt < len(txn.spec.recipients):
@@ -496,11 +500,13 @@ class SmtpClient:
             # None is only possible if the server skipped a reply class.
             missing = LocalVerdict(False, "4.5.0", f"no reply from {self.mx} for {rcpt}")
             verdicts.append((rcpt, missing if verdict is None else verdict))
-        self._events.append(TransactionDone(TransactionResult(tuple(verdicts), txn.replied)))
+        result = TransactionResult(tuple(verdicts), txn.replied, frozenset(txn.refused_at_rcpt))
+        self._events.append(TransactionDone(result))
 
     def _finish_with(self, verdict: LocalVerdict) -> None:
         txn = self._txn_or_fail()
         txn.verdicts = [verdict] * len(txn.verdicts)
+        txn.refused_at_rcpt.clear()
         self._end_transaction(needs_rset=True)
         self._expect.clear()
 

@@ -126,6 +126,9 @@ class TransactionResult:
 
     verdicts: tuple[tuple[str, Verdict], ...]
     replied: bool  # the server answered at least one command of this transaction
+    # Indexes (into ``verdicts``) of recipients refused by the reply to their own RCPT:
+    # one mailbox's answer, which says nothing about the destination as a whole.
+    refused_at_rcpt: frozenset[int] = frozenset()
 
     def delivered(self) -> tuple[str, ...]:
         return tuple(a for a, v in self.verdicts if isinstance(v, Reply) and v.code // 100 == 2)
