@@ -12,6 +12,7 @@ from empath.smtp.replies import Reply, ReplyParser
 from empath.smtp.server import (
     MAX_BAD_COMMANDS,
     MAX_COMMANDS_PER_TURN,
+    RECIPIENT_OVERSHOOT_LIMIT,
     BodyAbort,
     Close,
     Event,
@@ -144,21 +145,45 @@ def test_received_counter_counts_wherever_the_chunks_split() -> None:
         assert (7, True) == (counter.count, counter.done), step
 
 
-@pytest.mark.parametrize(
-    ("rcpt", "reply"),
-    [(b"RCPT TO:<b@elsewhere.example>\r\n", 554), (b"RCPT TO:<r@ok.example>\r\n", 452)],
-)
-def test_relay_denials_and_too_many_recipients_count_as_bad_commands(
-    rcpt: bytes, reply: int
-) -> None:
-    """Defect 8: relay denials (554 5.7.1) and 452 too-many-recipients count toward the
-    bad-command limit: the 10th gets 421 4.7.0 and the session closes."""
+def test_relay_denials_count_as_bad_commands() -> None:
+    """Relay denials (554 5.7.1) count toward the bad-command limit: the 10th gets
+    421 4.7.0 and the session closes."""
     s = Session()
     s.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n")
-    if reply == 452:
-        s.send(b"RCPT TO:<a@ok.example>\r\nRCPT TO:<b@ok.example>\r\nRCPT TO:<c@ok.example>\r\n")
-    codes = s.codes(rcpt * (MAX_BAD_COMMANDS + 2))
-    assert [reply] * (MAX_BAD_COMMANDS - 1) + [421] == codes
+    codes = s.codes(b"RCPT TO:<b@elsewhere.example>\r\n" * (MAX_BAD_COMMANDS + 2))
+    assert [554] * (MAX_BAD_COMMANDS - 1) + [421] == codes
+    assert isinstance(s.events[-1], Close)
+
+
+def test_recipients_past_max_recipients_do_not_count_as_bad_commands() -> None:
+    """Issue 14 defect 2: 452 4.5.3 for recipients past max_recipients tells the client
+    to send them in a new transaction (RFC 5321 §4.5.3.1.10); counting them closed the
+    session with 421 after max_recipients + 9 recipients and lost the transaction."""
+    s = Session()
+    s.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n")
+    rcpts = b"".join(b"RCPT TO:<r%d@ok.example>\r\n" % i for i in range(25))
+    replies = s.send(rcpts)
+    assert [250] * 3 + [452] * 22 == [r.code for r in replies]
+    assert {"4.5.3"} == {r.enhanced for r in replies[3:]}
+    assert [354, 250] == s.codes(b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    # the rest in follow-up transactions on the same session
+    assert [250] * 4 + [354, 250] == s.codes(
+        b"MAIL FROM:<a@x.example>\r\n"
+        + b"".join(b"RCPT TO:<r%d@ok.example>\r\n" % i for i in range(3, 6))
+        + b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+    )
+    assert not any(isinstance(e, Close) for e in s.events)
+
+
+def test_a_client_that_keeps_overshooting_is_closed_in_the_end() -> None:
+    """Past RECIPIENT_OVERSHOOT_LIMIT recipients answered 452 in one session, each
+    further one counts as a bad command (Postfix's smtpd_recipient_overshoot_limit):
+    a client ignoring 452 cannot keep its slot for ever."""
+    s = Session()
+    s.send(b"EHLO c\r\nMAIL FROM:<a@x.example>\r\n")
+    s.send(b"RCPT TO:<a@ok.example>\r\nRCPT TO:<b@ok.example>\r\nRCPT TO:<c@ok.example>\r\n")
+    codes = s.codes(b"RCPT TO:<r@ok.example>\r\n" * (RECIPIENT_OVERSHOOT_LIMIT + 20))
+    assert [452] * (RECIPIENT_OVERSHOOT_LIMIT + MAX_BAD_COMMANDS - 1) + [421] == codes
     assert isinstance(s.events[-1], Close)
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "MAX_BAD_COMMANDS",
     "MAX_COMMANDS_PER_TURN",
     "MAX_COMMAND_BYTES",
+    "RECIPIENT_OVERSHOOT_LIMIT",
     "BodyAbort",
     "BodyChunk",
     "BodyStart",
@@ -147,9 +148,14 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
 }
 
 # Replies that mean "the client speaks broken SMTP"; ten of them end the session.
-# SPEC §3: relay denials (554 5.7.1) and 452 too-many-recipients count too, as
-# Postfix's smtpd_hard_error_limit counts rejected RCPTs.
-_BAD_COMMAND_CODES: Final = frozenset({452, 500, 501, 502, 503, 504, 553, 554, 555})
+# SPEC §3: relay denials (554 5.7.1) count too, as Postfix's smtpd_hard_error_limit
+# counts rejected RCPTs.  452 4.5.3 for a recipient past max_recipients does not: it
+# tells a correct client to send the rest in a new transaction (RFC 5321
+# §4.5.3.1.10), so counting it would turn a large mailing into a 421 and a lost
+# transaction.  Only a session that keeps going past RECIPIENT_OVERSHOOT_LIMIT such
+# recipients starts counting them (Postfix's smtpd_recipient_overshoot_limit).
+_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 553, 554, 555})
+RECIPIENT_OVERSHOOT_LIMIT: Final = 1000
 
 
 # --- settings -----------------------------------------------------------------------
@@ -184,6 +190,7 @@ def _b(code: int, enhanced: str, text: str) -> bytes:
 _R_OK = _b(250, "2.0.0", "Ok")
 _R_MAIL_OK = _b(250, "2.1.0", "Ok")
 _R_RCPT_OK = _b(250, "2.1.5", "Ok")
+_R_TOO_MANY_RCPTS = _b(452, "4.5.3", "Too many recipients")
 _R_DATA_GO = Reply(354, ("End data with <CR><LF>.<CR><LF>",)).to_bytes()
 _R_BYE = _b(221, "2.0.0", "Bye")
 _R_LINE_TOO_LONG = _b(500, "5.5.2", "Line too long")
@@ -253,6 +260,7 @@ class SmtpServer:
         "_hops",
         "_mail",
         "_out",
+        "_overshoot",
         "_pos",
         "_rcpts",
         "_relay_allows",
@@ -283,6 +291,7 @@ class SmtpServer:
         self._backlog = False  # stopped with complete commands left (see proceed)
         self._discarding = False  # dropping the rest of an over-long command line
         self._bad_commands = 0
+        self._overshoot = 0  # RCPTs answered 452 4.5.3 in this session
         self._draining = False  # shutdown requested: close after the current message
         self._helo = ""
         self._esmtp = False
@@ -621,9 +630,15 @@ class SmtpServer:
         mail = self._mail
         assert mail is not None
         rcpt = parse_rcpt(arg, smtputf8=mail.smtputf8).recipient
-        # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients").
+        # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients"),
+        # not a bad command until the session overshoots by RECIPIENT_OVERSHOOT_LIMIT.
         if len(self._rcpts) >= self._cfg.max_recipients:
-            raise SmtpProtocolError(452, "4.5.3", "Too many recipients")
+            self._overshoot += 1
+            if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
+                self._bad(events, _R_TOO_MANY_RCPTS)
+            else:
+                self._out.append(_R_TOO_MANY_RCPTS)
+            return
         if rcpt == "postmaster":
             # RFC 5321 §4.5.1: "Any system that includes an SMTP server supporting mail
             # relaying or delivery MUST support the reserved mailbox "postmaster" as a
