@@ -7,9 +7,14 @@ APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-b
                 prometheus prometheus-alertmanager gcc libc6-dev redis-server
 # command that proves each package is present
 APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc redis-server
-# the build is keyed on every source (scripts/build_native.py lists what it compiles)
-NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/build_native.py
-NATIVE       := src/empath/_native/manifest.json
+# The compiled build: a wheel whose hot-path modules mypyc compiled (the list is in
+# pyproject.toml; the hook is scripts/hatch_mypyc.py), installed into build/native and
+# put first on PYTHONPATH by `run`, `cluster`, `bench` and the first pass of `test`.
+# It is rebuilt from scratch whenever any source changes, so it is never stale; .venv
+# keeps its editable, pure-Python install of src/.
+NATIVE_SRC   := $(wildcard src/empath/*.py src/empath/*/*.py) scripts/hatch_mypyc.py pyproject.toml
+NATIVE       := build/native/.installed
+COMPILED     := PYTHONPATH=$(CURDIR)/build/native
 
 .PHONY: run cluster test lint typecheck unit bench torture deps system-deps native clean
 
@@ -22,21 +27,24 @@ $(VENV)/.installed: pyproject.toml
 deps: $(VENV)/.installed
 
 $(NATIVE): $(VENV)/.installed $(NATIVE_SRC)
-	$(PY) scripts/build_native.py
+	rm -rf build/dist build/native
+	HATCH_BUILD_HOOKS_ENABLE=1 $(PY) -m hatchling build -t wheel -d build/dist
+	$(PY) -m pip install --quiet --no-deps --target build/native build/dist/empath-*.whl
+	touch $@
 
 native: $(NATIVE)
 
 # Without a C compiler Empath still runs (pure Python, slower): say so and go on.
 run: deps
 	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
-	$(VENV)/bin/empath --config empath.config.ron
+	$(COMPILED) $(VENV)/bin/empath --config empath.config.ron
 
 # A local cluster (SPEC §11): redis-server + 2 nodes sharing 127.0.0.1:1025 (reuse_port),
 # files under ./cluster; NODES=3 for more.  Ctrl-C stops everything.
 NODES ?= 2
 cluster: system-deps deps
 	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
-	$(PY) scripts/cluster.py --nodes $(NODES) --dir cluster
+	$(COMPILED) $(PY) scripts/cluster.py --nodes $(NODES) --dir cluster
 
 system-deps:
 	@missing=""; for t in $(APT_PROBES); do \
@@ -57,30 +65,31 @@ lint: deps
 typecheck: deps
 	$(VENV)/bin/mypy
 
-# The whole suite on the compiled build, then the unit tests on pure Python (what a
+# The whole suite on the compiled build (tests/unit/test_compiled_build.py checks that it
+# is the one loaded), then the unit tests again on the pure-Python source (what a plain
 # wheel ships; the integration tests already ran against the daemon once).
 test: system-deps deps lint typecheck native
-	$(VENV)/bin/pytest -q
-	EMPATH_PURE_PYTHON=1 $(VENV)/bin/pytest -q tests/unit
+	$(COMPILED) EMPATH_EXPECT_COMPILED=1 $(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q tests/unit
 
 # The unit tests alone, pure Python (seconds; no Debian tools needed).
 unit: deps
-	EMPATH_PURE_PYTHON=1 $(VENV)/bin/pytest -q tests/unit
+	$(VENV)/bin/pytest -q tests/unit
 
 # The torture suite at the issue's full scale (the CI-sized run is part of `make test`).
 torture: system-deps deps native
-	EMPATH_TORTURE=full $(VENV)/bin/pytest -s -q tests/torture
+	$(COMPILED) EMPATH_TORTURE=full $(VENV)/bin/pytest -s -q tests/torture
 
 # matplotlib is a bench-only extra (charts), never a runtime dependency
 bench: system-deps deps native
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) bench/ingest
-	$(PY) bench/relay
-	$(PY) bench/control
-	$(PY) bench/cluster
-	$(PY) bench/observability
-	$(PY) bench/scrape
+	$(COMPILED) $(PY) bench/ingest
+	$(COMPILED) $(PY) bench/relay
+	$(COMPILED) $(PY) bench/control
+	$(COMPILED) $(PY) bench/cluster
+	$(COMPILED) $(PY) bench/observability
+	$(COMPILED) $(PY) bench/scrape
 	$(PY) bench/charts.py
 
 clean:
-	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache src/empath/_native
+	rm -rf $(VENV) spool .pytest_cache .mypy_cache .ruff_cache build

@@ -218,12 +218,14 @@ def percentiles(values: list[float], ps: tuple[float, ...] = (50, 95, 99)) -> li
     return [s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] for p in ps]
 
 
-def compiled_build() -> str:
-    """Whether the daemon will run the mypyc-compiled hot path (see `make native`)."""
-    sys.path.insert(0, str(ROOT / "src"))
-    from empath import native_build
-
-    return "compiled (make native)" if native_build() is not None else "pure Python"
+def compiled_build(env: dict[str, str] | None = None) -> str:
+    """Whether a daemon started with ``env`` (default: ours) runs the mypyc-compiled hot
+    path: `make bench` puts the build of `make native` first on PYTHONPATH."""
+    probe = "import empath.smtp.server as m; print(m.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return f"compiled ({Path(out).parent.parent.parent})" if out.endswith(".so") else "pure Python"
 
 
 RESULTS = ROOT / "bench" / "results"

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import empath
 from empath.clock import Clock, SystemClock
+from empath.compiled import compiled_modules
 from empath.config.derive import derive
 from empath.config.load import load_config
 from empath.config.model import Config
@@ -411,13 +411,14 @@ class App:
             await self._shutdown()
             return 1
         self.supervisor.spawn(self._compact_loop(), name="empath-compactor", essential=True)
+        compiled = compiled_modules()
         log.info(
             "Empath ready",
             hostname=self.config.hostname,
             listeners=[f"{h}:{p}" for h, p in self.listeners.addresses],
             startup_s=round(time.monotonic() - started, 3),
-            compiled=empath.NATIVE,
-            compiled_modules=len(empath.NATIVE_MODULES),
+            compiled=bool(compiled),
+            compiled_modules=len(compiled),
         )
         await self._stop.wait()
         await self._shutdown()

@@ -21,6 +21,7 @@ from typing import Any, Final, Protocol
 
 import empath
 from empath.cli.output import list_line_items
+from empath.compiled import compiled_modules
 from empath.config.model import Config
 from empath.control import queue as q
 from empath.control.protocol import ErrorCode, RequestError
@@ -156,7 +157,7 @@ class Handlers:
             "version": empath.__version__,
             "pid": os.getpid(),
             "uptime_s": round(now - d.started_at, 3),
-            "compiled": empath.NATIVE,
+            "compiled": bool(compiled_modules()),
             "hostname": d.config.hostname,
             "listeners": [
                 {"name": name, "active_sessions": st.connections_active}
