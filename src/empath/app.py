@@ -31,27 +31,27 @@ from empath.control.server import ControlServer, ControlSocketInUse
 from empath.dns.mx import MxRouter, OwnListeners, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
-from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
-from empath.observability.logs import flush as flush_logs
-from empath.observability.logs import (
+from empath.logs import flush as flush_logs
+from empath.logs import (
     get_logger,
     redacted_fields,
     set_level,
     set_redaction,
     setup_logging,
 )
+from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
 from empath.observability.metrics import (
     EmpathCollector,
     build_registry,
     renderer,
     summarise_queue,
 )
-from empath.observability.stats import DomainLabels, RunnerStats
 from empath.policy.breaker import Transition
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
 from empath.spool.store import Spool
+from empath.stats import DomainLabels, RunnerStats
 from empath.supervisor import Supervisor
 from empath.transport.acceptance import AcceptancePipeline, AcceptanceStep
 from empath.transport.listener import ListenerSpec, SmtpServerGroup

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 
 log = get_logger("system", __name__)
 

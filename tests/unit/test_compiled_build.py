@@ -16,7 +16,7 @@ import orjson
 import empath
 import empath.spool.model
 from empath.compiled import compiled_modules
-from empath.observability.logs import encode_line
+from empath.logs import encode_line
 from empath.testing.settings import breaker_settings
 
 ROOT = Path(__file__).resolve().parents[2]

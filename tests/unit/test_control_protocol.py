@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from empath.cli import empathctl, output
+from empath.cli import empathctl
 from empath.config.load import discover_config_path
 from empath.config.ron import parse, to_python
+from empath.control import output
 from empath.control.client import Unreachable, config_path, discover_socket, scan_control_socket
 from empath.control.protocol import (
     MAX_REQUEST_BYTES,

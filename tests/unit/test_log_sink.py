@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from empath.observability import logs
+from empath import logs
 
 
 @pytest.mark.parametrize(

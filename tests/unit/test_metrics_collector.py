@@ -18,7 +18,6 @@ from empath.observability.metrics import (
     QueueSummary,
     summarise_queue,
 )
-from empath.observability.stats import DomainLabels, RunnerStats
 from empath.policy.breaker import Admit, BreakerSettings
 from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
@@ -26,6 +25,7 @@ from empath.queue.index import UnitKey
 from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, RecipientState, UnitState, UnitStatus
 from empath.spool.store import SpoolUsage
+from empath.stats import DomainLabels, RunnerStats
 from empath.testing.clock import FakeClock
 from empath.transport.listener import ListenerStats
 

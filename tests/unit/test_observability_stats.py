@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from empath.observability.metrics import summarise_queue
-from empath.observability.stats import OTHER, DomainLabels, Histogram, RunnerStats, Window
 from empath.queue.index import UnitKey
 from empath.spool.index import MessageIndex
 from empath.spool.model import (
@@ -14,6 +13,7 @@ from empath.spool.model import (
     UnitState,
     UnitStatus,
 )
+from empath.stats import OTHER, DomainLabels, Histogram, RunnerStats, Window
 
 
 def test_domain_labels_keep_the_first_domains_and_fold_the_rest_into_other() -> None:

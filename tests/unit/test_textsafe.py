@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from empath.cli.output import list_line_items, view_text
-from empath.observability.logs import encode_line
+from empath.control.output import list_line_items, view_text
+from empath.logs import encode_line
 from empath.textsafe import json_line, json_text, list_field, terminal
 
 HOSTILE = [

@@ -21,7 +21,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 
-from empath.cli import output
+from empath.control import output
 from empath.control.client import (
     ControlClient,
     ControlError,

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from empath.cluster import lua
-from empath.observability.stats import Histogram
+from empath.stats import Histogram
 
 T = TypeVar("T")
 

@@ -29,7 +29,7 @@ from typing import Final
 
 from empath.cluster.backend import RedisBackend, RedisUnavailableError
 from empath.cluster.state import SharedPolicyState
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.supervisor import Spawn
 
 log = get_logger("cluster", __name__)

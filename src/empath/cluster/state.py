@@ -63,7 +63,7 @@ from typing import Any, Final
 
 from empath.clock import Clock, SystemClock
 from empath.cluster.backend import BreakerRecord, RedisBackend, RedisUnavailableError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.policy.breaker import (
     ADMIT,
     Admit,

@@ -20,22 +20,22 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import empath
-from empath.cli.output import list_line_items
 from empath.compiled import compiled_modules
 from empath.config.model import Config
 from empath.control import queue as q
+from empath.control.output import list_line_items
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, Command, CommandError
 from empath.dns.cache import CacheEntryInfo
 from empath.dns.resolver import normalize_name
 from empath.errors import ConfigError, DeliveryError, UnknownMessageError
-from empath.observability.stats import RunnerStats, Window
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
 from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.spool.store import Spool
+from empath.stats import RunnerStats, Window
 from empath.transport.listener import SmtpServerGroup
 
 VIEW_HEAD_BYTES: Final = 64 * 1024  # headers shown by `queue view` come from this much

@@ -60,7 +60,7 @@ from empath.control.protocol import (
     parse_request,
 )
 from empath.errors import EmpathError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 
 log = get_logger("control", __name__)
 

@@ -54,7 +54,7 @@ from empath.errors import (
     TemporaryDeliveryError,
     TlsHandshakeError,
 )
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.smtp.client import LocalVerdict, Transaction, TransactionResult
 from empath.smtp.replies import Reply
 from empath.spool.model import Envelope

@@ -63,7 +63,7 @@ from empath.errors import (
     PermanentDeliveryError,
     TemporaryDeliveryError,
 )
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 
 __all__ = [
     "MxRouter",

@@ -59,7 +59,7 @@ import dns.resolver
 
 from empath.clock import Clock, SystemClock
 from empath.errors import ConfigError, DnsNameNotFoundError, DnsTemporaryError
-from empath.observability.stats import Histogram, HistogramCounts
+from empath.stats import Histogram, HistogramCounts
 
 __all__ = [
     "DEFAULT_BUCKETS_S",

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 
 log = get_logger("health", __name__)
 

@@ -13,7 +13,7 @@ them into metric families:
   come from one pass over the spool's in-memory index at scrape time (units in
   flight are ``in_progress``; on disk they are still pending or retry);
 * success, error and SMTP connection-error rates are differences of cumulative
-  counters over about ``rate_window_secs`` (:class:`~empath.observability.stats.Window`);
+  counters over about ``rate_window_secs`` (:class:`~empath.stats.Window`);
 * every ``domain`` label goes through one :class:`DomainLabels` (the runner's), so
   at most ``max_domain_cardinality`` domains appear and the rest are ``other``.
 
@@ -38,15 +38,12 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from empath.clock import Clock
-from empath.dns.resolver import LookupStats
-from empath.observability.stats import OTHER, HistogramCounts, RunnerStats, Window
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicySnapshot
-from empath.queue.index import UnitKey
 from empath.spool.index import MessageIndex
 from empath.spool.model import MessageState, UnitStatus
 from empath.spool.store import SpoolUsage
-from empath.transport.listener import ListenerStats
+from empath.stats import OTHER, HistogramCounts, RunnerStats, Window
 
 QUEUE_STATUSES = (
     UnitStatus.PENDING,
@@ -68,6 +65,47 @@ class QueueSource(Protocol):
     def index(self) -> MessageIndex: ...
 
     def usage(self) -> SpoolUsage: ...
+
+
+# What the collector reads of the components above it (the DNS resolver, the listeners,
+# the delivery runner): structural types, so this module imports none of them.
+
+
+class LookupTimings(Protocol):
+    """The resolver's round-trip histograms (dns.resolver.LookupStats)."""
+
+    def query_types(self) -> tuple[str, ...]: ...
+
+    def snapshot(self, query_type: str) -> HistogramCounts: ...
+
+
+class ListenerCounters(Protocol):
+    """One listener's counters (transport.listener.ListenerStats)."""
+
+    @property
+    def connections_total(self) -> int: ...
+
+    @property
+    def connections_active(self) -> int: ...
+
+    @property
+    def messages_received(self) -> int: ...
+
+    @property
+    def sessions_errored(self) -> int: ...
+
+    @property
+    def sessions_total(self) -> int: ...
+
+
+class InFlightUnit(Protocol):
+    """A unit being delivered right now (queue.index.UnitKey)."""
+
+    @property
+    def message_id(self) -> str: ...
+
+    @property
+    def domain(self) -> str: ...
 
 
 class PolicySource(Protocol):
@@ -104,7 +142,7 @@ class QueueSummary:
 def summarise_queue(
     index: MessageIndex,
     messages: Iterable[MessageState],
-    in_flight: Collection[UnitKey],
+    in_flight: Collection[InFlightUnit],
     now: float,
     max_retry_series: int,
 ) -> QueueSummary:
@@ -280,12 +318,12 @@ class EmpathCollector:
         settings: MetricsSettings,
         clock: Clock,
         queue: QueueSource,
-        in_flight: Callable[[], Collection[UnitKey]],
+        in_flight: Callable[[], Collection[InFlightUnit]],
         runner: RunnerStats,
         policy: PolicySource,
-        listeners: Mapping[str, ListenerStats],
+        listeners: Mapping[str, ListenerCounters],
         dns_cache: DnsCacheCounters,
-        dns_lookups: LookupStats,
+        dns_lookups: LookupTimings,
     ) -> None:
         self.settings = settings
         self._clock = clock

@@ -47,7 +47,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 
 import empath
 from empath.clock import Clock
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.supervisor import Spawn
 
 log = get_logger("health", __name__)

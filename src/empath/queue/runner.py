@@ -49,8 +49,7 @@ from empath.delivery.bounce import build_dsn, header_block
 from empath.delivery.classify import AttemptResult, OutcomeKind
 from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
-from empath.observability.logs import get_logger
-from empath.observability.stats import RunnerStats
+from empath.logs import get_logger
 from empath.policy.retry import RetryPolicy
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
@@ -63,6 +62,7 @@ from empath.queue.scheduler import (
 )
 from empath.spool.model import MessageState, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
+from empath.stats import RunnerStats
 from empath.supervisor import Spawn
 from empath.transport.outbound import BodySource
 from empath.transport.pool import ConnectionPool

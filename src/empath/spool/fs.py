@@ -51,7 +51,7 @@ from empath.clock import Clock, SystemClock
 from empath.config.model import SEGMENT_BYTES
 from empath.errors import SpoolError
 from empath.ids import new_ulid
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import BodyState, FileBodyWriter, map_os_error
 from empath.spool.index import MessageIndex

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from empath.errors import SpoolError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.codec import RecordType
 from empath.spool.memory import requeue_in_progress

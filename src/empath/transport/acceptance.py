@@ -76,7 +76,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.smtp.replies import Reply
 
 if TYPE_CHECKING:

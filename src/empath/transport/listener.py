@@ -29,7 +29,7 @@ from typing import Any
 
 from empath.clock import Clock, SystemClock, Timer
 from empath.errors import ListenerBindError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.smtp.server import RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool

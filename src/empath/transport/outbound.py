@@ -47,7 +47,7 @@ from empath.errors import (
     TemporaryDeliveryError,
     TlsHandshakeError,
 )
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.smtp.client import (
     ClientState,
     Cmd,

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from empath.errors import SpoolError, SpoolFullError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.smtp.replies import Reply
 from empath.smtp.server import (
     BodyAbort,
