@@ -179,6 +179,36 @@ def test_domain_rate_limit_holds_while_another_domain_runs_unthrottled(tmp_path:
 # --- max_connections and reuse ---------------------------------------------------------
 
 
+def test_a_backlog_waiting_for_a_connection_then_for_tokens_is_counted_and_logged(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 #17: units that queued for the domain's one connection and then wait for
+    rate-limit tokens are counted in empath_delivery_rate_limited_total and logged, in
+    one ``Rate limit exceeded`` line per domain and interval (not one per unit)."""
+    n = 10
+    with ThreadedPeer({"delay_secs": {"data_end": 0.3}}) as slow:
+        daemon = start_daemon(
+            tmp_path,
+            {"slow.test": {"mx_override": slow.address, "max_connections": 1}},
+            rate_limit={
+                "messages_per_second": 100000.0,
+                "burst_size": 100000,
+                "domain_limits": {"slow.test": {"messages_per_second": 2.0, "burst_size": 1}},
+            },
+        )
+        try:
+            send_many(daemon.smtp_port, [f"u{i}@slow.test" for i in range(n)])
+            slow.wait_delivered(n, timeout=20)
+            metrics = daemon.http_get("/metrics").splitlines()
+            counted = 'empath_delivery_rate_limited_total{domain="slow.test"}'
+            assert [f"{counted} {n - 1:.1f}"] == [m for m in metrics if m.startswith(counted)]
+            lines = daemon.logs("Rate limit exceeded", domain="slow.test")
+            assert 1 == len(lines)  # the drain took < 10 s: one line
+            assert n - 1 == lines[0]["fields"]["deferred"]
+        finally:
+            daemon.stop()
+
+
 def test_max_connections_is_never_exceeded_and_connections_are_reused(tmp_path: Path) -> None:
     n = 40
     with ThreadedPeer({"delay_secs": {"data_end": 0.02}}) as dest:

@@ -156,6 +156,31 @@ def test_rate_limited_units_wait_for_their_token_without_re_reporting() -> None:
     assert 3 == h.policy.limiter.deferred("slow.com")  # head re-checks are not counted
 
 
+def test_a_backlog_drained_at_the_rate_limit_counts_every_unit_that_waited_once() -> None:
+    """Issue 14 #17: the backlog first queues for a connection slot, so its units join
+    the line while it is not rate-blocked; each one that then waits for a token is still
+    counted (and reported) exactly once."""
+    h = Harness(rates={"a.com": RateLimit(10.0, 20)}, max_connections={"a.com": 2})
+    keys = [h.add(f"m{i}") for i in range(100)]
+    t0 = h.clock.monotonic()
+    reported: list[UnitKey] = []
+    dispatched: list[float] = []
+    for _ in range(1500):  # 15 s in 10 ms steps; every delivery ends within its step
+        for key, d in h.scheduler.tick():
+            if isinstance(d, Dispatch):
+                dispatched.append(h.clock.monotonic())
+                h.scheduler.finished(key, Outcome.SUCCESS)
+            elif isinstance(d, DeferRateLimit):
+                reported.append(key)
+        h.clock.advance(0.01)
+    assert 100 == len(dispatched)
+    assert 7.5 <= dispatched[-1] - t0 <= 8.5  # the burst of 20, then 10 a second
+    # All but the burst of 20 and the one token that came back while it went out (two
+    # connections a 10 ms step: 0.1 s) waited for a token; each is counted and reported once.
+    assert 79 == h.policy.limiter.deferred("a.com")
+    assert sorted(keys[21:]) == sorted(reported)
+
+
 def test_two_per_second_domain_holds_while_another_domain_runs_unthrottled() -> None:
     h = Harness(rates={"slow.com": RateLimit(2.0, 2)})
     slow: list[float] = []

@@ -51,6 +51,7 @@ from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
 from empath.logs import get_logger
 from empath.policy.retry import RetryPolicy
+from empath.queue.deferral_log import DeferralLog
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
     DeferBreaker,
@@ -148,6 +149,7 @@ class DeliveryRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
+        self._rate_log = DeferralLog(clock)
 
     @property
     def _decide(self) -> transition.TransitionSettings:
@@ -279,17 +281,15 @@ class DeliveryRunner:
         except Exception:
             log.exception("Scheduler tick failed")
             decisions = []
+        rate_limited: dict[str, tuple[int, str]] = {}  # domain -> (units, first message id)
         for key, decision in decisions:
             if isinstance(decision, Dispatch):
                 self._tasks[key] = self._spawn(
                     self._run_unit(key), name=f"empath-delivery-{key.message_id}-{key.domain}"
                 )
             elif isinstance(decision, DeferRateLimit):
-                log.info(
-                    "Rate limit exceeded, delivery deferred",
-                    domain=key.domain,
-                    message_id=key.message_id,
-                )
+                n, first_id = rate_limited.get(key.domain, (0, key.message_id))
+                rate_limited[key.domain] = (n + 1, first_id)
             elif isinstance(decision, DeferBreaker):
                 log.debug(
                     "Circuit breaker open, delivery deferred",
@@ -301,6 +301,14 @@ class DeliveryRunner:
                     "Domain at max_connections, delivery waits",
                     domain=key.domain,
                     message_id=key.message_id,
+                )
+        for domain, (count, first_id) in rate_limited.items():
+            if deferred := self._rate_log.note(domain, count):
+                log.info(
+                    "Rate limit exceeded, delivery deferred",
+                    domain=domain,
+                    message_id=first_id,
+                    deferred=deferred,
                 )
         self._arm_timer()
 

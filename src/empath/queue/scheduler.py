@@ -32,7 +32,7 @@ How the async runner drives it::
     for key, decision in scheduler.tick():                         # wall now by default
         match decision:
             case Dispatch(): start the delivery (decision.probe is informational)
-            case DeferRateLimit(): log "Rate limit exceeded" (domain=key.domain)
+            case DeferRateLimit(): log "Rate limit exceeded" (per domain, throttled)
             case DeferBreaker() | WaitForConnection(): debug log, nothing to do
     scheduler.finished(key, Outcome.TEMPORARY_FAILURE)   # then add(key, retry_at) if retrying
     delay = scheduler.wake_delay_s()   # None: wait for add/finished/process_now
@@ -43,9 +43,17 @@ is dispatched by the very next tick when nothing throttles it.  For the health
 check's heartbeat the runner should tick at least every few seconds even when
 idle (sleep ``min(wake_delay_s() or 1.0, 1.0)``).
 
-Deferrals are reported once, when a unit enters a line; re-checks of a line's
-head are not reported again.  Each unit entering a line blocked by the rate
-limit is counted with ``PolicyState.note_rate_limited``.
+Deferrals are reported once per unit and wait: a unit joining a blocked line is
+reported then; re-checks of a line's head are not reported again.  Rate-limit
+waits are counted (``PolicyState.note_rate_limited``, the metric
+``empath_delivery_rate_limited_total``) and reported for **every unit that waits
+in a line blocked by the rate limit**, once per wait: the units that join it, and
+the units that joined the line while it was ready (or blocked for another reason)
+when it then blocks on the rate limit.  (Counting only the joiners missed a
+backlog drained at exactly the limit: its line is woken for each token, its new
+units join while it is ready, and its head is refused silently.)  A line keeps the
+token of the last unit counted, so each block looks only at the units that joined
+since: every unit is looked at once per wait, not once per re-check.
 
 Pure: the clock is injected; no I/O, no asyncio.  Wall time orders the due index
 (``next_attempt_at`` is wall clock, SPEC spool records); monotonic time drives
@@ -176,11 +184,12 @@ class SchedulerSettings:
 class _Line:
     """Due units of one domain waiting for the domain to take them (internal)."""
 
-    __slots__ = ("blocked", "waiters")
+    __slots__ = ("blocked", "counted_through", "waiters")
 
     def __init__(self, blocked: Block | None) -> None:
         self.waiters: deque[tuple[UnitKey, int]] = deque()
         self.blocked = blocked  # None: ready to be served
+        self.counted_through = 0  # waiters with a token up to this one were counted
 
 
 class Scheduler:
@@ -437,7 +446,28 @@ class Scheduler:
             return  # a ready line: served in order at the next tick (wake_at says now)
         if isinstance(blocked, DeferRateLimit):
             self._policy.note_rate_limited(key.domain)
+            line.counted_through = token
         out.append((key, blocked))
+
+    def _count_rate_limited(
+        self, domain: str, line: _Line, blocked: Block, out: list[tuple[UnitKey, Decision]]
+    ) -> None:
+        """The line just blocked on the rate limit: count and report the live units that
+        joined it since the last count (a suffix of the line; see the module docstring)."""
+        waiters = line.waiters
+        if not waiters:
+            return
+        parked = self._parked
+        newly: list[UnitKey] = []
+        for key, token in reversed(waiters):
+            if token <= line.counted_through:
+                break
+            if parked.get(key) == token:
+                newly.append(key)
+        line.counted_through = waiters[-1][1]
+        if newly:
+            self._policy.note_rate_limited(domain, len(newly))
+            out.extend((key, blocked) for key in reversed(newly))
 
     def _serve_head(self, domain: str, mono: float, out: list[tuple[UnitKey, Decision]]) -> bool:
         """Try the first live unit of a ready line; True if it was dispatched."""
@@ -454,6 +484,8 @@ class Scheduler:
                 line.blocked = decision
                 del self._ready[domain]
                 self._set_timer(domain, decision, mono)
+                if isinstance(decision, DeferRateLimit):
+                    self._count_rate_limited(domain, line, decision, out)
                 return False
             waiters.popleft()
             del parked[key]
