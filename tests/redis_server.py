@@ -16,8 +16,9 @@ from tests.helpers import free_port, require_tool, stop_pid
 class RedisServer:
     """One redis-server process without persistence (a restart starts empty)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, password: str = "") -> None:
         self.workdir = workdir
+        self.password = password  # requirepass; the URL then carries it
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -25,14 +26,16 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         exe = require_tool("redis-server")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self._log),
-             "--protected-mode", "no"],
+             "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -50,8 +53,14 @@ class RedisServer:
         """Send one command in RESP and return the first reply line (enough for tests)."""
         payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-            s.sendall(payload.encode())
             data = b""
+            if self.password:
+                auth = f"*2\r\n$4\r\nAUTH\r\n${len(self.password)}\r\n{self.password}\r\n"
+                s.sendall(auth.encode())
+                while b"\r\n" not in data:
+                    data += s.recv(65536)
+                data = data[data.index(b"\r\n") + 2 :]  # +OK
+            s.sendall(payload.encode())
             while not data.endswith(b"\r\n"):
                 chunk = s.recv(65536)
                 if not chunk:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from empath.clock import Clock, SystemClock
 from empath.compiled import compiled_modules
+from empath.config.checks import redact_url
 from empath.config.derive import derive
 from empath.config.load import load_config
 from empath.config.model import Config
@@ -238,7 +239,7 @@ class App:
         cc = self.config.cluster
         data: dict[str, Any] = {
             "node_id": cc.node_id,
-            "redis_url": cc.redis_url,
+            "redis_url": redact_url(cc.redis_url),
             "redis_up": node.redis_up and not node.state.fallback,
             "fallback": node.state.fallback,
             "node_count": node.state.node_count,

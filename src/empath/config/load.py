@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from empath.config.checks import Check, CrossChecked, normalise_domain
+from empath.config.checks import Check, CrossChecked, normalise_domain, redact_url
 from empath.config.model import Config
 from empath.config.ron import (
     MapValue,
@@ -379,24 +379,35 @@ class _Binder:
 # --- rendering ---------------------------------------------------------------
 
 
-def config_to_plain(value: Any) -> Any:
-    """Dataclasses → dicts (config keys only), mappings → :class:`MapValue`, tuples → lists."""
+def config_to_plain(value: Any, *, redact: bool = False) -> Any:
+    """Dataclasses → dicts (config keys only), mappings → :class:`MapValue`, tuples → lists.
+
+    ``redact``: the password in a ``secret`` field (``cluster.redis_url``,
+    ``metrics.endpoint``) is replaced (:func:`~empath.config.checks.redact_url`) - for
+    everything printed or logged."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: config_to_plain(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if f.metadata.get("ron", True)
-        }
+        out = {}
+        for f in dataclasses.fields(value):
+            if not f.metadata.get("ron", True):
+                continue
+            item = getattr(value, f.name)
+            if redact and f.metadata.get("secret") and isinstance(item, str):
+                out[f.name] = redact_url(item)
+            else:
+                out[f.name] = config_to_plain(item, redact=redact)
+        return out
     if isinstance(value, Mapping):
-        return MapValue({k: config_to_plain(v) for k, v in value.items()})
+        return MapValue({k: config_to_plain(v, redact=redact) for k, v in value.items()})
     if isinstance(value, list | tuple):
-        return [config_to_plain(v) for v in value]
+        return [config_to_plain(v, redact=redact) for v in value]
     return value
 
 
 def render_config(config: Config) -> str:
-    """The effective configuration as RON (loads back to an equal Config)."""
+    """The effective configuration as RON (loads back to an equal Config, except that
+    passwords in URLs read ``REDACTED``: `empath --check-config` output lands in
+    journald as the unit's ExecStartPre)."""
     header = "// Effective Empath configuration (defaults filled in)\n"
     if config.source_path:
         header += "// read from " + config.source_path.replace("\n", "\\n") + "\n"
-    return header + dumps(config_to_plain(config), name="Empath")
+    return header + dumps(config_to_plain(config, redact=True), name="Empath")

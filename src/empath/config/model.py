@@ -373,7 +373,7 @@ class MetricsConfig:
     enabled: bool = True
     max_domain_cardinality: int = rule(1000, check=positive)
     rate_window_secs: float = rule(300.0, check=positive)
-    endpoint: str | None = rule(None, check=http_url)
+    endpoint: str | None = rule(None, check=http_url, secret=True)
     push_interval_secs: float = rule(15.0, check=positive)
 
 
@@ -435,7 +435,7 @@ class ClusterConfig:
     default is the host name, so nodes sharing a host must each set their own.
     """
 
-    redis_url: str = required(check=valid_redis_url)
+    redis_url: str = required(check=valid_redis_url, secret=True)
     node_id: str = rule(factory=socket.gethostname, check=non_empty)
     key_prefix: str = "empath:"
     timeout_ms: int = rule(250, check=positive)  # per Redis call; then local fallback

@@ -385,6 +385,10 @@ RESTART_SECTIONS: Final = frozenset(
 )
 
 
+def is_restart_key(key: str) -> bool:
+    return key.split(".", 1)[0] in RESTART_SECTIONS
+
+
 def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
     return {
         "name": e.name,
@@ -408,22 +412,31 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
 
 
 def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """Human lines ``key.path: old -> new`` and the changed keys that need a restart."""
+    """Human lines ``key.path: old -> new`` and the changed keys that need a restart.
+
+    Compared on the real values, printed redacted: a changed Redis password shows as
+    ``(password changed)``, never in clear."""
     from empath.config.load import config_to_plain
 
     a: dict[str, Any] = {}
     b: dict[str, Any] = {}
+    shown_a: dict[str, Any] = {}
+    shown_b: dict[str, Any] = {}
     _flatten(config_to_plain(old), "", a)
     _flatten(config_to_plain(new), "", b)
+    _flatten(config_to_plain(old, redact=True), "", shown_a)
+    _flatten(config_to_plain(new, redact=True), "", shown_b)
     changes: list[str] = []
     restart: list[str] = []
     for key in sorted(a.keys() | b.keys()):
         if a.get(key, _MISSING) == b.get(key, _MISSING):
             continue
-        before = "(unset)" if key not in a else json.dumps(a[key], default=str)
-        after = "(unset)" if key not in b else json.dumps(b[key], default=str)
+        before = "(unset)" if key not in a else json.dumps(shown_a[key], default=str)
+        after = "(unset)" if key not in b else json.dumps(shown_b[key], default=str)
         line = f"{key}: {before} -> {after}"
-        if key.split(".", 1)[0] in RESTART_SECTIONS:
+        if before == after:
+            line += "  (password changed)"
+        if is_restart_key(key):
             line += "  (applies after a restart)"
             restart.append(key)
         changes.append(line)

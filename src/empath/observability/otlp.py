@@ -47,6 +47,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 
 import empath
 from empath.clock import Clock
+from empath.config.checks import redact_url
 from empath.logs import get_logger
 from empath.supervisor import Spawn
 
@@ -163,7 +164,11 @@ class OtlpPusher:
     def start(self, spawn: Spawn) -> None:
         """Start the push loop under the daemon's supervisor."""
         self._task = spawn(self._loop(), name="empath-otlp", essential=True)
-        log.info("OTLP metrics push enabled", endpoint=self.endpoint, interval_s=self.interval_s)
+        log.info(
+            "OTLP metrics push enabled",
+            endpoint=redact_url(self.endpoint),
+            interval_s=self.interval_s,
+        )
 
     async def close(self) -> None:
         if self._task is not None:
@@ -200,7 +205,7 @@ class OtlpPusher:
         self.pushes += 1
         if ok and self.failing:
             self.failing = False
-            log.info("OTLP metrics push recovered", endpoint=self.endpoint)
+            log.info("OTLP metrics push recovered", endpoint=redact_url(self.endpoint))
         elif not ok:
             self.failures += 1
             if not self.failing:
