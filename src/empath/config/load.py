@@ -237,6 +237,8 @@ class _Binder:
     ) -> Any:
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             return self.struct(node, tp, path)
+        if tp is Any:
+            return self.plain(node, path)
         origin = get_origin(tp)
         args = get_args(tp)
         if origin in _UNION_TYPES:
@@ -260,6 +262,32 @@ class _Binder:
         if origin in (Mapping, dict):
             return self.mapping(node, args[1], path, each, lower_keys)
         return self.scalar(node, tp, path)
+
+    def plain(self, node: RonNode, path: list[PathSegment]) -> Any:
+        """A free-form value (a module's ``arguments``): maps → dict, lists → list,
+        scalars as they are, ``None`` → None; nothing is checked but the syntax."""
+        if isinstance(node, RonStr | RonNumber | RonBool):
+            return node.value
+        if isinstance(node, RonNone):
+            return None
+        if isinstance(node, RonSome):
+            return self.plain(node.value, path)
+        if isinstance(node, RonIdent):
+            return node.name
+        if isinstance(node, RonList) or (isinstance(node, RonTuple) and node.name is None):
+            return [self.plain(item, [*path, i]) for i, item in enumerate(node.items)]
+        if isinstance(node, RonMap):
+            out: dict[str, Any] = {}
+            for entry in node.entries:
+                if not isinstance(entry.key, RonStr):
+                    raise self.fail(entry, path, "map keys must be strings")
+                out[entry.key.value] = self.plain(entry.value, [*path, entry.key.value])
+            return out
+        if isinstance(node, RonStruct) and node.name is None:
+            return {k: self.plain(f.value, [*path, k]) for k, f in node.fields.items()}
+        if isinstance(node, RonUnit):
+            return {}
+        raise self.fail(node, path, "expected a map, a list or a plain value")
 
     def scalar(self, node: RonNode, tp: Any, path: list[PathSegment]) -> Any:
         if tp is bool and isinstance(node, RonBool):

@@ -79,6 +79,7 @@ __all__ = [
     "LogConfig",
     "MetricsConfig",
     "ModuleConfig",
+    "ModuleTimeouts",
     "RateLimitConfig",
     "RelayConfig",
     "SmtpControllerConfig",
@@ -409,22 +410,90 @@ class LogConfig:
     format: LogFormat = "json"
 
 
-def no_native_module(module: ModuleConfig) -> str | None:
-    return (
-        f"{module.type} module {module.name!r}: native modules of the Rust implementation "
-        "cannot be loaded by this Empath; remove this entry from modules"
-    )
+@dataclass(frozen=True, slots=True)
+class ModuleTimeouts:
+    """How long one call into a module may take (SPEC §14).  Python modules use
+    ``command_secs`` for the connection-stage hooks and delivery events and
+    ``end_of_message_secs`` for ``on_data``; milters use all three, as Postfix's
+    ``milter_connect_timeout``, ``milter_command_timeout`` and ``milter_content_timeout``."""
+
+    connect_secs: float = rule(10.0, check=positive)
+    command_secs: float = rule(30.0, check=positive)
+    end_of_message_secs: float = rule(120.0, check=positive)
+
+
+ModuleType = Literal["Python", "Milter", "SharedLibrary"]
+ModuleOnError = Literal["tempfail", "accept", "reject"]
+
+
+def _milter_address(value: str) -> str | None:
+    if value.startswith("unix:"):
+        return None if value[5:] else "unix: needs a socket path (unix:/run/milter.sock)"
+    if value.startswith("inet:"):
+        rest = value[5:]
+        if "@" in rest:  # Postfix also writes inet:port@host
+            port_text, _, host = rest.partition("@")
+            rest = f"{host}:{port_text}"
+        try:
+            split_host_port(rest)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return 'expected "inet:HOST:PORT" or "unix:/path/to.sock"'
 
 
 @dataclass(frozen=True, slots=True)
 class ModuleConfig:
-    """An entry of the original (Rust) Empath's ``modules`` list: a shared library
-    loaded into that process.  Accepted by the schema so that ``modules: []`` loads;
-    every entry is refused (:func:`no_native_module`)."""
+    """One entry of ``modules`` (SPEC §14), applied in order.
 
-    type: str = required(check=non_empty)
-    name: str = required(check=non_empty)
-    arguments: tuple[str, ...] = ()
+    ``type: "Python"`` loads ``name`` (``package.module:Factory``) and calls the
+    factory once with ``arguments`` (a map, or a list of strings as in the original's
+    entries).  ``type: "Milter"`` connects to ``address`` (``inet:HOST:PORT`` or
+    ``unix:PATH``); ``name`` is then only its label in metrics and status.
+    ``SharedLibrary`` (the Rust original's native modules) is refused, naming the two
+    replacements.  ``on_error`` decides what a timeout, an exception or an
+    unreachable milter means: ``tempfail`` (451 4.7.1), ``reject`` (550 5.7.1) or
+    ``accept`` (carry on as if the module had said nothing)."""
+
+    type: ModuleType = required(check=non_empty)  # noqa: RUF009 (a str Literal, immutable)
+    name: str | None = None
+    arguments: Any = None
+    address: str | None = rule(None, check=_milter_address)
+    timeouts: ModuleTimeouts = field(default_factory=ModuleTimeouts)
+    on_error: ModuleOnError = "tempfail"
+
+    @property
+    def label(self) -> str:
+        """The ``module``/``milter`` label of metrics and status lines."""
+        if self.name:
+            return self.name
+        return self.address or self.type
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        if self.type == "SharedLibrary":
+            return [
+                (
+                    "type",
+                    f"SharedLibrary module {self.name!r}: native modules of the Rust "
+                    "implementation cannot be loaded by this Empath; write it as a "
+                    'Python module (type: "Python", name: "package.module:Factory") or '
+                    'run it as a milter (type: "Milter", address: "inet:HOST:PORT"), '
+                    "or remove this entry from modules",
+                )
+            ]
+        if self.type == "Python":
+            if not self.name or ":" not in self.name:
+                return [("name", 'a Python module needs name: "package.module:Factory"')]
+            if self.address is not None:
+                return [("address", "only a Milter has an address")]
+            if self.arguments is not None and not isinstance(self.arguments, dict | list):
+                return [("arguments", "expected a map or a list")]
+        if self.type == "Milter":
+            if self.address is None:
+                return [("address", 'a Milter needs address: "inet:HOST:PORT" or "unix:PATH"')]
+            if self.arguments is not None:
+                return [("arguments", "a Milter takes no arguments")]
+        return []
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +530,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
-    modules: tuple[ModuleConfig, ...] = rule((), check_each=no_native_module)
+    modules: tuple[ModuleConfig, ...] = ()
     # where the config was read from; not a RON key
     source_path: str | None = field(default=None, compare=False, metadata={"ron": False})
 
