@@ -40,6 +40,8 @@ from empath.logs import (
     set_redaction,
     setup_logging,
 )
+from empath.modules.host import ModuleHost, ModuleStats, delivery_event
+from empath.modules.step import ModulesStep
 from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
 from empath.observability.metrics import (
     EmpathCollector,
@@ -51,6 +53,7 @@ from empath.policy.breaker import Transition
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
+from empath.spool.model import MessageState, UnitState
 from empath.spool.store import Spool
 from empath.stats import DomainLabels, RunnerStats
 from empath.supervisor import Supervisor
@@ -129,6 +132,11 @@ class App:
             audit=config.audit.enabled,
             redact_sender=config.audit.redact_sender,
         )
+        # SPEC §14: a module that cannot be loaded fails start-up here (ConfigError)
+        self.module_stats = ModuleStats()
+        self.modules = self._build_modules(config)
+        self.listeners.set_modules(self.modules)
+        self.runner.on_outcome = self._delivery_event
         self.listeners.set_acceptance(self._acceptance_for)
         self.metrics = EmpathCollector(
             settings=settings.metrics,
@@ -305,6 +313,16 @@ class App:
             log.error("Config reload failed; keeping the old config", error=str(exc))
             self.last_reload = ReloadRecord(time.time(), False, str(exc))
             return str(exc)
+        try:
+            modules = self._build_modules(new)
+        except ConfigError as exc:
+            log.error("Config reload failed; keeping the old config", error=str(exc))
+            self.last_reload = ReloadRecord(time.time(), False, str(exc))
+            return str(exc)
+        old_modules, self.modules = self.modules, modules
+        self.modules.start(self.supervisor.spawn)
+        self.listeners.set_modules(modules)
+        self.supervisor.spawn(old_modules.close(), name="modules-close-old")
         self.policy.reconfigure(settings.policy)
         self.scheduler.reconfigure(settings.scheduler)
         try:
@@ -322,13 +340,28 @@ class App:
         log.info("Config reloaded", path=str(path))
         return None
 
+    # -- modules (SPEC §14) -------------------------------------------------------
+
+    def _build_modules(self, config: Config) -> ModuleHost:
+        """Load every ``modules`` entry (ConfigError naming the one that fails)."""
+        from empath.modules.loader import ModuleContext, build_host
+
+        context = ModuleContext(resolver=self.resolver, hostname=config.hostname)
+        return build_host(config.modules, context, self.module_stats)
+
+    def _delivery_event(self, msg: MessageState, unit: UnitState) -> None:
+        if not self.modules.wants_delivery_events:
+            return
+        self.modules.delivery_event(delivery_event(msg, unit))
+
     # -- end-of-data acceptance steps (transport/acceptance.py) -----------------
 
     def _acceptance_for(self, spec: ListenerSpec) -> AcceptancePipeline | None:
         """The one place config becomes end-of-data steps, per listener; called at
         start and again on reload.  No step → None → the streaming fast path."""
         steps: list[AcceptanceStep] = []
-        # Stage.MODULES: Python modules and milters (SPEC §14) go here.
+        if self.modules.has_data:  # Stage.MODULES: Python modules and milters (SPEC §14)
+            steps.append(ModulesStep(self.modules))
         # Stage.SUBMISSION: the header From: check of AUTH listeners (SPEC §13) goes here.
         # Stage.DKIM: signing (SPEC §12) goes here.
         if not steps:
@@ -398,6 +431,7 @@ class App:
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.runner.start()
+        self.modules.start(self.supervisor.spawn)
         if self.cluster is not None:
             self.cluster.start(self.supervisor.spawn)
         try:
@@ -430,6 +464,7 @@ class App:
         await self.control.close()
         await self.listeners.shutdown(SHUTDOWN_GRACE_S)
         await self.runner.drain()
+        await self.modules.close()
         if self.cluster is not None:
             await self.cluster.stop()
         if self.otlp is not None:
@@ -466,6 +501,11 @@ def run(config: Config) -> int:
     )
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
-            return runner.run(App(config).serve())
+            try:
+                app = App(config)
+            except ConfigError as exc:
+                log.error("Startup failed: modules", error=str(exc))
+                return 1
+            return runner.run(app.serve())
     finally:
         flush_logs()

@@ -72,14 +72,16 @@ def test_production_loads_once_its_native_modules_are_removed(tmp_path: Path) ->
     assert "modules: []" in out.stdout
 
 
-def test_production_with_its_modules_is_refused_naming_the_library(tmp_path: Path) -> None:
+def test_production_with_its_modules_is_refused_naming_python_and_milter(tmp_path: Path) -> None:
     out = check_config(PRODUCTION, tmp_path)
     assert 1 == out.returncode
     assert "" == out.stdout
     assert (
-        f"empath: config error: {PRODUCTION}:48:9: modules[0]: SharedLibrary module "
+        f"empath: config error: {PRODUCTION}:49:19: modules[0].type: SharedLibrary module "
         "'/usr/lib/empath/modules/libspamfilter.so': native modules of the Rust "
-        "implementation cannot be loaded by this Empath; remove this entry from modules\n"
+        "implementation cannot be loaded by this Empath; write it as a Python module "
+        '(type: "Python", name: "package.module:Factory") or run it as a milter '
+        '(type: "Milter", address: "inet:HOST:PORT"), or remove this entry from modules\n'
     ) == out.stderr
 
 

@@ -84,6 +84,7 @@ class QueryType(StrEnum):
     MX = "MX"
     A = "A"
     AAAA = "AAAA"
+    TXT = "TXT"  # DNS blocklists (empath.modules.dnsbl)
 
 
 class DnsFailure(StrEnum):
@@ -401,6 +402,19 @@ class DnsResolver:
             temporary = [e for e in errors if isinstance(e, DnsTemporaryError)]
             raise (temporary or errors)[0]
         return AddressAnswer((), 0.0)
+
+    async def records(self, name: str, query_type: QueryType) -> tuple[tuple[str, ...], float]:
+        """The A or TXT records of ``name`` (addresses; TXT strings joined) and
+        their TTL; an empty tuple when there are none.  NXDOMAIN raises
+        :class:`DnsNameNotFoundError`, the rest :class:`DnsTemporaryError`."""
+        answer = await self._query(_to_dns_name(name, query_type), query_type, name)
+        if answer.rrset is None:
+            return (), float(answer.chaining_result.minimum_ttl)
+        if query_type is QueryType.TXT:
+            texts = tuple(b"".join(rr.strings).decode("utf-8", "replace") for rr in answer.rrset)
+        else:
+            texts = tuple(rr.to_text() for rr in answer.rrset)
+        return texts, float(answer.chaining_result.minimum_ttl)
 
     async def _query(
         self, qname: dns.name.Name, query_type: QueryType, shown: str

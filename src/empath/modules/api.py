@@ -118,10 +118,15 @@ class Changes:
     add_recipients: tuple[str, ...] = ()
     delete_recipients: tuple[str, ...] = ()
     body: bytes | None = None  # the new body (CRLF line endings), replacing the old one
+    sender: str | None = None  # a new envelope sender (a milter's "change from")
 
     def __bool__(self) -> bool:
         return bool(
-            self.headers or self.add_recipients or self.delete_recipients or self.body is not None
+            self.headers
+            or self.add_recipients
+            or self.delete_recipients
+            or self.body is not None
+            or self.sender is not None
         )
 
 
@@ -165,7 +170,7 @@ class Session:
         self.sender: str | None = None  # MAIL FROM of the transaction in progress ("" = <>)
         self.recipients: tuple[str, ...] = ()  # recipients accepted so far
         self.notes: dict[str, Any] = {}
-        self.private: dict[int, Any] = {}  # Empath's own per-module state (milter connections)
+        self.private: dict[object, Any] = {}  # Empath's own per-module state (milter connections)
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.peer_ip}:{self.peer_port} helo={self.helo!r}>"
@@ -173,9 +178,9 @@ class Session:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """The complete message at end of data, as it will be spooled (without the
-    ``Received:`` field Empath adds in front).  ``headers`` are ``(name, value)`` in
-    order; a value keeps its folding (CRLF + white space) but not the final CRLF."""
+    """The complete message at end of data, as it will be spooled, Empath's own
+    ``Received:`` field first.  ``headers`` are ``(name, value)`` in order; a value
+    keeps its folding (CRLF + white space) but not the final CRLF."""
 
     sender: str
     recipients: tuple[str, ...]

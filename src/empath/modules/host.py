@@ -36,19 +36,22 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from empath.config.model import ModuleOnError, ModuleTimeouts
-from empath.modules.api import Changes, DeliveryEvent, Message, Reply, Session
-from empath.modules.headers import apply_changes, split_message
-from empath.observability.logs import get_logger
-from empath.observability.stats import Histogram
+from empath.logs import get_logger
+from empath.modules.api import Changes, DeliveryEvent, DeliveryKind, Message, Reply, Session
+from empath.modules.headers import apply_changes, message_view
+from empath.smtp.events import CheckStage
+from empath.spool.model import MessageState, UnitState, UnitStatus
+from empath.stats import Histogram
+from empath.transport.acceptance import AcceptedMessage
 
 __all__ = [
     "CONTINUE",
-    "DataOutcome",
     "Filter",
     "Hook",
     "ModuleHost",
     "ModuleStats",
     "Verdict",
+    "delivery_event",
 ]
 
 log = get_logger("modules", __name__)
@@ -69,6 +72,8 @@ class Hook(enum.Enum):
 
 
 STAGE_HOOKS: Final = (Hook.CONNECT, Hook.HELO, Hook.MAIL, Hook.RCPT)
+_CHECK_OF: Final = {Hook.CONNECT: "connect", Hook.HELO: "helo", Hook.MAIL: "mail",
+                    Hook.RCPT: "rcpt"}  # fmt: skip
 
 Result = Literal[
     "continue", "accept", "reject", "tempfail", "changes", "discard", "timeout", "error"
@@ -167,18 +172,6 @@ class ModuleStats:
         self.milter_errors[key] = self.milter_errors.get(key, 0) + 1
 
 
-@dataclass(frozen=True, slots=True)
-class DataOutcome:
-    """End of data: ``reply`` set = refuse with it; else spool ``message`` for
-    ``recipients`` (changed by the filters), or nothing at all when ``discard``."""
-
-    reply: Reply | None
-    message: bytes
-    recipients: tuple[str, ...]
-    discard: bool = False
-    changed: bool = False
-
-
 class ModuleHost:
     """The configured filters, in order; see the module docstring."""
 
@@ -195,7 +188,12 @@ class ModuleHost:
         self._health = {id(f): _Health() for f in filters}
         self._by_hook = {hook: tuple(f for f in filters if hook in f.hooks) for hook in Hook}
         self.stage_hooks = frozenset(h for h in STAGE_HOOKS if self._by_hook[h])
+        # what the SMTP state machine stops for (smtp.events.CheckStage, by value)
+        self.checks = frozenset(CheckStage(_CHECK_OF[h]) for h in self.stage_hooks)
         self.has_data = bool(self._by_hook[Hook.DATA])
+        self.wants_delivery_events = bool(self._by_hook[Hook.DELIVERY])
+        self._needs_cleanup = any(f.kind == "milter" for f in filters)
+        self._cleanups: set[asyncio.Task[None]] = set()
         self._queues: dict[int, asyncio.Queue[DeliveryEvent]] = {}
         self._consumers: list[asyncio.Task[None]] = []
 
@@ -267,29 +265,40 @@ class ModuleHost:
                 return None if reply.code < 400 else reply
         return None
 
-    async def data(self, session: Session, message: bytes, sender: str,
-                   recipients: tuple[str, ...]) -> DataOutcome:  # fmt: skip
-        """End of data (one step of the acceptance pipeline)."""
-        discard = bool(session.notes.pop("empath.discard", False))
-        changed = False
-        if discard:
-            return DataOutcome(None, message, recipients, discard=True)
+    async def data(self, session: Session, message: AcceptedMessage) -> Reply | None:
+        """End of data (the acceptance pipeline's MODULES step): each filter sees the
+        message as the ones before it left it; None = carry on (the message may have
+        been changed or discarded), else the 4xx/5xx reply."""
+        if session.notes.pop("empath.discard", False):
+            message.discard("discarded by a milter before end of data")
+            return None
+        session.notes["empath.queue_id"] = message.id
         for f in self._by_hook[Hook.DATA]:
-            fields, body = split_message(message)
-            view = Message(sender, recipients, tuple((x.name, x.value) for x in fields), body)
-            timeout = f.budget(Hook.DATA)
-            verdict = await self._call(f, Hook.DATA, timeout, f.data(session, view))
+            verdict = await self._call(
+                f, Hook.DATA, f.budget(Hook.DATA), f.data(session, message_view(message))
+            )
             if verdict.changes:
-                message, recipients = apply_changes(message, recipients, [verdict.changes])
-                changed = True
+                try:
+                    apply_changes(message, verdict.changes)
+                except ValueError as exc:
+                    self._failed(f, Hook.DATA, self._health[id(f)], str(exc), tb=False)
+                    verdict = self._on_error(f)
             if verdict.discard:
-                return DataOutcome(None, message, recipients, discard=True, changed=changed)
+                message.discard(f"discarded by {f.label}")
+                return None
             reply = verdict.reply
             if reply is not None:
-                if reply.code >= 400:
-                    return DataOutcome(reply, message, recipients, changed=changed)
-                break
-        return DataOutcome(None, message, recipients, changed=changed)
+                return None if reply.code < 400 else reply
+        return None
+
+    def session_closed_soon(self, session: Session) -> None:
+        """The SMTP session ended: let each filter clean up (milter QUIT) in the
+        background; the task is kept until it is done."""
+        if not self._needs_cleanup:
+            return
+        task = asyncio.get_running_loop().create_task(self.session_closed(session))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
 
     async def session_closed(self, session: Session) -> None:
         for f in self.filters:
@@ -356,3 +365,29 @@ class ModuleHost:
             entry.update(f.status())
             out.append(entry)
         return out
+
+
+_EVENT_KIND: Final[dict[UnitStatus, DeliveryKind]] = {
+    UnitStatus.DELIVERED: "delivered",
+    UnitStatus.RETRY: "deferred",
+    UnitStatus.PENDING: "deferred",
+    UnitStatus.FAILED: "failed",
+    UnitStatus.EXPIRED: "failed",
+}
+
+
+def delivery_event(msg: MessageState, unit: UnitState) -> DeliveryEvent:
+    """The module API's view of one unit's outcome."""
+    detail = unit.last_error
+    if unit.history:
+        last = unit.history[-1]
+        detail = f"{last.code} {last.text}" if last.code is not None else last.text
+    return DeliveryEvent(
+        kind=_EVENT_KIND.get(unit.status, "deferred"),
+        message_id=msg.id,
+        domain=unit.domain,
+        sender=msg.envelope.sender,
+        recipients=tuple(r.address for r in unit.recipients),
+        attempt=unit.attempts,
+        detail=detail,
+    )

@@ -143,6 +143,9 @@ class DeliveryRunner:
         self.clock = clock
         self._spawn = spawn
         self.stats = stats
+        # told of each unit's outcome after it is saved (module delivery events, SPEC §14);
+        # must not block or raise (the modules' host queues the event and returns)
+        self.on_outcome: Callable[[MessageState, UnitState], None] | None = None
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
         self._timer: Timer | None = None
@@ -420,6 +423,8 @@ class DeliveryRunner:
         for dsn in t.dsns:
             await self._send_dsn(msg, dsn, now)
         await self._persist(msg.id, t.unit)
+        if self.on_outcome is not None and (t.attempted or t.unit.status.terminal):
+            self.on_outcome(msg, t.unit)
         outcome = _BREAKER[t.destination]
         if t.retry_at is not None:
             key = UnitKey(msg.id, domain)

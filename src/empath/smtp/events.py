@@ -6,6 +6,7 @@ in the order they must be carried out (see that module's theory of operation).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 # --- events --------------------------------------------------------------------
@@ -65,7 +66,26 @@ class Close:
     error: bool = False  # the session ended by error/timeout (for connection_error_rate)
 
 
-Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | Close
+class CheckStage(enum.Enum):
+    """The dialogue points where configured modules are asked (SPEC §14)."""
+
+    CONNECT = "connect"
+    HELO = "helo"
+    MAIL = "mail"
+    RCPT = "rcpt"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """Ask the modules about ``value`` (the HELO name, sender or recipient; "" at
+    connect); answer with ``check_done(reply or None)``.  Only for the stages the
+    server was built with."""
+
+    stage: CheckStage
+    value: str
+
+
+Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | Close | Check
 
 
 def received_header(

@@ -55,6 +55,8 @@ from empath.smtp.events import (
     BodyAbort,
     BodyChunk,
     BodyStart,
+    Check,
+    CheckStage,
     Close,
     Event,
     MessageComplete,
@@ -84,6 +86,8 @@ __all__ = [
     "BodyAbort",
     "BodyChunk",
     "BodyStart",
+    "Check",
+    "CheckStage",
     "Close",
     "Event",
     "MessageComplete",
@@ -112,6 +116,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     BDAT = "bdat"  # inside a BDAT transaction, between chunks
+    REFUSED = "refused"  # a module refused the connection (554 greeting): only QUIT
 
 
 class Phase(enum.Enum):
@@ -123,7 +128,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-_ANY: Final = frozenset(State)
+_ANY: Final = frozenset(State) - {State.REFUSED}
 _IDLE: Final = frozenset({State.FRESH, State.GREETED})
 
 # Transition table: the states in which each verb is accepted.
@@ -140,7 +145,7 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
     Verb.BDAT: _ANY,
     Verb.RSET: _ANY,
     Verb.NOOP: _ANY,
-    Verb.QUIT: _ANY,
+    Verb.QUIT: frozenset(State),
     Verb.VRFY: _ANY,
     Verb.EXPN: _ANY,
     Verb.HELP: _ANY,
@@ -252,6 +257,9 @@ class SmtpServer:
         "_buf",
         "_canned",
         "_cfg",
+        "_check_arg",
+        "_check_stage",
+        "_checks",
         "_data",
         "_discarding",
         "_draining",
@@ -278,6 +286,7 @@ class SmtpServer:
         relay_allows: Callable[[str], bool],
         *,
         tls_active: bool = False,
+        checks: frozenset[CheckStage] = frozenset(),
     ) -> None:
         self._cfg = config
         self._canned = _canned(config)
@@ -304,6 +313,13 @@ class SmtpServer:
         self._body_open = False
         self._skip_bytes = 0
         self._skip_reply = b""
+        # Module checks (SPEC §14): the stages asked about; empty = never asked, no cost.
+        self._checks = checks
+        self._check_stage: CheckStage | None = None  # a Check event awaits check_done
+        self._check_arg: object = None  # what to carry out if the check accepts
+        if CheckStage.CONNECT in checks:
+            self._out = []  # the greeting waits for the connect check
+            self._hold(CheckStage.CONNECT, None)
 
     def __repr__(self) -> str:
         return (
@@ -373,6 +389,76 @@ class SmtpServer:
         """The spool refused the message (452 4.3.1 / 451 4.3.0)."""
         self._out.append(reply.to_bytes())
         return self._after_message()
+
+    @property
+    def pending_check(self) -> Check | None:
+        """The connect check a new server starts with (no event carries it)."""
+        if self._check_stage is CheckStage.CONNECT:
+            return Check(CheckStage.CONNECT, "")
+        return None
+
+    def check_done(self, reply: Reply | None) -> list[Event]:
+        """The modules' answer to the pending :class:`Check`: ``None`` (or 2xx) carries
+        on as if nobody was asked; 4xx/5xx is the answer to the command (at connect: a
+        4xx greeting becomes ``421`` and closes, a 5xx one ``554`` after which only
+        QUIT is accepted, RFC 5321 §3.1); a ``421`` closes the session."""
+        events: list[Event] = []
+        stage = self._check_stage
+        arg = self._check_arg
+        self._check_stage = None
+        self._check_arg = None
+        if stage is None or self.phase is not Phase.WAITING:
+            return events
+        self.phase = Phase.COMMAND
+        if reply is None or reply.code < 400:
+            self._check_accepted(stage, arg, events)
+        elif reply.code == 421 or (stage is CheckStage.CONNECT and reply.code < 500):
+            self._close(events, Reply(421, reply.lines).to_bytes(), "refused by module")
+            return events
+        elif stage is CheckStage.CONNECT:
+            self._out.append(Reply(554, reply.lines).to_bytes())
+            self.state = State.REFUSED
+        elif reply.code in _BAD_COMMAND_CODES:
+            self._bad(events, reply.to_bytes())
+        else:
+            self._out.append(reply.to_bytes())
+        if self.phase is Phase.COMMAND:
+            if self._draining and not self.in_message:
+                self._clear_transaction(events)
+                self._close(events, _R_SHUTDOWN, "shutdown")
+                return events
+            self._run(events)
+        return events
+
+    def _hold(self, stage: CheckStage, arg: object) -> None:
+        self._check_stage = stage
+        self._check_arg = arg
+        self.phase = Phase.WAITING
+
+    def _check_accepted(self, stage: CheckStage, arg: object, events: list[Event]) -> None:
+        if stage is CheckStage.CONNECT:
+            self._out.append(self._canned.greeting)
+        elif stage is CheckStage.HELO:
+            assert isinstance(arg, tuple)
+            self._greet_ok(arg[0], arg[1], events)
+        elif stage is CheckStage.MAIL:
+            assert isinstance(arg, MailFrom)
+            self._mail_ok(arg)
+        else:
+            assert isinstance(arg, str)
+            self._rcpt_ok(arg)
+
+    @property
+    def helo(self) -> str:
+        return self._helo
+
+    @property
+    def sender(self) -> str | None:
+        return self._mail.sender if self._mail is not None else None
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return tuple(self._rcpts)
 
     def tls_started(self) -> list[Event]:
         """RFC 3207 §4.2: "the server MUST discard any knowledge obtained from the
@@ -599,6 +685,13 @@ class SmtpServer:
 
     def _greet(self, arg: str, events: list[Event], *, esmtp: bool) -> None:
         helo = parse_helo(arg)
+        if self._checks and CheckStage.HELO in self._checks:
+            self._hold(CheckStage.HELO, (helo, esmtp))
+            events.append(Check(CheckStage.HELO, helo))
+            return
+        self._greet_ok(helo, esmtp, events)
+
+    def _greet_ok(self, helo: str, esmtp: bool, events: list[Event]) -> None:
         self._clear_transaction(events)
         self._helo = helo
         self._esmtp = esmtp
@@ -621,6 +714,13 @@ class SmtpServer:
         # RFC 1870 §6.2: a declared size over the limit is refused at MAIL.
         if mail.size is not None and mail.size > self._cfg.max_message_bytes:
             raise SmtpProtocolError(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        if self._checks and CheckStage.MAIL in self._checks:
+            self._hold(CheckStage.MAIL, mail)
+            events.append(Check(CheckStage.MAIL, mail.sender))
+            return
+        self._mail_ok(mail)
+
+    def _mail_ok(self, mail: MailFrom) -> None:
         self._mail = mail
         self._rcpts = []
         self.state = State.MAIL
@@ -647,6 +747,13 @@ class SmtpServer:
             rcpt = self._cfg.postmaster
         elif not self._relay_allows(domain_of(rcpt)):
             raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
+        if self._checks and CheckStage.RCPT in self._checks:
+            self._hold(CheckStage.RCPT, rcpt)
+            events.append(Check(CheckStage.RCPT, rcpt))
+            return
+        self._rcpt_ok(rcpt)
+
+    def _rcpt_ok(self, rcpt: str) -> None:
         if rcpt not in self._rcpts:
             self._rcpts.append(rcpt)
         self.state = State.RCPT

@@ -108,6 +108,8 @@ class SessionFacts:
     listener: str
     esmtp: bool = True
     smtputf8: bool = False
+    # the modules' per-connection state (empath.modules.api.Session), when modules run
+    module_session: object = field(default=None, compare=False)
 
 
 @dataclass(slots=True)

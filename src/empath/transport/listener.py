@@ -25,7 +25,7 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from empath.clock import Clock, SystemClock, Timer
 from empath.errors import ListenerBindError
@@ -34,6 +34,9 @@ from empath.smtp.server import RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
 from empath.transport.acceptance import AcceptancePipeline
+
+if TYPE_CHECKING:
+    from empath.modules.host import ModuleHost
 from empath.transport.session import SmtpSession
 
 log = get_logger("smtp", __name__)
@@ -117,6 +120,7 @@ class ListenerRuntime:
         "clock",
         "label",
         "loop",
+        "modules",
         "on_accepted",
         "per_ip",
         "server_config",
@@ -171,6 +175,8 @@ class ListenerRuntime:
         self._sweeper: Timer | None = None
         # end-of-data steps (acceptance.py); None = the streaming fast path
         self.acceptance: AcceptancePipeline | None = None
+        # modules and milters (SPEC §14); None = no module: sessions never stop for one
+        self.modules: ModuleHost | None = None
 
     def trusts(self, client_ip: str) -> bool:
         """The client is in relay.trusted_networks (for acceptance steps)."""
@@ -281,6 +287,14 @@ class SmtpServerGroup:
         self._runtimes: list[ListenerRuntime] = []
         self.stats: dict[str, ListenerStats] = {}
         self._acceptance: Callable[[ListenerSpec], AcceptancePipeline | None] | None = None
+        self._modules: ModuleHost | None = None
+
+    def set_modules(self, host: ModuleHost | None) -> None:
+        """Install the modules (at start and on reload); sessions keep the set they
+        started with, new sessions get this one."""
+        self._modules = host if host else None
+        for rt in self._runtimes:
+            rt.modules = self._modules
 
     def set_acceptance(
         self, pipeline_for: Callable[[ListenerSpec], AcceptancePipeline | None] | None
@@ -326,6 +340,7 @@ class SmtpServerGroup:
                 )
                 if self._acceptance is not None:
                     rt.acceptance = self._acceptance(spec)
+                rt.modules = self._modules
                 server = await self._bind(loop, spec, rt)
                 self._servers.append(server)
                 self._runtimes.append(rt)

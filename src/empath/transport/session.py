@@ -66,11 +66,15 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from empath.errors import SpoolError, SpoolFullError
 from empath.logs import get_logger
+from empath.modules.api import Session as ModuleSession
+from empath.modules.step import HOST_KEY, STAGE_HOOK, to_smtp_reply
+from empath.smtp.events import CheckStage
 from empath.smtp.replies import Reply
 from empath.smtp.server import (
     BodyAbort,
     BodyChunk,
     BodyStart,
+    Check,
     Close,
     Event,
     MessageComplete,
@@ -84,6 +88,7 @@ from empath.spool.model import Envelope, MessageState, initial_units
 from empath.transport.acceptance import R_STEP_ERROR, AcceptedMessage, HeldBody, SessionFacts
 
 if TYPE_CHECKING:
+    from empath.modules.host import ModuleHost
     from empath.spool.store import BodyWriter
     from empath.transport.listener import ListenerRuntime
 
@@ -142,6 +147,8 @@ class SmtpSession(asyncio.Protocol):
         "_ip",
         "_ip_key",
         "_last_read",
+        "_modules",
+        "_msession",
         "_paused",
         "_peer",
         "_rt",
@@ -175,6 +182,8 @@ class SmtpSession(asyncio.Protocol):
         self._write_paused = False  # the transport's write buffer is over high water
         self._tls_starting = False
         self._backlog_call: asyncio.Handle | None = None
+        self._modules: ModuleHost | None = None  # the modules this session started with
+        self._msession: ModuleSession | None = None  # what they know of it
 
     def __repr__(self) -> str:
         return (
@@ -219,12 +228,18 @@ class SmtpSession(asyncio.Protocol):
         stats.sessions_total += 1
         rt.per_ip[key] = per_ip + 1
         rt.sessions.add(self)
-        self._server = server = SmtpServer(rt.server_config, rt.relay_check(ip))
+        host = rt.modules
+        if host is None:
+            self._server = server = SmtpServer(rt.server_config, rt.relay_check(ip))
+        else:
+            self._server = server = self._with_modules(host, ip, port)
         transport.write(server.take_output())
         now = rt.clock.monotonic()
         self._last_read = now
         self._conn_deadline = now + spec.connection_timeout_s
         rt.session_added()
+        if host is not None and (check := server.pending_check) is not None:
+            self._check(check)
 
     def data_received(self, data: bytes) -> None:
         server = self._server
@@ -321,6 +336,9 @@ class SmtpSession(asyncio.Protocol):
             self._handle(server.connection_lost())
         self._abort_body()
         self._transport = None
+        if self._modules is not None and self._msession is not None:
+            self._modules.session_closed_soon(self._msession)
+            self._msession = None
         if self._counted:
             self._counted = False
             rt = self._rt
@@ -352,6 +370,9 @@ class SmtpSession(asyncio.Protocol):
                 self._commit(ev.transaction)
             elif kind is BodyAbort:
                 self._abort_body()
+            elif kind is Check:
+                assert isinstance(ev, Check)
+                self._check(ev)
             elif kind is StartTls:
                 # the ClientHello must not reach data_received before start_tls runs
                 self._tls_starting = True
@@ -364,6 +385,41 @@ class SmtpSession(asyncio.Protocol):
                 if ev.error:
                     self._errored = True
                 self._close()
+
+    # --- modules (SPEC §14; empath/modules) -----------------------------------------
+
+    def _with_modules(self, host: ModuleHost, ip: str, port: int) -> SmtpServer:
+        """A session of a listener with modules: their view of it, and a state machine
+        that stops for a :class:`Check` at the stages they hook."""
+        rt = self._rt
+        self._modules = host
+        self._msession = ms = ModuleSession(
+            id=f"{rt.label}/{ip}:{port}/{id(self):x}", peer_ip=ip, peer_port=port,
+            listener=rt.label, trusted=rt.trusts(ip),
+        )  # fmt: skip
+        ms.private[HOST_KEY] = host
+        return SmtpServer(rt.server_config, rt.relay_check(ip), checks=host.checks)
+
+    def _check(self, check: Check) -> None:
+        self._commit_task = self._rt.loop.create_task(self._run_check(check))
+
+    async def _run_check(self, check: Check) -> None:
+        host = self._modules
+        ms = self._msession
+        server = self._server
+        assert host is not None and ms is not None and server is not None
+        ms.helo = check.value if check.stage is CheckStage.HELO else server.helo
+        ms.tls = server.tls_active
+        ms.sender = check.value if check.stage is CheckStage.MAIL else server.sender
+        ms.recipients = server.recipients
+        answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
+        self._commit_task = None
+        if self._transport is None or self._transport.is_closing():
+            return
+        if answer is not None:
+            log.info("Command refused by module", peer=self._peer, stage=check.stage.value,
+                     value=check.value, smtp_code=str(answer.code))  # fmt: skip
+        self._resume(server.check_done(None if answer is None else to_smtp_reply(answer)))
 
     def _begin_body(self, txn: Transaction) -> None:
         self._abort_body()
@@ -446,6 +502,7 @@ class SmtpSession(asyncio.Protocol):
                 listener=rt.label,
                 esmtp=txn.esmtp,
                 smtputf8=txn.smtputf8,
+                module_session=self._msession,
             ),
         )
         try:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from empath.config.model import ModuleConfig, ModuleOnError, ModuleTimeouts
+from empath.logs import get_logger
 from empath.modules.api import (
     AddHeader,
     ChangeHeader,
@@ -45,7 +46,6 @@ from empath.modules.host import CONTINUE, Hook, ModuleStats, Verdict
 from empath.modules.milter import codec
 from empath.modules.milter.client import MilterConnection, MilterUnavailableError
 from empath.modules.milter.codec import Cmd, Kind, Proto, Response
-from empath.observability.logs import get_logger
 
 __all__ = ["MilterFilter"]
 

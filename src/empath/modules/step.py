@@ -1,0 +1,62 @@
+"""The modules' end-of-data step in the acceptance pipeline (``Stage.MODULES``).
+
+The SMTP session hands each message's :class:`~empath.modules.api.Session` (the one
+its connection-stage hooks saw, with its milter connections) through
+``SessionFacts.module_session``; the step asks the host that session started with,
+so a reload in the middle of a session does not split one message between two sets
+of modules.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from empath.modules.api import Reply as ModuleReply
+from empath.modules.api import Session
+from empath.modules.host import Hook, ModuleHost
+from empath.smtp.events import CheckStage
+from empath.smtp.replies import Reply
+from empath.transport.acceptance import AcceptedMessage, Stage
+
+__all__ = ["HOST_KEY", "STAGE_HOOK", "ModulesStep", "to_smtp_reply"]
+
+HOST_KEY: Final = "empath.host"  # Session.private key of the host a session started with
+STAGE_HOOK: Final = {
+    CheckStage.CONNECT: Hook.CONNECT,
+    CheckStage.HELO: Hook.HELO,
+    CheckStage.MAIL: Hook.MAIL,
+    CheckStage.RCPT: Hook.RCPT,
+}
+
+
+class ModulesStep:
+    """Python modules' ``on_data`` and milters' header/body/end-of-message."""
+
+    name = "modules"
+    stage = Stage.MODULES
+
+    def __init__(self, host: ModuleHost) -> None:
+        self.host = host
+
+    async def run(self, message: AcceptedMessage) -> Reply | None:
+        session = message.facts.module_session
+        if not isinstance(session, Session):
+            facts = message.facts
+            session = Session(id=message.id, peer_ip=facts.peer_ip, peer_port=0,
+                              listener=facts.listener, trusted=facts.trusted)  # fmt: skip
+            session.helo = facts.helo
+            session.tls = facts.tls
+            session.auth_user = facts.auth_user
+        session.sender = message.sender
+        session.recipients = tuple(message.recipients)
+        host = session.private.get(HOST_KEY, self.host)
+        assert isinstance(host, ModuleHost)
+        reply = await host.data(session, message)
+        if reply is None:
+            return None
+        return to_smtp_reply(reply)
+
+
+def to_smtp_reply(reply: ModuleReply) -> Reply:
+    texts = reply.text.split("\n") if reply.text else [""]
+    return Reply.of(reply.code, reply.enhanced, *texts)
