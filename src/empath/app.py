@@ -154,6 +154,9 @@ class App:
         self.metrics.add_source(
             StandaloneMetrics() if self.cluster is None else ClusterMetrics(self.cluster)
         )
+        from empath.modules.metrics import ModuleMetrics
+
+        self.metrics.add_source(ModuleMetrics(self.module_stats))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None

@@ -29,6 +29,7 @@ from empath.control.server import Args, Command, CommandError
 from empath.dns.cache import CacheEntryInfo
 from empath.dns.resolver import normalize_name
 from empath.errors import ConfigError, DeliveryError, UnknownMessageError
+from empath.modules.host import ModuleHost
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
@@ -72,6 +73,9 @@ class Daemon(Protocol):
     def started_at(self) -> float: ...
     @property
     def last_reload(self) -> ReloadRecord | None: ...
+
+    @property
+    def modules(self) -> ModuleHost: ...
 
     def reload(self) -> str | None: ...
     async def cluster_status(self) -> dict[str, Any] | None: ...
@@ -182,6 +186,7 @@ class Handlers:
                 "size_bytes": usage.size_bytes,
             },
             "cluster": cluster,
+            "modules": d.modules.status(),
             "config": {
                 "file": d.config.source_path,
                 "last_reload_at": last.at if last else None,

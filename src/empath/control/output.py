@@ -157,6 +157,15 @@ def status_text(data: dict[str, Any]) -> str:
         f"{spool['size_bytes'] // 2**20} MiB used",
         f"Config: {cfg['file'] or '-'}, last reload: {reload}",
     ]
+    modules = data.get("modules") or []
+    lines.append(f"Modules: {len(modules) or 'none'}")
+    for m in modules:
+        where = f" at {terminal(m['address'])}" if m.get("address") else ""
+        error = f" ({terminal(m['last_error'])})" if m.get("last_error") else ""
+        lines.append(
+            f"  {terminal(m['name'])}  {m['type']}{where}  {m['health']}{error}  "
+            f"hooks: {', '.join(m['hooks'])}  on_error: {m['on_error']}"
+        )
     cluster = data.get("cluster")
     if cluster is not None:
         mode = "FALLBACK to local limits (Redis unreachable)" if cluster["fallback"] else "Redis up"
