@@ -148,8 +148,15 @@ class _Sample:
 class Window:
     """Differences of cumulative counters over about ``window_s`` (see module doc).
 
-    Keeps at most ~``max_samples`` samples: a read closer than ``window_s /
-    max_samples`` to the previous one replaces it instead of adding one.
+    Time is cut into buckets of ``window_s / max_samples``; each bucket keeps one
+    sample, its newest read, so at most ~``max_samples`` are kept however often the
+    window is read.  A read in the same bucket as the newest sample replaces it; a read
+    in a later bucket appends.  (Replacing whenever the newest sample was less than a
+    bucket old -- the first design -- let a reader faster than one bucket move that
+    sample forward for ever: no sample was ever appended, the base never moved, and the
+    "windowed" rate froze at its lifetime value.)  The answer is the change since the
+    newest sample at least one window old, so it does not depend on how often the
+    window is read, only on which bucket the reads fall in.
     """
 
     __slots__ = ("_samples", "max_samples", "window_s")
@@ -162,8 +169,9 @@ class Window:
     def delta(self, now: float, values: tuple[int, ...]) -> tuple[int, ...]:
         samples = self._samples
         step = self.window_s / self.max_samples
-        if len(samples) > 1 and now - samples[-1].at < step:
-            samples[-1] = _Sample(now, values)
+        head = samples[-1]
+        if len(samples) > 1 and now // step == head.at // step:
+            samples[-1] = _Sample(now, values)  # same bucket: its newest read wins
         else:
             samples.append(_Sample(now, values))
         cutoff = now - self.window_s

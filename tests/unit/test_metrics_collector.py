@@ -102,6 +102,17 @@ def test_domains_beyond_the_cap_fold_into_other() -> None:
                      frozenset({("domain", "other"), ("state", "Open")}))]  # fmt: skip
 
 
+def test_dns_lookup_histogram_has_a_zero_series_per_query_type_before_any_lookup() -> None:
+    """The runbook's histogram_quantile over empath_dns_lookup_duration_seconds answers on
+    a node that has not looked anything up yet (issue 14, "Also")."""
+    c, _, _ = collector(10)
+    s = scrape(c)
+    for qt in ("MX", "A", "AAAA"):
+        labels = frozenset({("query_type", qt)})
+        assert 0.0 == s[("empath_dns_lookup_duration_seconds_count", labels)]
+        assert 0.0 == s[("empath_dns_lookup_duration_seconds_bucket", labels | {("le", "+Inf")})]
+
+
 def test_rendering_escapes_label_values_that_need_it_and_collect_agrees() -> None:
     c, _, _ = collector(10)
     s = scrape(c)

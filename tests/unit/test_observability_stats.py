@@ -56,6 +56,30 @@ def test_window_answers_the_change_over_about_one_window() -> None:
     assert (0,) == w.delta(40.0, (12,))
 
 
+def test_window_figures_do_not_depend_on_how_often_it_is_read() -> None:
+    """Issue 14 #16: read every 0.1 s, 2 s and 5 s, a 300 s window gives the same figures
+    at the instants all three read, and forgets a fault one window after it ended."""
+    window_s = 300.0
+    readers = {n: Window(window_s, start=0.0, width=2) for n in (1, 20, 50)}  # 0.1, 2, 5 s
+    attempts = failed = 0
+    figures: dict[int, list[tuple[int, ...]]] = {n: [] for n in readers}
+    for i in range(12_001):  # 1200 s in 0.1 s steps
+        now = i / 10
+        if i % 50 == 25:  # at 2.5 s past every 5 s: 4 attempts, 3 of them failed until 600 s
+            attempts += 4
+            failed += 3 if now < 600 else 0
+        for every, w in readers.items():
+            if i % every == 0:
+                figure = w.delta(now, (failed, attempts))
+                if i % 100 == 0:  # every 10 s, when all three read
+                    figures[every].append(figure)
+    assert figures[50] == figures[20] == figures[1]
+    by_10s = figures[1]
+    assert (3 * 60, 4 * 60) == by_10s[50]  # at 500 s: 60 bursts in the last 300 s
+    assert (0, 4 * 60) == by_10s[92]  # at 920 s: the fault ended at 600 s, out of the window
+    assert (0, 4 * 60) == by_10s[-1]
+
+
 def test_window_keeps_a_bounded_number_of_samples() -> None:
     w = Window(300.0, start=0.0, width=1, max_samples=100)
     for i in range(100_000):

@@ -195,14 +195,22 @@ class LookupStats:
     """Durations of resolver round trips per query type, and outcome counts.
 
     O(log buckets) per observation; read by the metrics collector at scrape time.
+    The query types routing asks for (:class:`QueryType`) have their (zero) series from
+    the start, so a dashboard or the runbook's ``histogram_quantile`` over
+    ``empath_dns_lookup_duration_seconds`` answers before the first lookup.
     """
 
     __slots__ = ("_bounds", "_recent", "_timings", "outcomes")
 
-    def __init__(self, buckets_s: Sequence[float] = DEFAULT_BUCKETS_S, recent: int = 256) -> None:
+    def __init__(
+        self,
+        buckets_s: Sequence[float] = DEFAULT_BUCKETS_S,
+        recent: int = 256,
+        known: Sequence[str] = tuple(QueryType),
+    ) -> None:
         self._bounds: tuple[float, ...] = tuple(sorted(buckets_s))
         self._recent = recent
-        self._timings: dict[str, _Timings] = {}
+        self._timings: dict[str, _Timings] = {qt: _Timings(self._bounds, recent) for qt in known}
         #: ``(query_type, outcome)`` → count; outcome is ``ok``, ``no_answer`` or a DnsFailure.
         self.outcomes: Counter[tuple[str, str]] = Counter()
 
