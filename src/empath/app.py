@@ -70,6 +70,7 @@ log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
 SHUTDOWN_GRACE_S = 30.0
 QUEUE_SIZES_CACHE_S = 5.0
+PRESSURE_POLL_S = 1.0  # how often the compactor looks at the spool's free space
 
 
 class App:
@@ -478,10 +479,20 @@ class App:
         await self.spool.close()
 
     async def _compact_loop(self) -> None:
+        """Compact every ``compact_interval_secs``, and within a second whenever the
+        spool is short of space (issue 14, defect 15: a full disk recovers without a
+        restart once its dead records are reclaimed)."""
         slog = get_logger("spool", __name__)
+        waited = 0.0
         while True:
-            await self.clock.sleep(self.config.spool.compact_interval_secs)
+            interval = self.config.spool.compact_interval_secs
+            step = min(interval, PRESSURE_POLL_S)
+            await self.clock.sleep(step)
+            waited += step
             try:
+                if waited < interval and not self.spool.under_pressure():
+                    continue
+                waited = 0.0
                 await self.spool.compact()
             except Exception:
                 slog.exception("Spool compaction failed")

@@ -194,3 +194,74 @@ def test_open_on_a_full_disk_with_a_full_last_segment(tmp_path: Path) -> None:
             assert (len(acked), 0) == (report.messages, report.quarantined)
 
         asyncio.run(main())
+
+
+def test_removal_works_on_a_full_disk_and_compaction_gives_the_space_back(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 defect 15: with the filesystem full to the last byte (a filler took it
+    all), removing a message still succeeds - the space reserve is given up for the
+    tombstones - while new mail is refused; the active segment is then compacted with no
+    reopen, the reserve comes back and commits succeed; a reopen finds exactly what is
+    left."""
+    with small_tmpfs(tmp_path / "fs", "8m") as fs:
+        spool_dir = fs / "spool"
+
+        async def main() -> None:
+            spool = FileSpool(spool_dir)
+            await spool.open()
+            assert not spool.usage().reserve_released
+            assert (spool_dir / "reserve").stat().st_blocks * 512 >= spool.usage().reserve_bytes
+            msgs = [await put(spool, b"m%04d " % i + b"x" * 60_000 + b"\r\n") for i in range(80)]
+            fill(fs / "filler")
+            with pytest.raises(SpoolFullError):
+                await put(spool, b"no room " * 2000)
+            for m in msgs[:-1]:  # every removal succeeds on the full disk
+                await spool.remove(m.id)
+            assert spool.usage().reserve_released
+            with pytest.raises(SpoolFullError):  # the freed reserve is not for new mail
+                await put(spool, b"still no room\r\n")
+            assert spool.under_pressure()
+            reclaimable = spool.usage().reclaimable_bytes
+            assert reclaimable > 79 * 60_000
+            (fs / "filler").unlink()
+            before = os.statvfs(fs).f_bavail
+            freed = await spool.compact()  # the pressure pass: the active segment too
+            assert freed > 79 * 60_000
+            assert os.statvfs(fs).f_bavail > before
+            assert spool.usage().reclaimable_bytes < reclaimable // 10
+            assert not spool.usage().reserve_released
+            after = await put(spool, b"after\r\n")
+            assert [msgs[-1].id, after.id] == [m.id for m in spool.messages()]
+            await spool.close()
+            spool = FileSpool(spool_dir)
+            report = await spool.open()
+            assert (2, 0) == (report.messages, report.quarantined)
+            assert [msgs[-1].id, after.id] == [m.id for m in spool.messages()]
+            assert msgs[-1].envelope.size == len(await spool.read_body(msgs[-1].id))
+            await spool.close()
+
+        asyncio.run(main())
+
+
+def test_an_operator_compaction_includes_the_active_segment(tmp_path: Path) -> None:
+    """``compact(include_active=True)`` reclaims dead records in the active segment on
+    a disk with plenty of room, where the periodic pass leaves it alone."""
+    with small_tmpfs(tmp_path / "fs", "16m") as fs:
+
+        async def main() -> None:
+            spool = FileSpool(fs / "spool")
+            await spool.open()
+            msgs = [await put(spool, b"x" * 50_000) for _ in range(20)]
+            for m in msgs[1:]:
+                await spool.remove(m.id)
+            assert not spool.under_pressure()
+            assert 0 == await spool.compact()
+            assert spool.usage().reclaimable_bytes > 19 * 50_000
+            assert await spool.compact(include_active=True) > 19 * 50_000
+            assert spool.usage().reclaimable_bytes < 50_000
+            assert [msgs[0].id] == [m.id for m in spool.messages()]
+            assert 50_000 == len(await spool.read_body(msgs[0].id))
+            await spool.close()
+
+        asyncio.run(main())

@@ -96,7 +96,7 @@ def test_the_compactor_runs_every_interval_in_virtual_time(tmp_path: Path) -> No
     app, clock = app_on_fake_clock(tmp_path)
     calls: list[float] = []
 
-    async def compact() -> int:
+    async def compact(*, include_active: bool = False) -> int:
         calls.append(clock.monotonic())
         return 0
 

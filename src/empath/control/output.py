@@ -131,6 +131,11 @@ def stats_text(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mib(n: int) -> str:
+    """Bytes as MiB with one decimal (a small spool's figures are not all 0)."""
+    return f"{n / 2**20:.1f}"
+
+
 def status_text(data: dict[str, Any]) -> str:
     dns = data["dns_cache"]
     hit_rate = "-" if dns["hit_rate"] is None else f"{dns['hit_rate'] * 100:.1f}%"
@@ -153,8 +158,10 @@ def status_text(data: dict[str, Any]) -> str:
         f"DNS cache: {dns['entries']} entries, hit rate {hit_rate} "
         f"({dns['hits']} hits, {dns['misses']} misses)",
         f"Open circuit breakers: {', '.join(data['open_breakers']) or 'none'}",
-        f"Spool: {spool['path']} ({spool['type']}), {spool['free_bytes'] // 2**20} MiB free, "
-        f"{spool['size_bytes'] // 2**20} MiB used",
+        f"Spool: {spool['path']} ({spool['type']}), {_mib(spool['free_bytes'])} MiB free, "
+        f"{_mib(spool['size_bytes'])} MiB used, "
+        f"{_mib(spool.get('reclaimable_bytes', 0))} MiB reclaimable"
+        + (" (FULL: space reserve in use, new mail refused)" * bool(spool.get("reserve_released"))),
         f"Config: {cfg['file'] or '-'}, last reload: {reload}",
     ]
     modules = data.get("modules") or []

@@ -27,10 +27,12 @@ body is fsync'd and its directory fsync'd (in a thread) before its MSG record is
 queued.  Spill files are unlinked once the DEL record is durable.
 
 Space: segments rotate at ``segment_bytes``.  :meth:`FileSpool.compact` (called
-periodically by the app) takes the OLDEST closed segment when most of it is
-dead - or when it blocks a newer, mostly dead one - copies its still-live
+periodically by the app, compaction.py) takes the OLDEST closed segment when most
+of it is dead - or when it blocks a newer, mostly dead one - copies its still-live
 messages forward (MSG with body and current units) and deletes the file.
 Deleting oldest-first guarantees a tombstone never outlives the record it kills.
+When space is short the active segment is rotated and compacted too, and a
+preallocated ``reserve`` file keeps deletions writable on a full disk (space.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Final
 
 from empath.clock import Clock, SystemClock
 from empath.config.model import SEGMENT_BYTES
@@ -54,9 +55,11 @@ from empath.ids import new_ulid
 from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import BodyState, FileBodyWriter, map_os_error
+from empath.spool.compaction import Compaction
 from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
+from empath.spool.space import Reserve, reserve_size
 from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
 from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, create_segment, fsync_dir
 
@@ -64,10 +67,8 @@ __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]
 
 log = get_logger("spool", __name__)
 
-COPY_BATCH_BYTES: Final = 4 * 1024 * 1024  # compaction moves this much per group commit
 
-
-class FileSpool(IndexedMessages):
+class FileSpool(IndexedMessages, Compaction):
     """The production :class:`~empath.spool.store.Spool` (see the module doc)."""
 
     def __init__(
@@ -100,6 +101,8 @@ class FileSpool(IndexedMessages):
         self._spill_total = 0
         self._compact_lock = asyncio.Lock()
         self._closing = False
+        self._reserve = Reserve(self.path / "reserve")
+        self._reserve_was_held = True
         self.last_recovery: RecoveryReport | None = None
 
     def __repr__(self) -> str:
@@ -147,6 +150,8 @@ class FileSpool(IndexedMessages):
             self._locs, self._segments = rec.locations, rec.segments
             self._index = MessageIndex(rec.index)
             self._spill_total = rec.spill_bytes
+            st = os.statvfs(self.path)
+            self._reserve.restore(reserve_size(st.f_blocks * st.f_frsize))
             self._writer = LogWriter(
                 self._log_dir,
                 self._segments,
@@ -155,6 +160,7 @@ class FileSpool(IndexedMessages):
                 segment_bytes=self._segment_bytes,
                 fdatasync=self._fdatasync,
                 clock_now=self._clock.now,
+                reserve=self._reserve,
             )
         except BaseException:
             for seg in self._segments.values():
@@ -350,6 +356,8 @@ class FileSpool(IndexedMessages):
 
     def _on_batch(self, batch: list[Entry], error: OSError | None) -> None:
         """Runs on the loop once per written batch: index bookkeeping, then wake the waiters."""
+        if self._reserve.held is not self._reserve_was_held:
+            self._reserve_changed()
         if error is not None:
             log.error(
                 "Spool write failed",
@@ -386,6 +394,18 @@ class FileSpool(IndexedMessages):
             fut = entry.future
             if fut is not None and not fut.done():
                 fut.set_result(entry.message)
+
+    def _reserve_changed(self) -> None:
+        held = self._reserve_was_held = self._reserve.held
+        if held:
+            log.info("Spool space reserve restored; accepting mail again", path=str(self.path))
+        else:
+            log.warn(
+                "Spool filesystem full: space reserve released for deletions and compaction; "
+                "new mail refused (452) until space is reclaimed",
+                path=str(self.path),
+                reclaimable_bytes=self.reclaimable_bytes(),
+            )
 
     def _place(self, entry: Entry) -> None:
         seg = self._segments[entry.seg]
@@ -462,6 +482,9 @@ class FileSpool(IndexedMessages):
             free_bytes=st.f_bavail * st.f_frsize,
             total_bytes=st.f_blocks * st.f_frsize,
             size_bytes=log_bytes + self._spill_total,
+            reclaimable_bytes=self.reclaimable_bytes(),
+            reserve_bytes=self._reserve.size if self._reserve.held else 0,
+            reserve_released=not self._reserve.held,
         )
 
     def segment_stats(self) -> list[tuple[str, int, int, int]]:
@@ -469,120 +492,6 @@ class FileSpool(IndexedMessages):
         with self._segments_lock:
             segs = sorted(self._segments.values(), key=lambda s: s.seq)
         return [(s.name, s.size, s.live_bytes, len(s.refs)) for s in segs]
-
-    # --- space reclamation ------------------------------------------------------
-
-    async def compact(self) -> int:
-        """Reclaim dead segments, oldest first.  Returns the bytes freed (0 if nothing to do)."""
-        writer = self._live_writer()
-        freed = 0
-        async with self._compact_lock:
-            while not self._closing:
-                seg = self._pick_victim(writer)
-                if seg is None:
-                    return freed
-                moved = await self._copy_forward(writer, seg)
-                if seg.refs:  # a removal or a failed copy is still pending: try again later
-                    return freed
-                await asyncio.to_thread(self._delete_segment, seg)
-                freed += seg.size
-                log.info(
-                    "Compacted a spool segment",
-                    segment=seg.name,
-                    moved_messages=moved,
-                    freed_bytes=seg.size,
-                )
-            return freed
-
-    def _pick_victim(self, writer: LogWriter) -> Segment | None:
-        with self._segments_lock:
-            closed = sorted(
-                (s for s in self._segments.values() if s.seq < writer.active.seq),
-                key=lambda s: s.seq,
-            )
-        if not closed:
-            return None
-        ratio = self._compact_live_ratio
-
-        def mostly_dead(s: Segment) -> bool:
-            return s.live_bytes <= ratio * max(s.size, 1)
-
-        oldest = closed[0]
-        if not mostly_dead(oldest) and not any(mostly_dead(s) for s in closed[1:]):
-            return None
-        if oldest.refs & self._removing:
-            return None
-        return oldest
-
-    async def _copy_forward(self, writer: LogWriter, seg: Segment) -> int:
-        moved = 0
-        ids = sorted(seg.refs)
-        while ids:
-            chunk: list[str] = []
-            chunk_bytes = 0
-            while ids and chunk_bytes < COPY_BATCH_BYTES:
-                msg_id = ids.pop()
-                loc = self._locs.get(msg_id)
-                if loc is None or loc.seg != seg.seq or msg_id in self._removing:
-                    continue
-                chunk.append(msg_id)
-                chunk_bytes += loc.record_bytes
-            wanted = [(i, self._locs[i]) for i in chunk]
-            bodies = await asyncio.to_thread(self._read_inline_bodies, wanted)
-            loop = asyncio.get_running_loop()
-            entries: list[Entry] = []
-            for (msg_id, loc), body in zip(wanted, bodies, strict=True):
-                msg = self._index.get(msg_id)
-                if msg is None or msg_id in self._removing or self._locs.get(msg_id) is not loc:
-                    continue
-                payload, rel = codec.msg_payload(
-                    msg_id,
-                    msg.envelope,
-                    msg.units,
-                    body_bytes=loc.length,
-                    spilled=loc.spilled,
-                    inline_body=body,
-                )
-                entries.append(
-                    Entry(
-                        EntryKind.COPY,
-                        msg_id,
-                        payload,
-                        loop.create_future(),
-                        body_rel=rel,
-                        body_bytes=loc.length,
-                        spilled=loc.spilled,
-                        from_seg=seg.seq,
-                    )
-                )
-            if not entries:
-                continue
-            writer.submit_many(entries)
-            results = await asyncio.gather(
-                *(e.future for e in entries if e.future is not None), return_exceptions=True
-            )
-            failures = [r for r in results if isinstance(r, BaseException)]
-            if failures:
-                log.warn(
-                    "Compaction could not copy messages forward",
-                    segment=seg.name,
-                    error=str(failures[0]),
-                )
-                return moved
-            moved += len(entries)
-        return moved
-
-    def _read_inline_bodies(self, wanted: list[tuple[str, BodyLocation]]) -> list[bytes]:
-        return [b"" if loc.spilled else self._pread_inline(loc) for _, loc in wanted]
-
-    def _delete_segment(self, seg: Segment) -> None:
-        seg.path.unlink()
-        fsync_dir(self._log_dir)
-        with self._segments_lock:
-            owned = self._segments.pop(seg.seq, None) is not None
-        if owned:  # else close() took the segment and closes its descriptor
-            with contextlib.suppress(OSError):
-                os.close(seg.read_fd)
 
 
 def _unlink_quietly(path: Path) -> None:

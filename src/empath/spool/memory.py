@@ -126,9 +126,12 @@ class MemorySpool(IndexedMessages):
     async def close(self) -> None:
         self._open = False
 
-    async def compact(self) -> int:
+    async def compact(self, *, include_active: bool = False) -> int:
         """Nothing to reclaim in memory (removed messages are gone at once)."""
         return 0
+
+    def under_pressure(self) -> bool:
+        return False
 
     # --- writing --------------------------------------------------------------
 

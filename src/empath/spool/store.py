@@ -16,7 +16,8 @@ Contract (SPEC §3):
   everything else); ``durable=False`` queues it for the next flush and returns at
   once (used for ``in_progress`` marks, which recovery treats as pending anyway).
 - ``remove()`` durably forgets a message; its space becomes reclaimable.
-- ``compact()`` reclaims that space (the app calls it periodically).
+- ``compact()`` reclaims that space (the app calls it periodically, and at once
+  while ``under_pressure()``); a removal succeeds on a full disk too.
 - The in-memory index (``get``/``messages``) reflects every committed/updated
   state immediately, and after ``open()`` everything recovered from disk.
 """
@@ -50,6 +51,9 @@ class SpoolUsage:
     free_bytes: int  # free space on the spool filesystem (for non-root)
     total_bytes: int  # filesystem size
     size_bytes: int  # bytes used by the spool's own files
+    reclaimable_bytes: int = 0  # of those, held by dead records (compaction frees them)
+    reserve_bytes: int = 0  # preallocated for deletions on a full disk
+    reserve_released: bool = False  # it is in use: new mail is refused (452) for now
 
 
 class BodyWriter(Protocol):
@@ -139,9 +143,15 @@ class Spool(Protocol):
         """Filesystem and spool sizes (for health and metrics)."""
         ...
 
-    async def compact(self) -> int:
+    async def compact(self, *, include_active: bool = False) -> int:
         """Reclaim space held by finished messages (called periodically by the app);
-        the bytes freed, 0 when there is nothing to do (always, for a memory spool)."""
+        the bytes freed, 0 when there is nothing to do (always, for a memory spool).
+        ``include_active``: also the segment being appended to (an operator's request;
+        done without asking when space is short)."""
+        ...
+
+    def under_pressure(self) -> bool:
+        """Space is short: the app runs ``compact()`` now rather than at its interval."""
         ...
 
 

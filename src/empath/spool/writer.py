@@ -18,7 +18,14 @@ or rotates to a new segment whose SEGMENT record says where the previous one's
 valid data ends (recovery discards everything after it).
 
 Rotation: once the active segment reaches ``segment_bytes`` the next batch goes
-to a new file (created, header written, synced, directory synced).
+to a new file (created, header written, synced, directory synced).  A ROTATE entry
+(compaction under space pressure, space.py) closes the active segment early.
+
+A full disk (space.py): a batch that fails with ENOSPC/EDQUOT releases the spool's
+reserve and is written again without its new messages (COMMIT entries), which
+fail; while the reserve is out, COMMIT entries fail at once unless the reserve
+can be restored first.  Tombstones, states and compaction never wait for space
+that new mail took.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -36,6 +44,9 @@ from typing import Any
 from empath.spool import codec
 from empath.spool.codec import RecordType
 from empath.spool.model import MessageState
+from empath.spool.space import Reserve
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class EntryKind(enum.Enum):
@@ -43,6 +54,7 @@ class EntryKind(enum.Enum):
     COPY = "copy"  # compaction moving a live message forward
     STATE = "state"
     DEL = "del"
+    ROTATE = "rotate"  # no record: close the active segment, start the next one
 
 
 @dataclass(slots=True, eq=False)
@@ -73,6 +85,7 @@ _RTYPE = {
     EntryKind.STATE: RecordType.STATE,
     EntryKind.DEL: RecordType.DEL,
 }
+Outcome = tuple[list[Entry], OSError | None]
 
 
 @dataclass(slots=True, eq=False)
@@ -126,6 +139,7 @@ class LogWriter:
         segment_bytes: int,
         fdatasync: Callable[[int], None],
         clock_now: Callable[[], float],
+        reserve: Reserve | None = None,
     ) -> None:
         self._log_dir = log_dir
         self._segments = segments
@@ -141,6 +155,7 @@ class LogWriter:
         self._segment_bytes = segment_bytes
         self._fdatasync = fdatasync
         self._now = clock_now
+        self._reserve = reserve
         self._cond = threading.Condition(threading.Lock())
         self._queue: list[Entry] = []
         self._stopping = False
@@ -213,17 +228,71 @@ class LogWriter:
                 if not self._queue:
                     return
                 batch, self._queue = self._queue, []
-            error: OSError | None = None
-            try:
-                self._write_batch(batch)
-            except OSError as exc:
-                error = exc
+            outcomes = self._process(batch)
             self.batches += 1
             assert self._loop is not None and self._on_batch is not None
             try:
-                self._loop.call_soon_threadsafe(self._on_batch, batch, error)
+                for entries, error in outcomes:
+                    self._loop.call_soon_threadsafe(self._on_batch, entries, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+
+    def _process(self, batch: list[Entry]) -> list[Outcome]:
+        """Write a batch, rotating where a ROTATE entry stands; what succeeded and failed."""
+        outcomes: list[Outcome] = []
+        group: list[Entry] = []
+        for entry in batch:
+            if entry.kind is EntryKind.ROTATE:
+                if group:
+                    outcomes += self._write_group(group)
+                    group = []
+                outcomes.append(([entry], self._rotate_now()))
+            else:
+                group.append(entry)
+        if group:
+            outcomes += self._write_group(group)
+        return outcomes
+
+    def _write_group(self, entries: list[Entry]) -> list[Outcome]:
+        reserve = self._reserve
+        if reserve is not None and not reserve.held:
+            commits = [e for e in entries if e.kind is EntryKind.COMMIT]
+            if commits and not reserve.restore():
+                # Space is short and kept for deletions and compaction: no new mail.
+                full = OSError(errno.ENOSPC, "No space left on device (spool reserve in use)")
+                others = [e for e in entries if e.kind is not EntryKind.COMMIT]
+                return [(commits, full), *(self._write_group(others) if others else [])]
+        try:
+            self._write_batch(entries)
+        except OSError as exc:
+            if exc.errno not in _FULL or reserve is None:
+                return [(entries, exc)]
+            others = [e for e in entries if e.kind is not EntryKind.COMMIT]
+            if not others or not reserve.release():
+                return [(entries, exc)]
+            commits = [e for e in entries if e.kind is EntryKind.COMMIT]
+            outcomes: list[Outcome] = [(commits, exc)] if commits else []
+            try:
+                self._write_batch(others)
+            except OSError as again:
+                return [*outcomes, (others, again)]
+            return [*outcomes, (others, None)]
+        return [(entries, None)]
+
+    def _rotate_now(self) -> OSError | None:
+        """A ROTATE entry: start the next segment (using the reserve on a full disk)."""
+        try:
+            if self._poisoned_at is not None:
+                self._heal()
+            self._rotate(self.active.size)
+        except OSError as exc:
+            if exc.errno not in _FULL or self._reserve is None or not self._reserve.release():
+                return exc
+            try:
+                self._rotate(self.active.size)
+            except OSError as again:
+                return again
+        return None
 
     def _write_batch(self, batch: list[Entry]) -> None:
         if self._poisoned_at is not None:
