@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from empath.errors import SpoolError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.index import MessageIndex
 from empath.spool.recovery import BodyLocation
