@@ -382,7 +382,7 @@ class App:
                 spool_writable=self._spool_writable(),
                 spool_free_ratio=usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0,
                 heartbeat_age_s=self.runner.heartbeat_age_s(),
-                pending_units=len(self.scheduler),
+                pending_units=self.scheduler.backlog(self.config.health.max_queue_size),
                 max_queue_size=self.config.health.max_queue_size,
             )
         )

@@ -79,3 +79,32 @@ def test_ready_is_503_naming_pending_units_above_max_queue_size_then_200(tmp_pat
             assert {"ok": True, "value": 0} == checks["pending_units"]
         finally:
             daemon.stop()
+
+
+def test_units_waiting_to_retry_do_not_make_the_node_unready(tmp_path: Path) -> None:
+    """Issue 14 defect 12: 20 units deferred by a 451 with max_queue_size 10 made the node
+    answer 503 - a destination's outage took every node out of the load balancer.  Units
+    waiting for their retry say nothing about what the node can still take in."""
+    script = {"rcpt_default": "451 4.2.1 mailbox busy, try later"}
+    with ThreadedPeer(script) as peer:
+        daemon = Daemon(
+            tmp_path / "empath",
+            overrides={
+                "health": {"max_queue_size": 10},
+                "delivery": {
+                    "domains": {"busy.test": {"mx_override": peer.address}},
+                    "circuit_breaker": {"failure_threshold": 1000},
+                },
+            },
+        )
+        daemon.start()
+        try:
+            with Submitter(daemon.smtp_port) as s:
+                for i in range(20):
+                    s.send("a@origin.test", [f"u{i}@busy.test"], "Subject: q\n\nx\n")
+            wait_for(lambda: len(daemon.logs("Delivery deferred")) >= 20, timeout=20,
+                     what="20 deferrals")  # fmt: skip
+            status, checks = ready(daemon)
+            assert (200, {"ok": True, "value": 0}) == (status, checks["pending_units"])
+        finally:
+            daemon.stop()

@@ -448,3 +448,49 @@ def test_repr_shows_the_queue_at_a_glance() -> None:
     assert "<Scheduler scheduled=1 parked=2 in_flight=1/4 domains blocked=1 ready=0>" == repr(
         h.scheduler
     )
+
+
+def test_backlog_counts_what_waits_for_this_node_not_retries_or_held_destinations() -> None:
+    """Issue 14 defect 12: readiness counted every tracked unit, so 20 units waiting to
+    retry after a 451 (max_queue_size 10) took the node out of the load balancer.  The
+    backlog is in flight + due with no delivery slot; units waiting for their retry time
+    or held by their destination's breaker do not count."""
+    h = Harness(cap=2, breaker=breaker_settings(failure_threshold=1, timeout_s=300.0))
+    for i in range(20):
+        h.add(f"r{i}", "down.test", delay_s=60.0)  # deferred by a 451: retry in a minute
+    assert 0 == h.scheduler.backlog(10)
+    # the destination's breaker opens: its due units wait in a blocked line
+    first = h.add("d0", "down.test")
+    assert [first] == [k for k, d in h.tick() if isinstance(d, Dispatch)]
+    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    for i in range(5):
+        h.add(f"d{i + 1}", "down.test")
+    assert all(isinstance(d, DeferBreaker) for _k, d in h.tick())
+    assert 0 == h.scheduler.backlog(10)
+    # five fresh units for a healthy domain with 2 delivery slots: 2 in flight, 3 due
+    for i in range(5):
+        h.add(f"ok{i}", "up.test")
+    assert 2 == len(h.dispatched())
+    assert 5 == h.scheduler.backlog(10)
+    assert 3 == h.scheduler.backlog(3)  # counted up to the limit only
+    assert 20 + 5 + 5 == len(h.scheduler)  # everything is still tracked
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.floats(0, 100)), max_size=60),
+    st.floats(0, 100),
+    st.integers(1, 80),
+)
+def test_count_due_agrees_with_a_scan(ops: list[tuple[int, float]], now: float, limit: int) -> None:
+    from empath.queue.index import DueIndex
+
+    index: DueIndex[int] = DueIndex()
+    due: dict[int, float] = {}
+    for key, at in ops:
+        if at > 95:
+            index.remove(key)
+            due.pop(key, None)
+        else:
+            index.schedule(key, at)
+            due[key] = at
+    assert min(limit, sum(1 for at in due.values() if at <= now)) == index.count_due(now, limit)

@@ -49,6 +49,9 @@ class ReadinessInputs:
     spool_writable: bool
     spool_free_ratio: float
     heartbeat_age_s: float
+    # Units waiting for this node itself (Scheduler.backlog: in flight, due with no
+    # delivery slot yet), counted up to max_queue_size; units waiting to retry or held
+    # by their destination (breaker, rate limit) are not: what the node can still take in.
     pending_units: int
     max_queue_size: int
 

@@ -10,7 +10,8 @@ times pop in scheduling order and keys are never compared.  When stale entries
 outnumber live ones the heap is rebuilt, which bounds memory at O(live).
 
 Costs: ``schedule``/``remove``/``__contains__`` O(1) amortised (+ O(log n) push),
-``pop_due``/``pop_one`` O(log n) per key returned, ``next_due`` amortised O(1);
+``pop_due``/``pop_one`` O(log n) per key returned, ``next_due`` amortised O(1),
+``count_due`` O(keys due);
 ``make_all_due`` O(n log n) (an operator action).
 
 The index is generic over the key type: the scheduler uses :class:`UnitKey`
@@ -100,6 +101,27 @@ class DueIndex(Generic[K]):
                 return due_at
             heapq.heappop(heap)
         return None
+
+    def count_due(self, now: float, limit: int) -> int:
+        """How many keys are due at or before ``now``, counting up to ``limit``.
+
+        Walks only the heap entries due by ``now`` (a subtree whose root is later is
+        skipped whole), so it costs O(due entries), not O(len), and stops at ``limit``."""
+        heap = self._heap
+        live = self._live
+        count = 0
+        stack = [0] if heap else []
+        while stack and count < limit:
+            i = stack.pop()
+            due_at, seq, key = heap[i]
+            if due_at > now:
+                continue
+            if live.get(key) == (due_at, seq):
+                count += 1
+            for child in (2 * i + 1, 2 * i + 2):
+                if child < len(heap):
+                    stack.append(child)
+        return count
 
     def make_all_due(self, now: float) -> int:
         """Make every key due at ``now`` at the latest (``queue process-now``).

@@ -424,6 +424,22 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._index) + len(self._parked) + len(self._inflight)
 
+    def backlog(self, limit: int, now: float | None = None) -> int:
+        """Units that wait only for this node, counted up to ``limit`` (for readiness):
+        in flight, due now in the due index (no delivery slot yet), and in lines that
+        are ready.  Not those waiting for their retry time, nor those their destination
+        holds (breaker Open, no rate-limit token, its max_connections reached): a
+        destination's outage says nothing about what this node can still take in."""
+        count = len(self._inflight)
+        for domain in self._ready:
+            line = self._lines.get(domain)
+            if line is not None and line.blocked is None:
+                count += len(line.waiters)
+            if count >= limit:
+                return count
+        when = self._clock.now() if now is None else now
+        return count + self._index.count_due(when, limit - count)
+
     def __repr__(self) -> str:
         s = self.stats()
         return (
