@@ -74,7 +74,8 @@ def test_invalid_name_is_permanent_without_any_query() -> None:
     with pytest.raises(DnsNameNotFoundError) as info:
         asyncio.run(resolver.mx("bad..example"))
     assert "5.1.2" == info.value.enhanced
-    assert [0, 0, 0] == [resolver.stats.snapshot(qt).count for qt in resolver.stats.query_types()]
+    stats = resolver.stats
+    assert dict.fromkeys(QueryType, 0) == {qt: stats.snapshot(qt).count for qt in QueryType}
 
 
 @pytest.mark.parametrize(
@@ -120,7 +121,7 @@ def test_lookup_stats_histogram_is_cumulative_and_ends_with_inf() -> None:
         stats.snapshot("AAAA").buckets,
     )
     assert (0.05, 2.0) == stats.recent_s("MX")
-    assert ("A", "AAAA", "MX") == stats.query_types()  # the known types from the start
+    assert tuple(sorted(QueryType)) == stats.query_types()  # the known types from the start
     assert 4 == stats.outcomes[("MX", "ok")]
     assert 1 == stats.outcomes[("A", "timeout")]
 
