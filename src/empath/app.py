@@ -80,14 +80,13 @@ class App:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         # Verified TLS uses the system trust store (OpenSSL honours SSL_CERT_FILE).
-        self._ca_file: str | None = None
         self._stop = asyncio.Event()
         self._stop_count = 0
         self._exit_code = 0
         self.supervisor = Supervisor(on_crash=self._on_crash)
         self._queue_sizes_cache: tuple[float, dict[str, int]] | None = None
         self.spool = self._build_spool()
-        settings = derive(config, self._ca_file)
+        settings = derive(config)
         self.cluster: ClusterNode | None = None
         self.policy: LocalPolicyState | SharedPolicyState
         if config.cluster is not None:
@@ -312,7 +311,7 @@ class App:
             if path is None:
                 raise ConfigError("the running config was not loaded from a file")
             new = load_config(path)
-            settings = derive(new, self._ca_file)
+            settings = derive(new)
         except (ConfigError, ValueError) as exc:
             log.error("Config reload failed; keeping the old config", error=str(exc))
             self.last_reload = ReloadRecord(time.time(), False, str(exc))

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
-from empath.config.model import SmtpTimeouts
 from empath.delivery.attempt import Target, attempt_delivery
 from empath.spool.model import Envelope
 from empath.testing.scripted_peer import ScriptedPeer
-from empath.testing.settings import attempt_settings, connection_pool
+from empath.testing.settings import attempt_settings, connection_pool, outbound_timeouts
 from empath.transport.outbound import attempt_cap_s
 
 BODY = b"Subject: drip\r\n\r\nhello\r\n"
@@ -67,7 +66,7 @@ def test_a_dripped_reply_times_out_at_its_phase_deadline() -> None:
         server = await dripping_peer(b"EHLO", 0.1, talked)
         port = server.sockets[0].getsockname()[1]
         pool = connection_pool()
-        settings = attempt_settings(timeouts=SmtpTimeouts(ehlo_secs=0.8))
+        settings = attempt_settings(timeouts=outbound_timeouts(ehlo_secs=0.8))
         try:
             result = await attempt_delivery(
                 [Target("mx.test", port, ("127.0.0.1",))],
@@ -97,7 +96,7 @@ def test_the_attempt_cap_ends_a_transaction_of_prompt_but_slow_replies() -> None
         rcpts = tuple(f"r{i}@x.test" for i in range(5))
         async with ScriptedPeer({"delay_secs": {"rcpt": 0.4}}) as peer:
             pool = connection_pool()
-            timeouts = SmtpTimeouts(rcpt_to_secs=2.0, attempt_secs=1.2)
+            timeouts = outbound_timeouts(rcpt_to_secs=2.0, attempt_secs=1.2)
             result = await attempt_delivery(
                 [Target("mx.test", peer.port, ("127.0.0.1",))],
                 Envelope("s@a.test", rcpts, 0.0, size=len(BODY)),
@@ -115,8 +114,8 @@ def test_the_attempt_cap_ends_a_transaction_of_prompt_but_slow_replies() -> None
 
 def test_default_attempt_cap_is_the_sum_of_the_phases() -> None:
     """Without attempt_secs the cap is connect+ehlo+starttls+mail+rcpt+2*data+quit."""
-    assert 400.0 == attempt_cap_s(SmtpTimeouts())
-    assert 7.0 == attempt_cap_s(SmtpTimeouts(attempt_secs=7.0))
+    assert 400.0 == attempt_cap_s(outbound_timeouts())
+    assert 7.0 == attempt_cap_s(outbound_timeouts(attempt_secs=7.0))
 
 
 def test_pool_repr_says_what_it_holds() -> None:

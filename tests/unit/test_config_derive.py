@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from empath.config.derive import derive
 from empath.config.load import loads_config
-from empath.config.model import Config, DomainConfig, SmtpTimeouts
+from empath.config.model import Config, DomainConfig
 from empath.control.client import DEFAULT_SOCKET
 from empath.dns.cache import CacheLimits
 from empath.policy.ratelimit import RateLimit
 from empath.queue.runner import DomainPolicy
+from empath.testing.settings import outbound_timeouts
+from empath.transport.outbound import OutboundTimeouts
 
 CONFIG = """
 Empath (
@@ -29,7 +31,7 @@ Empath (
 
 
 def test_every_part_is_the_configs_value() -> None:
-    s = derive(loads_config(CONFIG), tls_ca_file="/ca.pem")
+    s = derive(loads_config(CONFIG))
     (listener,) = s.listeners
     assert ("127.0.0.1", 2525, "mx.example.org") == (
         listener.host,
@@ -51,8 +53,8 @@ def test_every_part_is_the_configs_value() -> None:
         r.delay_warning_s,
         r.postmaster,
     )
-    assert SmtpTimeouts(connect_secs=3) == r.attempt.timeouts
-    assert "/ca.pem" == r.attempt.tls_ca_file
+    assert outbound_timeouts(connect_secs=3) == r.attempt.timeouts
+    assert r.attempt.tls_ca_file is None  # only tests add trust anchors
     assert DomainPolicy(True, False, 2) == r.domain_policy("slow.example")
     assert DomainPolicy(False, True, 20) == r.domain_policy("other.example")
 
@@ -63,7 +65,9 @@ def test_the_defaults_are_the_config_models() -> None:
     assert 26_214_400 == listener.max_message_bytes
     assert 604_800.0 == s.runner.failed_retention_s
     assert 64 == s.scheduler.max_concurrent_deliveries
-    assert SmtpTimeouts() == s.runner.attempt.timeouts
+    assert OutboundTimeouts(30.0, 30.0, 30.0, 30.0, 30.0, 120.0, 10.0, None) == (
+        s.runner.attempt.timeouts
+    )
 
 
 def test_components_with_a_copy_of_a_default_agree_with_the_model() -> None:

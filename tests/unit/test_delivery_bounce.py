@@ -18,10 +18,10 @@ from empath.delivery.bounce import (
     build_dsn,
     diagnostic_code,
     header_block,
-    parse_dsn,
     should_send_dsn,
 )
 from empath.spool.model import Envelope
+from empath.testing.dsn import parse_dsn
 
 NOW = 1_700_000_200.0
 HOST = "mx.example.com"

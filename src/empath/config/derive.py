@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from empath.config.model import Config, ListenerConfig
+from empath.config.model import Config, ListenerConfig, SmtpTimeouts
 from empath.delivery.attempt import AttemptSettings
 from empath.dns.cache import CacheLimits
 from empath.dns.mx import RoutingSettings
@@ -37,6 +37,7 @@ from empath.queue.scheduler import (
 )
 from empath.smtp.relay import RelayPolicy
 from empath.transport.listener import ListenerSpec
+from empath.transport.outbound import OutboundTimeouts
 from empath.transport.pool import PoolSettings
 
 # Idle pooled connections close after this long (not a config key).  In cluster mode
@@ -61,7 +62,7 @@ class Settings:
     metrics: MetricsSettings
 
 
-def derive(config: Config, tls_ca_file: str | None = None) -> Settings:
+def derive(config: Config) -> Settings:
     smtp = config.smtp_controller
     return Settings(
         listeners=tuple(
@@ -76,7 +77,7 @@ def derive(config: Config, tls_ca_file: str | None = None) -> Settings:
         dns=DnsSettings(config.delivery.dns.nameservers, config.delivery.dns.timeout_secs),
         routing=routing_settings(config),
         retry=retry_policy(config),
-        runner=runner_settings(config, tls_ca_file),
+        runner=runner_settings(config),
         pool=pool_settings(config),
         metrics=MetricsSettings(
             config.metrics.max_domain_cardinality, config.metrics.rate_window_secs
@@ -104,7 +105,6 @@ def listener_spec(
         connection_timeout_s=t.connection_secs,
         tls_cert=tls.certificate if tls else None,
         tls_key=tls.key if tls else None,
-        context=dict(cfg.context),
         name=cfg.socket,
         reuse_port=cfg.reuse_port,
         hop_limit=hop_limit,
@@ -159,6 +159,19 @@ def routing_settings(config: Config) -> RoutingSettings:
     )
 
 
+def outbound_timeouts(t: SmtpTimeouts) -> OutboundTimeouts:
+    return OutboundTimeouts(
+        connect_secs=t.connect_secs,
+        ehlo_secs=t.ehlo_secs,
+        starttls_secs=t.starttls_secs,
+        mail_from_secs=t.mail_from_secs,
+        rcpt_to_secs=t.rcpt_to_secs,
+        data_secs=t.data_secs,
+        quit_secs=t.quit_secs,
+        attempt_secs=t.attempt_secs,
+    )
+
+
 def retry_policy(config: Config) -> RetryPolicy:
     d = config.delivery
     return RetryPolicy(
@@ -170,7 +183,7 @@ def retry_policy(config: Config) -> RetryPolicy:
     )
 
 
-def runner_settings(config: Config, tls_ca_file: str | None) -> RunnerSettings:
+def runner_settings(config: Config) -> RunnerSettings:
     d = config.delivery
 
     def domain_policy(domain: str) -> DomainPolicy:
@@ -184,10 +197,9 @@ def runner_settings(config: Config, tls_ca_file: str | None) -> RunnerSettings:
         hostname=config.hostname,
         attempt=AttemptSettings(
             hostname=config.hostname,
-            timeouts=d.smtp_timeouts,
+            timeouts=outbound_timeouts(d.smtp_timeouts),
             require_tls=False,  # only per domain (DomainPolicy)
             accept_invalid_certs=d.accept_invalid_certs,
-            tls_ca_file=tls_ca_file,
         ),
         domain_policy=domain_policy,
         dsn_enabled=config.dsn.enabled,

@@ -58,6 +58,7 @@ from empath.config.checks import (
     valid_hostname,
     valid_redis_url,
 )
+from empath.spool.store import SEGMENT_BYTES
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
@@ -198,10 +199,6 @@ class SmtpControllerConfig:
 
 
 # --- spool -------------------------------------------------------------------
-
-
-# a spool log segment's size (FileSpool's default too: one number, here)
-SEGMENT_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

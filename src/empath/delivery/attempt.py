@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from empath.config.model import SmtpTimeouts
 from empath.delivery.classify import (
     AttemptResult,
     HostFailure,
@@ -61,6 +60,7 @@ from empath.spool.model import Envelope
 from empath.transport.outbound import (
     BodySource,
     OutboundConnection,
+    OutboundTimeouts,
     PoolKey,
     TlsMode,
     tls_mode_for,
@@ -95,7 +95,7 @@ class AttemptSettings:
     """What an attempt needs from the config (global merged with the domain's)."""
 
     hostname: str  # our EHLO name
-    timeouts: SmtpTimeouts
+    timeouts: OutboundTimeouts
     require_tls: bool
     accept_invalid_certs: bool
     tls_ca_file: str | None = None  # extra trust anchors (tests, private CAs)

@@ -54,7 +54,6 @@ from empath.supervisor import Spawn
 log = get_logger("health", __name__)
 
 CUMULATIVE = AggregationTemporality.CUMULATIVE
-_NANOS = 1_000_000_000
 
 
 def _attrs(labels: dict[str, str], drop: str = "") -> dict[str, Any]:

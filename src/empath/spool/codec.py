@@ -169,22 +169,6 @@ def segment_payload(seq: int, prev_end: int | None, created_at: float) -> bytes:
     return _dumps({"seq": seq, "prev_end": prev_end, "created_at": created_at})
 
 
-def split_message(buf: memoryview, rec: RawRecord) -> tuple[str, int, int] | None:
-    """(message id, json start, json end) of a message record, None if malformed."""
-    start = rec.payload_start
-    if rec.end - start < MSG_PREFIX_BYTES:
-        return None
-    try:
-        msg_id = bytes(buf[start : start + ID_BYTES]).decode("ascii")
-    except UnicodeDecodeError:
-        return None
-    (jlen,) = _U32.unpack_from(buf, start + ID_BYTES)
-    jstart = start + MSG_PREFIX_BYTES
-    if jstart + jlen > rec.end:
-        return None
-    return msg_id, jstart, jstart + jlen
-
-
 def loads(data: bytes | memoryview) -> Any:
     """Decode a record's JSON; malformed input raises ``ValueError`` (as json.loads does)."""
     return orjson.loads(data)

@@ -49,7 +49,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from empath.clock import Clock, SystemClock
-from empath.config.model import SEGMENT_BYTES
 from empath.errors import SpoolError
 from empath.ids import new_ulid
 from empath.logs import get_logger
@@ -60,7 +59,13 @@ from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
 from empath.spool.recovery import BodyLocation, recover
 from empath.spool.space import Reserve, reserve_size
-from empath.spool.store import BodyWriter, IndexedMessages, RecoveryReport, SpoolUsage
+from empath.spool.store import (
+    SEGMENT_BYTES,
+    BodyWriter,
+    IndexedMessages,
+    RecoveryReport,
+    SpoolUsage,
+)
 from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, create_segment, fsync_dir
 
 __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]

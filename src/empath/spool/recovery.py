@@ -458,9 +458,4 @@ def _remove_orphan_bodies(bodies_dir: Path, referenced: set[str]) -> None:
             os.unlink(entry.path)
 
 
-def corrupt_region_count(spool_dir: Path) -> int:
-    """Files under ``<spool>/corrupt`` (for tests and health)."""
-    return sum(1 for _ in (spool_dir / "corrupt").iterdir())
-
-
-__all__ = ["BodyLocation", "Recovered", "corrupt_region_count", "recover"]
+__all__ = ["BodyLocation", "Recovered", "recover"]

@@ -27,11 +27,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from empath.errors import UnknownMessageError
 from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
+
+# A log segment's size: FileSpool's default and the config's (spool.segment_bytes).
+SEGMENT_BYTES: Final = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from empath.queue.scheduler import SchedulerSettings
 from empath.smtp.server import ServerConfig
 from empath.transport.listener import ListenerSpec
 from empath.transport.listener import server_config as _server_config
+from empath.transport.outbound import OutboundTimeouts
 from empath.transport.pool import ConnectionPool
 
 
@@ -66,6 +67,11 @@ def breaker_settings(**changes: Any) -> BreakerSettings:
 def attempt_settings(hostname: str = "relay.test", **changes: Any) -> AttemptSettings:
     """An attempt's settings as ``Config(hostname=hostname)`` derives them."""
     return replace(_defaults(hostname).runner.attempt, **changes)
+
+
+def outbound_timeouts(**changes: Any) -> OutboundTimeouts:
+    """The outbound client's deadlines of ``Config()``, with ``changes`` applied."""
+    return replace(_defaults().runner.attempt.timeouts, **changes)
 
 
 def connection_pool(clock: Clock | None = None, **changes: Any) -> ConnectionPool:

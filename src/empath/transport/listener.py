@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,11 +58,10 @@ class ListenerSpec:
     command_timeout_s: float
     data_init_timeout_s: float
     data_block_timeout_s: float
-    data_termination_timeout_s: float  # client-side notion; accepted for symmetry
+    data_termination_timeout_s: float  # bounds the end-of-data acceptance steps
     connection_timeout_s: float
     tls_cert: str | None
     tls_key: str | None
-    context: Mapping[str, str]
     name: str  # label for metrics/logs; "" means "host:port"
     reuse_port: bool  # SO_REUSEPORT: several processes share the port (SPEC §11)
     hop_limit: int  # smtp_controller.hop_limit

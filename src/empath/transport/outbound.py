@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from empath.clock import Clock, Timer
-from empath.config.model import SmtpTimeouts
 from empath.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -71,7 +70,23 @@ BodySource = bytes | Callable[[], AsyncIterator[bytes]]
 """A message body in stored form (CRLF lines): bytes, or a factory of chunk iterators."""
 
 
-def attempt_cap_s(t: SmtpTimeouts) -> float:
+@dataclass(frozen=True, slots=True)
+class OutboundTimeouts:
+    """The client's deadlines in seconds: one per phase (the oldest outstanding command's)
+    and ``attempt_secs`` for a whole attempt (None: :func:`attempt_cap_s` sums the phases).
+    ``config/derive.py`` builds it from ``delivery.smtp_timeouts``."""
+
+    connect_secs: float
+    ehlo_secs: float
+    starttls_secs: float
+    mail_from_secs: float
+    rcpt_to_secs: float
+    data_secs: float
+    quit_secs: float
+    attempt_secs: float | None
+
+
+def attempt_cap_s(t: OutboundTimeouts) -> float:
     """The whole-attempt deadline: ``attempt_secs``, or the sum of the phases (data
     twice: the content, then the reply to the final dot)."""
     if t.attempt_secs is not None:
@@ -155,7 +170,7 @@ _PHASE_TEXT: Final = {
 }
 
 
-def _phase_timeouts(t: SmtpTimeouts) -> dict[Cmd | None, float]:
+def _phase_timeouts(t: OutboundTimeouts) -> dict[Cmd | None, float]:
     return {
         None: t.quit_secs,
         Cmd.GREETING: t.ehlo_secs,
@@ -386,7 +401,7 @@ class OutboundConnection:
         "timeouts",
     )
 
-    def __init__(self, key: PoolKey, address: str, pump: _Pump, timeouts: SmtpTimeouts) -> None:
+    def __init__(self, key: PoolKey, address: str, pump: _Pump, timeouts: OutboundTimeouts) -> None:
         self.key = key
         self.address = address
         self.label = pump.label
@@ -404,7 +419,7 @@ class OutboundConnection:
         *,
         address: str,
         local_hostname: str,
-        timeouts: SmtpTimeouts,
+        timeouts: OutboundTimeouts,
         tls_contexts: TlsContexts,
         clock: Clock,
         tls_ca_file: str | None = None,

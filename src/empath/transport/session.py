@@ -60,7 +60,6 @@ import asyncio
 import ipaddress
 import ssl
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -733,6 +732,3 @@ def per_ip_key(ip: str) -> str:
     except ValueError:
         return ip
     return str(net)
-
-
-SessionFactory = Callable[[], SmtpSession]
