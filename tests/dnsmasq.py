@@ -78,6 +78,7 @@ class DnsRecords:
     ``hosts``: name → addresses (IPv4 and/or IPv6 literals).
     ``empty``: names that exist with no records at all (answered NOERROR, empty).
     ``zones``: served authoritatively-ish: unknown names in them are NXDOMAIN.
+    ``txt``: name → TXT records (each cut into <= 255-byte strings, as a zone file would).
     """
 
     mx: Mapping[str, Sequence[tuple[int, str]]] = field(default_factory=dict)
@@ -85,6 +86,7 @@ class DnsRecords:
     empty: Sequence[str] = ()
     zones: Sequence[str] = ("test",)
     ttl_s: int = 120
+    txt: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def args(self) -> list[str]:
         out = [f"--local-ttl={self.ttl_s}"]
@@ -95,6 +97,10 @@ class DnsRecords:
             out.append(f"--host-record={name},{','.join(addresses)}")
         # An empty TXT record makes the name exist without MX/A/AAAA.
         out += [f"--txt-record={name}" for name in self.empty]
+        for name, records in self.txt.items():
+            for record in records:
+                parts = [record[i : i + 255] for i in range(0, len(record), 255)]
+                out.append(f"--txt-record={name}," + ",".join(parts))  # DKIM TXT: no commas
         return out
 
 
@@ -151,17 +157,21 @@ def _exited_or_answers(proc: subprocess.Popen[bytes], port: int) -> bool:
 
 
 @contextlib.contextmanager
-def dnsmasq(records: DnsRecords = STANDARD, tmp_dir: Path | None = None) -> Iterator[DnsmasqServer]:
-    """Run dnsmasq serving ``records`` for the with-block; stopped by PID afterwards."""
+def dnsmasq(
+    records: DnsRecords = STANDARD, tmp_dir: Path | None = None, port: int | None = None
+) -> Iterator[DnsmasqServer]:
+    """Run dnsmasq serving ``records`` for the with-block; stopped by PID afterwards.
+    ``port``: this one (e.g. to serve new records where a stopped server was)."""
     binary = require_tool("dnsmasq")
     with contextlib.ExitStack() as stack:
         if tmp_dir is None:
             tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dnsmasq-")))
         tmp_dir.mkdir(parents=True, exist_ok=True)
         last_error = ""
+        pinned = port
         proc: subprocess.Popen[bytes] | None = None
         for _ in range(5):  # the free port may be taken between probe and bind
-            port = free_udp_port()
+            port = free_udp_port() if pinned is None else pinned
             log_path = tmp_dir / f"dnsmasq-{port}.log"
             args = [
                 binary,

@@ -29,6 +29,9 @@ from empath.config.load import load_config
 from empath.config.model import Config
 from empath.control.commands import ReloadRecord, command_table
 from empath.control.server import ControlServer, ControlSocketInUse
+from empath.dkim.metrics import DkimMetrics
+from empath.dkim.service import DkimService
+from empath.dkim.signer import DkimStats
 from empath.dns.mx import MxRouter, OwnListeners, build_router
 from empath.dns.resolver import DnsResolver
 from empath.errors import ConfigError, EmpathError
@@ -137,6 +140,10 @@ class App:
         self.modules = self._build_modules(config)
         self.listeners.set_modules(self.modules)
         self.runner.on_outcome = self._delivery_event
+        # DKIM (SPEC §12): checks every key now - a bad one fails start-up naming it
+        self.dkim = DkimService(
+            config, self.clock, DkimStats(self.runner_stats.domains), self.resolver.txt
+        )
         self.listeners.set_acceptance(self._acceptance_for)
         self.metrics = EmpathCollector(
             settings=settings.metrics,
@@ -157,6 +164,7 @@ class App:
         from empath.modules.metrics import ModuleMetrics
 
         self.metrics.add_source(ModuleMetrics(self.module_stats))
+        self.metrics.add_source(DkimMetrics(self.dkim))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
@@ -312,6 +320,7 @@ class App:
                 raise ConfigError("the running config was not loaded from a file")
             new = load_config(path)
             settings = derive(new)
+            dkim_keys = self.dkim.prepare(new)  # every key loaded and checked first
         except (ConfigError, ValueError) as exc:
             log.error("Config reload failed; keeping the old config", error=str(exc))
             self.last_reload = ReloadRecord(time.time(), False, str(exc))
@@ -337,6 +346,7 @@ class App:
         set_level(new.log.level)
         set_redaction(redacted_fields(new.audit.redact_sender, new.audit.redact_recipients))
         self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)
+        self.dkim.apply(dkim_keys)
         self.config = new
         self.listeners.set_acceptance(self._acceptance_for)  # steps built from the new config
         self.last_reload = ReloadRecord(time.time(), True)
@@ -366,7 +376,8 @@ class App:
         if self.modules.has_data:  # Stage.MODULES: Python modules and milters (SPEC §14)
             steps.append(ModulesStep(self.modules))
         # Stage.SUBMISSION: the header From: check of AUTH listeners (SPEC §13) goes here.
-        # Stage.DKIM: signing (SPEC §12) goes here.
+        if self.dkim.enabled:
+            steps.append(self.dkim.signer)  # Stage.DKIM: signing (SPEC §12)
         if not steps:
             return None
         return AcceptancePipeline(tuple(steps), timeout_s=spec.data_termination_timeout_s)
@@ -450,6 +461,7 @@ class App:
             return 1
         self.supervisor.spawn(self._compact_loop(), name="empath-compactor", essential=True)
         compiled = compiled_modules()
+        self.supervisor.spawn(self.dkim.check_loop(), name="empath-dkim-dns-check")
         log.info(
             "Empath ready",
             hostname=self.config.hostname,
@@ -475,6 +487,7 @@ class App:
         if self.health is not None:
             await self.health.close()
         await self.supervisor.shutdown()
+        self.dkim.close()
         await self.spool.close()
 
     async def _compact_loop(self) -> None:

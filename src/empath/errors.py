@@ -145,3 +145,10 @@ class ControlError(EmpathError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         self.exit_code = exit_code
         super().__init__(message)
+
+
+# --- DKIM --------------------------------------------------------------------
+
+
+class DkimSigningError(EmpathError):
+    """A message could not be signed at acceptance (the session answers 451 4.3.0)."""

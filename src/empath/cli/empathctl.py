@@ -21,6 +21,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 
+from empath.cli import dkimctl
 from empath.control import output
 from empath.control.client import (
     ControlClient,
@@ -338,7 +339,15 @@ COMMANDS: list[CliCommand] = [
     CliCommand("cluster", "status", "nodes, their queues and last heartbeats", cluster_status),
     CliCommand("config", "reload", "re-read the config (as SIGHUP)", config_reload),
     CliCommand("config", "check", "validate the config file", config_check, _check_args),
-]
+    CliCommand("dkim", "keygen", "make a DKIM key and print its DNS record (no daemon needed)",
+               dkimctl.keygen, dkimctl.keygen_args),
+    CliCommand("dkim", "list", "DKIM selectors: keys, windows, signatures, DNS state",
+               dkimctl.list_run),
+    CliCommand("dkim", "check", "are a domain's DKIM keys published? DMARC/SPF alignment",
+               dkimctl.check_run, dkimctl.domain_arg),
+    CliCommand("dkim", "rotate", "make the next selector's key and schedule the change",
+               dkimctl.rotate_run, dkimctl.rotate_args),
+]  # fmt: skip
 
 
 def _global_options(p: argparse.ArgumentParser, top: bool) -> None:

@@ -58,6 +58,7 @@ from empath.config.checks import (
     valid_hostname,
     valid_redis_url,
 )
+from empath.config.dkim import DkimConfig
 from empath.spool.store import SEGMENT_BYTES
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "ControlAuthConfig",
     "CrossChecked",
     "DeliveryConfig",
+    "DkimConfig",
     "DnsConfig",
     "DomainConfig",
     "DomainRateLimit",
@@ -528,6 +530,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
     modules: tuple[ModuleConfig, ...] = ()
+    dkim: DkimConfig = field(default_factory=DkimConfig)  # SPEC §12 (config/dkim.py)
     # where the config was read from; not a RON key
     source_path: str | None = field(default=None, compare=False, metadata={"ron": False})
 

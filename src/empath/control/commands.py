@@ -26,6 +26,7 @@ from empath.control import queue as q
 from empath.control.output import list_line_items
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, Command, CommandError
+from empath.dkim.service import DkimService
 from empath.dns.cache import CacheEntryInfo
 from empath.dns.resolver import normalize_name
 from empath.errors import ConfigError, DeliveryError, UnknownMessageError
@@ -76,6 +77,9 @@ class Daemon(Protocol):
 
     @property
     def modules(self) -> ModuleHost: ...
+
+    @property
+    def dkim(self) -> DkimService: ...
 
     def reload(self) -> str | None: ...
     async def cluster_status(self) -> dict[str, Any] | None: ...
@@ -380,6 +384,7 @@ class Handlers:
             raise CommandError(ErrorCode.FAILED, "the running config was not loaded from a file")
         try:
             new = load_config(path)
+            self.d.dkim.prepare(new)  # the DKIM key files, as a reload would load them
         except ConfigError as exc:
             raise CommandError(ErrorCode.FAILED, str(exc)) from None
         changes, restart = config_changes(self.d.config, new)
@@ -473,6 +478,9 @@ def command_table(daemon: Daemon) -> Mapping[str, Command]:
         ("config.reload", h.config_reload, False),
         ("config.check", h.config_check, False),
     ]
+    from empath.control.dkim import dkim_entries
+
+    entries += dkim_entries(daemon)
     table: dict[str, Command] = {}
     for name, fn, streaming in entries:
         table[name] = Command(name, stream=fn) if streaming else Command(name, unary=fn)

@@ -84,7 +84,7 @@ class QueryType(StrEnum):
     MX = "MX"
     A = "A"
     AAAA = "AAAA"
-    TXT = "TXT"  # DNS blocklists (empath.modules.dnsbl)
+    TXT = "TXT"  # DNS blocklists (empath.modules.dnsbl), DKIM/DMARC/SPF checks
 
 
 class DnsFailure(StrEnum):
@@ -423,6 +423,12 @@ class DnsResolver:
         else:
             texts = tuple(rr.to_text() for rr in answer.rrset)
         return texts, float(answer.chaining_result.minimum_ttl)
+
+    async def txt(self, name: str) -> tuple[str, ...]:
+        """Every TXT record of ``name``, each with its strings joined (RFC 6376 §3.6.2.2);
+        () when the name exists without TXT records (``empathctl dkim check``)."""
+        texts, _ttl = await self.records(name, QueryType.TXT)
+        return texts
 
     async def _query(
         self, qname: dns.name.Name, query_type: QueryType, shown: str

@@ -1,0 +1,210 @@
+"""Which keys sign which message: the key table and the per-message plan (pure).
+
+:func:`build_table` turns the ``dkim:`` config and the rotation state into a
+:class:`KeyTable`, loading (and checking) every key through a :class:`KeyCache`; it
+raises :class:`~empath.errors.ConfigError` naming the file of the first bad key, so
+start-up fails and a reload is refused before anything changes.
+
+:func:`plan` decides, for one message, from its header fields and the time:
+
+* the signing domain: the RFC 5322 ``From:`` domain when the table has it, else the
+  nearest parent listed with ``subdomains: true`` (``d=`` is then the parent, which
+  DMARC's relaxed alignment accepts).  No ``From:``, several ``From:`` fields or
+  addresses of different domains: not signed (DMARC receivers reject those anyway);
+* the selectors: those whose window holds ``now`` (config ``not_before``/``not_after``
+  narrowed by rotation), minus any whose ``d=``/``s=`` pair already signed this
+  message (a message passing through Empath twice is not signed twice; no DNS
+  lookup is needed for that).
+
+The caller checks first that the client is trusted or authenticated.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from empath.config.dkim import Algorithm, DkimConfig
+from empath.dkim.keys import KeyCache, LoadedKey
+from empath.dkim.rotation import RotationState, window
+from empath.dkim.sign import SignSpec
+
+
+@dataclass(frozen=True, slots=True)
+class SelectorKey:
+    domain: str
+    selector: str
+    algorithm: Algorithm
+    key: LoadedKey
+    start: float | None  # signs from (None: always)
+    end: float | None  # until (None: no end)
+    pending: bool  # a rotation selector waiting for its DNS record
+    source: str  # "config" or "rotation"
+
+    def signs_at(self, now: float) -> bool:
+        return (
+            not self.pending
+            and (self.start is None or self.start <= now)
+            and (self.end is None or now < self.end)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DomainKeys:
+    domain: str
+    subdomains: bool
+    headers: tuple[str, ...]  # lower case
+    oversign: frozenset[str]
+    canonicalization: str
+    selectors: tuple[SelectorKey, ...]
+
+    def signing(self, now: float) -> tuple[SelectorKey, ...]:
+        return tuple(s for s in self.selectors if s.signs_at(now))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyTable:
+    domains: Mapping[str, DomainKeys]
+
+    def for_domain(self, from_domain: str) -> DomainKeys | None:
+        """The entry for a From: domain: itself, else a parent with ``subdomains``."""
+        keys = self.domains.get(from_domain)
+        if keys is not None:
+            return keys
+        labels = from_domain.split(".")
+        for i in range(1, len(labels) - 1):
+            keys = self.domains.get(".".join(labels[i:]))
+            if keys is not None and keys.subdomains:
+                return keys
+        return None
+
+    def all_selectors(self) -> list[SelectorKey]:
+        return [s for d in self.domains.values() for s in d.selectors]
+
+
+EMPTY_TABLE = KeyTable({})
+
+
+def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> KeyTable:
+    """Load every configured and rotated key (module doc); ConfigError on a bad one."""
+    domains: dict[str, DomainKeys] = {}
+    for domain, dc in config.domains.items():
+        selectors: list[SelectorKey] = []
+        names = set()
+        for i, sc in enumerate(dc.selectors):
+            where = f"dkim.domains.{domain}.selectors[{i}]"
+            key = cache.load(sc.key, sc.algorithm, where=where)
+            start, end = sc.window
+            effective = window(state, domain, sc.selector, start, end)
+            s, e = effective if effective is not None else (start, end)
+            selectors.append(
+                SelectorKey(domain, sc.selector, sc.algorithm, key, s, e, False, "config")
+            )
+            names.add(sc.selector)
+        for rs in state.rotated(domain):
+            if rs.selector in names:
+                continue  # the operator copied it into the config: the config wins
+            where = f"dkim rotation state ({domain} selector {rs.selector})"
+            key = cache.load(rs.key, rs.algorithm, where=where)
+            effective = window(state, domain, rs.selector, None, None)
+            s, e = effective if effective is not None else (None, None)
+            selectors.append(
+                SelectorKey(
+                    domain, rs.selector, rs.algorithm, key, s, e, effective is None, "rotation"
+                )
+            )
+        domains[domain] = DomainKeys(
+            domain=domain,
+            subdomains=dc.subdomains,
+            headers=tuple(dict.fromkeys(h.lower() for h in dc.headers)),
+            oversign=frozenset(h.lower() for h in dc.oversign),
+            canonicalization=dc.canonicalization,
+            selectors=tuple(selectors),
+        )
+    return KeyTable(domains)
+
+
+# --- per message ---------------------------------------------------------------------
+
+
+def from_domain(from_values: Sequence[str]) -> str | None:
+    """The one domain of the From: field(s) (lower case, A-labels), or None."""
+    if len(from_values) != 1:
+        return None
+    domains = set()
+    for _name, addr in email.utils.getaddresses(list(from_values)):
+        at = addr.rfind("@")
+        if at <= 0:
+            return None
+        domains.add(addr[at + 1 :].strip().rstrip(".").lower())
+    if len(domains) != 1:
+        return None
+    domain = domains.pop()
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    return domain or None
+
+
+def existing_signatures(values: Sequence[str]) -> set[tuple[str, str]]:
+    """``(d, s)`` of every DKIM-Signature field value (malformed ones are ignored)."""
+    found = set()
+    for value in values:
+        try:
+            tags = parse_tag_value(value.encode("utf-8", "replace"))
+        except InvalidTagValueList:
+            continue
+        d = tags.get(b"d")
+        s = tags.get(b"s")
+        if d is not None and s is not None:
+            d_text = d.decode("ascii", "replace").lower().rstrip(".")
+            found.add((d_text, s.decode("ascii", "replace")))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    domain: str  # d=
+    specs: tuple[SignSpec, ...]
+    skipped: tuple[SelectorKey, ...]  # already signed with this d=/s=
+
+
+def plan(
+    table: KeyTable, from_values: Sequence[str], dkim_values: Sequence[str], now: float
+) -> Plan | None:
+    """What to sign this message with (module doc); None when nothing applies."""
+    if not table.domains:
+        return None
+    domain = from_domain(from_values)
+    if domain is None:
+        return None
+    keys = table.for_domain(domain)
+    if keys is None:
+        return None
+    active = keys.signing(now)
+    if not active:
+        return None
+    done = existing_signatures(dkim_values) if dkim_values else set()
+    specs = []
+    skipped = []
+    for sk in active:
+        if (keys.domain, sk.selector) in done:
+            skipped.append(sk)
+            continue
+        specs.append(
+            SignSpec(
+                domain=keys.domain,
+                selector=sk.selector,
+                algorithm=sk.algorithm,
+                key=sk.key.private,
+                canonicalization=keys.canonicalization,
+                headers=keys.headers,
+                oversign=keys.oversign,
+            )
+        )
+    return Plan(keys.domain, tuple(specs), tuple(skipped))
