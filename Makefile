@@ -7,6 +7,9 @@ APT_PACKAGES := postfix swaks libnet-ssleay-perl libio-socket-ssl-perl dnsmasq-b
                 prometheus prometheus-alertmanager gcc libc6-dev redis-server
 # command that proves each package is present
 APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc redis-server
+# DKIM (issue 17): verifiers for the tests (Mail::DKIM, OpenDKIM) and OpenDKIM for bench/dkim
+APT_PACKAGES += libmail-dkim-perl libcryptx-perl opendkim opendkim-tools openssl
+APT_PROBES   += opendkim opendkim-testmsg openssl
 # The compiled build: a wheel whose hot-path modules mypyc compiled (the list is in
 # pyproject.toml; the hook is scripts/hatch_mypyc.py), installed into build/native and
 # put first on PYTHONPATH by `run`, `cluster`, `bench` and the first pass of `test`.
@@ -50,6 +53,7 @@ system-deps:
 	@missing=""; for t in $(APT_PROBES); do \
 	  command -v $$t >/dev/null 2>&1 || [ -x /usr/sbin/$$t ] || missing="$$missing $$t"; done; \
 	perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null || missing="$$missing perl-tls"; \
+	perl -MMail::DKIM::Verifier -MCrypt::PK::Ed25519 -e1 2>/dev/null || missing="$$missing perl-dkim"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

@@ -97,9 +97,9 @@ class DnsRecords:
             out.append(f"--host-record={name},{','.join(addresses)}")
         # An empty TXT record makes the name exist without MX/A/AAAA.
         out += [f"--txt-record={name}" for name in self.empty]
-        for name, records in self.txt.items():
-            for record in records:
-                parts = [record[i : i + 255] for i in range(0, len(record), 255)]
+        for name, texts in self.txt.items():
+            for text in texts:
+                parts = [text[i : i + 255] for i in range(0, len(text), 255)]
                 out.append(f"--txt-record={name}," + ",".join(parts))  # DKIM TXT: no commas
         return out
 
@@ -171,7 +171,7 @@ def dnsmasq(
         pinned = port
         proc: subprocess.Popen[bytes] | None = None
         for _ in range(5):  # the free port may be taken between probe and bind
-            port = free_udp_port() if pinned is None else pinned
+            port = used = free_udp_port() if pinned is None else pinned
             log_path = tmp_dir / f"dnsmasq-{port}.log"
             args = [
                 binary,
@@ -209,7 +209,7 @@ def dnsmasq(
         if proc is None:
             pytest.fail(f"dnsmasq did not start: {last_error}")
         try:
-            yield DnsmasqServer("127.0.0.1", port, proc.pid, log_path)
+            yield DnsmasqServer("127.0.0.1", used, proc.pid, log_path)
         finally:
             stop_pid(proc)
 
