@@ -15,8 +15,8 @@ from empath.dkim import keys, rotation
 from empath.dkim.policy import build_table
 from empath.dkim.sign import SignSpec
 from empath.dkim.signer import DkimSigner, DkimStats
-from empath.observability.stats import DomainLabels
 from empath.smtp.server import RelayPolicy
+from empath.stats import DomainLabels
 from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptancePipeline, AcceptedMessage, SessionFacts
 from empath.transport.listener import ListenerSpec

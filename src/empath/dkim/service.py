@@ -27,7 +27,7 @@ from empath.dkim import dnscheck, keys, rotation
 from empath.dkim.policy import KeyTable, SelectorKey, build_table
 from empath.dkim.signer import DkimSigner, DkimStats
 from empath.errors import ConfigError
-from empath.observability.logs import get_logger
+from empath.logs import get_logger
 
 log = get_logger("config", __name__)
 

@@ -27,9 +27,9 @@ from typing import Final
 from empath.clock import Clock
 from empath.dkim.policy import EMPTY_TABLE, KeyTable, plan
 from empath.dkim.sign import SignSpec, sign
-from empath.observability.logs import get_logger
-from empath.observability.stats import DomainLabels, Histogram
+from empath.logs import get_logger
 from empath.smtp.replies import Reply
+from empath.stats import DomainLabels, Histogram
 from empath.transport.acceptance import AcceptedMessage, HeaderField, Stage
 
 log = get_logger("smtp", __name__)
