@@ -30,9 +30,11 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
+from collections.abc import Iterable
 from typing import IO, Any, Final
 
 import orjson
@@ -88,6 +90,7 @@ def rfc3339_us(us: int) -> str:
 
 SENDER_FIELDS: Final = frozenset({"sender"})
 RECIPIENT_FIELDS: Final = frozenset({"recipient", "rcpt", "to"})
+_ADDRESS_FIELDS: Final = SENDER_FIELDS | RECIPIENT_FIELDS
 
 
 def redact_address(addr: str) -> str:
@@ -105,6 +108,54 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [redact_address(v) if isinstance(v, str) else v for v in value]
     return value
+
+
+# An address inside free text (a remote reply, an error): a quoted or unquoted local
+# part right before an "@" that a domain follows.  The local part is what is hidden.
+_ADDRESS_IN_TEXT: Final = re.compile(r'(?:"(?:[^"\\\r\n]|\\.)*"|[^\s<>()\[\]\\,;:@"]+)@(?=[^\s@>])')
+# Fields whose text is ours, not free text: a redacted value's bare local part is not
+# looked for in them ("delivery" must not lose "deliver" to a recipient deliver@...).
+_STRUCTURAL: Final = frozenset(
+    {"message", "component", "domain", "mx", "mx_address", "message_id", "smtp_code", "dsn",
+     "tls", "tls_cipher", "listener", "peer", "target", "level", "timestamp"}
+)  # fmt: skip
+
+
+def redact_text(text: str, values: Iterable[str] = ()) -> str:
+    """Free text with the local part of every address in it hidden, and every one of
+    ``values`` (the record's redacted values and their local parts) hidden wherever it
+    appears, so a remote reply such as ``550 5.1.1 <secret.user@p.test>: unknown`` or
+    ``550 secret.user... User unknown`` cannot carry what the field beside it hides
+    (issue 14, defect 9)."""
+    for value in values:
+        if value in text:
+            text = text.replace(value, redact_address(value))
+    if "@" in text:
+        text = _ADDRESS_IN_TEXT.sub("[REDACTED]@", text)
+    return text
+
+
+def _redact_record(out: dict[str, Any], redacted: frozenset[str]) -> None:
+    """``audit.redact_*`` over one record: the named fields, then every other text."""
+    originals: list[str] = []
+    for key in redacted.intersection(out):
+        value = out[key]
+        if isinstance(value, str):
+            originals.append(value)
+        elif isinstance(value, list | tuple):
+            originals += [v for v in value if isinstance(v, str)]
+        out[key] = _redact_value(value)
+    local_parts = [v[: v.rfind("@")] for v in originals if "@" in v]
+    hidden = sorted({v for v in (*originals, *local_parts) if len(v) > 1}, key=len, reverse=True)
+    for key, value in out.items():
+        if key in _ADDRESS_FIELDS:  # redacted above, or kept on purpose (the other switch)
+            continue
+        values = () if key in _STRUCTURAL else hidden
+        if isinstance(value, str):
+            if "@" in value or any(h in value for h in values):
+                out[key] = redact_text(value, values)
+        elif isinstance(value, list | tuple) and any(isinstance(v, str) for v in value):
+            out[key] = [redact_text(v, values) if isinstance(v, str) else v for v in value]
 
 
 class LineSink:
@@ -249,11 +300,10 @@ class EventLogger:
             if level < sink.level:
                 return
             out = {"message": message, **fields, "component": self._component}
-            if sink.redacted:
-                for key in sink.redacted.intersection(out):
-                    out[key] = _redact_value(out[key])
             if exc:
                 out.setdefault("error", traceback.format_exc().rstrip())
+            if sink.redacted:
+                _redact_record(out, sink.redacted)
             sink.emit(level, self._logger.name, out)
             return
         if not self._logger.isEnabledFor(level):

@@ -61,3 +61,34 @@ def test_text_format_for_a_terminal(tmp_path: Path) -> None:
         assert [] == daemon.log_lines()  # nothing JSON
     finally:
         daemon.stop()
+
+
+def test_remote_replies_naming_a_redacted_recipient_are_redacted(tmp_path: Path) -> None:
+    """Issue 14 defect 9: with `redact_recipients`, the remote reply text in the `error`
+    field (a 550 or a 451 that quotes the mailbox) no longer carries the local part."""
+    with (
+        ThreadedPeer({"rcpt_default": "550 5.1.1 <secret.user@hard.test>: unknown"}) as hard,
+        ThreadedPeer({"rcpt_default": "451 4.2.2 secret.user... mailbox full"}) as soft,
+    ):
+        daemon = Daemon(
+            tmp_path / "empath",
+            overrides={
+                "delivery": {
+                    "domains": {
+                        "hard.test": {"mx_override": hard.address},
+                        "soft.test": {"mx_override": soft.address},
+                    }
+                },
+                "dsn": {"enabled": False},
+                "audit": {"redact_recipients": True},
+            },
+        )
+        with daemon:
+            with Submitter(daemon.smtp_port) as s:
+                first = s.send("alice@origin.test", ["secret.user@hard.test"], BODY)
+                second = s.send("alice@origin.test", ["secret.user@soft.test"], BODY)
+            (failed,) = daemon.wait_log("Delivery failed permanently", message_id=first)
+            (deferred,) = daemon.wait_log("Delivery deferred", message_id=second)
+        assert "550 5.1.1 <[REDACTED]@hard.test>: unknown" in failed["fields"]["error"]
+        assert "[REDACTED]... mailbox full" in deferred["fields"]["error"]
+        assert "secret.user" not in daemon.log_path.read_text()

@@ -318,6 +318,7 @@ def _give_up(
         "smtp_code": this.smtp_code,
         "attempt": this.number,
         "error": error,
+        "rcpt": list(pending),  # redact_recipients hides these here and in the error text
         "audit": True,
     }
     return new, dsn, LogEvent(Severity.ERROR, "Delivery gave up", fields)
@@ -334,6 +335,7 @@ def _defer(
         "smtp_code": this.smtp_code,
         "attempt": this.number,
         "error": this.text,
+        "rcpt": list(unit.pending_recipients()),  # hidden with the error's local parts
         "retry_in_s": round(at - this.now, 1),
         **_connection_fields(this.result),
     }
