@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from empath.clock import Clock, SystemClock
 from empath.compiled import compiled_modules
-from empath.config.checks import redact_url
 from empath.config.derive import derive
 from empath.config.load import load_config
 from empath.config.model import Config
@@ -60,6 +59,7 @@ from empath.spool.model import MessageState, UnitState
 from empath.spool.store import Spool
 from empath.stats import DomainLabels, RunnerStats
 from empath.supervisor import Supervisor
+from empath.textsafe import redact_url
 from empath.transport.acceptance import AcceptancePipeline, AcceptanceStep
 from empath.transport.listener import ListenerSpec, SmtpServerGroup
 from empath.transport.pool import ConnectionPool

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from empath.config.checks import redact_url
 from empath.config.load import loads_config, render_config
 from empath.config.model import ClusterConfig, Config, MetricsConfig
 from empath.control.commands import config_changes
+from empath.textsafe import redact_url
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,8 @@ def rule(
     secret: bool = False,
 ) -> Any:
     """A dataclass field with a default (or ``factory``) and binder metadata.
-    ``secret``: a URL that may carry a password, shown only through :func:`redact_url`."""
+    ``secret``: a URL that may carry a password, shown only through
+    :func:`empath.textsafe.redact_url`."""
     metadata = {
         "check": check,
         "check_each": check_each,
@@ -59,37 +60,6 @@ def rule(
 def required(*, check: Check | None = None, secret: bool = False) -> Any:
     """A field the config must give (no default)."""
     return field(metadata={"check": check, "secret": secret})
-
-
-REDACTED: Final = "REDACTED"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``REDACTED``: the userinfo's
-    (``redis://:pw@host``, ``redis://user:pw@host``) and a ``password=`` query
-    parameter (redis-py reads one).  The user name, host, port and path stay, so the
-    operator still sees where it points; everything else is returned unchanged."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    # userinfo ends at the last "@" before any query (a password may hold "/" or "@")
-    query_at = rest.find("?")
-    at = rest.rfind("@", 0, query_at if query_at >= 0 else len(rest))
-    if at >= 0:
-        user, colon, _password = rest[:at].partition(":")
-        if colon:
-            rest = f"{user}:{REDACTED}{rest[at:]}"
-        elif user and scheme.startswith("redis"):  # redis://PASSWORD@host: a bare password
-            rest = f"{REDACTED}{rest[at:]}"
-    out = f"{scheme}://{rest}"
-    base, q, query = out.partition("?")
-    if q:
-        params = [
-            f"{k}={REDACTED}" if k.lower() in ("password", "pass", "pwd") else f"{k}{eq}{v}"
-            for k, eq, v in (p.partition("=") for p in query.split("&"))
-        ]
-        out = base + "?" + "&".join(params)
-    return out
 
 
 def positive(value: float) -> str | None:

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, get_args, get_origin, get_type_hints
 
-from empath.config.checks import Check, CrossChecked, normalise_domain, redact_url
+from empath.config.checks import Check, CrossChecked, normalise_domain
 from empath.config.model import Config
 from empath.config.ron import (
     MapValue,
@@ -54,6 +54,7 @@ from empath.config.ron import (
     parse,
 )
 from empath.errors import ConfigError
+from empath.textsafe import redact_url
 
 __all__ = [
     "CONFIG_ENV_VAR",
@@ -411,7 +412,7 @@ def config_to_plain(value: Any, *, redact: bool = False) -> Any:
     """Dataclasses → dicts (config keys only), mappings → :class:`MapValue`, tuples → lists.
 
     ``redact``: the password in a ``secret`` field (``cluster.redis_url``,
-    ``metrics.endpoint``) is replaced (:func:`~empath.config.checks.redact_url`) - for
+    ``metrics.endpoint``) is replaced (:func:`~empath.textsafe.redact_url`) - for
     everything printed or logged."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {}

@@ -47,9 +47,9 @@ from prometheus_client.metrics_core import Metric as PromMetric
 
 import empath
 from empath.clock import Clock
-from empath.config.checks import redact_url
 from empath.logs import get_logger
 from empath.supervisor import Spawn
+from empath.textsafe import redact_url
 
 log = get_logger("health", __name__)
 
