@@ -145,6 +145,10 @@ def test_alertmanager_inhibitions_are_the_three_of_the_spec() -> None:
         ('alertname="QueueBacklogCritical"', 'alertname="QueueSizeGrowing"'),
         ('alertname="CircuitBreakerStormDetected"', 'alertname="CircuitBreakerOpen"'),
     } == pairs
+    # The storm is counted over the job (a cluster's nodes together, issue 14 #13), so it
+    # mutes the per-domain alerts of every instance of that job.
+    (storm,) = [r for r in doc["inhibit_rules"] if "Storm" in r["source_matchers"][0]]
+    assert ["job"] == storm["equal"]
 
 
 @pytest.mark.parametrize("uid", sorted(DASHBOARD_UIDS))
