@@ -388,7 +388,7 @@ class App:
         usage = self.spool.usage()
         return readiness_checks(
             ReadinessInputs(
-                listeners_bound=self.listeners.bound,
+                listeners_bound=self.listeners.check_sockets(),
                 spool_writable=self._spool_writable(),
                 spool_free_ratio=usage.free_bytes / usage.total_bytes if usage.total_bytes else 1.0,
                 heartbeat_age_s=self.runner.heartbeat_age_s(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from empath.observability.health import Check, HealthServer
 
@@ -40,31 +41,67 @@ def test_ready_names_each_check_and_answers_503_when_one_fails() -> None:
     asyncio.run(go())
 
 
-def test_connections_beyond_the_cap_are_answered_503_at_once_and_served_again_later() -> None:
-    """Idle sockets hold at most `max_connections` slots; one more gets 503 without waiting."""
+async def _until(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_silent_connections_are_pushed_out_by_new_ones_and_liveness_stays_200() -> None:
+    """Issue 14 defect 7: with every slot held by a silent connection, a probe is served
+    (the silent connection that waited longest is closed for it), as is a scrape."""
 
     async def go() -> None:
-        server = HealthServer("127.0.0.1", 0, list, max_connections=3)
+        server = HealthServer(
+            "127.0.0.1", 0, list, lambda: (b"up 1\n", "text/plain"), max_connections=3
+        )
         await server.start()
         idle = []
         try:
             for _ in range(3):
                 idle.append(await asyncio.open_connection("127.0.0.1", server.port))
-            for _ in range(100):  # wait until the server has taken all three
-                if server.active == 3:
-                    break
-                await asyncio.sleep(0.01)
-            assert 3 == server.active
-            status, body = await asyncio.wait_for(_get(server.port, "/health/live"), 3)
-            assert (503, b"too many connections\n") == (status, body)
+            await _until(lambda: server.active == 3, "three silent connections")
+            assert (200, b'{"status":"live"}\n') == await asyncio.wait_for(
+                _get(server.port, "/health/live"), 3
+            )
+            assert (200, b"up 1\n") == await asyncio.wait_for(_get(server.port, "/metrics"), 3)
+            assert server.evicted >= 1
+            assert 0 == server.refused
+            # The oldest silent connection was the one closed.
+            assert b"" == await asyncio.wait_for(idle[0][0].read(), 3)
+        finally:
             for _, w in idle:
                 w.close()
-            for _ in range(300):
-                if server.active == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert 200 == (await _get(server.port, "/health/live"))[0]
+            await _until(lambda: server.active == 0, "the silent connections to end")
+            await server.close()
+
+    asyncio.run(go())
+
+
+def test_when_every_slot_is_answering_readiness_is_refused_but_liveness_is_not() -> None:
+    """Slots busy sending a large scrape to clients that do not read it: a readiness
+    probe gets 503 (it could not be served), a liveness probe still gets 200."""
+    big = b"x" * (32 * 1024 * 1024)
+
+    async def go() -> None:
+        server = HealthServer("127.0.0.1", 0, list, lambda: (big, "text/plain"), max_connections=2)
+        await server.start()
+        stuck = []
+        try:
+            for _ in range(2):
+                r, w = await asyncio.open_connection("127.0.0.1", server.port)
+                w.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+                stuck.append((r, w))
+            await _until(lambda: server.active == 2 and not server._waiting, "busy slots")
+            assert 200 == (await asyncio.wait_for(_get(server.port, "/health/live"), 5))[0]
+            assert 503 == (await asyncio.wait_for(_get(server.port, "/health/ready"), 5))[0]
+            assert 0 == server.evicted
         finally:
+            for _, w in stuck:
+                w.transport.abort()
+            await _until(lambda: server.active == 0, "the stuck connections to end")
             await server.close()
 
     asyncio.run(go())

@@ -5,10 +5,18 @@ every check passes, else 503; both answer a JSON body naming each check and its
 value.  `/metrics` is served from a pluggable renderer (the metrics module).
 
 The server reads one request per connection, answers, and closes: health probes
-and scrapes are rare, so simplicity wins over keep-alive.  At most
-``max_connections`` connections are served at once; one more is answered ``503``
-and closed without reading it, so a flood of idle sockets costs file descriptors
-up to that cap only (each request must arrive within ``REQUEST_TIMEOUT_S``).
+and scrapes are rare, so simplicity wins over keep-alive.
+
+Idle-connection floods (issue 14, defect 7: 64 silent TCP connections once made
+``/health/live`` and ``/metrics`` answer 503 for 10 s, so an orchestrator restarted
+a healthy MTA).  A request's header must arrive within ``REQUEST_TIMEOUT_S`` (2 s:
+probes and scrapers send theirs at once).  At most ``max_connections`` (256)
+connections are held; when a new one finds them all taken, the connection that has
+waited longest *without sending a request* is closed to make room - a silent
+client can only ever push out other silent clients.  Only when every slot is
+busy answering a request is the newcomer refused with ``503`` - and even then a
+``GET /health/live`` is answered ``200``: liveness never fails because of other
+clients.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from empath.logs import get_logger
 log = get_logger("health", __name__)
 
 MAX_REQUEST_BYTES = 8192
-MAX_CONNECTIONS = 64
-REQUEST_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 256
+REQUEST_TIMEOUT_S = 2.0
 REFUSE_READ_S = 1.0
+_LIVE: Final = b'{"status":"live"}\n'
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +121,10 @@ class HealthServer:
         self.max_connections = max_connections
         self.active = 0
         self.refused = 0
+        self.evicted = 0  # silent connections closed to make room for a new one
+        # Connections still waiting for their request header, oldest first.
+        self._waiting: dict[int, asyncio.StreamWriter] = {}
+        self._next_key = 0
 
     @property
     def port(self) -> int:
@@ -134,7 +147,7 @@ class HealthServer:
         if method != "GET":
             return _response(405, b"method not allowed\n", "text/plain")
         if path == "/health/live":
-            return _response(200, b'{"status":"live"}\n', "application/json")
+            return _response(200, _LIVE, "application/json")
         if path == "/health/ready":
             checks = self._readiness()
             ok = all(c.ok for c in checks)
@@ -151,33 +164,55 @@ class HealthServer:
         return _response(404, b"not found\n", "text/plain")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
+        if self.active >= self.max_connections and not self._evict_silent():
             self.refused += 1
             await self._refuse(reader, writer)
             return
         self.active += 1
+        key = self._next_key = self._next_key + 1
+        self._waiting[key] = writer
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, key)
         finally:
+            self._waiting.pop(key, None)
             self.active -= 1
 
-    @staticmethod
-    async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """503 after at most a second of reading the request (closing a socket with
-        unread input would reset it and lose the answer)."""
+    def _evict_silent(self) -> bool:
+        """Close the connection that has waited longest without sending a request."""
+        if not self._waiting:
+            return False
+        oldest = next(iter(self._waiting))
+        writer = self._waiting.pop(oldest)
+        writer.transport.abort()
+        self.evicted += 1
+        return True
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Every slot is answering a request: 503 after at most a second of reading the
+        request (closing a socket with unread input would reset it and lose the answer),
+        except for liveness, which is answered: the process is alive."""
+        head = b""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REFUSE_READ_S)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REFUSE_READ_S)
+        parts = head.split(b"\r\n", 1)[0].split()
+        live = len(parts) == 3 and parts[0] == b"GET" and parts[1].split(b"?")[0] == b"/health/live"
         try:
-            writer.write(_response(503, b"too many connections\n", "text/plain"))
+            if live:
+                writer.write(_response(200, _LIVE, "application/json"))
+            else:
+                writer.write(_response(503, b"too many connections\n", "text/plain"))
             await writer.drain()
         except ConnectionError:
             pass
         finally:
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: int
+    ) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT_S)
+            self._waiting.pop(key, None)  # answering now: never evicted
             if len(head) > MAX_REQUEST_BYTES:
                 raise ValueError("request too large")
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()

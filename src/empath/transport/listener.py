@@ -306,16 +306,38 @@ class SmtpServerGroup:
 
     @property
     def bound(self) -> bool:
-        """Every listener is bound and serving (for /health/ready)."""
-        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+        """Every listener is bound, serving, and its socket is still listening (for
+        /health/ready).  The kernel is asked (``SO_ACCEPTCONN``): a listening socket
+        destroyed behind our back (``ss -K``, issue 14 defect 6) leaves the server
+        object "serving" on a socket that refuses every connection."""
+        return bool(self._servers) and all(
+            server.is_serving() and server.sockets and all(_listening(s) for s in server.sockets)
+            for server in self._servers
+        )
+
+    def check_sockets(self) -> bool:
+        """:attr:`bound`, for readiness; a listener whose socket is no longer listening
+        is also closed (once, logged at ERROR): the event loop would otherwise keep
+        polling the dead socket, and only a restart binds it again."""
+        for server in self._servers:
+            if server.is_serving() and not all(_listening(s) for s in server.sockets):
+                names = [str(s.getsockname()) for s in server.sockets]
+                log.error(
+                    "SMTP listening socket lost (destroyed outside the daemon); listener "
+                    "closed, readiness fails until a restart",
+                    sockets=names,
+                )
+                server.close()
+        return self.bound
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """(host, port) actually bound, one per listener (useful with port 0)."""
         out = []
         for server in self._servers:
-            name = server.sockets[0].getsockname()
-            out.append((str(name[0]), int(name[1])))
+            if server.sockets:  # none once closed (a listening socket lost, see below)
+                name = server.sockets[0].getsockname()
+                out.append((str(name[0]), int(name[1])))
         return out
 
     def sessions(self) -> list[SmtpSession]:
@@ -408,3 +430,10 @@ class SmtpServerGroup:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         self._servers.clear()
         log.info("SMTP listeners stopped")
+
+
+def _listening(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed under us
+        return False
