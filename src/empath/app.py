@@ -26,6 +26,7 @@ from empath.compiled import compiled_modules
 from empath.config.derive import derive
 from empath.config.load import load_config
 from empath.config.model import Config
+from empath.config.reload import ReloadMetrics, plan_reload
 from empath.control.commands import ReloadRecord, command_table
 from empath.control.server import ControlServer, ControlSocketInUse
 from empath.dkim.metrics import DkimMetrics
@@ -165,9 +166,12 @@ class App:
 
         self.metrics.add_source(ModuleMetrics(self.module_stats))
         self.metrics.add_source(DkimMetrics(self.dkim))
+        self.metrics.add_source(ReloadMetrics(lambda: len(self.pending_restart)))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
+        # changes read from the file that only a restart applies (config/reload.py)
+        self.pending_restart: tuple[str, ...] = ()
         self.control = ControlServer(
             config.control_socket,
             command_table(self),
@@ -310,8 +314,13 @@ class App:
         self._stop.set()
 
     def reload(self) -> str | None:
-        """SIGHUP / `config reload`: apply the new file or keep the old config.
+        """SIGHUP / `config reload`: apply what can change while running, keep the rest.
 
+        The file is read and checked whole first; on any error nothing changes.  Else
+        every reloadable part is applied (config/reload.py) and the running config
+        becomes the *applied* one - never the file's, so the changes that wait for a
+        restart stay visible (WARN log, `system status`, `config check`, the
+        ``empath_config_restart_pending`` gauge) until the daemon restarts.
         Returns None on success, else the error text.
         """
         path = self.config.source_path
@@ -319,39 +328,53 @@ class App:
             if path is None:
                 raise ConfigError("the running config was not loaded from a file")
             new = load_config(path)
-            settings = derive(new)
-            dkim_keys = self.dkim.prepare(new)  # every key loaded and checked first
+            plan = plan_reload(self.config, new)
+            settings = derive(plan.applied)
+            dkim_keys = self.dkim.prepare(plan.applied)  # every key loaded and checked first
+            modules = self._build_modules(plan.applied)
         except (ConfigError, ValueError) as exc:
-            log.error("Config reload failed; keeping the old config", error=str(exc))
-            self.last_reload = ReloadRecord(time.time(), False, str(exc))
-            return str(exc)
-        try:
-            modules = self._build_modules(new)
+            return self._reload_failed(str(exc))
+        try:  # first: it builds the new resolver before changing anything
+            self.resolver.reconfigure(settings.dns)
         except ConfigError as exc:
-            log.error("Config reload failed; keeping the old config", error=str(exc))
-            self.last_reload = ReloadRecord(time.time(), False, str(exc))
-            return str(exc)
+            self.supervisor.spawn(modules.close(), name="modules-close-unused")
+            return self._reload_failed(str(exc))
+        applied = plan.applied
         old_modules, self.modules = self.modules, modules
         self.modules.start(self.supervisor.spawn)
         self.listeners.set_modules(modules)
         self.supervisor.spawn(old_modules.close(), name="modules-close-old")
         self.policy.reconfigure(settings.policy)
         self.scheduler.reconfigure(settings.scheduler)
-        try:
-            self.resolver.reconfigure(settings.dns)
-        except ConfigError as exc:
-            log.error("DNS settings not applied", error=str(exc))
         self.router.reconfigure(settings.routing)
         self.runner.reconfigure(settings.retry, settings.runner)
-        set_level(new.log.level)
-        set_redaction(redacted_fields(new.audit.redact_sender, new.audit.redact_recipients))
-        self.control.configure_auth(new.control_auth.enabled, new.control_auth.token_hashes)
+        self.pool.reconfigure(settings.pool)
+        self.listeners.reconfigure(
+            settings.relay, audit=applied.audit.enabled, redact_sender=applied.audit.redact_sender
+        )
+        set_level(applied.log.level)
+        set_redaction(redacted_fields(applied.audit.redact_sender, applied.audit.redact_recipients))
+        self.control.configure_auth(applied.control_auth.enabled, applied.control_auth.token_hashes)
         self.dkim.apply(dkim_keys)
-        self.config = new
+        self.config = applied
         self.listeners.set_acceptance(self._acceptance_for)  # steps built from the new config
-        self.last_reload = ReloadRecord(time.time(), True)
-        log.info("Config reloaded", path=str(path))
+        self.pending_restart = plan.pending
+        self.last_reload = ReloadRecord(time.time(), True, changes=plan.changes)
+        if plan.pending:
+            log.warn(
+                "Config reloaded; some changes wait for a restart",
+                path=str(path),
+                applied=len(plan.changes),
+                pending_restart=list(plan.pending_keys),
+            )
+        else:
+            log.info("Config reloaded", path=str(path), applied=len(plan.changes))
         return None
+
+    def _reload_failed(self, error: str) -> str:
+        log.error("Config reload failed; keeping the old config", error=error)
+        self.last_reload = ReloadRecord(time.time(), False, error)
+        return error
 
     # -- modules (SPEC §14) -------------------------------------------------------
 

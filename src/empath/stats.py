@@ -180,5 +180,11 @@ class Window:
         base = samples[0].values
         return tuple(v - b for v, b in zip(values, base, strict=True))
 
+    @property
+    def base_at(self) -> float:
+        """When the sample the last :meth:`delta` answered from was taken: the answer
+        covers ``now - base_at`` (about ``window_s``, less while the window is young)."""
+        return self._samples[0].at
+
     def __len__(self) -> int:
         return len(self._samples)

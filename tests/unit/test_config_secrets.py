@@ -6,7 +6,7 @@ import pytest
 
 from empath.config.load import loads_config, render_config
 from empath.config.model import ClusterConfig, Config, MetricsConfig
-from empath.control.commands import config_changes
+from empath.config.reload import config_changes
 from empath.textsafe import redact_url
 
 

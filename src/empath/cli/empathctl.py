@@ -8,7 +8,9 @@ This module parses arguments and prints; the socket work is in
 
 Exit codes: 0 ok; 1 the command failed (unknown id, refused); 2 usage; 3 the
 daemon cannot be reached (the message names the socket and how to set it);
-4 authentication failed.  Output to a closed pipe (``| head``) ends quietly with 0.
+4 authentication failed; 5 `config reload` applied what it could but some changes
+wait for a restart.  With --json every error is one JSON object on stdout too.
+Output to a closed pipe (``| head``) ends quietly with 0.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from empath.textsafe import json_text
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
 if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
-    from typing import Any, Final, NamedTuple
+    from typing import Any, Final, NamedTuple, NoReturn
 
 STATUSES: Final = ("pending", "in_progress", "retry", "failed", "expired", "delivered")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_RESTART_PENDING = 5  # `config reload`: applied, but some changes need a restart
 
 
 class Ctx:
@@ -66,6 +69,11 @@ class Ctx:
         if self._client is not None:
             self._client.close()
 
+    def fail(self, message: str, code: int = 1, kind: str = "failed") -> int:
+        """Report an error (see :func:`report_error`) and return the exit code."""
+        report_error(self.json, message, code, kind)
+        return code
+
     def emit(self, data: Any, text: str) -> None:
         """Print ``data`` as JSON with --json, else ``text``."""
         if self.json:
@@ -75,6 +83,18 @@ class Ctx:
 
 
 Runner = Callable[[Ctx, argparse.Namespace], int]
+
+
+def report_error(as_json: bool, message: str, code: int, kind: str) -> None:
+    """An error as the operator asked for output: with --json one JSON object on stdout
+    (``{"ok": false, "error": {"kind", "message", "exit_code"}}``, so a script piping to
+    jq reads it like any answer), else ``empathctl: message`` on stderr."""
+    if as_json:
+        error = {"kind": kind, "message": message, "exit_code": code}
+        sys.stdout.write(json.dumps({"ok": False, "error": error}, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+    else:
+        print(f"empathctl: {message}", file=sys.stderr)
 
 
 def _no_args(_p: argparse.ArgumentParser) -> None:
@@ -196,8 +216,7 @@ def _retry_args(p: argparse.ArgumentParser) -> None:
 
 def queue_retry(ctx: Ctx, ns: argparse.Namespace) -> int:
     if (ns.id is None) == (ns.status is None) or (ns.domain and ns.status is None):
-        print("empathctl: queue retry takes an ID or --status S [--domain D]", file=sys.stderr)
-        return EXIT_USAGE
+        return ctx.fail("queue retry takes an ID or --status S [--domain D]", EXIT_USAGE, "usage")
     args: dict[str, Any] = {"id": ns.id} if ns.id else {"status": ns.status, "domain": ns.domain}
     data = ctx.call("queue.retry", {k: v for k, v in args.items() if v})
     ctx.emit(data, f"{data['units']} unit(s) scheduled for delivery now\n")
@@ -218,8 +237,7 @@ def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
-            print("empathctl: not deleted", file=sys.stderr)
-            return EXIT_FAILED
+            return ctx.fail("not deleted")
     data = ctx.call("queue.delete", {"id": ns.id, "bounce": ns.bounce})
     text = f"deleted {data['id']}"
     if data.get("dsn_id"):
@@ -286,15 +304,36 @@ def system_ping(ctx: Ctx, _ns: argparse.Namespace) -> int:
 
 
 def config_reload(ctx: Ctx, _ns: argparse.Namespace) -> int:
+    """Exit 0 when the daemon now runs the file as written; 5 when part of it waits for
+    a restart (listeners, spool, ...): said on stderr too, so a script cannot miss it."""
     data = ctx.call("config.reload")
     changes = data["changes"]
+    pending = data.get("pending_restart") or []
     text = f"reloaded {data['file']}: " + (
-        f"{len(changes)} change(s)\n" + "".join(f"  {c}\n" for c in changes)
+        f"{len(changes)} change(s) applied\n" + "".join(f"  {c}\n" for c in changes)
         if changes
-        else "no changes\n"
+        else "no change applied\n"
     )
+    text += _pending_text(pending)
     ctx.emit(data, text)
+    if pending:
+        sys.stdout.flush()
+        print(
+            f"empathctl: WARNING: {len(pending)} change(s) are NOT applied until the daemon "
+            "restarts (systemctl restart empath): "
+            + ", ".join(line.split(":", 1)[0] for line in pending),
+            file=sys.stderr,
+        )
+        return EXIT_RESTART_PENDING
     return EXIT_OK
+
+
+def _pending_text(pending: list[str]) -> str:
+    if not pending:
+        return ""
+    return f"waiting for a restart: {len(pending)} change(s)\n" + "".join(
+        f"  {line}\n" for line in pending
+    )
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
@@ -302,18 +341,32 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_check(ctx: Ctx, ns: argparse.Namespace) -> int:
+    """Without FILE: the daemon reads its file and compares it with what it runs: every
+    difference is listed, those only a restart applies marked so."""
     if ns.file is None:
         data = ctx.call("config.check")
-    else:
-        from empath.config.load import load_config
-        from empath.errors import ConfigError
+        changes = data.get("changes") or []
+        text = f"{data['file']}: OK\n"
+        if changes:
+            restart = len(data.get("need_restart") or [])
+            text += (
+                f"differs from the running config in {len(changes)} setting(s)"
+                + (f", {restart} of them applied only by a restart" if restart else "")
+                + " (`empathctl config reload` applies the others):\n"
+                + "".join(f"  {c}\n" for c in changes)
+            )
+        else:
+            text += "the daemon runs this file as written\n"
+        ctx.emit(data, text)
+        return EXIT_OK
+    from empath.config.load import load_config
+    from empath.errors import ConfigError
 
-        try:
-            load_config(ns.file)
-        except ConfigError as exc:
-            print(f"empathctl: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        data = {"file": os.path.abspath(ns.file), "ok": True}
+    try:
+        load_config(ns.file)
+    except ConfigError as exc:
+        return ctx.fail(str(exc))
+    data = {"file": os.path.abspath(ns.file), "ok": True}
     ctx.emit(data, f"{data['file']}: OK\n")
     return EXIT_OK
 
@@ -394,13 +447,14 @@ def _columns() -> int:
 
 
 def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="empathctl",
         formatter_class=_Formatter,
         description="Control a running Empath daemon. Socket: --socket, "
         "$EMPATH_CONTROL_SOCKET, else control_socket of the config (--config, "
         "$EMPATH_CONFIG, ./empath.config.ron, /etc/empath/empath.config.ron).",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed, "
+        "5 reloaded but a restart is needed",
     )
     _global_options(p, top=True)
     groups = p.add_subparsers(dest="group", metavar="{" + ",".join(_groups(commands)) + "}")
@@ -448,8 +502,30 @@ def named_command(argv: Sequence[str]) -> list[CliCommand]:
     return [c for c in COMMANDS if [c.group, c.name] == words] or COMMANDS
 
 
+_KINDS = {1: "failed", 2: "usage", 3: "unreachable", 4: "auth"}
+
+
+def _error_kind(exc: ControlError) -> str:
+    code = getattr(exc, "code", "")  # the daemon's error code (not_found, ...) if it sent one
+    return str(code) if code else _KINDS.get(exc.exit_code, "failed")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; with --json anywhere on the line a usage error is JSON too."""
+
+    def error(self, message: str) -> NoReturn:
+        if _JSON_REQUESTED[0]:
+            report_error(True, f"{self.prog}: {message}", EXIT_USAGE, "usage")
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
+_JSON_REQUESTED = [False]  # main() sets it from its argv (tests pass argv directly)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    _JSON_REQUESTED[0] = "--json" in args
     ns = build_parser(named_command(args)).parse_args(args)
     ctx = Ctx(ns)
     run: Runner = ns.run
@@ -462,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
     except ControlError as exc:
-        print(f"empathctl: {exc}", file=sys.stderr)
+        report_error(ctx.json, str(exc), exc.exit_code, _error_kind(exc))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,6 +21,7 @@ from typing import Any, Final, Protocol
 import empath
 from empath.compiled import compiled_modules
 from empath.config.model import Config
+from empath.config.reload import config_changes
 from empath.control import queue as q
 from empath.control.output import list_line_items
 from empath.control.protocol import ErrorCode, RequestError
@@ -31,6 +31,7 @@ from empath.dns.cache import CacheEntryInfo
 from empath.dns.resolver import normalize_name
 from empath.errors import ConfigError, DeliveryError, UnknownMessageError
 from empath.modules.host import ModuleHost
+from empath.observability.health import MAX_HEARTBEAT_AGE_S
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
@@ -51,6 +52,7 @@ class ReloadRecord:
     at: float  # wall clock
     ok: bool
     error: str = ""
+    changes: tuple[str, ...] = ()  # what it applied (config_changes lines)
 
 
 class Daemon(Protocol):
@@ -74,6 +76,8 @@ class Daemon(Protocol):
     def started_at(self) -> float: ...
     @property
     def last_reload(self) -> ReloadRecord | None: ...
+    @property
+    def pending_restart(self) -> tuple[str, ...]: ...
 
     @property
     def modules(self) -> ModuleHost: ...
@@ -142,6 +146,8 @@ class Handlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self._window: Window | None = None  # delivered/failed over about rate_window_secs
+        self._dns: Window | None = None  # DNS cache hits/misses, the same way
+        self._started = daemon.runner.clock.monotonic()
 
     def _in_flight(self) -> set[tuple[str, str]]:
         return set(self.d.runner.in_flight_keys())
@@ -157,6 +163,9 @@ class Handlers:
         counts = self._counts()
         cache = d.runner.router.cache
         lookups = cache.hits + cache.misses
+        dns_window_s, window_hits, window_misses = self._dns_window(cache.hits, cache.misses)
+        window_lookups = window_hits + window_misses
+        heartbeat_age = d.runner.heartbeat_age_s()
         usage = d.spool.usage()
         breakers = d.policy.snapshot().breakers
         last = d.last_reload
@@ -174,8 +183,20 @@ class Handlers:
             "queue": dict(counts.by_status),
             "messages": counts.messages,
             "in_flight": d.scheduler.in_flight,
+            "scheduler": {
+                "heartbeat_age_s": round(heartbeat_age, 3),
+                "heartbeat_ok": heartbeat_age <= MAX_HEARTBEAT_AGE_S,
+            },
             "dns_cache": {
                 "entries": len(cache),
+                # over the last window_s (what DnsCacheHitRateLow judges) ...
+                "window_s": round(dns_window_s, 3),
+                "window_hits": window_hits,
+                "window_misses": window_misses,
+                "window_hit_rate": (
+                    round(window_hits / window_lookups, 4) if window_lookups else None
+                ),
+                # ... and since the daemon started
                 "hits": cache.hits,
                 "misses": cache.misses,
                 "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
@@ -199,8 +220,19 @@ class Handlers:
                 "last_reload_at": last.at if last else None,
                 "last_reload_ok": last.ok if last else None,
                 "last_reload_error": last.error if last else None,
+                "restart_pending": list(d.pending_restart),
             },
         }
+
+    def _dns_window(self, hits: int, misses: int) -> tuple[float, int, int]:
+        """DNS cache hits and misses over about ``metrics.rate_window_secs`` (since the
+        start while the daemon is younger): the span covered, hits, misses."""
+        window_s = self.d.config.metrics.rate_window_secs
+        now = self.d.runner.clock.monotonic()
+        if self._dns is None or self._dns.window_s != window_s:
+            self._dns = Window(window_s, self._started, 2)
+        window_hits, window_misses = self._dns.delta(now, (hits, misses))
+        return now - self._dns.base_at, window_hits, window_misses
 
     # cluster
 
@@ -369,12 +401,17 @@ class Handlers:
     # config
 
     async def config_reload(self, _args: Args) -> dict[str, Any]:
-        old = self.d.config
         error = self.d.reload()
         if error is not None:
             raise CommandError(ErrorCode.FAILED, f"reload failed, old config kept: {error}")
-        changes, restart = config_changes(old, self.d.config)
-        return {"file": self.d.config.source_path, "changes": changes, "need_restart": restart}
+        last = self.d.last_reload
+        pending = self.d.pending_restart
+        return {
+            "file": self.d.config.source_path,
+            "changes": list(last.changes) if last else [],
+            "pending_restart": list(pending),
+            "need_restart": [line.split(":", 1)[0] for line in pending],
+        }
 
     async def config_check(self, _args: Args) -> dict[str, Any]:
         from empath.config.load import load_config
@@ -392,14 +429,6 @@ class Handlers:
 
 
 _REOPENABLE: Final = frozenset({UnitStatus.FAILED, UnitStatus.EXPIRED})
-# Top-level sections a reload records but only a restart applies.
-RESTART_SECTIONS: Final = frozenset(
-    {"smtp_controller", "spool", "control_socket", "health", "metrics", "cluster", "modules"}
-)
-
-
-def is_restart_key(key: str) -> bool:
-    return key.split(".", 1)[0] in RESTART_SECTIONS
 
 
 def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
@@ -414,49 +443,6 @@ def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
             for x in e.exchangers
         ],
     }
-
-
-def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping) and value:
-        for key, item in value.items():
-            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
-    else:
-        out[prefix] = value
-
-
-def config_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """Human lines ``key.path: old -> new`` and the changed keys that need a restart.
-
-    Compared on the real values, printed redacted: a changed Redis password shows as
-    ``(password changed)``, never in clear."""
-    from empath.config.load import config_to_plain
-
-    a: dict[str, Any] = {}
-    b: dict[str, Any] = {}
-    shown_a: dict[str, Any] = {}
-    shown_b: dict[str, Any] = {}
-    _flatten(config_to_plain(old), "", a)
-    _flatten(config_to_plain(new), "", b)
-    _flatten(config_to_plain(old, redact=True), "", shown_a)
-    _flatten(config_to_plain(new, redact=True), "", shown_b)
-    changes: list[str] = []
-    restart: list[str] = []
-    for key in sorted(a.keys() | b.keys()):
-        if a.get(key, _MISSING) == b.get(key, _MISSING):
-            continue
-        before = "(unset)" if key not in a else json.dumps(shown_a[key], default=str)
-        after = "(unset)" if key not in b else json.dumps(shown_b[key], default=str)
-        line = f"{key}: {before} -> {after}"
-        if before == after:
-            line += "  (password changed)"
-        if is_restart_key(key):
-            line += "  (applies after a restart)"
-            restart.append(key)
-        changes.append(line)
-    return changes, restart
-
-
-_MISSING: Final = object()
 
 
 def command_table(daemon: Daemon) -> Mapping[str, Command]:

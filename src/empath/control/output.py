@@ -138,7 +138,6 @@ def _mib(n: int) -> str:
 
 def status_text(data: dict[str, Any]) -> str:
     dns = data["dns_cache"]
-    hit_rate = "-" if dns["hit_rate"] is None else f"{dns['hit_rate'] * 100:.1f}%"
     spool = data["spool"]
     cfg = data["config"]
     if cfg["last_reload_at"] is None:
@@ -155,8 +154,8 @@ def status_text(data: dict[str, Any]) -> str:
         *(f"  {x['name']}  active sessions: {x['active_sessions']}" for x in data["listeners"]),
         f"Queue: {queue} ({data['messages']} messages)",
         f"Deliveries in flight: {data['in_flight']}",
-        f"DNS cache: {dns['entries']} entries, hit rate {hit_rate} "
-        f"({dns['hits']} hits, {dns['misses']} misses)",
+        *_heartbeat_line(data.get("scheduler")),
+        _dns_line(dns),
         f"Open circuit breakers: {', '.join(data['open_breakers']) or 'none'}",
         f"Spool: {spool['path']} ({spool['type']}), {_mib(spool['free_bytes'])} MiB free, "
         f"{_mib(spool['size_bytes'])} MiB used, "
@@ -164,6 +163,10 @@ def status_text(data: dict[str, Any]) -> str:
         + (" (FULL: space reserve in use, new mail refused)" * bool(spool.get("reserve_released"))),
         f"Config: {cfg['file'] or '-'}, last reload: {reload}",
     ]
+    pending = cfg.get("restart_pending") or []
+    if pending:
+        lines.append(f"  RESTART PENDING: {len(pending)} change(s) apply only after a restart:")
+        lines += [f"    {terminal(line)}" for line in pending]
     modules = data.get("modules") or []
     lines.append(f"Modules: {len(modules) or 'none'}")
     for m in modules:
@@ -181,6 +184,33 @@ def status_text(data: dict[str, Any]) -> str:
         )
         lines += [f"  {line}" for line in _node_lines(cluster)]
     return "\n".join(lines) + "\n"
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.1f}%"
+
+
+def _dns_line(dns: dict[str, Any]) -> str:
+    """The DNS cache line: the hit rate over the recent window (what DnsCacheHitRateLow
+    judges), labelled, with the since-start figure beside it."""
+    lifetime = (
+        f"since start {_percent(dns['hit_rate'])} ({dns['hits']} hits, {dns['misses']} misses)"
+    )
+    if "window_s" not in dns:  # an older daemon
+        return f"DNS cache: {dns['entries']} entries, hit rate {lifetime}"
+    return (
+        f"DNS cache: {dns['entries']} entries, hit rate {_percent(dns['window_hit_rate'])} "
+        f"over the last {duration(dns['window_s'])} ({dns['window_hits']} hits, "
+        f"{dns['window_misses']} misses); {lifetime}"
+    )
+
+
+def _heartbeat_line(scheduler: dict[str, Any] | None) -> list[str]:
+    if scheduler is None:  # an older daemon
+        return []
+    age = scheduler["heartbeat_age_s"]
+    verdict = "ok" if scheduler["heartbeat_ok"] else "STALE: the delivery runner is stuck"
+    return [f"Scheduler heartbeat: {age:.1f}s ago ({verdict})"]
 
 
 def cluster_text(data: dict[str, Any]) -> str:

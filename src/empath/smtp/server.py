@@ -321,6 +321,11 @@ class SmtpServer:
             self._out = []  # the greeting waits for the connect check
             self._hold(CheckStage.CONNECT, None)
 
+    def set_relay(self, relay_allows: Callable[[str], bool]) -> None:
+        """A new relay check for the RCPTs still to come (config reload); recipients
+        already accepted stay accepted."""
+        self._relay_allows = relay_allows
+
     def __repr__(self) -> str:
         return (
             f"<SmtpServer {self._cfg.hostname} state={self.state.value} "

@@ -181,6 +181,13 @@ class ListenerRuntime:
         """The client is in relay.trusted_networks (for acceptance steps)."""
         return self._relay.trusts(client_ip)
 
+    def set_relay(self, relay: RelayPolicy) -> None:
+        """Reload: new sessions and the next RCPT of open ones use ``relay``."""
+        self._relay = relay
+        self._relay_cache.clear()
+        for session in list(self.sessions):
+            session.relay_changed()
+
     def relay_check(self, client_ip: str) -> Callable[[str], bool]:
         check = self._relay_cache.get(client_ip)
         if check is None:
@@ -294,6 +301,18 @@ class SmtpServerGroup:
         self._modules = host if host else None
         for rt in self._runtimes:
             rt.modules = self._modules
+
+    def reconfigure(self, relay: RelayPolicy, *, audit: bool, redact_sender: bool) -> None:
+        """Reload (SIGHUP): relay access (open sessions included: a revoked network
+        relays no further recipient) and the audit settings.  The listening sockets and
+        per-listener limits stay as started (config/reload.py: restart-only)."""
+        self._relay = relay
+        self._audit = audit
+        self._redact_sender = redact_sender
+        for rt in self._runtimes:
+            rt.audit = audit
+            rt.show_sender = _redact if redact_sender else _same
+            rt.set_relay(relay)
 
     def set_acceptance(
         self, pipeline_for: Callable[[ListenerSpec], AcceptancePipeline | None] | None

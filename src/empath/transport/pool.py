@@ -69,6 +69,12 @@ class ConnectionPool:
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
 
+    def reconfigure(self, settings: PoolSettings) -> None:
+        """Reload: a new cap per key (``max_concurrent_deliveries``) and idle timeout;
+        waiters look at the cap again when a connection of their key is released."""
+        self.max_per_key = settings.max_per_key
+        self.idle_timeout_s = settings.idle_timeout_s
+
     def __repr__(self) -> str:
         st = self.stats
         return (

@@ -677,6 +677,12 @@ class SmtpSession(asyncio.Protocol):
                 transport.write(out)
             self._handle(events)
 
+    def relay_changed(self) -> None:
+        """The relay policy was reloaded: the next RCPT of this session is judged by it
+        (an operator revoking a network must not wait for open sessions to end)."""
+        if self._server is not None:
+            self._server.set_relay(self._rt.relay_check(self._ip))
+
     def shutdown(self) -> None:
         """Graceful stop: 421 4.3.2 now if idle, else after the message in progress."""
         server = self._server
