@@ -106,6 +106,7 @@ class Daemon:
         self.config = deep_merge(base, overrides or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
+        self.env: dict[str, str] = {}  # added to the environment of every start()
 
     def write_config(self) -> None:
         self.config_path.write_text(to_ron(self.config) + "\n")
@@ -121,7 +122,7 @@ class Daemon:
         """
         self.write_config()
         self._log_file = self.log_path.open("ab")
-        extra_env = env or {}
+        extra_env = {**self.env, **(env or {})}
         env = dict(os.environ)
         env.pop("EMPATH_CONFIG", None)
         env.update(extra_env)
