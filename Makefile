@@ -10,6 +10,9 @@ APT_PROBES   := smtp-sink swaks dnsmasq promtool amtool gcc redis-server
 # DKIM (issue 17): verifiers for the tests (Mail::DKIM, OpenDKIM) and OpenDKIM for bench/dkim
 APT_PACKAGES += libmail-dkim-perl libcryptx-perl opendkim opendkim-tools openssl
 APT_PROBES   += opendkim opendkim-testmsg openssl
+# Modules (issue 19): rspamd as a milter in the tests and bench/modules; opendkim-genkey
+APT_PACKAGES += rspamd
+APT_PROBES   += rspamd opendkim-genkey
 # The compiled build: a wheel whose hot-path modules mypyc compiled (the list is in
 # pyproject.toml; the hook is scripts/hatch_mypyc.py), installed into build/native and
 # put first on PYTHONPATH by `run`, `cluster`, `bench` and the first pass of `test`.

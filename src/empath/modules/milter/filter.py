@@ -87,6 +87,7 @@ class MilterFilter:
         self._stats = stats
         self._hostname = hostname
         self.connected = 0  # sessions connected (for status)
+        self._leadspc = False  # the last negotiation asked for SMFIP_HDR_LEADSPC
         self.last_error = ""
 
     def budget(self, hook: Hook) -> float:
@@ -119,6 +120,7 @@ class MilterFilter:
         conn = MilterConnection()
         t = self.timeouts
         neg = await conn.open(self.address, t.connect_secs, t.command_secs)
+        self._leadspc = bool(neg.protocol & Proto.HDR_LEADSPC)
         self.connected += 1
         st.conn = conn
         ip = session.peer_ip
@@ -313,8 +315,14 @@ class MilterFilter:
         add_rcpt: list[str] = []
         del_rcpt: list[str] = []
         body: list[bytes] = []
-        for r in replies[:-1] if replies else ():
+        for reply in replies[:-1] if replies else ():
+            r = reply
             k = r.kind
+            if self._leadspc and k in (Kind.ADDHEADER, Kind.INSHEADER, Kind.CHGHEADER):
+                # SMFIP_HDR_LEADSPC: the value carries its own leading space, which
+                # our "Name: value" rendering supplies
+                value = r.args[1]
+                r = Response(k, (r.args[0], value[1:] if value[:1] == " " else value), r.index)
             if k is Kind.ADDHEADER:
                 headers.append(AddHeader(r.args[0], r.args[1].replace("\n", "\r\n")))
             elif k is Kind.INSHEADER:
