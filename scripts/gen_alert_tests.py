@@ -166,6 +166,24 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
     "ClusterFallbackMode": [
         (None, both("empath_cluster_fallback", {}, "1x30", "0x30"), "4m", "6m", {}),
     ],
+    "DkimSigningFailures": [
+        (None,
+         both("empath_dkim_signatures_total",
+              {"domain": "example.org", "algorithm": "rsa-sha256", "result": "error"},
+              "0+1x30", "0x30")
+         + both("empath_dkim_signatures_total",
+                {"domain": "example.org", "algorithm": "rsa-sha256", "result": "ok"},
+                "0+50x30", "0+50x30"),
+         "4m", "7m", {"domain": "example.org"}),
+    ],
+    "DkimKeyNotPublished": [
+        (None,
+         both("empath_dkim_key_published",
+              {"domain": "example.org", "selector": "s202612r", "algorithm": "rsa-sha256"},
+              "0x60", "1x60"),
+         "14m", "16m", {"domain": "example.org", "selector": "s202612r",
+                        "algorithm": "rsa-sha256"}),
+    ],
 }  # fmt: skip
 
 

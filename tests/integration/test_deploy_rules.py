@@ -37,6 +37,7 @@ RUNBOOK_ALERTS = {
         "CircuitBreakerStormDetected",
         "SpoolDiskSpaceLow",
         "EmpathDown",
+        "DkimSigningFailures",
     },
     "warning": {
         "DeliveryLatencyHigh",
@@ -47,6 +48,7 @@ RUNBOOK_ALERTS = {
         "QueueSizeGrowing",
         "CircuitBreakerOpen",
         "ClusterFallbackMode",  # issue 11: a node without Redis for 5 minutes
+        "DkimKeyNotPublished",  # issue 17: a signing selector whose DNS record does not match
     },
 }
 
@@ -64,7 +66,7 @@ def alert_rules() -> list[dict[str, object]]:
 
 def test_promtool_accepts_the_rules_and_the_scrape_config() -> None:
     promtool = require_tool("promtool")
-    assert "SUCCESS: 15 rules found" in run(promtool, "check", "rules", str(RULES))
+    assert "SUCCESS: 17 rules found" in run(promtool, "check", "rules", str(RULES))  # +2 DKIM
     run(promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
 
 
@@ -107,6 +109,8 @@ def test_the_runbooks_twelve_alerts_and_empath_down_with_severity_and_links() ->
         "QueueSizeGrowing": "15m",
         "CircuitBreakerOpen": "10m",
         "ClusterFallbackMode": "5m",
+        "DkimSigningFailures": "5m",
+        "DkimKeyNotPublished": "15m",
     }.items() <= fors.items()
     # SpoolDiskSpaceLow: the node_exporter rule and the variant on Empath's own gauge
     spool = [r for r in rules if r["alert"] == "SpoolDiskSpaceLow"]

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import logql
 from tests.daemon import Daemon, Submitter, ThreadedPeer
+from tests.dkim_support import dkim_section, make_selector, txt_records
 from tests.dnsmasq import DnsRecords, dnsmasq
 from tests.helpers import free_port, require_tool, wait_for
 
@@ -67,7 +68,12 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     tmp = tmp_path_factory.mktemp("metrics")
-    records = DnsRecords(mx={"dns.test": [(10, "mx.dns.test")]}, hosts={"mx.dns.test": [MX_HOST]})
+    dkim_key = make_selector(tmp / "dkim", "s1", "rsa-sha256")  # mail From: good.test is signed
+    records = DnsRecords(
+        mx={"dns.test": [(10, "mx.dns.test")]},
+        hosts={"mx.dns.test": [MX_HOST]},
+        txt=txt_records("good.test", dkim_key),
+    )
     with (
         dnsmasq(records, tmp) as dns,
         ThreadedPeer() as good,
@@ -94,7 +100,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                     },
                     "circuit_breaker": {"failure_threshold": 3, "timeout_secs": 300.0},
                     "dns": {"nameservers": [dns.nameserver]},
-                }
+                },
+                "dkim": dkim_section("good.test", [dkim_key]),
             },
         )
         daemon.start()
@@ -119,6 +126,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                 assert raw.recv(1024).startswith(b"220")
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             wait_for(lambda: "empath_smtp_connection_error_rate 0.2" in daemon.http_get("/metrics"))
+            wait_for(lambda: "empath_dkim_key_published{" in daemon.http_get("/metrics"))
             scrape = daemon.http_get("/metrics")
             yield Scenario(daemon, parse_scrape(scrape), scrape, ids, sessions=5)
         finally:

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 from tests.daemon import Daemon, Submitter, ThreadedPeer
+from tests.dkim_support import dkim_section, make_selector, txt_records
+from tests.dnsmasq import DnsRecords, dnsmasq
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +35,14 @@ def runbook_command_lines() -> list[str]:
 def test_every_empathctl_line_of_our_runbook_succeeds(tmp_path: Path) -> None:
     lines = runbook_command_lines()
     assert len(lines) >= 25
-    with ThreadedPeer() as good, ThreadedPeer({"rcpt_default": "550 5.1.1 no"}) as hard:
+    # mail From: good.test is DKIM-signed with a key whose record dnsmasq publishes
+    dkim_key = make_selector(tmp_path / "dkim", "s1", "rsa-sha256")
+    records = DnsRecords(txt=txt_records("good.test", dkim_key))
+    with (
+        ThreadedPeer() as good,
+        ThreadedPeer({"rcpt_default": "550 5.1.1 no"}) as hard,
+        dnsmasq(records, tmp_path / "dns") as dns,
+    ):
         daemon = Daemon(
             tmp_path / "empath",
             overrides={
@@ -45,12 +54,14 @@ def test_every_empathctl_line_of_our_runbook_succeeds(tmp_path: Path) -> None:
                         "slow.test": {"mx_override": good.address},
                     },
                     "circuit_breaker": {"failure_threshold": 2},
+                    "dns": {"nameservers": [dns.nameserver]},
                     "rate_limit": {
                         "domain_limits": {
                             "slow.test": {"messages_per_second": 0.0001, "burst_size": 1}
                         }
                     },
-                }
+                },
+                "dkim": dkim_section("good.test", [dkim_key]),
             },
         )
         daemon.start()
@@ -69,6 +80,8 @@ def test_every_empathctl_line_of_our_runbook_succeeds(tmp_path: Path) -> None:
                 PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
                 EMPATH_CONFIG=str(daemon.config_path),
                 DOMAIN="dead.test",
+                DKIM_DOMAIN="good.test",
+                DKIM_KEYDIR=str(tmp_path / "dkim"),
             )
             failures = []
             for line in lines:
