@@ -45,7 +45,7 @@ run: deps
 	@$(MAKE) --no-print-directory native || echo "warning: hot-path modules not compiled; running pure Python"
 	$(COMPILED) $(VENV)/bin/empath --config empath.config.ron
 
-# A local cluster (SPEC §11): redis-server + 2 nodes sharing 127.0.0.1:1025 (reuse_port),
+# A local cluster (DESIGN §11): redis-server + 2 nodes sharing 127.0.0.1:1025 (reuse_port),
 # files under ./cluster; NODES=3 for more.  Ctrl-C stops everything.
 NODES ?= 2
 cluster: system-deps deps

@@ -11,7 +11,7 @@ from empath.modules import AddHeader, Changes, DeliveryEvent, Message, Reply, Se
 
 
 class Block:
-    """SPEC §14's smallest module, as written there."""
+    """DESIGN §14's smallest module, as written there."""
 
     def __init__(self, arguments: dict[str, object]) -> None:
         self.deny = str(arguments["deny"])

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = discover_config_path(cli_path)
         config = load_config(path)
-        if config.dkim.domains:  # the key files (SPEC §12): readable, type, size, mode
+        if config.dkim.domains:  # the key files (DESIGN §12): readable, type, size, mode
             from empath.dkim.service import check_keys
 
             check_keys(config)

@@ -136,12 +136,12 @@ class App:
             audit=config.audit.enabled,
             redact_sender=config.audit.redact_sender,
         )
-        # SPEC §14: a module that cannot be loaded fails start-up here (ConfigError)
+        # DESIGN §14: a module that cannot be loaded fails start-up here (ConfigError)
         self.module_stats = ModuleStats()
         self.modules = self._build_modules(config)
         self.listeners.set_modules(self.modules)
         self.runner.on_outcome = self._delivery_event
-        # DKIM (SPEC §12): checks every key now - a bad one fails start-up naming it
+        # DKIM (DESIGN §12): checks every key now - a bad one fails start-up naming it
         self.dkim = DkimService(
             config, self.clock, DkimStats(self.runner_stats.domains), self.resolver.txt
         )
@@ -201,7 +201,7 @@ class App:
             )
 
     def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:
-        """Cluster mode (SPEC §11): the policy state lives in Redis."""
+        """Cluster mode (DESIGN §11): the policy state lives in Redis."""
         import secrets
 
         from empath.cluster.backend import RedisBackend
@@ -238,7 +238,7 @@ class App:
         )
 
     def queue_sizes(self) -> Mapping[str, int]:
-        """Units by status (SPEC §6 statuses) for the cluster heartbeat, at most every 5 s."""
+        """Units by status (DESIGN §6 statuses) for the cluster heartbeat, at most every 5 s."""
         now = time.monotonic()
         cached = self._queue_sizes_cache
         if cached is not None and now - cached[0] < QUEUE_SIZES_CACHE_S:
@@ -376,7 +376,7 @@ class App:
         self.last_reload = ReloadRecord(time.time(), False, error)
         return error
 
-    # -- modules (SPEC §14) -------------------------------------------------------
+    # -- modules (DESIGN §14) -------------------------------------------------------
 
     def _build_modules(self, config: Config) -> ModuleHost:
         """Load every ``modules`` entry (ConfigError naming the one that fails)."""
@@ -396,11 +396,11 @@ class App:
         """The one place config becomes end-of-data steps, per listener; called at
         start and again on reload.  No step → None → the streaming fast path."""
         steps: list[AcceptanceStep] = []
-        if self.modules.has_data:  # Stage.MODULES: Python modules and milters (SPEC §14)
+        if self.modules.has_data:  # Stage.MODULES: Python modules and milters (DESIGN §14)
             steps.append(ModulesStep(self.modules))
-        # Stage.SUBMISSION: the header From: check of AUTH listeners (SPEC §13) goes here.
+        # Stage.SUBMISSION: the header From: check of AUTH listeners (DESIGN §13) goes here.
         if self.dkim.enabled:
-            steps.append(self.dkim.signer)  # Stage.DKIM: signing (SPEC §12)
+            steps.append(self.dkim.signer)  # Stage.DKIM: signing (DESIGN §12)
         if not steps:
             return None
         return AcceptancePipeline(tuple(steps), timeout_s=spec.data_termination_timeout_s)

@@ -1,4 +1,4 @@
-"""JSON-lines logging (SPEC §8).
+"""JSON-lines logging (DESIGN §8).
 
 Every line is one JSON object::
 

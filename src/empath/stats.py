@@ -20,7 +20,7 @@ from typing import Final
 
 OTHER: Final = "other"
 
-# Queue age buckets: 50 ms to one day (SPEC §6).
+# Queue age buckets: 50 ms to one day (DESIGN §6).
 QUEUE_AGE_BUCKETS_S: Final[tuple[float, ...]] = (
     0.05,
     0.1,

@@ -1,4 +1,4 @@
-"""Cluster mode (SPEC §11, issue 11): three real Empath nodes sharing policy in a real
+"""Cluster mode (DESIGN §11, issue 11): three real Empath nodes sharing policy in a real
 redis-server on loopback, delivering to scripted peers that count what they see."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC §8 logs from the live daemon: level filter changed by SIGHUP, redaction, text format."""
+"""DESIGN §8 logs from the live daemon: level filter changed by SIGHUP, redaction, text format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""/health/ready on the live daemon (SPEC §7): 503 naming the failing check, 200 after.
+"""/health/ready on the live daemon (DESIGN §7): 503 naming the failing check, 200 after.
 
 The spool directory is made immutable with ``chattr +i`` (we run as root, so
 permissions alone would not stop us); the queue reaches ``max_queue_size`` while a

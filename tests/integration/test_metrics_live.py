@@ -1,4 +1,4 @@
-"""SPEC §6 metrics, §8 logs and the runbooks' queries against one live daemon and real peers.
+"""DESIGN §6 metrics, §8 logs and the runbooks' queries against one live daemon and real peers.
 
 The scenario (module fixture): mail to a good sink, a sink answering 4xx, one answering
 5xx, a dead MX that trips its circuit breaker, a rate-limited domain, and a domain

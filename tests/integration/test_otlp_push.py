@@ -2,7 +2,7 @@
 
 The daemon starts while nothing listens on the endpoint: mail is delivered anyway and
 the outage costs one WARN line however many pushes fail.  Then the receiver comes up:
-one INFO line says the push recovered, and the next requests carry the SPEC §6 names
+one INFO line says the push recovered, and the next requests carry the DESIGN §6 names
 with the values of what happened (one message received and delivered).
 """
 

@@ -36,7 +36,7 @@ from empath.errors import ConfigError
 
 DEV_CONFIG = Path(__file__).resolve().parents[2] / "empath.config.ron"
 
-# Every key of SPEC §2, none at its default.
+# Every key of DESIGN §2, none at its default.
 FULL_CONFIG = """\
 Empath (
   hostname: "mx.example.com",
@@ -110,7 +110,7 @@ def error_of(text: str) -> ConfigError:
 
 
 def test_empty_struct_gives_spec_defaults() -> None:
-    """`Empath ()` loads as SPEC §2's defaults, equal to Config()."""
+    """`Empath ()` loads as DESIGN §2's defaults, equal to Config()."""
     config = load("Empath ()")
     assert Config() == config
     assert system_fqdn() == config.hostname
@@ -166,7 +166,7 @@ def test_secs_fields_are_floats_even_when_written_as_integers() -> None:
 
 
 def test_full_config_sets_every_key() -> None:
-    """A config using every SPEC §2 key binds each one."""
+    """A config using every DESIGN §2 key binds each one."""
     c = load(FULL_CONFIG)
     assert "mx.example.com" == c.hostname
     first, second = c.smtp_controller.listeners

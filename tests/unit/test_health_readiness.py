@@ -1,4 +1,4 @@
-"""SPEC §7's readiness thresholds, judged from one snapshot of the daemon's state."""
+"""DESIGN §7's readiness thresholds, judged from one snapshot of the daemon's state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-domain circuit breaker (SPEC §4), in virtual time."""
+"""Per-domain circuit breaker (DESIGN §4), in virtual time."""
 
 from __future__ import annotations
 

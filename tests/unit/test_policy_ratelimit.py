@@ -1,4 +1,4 @@
-"""Per-domain token buckets (SPEC §4 "Rate limit"), in virtual time."""
+"""Per-domain token buckets (DESIGN §4 "Rate limit"), in virtual time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retry schedule (SPEC §4): min(base * 2^(n-1), max) +- jitter, max_attempts, expiry."""
+"""Retry schedule (DESIGN §4): min(base * 2^(n-1), max) +- jitter, max_attempts, expiry."""
 
 from __future__ import annotations
 

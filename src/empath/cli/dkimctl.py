@@ -1,4 +1,4 @@
-"""`empathctl dkim keygen | list | check | rotate` (SPEC §12).
+"""`empathctl dkim keygen | list | check | rotate` (DESIGN §12).
 
 ``keygen`` needs neither a daemon nor a config (like ``opendkim-genkey``): it writes
 the private key (mode 0600, never over an existing file) and prints the TXT record

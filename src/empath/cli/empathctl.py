@@ -1,4 +1,4 @@
-"""`empathctl` — steer a running Empath daemon over its control socket (SPEC §5).
+"""`empathctl` — steer a running Empath daemon over its control socket (DESIGN §5).
 
 This module parses arguments and prints; the socket work is in
 :mod:`empath.control.client` and the daemon-side commands in

@@ -1,1 +1,1 @@
-"""Several Empath nodes acting as one sender: shared policy in Redis (SPEC §11)."""
+"""Several Empath nodes acting as one sender: shared policy in Redis (DESIGN §11)."""

@@ -1,4 +1,4 @@
-"""The Lua scripts that make the shared policy atomic in Redis (SPEC §11).
+"""The Lua scripts that make the shared policy atomic in Redis (DESIGN §11).
 
 Every script reads Redis's own clock (``TIME``), never a node's: nodes' clocks
 may drift, Redis's is one.  Since Redis 5 scripts are replicated by effects, so

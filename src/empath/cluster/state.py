@@ -1,4 +1,4 @@
-"""The shared (Redis) :class:`~empath.policy.state.PolicyState` of a cluster node (SPEC §11).
+"""The shared (Redis) :class:`~empath.policy.state.PolicyState` of a cluster node (DESIGN §11).
 
 Theory of operation
 -------------------

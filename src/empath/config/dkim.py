@@ -1,4 +1,4 @@
-"""The ``dkim:`` configuration section (SPEC §12): signing domains, selectors, rotation.
+"""The ``dkim:`` configuration section (DESIGN §12): signing domains, selectors, rotation.
 
 Kept apart from ``model.py`` (which imports it into :class:`~empath.config.model.Config`)
 so the schema of one feature reads in one place.  The checks here are on the values

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-1. :func:`discover_config_path` picks the file (SPEC §1): ``--config``, else
+1. :func:`discover_config_path` picks the file (DESIGN §1): ``--config``, else
    ``$EMPATH_CONFIG``, else ``./empath.config.ron``, else
    ``/etc/empath/empath.config.ron``. An explicitly named file that is missing is
    an error; it never falls through to the next candidate.

@@ -1,4 +1,4 @@
-"""The configuration schema (SPEC §2): frozen dataclasses with their defaults.
+"""The configuration schema (DESIGN §2): frozen dataclasses with their defaults.
 
 Theory of operation
 -------------------
@@ -93,7 +93,7 @@ __all__ = [
     "split_host_port",
 ]
 
-DEFAULT_MAX_MESSAGE_BYTES: Final = 26_214_400  # 25 MiB, SPEC §2 listener "size"
+DEFAULT_MAX_MESSAGE_BYTES: Final = 26_214_400  # 25 MiB, DESIGN §2 listener "size"
 
 LogLevel = Literal["error", "warn", "info", "debug", "trace"]
 LogFormat = Literal["json", "text"]
@@ -139,7 +139,7 @@ class ListenerConfig:
     max_connections: int = rule(1000, check=positive)
     max_connections_per_ip: int = rule(50, check=positive)
     max_recipients: int = rule(100, check=positive)
-    # SO_REUSEPORT: several Empath nodes on one host share this port (SPEC §11)
+    # SO_REUSEPORT: several Empath nodes on one host share this port (DESIGN §11)
     reuse_port: bool = False
 
     @property
@@ -195,7 +195,7 @@ def _default_listeners() -> tuple[ListenerConfig, ...]:
 class SmtpControllerConfig:
     listeners: tuple[ListenerConfig, ...] = field(default_factory=_default_listeners)
     relay: RelayConfig = field(default_factory=RelayConfig)
-    # SPEC §3 loops: more Received: header fields than this → 554 5.4.6 (Postfix's
+    # DESIGN §3 loops: more Received: header fields than this → 554 5.4.6 (Postfix's
     # hopcount_limit, same default).
     hop_limit: int = rule(50, check=positive)
 
@@ -411,7 +411,7 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModuleTimeouts:
-    """How long one call into a module may take (SPEC §14).  Python modules use
+    """How long one call into a module may take (DESIGN §14).  Python modules use
     ``command_secs`` for the connection-stage hooks and delivery events and
     ``end_of_message_secs`` for ``on_data``; milters use all three, as Postfix's
     ``milter_connect_timeout``, ``milter_command_timeout`` and ``milter_content_timeout``."""
@@ -443,7 +443,7 @@ def _milter_address(value: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ModuleConfig:
-    """One entry of ``modules`` (SPEC §14), applied in order.
+    """One entry of ``modules`` (DESIGN §14), applied in order.
 
     ``type: "Python"`` loads ``name`` (``package.module:Factory``) and calls the
     factory once with ``arguments`` (a map, or a list of strings as in the original's
@@ -497,7 +497,7 @@ class ModuleConfig:
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
-    """SPEC §11: per-destination policy shared by several nodes through Redis.
+    """DESIGN §11: per-destination policy shared by several nodes through Redis.
 
     ``node_id`` names this node in heartbeats and ``empathctl cluster status``; the
     default is the host name, so nodes sharing a host must each set their own.
@@ -522,7 +522,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dsn: DsnConfig = field(default_factory=DsnConfig)
-    control_socket: str = rule("/tmp/empath.sock", check=non_empty)  # noqa: S108 (SPEC §1)
+    control_socket: str = rule("/tmp/empath.sock", check=non_empty)  # noqa: S108 (DESIGN §1)
     control_auth: ControlAuthConfig = field(default_factory=ControlAuthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
@@ -530,7 +530,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
     modules: tuple[ModuleConfig, ...] = ()
-    dkim: DkimConfig = field(default_factory=DkimConfig)  # SPEC §12 (config/dkim.py)
+    dkim: DkimConfig = field(default_factory=DkimConfig)  # DESIGN §12 (config/dkim.py)
     # where the config was read from; not a RON key
     source_path: str | None = field(default=None, compare=False, metadata={"ron": False})
 
@@ -539,7 +539,7 @@ class Config:
         """Envelope/From address of bounces: ``dsn.postmaster`` or ``postmaster@<hostname>``."""
         if self.dsn.postmaster is None:
             return f"postmaster@{self.hostname}"
-        # SPEC §2 writes the default as "postmaster@<hostname>"; honour it verbatim.
+        # DESIGN §2 writes the default as "postmaster@<hostname>"; honour it verbatim.
         return self.dsn.postmaster.replace("<hostname>", self.hostname)
 
     @property

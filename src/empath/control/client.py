@@ -5,7 +5,7 @@ exits, so start-up time is what an operator feels; this module imports only the
 wire protocol.  The config loader is imported only when the socket has to be
 found through the config file.
 
-Socket discovery (SPEC §1, §5): ``--socket``, else ``$EMPATH_CONTROL_SOCKET``,
+Socket discovery (DESIGN §1, §5): ``--socket``, else ``$EMPATH_CONTROL_SOCKET``,
 else the ``control_socket`` of the config the daemon would use (``--config``,
 ``$EMPATH_CONFIG``, ``./empath.config.ron``, ``/etc/empath/empath.config.ron``),
 else the default ``/tmp/empath.sock``.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the CLI path imports neither typing nor pathlib (start-up t
     from typing import IO, Any, Final, NamedTuple
 
 CONFIG_CANDIDATES: Final = ("empath.config.ron", "/etc/empath/empath.config.ron")
-DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - SPEC §1's default
+DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - DESIGN §1's default
 HOW_TO_SET: Final = (
     f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
 )

@@ -1,4 +1,4 @@
-"""The daemon side of every control command: one table, name → handler (SPEC §5).
+"""The daemon side of every control command: one table, name → handler (DESIGN §5).
 
 Handlers read and steer the running daemon through :class:`Daemon` (what
 ``App`` offers them); each returns plain JSON data (or, for ``queue.list``,

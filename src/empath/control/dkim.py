@@ -1,4 +1,4 @@
-"""Control commands ``dkim.list``, ``dkim.check``, ``dkim.rotate`` (SPEC §12).
+"""Control commands ``dkim.list``, ``dkim.check``, ``dkim.rotate`` (DESIGN §12).
 
 The daemon side of ``empathctl dkim ...`` (``dkim keygen`` needs no daemon: it is
 all in cli/dkimctl.py).  The work is the DKIM service's (dkim/service.py); these

@@ -1,6 +1,6 @@
 """How `empathctl` prints each reply: plain text for people and pipelines, or JSON.
 
-The `queue list` line is a contract (SPEC §5, the runbook's pipelines)::
+The `queue list` line is a contract (DESIGN §5, the runbook's pipelines)::
 
     id: <ULID> domain: <domain>, status: <s>, attempts: <n>, age: <dur>, \
         next: <time|->, from: <sender>, rcpts: <n>            (one line)

@@ -1,4 +1,4 @@
-"""The control socket's wire protocol (SPEC §5), shared by the daemon and `empathctl`.
+"""The control socket's wire protocol (DESIGN §5), shared by the daemon and `empathctl`.
 
 Theory of operation
 -------------------

@@ -1,4 +1,4 @@
-"""The daemon's control socket server (SPEC §5).
+"""The daemon's control socket server (DESIGN §5).
 
 Theory of operation
 -------------------

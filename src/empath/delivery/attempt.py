@@ -9,7 +9,7 @@ else opens one, trying **every address of every target in order** and moving
 on after:
 
 * a connect failure or timeout, a TLS failure (``require_tls``), a 4xx greeting
-  or EHLO refusal (SPEC §4: "Try the next MX host/address on connect failure,
+  or EHLO refusal (DESIGN §4: "Try the next MX host/address on connect failure,
   timeout or 4xx greeting");
 * a **5xx greeting** as well.  Decision (as Postfix's ``smtp_skip_5xx_greeting``
   default): a server that will not talk to us at all says nothing about the

@@ -62,7 +62,7 @@ class DsnAction(enum.StrEnum):
 
 
 class DsnKind(enum.StrEnum):
-    """The event a DSN reports (SPEC §4)."""
+    """The event a DSN reports (DESIGN §4)."""
 
     FAILED = "failed"  # permanent (5xx) failure
     EXHAUSTED = "exhausted"  # delivery.max_attempts reached

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Delivery has three outcomes per recipient (SPEC §4): *delivered* (2xx),
+Delivery has three outcomes per recipient (DESIGN §4): *delivered* (2xx),
 *temporary* (4xx, and every network, timeout, TLS or DNS trouble: retried) and
 *permanent* (5xx: never retried, bounced with a DSN).  This module is the one
 place that decides which is which, so the runner, the circuit breaker and the
@@ -56,7 +56,7 @@ class RecipientOutcome:
     ``enhanced`` is always set for non-delivered outcomes (``4.4.1``, ``5.1.1`` ...).
     ``mx`` is the host that answered (or failed), ``""`` when none was reached.
     ``at_rcpt`` is True when the reply to this recipient's own RCPT decided it: the
-    mailbox's answer, which says nothing about the destination as a whole (SPEC §4:
+    mailbox's answer, which says nothing about the destination as a whole (DESIGN §4:
     a 4xx to one RCPT does not count for the circuit breaker).
     """
 

@@ -14,7 +14,7 @@ an operator's ``queue delete --bounce`` sends.  No clock, no spool, no
 network: the same inputs give the same transition (the retry policy's jitter
 comes from its own seeded ``random.Random``).
 
-Per recipient (SPEC §4): 2xx delivered, 5xx failed (a DSN now), 4xx pending.
+Per recipient (DESIGN §4): 2xx delivered, 5xx failed (a DSN now), 4xx pending.
 Then, with recipients still pending, :meth:`RetryPolicy.decide
 <empath.policy.retry.RetryPolicy.decide>` says retry at T (with the one-time
 delay warning once ``delay_warning_s`` has passed) or give up: ``max_attempts``
@@ -111,7 +111,7 @@ class Transition:
 
 
 def destination_of(result: AttemptResult) -> OutcomeKind:
-    """SPEC §4 breaker input: what the attempt says about the destination as a whole.
+    """DESIGN §4 breaker input: what the attempt says about the destination as a whole.
 
     * DELIVERED: it works -- it took a recipient, or it answered each recipient's RCPT
       itself (a 4xx there is that mailbox's trouble: full, greylisted, moved);

@@ -1,1 +1,1 @@
-"""DKIM signing at acceptance (SPEC §12): keys, the signer step, rotation, DNS checks."""
+"""DKIM signing at acceptance (DESIGN §12): keys, the signer step, rotation, DNS checks."""

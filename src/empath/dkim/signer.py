@@ -1,4 +1,4 @@
-"""The DKIM acceptance step: sign once, at acceptance, before the 250 (SPEC §12).
+"""The DKIM acceptance step: sign once, at acceptance, before the 250 (DESIGN §12).
 
 Runs in the ``DKIM`` stage of the end-of-data pipeline (transport/acceptance.py),
 after modules, milters and the submission From: check, so it signs the bytes that

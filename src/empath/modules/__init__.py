@@ -1,4 +1,4 @@
-"""Empath's module API (SPEC §14; the guide is docs/MODULES.md).
+"""Empath's module API (DESIGN §14; the guide is docs/MODULES.md).
 
 The smallest module::
 

@@ -1,4 +1,4 @@
-"""The types a Python module sees (SPEC §14); ``empath.modules`` re-exports them.
+"""The types a Python module sees (DESIGN §14); ``empath.modules`` re-exports them.
 
 A module is any object with one or more of these coroutine methods (all optional):
 

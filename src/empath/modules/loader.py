@@ -1,4 +1,4 @@
-"""Loading ``modules`` entries (SPEC §14) into the host's filters.
+"""Loading ``modules`` entries (DESIGN §14) into the host's filters.
 
 A Python entry names ``package.module:Factory``; the module is imported, the factory
 called once with ``arguments`` (a dict, or the original's list of strings), and the

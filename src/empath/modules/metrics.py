@@ -1,4 +1,4 @@
-"""The module metric families (SPEC §14), read from :class:`ModuleStats` at scrape time.
+"""The module metric families (DESIGN §14), read from :class:`ModuleStats` at scrape time.
 
 * ``empath_module_calls_total{module,hook,result}``: every call into a module or
   milter; ``result`` is continue, accept, reject, tempfail, changes, discard,

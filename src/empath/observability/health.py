@@ -1,4 +1,4 @@
-"""Health endpoints (SPEC §7) on a tiny asyncio HTTP/1.1 server.
+"""Health endpoints (DESIGN §7) on a tiny asyncio HTTP/1.1 server.
 
 `GET /health/live` → 200 while the process serves.  `GET /health/ready` → 200 when
 every check passes, else 503; both answer a JSON body naming each check and its
@@ -46,8 +46,8 @@ class Check:
     value: Any
 
 
-MIN_SPOOL_FREE_RATIO: Final = 0.01  # SPEC §7: the spool has at least 1 % free
-MAX_HEARTBEAT_AGE_S: Final = 10.0  # SPEC §7: the delivery scheduler ticked within 10 s
+MIN_SPOOL_FREE_RATIO: Final = 0.01  # DESIGN §7: the spool has at least 1 % free
+MAX_HEARTBEAT_AGE_S: Final = 10.0  # DESIGN §7: the delivery scheduler ticked within 10 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class ReadinessInputs:
 
 
 def readiness_checks(inputs: ReadinessInputs) -> list[Check]:
-    """SPEC §7's checks, each with the value it judged."""
+    """DESIGN §7's checks, each with the value it judged."""
     i = inputs
     return [
         Check("listeners", i.listeners_bound, i.listeners_bound),

@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §6): one collector that reads what the components already count.
+"""Prometheus metrics (DESIGN §6): one collector that reads what the components already count.
 
 Theory of operation
 -------------------
@@ -423,7 +423,7 @@ class EmpathCollector:
             "Age of the oldest non-terminal unit (0 when none).",
             summary.oldest_s,
         )
-        # SPEC §6 names the series empath_delivery_retry_count (a gauge); `promtool check
+        # DESIGN §6 names the series empath_delivery_retry_count (a gauge); `promtool check
         # metrics` refuses a `_count` suffix on anything but a histogram or summary, so
         # the family is a summary named empath_delivery_retry with only its _count
         # sample: the series name, label and values are the spec's.

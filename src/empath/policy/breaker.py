@@ -1,4 +1,4 @@
-"""Per-domain circuit breaker (SPEC §4): stop hammering a destination that is down.
+"""Per-domain circuit breaker (DESIGN §4): stop hammering a destination that is down.
 
 Theory of operation
 -------------------
@@ -66,7 +66,7 @@ DEFAULT_PROBE_TIMEOUT_S: Final = 900.0  # longer than a whole SMTP transaction's
 
 
 class BreakerState(enum.Enum):
-    """Breaker states; values are the metric label (SPEC §6)."""
+    """Breaker states; values are the metric label (DESIGN §6)."""
 
     CLOSED = "Closed"
     OPEN = "Open"
@@ -93,7 +93,7 @@ _LOG_LEVEL: Final = {  # stdlib logging levels (numbers; nothing is logged here)
 
 @dataclass(frozen=True, slots=True)
 class BreakerSettings:
-    """``delivery.circuit_breaker`` (SPEC §2) plus the lost-probe safety net."""
+    """``delivery.circuit_breaker`` (DESIGN §2) plus the lost-probe safety net."""
 
     failure_threshold: int
     failure_window_s: float
@@ -254,7 +254,7 @@ class CircuitBreaker:
     def record_failure(self, domain: str, probe: int = 0) -> None:
         """The destination failed *temporarily* (connect, timeout, 421, 4xx to the session).
 
-        Never call this for permanent (5xx) outcomes: "5xx never counts" (SPEC §4).
+        Never call this for permanent (5xx) outcomes: "5xx never counts" (DESIGN §4).
         """
         now = self._clock.monotonic()
         rec = self._domains.get(domain)

@@ -1,4 +1,4 @@
-"""Per-domain token buckets (SPEC §4 "Rate limit").
+"""Per-domain token buckets (DESIGN §4 "Rate limit").
 
 Theory of operation
 -------------------
@@ -20,7 +20,7 @@ Which limit applies to a domain (highest precedence first)
 1. ``delivery.domains.<d>.rate_limit`` (messages per **minute**) when set: rate
    = n / 60 per second.  Its burst is the ``domain_limits`` burst for the same
    domain if that is set, else one second's worth (below).  Rationale: it is the
-   per-domain setting the operator wrote most specifically, and SPEC §2 says it
+   per-domain setting the operator wrote most specifically, and DESIGN §2 says it
    is enforced.
 2. ``delivery.rate_limit.domain_limits.<d>``: its ``messages_per_second``; its
    ``burst_size``, or one second's worth when that is ``None``.

@@ -8,9 +8,9 @@ message's acceptance time and the current wall-clock time.  The answer is either
 :class:`Retry` (``at`` is the wall-clock ``next_attempt_at`` to store in the spool) or
 :class:`GiveUp` with the reason the unit ends (``"max_attempts"`` -> failed,
 ``"expired"`` -> expired).  Permanent failures never reach this module: they are
-never retried (SPEC §4).
+never retried (DESIGN §4).
 
-The delay before attempt *n + 1* after *n* attempts is (SPEC §4)::
+The delay before attempt *n + 1* after *n* attempts is (DESIGN §4)::
 
     delay = min(base * 2^(n-1), max) ± jitter      jitter ~ U(-f, +f) * delay
 
@@ -57,7 +57,7 @@ RetryDecision = Retry | GiveUp
 
 
 class RetryPolicy:
-    """The retry schedule of SPEC §4 (``delivery.max_attempts``, ``*_retry_delay_secs``,
+    """The retry schedule of DESIGN §4 (``delivery.max_attempts``, ``*_retry_delay_secs``,
     ``retry_jitter_factor``, ``message_expiration_secs``)."""
 
     __slots__ = (

@@ -1,4 +1,4 @@
-"""The per-destination policy state the scheduler consults (SPEC §4, §11).
+"""The per-destination policy state the scheduler consults (DESIGN §4, §11).
 
 Theory of operation
 -------------------
@@ -6,7 +6,7 @@ Three kinds of per-domain state decide whether a due unit may start now: the
 circuit breaker, the rate-limit bucket and the count of open connections.  On
 one machine they live in process (:class:`LocalPolicyState`).  With
 ``cluster: ( redis_url: ... )`` they must be shared so N nodes together respect
-one domain limit and one breaker (SPEC §11).  The scheduler only sees the
+one domain limit and one breaker (DESIGN §11).  The scheduler only sees the
 :class:`PolicyState` protocol, so the shared implementation can replace the
 local one without touching it.
 

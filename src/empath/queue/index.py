@@ -1,4 +1,4 @@
-"""Due-time ordered index of delivery units (SPEC §4: never rescan the queue for work).
+"""Due-time ordered index of delivery units (DESIGN §4: never rescan the queue for work).
 
 Theory of operation
 -------------------

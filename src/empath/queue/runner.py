@@ -143,7 +143,7 @@ class DeliveryRunner:
         self.clock = clock
         self._spawn = spawn
         self.stats = stats
-        # told of each unit's outcome after it is saved (module delivery events, SPEC §14);
+        # told of each unit's outcome after it is saved (module delivery events, DESIGN §14);
         # must not block or raise (the modules' host queues the event and returns)
         self.on_outcome: Callable[[MessageState, UnitState], None] | None = None
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}

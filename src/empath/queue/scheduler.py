@@ -56,7 +56,7 @@ token of the last unit counted, so each block looks only at the units that joine
 since: every unit is looked at once per wait, not once per re-check.
 
 Pure: the clock is injected; no I/O, no asyncio.  Wall time orders the due index
-(``next_attempt_at`` is wall clock, SPEC spool records); monotonic time drives
+(``next_attempt_at`` is wall clock, as the spool records it); monotonic time drives
 the policy and line timers.
 """
 
@@ -81,7 +81,7 @@ class Outcome(enum.Enum):
 
     SUCCESS = "success"  # the destination works: took a recipient, or answered each RCPT
     TEMPORARY_FAILURE = "temporary"  # connect/timeout/4xx/DNS temporary: counts for the breaker
-    PERMANENT_FAILURE = "permanent"  # 5xx/permanent only: "5xx never counts" (SPEC §4)
+    PERMANENT_FAILURE = "permanent"  # 5xx/permanent only: "5xx never counts" (DESIGN §4)
     CANCELLED = "cancelled"  # shutdown or deleted mid-flight: says nothing
 
 
@@ -139,7 +139,7 @@ def decide(domain: str, policy: PolicyState, max_connections: int) -> Decision:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """When the scheduler last ticked, for ``/health/ready`` (SPEC §7: within 10 s)."""
+    """When the scheduler last ticked, for ``/health/ready`` (DESIGN §7: within 10 s)."""
 
     last_tick_monotonic: float
     ticks: int

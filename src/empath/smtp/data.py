@@ -28,7 +28,7 @@ Both server decoders check the content with one :class:`_Checker`:
   terminators, and a message containing them is refused rather than stored, so
   nothing we relay can be split differently by a downstream server.
 * RFC 5321 §4.5.3.1.6: "The maximum total length of a text line including the
-  <CRLF> is 1000 octets."  Longer → ``BodyError.LINE_TOO_LONG`` (SPEC §3: 500 5.5.2).
+  <CRLF> is 1000 octets."  Longer → ``BodyError.LINE_TOO_LONG`` (DESIGN §3: 500 5.5.2).
 * More unstuffed bytes than ``max_bytes`` → ``BodyError.TOO_BIG`` (552 5.3.4).
 
 A bad message is *not* cut short: the decoder keeps reading to the real end of
@@ -320,7 +320,7 @@ _END_OF_HEADERS: Final = b"\n\r\n"
 
 
 class ReceivedCounter:
-    """Counts the ``Received:`` header fields of an incoming message (SPEC §3, loops).
+    """Counts the ``Received:`` header fields of an incoming message (DESIGN §3, loops).
 
     Fed the unstuffed body chunk by chunk, it looks only at the header section (up
     to the first empty line) and keeps the last few bytes of each chunk so a field

@@ -67,7 +67,7 @@ class Close:
 
 
 class CheckStage(enum.Enum):
-    """The dialogue points where configured modules are asked (SPEC §14)."""
+    """The dialogue points where configured modules are asked (DESIGN §14)."""
 
     CONNECT = "connect"
     HELO = "helo"

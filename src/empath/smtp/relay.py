@@ -1,4 +1,4 @@
-"""Relay control (SPEC §3): who may send mail through us to where.
+"""Relay control (DESIGN §3): who may send mail through us to where.
 
 Pure and precomputed: networks are parsed once; a session asks once per
 connection for a per-client check (``for_client``) and then calls it per RCPT.
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class RelayPolicy:
-    """SPEC §3, never an open relay: a recipient is accepted when the client is in
+    """DESIGN §3, never an open relay: a recipient is accepted when the client is in
     ``trusted_networks`` or the recipient's domain is one of ``accepted_domains``
     (case-insensitive)."""
 

@@ -153,7 +153,7 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
 }
 
 # Replies that mean "the client speaks broken SMTP"; ten of them end the session.
-# SPEC §3: relay denials (554 5.7.1) count too, as Postfix's smtpd_hard_error_limit
+# DESIGN §3: relay denials (554 5.7.1) count too, as Postfix's smtpd_hard_error_limit
 # counts rejected RCPTs.  452 4.5.3 for a recipient past max_recipients does not: it
 # tells a correct client to send the rest in a new transaction (RFC 5321
 # §4.5.3.1.10), so counting it would turn a large mailing into a 421 and a lost
@@ -172,17 +172,17 @@ class ServerConfig:
     max_message_bytes: int
     max_recipients: int
     tls_available: bool  # a certificate is configured
-    hop_limit: int  # more Received: fields than this → 554 5.4.6 (SPEC §3)
+    hop_limit: int  # more Received: fields than this → 554 5.4.6 (DESIGN §3)
     postmaster: str  # where RCPT TO:<postmaster> goes (the config's postmaster address)
 
 
 _BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
-    # SPEC §3: bare CR/LF (and NUL) → 550 5.6.0 after the real end of data.
+    # DESIGN §3: bare CR/LF (and NUL) → 550 5.6.0 after the real end of data.
     BodyError.BARE_LINE_ENDING: Reply.of(
         550, "5.6.0", "Message contains bare CR or LF (only CRLF line endings allowed)"
     ),
     BodyError.NUL: Reply.of(550, "5.6.0", "Message contains NUL characters"),
-    # SPEC §3: "Lines over 1000 octets ... get 500 5.5.2".
+    # DESIGN §3: "Lines over 1000 octets ... get 500 5.5.2".
     BodyError.LINE_TOO_LONG: Reply.of(500, "5.5.2", "Line too long in message content"),
     BodyError.TOO_BIG: Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size"),
 }
@@ -205,7 +205,7 @@ _R_SHUTDOWN = _b(421, "4.3.2", "Service shutting down, closing connection")
 _R_VRFY = _b(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 _R_HELP = _b(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT")
 _R_TLS_GO = _b(220, "2.0.0", "Ready to start TLS")
-# SPEC §3 (Postfix's wording): a message that went through too many MTAs is a loop.
+# DESIGN §3 (Postfix's wording): a message that went through too many MTAs is a loop.
 _R_TOO_MANY_HOPS = _b(554, "5.4.6", "Too many hops")
 
 
@@ -313,7 +313,7 @@ class SmtpServer:
         self._body_open = False
         self._skip_bytes = 0
         self._skip_reply = b""
-        # Module checks (SPEC §14): the stages asked about; empty = never asked, no cost.
+        # Module checks (DESIGN §14): the stages asked about; empty = never asked, no cost.
         self._checks = checks
         self._check_stage: CheckStage | None = None  # a Check event awaits check_done
         self._check_arg: object = None  # what to carry out if the check accepts

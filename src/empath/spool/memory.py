@@ -30,7 +30,7 @@ __all__ = ["MemoryBodyWriter", "MemorySpool", "requeue_in_progress"]
 
 
 def requeue_in_progress(units: tuple[UnitState, ...]) -> tuple[UnitState, ...]:
-    """Units that were being delivered at a crash are pending again (SPEC §3 recovery)."""
+    """Units that were being delivered at a crash are pending again (DESIGN §3 recovery)."""
     for unit in units:
         if unit.status is UnitStatus.IN_PROGRESS:
             break

@@ -21,7 +21,7 @@ from empath.smtp.parsing import domain_of
 
 
 class UnitStatus(enum.StrEnum):
-    """Status of one (message, domain) delivery unit.  See SPEC §4."""
+    """Status of one (message, domain) delivery unit.  See DESIGN §4."""
 
     PENDING = "pending"
     IN_PROGRESS = "in_progress"

@@ -1,6 +1,6 @@
 """The spool interface every backend implements (file log for production, memory for tests).
 
-Contract (SPEC §3):
+Contract (DESIGN §3):
 - ``begin()`` starts a message body.  ``BodyWriter.write`` is synchronous and cheap
   (called from the SMTP transport's ``data_received``); it never raises: a write
   error (ENOSPC, EIO) is remembered and surfaces at ``commit``.  Bodies larger than

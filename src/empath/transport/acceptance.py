@@ -14,11 +14,11 @@ WAITING phase; pipelined input stays buffered there).
 
 The pipeline runs its steps in stage order (:class:`Stage`), each awaited in turn:
 
-1. ``MODULES``    - Python modules and milters (SPEC §14): may reject or tempfail,
+1. ``MODULES``    - Python modules and milters (DESIGN §14): may reject or tempfail,
    add/change/delete headers, change the sender, add/delete recipients, replace the body;
 2. ``SUBMISSION`` - the header ``From:`` ownership check of authenticated
-   submission (SPEC §13, ``550 5.7.1``);
-3. ``DKIM``       - signing (SPEC §12): signs the final bytes; a failure is ``451 4.3.0``.
+   submission (DESIGN §13, ``550 5.7.1``);
+3. ``DKIM``       - signing (DESIGN §12): signs the final bytes; a failure is ``451 4.3.0``.
 
 Then the session writes the final bytes into the spool body and commits as usual:
 ``250`` only once durable.
@@ -54,7 +54,7 @@ A step changes the message only through :class:`AcceptedMessage`:
   yourself with ``"\\r\\n\\t"``).
 * ``body``: the bytes after the header block (CRLF line ends, dot-unstuffed);
   ``replace_body(data)`` sets it (CRLF is enforced: a bare CR or LF is refused with
-  ``ValueError``, SPEC §3 never emits them downstream).
+  ``ValueError``, DESIGN §3 never emits them downstream).
 * ``sender`` and ``recipients`` (a list): the envelope; change them in place.  A
   message left with no recipients is discarded (as by ``discard``).
 * ``facts``: read-only :class:`SessionFacts` (peer address, HELO, ``trusted``,
@@ -103,7 +103,7 @@ class SessionFacts:
     peer: str  # "ip:port" as logged
     helo: str
     trusted: bool  # the client is in relay.trusted_networks
-    auth_user: str | None  # the authenticated user (SPEC §13), None without AUTH
+    auth_user: str | None  # the authenticated user (DESIGN §13), None without AUTH
     tls: bool
     listener: str
     esmtp: bool = True

@@ -7,7 +7,7 @@ listener has a :class:`ListenerRuntime` — the settings, spool and counters its
 sessions share — and a :class:`ListenerStats` the metrics collector reads at
 scrape time (plain integers, no locking: everything runs on the event loop).
 
-Shutdown (SPEC §10): stop accepting; idle sessions get ``421 4.3.2`` and are
+Shutdown (DESIGN §10): stop accepting; idle sessions get ``421 4.3.2`` and are
 closed; sessions receiving or committing a message may finish it within the
 grace period (they get the 421 right after their 250); whatever is left then is
 closed.  Commits already started are awaited, so the spool can be closed safely
@@ -63,7 +63,7 @@ class ListenerSpec:
     tls_cert: str | None
     tls_key: str | None
     name: str  # label for metrics/logs; "" means "host:port"
-    reuse_port: bool  # SO_REUSEPORT: several processes share the port (SPEC §11)
+    reuse_port: bool  # SO_REUSEPORT: several processes share the port (DESIGN §11)
     hop_limit: int  # smtp_controller.hop_limit
     postmaster: str  # Config.postmaster_address
 
@@ -174,7 +174,7 @@ class ListenerRuntime:
         self._sweeper: Timer | None = None
         # end-of-data steps (acceptance.py); None = the streaming fast path
         self.acceptance: AcceptancePipeline | None = None
-        # modules and milters (SPEC §14); None = no module: sessions never stop for one
+        # modules and milters (DESIGN §14); None = no module: sessions never stop for one
         self.modules: ModuleHost | None = None
 
     def trusts(self, client_ip: str) -> bool:

@@ -30,7 +30,7 @@ Timeouts: each read records ``clock.monotonic()``; one sweeper per listener (see
 listener.py: a ``clock.call_later`` timer, virtual in tests) checks every session
 each tick — no timer per connection or per read.
 
-Backpressure (SPEC §3): the session stops reading while any of these holds, and
+Backpressure (DESIGN §3): the session stops reading while any of these holds, and
 resumes once none does:
 
 * the transport's write buffer is over its high-water mark (``pause_writing`` →
@@ -216,7 +216,7 @@ class SmtpSession(asyncio.Protocol):
             stats.connections_active >= spec.max_connections
             or per_ip >= spec.max_connections_per_ip
         ):
-            # SPEC §3: connection limits give 421 4.7.0.
+            # DESIGN §3: connection limits give 421 4.7.0.
             transport.write(_R_TOO_MANY)
             transport.close()
             log.debug("Connection refused: limit reached", peer=self._peer,
@@ -385,7 +385,7 @@ class SmtpSession(asyncio.Protocol):
                     self._errored = True
                 self._close()
 
-    # --- modules (SPEC §14; empath/modules) -----------------------------------------
+    # --- modules (DESIGN §14; empath/modules) -----------------------------------------
 
     def _with_modules(self, host: ModuleHost, ip: str, port: int) -> SmtpServer:
         """A session of a listener with modules: their view of it, and a state machine
@@ -496,7 +496,7 @@ class SmtpSession(asyncio.Protocol):
                 peer=self._peer,
                 helo=txn.helo,
                 trusted=rt.trusts(ip),
-                auth_user=None,  # the AUTH feature (SPEC §13) sets this from the session
+                auth_user=None,  # the AUTH feature (DESIGN §13) sets this from the session
                 tls=txn.tls,
                 listener=rt.label,
                 esmtp=txn.esmtp,
@@ -663,7 +663,7 @@ class SmtpSession(asyncio.Protocol):
                      phase=phase.value)  # fmt: skip
             self._errored = True
             if transport.get_write_buffer_size() > 0:
-                # SPEC §3: output still unsent - the client is not reading; close()
+                # DESIGN §3: output still unsent - the client is not reading; close()
                 # would wait for it forever.  Abort frees the slot now.
                 log.info("Session aborted: replies not read", peer=self._peer,
                          listener=rt.label,
@@ -729,7 +729,7 @@ class SmtpSession(asyncio.Protocol):
 
 
 def per_ip_key(ip: str) -> str:
-    """What the per-IP connection cap counts (SPEC §3): an IPv4 address as it is, an
+    """What the per-IP connection cap counts (DESIGN §3): an IPv4 address as it is, an
     IPv6 address by its /64 (``2001:db8:1:2::/64``)."""
     if ":" not in ip:
         return ip

@@ -1,4 +1,4 @@
-"""A milter behind Empath's module interface (SPEC §14), speaking as Postfix does.
+"""A milter behind Empath's module interface (DESIGN §14), speaking as Postfix does.
 
 Per SMTP session one :class:`~empath.modules.milter.client.MilterConnection`,
 opened at the session's first MAIL FROM: then OPTNEG, CONNECT and HELO (with their
