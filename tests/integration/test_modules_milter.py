@@ -1,4 +1,4 @@
-"""Milters (SPEC §14) against real software: rspamd's proxy worker in milter mode and
+"""Milters (DESIGN §14) against real software: rspamd's proxy worker in milter mode and
 OpenDKIM signing, both started by the test on loopback; and a scripted milter that is
 down, slow or hangs up mid-body, to hold ``on_error``."""
 

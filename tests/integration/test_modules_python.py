@@ -1,4 +1,4 @@
-"""Python modules (SPEC §14) in a real daemon: each outcome on the wire, in the spool,
+"""Python modules (DESIGN §14) in a real daemon: each outcome on the wire, in the spool,
 in the metrics and the logs; loading failures stop start-up or a reload, naming the
 module.  The modules are tests/module_examples.py, loaded by name like an operator's."""
 
@@ -50,7 +50,7 @@ def daemon_with(tmp_path: Path, modules: list[dict[str, Any]], **overrides: Any)
 def test_the_smallest_module_refuses_one_recipient_and_the_spool_keeps_the_other(
     tmp_path: Path,
 ) -> None:
-    """SPEC §14's Block: 550 5.7.1 for the denied RCPT, 250 for the next; the message is
+    """DESIGN §14's Block: 550 5.7.1 for the denied RCPT, 250 for the next; the message is
     spooled for the accepted one only; calls are counted per result."""
     daemon = daemon_with(tmp_path, [module("Block", {"deny": "x@y.test"})])
     with daemon:

@@ -1,4 +1,4 @@
-"""What a reload applies now and what waits for a restart (SPEC §10; issue 14 defect 1).
+"""What a reload applies now and what waits for a restart (DESIGN §10; issue 14 defect 1).
 
 Theory of operation
 -------------------
