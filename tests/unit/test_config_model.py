@@ -67,7 +67,8 @@ Empath (
                      rcpt_to_secs: 35, data_secs: 121, quit_secs: 11,
                      attempt_secs: 900 ),
     dns: ( nameservers: ["127.0.0.1:5353", "::1"], timeout_secs: 2.5, cache_size: 50,
-           min_cache_ttl_secs: 1, max_cache_ttl_secs: 60, negative_ttl_secs: 30 ),
+           min_cache_ttl_secs: 1, max_cache_ttl_secs: 60, negative_ttl_secs: 30,
+           serve_stale_secs: 600 ),
     domains: { "Example.com": ( mx_override: "127.0.0.1:2526", require_tls: true,
                                 accept_invalid_certs: Some(false), max_connections: 10,
                                 rate_limit: 100 ) },
@@ -203,7 +204,9 @@ def test_full_config_sets_every_key() -> None:
     assert (31.0, 32.0, 33.0, 34.0, 35.0, 121.0, 11.0, 900.0) == dataclasses.astuple(
         d.smtp_timeouts
     )
-    assert (("127.0.0.1:5353", "::1"), 2.5, 50, 1.0, 60.0, 30.0) == dataclasses.astuple(d.dns)
+    assert (("127.0.0.1:5353", "::1"), 2.5, 50, 1.0, 60.0, 30.0, 600.0) == dataclasses.astuple(
+        d.dns
+    )
     assert (("127.0.0.1", 5353), ("::1", 53)) == d.dns.nameserver_addresses()
     assert {
         "example.com": DomainConfig(

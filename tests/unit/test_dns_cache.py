@@ -32,11 +32,12 @@ def make_cache(
     min_ttl: float = 60,
     max_ttl: float = 3600,
     negative_ttl: float = 300,
+    serve_stale: float = 0,
 ) -> MxCache:
     return MxCache(
         dns_loader(fake),
         clock=clock,
-        limits=CacheLimits(size, min_ttl, max_ttl, negative_ttl),
+        limits=CacheLimits(size, min_ttl, max_ttl, negative_ttl, serve_stale),
     )
 
 
@@ -338,3 +339,87 @@ def test_host_and_mx_entries_are_separate() -> None:
     assert ("192.0.2.77",) == host.exchangers[0].addresses
     assert [EntryKind.HOST, EntryKind.MX] == [e.kind for e in cache.entries()]
     assert 2 == cache.invalidate("x.test")
+
+
+# --- serve-stale (issue 14 defect 18, RFC 8767) ------------------------------------
+
+
+def stale_cache(fake: FakeResolver, clock: FakeClock, window: float = 3600) -> MxCache:
+    domain_with_ttl(fake, "ok.test", 60)
+    return make_cache(fake, clock, serve_stale=window)
+
+
+def test_an_expired_answer_is_served_stale_while_the_resolver_fails() -> None:
+    """Past its TTL the entry is asked for again; a temporary failure answers with the
+    last good data (counted), which is then reused for 30 s before asking again."""
+    fake, clock = FakeResolver(), FakeClock()
+    cache = stale_cache(fake, clock)
+    good = run(cache.lookup(MX, "ok.test"))
+    fake.fail("ok.test", DnsFailure.TIMEOUT)
+    clock.advance(61)
+    assert good == run(cache.lookup(MX, "ok.test"))
+    assert 1 == cache.stale_served
+    assert 2 == fake.call_count("ok.test", QueryType.MX)
+    (entry,) = cache.entries()
+    assert entry.stale and " stale " in entry.line()
+    clock.advance(29)
+    assert good == run(cache.lookup(MX, "ok.test"))  # the stale answer's own 30 s
+    assert 2 == fake.call_count("ok.test", QueryType.MX)
+    clock.advance(2)
+    assert good == run(cache.lookup(MX, "ok.test"))
+    assert (3, 2) == (fake.call_count("ok.test", QueryType.MX), cache.stale_served)
+    fake.heal("ok.test")
+    clock.advance(31)
+    run(cache.lookup(MX, "ok.test"))
+    (entry,) = cache.entries()
+    assert not entry.stale
+
+
+def test_stale_answers_end_with_the_window_and_never_beat_an_authoritative_no() -> None:
+    fake, clock = FakeResolver(), FakeClock()
+    cache = stale_cache(fake, clock, window=100)
+    run(cache.lookup(MX, "ok.test"))
+    fake.fail("ok.test", DnsFailure.SERVFAIL)
+    clock.advance(60 + 101)
+    with pytest.raises(DnsTemporaryError):
+        run(cache.lookup(MX, "ok.test"))
+    assert 0 == cache.stale_served
+    fake2, clock2 = FakeResolver(), FakeClock()
+    cache2 = stale_cache(fake2, clock2)
+    run(cache2.lookup(MX, "ok.test"))
+    fake2.remove("ok.test")
+    clock2.advance(61)
+    with pytest.raises(DnsNameNotFoundError):
+        run(cache2.lookup(MX, "ok.test"))
+    assert 0 == cache2.stale_served
+
+
+def test_clear_marks_entries_for_refresh_and_keeps_the_last_good_answer() -> None:
+    """`dns clear-cache` during an outage: the next lookup asks the resolver (which
+    fails) and the delivery still gets the last good answer; when the resolver works,
+    a cleared entry is replaced at once."""
+    fake, clock = FakeResolver(), FakeClock()
+    cache = stale_cache(fake, clock)
+    good = run(cache.lookup(MX, "ok.test"))
+    fake.fail("ok.test", DnsFailure.TIMEOUT)
+    assert 1 == cache.clear()
+    assert [] == cache.entries()
+    assert good == run(cache.lookup(MX, "ok.test"))
+    assert (2, 1) == (fake.call_count("ok.test", QueryType.MX), cache.stale_served)
+    fake.heal("ok.test")
+    fake.add_mx("ok.test", (5, "mx2.ok.test"), ttl_s=600)
+    fake.add_host("mx2.ok.test", "192.0.2.2")
+    assert 1 == cache.clear()
+    new = run(cache.lookup(MX, "ok.test"))
+    assert "mx2.ok.test" == new.exchangers[0].host
+    assert 1 == cache.stale_served
+
+
+def test_without_serve_stale_a_failure_after_expiry_fails_the_lookup() -> None:
+    fake, clock = FakeResolver(), FakeClock()
+    cache = stale_cache(fake, clock, window=0)
+    run(cache.lookup(MX, "ok.test"))
+    fake.fail("ok.test", DnsFailure.TIMEOUT)
+    cache.clear()
+    with pytest.raises(DnsTemporaryError):
+        run(cache.lookup(MX, "ok.test"))

@@ -44,6 +44,7 @@ class Cache:
     hits = 0
     misses = 0
     evictions = 0
+    stale_served = 0
 
 
 def collector(max_domains: int) -> tuple[EmpathCollector, RunnerStats, LocalPolicyState]:

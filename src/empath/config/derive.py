@@ -151,7 +151,11 @@ def routing_settings(config: Config) -> RoutingSettings:
     dns = config.delivery.dns
     return RoutingSettings(
         cache=CacheLimits(
-            dns.cache_size, dns.min_cache_ttl_secs, dns.max_cache_ttl_secs, dns.negative_ttl_secs
+            dns.cache_size,
+            dns.min_cache_ttl_secs,
+            dns.max_cache_ttl_secs,
+            dns.negative_ttl_secs,
+            dns.serve_stale_secs,
         ),
         overrides={
             name: dc.mx_override for name, dc in config.delivery.domains.items() if dc.mx_override

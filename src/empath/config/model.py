@@ -244,6 +244,9 @@ class DnsConfig:
     min_cache_ttl_secs: float = rule(60.0, check=non_negative)
     max_cache_ttl_secs: float = rule(3600.0, check=non_negative)
     negative_ttl_secs: float = rule(300.0, check=non_negative)
+    # RFC 8767 serve-stale: an expired answer is still used for this long while the
+    # resolver fails (timeouts, SERVFAIL); 0 turns it off.
+    serve_stale_secs: float = rule(86400.0, check=non_negative)
 
     def nameserver_addresses(self) -> tuple[tuple[str, int], ...]:
         """``(host, port)`` pairs, port 53 when not written."""

@@ -20,6 +20,16 @@ live in an ``OrderedDict`` kept in least-recently-used order:
   once. Concurrent lookups of one key share a single in-flight query
   (single flight), so a burst of deliveries to an uncached domain costs one
   round trip and one timeout at worst, never one per message.
+* **Serve-stale** (RFC 8767).  A positive entry whose TTL ran out is kept for
+  ``serve_stale_secs`` more (default a day; 0 turns it off).  A lookup of it asks
+  the resolver as usual; if the resolver fails *temporarily* (timeout, SERVFAIL,
+  no route) the last good answer is returned instead, counted in ``stale_served``
+  (``empath_dns_stale_answers_total``), and kept as the answer for
+  ``STALE_ANSWER_TTL_S`` (30 s, RFC 8767's recommendation) before the resolver is
+  tried again.  A permanent answer (NXDOMAIN, null MX) is authoritative and
+  replaces it.  ``clear``/``invalidate``/``refresh`` mark entries for refresh
+  instead of throwing the last good answer away: clearing the cache during a DNS
+  outage (the runbook's first step) cannot stop mail that was flowing.
 * **LRU bound.** After a store, while there are more than ``cache_size``
   entries, the least recently used one is dropped and counted as an eviction
   (an already-expired entry that falls out is not counted: it was dead, not
@@ -30,7 +40,8 @@ live in an ``OrderedDict`` kept in least-recently-used order:
   a query. Operator refreshes count as neither.
 
 Operator operations (``empathctl dns list-cache | clear-cache | refresh``):
-:meth:`MxCache.entries`, :meth:`MxCache.clear`, :meth:`MxCache.refresh`;
+:meth:`MxCache.entries` (live entries, and stale ones being served, marked),
+:meth:`MxCache.clear`, :meth:`MxCache.refresh`;
 :meth:`MxCache.reconfigure` applies new settings on SIGHUP (shrinking keeps the
 most recently used entries; existing entries keep their expiry).
 """
@@ -42,7 +53,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 from empath.clock import Clock
 from empath.dns.resolver import normalize_name
@@ -86,6 +97,8 @@ class Resolution:
     implicit: bool = False
 
 
+STALE_ANSWER_TTL_S: Final = 30.0  # RFC 8767 §5: a stale answer is reused this long
+
 #: Produces the Resolution for ``(kind, name)``; raises DeliveryError subclasses.
 Loader = Callable[[EntryKind, str], Coroutine[Any, Any, Resolution]]
 
@@ -101,6 +114,7 @@ class CacheEntryInfo:
     negative: bool
     error: str
     enhanced: str
+    stale: bool = False  # the last good answer, served while the resolver fails
 
     def line(self) -> str:
         """One line per entry (the runbook counts lines with ``wc -l``)."""
@@ -110,18 +124,24 @@ class CacheEntryInfo:
         hosts = " ".join(
             f"{e.preference} {e.host} [{','.join(e.addresses)}]" for e in self.exchangers
         )
-        return f"{self.name} {self.kind} {ttl} {hosts}"
+        return f"{self.name} {self.kind} {ttl}{' stale' if self.stale else ''} {hosts}"
 
 
 class _Entry:
-    __slots__ = ("error", "expires_at", "resolution")
+    __slots__ = ("error", "expires_at", "resolution", "stale", "stale_until")
 
     def __init__(
-        self, resolution: Resolution | None, error: DeliveryError | None, expires_at: float
+        self,
+        resolution: Resolution | None,
+        error: DeliveryError | None,
+        expires_at: float,
+        stale_until: float = 0.0,
     ) -> None:
         self.resolution = resolution
         self.error = error
         self.expires_at = expires_at
+        self.stale_until = stale_until  # a positive answer may be served stale until then
+        self.stale = False  # being served stale now
 
 
 _Key = tuple[EntryKind, str]
@@ -140,6 +160,7 @@ class CacheLimits:
     min_cache_ttl_secs: float
     max_cache_ttl_secs: float
     negative_ttl_secs: float
+    serve_stale_secs: float = 86400.0
 
 
 class MxCache:
@@ -153,6 +174,8 @@ class MxCache:
         self.hits = 0
         self.misses = 0
         self.evictions = 0
+        self.stale_served = 0  # lookups answered with a stale entry (RFC 8767)
+        self.serve_stale_secs = 0.0
         self.cache_size = 0
         self.min_cache_ttl_secs = 0.0
         self.max_cache_ttl_secs = 0.0
@@ -169,7 +192,7 @@ class MxCache:
         negative_ttl_secs = limits.negative_ttl_secs
         if cache_size < 0:
             raise ConfigError("must be >= 0", path="delivery.dns.cache_size")
-        if min_cache_ttl_secs < 0 or negative_ttl_secs < 0:
+        if min_cache_ttl_secs < 0 or negative_ttl_secs < 0 or limits.serve_stale_secs < 0:
             raise ConfigError("TTLs must be >= 0", path="delivery.dns")
         if max_cache_ttl_secs < min_cache_ttl_secs:
             raise ConfigError(
@@ -179,10 +202,13 @@ class MxCache:
         self.min_cache_ttl_secs = float(min_cache_ttl_secs)
         self.max_cache_ttl_secs = float(max_cache_ttl_secs)
         self.negative_ttl_secs = float(negative_ttl_secs)
+        self.serve_stale_secs = float(limits.serve_stale_secs)
         self._trim()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Live entries (those kept only for serve-stale, past their TTL, do not count)."""
+        now = self._clock.monotonic()
+        return sum(1 for e in self._entries.values() if e.expires_at > now)
 
     # --- lookups -----------------------------------------------------------
 
@@ -193,22 +219,45 @@ class MxCache:
         """
         key = (kind, normalize_name(name))
         entry = self._entries.get(key)
+        stale: _Entry | None = None
         if entry is not None:
-            if entry.expires_at > self._clock.monotonic():
+            now = self._clock.monotonic()
+            if entry.expires_at > now:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 if entry.error is not None:
                     raise _clone(entry.error)
                 assert entry.resolution is not None
                 return entry.resolution
-            del self._entries[key]  # expired: not an eviction
+            if entry.resolution is not None and entry.stale_until > now:
+                stale = entry  # ask again; fall back on it if the resolver fails
+            else:
+                del self._entries[key]  # expired: not an eviction
         task = self._inflight.get(key)
         if task is None:
             self.misses += 1
             task = self._start(key)
         else:
             self.hits += 1
-        return await self._join(task)
+        if stale is None:
+            return await self._join(task)
+        try:
+            return await self._join(task)
+        except PermanentDeliveryError:
+            raise  # authoritative (NXDOMAIN, null MX): not a resolver failure
+        except DeliveryError:
+            return self._serve_stale(key, stale)
+
+    def _serve_stale(self, key: _Key, stale: _Entry) -> Resolution:
+        """RFC 8767: the resolver failed; answer with the last good data, and keep using
+        it for ``STALE_ANSWER_TTL_S`` before asking again."""
+        self.stale_served += 1
+        if self._entries.get(key) is stale:
+            stale.stale = True
+            stale.expires_at = min(self._clock.monotonic() + STALE_ANSWER_TTL_S, stale.stale_until)
+            self._entries.move_to_end(key)
+        assert stale.resolution is not None
+        return stale.resolution
 
     def peek(self, kind: EntryKind, name: str) -> Resolution | None:
         """The live positive entry without loading, touching LRU order or counting."""
@@ -247,7 +296,8 @@ class MxCache:
         if error is None:
             resolution = task.result()
             ttl_s = min(max(resolution.ttl_s, self.min_cache_ttl_secs), self.max_cache_ttl_secs)
-            self._store(key, _Entry(resolution, None, now + ttl_s))
+            expires = now + ttl_s
+            self._store(key, _Entry(resolution, None, expires, expires + self.serve_stale_secs))
         elif isinstance(error, PermanentDeliveryError):
             self._store(key, _Entry(None, error, now + self.negative_ttl_secs))
         # Temporary failures and foreign exceptions are not cached (see module doc).
@@ -274,8 +324,9 @@ class MxCache:
         out: list[CacheEntryInfo] = []
         for key, entry in list(self._entries.items()):
             if entry.expires_at <= now:
-                del self._entries[key]
-                continue
+                if entry.resolution is None or entry.stale_until <= now:
+                    del self._entries[key]
+                continue  # kept for serve-stale, not live: not listed
             kind, name = key
             err = entry.error
             out.append(
@@ -287,33 +338,50 @@ class MxCache:
                     negative=err is not None,
                     error=err.text if err is not None else "",
                     enhanced=err.enhanced if err is not None else "",
+                    stale=entry.stale,
                 )
             )
         out.sort(key=lambda e: (e.name, e.kind))
         return out
 
     def clear(self) -> int:
-        """Drop every entry (and forget in-flight queries); returns how many entries."""
-        n = len(self._entries)
-        self._entries.clear()
+        """Mark every live entry for refresh (and forget in-flight queries); returns how
+        many.  Negative entries go; positive ones keep their answer for serve-stale:
+        the next lookup asks the resolver, and falls back on it only if that fails."""
+        now = self._clock.monotonic()
+        n = 0
+        for key, entry in list(self._entries.items()):
+            if entry.expires_at > now:
+                n += 1
+            self._expire(key, entry, now)
         self._inflight.clear()
         return n
 
+    def _expire(self, key: _Key, entry: _Entry, now: float) -> None:
+        if entry.resolution is None or self.serve_stale_secs <= 0 or entry.stale_until <= now:
+            del self._entries[key]
+        else:
+            entry.expires_at = min(entry.expires_at, now)
+
     def invalidate(self, name: str) -> int:
-        """Drop the entries for ``name`` (both kinds); returns how many."""
+        """Mark the live entries for ``name`` (both kinds) for refresh; returns how many."""
+        now = self._clock.monotonic()
         n = 0
         for kind in EntryKind:
             key = (kind, normalize_name(name))
             self._inflight.pop(key, None)
-            if self._entries.pop(key, None) is not None:
-                n += 1
+            entry = self._entries.get(key)
+            if entry is not None:
+                n += entry.expires_at > now
+                self._expire(key, entry, now)
         return n
 
     async def refresh(self, domain: str, kind: EntryKind = EntryKind.MX) -> Resolution:
-        """Drop the domain's entries and resolve it again now.
+        """Resolve the domain again now (its entries marked for refresh first).
 
         Returns the new Resolution; raises the DeliveryError the lookup ends in
-        (a permanent one is cached negatively, as for any lookup).
+        (a permanent one is cached negatively, as for any lookup; after a temporary
+        one, deliveries keep the last good answer under serve-stale).
         """
         self.invalidate(domain)
         return await self._join(self._start((kind, normalize_name(domain))))

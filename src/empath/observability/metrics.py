@@ -116,6 +116,7 @@ class DnsCacheCounters(Protocol):
     hits: int
     misses: int
     evictions: int
+    stale_served: int
 
 
 class MetricsSource(Protocol):
@@ -537,6 +538,11 @@ class EmpathCollector:
         yield counter("empath_dns_cache_hits", "MX cache hits.", c.hits)
         yield counter("empath_dns_cache_misses", "MX cache misses.", c.misses)
         yield counter("empath_dns_cache_evictions", "MX cache LRU evictions.", c.evictions)
+        yield counter(
+            "empath_dns_stale_answers",
+            "Lookups answered with an expired entry because the resolver failed (RFC 8767).",
+            c.stale_served,
+        )
         lookups = self._dns_lookups
         snaps: list[tuple[Labels, HistogramCounts]] = []
         for qt in lookups.query_types():
