@@ -25,6 +25,7 @@ PURE = sorted(
         SRC / "queue" / "index.py",
         SRC / "queue" / "scheduler.py",
         *(SRC / "delivery" / name for name in ("transition.py", "classify.py", "bounce.py")),
+        SRC / "modules" / "milter" / "codec.py",  # the milter protocol (SPEC §14)
     ]
 )
 FORBIDDEN = {
@@ -57,6 +58,7 @@ def test_the_guard_covers_smtp_policy_and_the_scheduler() -> None:
     names = {module_name(p) for p in PURE}
     assert {"empath.smtp.server", "empath.smtp.client", "empath.policy.breaker"} <= names
     assert {"empath.policy.state", "empath.queue.scheduler", "empath.queue.index"} <= names
+    assert "empath.modules.milter.codec" in names
 
 
 @pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(SRC)))

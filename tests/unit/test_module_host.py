@@ -1,0 +1,149 @@
+"""The module host: order, accept-now, on_error, the once-a-minute traceback, changes
+seen by the next module, bounded delivery-event queues (SPEC §14)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import pytest
+
+from empath.config.model import ModuleConfig, ModuleOnError, ModuleTimeouts
+from empath.errors import ConfigError
+from empath.modules import AddHeader, Changes, DeleteHeader, DeliveryEvent, Message, Reply, Session
+from empath.modules.host import CONTINUE, Hook, ModuleHost, ModuleStats, Verdict
+from empath.modules.loader import ModuleContext, build_host
+from empath.transport.acceptance import AcceptedMessage, SessionFacts
+
+FACTS = SessionFacts(peer_ip="192.0.2.1", peer="192.0.2.1:1", helo="c", trusted=False,
+                     auth_user=None, tls=False, listener="l")  # fmt: skip
+
+
+class Fake:
+    kind: Literal["module", "milter"] = "module"
+
+    def __init__(
+        self,
+        label: str,
+        answer: Any = None,
+        on_error: ModuleOnError = "tempfail",
+        hooks: frozenset[Hook] = frozenset(Hook),
+        delay_s: float = 0.0,
+    ) -> None:
+        self.label = label
+        self.answer = answer
+        self.on_error = on_error
+        self.hooks = hooks
+        self.timeouts = ModuleTimeouts(connect_secs=0.05, command_secs=0.05,
+                                       end_of_message_secs=0.05)  # fmt: skip
+        self.delay_s = delay_s
+        self.seen: list[Any] = []
+
+    def budget(self, hook: Hook) -> float:
+        return 0.05
+
+    async def _reply(self, seen: Any) -> Verdict:
+        self.seen.append(seen)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer or CONTINUE
+
+    async def stage(self, hook: Hook, session: Session, arg: str) -> Verdict:
+        return await self._reply(arg)
+
+    async def data(self, session: Session, message: Message) -> Verdict:
+        return await self._reply(message)
+
+    async def delivery(self, event: DeliveryEvent) -> None:
+        await asyncio.sleep(3600)
+
+    async def session_closed(self, session: Session) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+def session() -> Session:
+    return Session(id="s", peer_ip="192.0.2.1", peer_port=1, listener="l")
+
+
+def run(host: ModuleHost, hook: Hook, arg: str = "x") -> Reply | None:
+    return asyncio.run(host.stage(hook, session(), arg))
+
+
+def test_the_first_refusal_wins_and_later_modules_are_not_asked() -> None:
+    a, b = Fake("a", Verdict(Reply(550, "5.7.1", "no"))), Fake("b")
+    assert Reply(550, "5.7.1", "no") == run(ModuleHost([a, b], ModuleStats()), Hook.RCPT)
+    assert (["x"], []) == (a.seen, b.seen)
+
+
+def test_a_2xx_accepts_the_stage_at_once() -> None:
+    a, b = Fake("a", Verdict(Reply(250, "2.1.5", "fine"))), Fake("b", Verdict(Reply(550)))
+    assert run(ModuleHost([a, b], ModuleStats()), Hook.RCPT) is None
+    assert [] == b.seen
+
+
+@pytest.mark.parametrize(
+    ("on_error", "expected"),
+    [("tempfail", Reply(451, "4.7.1", "Service temporarily unavailable, try again later")),
+     ("reject", Reply(550, "5.7.1", "Message rejected by policy")), ("accept", None)],
+)  # fmt: skip
+def test_on_error_decides_what_a_timeout_means(on_error: ModuleOnError, expected: Any) -> None:
+    stats = ModuleStats()
+    slow = Fake("slow", on_error=on_error, delay_s=5)
+    assert expected == run(ModuleHost([slow], stats), Hook.MAIL)
+    assert {("slow", "on_mail_from", "timeout"): 1} == stats.calls
+
+
+def test_an_exception_is_counted_each_time_and_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    stats = ModuleStats()
+    host = ModuleHost([Fake("bug", RuntimeError("boom"))], stats, monotonic=lambda: now[0])
+    for _ in range(3):
+        assert 451 == (run(host, Hook.HELO) or Reply(250)).code
+    now[0] += 61
+    run(host, Hook.HELO)
+    assert 4 == stats.calls[("bug", "on_helo", "error")]
+    logged = [r for r in caplog.records if r.getMessage() == "Module call failed"]
+    assert 2 == len(logged)
+    assert "failing" == host.status()[0]["health"]
+
+
+def test_each_module_sees_the_message_as_the_one_before_left_it() -> None:
+    first = Fake("first", Verdict(changes=Changes(headers=(AddHeader("X-First", "1"),))))
+    second = Fake("second", Verdict(changes=Changes(headers=(DeleteHeader("Subject"),))))
+    message = AcceptedMessage("ID", b"Subject: s\r\nFrom: a@b\r\n\r\nbody\r\n", sender="a@b",
+                              recipients=["r@x"], facts=FACTS)  # fmt: skip
+    host = ModuleHost([first, second], ModuleStats())
+    assert asyncio.run(host.data(session(), message)) is None
+    assert ("X-First", "1") in second.seen[0].headers
+    assert b"From: a@b\r\nX-First: 1\r\n\r\nbody\r\n" == message.to_bytes()
+
+
+def test_a_full_delivery_event_queue_drops_and_counts() -> None:
+    async def go() -> ModuleStats:
+        stats = ModuleStats()
+        host = ModuleHost([Fake("events", hooks=frozenset({Hook.DELIVERY}))], stats)
+        host.start(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name))
+        event = DeliveryEvent("delivered", "ID", "x.test", "a@b", ("r@x.test",), 1)
+        for _ in range(1005):
+            host.delivery_event(event)
+        await host.close()
+        return stats
+
+    # 1005 events handed over without yielding: the queue holds 1000, 5 are dropped
+    assert {"events": 5} == asyncio.run(go()).dropped
+
+
+def test_loading_needs_async_hooks_and_names_the_entry() -> None:
+    cfg = ModuleConfig(type="Python", name="empath.modules.api:Reply")
+    with pytest.raises(ConfigError, match=r"modules\[0\] \(empath.modules.api:Reply\)"):
+        build_host((cfg,), ModuleContext(resolver=None, hostname="h"), ModuleStats())
