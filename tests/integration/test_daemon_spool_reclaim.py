@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +83,8 @@ def test_a_full_spool_of_deleted_mail_gives_its_space_back_without_a_restart(
         assert spool["reclaimable_bytes"] >= 3 * BODY_BYTES
         text = ctl(d, "system", "status").stdout
         assert " MiB reclaimable" in text, text
+        scraped = re.search(r"^empath_spool_reclaimable_bytes (\S+)$", d.http_get("/metrics"), re.M)
+        assert scraped and float(scraped.group(1)) >= 3 * BODY_BYTES
 
         acked: list[str] = []
         with smtplib.SMTP("127.0.0.1", d.smtp_port, timeout=30) as conn:

@@ -559,6 +559,11 @@ class EmpathCollector:
         yield gauge(
             "empath_spool_size_bytes", "Size of the spool's filesystem in bytes.", usage.total_bytes
         )
+        yield gauge(
+            "empath_spool_reclaimable_bytes",
+            "Bytes of the spool's log held by dead records (compaction gives them back).",
+            usage.reclaimable_bytes,
+        )
 
 
 def build_registry(collector: EmpathCollector) -> CollectorRegistry:
