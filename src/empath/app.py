@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from empath.cluster.node import ClusterNode
     from empath.cluster.state import SharedPolicyState
     from empath.observability.otlp import OtlpPusher
+    from empath.submission.authenticator import Authenticator, AuthStats
 
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
@@ -127,6 +128,8 @@ class App:
         )
         if config.cluster is not None:
             self._build_cluster_node()
+        self.auth_stats: AuthStats | None = None
+        self.authenticators = self._build_authenticators(config)
         self.listeners = SmtpServerGroup(
             list(settings.listeners),
             settings.relay,
@@ -135,6 +138,7 @@ class App:
             clock=self.clock,
             audit=config.audit.enabled,
             redact_sender=config.audit.redact_sender,
+            authenticators=self.authenticators,
         )
         # DESIGN §14: a module that cannot be loaded fails start-up here (ConfigError)
         self.module_stats = ModuleStats()
@@ -167,6 +171,10 @@ class App:
         self.metrics.add_source(ModuleMetrics(self.module_stats))
         self.metrics.add_source(DkimMetrics(self.dkim))
         self.metrics.add_source(ReloadMetrics(lambda: len(self.pending_restart)))
+        if self.auth_stats is not None:
+            from empath.submission.metrics import AuthMetrics
+
+            self.metrics.add_source(AuthMetrics(self.auth_stats))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
@@ -199,6 +207,22 @@ class App:
                 service_instance=config.hostname,
                 clock=self.clock,
             )
+
+    def _build_authenticators(self, config: Config) -> dict[str, Authenticator]:
+        """DESIGN §13: one Authenticator per users file of the submission listeners (a
+        users file that does not load stops the start with its file:line)."""
+        out: dict[str, Authenticator] = {}
+        listeners = [lc for lc in config.smtp_controller.listeners if lc.auth is not None]
+        if not listeners:
+            return out
+        from empath.submission.authenticator import Authenticator, AuthStats
+
+        self.auth_stats = stats = AuthStats()
+        for lc in listeners:
+            assert lc.auth is not None
+            if lc.auth.users_file not in out:
+                out[lc.auth.users_file] = Authenticator(lc.auth, clock=self.clock, stats=stats)
+        return out
 
     def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:
         """Cluster mode (DESIGN §11): the policy state lives in Redis."""
@@ -332,6 +356,8 @@ class App:
             settings = derive(plan.applied)
             dkim_keys = self.dkim.prepare(plan.applied)  # every key loaded and checked first
             modules = self._build_modules(plan.applied)
+            for auth in self.authenticators.values():
+                auth.check()  # DESIGN §13: a broken users file is refused with file:line
         except (ConfigError, ValueError) as exc:
             return self._reload_failed(str(exc))
         try:  # first: it builds the new resolver before changing anything
@@ -398,7 +424,10 @@ class App:
         steps: list[AcceptanceStep] = []
         if self.modules.has_data:  # Stage.MODULES: Python modules and milters (DESIGN §14)
             steps.append(ModulesStep(self.modules))
-        # Stage.SUBMISSION: the header From: check of AUTH listeners (DESIGN §13) goes here.
+        if spec.auth is not None:  # Stage.SUBMISSION: header From: ownership (DESIGN §13)
+            from empath.submission.fromcheck import HeaderFromCheck
+
+            steps.append(HeaderFromCheck(self.authenticators[spec.auth.users_file]))
         if self.dkim.enabled:
             steps.append(self.dkim.signer)  # Stage.DKIM: signing (DESIGN §12)
         if not steps:
@@ -501,6 +530,8 @@ class App:
     async def _shutdown(self) -> None:
         await self.control.close()
         await self.listeners.shutdown(SHUTDOWN_GRACE_S)
+        for auth in self.authenticators.values():
+            auth.close()
         await self.runner.drain()
         await self.modules.close()
         if self.cluster is not None:

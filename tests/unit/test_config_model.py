@@ -175,7 +175,7 @@ def test_full_config_sets_every_key() -> None:
     assert {"service": "smtp", "zone": "dmz"} == first.context
     assert (301.0, 121.0, 181.0, 601.0, 1801.0) == dataclasses.astuple(first.timeouts)
     assert 1048576 == first.max_message_bytes
-    assert TlsFiles(certificate="/etc/ssl/c.pem", key="/etc/ssl/k.pem") == first.tls
+    assert TlsFiles(certificate="/etc/ssl/c.pem", key="/etc/ssl/k.pem") == first.tls_files
     assert (999, 49, 99) == (
         first.max_connections,
         first.max_connections_per_ip,

@@ -34,6 +34,7 @@ envelopes = st.builds(
     size=st.integers(min_value=0, max_value=2**40),
     is_dsn=st.booleans(),
     listener=texts,
+    auth_user=st.none() | texts,
 )
 recipients = st.builds(RecipientState, texts, st.sampled_from(RcptStatus), codes, texts)
 attempts = st.builds(Attempt, floats, texts, codes, texts)

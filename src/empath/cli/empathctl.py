@@ -23,7 +23,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 
-from empath.cli import dkimctl
+from empath.cli import dkimctl, users
 from empath.control import output
 from empath.control.client import (
     ControlClient,
@@ -400,6 +400,15 @@ COMMANDS: list[CliCommand] = [
                dkimctl.check_run, dkimctl.domain_arg),
     CliCommand("dkim", "rotate", "make the next selector's key and schedule the change",
                dkimctl.rotate_run, dkimctl.rotate_args),
+    # DESIGN §13: SMTP AUTH users (the file is edited here; see empath.cli.users)
+    CliCommand("user", "add", "add a user (password from tty or stdin)", users.user_add,
+               users.add_args),
+    CliCommand("user", "passwd", "set a user's password", users.user_passwd, users.name_args),
+    CliCommand("user", "delete", "remove a user", users.user_delete, users.name_args),
+    CliCommand("user", "list", "users, last login, failures, blocks", users.user_list,
+               users.users_file_arg),
+    CliCommand("user", "unblock", "lift a block on an address or a login", users.user_unblock,
+               users.unblock_args),
 ]  # fmt: skip
 
 

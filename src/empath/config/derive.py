@@ -88,7 +88,7 @@ def derive(config: Config) -> Settings:
 def listener_spec(
     cfg: ListenerConfig, hostname: str, *, hop_limit: int, postmaster: str
 ) -> ListenerSpec:
-    tls = cfg.tls
+    tls = cfg.tls_files
     t = cfg.timeouts
     return ListenerSpec(
         host=cfg.host,
@@ -109,6 +109,8 @@ def listener_spec(
         reuse_port=cfg.reuse_port,
         hop_limit=hop_limit,
         postmaster=postmaster,
+        tls_implicit=cfg.tls is not None and cfg.tls.mode == "implicit",
+        auth=cfg.auth,
     )
 
 

@@ -64,6 +64,8 @@ from empath.spool.store import SEGMENT_BYTES
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "AuditConfig",
+    "AuthLimits",
+    "AuthQuotas",
     "CircuitBreakerConfig",
     "ClusterConfig",
     "Config",
@@ -76,9 +78,11 @@ __all__ = [
     "DomainRateLimit",
     "DsnConfig",
     "HealthConfig",
+    "ListenerAuth",
     "ListenerConfig",
     "ListenerExtension",
     "ListenerTimeouts",
+    "ListenerTls",
     "LogConfig",
     "MetricsConfig",
     "ModuleConfig",
@@ -130,6 +134,70 @@ class ListenerExtension:
     starttls: TlsFiles | None = None
 
 
+# --- submission (DESIGN §13): listener ``tls:`` and ``auth:`` ----------------------
+
+
+TlsMode = Literal["starttls", "implicit"]
+
+
+def _some(value: tuple[str, ...]) -> str | None:
+    return None if value else "must not be empty"
+
+
+AuthMechanismName = Literal["PLAIN", "LOGIN"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """``tls: ( mode: "starttls" | "implicit", certificate, key )``: ``implicit`` is
+    RFC 8314 submission over TLS (port 465): the handshake comes before the greeting."""
+
+    certificate: str = required(check=non_empty)
+    key: str = required(check=non_empty)
+    mode: TlsMode = "starttls"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthLimits:
+    """Brute-force limits (DESIGN §13; the trade-off is in docs/RUNBOOKS.md).
+
+    Failures are counted in a sliding window of ``window_secs`` per client IP (IPv6
+    by /64) and per login name.  An IP over ``max_failures_per_ip`` gets ``454 4.7.0``
+    for ``block_secs``.  A login over ``max_failures_per_login`` is slowed down, not
+    locked out: each further failed attempt waits ``delay_secs`` more (up to
+    ``max_delay_secs``) before its 535, while a right password is never delayed."""
+
+    window_secs: float = rule(600.0, check=positive)
+    max_failures_per_ip: int = rule(10, check=positive)
+    block_secs: float = rule(900.0, check=positive)
+    max_failures_per_login: int = rule(5, check=positive)
+    delay_secs: float = rule(1.0, check=non_negative)
+    max_delay_secs: float = rule(10.0, check=non_negative)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthQuotas:
+    """Per-user defaults (a user's entry in the users file may override them);
+    0 means unlimited."""
+
+    messages_per_hour: int = rule(1000, check=non_negative)
+    recipients_per_message: int = rule(100, check=non_negative)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAuth:
+    """``auth: ( required: true, users_file: "/etc/empath/users" )``: SMTP AUTH on this
+    listener, under TLS only."""
+
+    users_file: str = required(check=non_empty)
+    required: bool = True  # MAIL before AUTH → 530 5.7.0
+    mechanisms: tuple[AuthMechanismName, ...] = rule(("PLAIN", "LOGIN"), check=_some)
+    # successful verifications remembered this long (0: verify every time)
+    cache_secs: float = rule(300.0, check=non_negative)
+    limits: AuthLimits = field(default_factory=AuthLimits)
+    quotas: AuthQuotas = field(default_factory=AuthQuotas)
+
+
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     socket: str = rule("[::]:1025", check=socket_address)
@@ -141,6 +209,16 @@ class ListenerConfig:
     max_recipients: int = rule(100, check=positive)
     # SO_REUSEPORT: several Empath nodes on one host share this port (DESIGN §11)
     reuse_port: bool = False
+    tls: ListenerTls | None = None  # DESIGN §13 (starttls or implicit); or extensions' starttls
+    auth: ListenerAuth | None = None  # DESIGN §13: a submission listener
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        errors: list[tuple[str, str]] = []
+        if self.tls is not None and any(e.starttls is not None for e in self.extensions):
+            errors.append(("tls", "give the certificate either in tls or in extensions.starttls"))
+        if self.auth is not None and self.tls_files is None:
+            errors.append(("auth", "needs tls: AUTH is offered only under TLS"))
+        return errors
 
     @property
     def max_message_bytes(self) -> int:
@@ -152,8 +230,10 @@ class ListenerConfig:
         return size or DEFAULT_MAX_MESSAGE_BYTES
 
     @property
-    def tls(self) -> TlsFiles | None:
-        """The STARTTLS certificate and key, when configured."""
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS certificate and key, when configured (``tls`` or ``starttls``)."""
+        if self.tls is not None:
+            return TlsFiles(self.tls.certificate, self.tls.key)
         for ext in self.extensions:
             if ext.starttls is not None:
                 return ext.starttls
@@ -198,6 +278,18 @@ class SmtpControllerConfig:
     # DESIGN §3 loops: more Received: header fields than this → 554 5.4.6 (Postfix's
     # hopcount_limit, same default).
     hop_limit: int = rule(50, check=positive)
+
+    def consistency_errors(self) -> list[tuple[str, str]]:
+        # Listeners naming one users file share its users, failure counters and cache.
+        seen: dict[str, ListenerAuth] = {}
+        for lc in self.listeners:
+            if lc.auth is None:
+                continue
+            other = seen.setdefault(lc.auth.users_file, lc.auth)
+            if other.limits != lc.auth.limits or other.cache_secs != lc.auth.cache_secs:
+                return [("listeners", f"listeners using users_file {lc.auth.users_file!r} "
+                         "must have the same auth limits and cache_secs")]  # fmt: skip
+        return []
 
 
 # --- spool -------------------------------------------------------------------

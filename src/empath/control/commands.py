@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import empath
 from empath.compiled import compiled_modules
@@ -40,6 +40,10 @@ from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.spool.store import Spool
 from empath.stats import RunnerStats, Window
 from empath.transport.listener import SmtpServerGroup
+from empath.transport.session import per_ip_key
+
+if TYPE_CHECKING:
+    from empath.submission.authenticator import Authenticator
 
 VIEW_HEAD_BYTES: Final = 64 * 1024  # headers shown by `queue view` come from this much
 VIEW_PREVIEW_BYTES: Final = 2048
@@ -81,6 +85,8 @@ class Daemon(Protocol):
 
     @property
     def modules(self) -> ModuleHost: ...
+    @property
+    def authenticators(self) -> Mapping[str, Authenticator]: ...
 
     @property
     def dkim(self) -> DkimService: ...
@@ -293,6 +299,31 @@ class Handlers:
         except UnknownMessageError:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {msg_id} in the queue") from None
 
+    # SMTP AUTH users (DESIGN §13): the file is edited by empathctl itself; the daemon
+    # knows the runtime side (last login, failures, blocks).
+
+    async def user_status(self, _args: Args) -> dict[str, Any]:
+        users: dict[str, dict[str, object]] = {}
+        blocked: dict[str, float] = {}
+        for path, auth in self.d.authenticators.items():
+            for row in auth.status():
+                users[str(row["user"])] = {**row, "users_file": path}
+            for ip, left in auth.blocked_ips().items():
+                blocked[ip] = round(max(blocked.get(ip, 0.0), left), 1)
+        return {"users": list(users.values()), "blocked_ips": blocked}
+
+    async def user_unblock(self, args: Args) -> dict[str, Any]:
+        key = _str(args, "key", required=True)
+        assert key is not None
+        keys = {key, per_ip_key(key)}  # an IPv6 address is blocked by its /64
+        hit = False
+        for auth in self.d.authenticators.values():
+            for k in keys:
+                hit = auth.unblock(k) or hit
+        if not hit:
+            raise CommandError(ErrorCode.NOT_FOUND, f"{key} is neither blocked nor slowed down")
+        return {"unblocked": key}
+
     async def queue_view(self, args: Args) -> dict[str, Any]:
         msg = self._message(args)
         data = q.view(msg, self._in_flight(), time.time())
@@ -463,6 +494,8 @@ def command_table(daemon: Daemon) -> Mapping[str, Command]:
         ("dns.refresh", h.dns_refresh, False),
         ("config.reload", h.config_reload, False),
         ("config.check", h.config_check, False),
+        ("user.status", h.user_status, False),
+        ("user.unblock", h.user_unblock, False),
     ]
     from empath.control.dkim import dkim_entries
 

@@ -262,6 +262,8 @@ def view_text(data: dict[str, Any]) -> str:
         f" from {terminal(data['peer'] or '-')} helo {terminal(data['helo'] or '-')}",
         f"  size: {data['size']} bytes{'  (a DSN)' if data['is_dsn'] else ''}",
     ]
+    if data.get("auth_user"):
+        lines.insert(4, f"  authenticated as: {terminal(data['auth_user'])}")
     for u in data["units"]:
         lines.append(
             f"Unit {terminal(u['domain'])}: {u['status']}, attempts {u['attempts']}, "

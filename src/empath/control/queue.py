@@ -192,6 +192,7 @@ def view(msg: MessageState, in_flight: Container[tuple[str, str]], now: float) -
         "peer": env.peer,
         "helo": env.helo,
         "is_dsn": env.is_dsn,
+        "auth_user": env.auth_user,  # DESIGN §13: the SMTP AUTH user, None when anonymous
         "units": [
             {
                 "domain": u.domain,

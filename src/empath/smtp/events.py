@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from empath.smtp.sasl import Credentials
+
 # --- events --------------------------------------------------------------------
 
 
@@ -23,12 +25,18 @@ class Transaction:
     body_8bit: bool
     esmtp: bool  # EHLO (not HELO) was used
     tls: bool
+    auth_user: str | None = None  # the SMTP AUTH user (DESIGN §13), None when anonymous
 
     @property
     def protocol(self) -> str:
-        """RFC 3848 / RFC 6531 "with" keyword for the Received: header."""
+        """RFC 3848 / RFC 6531 "with" keyword for the Received: header: ESMTP, then
+        "S" for TLS and "A" for SMTP AUTH (ESMTPS, ESMTPA, ESMTPSA, UTF8SMTPSA)."""
         base = "UTF8SMTP" if self.smtputf8 else ("ESMTP" if self.esmtp else "SMTP")
-        return base + "S" if self.tls else base
+        if self.tls:
+            base += "S"
+        if self.auth_user is not None:
+            base += "A"
+        return base
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,13 @@ class StartTls:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthCheck:
+    """Verify these credentials; answer with auth_succeeded() or auth_failed()."""
+
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     reason: str
     error: bool = False  # the session ended by error/timeout (for connection_error_rate)
@@ -85,7 +100,7 @@ class Check:
     value: str
 
 
-Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | Close | Check
+Event = BodyStart | BodyChunk | BodyAbort | MessageComplete | StartTls | AuthCheck | Close | Check
 
 
 def received_header(

@@ -55,6 +55,7 @@ class Verb(enum.Enum):
     EXPN = "EXPN"
     HELP = "HELP"
     STARTTLS = "STARTTLS"
+    AUTH = "AUTH"  # RFC 4954
 
 
 _VERBS: Final = {v.value: v for v in Verb}

@@ -22,8 +22,17 @@ Two orthogonal pieces of state:
 
 While WAITING the server buffers input but does not interpret it, so pipelined
 commands after the end of data are answered only after the message's 250; the
-transport resumes it with :meth:`message_committed`, :meth:`message_failed` or
-:meth:`tls_started`.
+transport resumes it with :meth:`message_committed`, :meth:`message_failed`,
+:meth:`tls_started`, :meth:`auth_succeeded` or :meth:`auth_failed`.
+
+SMTP AUTH (RFC 4954, DESIGN §13) is offered only on a listener configured with
+``auth`` (:class:`AuthOffer`) and only under TLS.  ``AUTH`` runs a
+:class:`~empath.smtp.sasl.SaslExchange`: challenges put the server in the AUTH
+phase (one base64 response line each); complete credentials become an
+:class:`AuthCheck` event and the server WAITS for the transport's verdict.  A
+successful AUTH leaves a :class:`~empath.smtp.sasl.UserGrant` on the session: relay
+is allowed, MAIL FROM must be owned by the user, and the Received: line says
+ESMTPSA.
 
 Input is one buffer and an offset into it: each command advances the offset, and
 the unread rest is copied once per :meth:`feed` (not once per command, which made
@@ -52,6 +61,7 @@ from typing import Final
 from empath.errors import SmtpProtocolError
 from empath.smtp.data import BdatDecoder, BodyError, DataDecoder, ReceivedCounter
 from empath.smtp.events import (
+    AuthCheck,
     BodyAbort,
     BodyChunk,
     BodyStart,
@@ -77,12 +87,21 @@ from empath.smtp.parsing import (
 )
 from empath.smtp.relay import RelayPolicy
 from empath.smtp.replies import Reply
+from empath.smtp.sasl import (
+    MAX_RESPONSE_BYTES,
+    Challenge,
+    Credentials,
+    SaslExchange,
+    UserGrant,
+)
 
 __all__ = [
     "MAX_BAD_COMMANDS",
     "MAX_COMMANDS_PER_TURN",
     "MAX_COMMAND_BYTES",
     "RECIPIENT_OVERSHOOT_LIMIT",
+    "AuthCheck",
+    "AuthOffer",
     "BodyAbort",
     "BodyChunk",
     "BodyStart",
@@ -124,7 +143,8 @@ class Phase(enum.Enum):
     DATA = "data"  # reading DATA content up to <CRLF>.<CRLF>
     BDAT = "bdat"  # reading the bytes of a BDAT chunk
     SKIP = "skip"  # draining the bytes of a refused BDAT chunk
-    WAITING = "waiting"  # waiting for the transport (commit, TLS handshake)
+    AUTH = "auth"  # reading a SASL response line (after a 334 challenge)
+    WAITING = "waiting"  # waiting for the transport (commit, TLS handshake, AUTH check)
     CLOSED = "closed"
 
 
@@ -150,6 +170,8 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
     Verb.EXPN: _ANY,
     Verb.HELP: _ANY,
     Verb.STARTTLS: _IDLE,
+    # RFC 4954 §4: "The AUTH command is not permitted during a mail transaction."
+    Verb.AUTH: frozenset({State.GREETED}),
 }
 
 # Replies that mean "the client speaks broken SMTP"; ten of them end the session.
@@ -159,11 +181,19 @@ _ALLOWED: Final[dict[Verb, frozenset[State]]] = {
 # §4.5.3.1.10), so counting it would turn a large mailing into a 421 and a lost
 # transaction.  Only a session that keeps going past RECIPIENT_OVERSHOOT_LIMIT such
 # recipients starts counting them (Postfix's smtpd_recipient_overshoot_limit).
-_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 553, 554, 555})
+_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 535, 553, 554, 555})
 RECIPIENT_OVERSHOOT_LIMIT: Final = 1000
 
 
 # --- settings -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOffer:
+    """A submission listener's SMTP AUTH settings (listener ``auth:``)."""
+
+    required: bool = True  # no MAIL before AUTH (530 5.7.0)
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +204,7 @@ class ServerConfig:
     tls_available: bool  # a certificate is configured
     hop_limit: int  # more Received: fields than this → 554 5.4.6 (DESIGN §3)
     postmaster: str  # where RCPT TO:<postmaster> goes (the config's postmaster address)
+    auth: AuthOffer | None = None  # SMTP AUTH offered (under TLS only); None on port 25
 
 
 _BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
@@ -207,6 +238,8 @@ _R_HELP = _b(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDA
 _R_TLS_GO = _b(220, "2.0.0", "Ready to start TLS")
 # DESIGN §3 (Postfix's wording): a message that went through too many MTAs is a loop.
 _R_TOO_MANY_HOPS = _b(554, "5.4.6", "Too many hops")
+_R_AUTH_OK = _b(235, "2.7.0", "Authentication successful")
+_R_AUTH_LINE_TOO_LONG = _b(500, "5.5.6", "Authentication exchange line is too long")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,11 +265,13 @@ def _canned(cfg: ServerConfig) -> _Canned:
             "CHUNKING",
         ]
         tls = ["STARTTLS"] if cfg.tls_available else []
+        auth = ["AUTH " + " ".join(cfg.auth.mechanisms)] if cfg.auth is not None else []
         found = _Canned(
             greeting=Reply(220, (f"{cfg.hostname} ESMTP Empath",)).to_bytes(),
             helo=Reply(250, (cfg.hostname,)).to_bytes(),
             ehlo=Reply(250, (cfg.hostname, *keywords, *tls)).to_bytes(),
-            ehlo_tls=Reply(250, (cfg.hostname, *keywords)).to_bytes(),
+            # DESIGN §13: AUTH is advertised only once TLS protects the password.
+            ehlo_tls=Reply(250, (cfg.hostname, *keywords, *auth)).to_bytes(),
         )
         if len(_CANNED) < 64:
             _CANNED[cfg] = found
@@ -264,6 +299,7 @@ class SmtpServer:
         "_discarding",
         "_draining",
         "_esmtp",
+        "_grant",
         "_helo",
         "_hops",
         "_mail",
@@ -272,6 +308,7 @@ class SmtpServer:
         "_pos",
         "_rcpts",
         "_relay_allows",
+        "_sasl",
         "_skip_bytes",
         "_skip_reply",
         "_txn",
@@ -320,6 +357,8 @@ class SmtpServer:
         if CheckStage.CONNECT in checks:
             self._out = []  # the greeting waits for the connect check
             self._hold(CheckStage.CONNECT, None)
+        self._grant: UserGrant | None = None  # set by a successful AUTH
+        self._sasl: SaslExchange | None = None  # the AUTH exchange in progress
 
     def set_relay(self, relay_allows: Callable[[str], bool]) -> None:
         """A new relay check for the RCPTs still to come (config reload); recipients
@@ -465,6 +504,38 @@ class SmtpServer:
     def recipients(self) -> tuple[str, ...]:
         return tuple(self._rcpts)
 
+    @property
+    def auth_user(self) -> str | None:
+        grant = self._grant
+        return grant.user if grant is not None else None
+
+    def auth_succeeded(self, grant: UserGrant) -> list[Event]:
+        """The transport verified the credentials of the last :class:`AuthCheck`."""
+        self._grant = grant
+        self._out.append(_R_AUTH_OK)
+        return self._resume_commands()
+
+    def auth_failed(self, reply: Reply) -> list[Event]:
+        """Bad credentials (535 5.7.8) or blocked (454 4.7.0); counts as a bad command."""
+        events: list[Event] = []
+        self._bad(events, reply.to_bytes())
+        if self.phase is Phase.CLOSED:
+            return events
+        events.extend(self._resume_commands())
+        return events
+
+    def _resume_commands(self) -> list[Event]:
+        events: list[Event] = []
+        self._sasl = None
+        if self.phase is Phase.CLOSED:
+            return events
+        self.phase = Phase.COMMAND
+        if self._draining:
+            self._close(events, _R_SHUTDOWN, "shutdown")
+            return events
+        self._run(events)
+        return events
+
     def tls_started(self) -> list[Event]:
         """RFC 3207 §4.2: "the server MUST discard any knowledge obtained from the
         client ... which was not obtained from the TLS negotiation itself"."""
@@ -474,6 +545,8 @@ class SmtpServer:
         self._drop_input()
         self._helo = ""
         self._esmtp = False
+        self._grant = None
+        self._sasl = None
         self._clear_transaction([])
         return []
 
@@ -528,6 +601,9 @@ class SmtpServer:
                 self._bdat_bytes(events)
             elif phase is Phase.SKIP:
                 self._skip(events)
+            elif phase is Phase.AUTH:
+                if not self._auth_line(events):
+                    return
             else:  # WAITING or CLOSED: leave input buffered / ignored
                 return
 
@@ -671,6 +747,7 @@ class SmtpServer:
             body_8bit=mail.body is Body.EIGHT_BIT_MIME,
             esmtp=self._esmtp,
             tls=self.tls_active,
+            auth_user=self.auth_user,
         )
 
     def _clear_transaction(self, events: list[Event]) -> None:
@@ -715,10 +792,21 @@ class SmtpServer:
         self._greet(arg, events, esmtp=True)
 
     def _on_mail(self, arg: str, events: list[Event]) -> None:
+        grant = self._grant
+        if grant is None and self._cfg.auth is not None and self._cfg.auth.required:
+            # RFC 4954 §6: "530 5.7.0 Authentication required"
+            raise SmtpProtocolError(530, "5.7.0", "Authentication required")
         mail = parse_mail(arg)
         # RFC 1870 §6.2: a declared size over the limit is refused at MAIL.
         if mail.size is not None and mail.size > self._cfg.max_message_bytes:
             raise SmtpProtocolError(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        if grant is not None:
+            # DESIGN §13: the envelope sender must be one the user owns.
+            if not grant.owns(mail.sender):
+                raise SmtpProtocolError(553, "5.7.1", f"Sender address not owned by {grant.user}")
+            refusal = grant.admit_message()
+            if refusal is not None:
+                raise refusal
         if self._checks and CheckStage.MAIL in self._checks:
             self._hold(CheckStage.MAIL, mail)
             events.append(Check(CheckStage.MAIL, mail.sender))
@@ -737,7 +825,11 @@ class SmtpServer:
         rcpt = parse_rcpt(arg, smtputf8=mail.smtputf8).recipient
         # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients"),
         # not a bad command until the session overshoots by RECIPIENT_OVERSHOOT_LIMIT.
-        if len(self._rcpts) >= self._cfg.max_recipients:
+        grant = self._grant
+        limit = self._cfg.max_recipients
+        if grant is not None and 0 < grant.max_recipients < limit:
+            limit = grant.max_recipients  # the user's per-message quota (DESIGN §13)
+        if len(self._rcpts) >= limit:
             self._overshoot += 1
             if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
                 self._bad(events, _R_TOO_MANY_RCPTS)
@@ -750,7 +842,8 @@ class SmtpServer:
             # case-insensitive local name."  Accepted from anyone, stored as the
             # dsn.postmaster address so delivery never sees a domain-less recipient.
             rcpt = self._cfg.postmaster
-        elif not self._relay_allows(domain_of(rcpt)):
+        elif grant is None and not self._relay_allows(domain_of(rcpt)):
+            # DESIGN §13: an authenticated user may relay whatever trusted_networks says.
             raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
         if self._checks and CheckStage.RCPT in self._checks:
             self._hold(CheckStage.RCPT, rcpt)
@@ -840,6 +933,66 @@ class SmtpServer:
         self.phase = Phase.WAITING
         events.append(StartTls())
 
+    def _on_auth(self, arg: str, events: list[Event]) -> None:
+        auth = self._cfg.auth
+        if auth is None or not self._esmtp:
+            # not offered here (port 25) or after HELO: an unknown extension
+            raise SmtpProtocolError(503, "5.5.1", "AUTH not available")
+        if self._grant is not None:
+            # RFC 4954 §4: "After a successful AUTH command completes, a server MUST
+            # reject any further AUTH commands with a 503 reply."
+            raise SmtpProtocolError(503, "5.5.1", "Already authenticated")
+        if not self.tls_active:
+            # RFC 4954 §6: "538 5.7.11 Encryption required for requested
+            # authentication mechanism"
+            raise SmtpProtocolError(
+                538, "5.7.11", "Encryption required for requested authentication mechanism"
+            )
+        word, _, initial = arg.partition(" ")
+        mechanism = SaslExchange.mechanism_of(word, auth.mechanisms)
+        exchange = SaslExchange(mechanism)
+        self._sasl_step(events, exchange.start(initial or None), exchange)
+
+    def _sasl_step(
+        self, events: list[Event], step: Challenge | Credentials, exchange: SaslExchange
+    ) -> None:
+        if isinstance(step, Challenge):
+            self._sasl = exchange
+            self.phase = Phase.AUTH
+            self._out.append(f"334 {step.text}\r\n".encode("ascii"))
+            return
+        self._sasl = None
+        self.phase = Phase.WAITING
+        events.append(AuthCheck(step))
+
+    def _auth_line(self, events: list[Event]) -> bool:
+        """One SASL response line (Phase.AUTH)."""
+        buf = self._buf
+        pos = self._pos
+        exchange = self._sasl
+        assert exchange is not None
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) - pos > MAX_RESPONSE_BYTES:
+                self._drop_input()
+                self._sasl = None
+                self.phase = Phase.COMMAND
+                self._discarding = True
+                self._bad(events, _R_AUTH_LINE_TOO_LONG)
+            return False
+        self._pos = nl + 1
+        line = buf[pos : nl - 1] if nl > pos and buf[nl - 1] == 0x0D else buf[pos:nl]
+        try:
+            step = exchange.respond(line.decode("ascii", "replace").strip())
+        except SmtpProtocolError as exc:
+            self._sasl = None
+            self.phase = Phase.COMMAND
+            reply = Reply.of(exc.code, exc.enhanced, exc.text).to_bytes()
+            self._bad(events, reply)
+            return self.phase is not Phase.CLOSED
+        self._sasl_step(events, step, exchange)
+        return True
+
 
 _Handler = Callable[[SmtpServer, str, list[Event]], None]
 
@@ -857,6 +1010,7 @@ _HANDLERS: Final[dict[Verb, _Handler]] = {
     Verb.EXPN: SmtpServer._on_expn,
     Verb.HELP: SmtpServer._on_help,
     Verb.STARTTLS: SmtpServer._on_starttls,
+    Verb.AUTH: SmtpServer._on_auth,
 }
 
 # Verb word → (states allowed, handler): _ALLOWED and _HANDLERS joined for one lookup

@@ -189,7 +189,7 @@ def envelope_from_json(data: dict[str, Any]) -> Envelope:
     try:
         fields = dict(data)
         fields["recipients"] = tuple([_intern(r) for r in fields["recipients"]])
-        for key in ("sender", "peer", "helo", "listener"):
+        for key in ("sender", "peer", "helo", "listener", "auth_user"):
             value = fields.get(key)
             if type(value) is str:
                 fields[key] = _intern(value)

@@ -60,6 +60,10 @@ class Envelope:
     size: int = 0  # body size in bytes as stored (with our Received: header)
     is_dsn: bool = False  # a delivery status notification we generated
     listener: str = ""  # listener socket that received it
+    # DESIGN §13: the SMTP AUTH user that submitted it.  Records written before it
+    # existed decode with None.  (The spool's encoder writes dataclasses as they are,
+    # so an unset one is stored as null, a few bytes, rather than left out.)
+    auth_user: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -73,6 +77,7 @@ class Envelope:
             "size": self.size,
             "is_dsn": self.is_dsn,
             "listener": self.listener,
+            "auth_user": self.auth_user,
         }
 
     @classmethod
@@ -88,6 +93,7 @@ class Envelope:
             size=int(data.get("size", 0)),
             is_dsn=bool(data.get("is_dsn", False)),
             listener=str(data.get("listener", "")),
+            auth_user=None if data.get("auth_user") is None else str(data["auth_user"]),
         )
 
 

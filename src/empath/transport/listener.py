@@ -23,21 +23,23 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from empath.clock import Clock, SystemClock, Timer
+from empath.config.model import ListenerAuth
 from empath.errors import ListenerBindError
 from empath.logs import get_logger
-from empath.smtp.server import RelayPolicy, ServerConfig
+from empath.smtp.server import AuthOffer, RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
 from empath.transport.acceptance import AcceptancePipeline
+from empath.transport.session import SmtpSession
 
 if TYPE_CHECKING:
     from empath.modules.host import ModuleHost
-from empath.transport.session import SmtpSession
+    from empath.submission.authenticator import Authenticator
 
 log = get_logger("smtp", __name__)
 
@@ -66,6 +68,9 @@ class ListenerSpec:
     reuse_port: bool  # SO_REUSEPORT: several processes share the port (DESIGN §11)
     hop_limit: int  # smtp_controller.hop_limit
     postmaster: str  # Config.postmaster_address
+    # DESIGN §13 submission: TLS from the first byte (RFC 8314, port 465), SMTP AUTH
+    tls_implicit: bool = False
+    auth: ListenerAuth | None = None
 
     @property
     def label(self) -> str:
@@ -84,6 +89,11 @@ def server_config(spec: ListenerSpec, *, tls_available: bool) -> ServerConfig:
         tls_available=tls_available,
         hop_limit=spec.hop_limit,
         postmaster=spec.postmaster,
+        auth=(
+            AuthOffer(spec.auth.required, tuple(spec.auth.mechanisms))
+            if spec.auth is not None
+            else None
+        ),
     )
 
 
@@ -116,6 +126,7 @@ class ListenerRuntime:
         "_sweeper",
         "acceptance",
         "audit",
+        "auth",
         "clock",
         "label",
         "loop",
@@ -176,6 +187,8 @@ class ListenerRuntime:
         self.acceptance: AcceptancePipeline | None = None
         # modules and milters (DESIGN §14); None = no module: sessions never stop for one
         self.modules: ModuleHost | None = None
+        # DESIGN §13: checks AUTH credentials on a submission listener (set by the group)
+        self.auth: Authenticator | None = None
 
     def trusts(self, client_ip: str) -> bool:
         """The client is in relay.trusted_networks (for acceptance steps)."""
@@ -280,6 +293,7 @@ class SmtpServerGroup:
         audit: bool = True,
         redact_sender: bool = False,
         backlog: int = 1024,
+        authenticators: Mapping[str, Authenticator] | None = None,
     ) -> None:
         self._specs = tuple(specs)
         self._relay = relay
@@ -294,6 +308,7 @@ class SmtpServerGroup:
         self.stats: dict[str, ListenerStats] = {}
         self._acceptance: Callable[[ListenerSpec], AcceptancePipeline | None] | None = None
         self._modules: ModuleHost | None = None
+        self.authenticators: Mapping[str, Authenticator] = authenticators or {}
 
     def set_modules(self, host: ModuleHost | None) -> None:
         """Install the modules (at start and on reload); sessions keep the set they
@@ -381,12 +396,15 @@ class SmtpServerGroup:
                 if self._acceptance is not None:
                     rt.acceptance = self._acceptance(spec)
                 rt.modules = self._modules
+                if spec.auth is not None:
+                    rt.auth = self.authenticators[spec.auth.users_file]
                 server = await self._bind(loop, spec, rt)
                 self._servers.append(server)
                 self._runtimes.append(rt)
                 self.stats[spec.label] = rt.stats
                 log.info("SMTP listener started", listener=spec.label,
-                         tls=rt.ssl_context is not None)  # fmt: skip
+                         tls=rt.ssl_context is not None, implicit_tls=spec.tls_implicit,
+                         auth=spec.auth is not None)  # fmt: skip
         except BaseException:
             for server in self._servers:
                 server.close()
@@ -401,10 +419,16 @@ class SmtpServerGroup:
         def factory() -> SmtpSession:
             return SmtpSession(rt)
 
+        # RFC 8314 §3.3: on an implicit-TLS port the TLS handshake comes first; the
+        # session starts (and greets) once it completed.
+        ssl_ctx = rt.ssl_context if spec.tls_implicit else None
+        handshake_s = spec.command_timeout_s if ssl_ctx is not None else None
         try:
             if host in ("::", ""):
                 sock = _dual_stack_socket(spec.port, self._backlog, spec.reuse_port)
-                return await loop.create_server(factory, sock=sock)
+                return await loop.create_server(
+                    factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=handshake_s
+                )
             return await loop.create_server(
                 factory,
                 host,
@@ -412,6 +436,8 @@ class SmtpServerGroup:
                 reuse_address=True,
                 reuse_port=spec.reuse_port or None,
                 backlog=self._backlog,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=handshake_s,
             )
         except OSError as exc:
             raise ListenerBindError(

@@ -15,6 +15,8 @@ carries out its events:
   once durable; ``SpoolFullError`` → 452 4.3.1, other spool errors → 451 4.3.0);
   pipelined input read meanwhile stays buffered in the state machine;
 * ``StartTls``   → pause reading, ``loop.start_tls``, then ``tls_started``;
+* ``AuthCheck``  → the listener's Authenticator checks the credentials (off the
+  event loop), then ``auth_succeeded``/``auth_failed``;
 * ``Close``      → close after the reply is flushed.
 
 With end-of-data acceptance steps configured for the listener (DKIM, modules, the
@@ -69,7 +71,9 @@ from empath.modules.api import Session as ModuleSession
 from empath.modules.step import HOST_KEY, STAGE_HOOK, to_smtp_reply
 from empath.smtp.events import CheckStage
 from empath.smtp.replies import Reply
+from empath.smtp.sasl import AuthOutcome
 from empath.smtp.server import (
+    AuthCheck,
     BodyAbort,
     BodyChunk,
     BodyStart,
@@ -97,6 +101,7 @@ _R_SPOOL_FULL: Final = Reply.of(452, "4.3.1", "Insufficient system storage, try 
 _R_SPOOL_ERROR: Final = Reply.of(451, "4.3.0", "Local error in processing, try again later")
 _R_TOO_MANY: Final = Reply.of(421, "4.7.0", "Too many connections, try again later").to_bytes()
 _R_SHUTDOWN_NOW: Final = Reply.of(421, "4.3.2", "Service shutting down").to_bytes()
+_R_AUTH_UNAVAILABLE: Final = Reply.of(454, "4.7.0", "Temporary authentication failure")
 
 _NO_FIELDS: Final[dict[str, object]] = {}
 _MAX_HELD_WAITING: Final = 64 * 1024  # pipelined input held while a commit is pending
@@ -229,7 +234,9 @@ class SmtpSession(asyncio.Protocol):
         rt.sessions.add(self)
         host = rt.modules
         if host is None:
-            self._server = server = SmtpServer(rt.server_config, rt.relay_check(ip))
+            self._server = server = SmtpServer(
+                rt.server_config, rt.relay_check(ip), tls_active=rt.spec.tls_implicit
+            )
         else:
             self._server = server = self._with_modules(host, ip, port)
         transport.write(server.take_output())
@@ -379,6 +386,10 @@ class SmtpSession(asyncio.Protocol):
                 # Request-scoped, not supervised: owned by this session (pending_task, which
                 # the listener's shutdown awaits) and bounded by the handshake timeout.
                 self._commit_task = self._rt.loop.create_task(self._start_tls())
+            elif kind is AuthCheck:
+                assert isinstance(ev, AuthCheck)
+                # Request-scoped like the TLS handshake: owned by this session.
+                self._commit_task = self._rt.loop.create_task(self._authenticate(ev))
             elif kind is Close:
                 assert isinstance(ev, Close)
                 if ev.error:
@@ -397,7 +408,12 @@ class SmtpSession(asyncio.Protocol):
             listener=rt.label, trusted=rt.trusts(ip),
         )  # fmt: skip
         ms.private[HOST_KEY] = host
-        return SmtpServer(rt.server_config, rt.relay_check(ip), checks=host.checks)
+        return SmtpServer(
+            rt.server_config,
+            rt.relay_check(ip),
+            tls_active=rt.spec.tls_implicit,
+            checks=host.checks,
+        )
 
     def _check(self, check: Check) -> None:
         self._commit_task = self._rt.loop.create_task(self._run_check(check))
@@ -469,6 +485,7 @@ class SmtpSession(asyncio.Protocol):
             body_8bit=txn.body_8bit,
             size=writer.size,
             listener=rt.label,
+            auth_user=txn.auth_user,
         )
         try:
             fut = rt.spool.start_commit(writer, envelope, initial_units(recipients, now))
@@ -496,7 +513,7 @@ class SmtpSession(asyncio.Protocol):
                 peer=self._peer,
                 helo=txn.helo,
                 trusted=rt.trusts(ip),
-                auth_user=None,  # the AUTH feature (DESIGN §13) sets this from the session
+                auth_user=txn.auth_user,
                 tls=txn.tls,
                 listener=rt.label,
                 esmtp=txn.esmtp,
@@ -569,6 +586,7 @@ class SmtpSession(asyncio.Protocol):
                 peer=self._peer,
                 listener=rt.label,
                 **(fields or _NO_FIELDS),
+                **({"auth_user": txn.auth_user} if txn.auth_user is not None else _NO_FIELDS),
             )
         if rt.on_accepted is not None:
             try:
@@ -591,6 +609,24 @@ class SmtpSession(asyncio.Protocol):
             self._handle(events)
         if self._paused or server.has_backlog or self._eof:
             self._flow()
+
+    async def _authenticate(self, ev: AuthCheck) -> None:
+        auth = self._rt.auth
+        assert auth is not None  # AUTH is offered only where an Authenticator is set
+        try:
+            outcome = await auth.authenticate(ev.credentials, self._ip_key, self._peer)
+        except Exception as exc:  # a bug or a broken worker must not hang the session
+            log.exception("Authentication check failed", peer=self._peer, error=repr(exc))
+            outcome = AuthOutcome(None, _R_AUTH_UNAVAILABLE)
+        self._commit_task = None
+        server = self._server
+        if server is None or self._transport is None:
+            return
+        if outcome.grant is not None:
+            self._resume(server.auth_succeeded(outcome.grant))
+        else:
+            assert outcome.reply is not None
+            self._resume(server.auth_failed(outcome.reply))
 
     async def _start_tls(self) -> None:
         rt = self._rt
