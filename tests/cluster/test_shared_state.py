@@ -196,6 +196,51 @@ def test_a_trip_is_shared_and_exactly_one_node_probes(redis_server: RedisServer)
     run(go)
 
 
+def test_a_dead_nodes_probe_claim_lapses_within_a_lease(redis_server: RedisServer) -> None:
+    """Issue 14 #5: node A claims the Half-Open probe and dies (no outcome, no renewal):
+    node B probes about one lease (1 s here) later, not after probe_timeout_s (15 min).
+    While A lives, its loop renews the claim and B keeps waiting."""
+    settings = breaker_settings(failure_threshold=1, failure_window_s=60, timeout_s=0.2)
+
+    async def go() -> None:
+        a, b = node(redis_server.url, "a", breaker=settings), node(redis_server.url, "b")
+        b._breaker_settings = settings
+        assert isinstance(a.breaker_allow("p.test"), Admit)
+        a.breaker_failure("p.test", 0)
+        await settle(a, b)
+        await asyncio.sleep(0.25)
+        for n in (a, b):
+            n.apply_breakers((await n.backend.read_breakers())[0], time.monotonic())
+        assert isinstance(a.breaker_allow("p.test"), Deny)  # A asks for the probe
+        await settle(a, b)
+        probe = a.breaker_allow("p.test")
+        assert isinstance(probe, Admit) and probe.probe  # A's probe is out
+        assert {"p.test"} == set(a.held_probes())
+        # A lives for 2.5 leases, renewing like its node loop does: B must wait.
+        for _ in range(10):
+            await a.backend.renew_probes(a.held_probes(), a.lease_s)
+            await asyncio.sleep(0.25)
+            b.apply_breakers((await b.backend.read_breakers())[0], time.monotonic())
+            assert isinstance(b.breaker_allow("p.test"), Deny)
+            await settle(b)
+        # A dies (SIGKILL: nothing renews, nothing reports).  B gets the probe within
+        # about a lease.
+        died = time.monotonic()
+        got = None
+        while got is None and time.monotonic() - died < 3.0:
+            await asyncio.sleep(0.05)
+            b.apply_breakers((await b.backend.read_breakers())[0], time.monotonic())
+            d = b.breaker_allow("p.test")
+            await settle(b)
+            if isinstance(d, Admit) and d.probe:
+                got = time.monotonic() - died
+        assert got is not None, "B never got the probe"
+        assert got < a.lease_s + 0.5
+        await shut(a, b)
+
+    run(go)
+
+
 def test_unreachable_redis_falls_back_to_limits_divided_by_the_node_count() -> None:
     """No Redis: the first ask fails, the node falls back to rate/N and max_connections/N."""
     rate = RateLimit(30.0, 9)

@@ -191,6 +191,44 @@ def test_sigkilled_node_gives_its_leases_back_within_the_lease_time(cluster: Clu
         print(f"B connected {time.monotonic() - killed:.2f} s after the kill")
 
 
+def test_a_sigkilled_nodes_half_open_probe_stalls_the_domain_for_about_a_lease(
+    cluster: Cluster,
+) -> None:
+    """Issue 14 #5: node A trips br.test, claims the Half-Open probe and is SIGKILLed while
+    the probe hangs; node B probes (and delivers) about one lease later, not after
+    probe_timeout_s (15 minutes)."""
+    lease_s = 3.0
+    breaker = {"failure_threshold": 1, "failure_window_secs": 60, "timeout_secs": 2,
+               "success_threshold": 1}  # fmt: skip
+    hangs = PeerScript(greeting=["421 4.3.2 down", "220 {host} ESMTP"],
+                       delay_secs={"data_end": 60.0})  # fmt: skip
+    with ThreadedPeer(hangs) as peer_a, ThreadedPeer() as peer_b:
+        (a,) = cluster(
+            1,
+            {"delivery": {"domains": {"br.test": {"mx_override": peer_a.address}},
+                          "base_retry_delay_secs": 2.5, "circuit_breaker": breaker}},
+            lease_secs=lease_s,
+        )  # fmt: skip
+        (b,) = cluster(
+            1,
+            {"delivery": {"domains": {"br.test": {"mx_override": peer_b.address}},
+                          "base_retry_delay_secs": 2.5, "circuit_breaker": breaker}},
+            lease_secs=lease_s,
+        )  # fmt: skip
+        submit(a.smtp_port, "a@x.org", ["x@br.test"], MSG)
+        a.wait_log("Circuit breaker OPENED for br.test")
+        a.wait_log("Circuit breaker HALF-OPEN for br.test", timeout=10)
+        wait_for(lambda: len(peer_a.sessions()) == 2, what="A's probe session")
+        wait_for(lambda: "DATA" in peer_a.sessions()[-1].commands, what="A's probe hangs")
+        a.kill()
+        killed = time.monotonic()
+        late = submit(b.smtp_port, "a@x.org", ["y@br.test"], MSG)
+        wait_for(lambda: late in delivered_ids(peer_b), timeout=lease_s + 4.0,
+                 what="B's probe delivered")  # fmt: skip
+        print(f"B delivered {time.monotonic() - killed:.2f} s after the kill")
+        b.wait_log("Circuit breaker CLOSED for br.test")
+
+
 def test_redis_killed_and_restarted_loses_no_mail(
     cluster: Cluster, redis_server: RedisServer
 ) -> None:

@@ -81,6 +81,7 @@ class RedisBackend:
         self._breaker_failure = r.register_script(lua.BREAKER_FAILURE)
         self._claim_probe = r.register_script(lua.CLAIM_PROBE)
         self._probe_outcome = r.register_script(lua.PROBE_OUTCOME)
+        self._renew_probes = r.register_script(lua.RENEW_PROBES)
         self._read_breakers = r.register_script(lua.READ_BREAKERS)
         self._heartbeat = r.register_script(lua.HEARTBEAT)
 
@@ -186,15 +187,25 @@ class RedisBackend:
         return int(code), int(ms) / 1000.0
 
     async def claim_probe(
-        self, domain: str, token: str, probe_timeout_s: float, own_prefix: str
+        self, domain: str, token: str, lease_s: float, own_prefix: str
     ) -> tuple[int, float, bool]:
+        """Claim the Half-Open probe for ``lease_s`` (renewed by :meth:`renew_probes`)."""
         code, ms, moved = await self._call(
             self._claim_probe(
                 keys=[self.breakers_key],
-                args=[domain, token, int(probe_timeout_s * 1000), own_prefix],
+                args=[domain, token, int(lease_s * 1000), own_prefix],
             )
         )
         return int(code), int(ms) / 1000.0, bool(int(moved))
+
+    async def renew_probes(self, held: Mapping[str, str], lease_s: float) -> None:
+        """Extend this node's live probe claims (domain -> token) by ``lease_s``."""
+        if not held:
+            return
+        args: list[Any] = [int(lease_s * 1000)]
+        for domain, token in held.items():
+            args += [domain, token]
+        await self._call(self._renew_probes(keys=[self.breakers_key], args=args))
 
     async def probe_outcome(
         self, domain: str, token: str, success: bool, success_threshold: int

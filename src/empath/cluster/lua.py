@@ -10,8 +10,10 @@ reading the time inside a script is allowed.  Keys:
   ``<node>/<instance>/<n>``, score = expiry in ms of Redis time;
 * ``<prefix>breakers`` — a hash, field = domain, value = JSON of a breaker that
   is not Closed (a Closed breaker has no field): ``s`` "open"|"half", ``u`` end
-  of Open (ms), ``p`` the probe's token ("" = none), ``pu`` the probe's deadline
-  (ms), ``n`` probe successes so far;
+  of Open (ms), ``p`` the probe's token ("" = none), ``pu`` the end of the probe
+  claim's lease (ms: ``lease_secs`` after the claim, renewed by the holder while its
+  probe runs, so a dead holder's claim lapses within a lease), ``n`` probe successes
+  so far;
 * ``<prefix>bfail:<domain>`` — a sorted set of recent temporary failures
   (score = ms), while Closed;
 * ``<prefix>wait:<domain>`` — set for 2 s when a node was refused a lease: the
@@ -129,7 +131,7 @@ return {0, 0}
 """
 )
 
-# KEYS[1] breakers hash.  ARGV: domain, token, probe_timeout_ms, own token prefix.
+# KEYS[1] breakers hash.  ARGV: domain, token, claim lease ms, own token prefix.
 # Returns {code, ms, transitioned}: code 0 Closed (admit, no probe), 1 probe claimed,
 # -1 Open for ms more, -2 another node's probe is out for ms more.  transitioned = 1
 # when this call moved Open -> Half-Open.
@@ -157,6 +159,26 @@ st.p = ARGV[2]
 st.pu = now + tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
 return {1, 0, moved}
+"""
+)
+
+# KEYS[1] breakers hash.  ARGV: lease ms, then domain, token pairs: the holder's live
+# probe claims.  A claim still held by that token gets a new lease; others are left.
+RENEW_PROBES: Final = (
+    _NOW_US
+    + """
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw then
+    local st = cjson.decode(raw)
+    if st.s == 'half' and st.p == ARGV[i + 1] then
+      st.pu = now + lease
+      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(st))
+    end
+  end
+end
+return 0
 """
 )
 

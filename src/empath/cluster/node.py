@@ -4,8 +4,9 @@ One task, ticking every :data:`TICK_S`:
 
 * while Redis answers: refresh the breaker mirror (every tick, so a breaker
   opened by another node stops this one within a second), give idle reserved
-  leases back, renew held leases every ``lease_secs / 4``, and write the node's
-  heartbeat (queue sizes, in-flight deliveries, fallback flag) every
+  leases back, renew held leases and Half-Open probe claims every
+  ``lease_secs / 4``, and write the node's heartbeat (queue sizes, in-flight
+  deliveries, fallback flag) every
   ``heartbeat_secs``, learning the number of live nodes from it;
 * in fallback: ping Redis every tick; the first answer ends the fallback (after
   the held leases were re-asserted, in case Redis restarted empty).
@@ -128,6 +129,7 @@ class ClusterNode:
                 if now - last_renew >= self.lease_s / 4:
                     last_renew = now
                     await self.backend.renew_slots(self.state.held_leases(), self.lease_s)
+                    await self.backend.renew_probes(self.state.held_probes(), self.lease_s)
                 if now - last_beat >= self.heartbeat_s:
                     last_beat = now
                     await self._heartbeat()

@@ -37,7 +37,11 @@ that line (``waker(domain)``, wired to the runner) whatever its result.
   a transition logs and counts it (``on_transition``), so it is logged once in
   the cluster.  The local mirror is refreshed by the node's loop every
   :data:`~empath.cluster.node.BREAKER_REFRESH_S`; the Half-Open probe is claimed
-  atomically, so exactly one node probes.
+  atomically, so exactly one node probes.  The claim is a lease (``lease_secs``)
+  that the holder's loop renews while its probe runs (up to ``probe_timeout_s``):
+  a SIGKILLed holder's claim lapses within a lease and another node probes, where
+  a claim for the whole ``probe_timeout_s`` (15 minutes) stalled the domain
+  cluster-wide for that long.
 * **Fallback**: when a call fails or times out the node switches to a
   :class:`~empath.policy.state.LocalPolicyState` whose rates and connection caps
   are divided by the last known number of live nodes, says so once at ERROR,
@@ -420,6 +424,18 @@ class SharedPolicyState:
                 d.reserve = keep
                 self._spawn(self._release(give, domain), None)
 
+    def held_probes(self) -> dict[str, str]:
+        """This node's live probe claims, domain -> token, for renewal: claimed and not
+        yet handed out, or out for less than ``probe_timeout_s`` (a probe whose outcome
+        never came is not kept alive: its claim lapses)."""
+        now = self._mono()
+        ready = set(self._probe_ready.values())
+        out: dict[str, str] = {}
+        for ticket, t in self._tickets.items():
+            if t.token and (ticket in ready or now < self._probe_out.get(t.domain, 0.0)):
+                out[t.domain] = t.token
+        return out
+
     def held_leases(self) -> dict[str, list[str]]:
         """Every Redis lease this node holds (in use or reserved), for renewal."""
         out: dict[str, list[str]] = {}
@@ -622,7 +638,7 @@ class SharedPolicyState:
         settings = self._breaker_settings
         try:
             code, left_s, moved = await self.backend.claim_probe(
-                domain, token, settings.probe_timeout_s, self.member_prefix
+                domain, token, self.lease_s, self.member_prefix
             )
         finally:
             self._claiming.discard(domain)
