@@ -152,7 +152,7 @@ def test_empty_struct_gives_spec_defaults() -> None:
         d.circuit_breaker.success_threshold,
     )
     assert (True, None, None, 14400.0) == dataclasses.astuple(config.dsn)
-    assert "/tmp/empath.sock" == config.control_socket
+    assert "/run/empath/empath.sock" == config.control_socket
     assert (False, ()) == dataclasses.astuple(config.control_auth)
     assert ("127.0.0.1", 8080) == (config.health.host, config.health.port)
     assert ("info", "json") == (config.log.level, config.log.format)

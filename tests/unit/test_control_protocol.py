@@ -133,7 +133,7 @@ def test_empathctl_finds_the_config_the_daemon_would_use(
     local = tmp_path / "empath.config.ron"
     local.write_text('Empath ( // no socket here\n  hostname: "a.test" )')
     assert str(discover_config_path(None, {})) == config_path(None, {})
-    assert "/tmp/empath.sock" == discover_socket(None, None, {}).path
+    assert "/run/empath/empath.sock" == discover_socket(None, None, {}).path
     assert "/run/named.sock" == discover_socket(None, str(named), {}).path
     assert "/run/env.sock" == discover_socket(None, None, {"EMPATH_CONFIG": str(envfile)}).path
     # a file that is broken elsewhere still names its socket (as a daemon mid-reload sees)

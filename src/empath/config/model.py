@@ -617,7 +617,10 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dsn: DsnConfig = field(default_factory=DsnConfig)
-    control_socket: str = rule("/tmp/empath.sock", check=non_empty)  # noqa: S108 (DESIGN §1)
+    # Not /tmp (DESIGN §1's first default): any local user could create /tmp/empath.sock
+    # and collect empathctl's token, and the shipped unit's PrivateTmp hid it.  The
+    # unit's RuntimeDirectory=empath creates /run/empath for the daemon's user.
+    control_socket: str = rule("/run/empath/empath.sock", check=non_empty)
     control_auth: ControlAuthConfig = field(default_factory=ControlAuthConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)

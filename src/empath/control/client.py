@@ -8,7 +8,15 @@ found through the config file.
 Socket discovery (DESIGN §1, §5): ``--socket``, else ``$EMPATH_CONTROL_SOCKET``,
 else the ``control_socket`` of the config the daemon would use (``--config``,
 ``$EMPATH_CONFIG``, ``./empath.config.ron``, ``/etc/empath/empath.config.ron``),
-else the default ``/tmp/empath.sock``.
+else the default ``/run/empath/empath.sock``.
+
+Before a token (or any request) goes out, the client makes sure it talks to a
+socket nobody else could have put there (:func:`check_socket_owner`): the socket
+file is owned by root, by the invoking user, or by the owner of its directory when
+nobody else may write to that directory (``/run/empath`` of the shipped unit, owned
+by the daemon's user) - never a socket another user created in ``/tmp``.  After
+connecting, the server's credentials (SO_PEERCRED) must be the socket's owner's (or
+root's), so swapping the file between the check and the connect does not help.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 from collections import namedtuple
 from collections.abc import Iterator, Mapping
 
@@ -32,7 +41,7 @@ if TYPE_CHECKING:  # the CLI path imports neither typing nor pathlib (start-up t
     from typing import IO, Any, Final, NamedTuple
 
 CONFIG_CANDIDATES: Final = ("empath.config.ron", "/etc/empath/empath.config.ron")
-DEFAULT_SOCKET: Final = "/tmp/empath.sock"  # noqa: S108 - DESIGN §1's default
+DEFAULT_SOCKET: Final = "/run/empath/empath.sock"  # config/model.py's default
 HOW_TO_SET: Final = (
     f"set it with --socket PATH or ${SOCKET_ENV_VAR}, or control_socket in the config"
 )
@@ -58,6 +67,11 @@ class Unreachable(ControlError):  # noqa: N818 - reads as the situation
     """The daemon could not be reached (exit 3)."""
 
     exit_code = 3
+
+
+class UntrustedSocket(Unreachable):
+    """The socket at the path could have been created by another user (exit 3): the
+    client refuses to send it anything, a token least of all."""
 
 
 class AuthFailed(ControlError):  # noqa: N818
@@ -210,6 +224,45 @@ def config_path(cli_config: str | None, env: Mapping[str, str]) -> str | None:
     return None
 
 
+def check_socket_owner(path: str, euid: int | None = None) -> int | None:
+    """The owner uid of the socket at ``path`` when it is safe to talk to (module doc);
+    None when nothing is there.  Raises :class:`UntrustedSocket` otherwise."""
+    me = os.geteuid() if euid is None else euid
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_uid in (0, me):
+        return st.st_uid
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dst = os.stat(directory)
+    except OSError:
+        dst = None
+    if dst is not None and dst.st_uid == st.st_uid and not dst.st_mode & 0o022:
+        return st.st_uid  # e.g. /run/empath, the daemon user's own directory
+    raise UntrustedSocket(
+        f"refusing to send anything to {path}: the socket is owned by uid {st.st_uid}, "
+        f"neither root nor you (uid {me}), in {directory}, which "
+        + (
+            "others may write to"
+            if dst is not None and dst.st_mode & 0o022
+            else "that user does not own"
+        )
+        + "; another user may have created it to collect your token. "
+        "Use a directory only the daemon's user can write to "
+        '(control_socket: "/run/empath/empath.sock", the default) and check who runs the daemon'
+    )
+
+
+def _peer_uid(sock: socket.socket) -> int | None:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(raw[4:8], sys.byteorder, signed=True)  # struct ucred {pid, uid, gid}
+
+
 class ControlClient:
     """One connection to the daemon; many requests over it."""
 
@@ -222,6 +275,7 @@ class ControlClient:
         self._next_id = 1
 
     def connect(self) -> None:
+        owner = check_socket_owner(self.choice.path)  # None: nothing there (connect says so)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
@@ -233,6 +287,13 @@ class ControlClient:
                 f"cannot reach the Empath daemon at {self.choice.path} "
                 f"({self.choice.source}): {reason}; is it running? {HOW_TO_SET}"
             ) from None
+        server_uid = _peer_uid(sock)
+        if owner is not None and server_uid is not None and server_uid not in (0, owner):
+            sock.close()
+            raise UntrustedSocket(
+                f"refusing to talk to {self.choice.path}: the process serving it runs as uid "
+                f"{server_uid}, not as the socket's owner (uid {owner}) or root"
+            )
         self._sock = sock
         self._file = sock.makefile("rb", buffering=256 * 1024)  # type: ignore[assignment]
 

@@ -159,6 +159,14 @@ def _peer_of(sock: Any) -> Peer:
     return Peer(uid, pid)
 
 
+def peer_allowed(peer: Peer, euid: int | None = None) -> bool:
+    """Only root and the daemon's own user may talk to it (SO_PEERCRED): the socket's
+    mode 0600 says the same, this holds even if someone widens the mode."""
+    if peer.uid is None:  # no SO_PEERCRED on this platform: the file mode decides
+        return True
+    return peer.uid in (0, os.geteuid() if euid is None else euid)
+
+
 def _probe(path: str, timeout_s: float = 1.0) -> bool:
     """True when something accepts connections on the Unix socket at ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -173,8 +181,18 @@ def _probe(path: str, timeout_s: float = 1.0) -> bool:
 
 
 def bind_control_socket(path: str) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600 from creation (see module doc)."""
+    """A listening Unix socket at ``path``, mode 0600 from creation (see module doc).
+    A missing parent directory (``/run/empath`` outside the shipped unit) is created
+    mode 0755, owned by this user, so no other user can put a socket there."""
     p = Path(path)
+    try:
+        p.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ControlSocketInUse(
+            f"cannot create the control socket's directory {p.parent}: {exc.strerror or exc}; "
+            "set control_socket to a path this user may create (e.g. ./empath.sock), or run "
+            "under the shipped systemd unit (RuntimeDirectory=empath makes /run/empath)"
+        ) from None
     try:
         st = p.lstat()
     except FileNotFoundError:
@@ -300,6 +318,18 @@ class ControlServer:
         peer = _peer_of(writer.get_extra_info("socket"))
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         try:
+            if not peer_allowed(peer):
+                self._audit(peer, "", {}, "denied", "peer uid not allowed")
+                await self._send(
+                    writer,
+                    encode_error(
+                        None,
+                        ErrorCode.AUTH,
+                        f"uid {peer.uid} may not use this control socket "
+                        f"(only root and uid {os.geteuid()}, the daemon's user)",
+                    ),
+                )
+                return
             if len(self._conns) > self.max_connections:
                 log.warn("Control connection refused: too many", peer_pid=peer.pid)
                 await self._send(writer, encode_error(None, ErrorCode.BUSY, "too many connections"))
