@@ -52,10 +52,15 @@ from empath.observability.metrics import (
     renderer,
     summarise_queue,
 )
+from empath.observability.operator import OperatorMetrics
 from empath.policy.breaker import Transition
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
+from empath.queue.suspend import FILE_NAME as SUSPENDED_FILE
+from empath.queue.suspend import Suspensions
+from empath.spool.journal import DIR_NAME as JOURNAL_DIR
+from empath.spool.journal import MessageJournal
 from empath.spool.model import MessageState, UnitState
 from empath.spool.store import Spool
 from empath.stats import DomainLabels, RunnerStats
@@ -101,6 +106,14 @@ class App:
                 self.clock, settings.policy, on_transition=self._on_breaker
             )
         self.scheduler = Scheduler(self.policy, self.clock, settings.scheduler)
+        file_spool = config.spool.type != "Memory"
+        self.suspensions = Suspensions(
+            self.clock,
+            os.path.join(config.spool.path, SUSPENDED_FILE) if file_spool else None,
+        )
+        self.scheduler.suspended = self.suspensions.until
+        self.last_compaction: tuple[float, int] | None = None
+        self.breaker_transitions: dict[str, int] = {}
         self.resolver = DnsResolver(settings.dns, clock=self.clock)
         self.router: MxRouter = build_router(
             self.resolver,
@@ -125,7 +138,13 @@ class App:
             clock=self.clock,
             spawn=self.supervisor.spawn,
             stats=self.runner_stats,
+            journal=MessageJournal(
+                os.path.join(config.spool.path, JOURNAL_DIR) if file_spool else None,
+                config.delivery.failed_retention_secs,
+                self.clock,
+            ),
         )
+        self.suspensions.on_change(self.runner.wake)
         if config.cluster is not None:
             self._build_cluster_node()
         self.auth_stats: AuthStats | None = None
@@ -175,6 +194,7 @@ class App:
             from empath.submission.metrics import AuthMetrics
 
             self.metrics.add_source(AuthMetrics(self.auth_stats))
+        self.metrics.add_source(OperatorMetrics(self.suspensions, self.breaker_transitions))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
@@ -259,6 +279,7 @@ class App:
             lease_s=cc.lease_secs,
             queue_sizes=self.queue_sizes,
             in_flight=lambda: self.scheduler.in_flight,
+            suspensions=self.suspensions,
         )
 
     def queue_sizes(self) -> Mapping[str, int]:
@@ -319,6 +340,7 @@ class App:
 
     def _on_breaker(self, t: Transition) -> None:
         _breaker_log.log(t.log_level, t.message, **t.log_fields())
+        self.breaker_transitions[t.new.value] = self.breaker_transitions.get(t.new.value, 0) + 1
 
     def _on_crash(self, name: str, _exc: BaseException) -> None:
         """An essential background task died (the supervisor logged it): stop
@@ -496,6 +518,7 @@ class App:
         for sig, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.suspensions.load()
         self.runner.start()
         self.modules.start(self.supervisor.spawn)
         if self.cluster is not None:
@@ -544,6 +567,12 @@ class App:
         self.dkim.close()
         await self.spool.close()
 
+    async def compact_now(self) -> int:
+        """Reclaim spool space now (the periodic loop and `empathctl spool compact`)."""
+        freed = await self.spool.compact()
+        self.last_compaction = (time.time(), freed)
+        return freed
+
     async def _compact_loop(self) -> None:
         """Compact every ``compact_interval_secs``, and within a second whenever the
         spool is short of space (issue 14, defect 15: a full disk recovers without a
@@ -559,7 +588,7 @@ class App:
                 if waited < interval and not self.spool.under_pressure():
                     continue
                 waited = 0.0
-                await self.spool.compact()
+                await self.compact_now()
             except Exception:
                 slog.exception("Spool compaction failed")
 

@@ -188,3 +188,42 @@ class Window:
 
     def __len__(self) -> int:
         return len(self._samples)
+
+
+class RecentActivity:
+    """Per-domain deliveries of the last minute and the last temporary error of each
+    domain: what `queue summary` shows as throughput and `breaker list` as the last
+    error.  Bounded: at most ``max_events`` deliveries and ``max_errors`` domains."""
+
+    __slots__ = ("_deliveries", "_errors", "max_errors", "window_s")
+
+    def __init__(
+        self, window_s: float = 60.0, max_events: int = 1 << 16, max_errors: int = 4096
+    ) -> None:
+        self.window_s = window_s
+        self.max_errors = max_errors
+        self._deliveries: deque[tuple[float, str]] = deque(maxlen=max_events)
+        self._errors: dict[str, str] = {}
+
+    def delivered(self, mono: float, domain: str) -> None:
+        self._deliveries.append((mono, domain))
+
+    def failed(self, domain: str, error: str) -> None:
+        errors = self._errors
+        errors.pop(domain, None)
+        errors[domain] = error
+        if len(errors) > self.max_errors:
+            del errors[next(iter(errors))]
+
+    def last_error(self, domain: str) -> str:
+        return self._errors.get(domain, "")
+
+    def per_domain(self, mono: float) -> dict[str, int]:
+        """Deliveries per domain within the window ending at ``mono``."""
+        since = mono - self.window_s
+        out: dict[str, int] = {}
+        for at, domain in reversed(self._deliveries):
+            if at < since:
+                break
+            out[domain] = out.get(domain, 0) + 1
+        return out

@@ -119,6 +119,7 @@ def test_queue_summary_counts_units_by_status_and_in_flight_as_in_progress() -> 
         UnitStatus.RETRY: 1,
         UnitStatus.FAILED: 1,
         UnitStatus.EXPIRED: 0,
+        UnitStatus.HELD: 0,
     } == summary.sizes
     assert 300.0 == summary.oldest_s  # M1; M2 has no live unit
     assert (("M1", 2),) == summary.retry_counts

@@ -23,7 +23,7 @@ import time
 from collections import namedtuple
 from collections.abc import Callable, Sequence
 
-from empath.cli import dkimctl, users
+from empath.cli import dkimctl, ops, users
 from empath.control import output
 from empath.control.client import (
     ControlClient,
@@ -39,7 +39,7 @@ TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
     from typing import Any, Final, NamedTuple, NoReturn
 
-STATUSES: Final = ("pending", "in_progress", "retry", "failed", "expired", "delivered")
+STATUSES: Final = ops.STATUSES
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_RESTART_PENDING = 5  # `config reload`: applied, but some changes need a restart
 
@@ -202,7 +202,14 @@ def _id_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", metavar="ID", help="message id (ULID)")
 
 
+def _view_args(p: argparse.ArgumentParser) -> None:
+    _id_arg(p)
+    p.add_argument("--body", action="store_true", help="the whole message as stored (escaped)")
+
+
 def queue_view(ctx: Ctx, ns: argparse.Namespace) -> int:
+    if getattr(ns, "body", False):
+        return ops.print_body(ctx, ns.id)
     data = ctx.call("queue.view", {"id": ns.id})
     ctx.emit(data, output.view_text(data))
     return EXIT_OK
@@ -219,17 +226,34 @@ def queue_retry(ctx: Ctx, ns: argparse.Namespace) -> int:
         return ctx.fail("queue retry takes an ID or --status S [--domain D]", EXIT_USAGE, "usage")
     args: dict[str, Any] = {"id": ns.id} if ns.id else {"status": ns.status, "domain": ns.domain}
     data = ctx.call("queue.retry", {k: v for k, v in args.items() if v})
-    ctx.emit(data, f"{data['units']} unit(s) scheduled for delivery now\n")
+    ctx.emit(data, f"{data['units']} unit(s) scheduled for delivery now{_really(data)}\n")
     return EXIT_OK
 
 
+def _really(data: dict[str, Any]) -> str:
+    """What a retry/process-now will really do: attempted now vs still waiting, by what."""
+    if "attempted_now" not in data:
+        return ""
+    waiting = data.get("waiting") or {}
+    text = f": {data['attempted_now']} attempted now"
+    if waiting:
+        held = sum(waiting.values())
+        why = ", ".join(f"{k} {v}" for k, v in sorted(waiting.items()))
+        text += f", {held} still waiting ({why})"
+    return text
+
+
 def _delete_args(p: argparse.ArgumentParser) -> None:
-    _id_arg(p)
+    ops._bulk_args(p)
     p.add_argument("--bounce", action="store_true", help="send the sender a DSN first")
-    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
 
 def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
+    selection = ops._selection(ns)
+    if selection is None:
+        return ops._usage("queue delete")
+    if "id" not in selection:
+        return ops.bulk_delete(ctx, ns, selection, bounce=ns.bounce)
     if not ns.yes and sys.stdin.isatty():
         what = "bounce and delete" if ns.bounce else "delete"
         try:
@@ -248,7 +272,7 @@ def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
 
 def queue_process_now(ctx: Ctx, _ns: argparse.Namespace) -> int:
     data = ctx.call("queue.process-now")
-    ctx.emit(data, f"{data['units']} unit(s) made due now\n")
+    ctx.emit(data, f"{data['units']} unit(s) made due now{_really(data)}\n")
     return EXIT_OK
 
 
@@ -376,7 +400,7 @@ COMMANDS: list[CliCommand] = [
     CliCommand(
         "queue", "stats", "counts, top domains, oldest age, rates", queue_stats, _stats_args
     ),
-    CliCommand("queue", "view", "one message in full", queue_view, _id_arg),
+    CliCommand("queue", "view", "one message in full", queue_view, _view_args),
     CliCommand(
         "queue", "retry", "make units due now (reopens failed ones)", queue_retry, _retry_args
     ),
@@ -409,6 +433,7 @@ COMMANDS: list[CliCommand] = [
                users.users_file_arg),
     CliCommand("user", "unblock", "lift a block on an address or a login", users.user_unblock,
                users.unblock_args),
+    *(CliCommand(*c) for c in ops.COMMANDS),
 ]  # fmt: skip
 
 

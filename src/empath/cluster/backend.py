@@ -84,6 +84,7 @@ class RedisBackend:
         self._renew_probes = r.register_script(lua.RENEW_PROBES)
         self._read_breakers = r.register_script(lua.READ_BREAKERS)
         self._heartbeat = r.register_script(lua.HEARTBEAT)
+        self._operator_breaker = r.register_script(lua.OPERATOR_BREAKER)
 
     # -- keys -------------------------------------------------------------------
 
@@ -102,6 +103,10 @@ class RedisBackend:
 
     def failures_key(self, domain: str) -> str:
         return f"{self.prefix}bfail:{domain}"
+
+    @property
+    def suspended_key(self) -> str:
+        return f"{self.prefix}suspended"
 
     @property
     def nodes_key(self) -> str:
@@ -238,6 +243,33 @@ class RedisBackend:
                 probe_left = max(0.0, (float(st.get("pu", 0)) - now) / 1000.0)
             out[domain] = BreakerRecord(half, 0.0 if half else open_left, probe_left)
         return out, contended
+
+    async def operator_breaker(self, domain: str, action: str) -> str:
+        """`breaker reset|probe` for the whole cluster; the shared state it was in
+        ('closed', 'open' or 'half')."""
+        raw = await self._call(
+            self._operator_breaker(
+                keys=[self.breakers_key, self.failures_key(domain)], args=[domain, action]
+            )
+        )
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    async def read_suspended(self) -> dict[str, str]:
+        """Every suspension (domain -> its JSON), as `queue suspend` wrote it."""
+        raw = await self._call(self.redis.hgetall(self.suspended_key))
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k)): (
+                v.decode() if isinstance(v, bytes) else str(v)
+            )
+            for k, v in raw.items()
+        }
+
+    async def write_suspended(self, domain: str, value: str | None) -> None:
+        """Suspend (``value``: its JSON) or resume (None) ``domain`` for every node."""
+        if value is None:
+            await self._call(self.redis.hdel(self.suspended_key, domain))
+        else:
+            await self._call(self.redis.hset(self.suspended_key, domain, value))
 
     async def heartbeat(
         self,

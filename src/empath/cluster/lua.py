@@ -204,6 +204,29 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(st))
 return 0
 """
 
+# KEYS[1] breakers hash, KEYS[2] failures zset.  ARGV: domain, "reset"|"probe".
+# reset: the breaker is Closed now (field and failures gone).  probe: an Open breaker
+# becomes Half-Open now with no probe out (the next node to claim one probes).
+# Returns the state it was in: 'closed', 'open' or 'half'.
+OPERATOR_BREAKER: Final = (
+    _NOW_US
+    + """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[2] == 'reset' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('DEL', KEYS[2])
+  if not raw then return 'closed' end
+  return cjson.decode(raw).s
+end
+if not raw then return 'closed' end
+local st = cjson.decode(raw)
+if st.s == 'open' then
+  redis.call('HSET', KEYS[1], ARGV[1], cjson.encode({s='half', u=now, p='', pu=0, n=0}))
+end
+return st.s
+"""
+)
+
 # KEYS[1] breakers hash, KEYS[2..] "someone waits" keys of the domains whose leases
 # this node holds.  Returns {now_ms, flag per wait key (1 = contended), field1,
 # value1, ...}.

@@ -3,7 +3,8 @@
 One task, ticking every :data:`TICK_S`:
 
 * while Redis answers: refresh the breaker mirror (every tick, so a breaker
-  opened by another node stops this one within a second), give idle reserved
+  opened by another node stops this one within a second) and the suspended
+  domains (`queue suspend` on any node), give idle reserved
   leases back, renew held leases and Half-Open probe claims every
   ``lease_secs / 4``, and write the node's heartbeat (queue sizes, in-flight
   deliveries, fallback flag) every
@@ -31,6 +32,7 @@ from typing import Final
 from empath.cluster.backend import RedisBackend, RedisUnavailableError
 from empath.cluster.state import SharedPolicyState
 from empath.logs import get_logger
+from empath.queue.suspend import Suspension, Suspensions
 from empath.supervisor import Spawn
 
 log = get_logger("cluster", __name__)
@@ -79,6 +81,7 @@ class ClusterNode:
         lease_s: float,
         queue_sizes: Callable[[], Mapping[str, int]],
         in_flight: Callable[[], int],
+        suspensions: Suspensions | None = None,
     ) -> None:
         self.state = state
         self.backend = backend
@@ -87,6 +90,7 @@ class ClusterNode:
         self.lease_s = lease_s
         self._queue_sizes = queue_sizes
         self._in_flight = in_flight
+        self.suspensions = suspensions
         self._task: asyncio.Task[None] | None = None
         self._started = time.time()
         self._warned_duplicate = False
@@ -125,6 +129,7 @@ class ClusterNode:
                     last_beat = last_renew = -1e9
                     continue
                 await self._refresh_breakers()
+                await self._refresh_suspensions()
                 self.state.sweep()
                 if now - last_renew >= self.lease_s / 4:
                     last_renew = now
@@ -146,6 +151,19 @@ class ClusterNode:
         records, contended = await self.backend.read_breakers(list(self.state.held_leases()))
         self.state.apply_breakers(records, asked_at)
         self.state.contended = contended
+
+    async def _refresh_suspensions(self) -> None:
+        """The cluster's suspended domains replace this node's (`queue suspend`)."""
+        if self.suspensions is None:
+            return
+        records: dict[str, Suspension] = {}
+        for domain, raw in (await self.backend.read_suspended()).items():
+            try:
+                records[domain] = Suspension.from_json(json.loads(raw))
+            except (ValueError, KeyError, TypeError):
+                continue
+        now = time.time()
+        self.suspensions.replace_all({d: s for d, s in records.items() if s.active(now)})
 
     async def _heartbeat(self) -> None:
         fields = {

@@ -159,6 +159,11 @@ def scaled(limit: RateLimit, nodes: int) -> RateLimit:
 
 
 Waker = Callable[[str], None]
+_SHARED_STATE: Final = {
+    "closed": BreakerState.CLOSED,
+    "open": BreakerState.OPEN,
+    "half": BreakerState.HALF_OPEN,
+}
 
 
 class SharedPolicyState:
@@ -297,6 +302,34 @@ class SharedPolicyState:
         if self._local is not None:
             return self._local.breaker_state(domain)
         return BreakerState.CLOSED
+
+    async def breaker_reset(self, domain: str) -> BreakerState:
+        """Closed in Redis (for every node) and here; raises RedisUnavailableError when
+        Redis cannot be reached (a fallback breaker is reset locally first)."""
+        old = BreakerState.CLOSED
+        if self._local is not None:
+            old = self._local.breaker.reset(domain)
+        shared = _SHARED_STATE[await self.backend.operator_breaker(domain, "reset")]
+        self._mirror.pop(domain, None)
+        self._probe_ready.pop(domain, None)
+        self._probe_out.pop(domain, None)
+        if shared is not BreakerState.CLOSED:
+            old = shared
+            self._transition(domain, shared, BreakerState.CLOSED)
+        self._wake(domain)
+        return old
+
+    async def breaker_probe(self, domain: str) -> BreakerState:
+        """Half-Open now in Redis: the first node to claim the probe sends it."""
+        if self._local is not None:
+            return self._local.breaker.probe_now(domain)
+        old = _SHARED_STATE[await self.backend.operator_breaker(domain, "probe")]
+        if old is BreakerState.OPEN:
+            now = self._mono()
+            self._mirror[domain] = _Mirror(BreakerState.HALF_OPEN, now, 0.0, now)
+            self._transition(domain, BreakerState.OPEN, BreakerState.HALF_OPEN)
+            self._wake(domain)
+        return old
 
     # -- rate limit -----------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from empath.compiled import compiled_modules
 from empath.config.model import Config
 from empath.config.reload import config_changes
 from empath.control import queue as q
+from empath.control.ops import OpsHandlers
+from empath.control.ops import entries as ops_table
 from empath.control.output import list_line_items
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, Command, CommandError
@@ -154,6 +156,7 @@ class Handlers:
         self._window: Window | None = None  # delivered/failed over about rate_window_secs
         self._dns: Window | None = None  # DNS cache hits/misses, the same way
         self._started = daemon.runner.clock.monotonic()
+        self.ops: OpsHandlers | None = None  # the incident controls (control/ops.py)
 
     def _in_flight(self) -> set[tuple[str, str]]:
         return set(self.d.runner.in_flight_keys())
@@ -210,6 +213,7 @@ class Handlers:
             "open_breakers": sorted(
                 name for name, info in breakers.items() if info.state is not BreakerState.CLOSED
             ),
+            "suspended": self._suspended(),
             "spool": {
                 "path": d.config.spool.path,
                 "type": d.config.spool.type,
@@ -289,7 +293,12 @@ class Handlers:
             "failed_attempts_in_window": failed,
             "delivered_per_min": round(delivered * 60.0 / window_s, 2),
             "failed_per_min": round(failed * 60.0 / window_s, 2),
+            "suspended": self._suspended(),
         }
+
+    def _suspended(self) -> list[dict[str, Any]]:
+        sus = getattr(self.d, "suspensions", None)
+        return [] if sus is None else [s.to_json() for s in sus.active().values()]
 
     def _message(self, args: Args) -> Any:
         msg_id = _str(args, "id", required=True)
@@ -327,6 +336,10 @@ class Handlers:
     async def queue_view(self, args: Args) -> dict[str, Any]:
         msg = self._message(args)
         data = q.view(msg, self._in_flight(), time.time())
+        if self.ops is not None:
+            why = self.ops.why(msg)
+            for unit in data["units"]:
+                unit["waiting_for"] = why.get(unit["domain"], [])
         head = b""
         try:
             async for chunk in self.d.spool.iter_body(msg.id):
@@ -373,10 +386,17 @@ class Handlers:
             with contextlib.suppress(UnknownMessageError):
                 await self.d.spool.update(mid, units, durable=i == len(reopened) - 1)
         count = 0
+        made_due: list[tuple[str, UnitState]] = []
         for mid, domains in targets.items():
             with contextlib.suppress(UnknownMessageError):
                 count += self.d.runner.retry_now(mid, domains)
-        return {"units": count, "reopened": len(reopened)}
+                made_due += [(mid, u) for u in self.d.spool.get(mid).units if u.domain in domains]
+        out: dict[str, Any] = {"units": count, "reopened": len(reopened)}
+        if self.ops is not None:
+            out.update(self.ops.attempt_report(made_due))
+        if msg_id is not None:
+            self.d.runner.journal.record(msg_id, "operator", action="retry")
+        return out
 
     async def _select(self, status: str | None, domain: str | None) -> dict[str, list[str]]:
         """Message id → domains of the units with ``status`` (and ``domain``)."""
@@ -389,6 +409,8 @@ class Handlers:
         return out
 
     async def queue_delete(self, args: Args) -> dict[str, Any]:
+        if args.get("id") is None and self.ops is not None:
+            return await self.ops.queue_bulk_delete(args)  # by filter
         msg = self._message(args)
         bounce = _bool(args, "bounce")
         try:
@@ -402,7 +424,13 @@ class Handlers:
         }
 
     async def queue_process_now(self, _args: Args) -> dict[str, Any]:
-        return {"units": self.d.runner.process_now()}
+        units = self.d.runner.process_now()
+        out: dict[str, Any] = {"units": units}
+        if self.ops is not None:
+            out.update(
+                self.ops.attempt_report((m.id, u) for m in self.d.spool.messages() for u in m.units)
+            )
+        return out
 
     # dns
 
@@ -479,6 +507,9 @@ def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
 def command_table(daemon: Daemon) -> Mapping[str, Command]:
     """Every control command, by wire name."""
     h = Handlers(daemon)
+    ops_entries: list[tuple[str, Callable[[Args], Any], bool]] = []
+    if hasattr(daemon, "suspensions"):
+        h.ops, ops_entries = ops_table(daemon)  # type: ignore[arg-type]
     entries: list[tuple[str, Callable[[Args], Any], bool]] = [
         ("system.ping", h.ping, False),
         ("system.status", h.status, False),
@@ -496,6 +527,7 @@ def command_table(daemon: Daemon) -> Mapping[str, Command]:
         ("config.check", h.config_check, False),
         ("user.status", h.user_status, False),
         ("user.unblock", h.user_unblock, False),
+        *ops_entries,
     ]
     from empath.control.dkim import dkim_entries
 

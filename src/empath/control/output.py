@@ -27,7 +27,18 @@ TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
     from typing import Any
 
-LIST_FIELDS = ("id", "domain", "status", "attempts", "age_s", "next_attempt_at", "from", "rcpts")
+LIST_FIELDS = (
+    "id",
+    "domain",
+    "status",
+    "attempts",
+    "age_s",
+    "next_attempt_at",
+    "from",
+    "rcpts",
+    "last_error",
+)
+ERROR_CHARS = 60  # the last error on a `queue list` line is cut to this (queue view: whole)
 
 
 def duration(seconds: float | None) -> str:
@@ -77,7 +88,9 @@ def list_line_items(rows: Iterable[list[Any]]) -> list[str]:
         ts_memo.clear()
         age_memo.clear()
     out = []
-    for mid, domain, status, attempts, age_s, nxt, frm, rcpts in rows:
+    for row in rows:
+        mid, domain, status, attempts, age_s, nxt, frm, rcpts = row[:8]
+        error = row[8] if len(row) > 8 else ""
         age_key = int(age_s) if age_s > 0 else 0
         age = age_memo.get(age_key)
         if age is None:
@@ -91,16 +104,26 @@ def list_line_items(rows: Iterable[list[Any]]) -> list[str]:
             when = "-"
         out.append(
             f"id: {mid} domain: {list_field(domain)}, status: {status}, attempts: {attempts}, "
-            f"age: {age}, next: {when}, from: {list_field(frm) if frm else '<>'}, rcpts: {rcpts}\n"
+            f"age: {age}, next: {when}, from: {list_field(frm) if frm else '<>'}, rcpts: {rcpts}"
+            + (f", error: {short_error(error)}\n" if error else "\n")
         )
     return out
+
+
+def short_error(error: str) -> str:
+    """The last error as the last field of a `queue list` line: cut to
+    :data:`ERROR_CHARS`, escaped as every list field is (no space, comma or ``key: ``
+    shape left for the runbook's greps to find)."""
+    if len(error) > ERROR_CHARS:
+        error = error[: ERROR_CHARS - 3] + "..."
+    return list_field(error)
 
 
 def list_objects(rows: Iterable[list[Any]]) -> list[dict[str, Any]]:
     """`queue list --json`: one object per unit (printed one per line)."""
     out = []
     for r in rows:
-        obj = dict(zip(LIST_FIELDS, r, strict=True))
+        obj = dict(zip(LIST_FIELDS, r, strict=False))
         obj["next_attempt_at"] = timestamp(r[5]) if r[5] else None
         out.append(obj)
     return out
@@ -128,12 +151,24 @@ def stats_text(data: dict[str, Any]) -> str:
         f"({data['delivered_per_min']}/min), {data['failed_attempts_in_window']} failed "
         f"attempts ({data['failed_per_min']}/min)"
     )
+    if "suspended" in data:
+        lines.append(f"Suspended domains: {suspended_text(data['suspended'])}")
     return "\n".join(lines) + "\n"
 
 
 def _mib(n: int) -> str:
     """Bytes as MiB with one decimal (a small spool's figures are not all 0)."""
     return f"{n / 2**20:.1f}"
+
+
+def suspended_text(items: list[dict[str, Any]]) -> str:
+    """``a.test until 2026-...Z (reason), b.test until resumed`` or ``none``."""
+    out = []
+    for s in items:
+        until = "until resumed" if s.get("until") is None else f"until {timestamp(s['until'])}"
+        reason = f" ({terminal(s['reason'])})" if s.get("reason") else ""
+        out.append(f"{terminal(s['domain'])} {until}{reason}")
+    return ", ".join(out) or "none"
 
 
 def status_text(data: dict[str, Any]) -> str:
@@ -157,6 +192,11 @@ def status_text(data: dict[str, Any]) -> str:
         *_heartbeat_line(data.get("scheduler")),
         _dns_line(dns),
         f"Open circuit breakers: {', '.join(data['open_breakers']) or 'none'}",
+        *(
+            [f"Suspended domains: {suspended_text(data['suspended'])}"]
+            if "suspended" in data
+            else []
+        ),
         f"Spool: {spool['path']} ({spool['type']}), {_mib(spool['free_bytes'])} MiB free, "
         f"{_mib(spool['size_bytes'])} MiB used, "
         f"{_mib(spool.get('reclaimable_bytes', 0))} MiB reclaimable"
@@ -274,6 +314,8 @@ def view_text(data: dict[str, Any]) -> str:
             lines.append(
                 f"  rcpt {terminal(r['address'])}: {r['status']}{' ' + reply if reply else ''}"
             )
+        for reason in u.get("waiting_for") or []:
+            lines.append(f"  waiting: {terminal(reason['text'])}")
         for a in u["history"]:
             reply = _reply(a["code"], a["text"]) or "-"
             lines.append(f"  attempt {timestamp(a['at'])} mx {terminal(a['mx'] or '-')}: {reply}")

@@ -6,7 +6,8 @@ to disk).  Iteration follows the spool's order, oldest message first, and is
 done in chunks so the daemon's event loop gets control back between them.
 
 A list row is a compact JSON array (the wire form, rendered by the CLI):
-``[id, domain, status, attempts, age_s, next_attempt_at | null, sender, rcpts]``.
+``[id, domain, status, attempts, age_s, next_attempt_at | null, sender, rcpts,
+last_error]``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def list_rows(
                     nxt if nxt > now and status in waiting else None,
                     env.sender,
                     len(unit.recipients),
+                    unit.last_error,
                 ]
             )
             left -= 1

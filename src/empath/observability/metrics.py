@@ -51,6 +51,7 @@ QUEUE_STATUSES = (
     UnitStatus.RETRY,
     UnitStatus.FAILED,
     UnitStatus.EXPIRED,
+    UnitStatus.HELD,
 )
 # Which state wins when several domains fold into "other" (the one needing attention).
 _STATE_RANK = {BreakerState.OPEN: 2, BreakerState.HALF_OPEN: 1, BreakerState.CLOSED: 0}

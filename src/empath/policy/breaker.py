@@ -159,12 +159,22 @@ class BreakerInfo:
     state: BreakerState
     trips_total: int
     open_until: float | None  # monotonic, while Open
+    since: float | None = None  # monotonic: when it entered this state (None: never left Closed)
+    failures: int = 0  # temporary failures inside the window (Closed only)
 
 
 class _Domain:
     """Mutable per-domain record (internal)."""
 
-    __slots__ = ("failures", "open_until", "probe", "probe_started", "state", "successes")
+    __slots__ = (
+        "failures",
+        "open_until",
+        "probe",
+        "probe_started",
+        "since",
+        "state",
+        "successes",
+    )
 
     def __init__(self, failure_threshold: int) -> None:
         self.state = BreakerState.CLOSED
@@ -173,6 +183,7 @@ class _Domain:
         self.probe = 0  # ticket of the probe in flight, 0 = none
         self.probe_started = 0.0
         self.successes = 0  # probe successes in this Half-Open period
+        self.since: float | None = None  # monotonic: when the current state was entered
 
 
 TransitionCallback = Callable[[Transition], None]
@@ -281,6 +292,34 @@ class CircuitBreaker:
         if rec is not None and rec.state is BreakerState.HALF_OPEN and rec.probe == probe:
             rec.probe = 0
 
+    # -- operator actions (`empathctl breaker reset|probe`) -----------------------
+
+    def reset(self, domain: str) -> BreakerState:
+        """Close ``domain``'s breaker now and forget its failures; the state it was in.
+        Leaving Open or Half-Open is a transition like any other (logged, counted)."""
+        rec = self._domains.get(domain)
+        if rec is None:
+            return BreakerState.CLOSED
+        old = rec.state
+        if old is BreakerState.CLOSED:
+            rec.failures.clear()
+        else:
+            self._enter(domain, rec, BreakerState.CLOSED, self._clock.monotonic())
+        return old
+
+    def probe_now(self, domain: str) -> BreakerState:
+        """Let one attempt through now: an Open breaker becomes Half-Open at once (its
+        next admit is the probe).  The state it was in; Closed and Half-Open are kept."""
+        rec = self._domains.get(domain)
+        if rec is None:
+            return BreakerState.CLOSED
+        old = rec.state
+        if old is BreakerState.OPEN:
+            now = self._clock.monotonic()
+            rec.open_until = now
+            self._enter(domain, rec, BreakerState.HALF_OPEN, now)
+        return old
+
     # -- inspection ------------------------------------------------------------
 
     def state(self, domain: str) -> BreakerState:
@@ -301,12 +340,15 @@ class CircuitBreaker:
     def snapshot(self) -> dict[str, BreakerInfo]:
         """State and trip count of every domain the breaker knows (for metrics)."""
         out: dict[str, BreakerInfo] = {}
+        window_start = self._clock.monotonic() - self._settings.failure_window_s
         for domain, rec in self._domains.items():
             self._refresh(domain, rec)
             out[domain] = BreakerInfo(
                 rec.state,
                 self._trips.get(domain, 0),
                 rec.open_until if rec.state is BreakerState.OPEN else None,
+                rec.since,
+                sum(1 for t in rec.failures if t >= window_start),
             )
         for domain, trips in self._trips.items():
             if domain not in out:
@@ -344,6 +386,7 @@ class CircuitBreaker:
     def _enter(self, domain: str, rec: _Domain, new: BreakerState, now: float) -> None:
         old = rec.state
         rec.state = new
+        rec.since = now
         rec.probe = 0
         rec.successes = 0
         if new is BreakerState.OPEN:

@@ -74,6 +74,16 @@ class PolicyState(Protocol):
 
     def breaker_state(self, domain: str) -> BreakerState: ...
 
+    async def breaker_reset(self, domain: str) -> BreakerState:
+        """`empathctl breaker reset`: Closed now, failures forgotten (cluster-wide when
+        shared); the state it was in.  Leaving Open/Half-Open is a logged transition."""
+        ...
+
+    async def breaker_probe(self, domain: str) -> BreakerState:
+        """`empathctl breaker probe`: an Open breaker lets its one probe through now;
+        the state it was in."""
+        ...
+
     # rate limit
     def acquire_token(self, domain: str) -> RateDecision:
         """Spend a token, or Wait(until) spending nothing."""
@@ -172,6 +182,12 @@ class LocalPolicyState:
 
     def breaker_state(self, domain: str) -> BreakerState:
         return self.breaker.state(domain)
+
+    async def breaker_reset(self, domain: str) -> BreakerState:
+        return self.breaker.reset(domain)
+
+    async def breaker_probe(self, domain: str) -> BreakerState:
+        return self.breaker.probe_now(domain)
 
     def acquire_token(self, domain: str) -> RateDecision:
         return self.limiter.try_acquire(domain)

@@ -61,9 +61,10 @@ from empath.queue.scheduler import (
     Scheduler,
     WaitForConnection,
 )
+from empath.spool.journal import MessageJournal
 from empath.spool.model import MessageState, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
-from empath.stats import RunnerStats
+from empath.stats import RecentActivity, RunnerStats
 from empath.supervisor import Spawn
 from empath.transport.outbound import BodySource
 from empath.transport.pool import ConnectionPool
@@ -133,6 +134,7 @@ class DeliveryRunner:
         clock: Clock,
         spawn: Spawn,
         stats: RunnerStats,
+        journal: MessageJournal | None = None,
     ) -> None:
         self.spool = spool
         self.scheduler = scheduler
@@ -146,6 +148,8 @@ class DeliveryRunner:
         # told of each unit's outcome after it is saved (module delivery events, DESIGN §14);
         # must not block or raise (the modules' host queues the event and returns)
         self.on_outcome: Callable[[MessageState, UnitState], None] | None = None
+        self.journal = journal or MessageJournal(None, 0.0, clock)
+        self.activity = RecentActivity()  # `queue summary` throughput, `breaker list` errors
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
         self._timer: Timer | None = None
@@ -200,6 +204,7 @@ class DeliveryRunner:
                 await asyncio.wait(pending, timeout=5)
                 log.warn("In-flight deliveries cancelled at shutdown", count=len(pending))
         await self.pool.close_all()
+        self.journal.close()
 
     # -- feeding --------------------------------------------------------------
 
@@ -223,7 +228,11 @@ class DeliveryRunner:
             key = UnitKey(msg.id, unit.domain)
             if domains is not None and unit.domain not in domains:
                 continue
-            if not unit.status.terminal and not self.scheduler.is_in_flight(key):
+            if (
+                not unit.status.terminal
+                and unit.status is not UnitStatus.HELD
+                and not self.scheduler.is_in_flight(key)
+            ):
                 self.scheduler.add(key, now)
                 n += 1
         self._kick()
@@ -248,8 +257,123 @@ class DeliveryRunner:
             if report is not None:
                 dsn_id = await self._send_dsn(msg, report, now)
         await self.spool.remove(msg_id)
+        self._left(msg, "deleted by the operator" + (" (bounced)" if bounce else ""))
         log.audit("Message deleted by the operator", message_id=msg_id, dsn_id=dsn_id or "")
         return dsn_id
+
+    async def delete_units(
+        self, msg_id: str, domains: Collection[str], *, bounce: bool, durable: bool = True
+    ) -> str | None:
+        """Delete only the units of ``domains`` (a filter matched them, not the whole
+        message); the whole message when no other unit is left.  Returns the DSN's id."""
+        msg = self.spool.get(msg_id)
+        left = [
+            u for u in msg.units if u.domain not in domains and u.status is not UnitStatus.DELIVERED
+        ]
+        if not left:
+            return await self.delete(msg_id, bounce=bounce)
+        gone = tuple(u for u in msg.units if u.domain in domains)
+        self.forget(msg_id, [u.domain for u in gone])
+        dsn_id = None
+        if bounce:
+            report = transition.deleted(gone, envelope=msg.envelope, settings=self._decide)
+            if report is not None:
+                dsn_id = await self._send_dsn(msg, report, self.clock.now())
+        current = self.spool.get(msg_id)
+        await self.spool.update(
+            msg_id, tuple(u for u in current.units if u.domain not in domains), durable=durable
+        )
+        action = "bounced" if bounce else "deleted"
+        for u in gone:
+            self.journal.record(msg_id, "operator", action=action, domain=u.domain, dsn_id=dsn_id)
+        log.audit(
+            "Units deleted by the operator",
+            message_id=msg_id,
+            domains=sorted(u.domain for u in gone),
+            dsn_id=dsn_id or "",
+        )
+        return dsn_id
+
+    async def hold(
+        self, msg_id: str, domains: Collection[str], *, durable: bool = True
+    ) -> list[str]:
+        """`queue hold`: the waiting units of ``domains`` become ``held`` (persisted) and
+        leave the scheduler; one in flight finishes its attempt and then stays held.
+        The domains held."""
+        msg = self.spool.get(msg_id)
+        held = [
+            u.domain
+            for u in msg.units
+            if u.domain in domains and not u.status.terminal and u.status is not UnitStatus.HELD
+        ]
+        if not held:
+            return []
+        units = tuple(
+            replace(u, status=UnitStatus.HELD) if u.domain in held else u for u in msg.units
+        )
+        await self.spool.update(msg_id, units, durable=durable)
+        for domain in held:
+            self.scheduler.remove(UnitKey(msg_id, domain))
+            self.journal.record(msg_id, "operator", action="hold", domain=domain)
+        return held
+
+    async def release(
+        self, msg_id: str, domains: Collection[str], *, durable: bool = True
+    ) -> list[str]:
+        """`queue release`: held units of ``domains`` are due now again (a suspension or
+        an open breaker may still keep them waiting).  The domains released."""
+        msg = self.spool.get(msg_id)
+        released = [
+            u.domain for u in msg.units if u.domain in domains and u.status is UnitStatus.HELD
+        ]
+        if not released:
+            return []
+        now = self.clock.now()
+        units = tuple(
+            replace(
+                u,
+                status=UnitStatus.RETRY if u.attempts else UnitStatus.PENDING,
+                next_attempt_at=now,
+            )
+            if u.domain in released
+            else u
+            for u in msg.units
+        )
+        await self.spool.update(msg_id, units, durable=durable)
+        for domain in released:
+            key = UnitKey(msg_id, domain)
+            if not self.scheduler.is_in_flight(key):
+                self.scheduler.add(key, now)
+            self.journal.record(msg_id, "operator", action="release", domain=domain)
+        self._kick()
+        return released
+
+    def _left(self, msg: MessageState, reason: str) -> None:
+        """The message left the queue: its envelope and last unit states go to the
+        history, which keeps them for ``failed_retention_secs``."""
+        env = msg.envelope
+        self.journal.record(
+            msg.id,
+            "left",
+            reason=reason,
+            sender=env.sender,
+            recipients=list(env.recipients),
+            received_at=env.received_at,
+            peer=env.peer,
+            helo=env.helo,
+            size=env.size,
+            is_dsn=env.is_dsn,
+            units=[
+                {
+                    "domain": u.domain,
+                    "status": u.status.value,
+                    "attempts": u.attempts,
+                    "last_error": u.last_error,
+                    "history": [a.to_json() for a in u.history],
+                }
+                for u in msg.units
+            ],
+        )
 
     def forget(self, msg_id: str, domains: list[str]) -> None:
         for domain in domains:
@@ -258,7 +382,7 @@ class DeliveryRunner:
     def _schedule_message(self, msg: MessageState) -> int:
         n = 0
         for unit in msg.units:
-            if unit.status.terminal:
+            if unit.status.terminal or unit.status is UnitStatus.HELD:
                 continue
             key = UnitKey(msg.id, unit.domain)
             if self.scheduler.is_in_flight(key):
@@ -313,6 +437,7 @@ class DeliveryRunner:
                     message_id=first_id,
                     deferred=deferred,
                 )
+        self.journal.flush()  # a no-op unless an event was recorded since the last tick
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -372,8 +497,23 @@ class DeliveryRunner:
         self.stats.queue_age.observe(max(0.0, now - env.received_at))
         if transition.expired_while_waiting(unit, env, self.retry, now):
             expired = transition.expire(unit, envelope=env, now=now, settings=self._decide)
+            self.journal.record(msg.id, "expired", domain=unit.domain)
             return await self._carry_out(msg, expired, now)
         result = await self._deliver(msg, unit)
+        mx, code, text = result.summary
+        self.journal.record(
+            msg.id,
+            "attempt",
+            domain=unit.domain,
+            mx=result.mx_label or mx,
+            address=result.address,
+            tls=result.tls_version or ("yes" if result.tls else "none"),
+            code=code,
+            text=text,
+            delivered=list(result.delivered),
+            temporary=list(result.temporary),
+            permanent=list(result.permanent),
+        )
         # Decide on the unit as it is now (the message may have changed meanwhile).
         try:
             current = _unit_of(self.spool.get(msg.id), key.domain)
@@ -416,13 +556,17 @@ class DeliveryRunner:
         domain = t.unit.domain
         if t.attempted:
             self.stats.count_attempt(t.ok, domain, t.smtp_code)
+            if t.ok:
+                self.activity.delivered(self.clock.monotonic(), domain)
+            elif t.destination is OutcomeKind.TEMPORARY:
+                self.activity.failed(domain, t.unit.last_error)
         if t.permanent_failure:
             self.stats.count_permanent_failure()
         for event in t.events:
             _EMIT[event.severity](event.message, message_id=msg.id, **event.fields)
         for dsn in t.dsns:
             await self._send_dsn(msg, dsn, now)
-        await self._persist(msg.id, t.unit)
+        held = await self._persist(msg.id, t.unit)
         if self.on_outcome is not None and (t.attempted or t.unit.status.terminal):
             self.on_outcome(msg, t.unit)
         outcome = _BREAKER[t.destination]
@@ -430,10 +574,11 @@ class DeliveryRunner:
             key = UnitKey(msg.id, domain)
             self._tasks.pop(key, None)
             self.scheduler.finished(key, outcome)
-            self.scheduler.add(key, t.retry_at)
+            if not held:  # held while in flight: it waits for `queue release`
+                self.scheduler.add(key, t.retry_at)
         return outcome
 
-    async def _persist(self, msg_id: str, new: UnitState) -> None:
+    async def _persist(self, msg_id: str, new: UnitState) -> bool:
         """Write ``new`` into the message's *current* state, durably; forget the message
         when nothing is left to keep.
 
@@ -441,17 +586,25 @@ class DeliveryRunner:
         commit: the other units of the same message run concurrently and may have
         finished meanwhile, so only this unit is replaced.  Reading and writing the index
         happen without an await in between, so no other unit's result can slip between.
+        A unit the operator held during its attempt stays held unless it finished.
+        Whether the unit is now held.
         """
         try:
             current = self.spool.get(msg_id)
         except UnknownMessageError:
             log.info("Message deleted during delivery", message_id=msg_id, domain=new.domain)
-            return
+            return False
+        old = _unit_of(current, new.domain)
+        held = old is not None and old.status is UnitStatus.HELD and not new.status.terminal
+        if held:
+            new = replace(new, status=UnitStatus.HELD)
         units = tuple(new if u.domain == new.domain else u for u in current.units)
         if all(u.status is UnitStatus.DELIVERED for u in units):
             await self.spool.remove(msg_id)
+            self._left(replace(current, units=units), "delivered")
         else:
             await self.spool.update(msg_id, units)
+        return held
 
     async def _send_dsn(self, msg: MessageState, report: transition.DsnReport, now: float) -> str:
         """Compose the DSN, commit it to the spool and schedule it; its id."""
@@ -478,6 +631,9 @@ class DeliveryRunner:
         env = replace(env, size=writer.size)
         stored = await self.spool.commit(writer, env, initial_units(env.recipients, now))
         self.stats.dsns += 1
+        self.journal.record(
+            msg.id, "dsn", kind=kind.value, dsn_id=stored.id, recipients=len(report.recipients)
+        )
         log.audit(
             "DSN queued",
             message_id=stored.id,
@@ -502,13 +658,15 @@ class DeliveryRunner:
         """Drop messages whose units are all terminal and older than the retention."""
         cutoff = self.clock.now() - self.settings.failed_retention_s
         victims = [
-            m.id
+            m
             for m in self.spool.messages()
             if m.finished and max((u.finished_at for u in m.units), default=0.0) <= cutoff
         ]
-        for mid in victims:
+        for m in victims:
             with contextlib.suppress(UnknownMessageError):
-                await self.spool.remove(mid)
+                await self.spool.remove(m.id)
+                self._left(m, "failed, removed after failed_retention_secs")
+        self.journal.purge()
         if victims:
             log.info("Removed finished messages past retention", count=len(victims))
         return len(victims)

@@ -115,10 +115,18 @@ class WaitForConnection:
     max_connections: int
 
 
+@dataclass(frozen=True, slots=True)
+class Suspended:
+    """The operator suspended the domain (`queue suspend`) until ``until`` (monotonic,
+    ``inf`` until resumed).  Units join the line silently: no per-unit report."""
+
+    until: float
+
+
 DISPATCH: Final = Dispatch()
 
 Decision = Dispatch | DeferBreaker | DeferRateLimit | WaitForConnection
-Block = DeferBreaker | DeferRateLimit | WaitForConnection
+Block = DeferBreaker | DeferRateLimit | WaitForConnection | Suspended
 
 
 def decide(domain: str, policy: PolicyState, max_connections: int) -> Decision:
@@ -214,6 +222,7 @@ class Scheduler:
         "_ticks",
         "_timers",
         "_tokens",
+        "suspended",
     )
 
     def __init__(
@@ -236,6 +245,8 @@ class Scheduler:
         self._last_prune = self._last_tick
         self._ticks = 0
         self._cut_short = False
+        # domain -> wall-clock end of its suspension (the Suspensions' dict, shared)
+        self.suspended: dict[str, float] = {}
 
     # -- feeding -----------------------------------------------------------------
 
@@ -347,6 +358,7 @@ class Scheduler:
         policy = self._policy
         inflight = self._inflight
         max_conn = self._max_connections_for
+        suspended = self.suspended
         while budget > 0 and examined < limit:
             key = index.pop_one(now)
             if key is None:
@@ -355,6 +367,11 @@ class Scheduler:
             domain = key.domain
             line = lines.get(domain)
             if line is not None:
+                self._join(line, key, out)
+                continue
+            if suspended and (block := self._suspension(domain, now, mono)) is not None:
+                line = lines[domain] = _Line(block)
+                self._set_timer(domain, block, mono)
                 self._join(line, key, out)
                 continue
             decision = decide(domain, policy, max_conn(domain))
@@ -453,6 +470,13 @@ class Scheduler:
 
     # -- internals ---------------------------------------------------------------
 
+    def _suspension(self, domain: str, now: float, mono: float) -> Suspended | None:
+        """The domain's suspension as a line block, if it is suspended at wall ``now``."""
+        until = self.suspended.get(domain)
+        if until is None or until <= now:
+            return None
+        return Suspended(mono + (until - now))
+
     def _join(self, line: _Line, key: UnitKey, out: list[tuple[UnitKey, Decision]]) -> None:
         token = next(self._tokens)
         self._parked[key] = token
@@ -460,6 +484,8 @@ class Scheduler:
         blocked = line.blocked
         if blocked is None:
             return  # a ready line: served in order at the next tick (wake_at says now)
+        if isinstance(blocked, Suspended):
+            return  # suspended by the operator: nothing to report per unit
         if isinstance(blocked, DeferRateLimit):
             self._policy.note_rate_limited(key.domain)
             line.counted_through = token
@@ -495,7 +521,14 @@ class Scheduler:
             if parked.get(key) != token:
                 waiters.popleft()  # removed or re-added since it joined
                 continue
-            decision = decide(domain, self._policy, self._max_connections_for(domain))
+            decision: Decision | Suspended
+            if (
+                self.suspended
+                and (block := self._suspension(domain, self._clock.now(), mono)) is not None
+            ):
+                decision = block
+            else:
+                decision = decide(domain, self._policy, self._max_connections_for(domain))
             if not isinstance(decision, Dispatch):
                 line.blocked = decision
                 del self._ready[domain]

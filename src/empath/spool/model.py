@@ -29,6 +29,9 @@ class UnitStatus(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     EXPIRED = "expired"
+    # put on hold by the operator (`empathctl queue hold`): never attempted, not pending,
+    # kept until `queue release` (then due at once)
+    HELD = "held"
 
     @property
     def terminal(self) -> bool:

@@ -1,0 +1,356 @@
+"""Operator views over the queue: unit filters, "why is it waiting", the per-domain summary.
+
+Pure functions over :class:`~empath.spool.model.MessageState` snapshots and a
+:class:`WaitContext` (what the scheduler and the policy know right now), so they
+are tested without a daemon:
+
+* :class:`UnitFilter` / :func:`select` — the units `queue hold|release|delete|bounce`
+  act on (``--domain``, ``--sender``, ``--status``, ``--older-than``);
+* :func:`waiting_for` — every reason a queued unit is not being attempted now
+  (hold, suspension, retry time, open breaker, rate limit, connection cap);
+* :func:`attempt_counts` — for `queue retry`/`process-now`: of the units made due,
+  how many can really start now and how many stay waiting, by reason;
+* :func:`summary` — Postfix's qshape / KumoMTA's queue-summary: per destination the
+  units by status and age bucket with the domain's limits, throughput and blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from empath.policy.breaker import BreakerInfo, BreakerState
+from empath.policy.ratelimit import RateLimit
+from empath.queue.scheduler import (
+    Block,
+    DeferBreaker,
+    DeferRateLimit,
+    Suspended,
+    WaitForConnection,
+)
+from empath.queue.suspend import Suspension
+from empath.spool.model import MessageState, UnitState, UnitStatus
+
+# qshape's buckets (minutes): 0-5, 5-10, 10-20, ..., 640-1280, 1280+
+AGE_BUCKETS_MIN: Final = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
+AGE_LABELS: Final = (*(f"{m}m" for m in AGE_BUCKETS_MIN), "older")
+_BUCKET_S: Final = tuple(m * 60.0 for m in AGE_BUCKETS_MIN)
+_WAITING: Final = frozenset({UnitStatus.PENDING, UnitStatus.RETRY})
+SUMMARY_STATUSES: Final = ("pending", "retry", "in_progress", "held", "failed", "expired")
+
+
+# --- filters -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UnitFilter:
+    """Which units a bulk command acts on; every given criterion must hold."""
+
+    domain: str | None = None
+    sender: str | None = None  # exact (case-insensitive), "@domain" for a domain, "<>" null
+    status: str | None = None
+    older_than_s: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.domain is None
+            and self.sender is None
+            and self.status is None
+            and self.older_than_s is None
+        )
+
+    def describe(self) -> str:
+        parts = []
+        if self.domain is not None:
+            parts.append(f"domain {self.domain}")
+        if self.sender is not None:
+            parts.append(f"sender {self.sender}")
+        if self.status is not None:
+            parts.append(f"status {self.status}")
+        if self.older_than_s is not None:
+            parts.append(f"older than {self.older_than_s:g}s")
+        return ", ".join(parts) or "every unit"
+
+
+def sender_matches(pattern: str, sender: str) -> bool:
+    pattern = pattern.lower()
+    sender = sender.lower()
+    if pattern in ("<>", ""):
+        return sender == ""
+    if pattern.startswith("@"):
+        return sender.endswith(pattern)
+    return sender == pattern.strip("<>")
+
+
+def select(
+    messages: Iterable[MessageState],
+    flt: UnitFilter,
+    now: float,
+    in_flight: Container[tuple[str, str]],
+) -> Iterator[tuple[MessageState, list[str]]]:
+    """(message, domains of its units that match), oldest message first."""
+    domain = flt.domain.lower() if flt.domain else None
+    for msg in messages:
+        env = msg.envelope
+        if flt.sender is not None and not sender_matches(flt.sender, env.sender):
+            continue
+        if flt.older_than_s is not None and now - env.received_at < flt.older_than_s:
+            continue
+        hits = []
+        for unit in msg.units:
+            if domain is not None and unit.domain != domain:
+                continue
+            if flt.status is not None:
+                status = unit.status.value
+                if (msg.id, unit.domain) in in_flight:
+                    status = UnitStatus.IN_PROGRESS.value
+                if status != flt.status:
+                    continue
+            hits.append(unit.domain)
+        if hits:
+            yield msg, hits
+
+
+# --- why is it waiting ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaitContext:
+    """What the scheduler and the policy know now, for :func:`waiting_for`."""
+
+    now: float  # wall clock
+    mono: float  # monotonic, the clock of breaker and line times
+    in_flight: Container[tuple[str, str]]
+    suspensions: Mapping[str, Suspension]
+    breakers: Mapping[str, BreakerInfo]
+    blocked: Callable[[str], Block | None]
+    limit_for: Callable[[str], RateLimit]
+    tokens: Callable[[str], float | None]  # None: not known here (cluster)
+    connections: Callable[[str], int]
+    max_connections: Callable[[str], int]
+
+    def wall(self, mono: float) -> float:
+        return self.now + (mono - self.mono)
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    """One thing that keeps a unit from being attempted now."""
+
+    kind: str  # held | in_flight | suspended | retry_time | breaker | rate_limit | connections
+    text: str
+    until: float | None = None  # wall clock, when known
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, "until": self.until, **self.fields}
+
+
+def _stamp(at: float | None) -> str:
+    import time
+
+    if at is None or math.isinf(at):
+        return "until resumed"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def domain_reasons(domain: str, ctx: WaitContext) -> list[Reason]:
+    """What holds every due unit of ``domain`` now (suspension, breaker, line)."""
+    out: list[Reason] = []
+    s = ctx.suspensions.get(domain)
+    if s is not None and s.active(ctx.now):
+        until = None if math.isinf(s.until) else s.until
+        text = f"domain suspended {_stamp(s.until) if until is None else 'until ' + _stamp(until)}"
+        if s.reason:
+            text += f" ({s.reason})"
+        out.append(Reason("suspended", text, until, {"reason": s.reason}))
+    info = ctx.breakers.get(domain)
+    if info is not None and info.state is BreakerState.OPEN and info.open_until is not None:
+        until = ctx.wall(info.open_until)
+        out.append(Reason("breaker", f"circuit breaker open until {_stamp(until)}", until))
+    elif info is not None and info.state is BreakerState.HALF_OPEN:
+        out.append(Reason("breaker", "circuit breaker half-open: one probe at a time"))
+    block = ctx.blocked(domain)
+    if isinstance(block, DeferRateLimit):
+        until = ctx.wall(block.until)
+        lim = ctx.limit_for(domain)
+        tokens = ctx.tokens(domain)
+        text = (
+            f"rate limit {lim.messages_per_second:g}/s (burst {lim.burst_size}): "
+            f"next token at {_stamp(until)}"
+        )
+        if tokens is not None:
+            text += f", {tokens:.2f} token(s) now"
+        out.append(Reason("rate_limit", text, until, {"tokens": tokens}))
+    elif isinstance(block, WaitForConnection):
+        n = ctx.connections(domain)
+        out.append(
+            Reason(
+                "connections",
+                f"connection cap: {n} of max_connections {block.max_connections} in use",
+                None,
+                {"in_use": n, "max_connections": block.max_connections},
+            )
+        )
+    elif isinstance(block, DeferBreaker) and not any(r.kind == "breaker" for r in out):
+        out.append(Reason("breaker", f"circuit breaker {block.state.value}"))
+    elif isinstance(block, Suspended) and not any(r.kind == "suspended" for r in out):
+        out.append(Reason("suspended", "domain suspended"))
+    return out
+
+
+def waiting_for(
+    msg_id: str, unit: UnitState, ctx: WaitContext, domain_level: list[Reason] | None = None
+) -> list[Reason]:
+    """Every reason ``unit`` is not being attempted now; [] when it is due and free to
+    start (or in flight, or finished)."""
+    if unit.status.terminal:
+        return []
+    if (msg_id, unit.domain) in ctx.in_flight:
+        return [Reason("in_flight", "being attempted now")]
+    out: list[Reason] = []
+    if unit.status is UnitStatus.HELD:
+        out.append(Reason("held", "held by the operator (empathctl queue release)"))
+    elif unit.next_attempt_at > ctx.now:
+        at = unit.next_attempt_at
+        out.append(Reason("retry_time", f"next retry at {_stamp(at)}", at))
+    out += domain_reasons(unit.domain, ctx) if domain_level is None else domain_level
+    return out
+
+
+def attempt_counts(
+    units: Iterable[tuple[str, UnitState]], ctx: WaitContext, free_slots: int
+) -> tuple[int, dict[str, int]]:
+    """For units about to be made due (`queue retry`, `process-now`): how many can start
+    now, and how many stay waiting by reason (held, suspended, breaker, rate_limit,
+    connections, max_concurrent_deliveries)."""
+    by_domain: dict[str, int] = {}
+    stay: Counter[str] = Counter()
+    for msg_id, unit in units:
+        if unit.status.terminal or (msg_id, unit.domain) in ctx.in_flight:
+            continue
+        if unit.status is UnitStatus.HELD:
+            stay["held"] += 1
+            continue
+        by_domain[unit.domain] = by_domain.get(unit.domain, 0) + 1
+    now_total = 0
+    for domain, count in by_domain.items():
+        n = count
+        reasons = domain_reasons(domain, ctx)
+        kinds = {r.kind for r in reasons}
+        blocking = next((k for k in ("suspended", "breaker") if k in kinds), None)
+        if blocking == "breaker" and ctx.breakers[domain].state is BreakerState.HALF_OPEN:
+            stay["breaker"] += n - 1
+            n = 1
+        elif blocking is not None:
+            stay[blocking] += n
+            continue
+        free_conn = max(0, ctx.max_connections(domain) - ctx.connections(domain))
+        lim = ctx.limit_for(domain)
+        tokens = ctx.tokens(domain)
+        cap = n
+        if not lim.unlimited and tokens is not None:
+            cap = min(cap, int(tokens + 1e-9))
+            stay["rate_limit"] += n - cap
+        take = min(cap, free_conn)
+        stay["connections"] += cap - take
+        now_total += take
+    if now_total > free_slots:
+        stay["max_concurrent_deliveries"] += now_total - free_slots
+        now_total = free_slots
+    return now_total, {k: v for k, v in stay.items() if v}
+
+
+# --- queue summary -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class DomainShape:
+    """One destination's line of `queue summary` (accumulated)."""
+
+    total: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    ages: list[int] = field(default_factory=lambda: [0] * len(AGE_LABELS))
+
+
+def shape(
+    messages: Iterable[MessageState],
+    now: float,
+    in_flight: Container[tuple[str, str]],
+    *,
+    every: int = 0,
+    pause: Callable[[], None] | None = None,
+) -> dict[str, DomainShape]:
+    """Queued (non-terminal) units per domain by status and age bucket; one pass.
+    ``pause`` is called every ``every`` messages (the caller yields to its loop)."""
+    out: dict[str, DomainShape] = {}
+    buckets = _BUCKET_S
+    last = len(AGE_LABELS) - 1
+    busy = bool(in_flight)
+    n = 0
+    for msg in messages:
+        age = now - msg.envelope.received_at
+        if age < buckets[0]:
+            b = 0
+        else:
+            b = next((i for i, limit in enumerate(buckets) if age < limit), last)
+        for unit in msg.units:
+            st = unit.status
+            if st.terminal:
+                continue
+            d = out.get(unit.domain)
+            if d is None:
+                d = out[unit.domain] = DomainShape()
+            d.total += 1
+            name = st.value
+            if busy and (msg.id, unit.domain) in in_flight:
+                name = "in_progress"
+            d.by_status[name] += 1
+            d.ages[b] += 1
+        n += 1
+        if every and pause is not None and n % every == 0:
+            pause()
+    return out
+
+
+def summary_rows(
+    shapes: Mapping[str, DomainShape],
+    ctx: WaitContext,
+    delivered_last_min: Mapping[str, int],
+    limit: int | None,
+) -> list[dict[str, Any]]:
+    """The summary's rows, most queued units first (at most ``limit``)."""
+    ranked = sorted(shapes.items(), key=lambda kv: (-kv[1].total, kv[0]))
+    for domain in ctx.suspensions:
+        if domain not in shapes:
+            ranked.append((domain, DomainShape()))
+    if limit is not None:
+        ranked = ranked[:limit]
+    rows = []
+    for domain, d in ranked:
+        lim = ctx.limit_for(domain)
+        reasons = domain_reasons(domain, ctx)
+        kinds = {r.kind for r in reasons}
+        info = ctx.breakers.get(domain)
+        rows.append(
+            {
+                "domain": domain,
+                "total": d.total,
+                "by_status": {k: d.by_status.get(k, 0) for k in SUMMARY_STATUSES[:4]},
+                "ages": dict(zip(AGE_LABELS, d.ages, strict=True)),
+                "rate_per_s": None if lim.unlimited else lim.messages_per_second,
+                "burst": None if lim.unlimited else lim.burst_size,
+                "max_connections": ctx.max_connections(domain),
+                "connections": ctx.connections(domain),
+                "delivered_last_min": delivered_last_min.get(domain, 0),
+                "throttled": "rate_limit" in kinds,
+                "suspended": "suspended" in kinds,
+                "breaker": (info.state if info else BreakerState.CLOSED).value,
+                "waiting_for": [r.text for r in reasons],
+            }
+        )
+    return rows

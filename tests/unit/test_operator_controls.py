@@ -1,0 +1,356 @@
+"""The pure parts of the incident controls (issue 15): breaker reset/probe, suspensions
+in the scheduler, unit filters, "why is it waiting", attempt counts, the summary's
+shape, the message history file and the story built from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from empath.control import select as sel
+from empath.control.history import message_story
+from empath.policy.breaker import Admit, BreakerState, CircuitBreaker, Transition
+from empath.policy.ratelimit import RateLimit
+from empath.queue.index import UnitKey
+from empath.queue.scheduler import DeferRateLimit, Dispatch, Suspended
+from empath.queue.suspend import Suspension, Suspensions
+from empath.spool.journal import FILE_SECONDS, MessageJournal
+from empath.spool.model import (
+    Attempt,
+    Envelope,
+    MessageState,
+    RecipientState,
+    UnitState,
+    UnitStatus,
+)
+from empath.testing.clock import FakeClock
+from empath.testing.settings import breaker_settings
+from tests.unit.test_queue_scheduler import Harness
+
+# --- breaker ----------------------------------------------------------------------------
+
+
+def tripped(clock: FakeClock, log: list[Transition]) -> CircuitBreaker:
+    b = CircuitBreaker(breaker_settings(failure_threshold=1, timeout_s=3600.0), clock, log.append)
+    b.record_failure("a.test")
+    assert BreakerState.OPEN is b.state("a.test")
+    return b
+
+
+def test_reset_closes_an_open_breaker_now_as_a_logged_transition() -> None:
+    clock, log = FakeClock(), list[Transition]()
+    b = tripped(clock, log)
+    assert BreakerState.OPEN is b.reset("a.test")
+    assert BreakerState.CLOSED is b.state("a.test")
+    assert "Circuit breaker CLOSED for a.test" == log[-1].message
+    assert Admit() == b.allow("a.test")  # an ordinary admit, no probe
+    assert BreakerState.CLOSED is b.reset("unknown.test")
+
+
+def test_reset_of_a_closed_breaker_forgets_its_failures() -> None:
+    clock = FakeClock()
+    b = CircuitBreaker(breaker_settings(failure_threshold=2, timeout_s=60.0), clock)
+    b.record_failure("a.test")
+    assert 1 == b.snapshot()["a.test"].failures
+    assert BreakerState.CLOSED is b.reset("a.test")
+    b.record_failure("a.test")
+    assert BreakerState.CLOSED is b.state("a.test")  # one failure again, not two
+
+
+def test_probe_now_lets_exactly_one_attempt_through_an_open_breaker() -> None:
+    clock, log = FakeClock(), list[Transition]()
+    b = tripped(clock, log)
+    assert BreakerState.OPEN is b.probe_now("a.test")
+    first = b.allow("a.test")
+    assert first.probe > 0  # type: ignore[union-attr]
+    assert not hasattr(b.allow("a.test"), "probe")  # the second waits for the probe
+    b.record_success("a.test", first.probe)  # type: ignore[union-attr]
+    assert BreakerState.CLOSED is b.state("a.test")
+    assert BreakerState.CLOSED is b.probe_now("a.test")
+
+
+def test_snapshot_says_since_when_and_the_failures_in_the_window() -> None:
+    clock, log = FakeClock(), list[Transition]()
+    b = tripped(clock, log)
+    opened = clock.monotonic()
+    clock.advance(10)
+    info = b.snapshot()["a.test"]
+    assert (BreakerState.OPEN, opened, opened + 3600.0) == (
+        info.state,
+        info.since,
+        info.open_until,
+    )
+
+
+# --- suspensions in the scheduler -------------------------------------------------------
+
+
+def test_a_suspended_domain_gets_no_dispatch_and_no_report_until_it_ends() -> None:
+    h = Harness()
+    h.scheduler.suspended["a.com"] = h.clock.now() + 60.0
+    h.add("m1")
+    h.add("m2", "b.com")
+    out = h.tick()
+    assert [UnitKey("m2", "b.com")] == [k for k, d in out if isinstance(d, Dispatch)]
+    assert [] == [k for k, _d in out if k.domain == "a.com"]  # joined silently
+    assert isinstance(h.scheduler.blocked("a.com"), Suspended)
+    h.clock.advance(30)
+    assert [] == h.dispatched()
+    h.clock.advance(31)
+    assert ["m1"] == h.dispatched()
+
+
+def test_resuming_wakes_the_line_at_the_next_tick() -> None:
+    h = Harness()
+    h.scheduler.suspended["a.com"] = math.inf
+    h.add("m1")
+    assert [] == h.dispatched()
+    del h.scheduler.suspended["a.com"]
+    h.scheduler.wake("a.com")
+    assert ["m1"] == h.dispatched()
+
+
+def test_suspensions_persist_expire_and_follow_the_cluster(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = str(tmp_path / "suspended.json")
+    changed: list[str] = []
+    s = Suspensions(clock, path)
+    s.on_change(changed.append)
+    s.suspend("A.test", 7200.0, "migration")
+    s.suspend("b.test", None, "")
+    assert {"a.test": clock.now() + 7200.0, "b.test": math.inf} == s.until
+    again = Suspensions(clock, path)
+    assert 2 == again.load()
+    assert "migration" == again.active()["a.test"].reason
+    clock.advance(7201)
+    assert ["b.test"] == list(again.active())
+    assert again.resume("b.test") is not None and not again.active()
+    assert 0 == Suspensions(clock, path).load()
+    remote = {"c.test": Suspension("c.test", clock.now(), math.inf, "x")}
+    assert ["a.test", "b.test", "c.test"] == sorted(s.replace_all(remote))
+    assert ["c.test"] == list(s.until)
+    assert [] == s.replace_all(remote)
+    assert {"a.test", "b.test", "c.test"} <= set(changed)
+
+
+# --- filters, reasons, counts, shape ------------------------------------------------------
+
+
+def msg(mid: str, sender: str, received: float, *units: UnitState) -> MessageState:
+    rcpts = tuple(r.address for u in units for r in u.recipients)
+    return MessageState(mid, Envelope(sender, rcpts, received), units)
+
+
+def unit(domain: str, status: UnitStatus = UnitStatus.PENDING, **kw: object) -> UnitState:
+    return UnitState(domain, (RecipientState(f"x@{domain}"),), status, **kw)  # type: ignore[arg-type]
+
+
+NOW = 1_700_000_000.0
+QUEUE = [
+    msg("M1", "a@x.test", NOW - 7200, unit("a.test"), unit("b.test", UnitStatus.RETRY)),
+    msg("M2", "b@y.test", NOW - 60, unit("a.test", UnitStatus.HELD)),
+    msg("M3", "", NOW - 10, unit("b.test", UnitStatus.FAILED)),
+]
+
+
+def test_a_filter_selects_exactly_the_units_matching_every_criterion() -> None:
+    def pick(**kw: object) -> list[tuple[str, list[str]]]:
+        flt = sel.UnitFilter(**kw)  # type: ignore[arg-type]
+        return [(m.id, ds) for m, ds in sel.select(QUEUE, flt, NOW, set())]
+
+    assert [("M1", ["a.test"]), ("M2", ["a.test"])] == pick(domain="A.test")
+    assert [("M1", ["a.test", "b.test"])] == pick(sender="A@X.test")
+    assert [("M2", ["a.test"])] == pick(sender="@y.test")
+    assert [("M3", ["b.test"])] == pick(sender="<>")
+    assert [("M1", ["a.test", "b.test"])] == pick(older_than_s=3600.0)
+    assert [("M1", ["b.test"])] == pick(status="retry")
+    in_flight = {("M1", "a.test")}
+    assert [("M1", ["a.test"])] == [
+        (m.id, ds)
+        for m, ds in sel.select(QUEUE, sel.UnitFilter(status="in_progress"), NOW, in_flight)
+    ]
+    assert sel.UnitFilter().empty and not sel.UnitFilter(domain="a").empty
+
+
+def ctx(**kw: object) -> sel.WaitContext:
+    base: dict[str, object] = {
+        "now": NOW,
+        "mono": 1000.0,
+        "in_flight": set(),
+        "suspensions": {},
+        "breakers": {},
+        "blocked": lambda d: None,
+        "limit_for": lambda d: RateLimit(10.0, 10),
+        "tokens": lambda d: 10.0,
+        "connections": lambda d: 0,
+        "max_connections": lambda d: 5,
+    }
+    base.update(kw)
+    return sel.WaitContext(**base)  # type: ignore[arg-type]
+
+
+def test_waiting_for_names_every_thing_that_holds_a_unit() -> None:
+    from empath.policy.breaker import BreakerInfo
+
+    c = ctx(
+        suspensions={"a.test": Suspension("a.test", NOW, NOW + 600, "drill")},
+        breakers={"b.test": BreakerInfo(BreakerState.OPEN, 1, 1300.0, 1000.0)},
+        blocked=lambda d: DeferRateLimit(1002.0) if d == "c.test" else None,
+        tokens=lambda d: 0.25,
+    )
+    kinds = [r.kind for r in sel.waiting_for("M", unit("a.test", UnitStatus.HELD), c)]
+    assert ["held", "suspended"] == kinds
+    (r,) = sel.waiting_for("M", unit("a.test"), c)
+    assert "domain suspended until" in r.text and "(drill)" in r.text
+    later = unit("b.test", UnitStatus.RETRY, next_attempt_at=NOW + 60)
+    kinds = [r.kind for r in sel.waiting_for("M", later, c)]
+    assert ["retry_time", "breaker"] == kinds
+    breaker = sel.waiting_for("M", unit("b.test"), c)[0]
+    assert NOW + 300 == breaker.until
+    (rate,) = sel.waiting_for("M", unit("c.test"), c)
+    assert NOW + 2 == rate.until and "0.25 token(s) now" in rate.text
+    assert [] == sel.waiting_for("M", unit("d.test"), c)
+    assert ["in_flight"] == [
+        r.kind for r in sel.waiting_for("M", unit("d.test"), ctx(in_flight={("M", "d.test")}))
+    ]
+
+
+def test_attempt_counts_split_made_due_units_into_now_and_waiting_by_reason() -> None:
+    from empath.policy.breaker import BreakerInfo
+
+    c = ctx(
+        suspensions={"s.test": Suspension("s.test", NOW, math.inf)},
+        breakers={"b.test": BreakerInfo(BreakerState.OPEN, 1, 2000.0, 1000.0)},
+        tokens=lambda d: 2.0 if d == "r.test" else 10.0,
+        connections=lambda d: 4 if d == "c.test" else 0,
+    )
+    units = [("M", unit("h.test", UnitStatus.HELD))]
+    units += [(f"S{i}", unit("s.test")) for i in range(2)]
+    units += [(f"B{i}", unit("b.test")) for i in range(3)]
+    units += [(f"R{i}", unit("r.test")) for i in range(5)]
+    units += [(f"C{i}", unit("c.test")) for i in range(3)]
+    units += [("F", unit("f.test", UnitStatus.FAILED))]
+    now, waiting = sel.attempt_counts(units, c, free_slots=100)
+    assert 3 == now  # 2 tokens for r.test, 1 free connection for c.test
+    assert {
+        "held": 1,
+        "suspended": 2,
+        "breaker": 3,
+        "rate_limit": 3,
+        "connections": 2,
+    } == waiting
+    assert (1, 2) == (
+        sel.attempt_counts(units, c, free_slots=1)[0],
+        sel.attempt_counts(units, c, free_slots=1)[1]["max_concurrent_deliveries"],
+    )
+
+
+def test_the_summary_counts_queued_units_by_domain_status_and_age_bucket() -> None:
+    shapes = sel.shape(QUEUE, NOW, {("M1", "a.test")})
+    assert {"a.test", "b.test"} == set(shapes)
+    a = shapes["a.test"]
+    assert 2 == a.total and {"in_progress": 1, "held": 1} == dict(a.by_status)
+    assert [1, 0, 0, 0, 0, 1, 0, 0, 0, 0] == a.ages  # 60 s and 2 h
+    assert 1 == shapes["b.test"].total  # the failed unit is not queued
+    c = ctx(
+        blocked=lambda d: DeferRateLimit(1001.0) if d == "a.test" else None,
+        suspensions={"z.test": Suspension("z.test", NOW, math.inf)},
+    )
+    rows = sel.summary_rows(shapes, c, {"a.test": 7}, None)
+    assert ["a.test", "b.test", "z.test"] == [r["domain"] for r in rows]
+    assert (True, False, 7, 10.0) == (
+        rows[0]["throttled"],
+        rows[0]["suspended"],
+        rows[0]["delivered_last_min"],
+        rows[0]["rate_per_s"],
+    )
+    assert rows[2]["suspended"] and 0 == rows[2]["total"]
+    assert ["a.test"] == [r["domain"] for r in sel.summary_rows(shapes, c, {}, 1)]
+
+
+# --- message history ----------------------------------------------------------------------
+
+
+def test_the_history_keeps_events_for_the_retention_and_survives_reopening(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    j = MessageJournal(str(tmp_path / "journal"), 2 * FILE_SECONDS, clock)
+    j.record("M1", "attempt", domain="a.test", text="x" * 5000)
+    j.record("M2", "dsn", kind="failed")
+    clock.advance(FILE_SECONDS)
+    j.record("M1", "left", reason="delivered")
+    j.close()
+    again = MessageJournal(str(tmp_path / "journal"), 2 * FILE_SECONDS, clock)
+    events = again.lookup("M1")
+    assert ["attempt", "left"] == [e["event"] for e in events]
+    assert 1000 == len(events[0]["text"])  # long reply text is cut
+    assert 2 == again.usage()["files"]
+    clock.advance(3 * FILE_SECONDS)
+    assert 2 == again.purge()
+    assert [] == again.lookup("M1")
+
+
+def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    clock = FakeClock()
+    j = MessageJournal(str(tmp_path), 3600.0, clock)
+    j.record("M1", "dsn", kind="failed")
+    j.close()
+    name = next(p for p in tmp_path.iterdir())
+    with name.open("a") as f:
+        f.write('{"id": "M1", "at": 1, "ev')
+    assert ["dsn"] == [
+        e["event"] for e in MessageJournal(str(tmp_path), 3600.0, clock).lookup("M1")
+    ]
+
+
+def test_the_story_of_a_message_that_left_comes_from_its_history() -> None:
+    left = {
+        "id": "M1",
+        "at": NOW + 5,
+        "event": "left",
+        "reason": "delivered",
+        "sender": "a@x.test",
+        "recipients": ["u@a.test"],
+        "received_at": NOW,
+        "peer": "127.0.0.1:4000",
+        "helo": "client.test",
+        "size": 120,
+        "units": [{"domain": "a.test", "status": "delivered", "history": []}],
+    }
+    attempt = {
+        "id": "M1",
+        "at": NOW + 4,
+        "event": "attempt",
+        "domain": "a.test",
+        "mx": "mx.a.test",
+        "address": "192.0.2.1",
+        "tls": "TLSv1.3",
+        "code": 250,
+        "text": "250 2.0.0 ok",
+        "delivered": ["u@a.test"],
+    }
+    story = message_story("M1", None, [attempt, left])
+    texts = [e["text"] for e in story["events"]]
+    assert texts[0].startswith("received from 127.0.0.1:4000 helo client.test: from <a@x.test>")
+    assert (
+        "attempt a.test via mx.a.test [192.0.2.1] tls TLSv1.3: 250 2.0.0 ok (1 delivered)"
+        == (texts[1])
+    )
+    assert "left the queue: delivered (a.test delivered)" == texts[2]
+    assert "left the queue: delivered" == story["status"] and not story["queued"]
+    json.dumps(story)
+
+
+def test_the_story_of_a_queued_message_uses_the_spool_where_the_history_has_nothing() -> None:
+    live = msg(
+        "M9",
+        "a@x.test",
+        NOW,
+        unit("a.test", UnitStatus.RETRY, history=(Attempt(NOW + 1, "mx.a.test", 451, "later"),)),
+    )
+    story = message_story("M9", live, [])
+    assert ["received", "attempt"] == [e["event"] for e in story["events"]]
+    assert "attempt a.test via mx.a.test: 451 later" == story["events"][1]["text"]
+    assert story["queued"] and "a.test retry" in story["status"]
