@@ -16,7 +16,7 @@ LIST_LINE = re.compile(
     r"status: (?P<status>[a-z_]+), attempts: (?P<attempts>\d+), "
     r"age: (?P<age>\d+[smhd][0-9]*[smh]?), "
     r"next: (?P<next>-|\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ), "
-    r"from: (?P<sender>\S+), rcpts: (?P<rcpts>\d+)$"
+    r"from: (?P<sender>\S+), rcpts: (?P<rcpts>\d+)(?:, error: (?P<error>\S+))?$"
 )
 
 

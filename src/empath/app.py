@@ -567,9 +567,10 @@ class App:
         self.dkim.close()
         await self.spool.close()
 
-    async def compact_now(self) -> int:
-        """Reclaim spool space now (the periodic loop and `empathctl spool compact`)."""
-        freed = await self.spool.compact()
+    async def compact_now(self, *, include_active: bool = False) -> int:
+        """Reclaim spool space (the periodic loop; `empathctl spool compact` includes the
+        active segment)."""
+        freed = await self.spool.compact(include_active=include_active)
         self.last_compaction = (time.time(), freed)
         return freed
 

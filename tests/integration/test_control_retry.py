@@ -44,7 +44,8 @@ def test_retry_reopens_an_expired_unit_with_a_fresh_window(tmp_path: Path) -> No
             d.write_config()
             assert 0 == ctl(d, "config", "reload").returncode
             r = ctl(d, "queue", "retry", msg_id)
-            assert (0, "1 unit(s) scheduled for delivery now\n") == (r.returncode, r.stdout)
+            expected = "1 unit(s) scheduled for delivery now: 1 attempted now\n"
+            assert (0, expected) == (r.returncode, r.stdout)
             delivered = d.wait_log("Delivered", message_id=msg_id)
             assert attempts + 1 == delivered[0]["fields"]["attempt"]  # attempts were kept
             assert 1 == len(d.logs("Delivery gave up", message_id=msg_id))

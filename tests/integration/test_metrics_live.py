@@ -156,7 +156,14 @@ def test_success_and_error_rates_over_the_window(scenario: Scenario) -> None:
 
 def test_queue_sizes_oldest_age_and_retry_counts(scenario: Scenario) -> None:
     s = scenario.samples
-    assert {"pending": 2.0, "in_progress": 0.0, "retry": 4.0, "failed": 1.0, "expired": 0.0} == {
+    assert {
+        "pending": 2.0,
+        "in_progress": 0.0,
+        "retry": 4.0,
+        "failed": 1.0,
+        "expired": 0.0,
+        "held": 0.0,
+    } == {
         dict(labels)["status"]: v for labels, v in series(s, "empath_delivery_queue_size").items()
     }
     assert 0 < value(s, "empath_delivery_queue_oldest_seconds") < 120

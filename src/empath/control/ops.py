@@ -55,7 +55,7 @@ class OpsDaemon(Protocol):
     @property
     def last_compaction(self) -> tuple[float, int] | None: ...
 
-    async def compact_now(self) -> int: ...
+    async def compact_now(self, *, include_active: bool = False) -> int: ...
 
 
 # --- arguments -------------------------------------------------------------------------
@@ -366,7 +366,6 @@ class OpsHandlers:
         ]
         log_bytes = sum(s["bytes"] for s in segments)
         live_bytes = sum(s["live_bytes"] for s in segments)
-        reclaimable = getattr(d.spool, "reclaimable_bytes", None)
         last = d.last_compaction
         return {
             "path": d.config.spool.path,
@@ -374,9 +373,9 @@ class OpsHandlers:
             "segments": segments,
             "log_bytes": log_bytes,
             "live_bytes": live_bytes,
-            "reclaimable_bytes": (
-                reclaimable() if callable(reclaimable) else max(0, log_bytes - live_bytes)
-            ),
+            "reclaimable_bytes": usage.reclaimable_bytes,
+            "reserve_bytes": usage.reserve_bytes,
+            "reserve_in_use": usage.reserve_released,
             "size_bytes": usage.size_bytes,
             "free_bytes": usage.free_bytes,
             "total_bytes": usage.total_bytes,
@@ -388,7 +387,7 @@ class OpsHandlers:
 
     async def spool_compact(self, _args: Args) -> dict[str, Any]:
         before = self.d.spool.usage()
-        freed = await self.d.compact_now()
+        freed = await self.d.compact_now(include_active=True)
         after = self.d.spool.usage()
         return {
             "freed_bytes": freed,

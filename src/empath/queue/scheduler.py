@@ -492,7 +492,11 @@ class Scheduler:
         out.append((key, blocked))
 
     def _count_rate_limited(
-        self, domain: str, line: _Line, blocked: Block, out: list[tuple[UnitKey, Decision]]
+        self,
+        domain: str,
+        line: _Line,
+        blocked: DeferRateLimit,
+        out: list[tuple[UnitKey, Decision]],
     ) -> None:
         """The line just blocked on the rate limit: count and report the live units that
         joined it since the last count (a suffix of the line; see the module docstring)."""
