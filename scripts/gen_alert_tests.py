@@ -184,6 +184,16 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
          "14m", "16m", {"domain": "example.org", "selector": "s202612r",
                         "algorithm": "rsa-sha256"}),
     ],
+    "ModuleErrorsElevated": [
+        (None,
+         both("empath_module_calls_total",
+              {"module": "rspamd", "hook": "on_data", "result": "error"},
+              "0+3x30", "0+1x30")
+         + both("empath_module_calls_total",
+                {"module": "rspamd", "hook": "on_data", "result": "continue"},
+                "0+20x30", "0+40x30"),
+         "9m", "12m", {"module": "rspamd"}),
+    ],
 }  # fmt: skip
 
 

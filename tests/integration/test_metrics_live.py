@@ -102,6 +102,14 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
                     "dns": {"nameservers": [dns.nameserver]},
                 },
                 "dkim": dkim_section("good.test", [dkim_key]),
+                # a module on every RCPT, for the module series (trusted clients: no lookup)
+                "modules": [
+                    {
+                        "type": "Python",
+                        "name": "empath.modules.dnsbl:Dnsbl",
+                        "arguments": {"zones": ["bl.test"]},
+                    }
+                ],
             },
         )
         daemon.start()

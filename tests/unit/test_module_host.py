@@ -1,5 +1,5 @@
 """The module host: order, accept-now, on_error, the once-a-minute traceback, changes
-seen by the next module, bounded delivery-event queues (SPEC §14)."""
+seen by the next module, bounded delivery-event queues (DESIGN §14)."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ PURE = sorted(
         SRC / "queue" / "index.py",
         SRC / "queue" / "scheduler.py",
         *(SRC / "delivery" / name for name in ("transition.py", "classify.py", "bounce.py")),
-        SRC / "modules" / "milter" / "codec.py",  # the milter protocol (SPEC §14)
+        SRC / "modules" / "milter" / "codec.py",  # the milter protocol (DESIGN §14)
     ]
 )
 FORBIDDEN = {

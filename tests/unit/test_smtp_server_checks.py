@@ -1,4 +1,4 @@
-"""Module checks in the sans-I/O server (SPEC §14): the state machine stops at the
+"""Module checks in the sans-I/O server (DESIGN §14): the state machine stops at the
 stages the modules hook, and only there; their answer decides the reply."""
 
 from __future__ import annotations
