@@ -427,6 +427,7 @@ class SmtpSession(asyncio.Protocol):
         ms.tls = server.tls_active
         ms.sender = check.value if check.stage is CheckStage.MAIL else server.sender
         ms.recipients = server.recipients
+        ms.auth_user = server.auth_user
         answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
         self._commit_task = None
         if self._transport is None or self._transport.is_closing():
