@@ -59,6 +59,7 @@ from empath.config.checks import (
     valid_redis_url,
 )
 from empath.config.dkim import DkimConfig
+from empath.modules.api import OnError
 from empath.spool.store import SEGMENT_BYTES
 
 __all__ = [
@@ -517,7 +518,7 @@ class ModuleTimeouts:
 
 
 ModuleType = Literal["Python", "Milter", "SharedLibrary"]
-ModuleOnError = Literal["tempfail", "accept", "reject"]
+ModuleOnError = OnError  # the modules' own type (empath.modules.api)
 
 
 def _milter_address(value: str) -> str | None:

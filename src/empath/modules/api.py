@@ -21,6 +21,9 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
+OnError = Literal["tempfail", "accept", "reject"]
+"""What a module's timeout, exception or an unreachable milter means (``on_error``)."""
+
 __all__ = [
     "AddHeader",
     "ChangeHeader",

@@ -35,9 +35,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
-from empath.config.model import ModuleOnError, ModuleTimeouts
 from empath.logs import get_logger
-from empath.modules.api import Changes, DeliveryEvent, DeliveryKind, Message, Reply, Session
+from empath.modules.api import (
+    Changes,
+    DeliveryEvent,
+    DeliveryKind,
+    Message,
+    OnError,
+    Reply,
+    Session,
+)
 from empath.modules.headers import apply_changes, message_view
 from empath.smtp.events import CheckStage
 from empath.spool.model import MessageState, UnitState, UnitStatus
@@ -112,14 +119,24 @@ _ON_ERROR_REPLY: Final[dict[str, Reply | None]] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class CallTimeouts:
+    """How long one call into a filter may take, in seconds (a ``modules`` entry's
+    ``timeouts``; ``modules/loader.py`` builds it from the config)."""
+
+    connect_secs: float
+    command_secs: float
+    end_of_message_secs: float
+
+
 class Filter(Protocol):
     """One loaded ``modules`` entry, as the host drives it."""
 
     label: str
     kind: Literal["module", "milter"]
     hooks: frozenset[Hook]
-    timeouts: ModuleTimeouts
-    on_error: ModuleOnError
+    timeouts: CallTimeouts
+    on_error: OnError
 
     def budget(self, hook: Hook) -> float:
         """The most one call of ``hook`` may take, in seconds."""

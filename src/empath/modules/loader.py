@@ -20,10 +20,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from empath.config.model import ModuleConfig, ModuleOnError, ModuleTimeouts
+from empath.config.model import ModuleConfig, ModuleTimeouts
 from empath.errors import ConfigError
-from empath.modules.api import Changes, DeliveryEvent, Message, Reply, Session
-from empath.modules.host import CONTINUE, Filter, Hook, ModuleHost, ModuleStats, Verdict
+from empath.modules.api import Changes, DeliveryEvent, Message, OnError, Reply, Session
+from empath.modules.host import (
+    CONTINUE,
+    CallTimeouts,
+    Filter,
+    Hook,
+    ModuleHost,
+    ModuleStats,
+    Verdict,
+)
 
 __all__ = ["HOOK_ATTRIBUTES", "ModuleContext", "PythonFilter", "build_host", "load_filter"]
 
@@ -59,8 +67,8 @@ class PythonFilter:
 
     def __init__(self, cfg: ModuleConfig, obj: object) -> None:
         self.label = cfg.label
-        self.timeouts: ModuleTimeouts = cfg.timeouts
-        self.on_error: ModuleOnError = cfg.on_error
+        self.timeouts = call_timeouts(cfg.timeouts)
+        self.on_error: OnError = cfg.on_error
         self.obj = obj
         self._fns: dict[Hook, Callable[..., Awaitable[object]]] = {}
         for hook, attr in HOOK_ATTRIBUTES.items():
@@ -138,6 +146,10 @@ def _load_python(index: int, cfg: ModuleConfig, context: ModuleContext) -> Pytho
     return flt
 
 
+def call_timeouts(t: ModuleTimeouts) -> CallTimeouts:
+    return CallTimeouts(t.connect_secs, t.command_secs, t.end_of_message_secs)
+
+
 def load_filter(
     index: int, cfg: ModuleConfig, context: ModuleContext, stats: ModuleStats
 ) -> Filter:
@@ -146,7 +158,15 @@ def load_filter(
     if cfg.type == "Milter":
         from empath.modules.milter.filter import MilterFilter
 
-        return MilterFilter(cfg, stats, hostname=context.hostname)
+        assert cfg.address is not None
+        return MilterFilter(
+            cfg.label,
+            cfg.address,
+            call_timeouts(cfg.timeouts),
+            cfg.on_error,
+            stats,
+            hostname=context.hostname,
+        )
     raise ConfigError(f"{_where(index, cfg)}: {cfg.type} modules cannot be loaded")
 
 

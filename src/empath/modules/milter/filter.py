@@ -29,7 +29,6 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from empath.config.model import ModuleConfig, ModuleOnError, ModuleTimeouts
 from empath.logs import get_logger
 from empath.modules.api import (
     AddHeader,
@@ -39,10 +38,11 @@ from empath.modules.api import (
     DeliveryEvent,
     HeaderChange,
     Message,
+    OnError,
     Reply,
     Session,
 )
-from empath.modules.host import CONTINUE, Hook, ModuleStats, Verdict
+from empath.modules.host import CONTINUE, CallTimeouts, Hook, ModuleStats, Verdict
 from empath.modules.milter import codec
 from empath.modules.milter.client import MilterConnection, MilterUnavailableError
 from empath.modules.milter.codec import Cmd, Kind, Proto, Response
@@ -77,12 +77,20 @@ class MilterFilter:
 
     kind: Literal["module", "milter"] = "milter"
 
-    def __init__(self, cfg: ModuleConfig, stats: ModuleStats, *, hostname: str) -> None:
-        assert cfg.address is not None
-        self.label = cfg.label
-        self.address = cfg.address
-        self.timeouts: ModuleTimeouts = cfg.timeouts
-        self.on_error: ModuleOnError = cfg.on_error
+    def __init__(
+        self,
+        label: str,
+        address: str,
+        timeouts: CallTimeouts,
+        on_error: OnError,
+        stats: ModuleStats,
+        *,
+        hostname: str,
+    ) -> None:
+        self.label = label
+        self.address = address
+        self.timeouts = timeouts
+        self.on_error = on_error
         self.hooks = frozenset({Hook.MAIL, Hook.RCPT, Hook.DATA})
         self._stats = stats
         self._hostname = hostname
