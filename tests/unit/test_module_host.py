@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 import pytest
 
-from empath.config.model import ModuleConfig, ModuleOnError, ModuleTimeouts
+from empath.config.model import ModuleConfig, ModuleOnError
 from empath.errors import ConfigError
 from empath.modules import AddHeader, Changes, DeleteHeader, DeliveryEvent, Message, Reply, Session
-from empath.modules.host import CONTINUE, Hook, ModuleHost, ModuleStats, Verdict
+from empath.modules.host import CONTINUE, CallTimeouts, Hook, ModuleHost, ModuleStats, Verdict
 from empath.modules.loader import ModuleContext, build_host
 from empath.transport.acceptance import AcceptedMessage, SessionFacts
 
@@ -34,8 +34,8 @@ class Fake:
         self.answer = answer
         self.on_error = on_error
         self.hooks = hooks
-        self.timeouts = ModuleTimeouts(connect_secs=0.05, command_secs=0.05,
-                                       end_of_message_secs=0.05)  # fmt: skip
+        self.timeouts = CallTimeouts(connect_secs=0.05, command_secs=0.05,
+                                     end_of_message_secs=0.05)  # fmt: skip
         self.delay_s = delay_s
         self.seen: list[Any] = []
 
