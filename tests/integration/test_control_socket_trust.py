@@ -174,7 +174,7 @@ def _ping_as(uid: int, path: Path) -> str:
                     s.sendall(b'{"v":1,"id":1,"cmd":"system.ping","args":{}}\n')
                 os.write(write_end, s.makefile("rb").readline())
             code = 0
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        except BaseException as exc:
             os.write(write_end, f"child failed: {exc!r}".encode())
         finally:
             os._exit(code)
