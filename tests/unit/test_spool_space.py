@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from empath.spool.space import (
     RESERVE_MAX_BYTES,
     RESERVE_MIN_BYTES,
     CompactMode,
+    Reserve,
     SegmentSpace,
     mode_for,
     pick_victim,
@@ -73,3 +76,18 @@ def test_reclaimable_bytes_are_the_dead_bytes_of_every_segment() -> None:
     assert 3 * MIB == reclaimable_bytes(
         [SegmentSpace(1, 2 * MIB, MIB), SegmentSpace(2, 2 * MIB, 0)]
     )
+
+
+def test_a_reserve_that_cannot_be_made_for_want_of_space_is_out(tmp_path: Path) -> None:
+    """restore() allocates the file; release() unlinks it; a failure that is not about
+    space (here: no directory) leaves no reserve but never refuses mail."""
+    reserve = Reserve(tmp_path / "reserve")
+    assert reserve.restore(RESERVE_MIN_BYTES)
+    assert (tmp_path / "reserve").stat().st_blocks * 512 >= RESERVE_MIN_BYTES
+    assert reserve.release() and not reserve.held
+    assert not (tmp_path / "reserve").exists()
+    assert not reserve.release()
+    odd = Reserve(tmp_path / "missing-dir" / "reserve")
+    assert odd.restore(RESERVE_MIN_BYTES) and odd.held
+    assert 0 == odd.size
+    assert not odd.release()

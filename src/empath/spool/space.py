@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import threading
 from collections.abc import Sequence
@@ -136,17 +137,21 @@ class Reserve:
                     os.posix_fallocate(fd, 0, self.size)
                 finally:
                     os.close(fd)
-            except OSError:
+            except OSError as exc:
                 with contextlib.suppress(OSError):
                     self.path.unlink()
-                return False
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    return False
+                # Not a matter of space (no permission, an odd filesystem): go on
+                # without a reserve, as before it existed, rather than refuse mail.
+                self.size = 0
             self.held = True
             return True
 
     def release(self) -> bool:
         """Give the reserved space back to the filesystem; False if it was not held."""
         with self._lock:
-            if not self.held:
+            if not self.held or not self.size:
                 return False
             self.held = False
             with contextlib.suppress(FileNotFoundError):
