@@ -265,3 +265,35 @@ def test_an_operator_compaction_includes_the_active_segment(tmp_path: Path) -> N
             await spool.close()
 
         asyncio.run(main())
+
+
+def test_a_restart_on_a_full_disk_of_deleted_mail_gets_the_space_back(tmp_path: Path) -> None:
+    """Issue 14 defect 15, "and after a restart": every message deleted on a full disk,
+    the spool closed before compaction ran and the freed reserve taken by someone else;
+    the reopen deletes the segment of finished mail (no write needed) and accepts mail."""
+    with small_tmpfs(tmp_path / "fs", "8m") as fs:
+        spool_dir = fs / "spool"
+
+        async def main() -> None:
+            spool = FileSpool(spool_dir)
+            await spool.open()
+            msgs = [await put(spool, b"m%04d " % i + b"x" * 60_000 + b"\r\n") for i in range(60)]
+            fill(fs / "filler")
+            for m in msgs:
+                await spool.remove(m.id)
+            assert spool.usage().reserve_released
+            await spool.close()
+            fill(fs / "filler2")
+            spool = FileSpool(spool_dir)
+            report = await spool.open()
+            assert (0, 0) == (report.messages, report.quarantined)
+            assert not spool.usage().reserve_released
+            assert os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize > 50 * 60_000
+            kept = await put(spool, b"after the restart\r\n")
+            await spool.close()
+            spool = FileSpool(spool_dir)
+            await spool.open()
+            assert [kept.id] == [m.id for m in spool.messages()]
+            await spool.close()
+
+        asyncio.run(main())

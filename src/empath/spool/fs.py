@@ -156,7 +156,9 @@ class FileSpool(IndexedMessages, Compaction):
             self._index = MessageIndex(rec.index)
             self._spill_total = rec.spill_bytes
             st = os.statvfs(self.path)
-            self._reserve.restore(reserve_size(st.f_blocks * st.f_frsize))
+            size = reserve_size(st.f_blocks * st.f_frsize)
+            if not self._reserve.restore(size) and self._drop_dead_segments():
+                self._reserve.restore(size)
             self._writer = LogWriter(
                 self._log_dir,
                 self._segments,
@@ -229,6 +231,24 @@ class FileSpool(IndexedMessages, Compaction):
                 return active
             self._segments[new.seq] = active = new
         return active
+
+    def _drop_dead_segments(self) -> bool:
+        """Start-up on a full disk with the reserve given up (a stop before compaction
+        could reclaim): delete the oldest segments that hold no live message - the
+        only way to get space back without writing.  Oldest first and contiguous, so no
+        tombstone outlives its record; if every segment goes, the next is a fresh one."""
+        dropped = False
+        for seq in sorted(self._segments):
+            seg = self._segments[seq]
+            if seg.refs:
+                break
+            log.warn("Spool filesystem full at start: deleted a segment of finished mail",
+                     segment=seg.name, freed_bytes=seg.size)  # fmt: skip
+            self._drop_segment_file(seg)
+            dropped = True
+        if dropped:
+            fsync_dir(self._log_dir)
+        return dropped
 
     def _drop_segment_file(self, seg: Segment) -> None:
         with contextlib.suppress(OSError):
