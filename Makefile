@@ -13,6 +13,9 @@ APT_PROBES   += opendkim opendkim-testmsg openssl
 # Modules (issue 19): rspamd as a milter in the tests and bench/modules; opendkim-genkey
 APT_PACKAGES += rspamd
 APT_PROBES   += rspamd opendkim-genkey
+# Health (issue 14 defect 6): `ss -K` destroys the daemon's listening socket in a test
+APT_PACKAGES += iproute2
+APT_PROBES   += ss
 # The compiled build: a wheel whose hot-path modules mypyc compiled (the list is in
 # pyproject.toml; the hook is scripts/hatch_mypyc.py), installed into build/native and
 # put first on PYTHONPATH by `run`, `cluster`, `bench` and the first pass of `test`.
