@@ -19,7 +19,7 @@ from empath.config.dkim import (
 )
 from empath.dkim import keys, rotation
 from empath.dkim.policy import build_table, existing_signatures, from_domain, plan
-from empath.dkim.sign import SignSpec, header_list, parse_fields, sign
+from empath.dkim.sign import SignSpec, header_list, name_counts, parse_fields, sign
 from empath.errors import ConfigError
 from tests.helpers import require_tool
 
@@ -117,13 +117,17 @@ def test_h_lists_each_present_field_per_occurrence_plus_one_when_oversigned() ->
     names = ("from", "to", "subject", "reply-to")
     key = keys.generate("ed25519-sha256")
     spec = SignSpec("x", "s", "rsa-sha256", key, "relaxed/relaxed", names, frozenset(names[::3]))
-    assert [b"from", b"from", b"to", b"to", b"reply-to"] == header_list(headers, spec)
+    assert [b"from", b"from", b"to", b"to", b"reply-to"] == header_list(name_counts(headers), spec)
 
 
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
         (["Alice <alice@Example.ORG>"], "example.org"),
+        (["alice@example.org"], "example.org"),
+        (["<alice@example.org>"], "example.org"),
+        (["alice@example.org>"], None),
+        (['"Doe, John" <j@example.org>'], "example.org"),
         (["alice@example.org, bob@example.org"], "example.org"),
         (["alice@example.org, bob@other.org"], None),
         (["a@example.org", "b@example.org"], None),  # two From: fields

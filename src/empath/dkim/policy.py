@@ -22,8 +22,10 @@ The caller checks first that the client is trusted or authenticated.
 from __future__ import annotations
 
 import email.utils
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 
@@ -130,10 +132,18 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
 # --- per message ---------------------------------------------------------------------
 
 
+_SIMPLE_FROM: Final = re.compile(
+    r'[^<>",@]*<[^<>",@\s]+@([A-Za-z0-9.-]+)>|[^<>",@\s]+@([A-Za-z0-9.-]+)'
+)
+
+
 def from_domain(from_values: Sequence[str]) -> str | None:
     """The one domain of the From: field(s) (lower case, A-labels), or None."""
     if len(from_values) != 1:
         return None
+    simple = _SIMPLE_FROM.fullmatch(from_values[0].strip())
+    if simple is not None:  # "a@b", "<a@b>", "Name <a@b>": most mail, without the parser
+        return (simple.group(1) or simple.group(2)).rstrip(".").lower() or None
     domains = set()
     for _name, addr in email.utils.getaddresses(list(from_values)):
         at = addr.rfind("@")

@@ -21,9 +21,11 @@ used: it lets anyone append to a signed body.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dkim  # dkimpy
 from cryptography.hazmat.primitives import hashes
@@ -61,12 +63,8 @@ def parse_fields(raw_fields: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def header_list(headers: Sequence[tuple[bytes, bytes]], spec: SignSpec) -> list[bytes]:
+def header_list(counts: dict[str, int], spec: SignSpec) -> list[bytes]:
     """The ``h=`` names: each configured one per occurrence, plus one for over-signed."""
-    counts: dict[str, int] = {}
-    for raw_name, _ in headers:
-        lower = raw_name.decode("ascii", "replace").strip().lower()
-        counts[lower] = counts.get(lower, 0) + 1
     out: list[bytes] = []
     for name in spec.headers:
         n = counts.get(name, 0) + (1 if name in spec.oversign else 0)
@@ -74,30 +72,70 @@ def header_list(headers: Sequence[tuple[bytes, bytes]], spec: SignSpec) -> list[
     return out
 
 
+def name_counts(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for raw_name, _ in headers:
+        lower = raw_name.decode("ascii", "replace").strip().lower()
+        counts[lower] = counts.get(lower, 0) + 1
+    return counts
+
+
+@functools.cache
+def policy_of(canonicalization: str) -> Any:
+    """dkimpy's canonicalisation policy for ``relaxed/simple`` etc. (parsed once)."""
+    return CanonicalizationPolicy.from_c_value(canonicalization.encode("ascii"))
+
+
 def body_hash(body: bytes, canonicalization: str) -> bytes:
-    policy = CanonicalizationPolicy.from_c_value(canonicalization.encode("ascii"))
+    policy = policy_of(canonicalization)
     return base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
 
 
-def sign(
+@dataclass(frozen=True, slots=True)
+class Unsigned:
+    """A signature with everything computed but the private-key operation."""
+
+    spec: SignSpec
+    fields: tuple[tuple[bytes, bytes], ...]  # the tags, b= last and empty
+    digest: bytes  # SHA-256 over the canonical signed fields and this one (b= empty)
+
+
+def prepare(
     raw_fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
-) -> list[bytes]:
-    """One ``DKIM-Signature: ...\\r\\n`` field per spec (module doc)."""
+) -> list[Unsigned]:
+    """Canonicalise and hash (pure Python, holds the GIL): one :class:`Unsigned` a spec.
+
+    Only the fields named in ``h=`` are canonicalised (dkimpy canonicalises each field
+    by itself, so selecting first gives the same bytes), once per header
+    canonicalisation; the body once per body canonicalisation."""
     headers = parse_fields(raw_fields)
+    counts = name_counts(headers)
     body_hashes: dict[str, bytes] = {}
-    out: list[bytes] = []
+    canonical: dict[tuple[str, frozenset[str]], list[tuple[bytes, bytes]]] = {}
+    out: list[Unsigned] = []
     for spec in specs:
-        c_body = spec.canonicalization.split("/")[1]
+        c_head, c_body = spec.canonicalization.split("/")
         bh = body_hashes.get(c_body)
         if bh is None:
             bh = body_hashes[c_body] = body_hash(body, spec.canonicalization)
-        out.append(_sign_one(headers, bh, spec, now))
+        wanted = frozenset(spec.headers)
+        key = (c_head, wanted)
+        selected = canonical.get(key)
+        if selected is None:
+            chosen = [h for h in headers if h[0].decode("ascii", "replace").strip().lower()
+                      in wanted]  # fmt: skip
+            selected = canonical[key] = policy_of(spec.canonicalization).canonicalize_headers(
+                chosen
+            )
+        out.append(_unsigned(selected, counts, bh, spec, now))
     return out
 
 
-def _sign_one(headers: list[tuple[bytes, bytes]], bh: bytes, spec: SignSpec, now: int) -> bytes:
-    policy = CanonicalizationPolicy.from_c_value(spec.canonicalization.encode("ascii"))
-    include = header_list(headers, spec)
+def _unsigned(
+    selected: list[tuple[bytes, bytes]], counts: dict[str, int], bh: bytes, spec: SignSpec,
+    now: int,
+) -> Unsigned:  # fmt: skip
+    include = header_list(counts, spec)
     fields: list[tuple[bytes, bytes]] = [
         (b"v", b"1"),
         (b"a", spec.algorithm.encode("ascii")),
@@ -114,16 +152,32 @@ def _sign_one(headers: list[tuple[bytes, bytes]], bh: bytes, spec: SignSpec, now
     folded = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_SIG_NAME))
     unsigned = dkim.RE_BTAG.sub(b"\\1", folded)
     hasher = hashlib.sha256()
-    dkim.hash_headers(
-        hasher, policy, policy.canonicalize_headers(headers), include,
-        (_SIG_NAME, b" " + unsigned), dict(fields),
-    )  # fmt: skip
-    digest = hasher.digest()
-    key = spec.key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        signature = key.sign(digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
-    else:
-        signature = key.sign(digest, _PADDING, _PREHASHED)
-    fields[-1] = (b"b", base64.b64encode(signature))
-    value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_SIG_NAME))
-    return _SIG_NAME + b": " + bytes(value)
+    policy = policy_of(spec.canonicalization)
+    dkim.hash_headers(hasher, policy, selected, include, (_SIG_NAME, b" " + unsigned),
+                      dict(fields))  # fmt: skip
+    fields[-1] = (b"b", b"")
+    return Unsigned(spec, tuple(fields), hasher.digest())
+
+
+def finish(pending: Sequence[Unsigned]) -> list[bytes]:
+    """The private-key operations (OpenSSL; the GIL is released while RSA signs) and
+    the final ``DKIM-Signature: ...\r\n`` fields."""
+    out = []
+    for u in pending:
+        key = u.spec.key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            signature = key.sign(u.digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+        else:
+            signature = key.sign(u.digest, _PADDING, _PREHASHED)
+        fields = (*u.fields[:-1], (b"b", base64.b64encode(signature)))
+        value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n",
+                          namelen=len(_SIG_NAME))  # fmt: skip
+        out.append(_SIG_NAME + b": " + bytes(value))
+    return out
+
+
+def sign(
+    raw_fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
+) -> list[bytes]:
+    """One ``DKIM-Signature: ...\r\n`` field per spec (module doc)."""
+    return finish(prepare(raw_fields, body, specs, now))

@@ -207,8 +207,15 @@ class AcceptedMessage:
 
     def header_values(self, name: str) -> list[str]:
         """Unfolded values of every field called ``name`` (case-insensitive), in order."""
+        prefix = name.lower().encode() + b":"
+        n = len(prefix)
         key = name.lower()
-        return [f.value for f in self.headers if f.name.lower() == key]
+        return [
+            f.value
+            for f in self.headers
+            if f.raw[:n].lower() == prefix  # the common spelling, without decoding
+            or (f.raw[n - 1 : n] != b":" and f.name.lower() == key)  # "Name :" (obsolete)
+        ]
 
     def header(self, name: str) -> str | None:
         """The first ``name`` field's unfolded value, or None."""
