@@ -194,6 +194,16 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
                 "0+20x30", "0+40x30"),
          "9m", "12m", {"module": "rspamd"}),
     ],
+    "SmtpAuthBruteForce": [
+        (None,
+         both("empath_smtp_auth_attempts_total", {"mechanism": "PLAIN", "result": "failure"},
+              "0+200x30", "0+4x30")
+         + both("empath_smtp_auth_attempts_total", {"mechanism": "LOGIN", "result": "blocked"},
+                "0+5x30", "0+5x30")
+         + both("empath_smtp_auth_attempts_total", {"mechanism": "PLAIN", "result": "success"},
+                "0+50x30", "0+50x30"),
+         "4m", "7m", {}),
+    ],
 }  # fmt: skip
 
 

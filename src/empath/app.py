@@ -64,6 +64,7 @@ from empath.spool.journal import MessageJournal
 from empath.spool.model import MessageState, UnitState
 from empath.spool.store import Spool
 from empath.stats import DomainLabels, RunnerStats
+from empath.submission.metrics import AuthMetrics, AuthStats
 from empath.supervisor import Supervisor
 from empath.textsafe import redact_url
 from empath.transport.acceptance import AcceptancePipeline, AcceptanceStep
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
     from empath.cluster.node import ClusterNode
     from empath.cluster.state import SharedPolicyState
     from empath.observability.otlp import OtlpPusher
-    from empath.submission.authenticator import Authenticator, AuthStats
+    from empath.submission.authenticator import Authenticator
 
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
@@ -147,7 +148,7 @@ class App:
         self.suspensions.on_change(self.runner.wake)
         if config.cluster is not None:
             self._build_cluster_node()
-        self.auth_stats: AuthStats | None = None
+        self.auth_stats = AuthStats()
         self.authenticators = self._build_authenticators(config)
         self.listeners = SmtpServerGroup(
             list(settings.listeners),
@@ -190,10 +191,7 @@ class App:
         self.metrics.add_source(ModuleMetrics(self.module_stats))
         self.metrics.add_source(DkimMetrics(self.dkim))
         self.metrics.add_source(ReloadMetrics(lambda: len(self.pending_restart)))
-        if self.auth_stats is not None:
-            from empath.submission.metrics import AuthMetrics
-
-            self.metrics.add_source(AuthMetrics(self.auth_stats))
+        self.metrics.add_source(AuthMetrics(self.auth_stats))
         self.metrics.add_source(OperatorMetrics(self.suspensions, self.breaker_transitions))
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
@@ -235,13 +233,14 @@ class App:
         listeners = [lc for lc in config.smtp_controller.listeners if lc.auth is not None]
         if not listeners:
             return out
-        from empath.submission.authenticator import Authenticator, AuthStats
+        from empath.submission.authenticator import Authenticator
 
-        self.auth_stats = stats = AuthStats()
         for lc in listeners:
             assert lc.auth is not None
             if lc.auth.users_file not in out:
-                out[lc.auth.users_file] = Authenticator(lc.auth, clock=self.clock, stats=stats)
+                out[lc.auth.users_file] = Authenticator(
+                    lc.auth, clock=self.clock, stats=self.auth_stats
+                )
         return out
 
     def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:

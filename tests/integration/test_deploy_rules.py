@@ -50,6 +50,7 @@ RUNBOOK_ALERTS = {
         "ClusterFallbackMode",  # issue 11: a node without Redis for 5 minutes
         "DkimKeyNotPublished",  # issue 17: a signing selector whose DNS record does not match
         "ModuleErrorsElevated",  # issue 19: a module or milter timing out or failing
+        "SmtpAuthBruteForce",  # issue 18: over 100 refused SMTP AUTH attempts in 10 minutes
     },
 }
 
@@ -67,9 +68,8 @@ def alert_rules() -> list[dict[str, object]]:
 
 def test_promtool_accepts_the_rules_and_the_scrape_config() -> None:
     promtool = require_tool("promtool")
-    assert "SUCCESS: 18 rules found" in run(
-        promtool, "check", "rules", str(RULES)
-    )  # +2 DKIM, +1 modules
+    # +2 DKIM, +1 modules, +1 AUTH
+    assert "SUCCESS: 19 rules found" in run(promtool, "check", "rules", str(RULES))
     run(promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
 
 
@@ -115,6 +115,7 @@ def test_the_runbooks_twelve_alerts_and_empath_down_with_severity_and_links() ->
         "DkimSigningFailures": "5m",
         "DkimKeyNotPublished": "15m",
         "ModuleErrorsElevated": "10m",
+        "SmtpAuthBruteForce": "5m",
     }.items() <= fors.items()
     # SpoolDiskSpaceLow: the node_exporter rule and the variant on Empath's own gauge
     spool = [r for r in rules if r["alert"] == "SpoolDiskSpaceLow"]

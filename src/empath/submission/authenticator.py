@@ -49,6 +49,7 @@ from empath.logs import get_logger
 from empath.policy.authlimit import AuthLimiter, AuthLimitSettings, LoginStatus, MessageQuota
 from empath.smtp.replies import Reply
 from empath.smtp.sasl import AuthOutcome, Credentials, UserGrant
+from empath.submission.metrics import AuthStats
 from empath.submission.users import (
     FileStamp,
     UserEntry,
@@ -79,23 +80,6 @@ R_BLOCKED: Final = Reply.of(
     454, "4.7.0", "Too many failed authentications from your address, try again later"
 )
 R_BUSY: Final = Reply.of(454, "4.7.0", "Temporary authentication failure, try again later")
-
-
-class AuthStats:
-    """Counters for the metrics collector (plain ints; event-loop thread only)."""
-
-    __slots__ = ("attempts", "blocked")
-
-    def __init__(self) -> None:
-        self.attempts: dict[tuple[str, str], int] = {}  # (mechanism, result) → n
-        self.blocked: dict[str, int] = {}  # reason (ip | login | overload | quota) → n
-
-    def attempt(self, mechanism: str, result: str) -> None:
-        key = (mechanism, result)
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-
-    def block(self, reason: str) -> None:
-        self.blocked[reason] = self.blocked.get(reason, 0) + 1
 
 
 def limit_settings(auth: ListenerAuth) -> AuthLimitSettings:

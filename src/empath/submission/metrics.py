@@ -9,8 +9,9 @@
   answered late because its login is under attack), ``overload``, ``quota`` (a
   message over the user's hourly quota).
 
-Every series starts at 0 on a daemon with a submission listener, so ``rate()`` and
-``increase()`` see the first event.
+Every series starts at 0 (on every daemon, so dashboards and alert rules find them;
+without a submission listener they stay 0), so ``rate()`` and ``increase()`` see the
+first event.
 """
 
 from __future__ import annotations
@@ -20,13 +21,28 @@ from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from empath.submission.authenticator import AuthStats
-
-__all__ = ["AuthMetrics"]
+__all__ = ["AuthMetrics", "AuthStats"]
 
 _MECHANISMS: Final = ("PLAIN", "LOGIN")
 _RESULTS: Final = ("success", "failure", "blocked", "busy")
 _REASONS: Final = ("ip", "login", "overload", "quota")
+
+
+class AuthStats:
+    """Counters for the metrics collector (plain ints; event-loop thread only)."""
+
+    __slots__ = ("attempts", "blocked")
+
+    def __init__(self) -> None:
+        self.attempts: dict[tuple[str, str], int] = {}  # (mechanism, result) → n
+        self.blocked: dict[str, int] = {}  # reason (ip | login | overload | quota) → n
+
+    def attempt(self, mechanism: str, result: str) -> None:
+        key = (mechanism, result)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+
+    def block(self, reason: str) -> None:
+        self.blocked[reason] = self.blocked.get(reason, 0) + 1
 
 
 class AuthMetrics:
