@@ -39,7 +39,7 @@ async def fail_logins(port: int, ctx: ssl.SSLContext, source: str, times: int) -
         )
         await reader.readline()
         writer.write(b"EHLO x\r\n")
-        while not (await reader.readline())[3:4] == b" ":
+        while (await reader.readline())[3:4] != b" ":
             pass
         writer.write(f"AUTH PLAIN {plain_b64('alice', 'wrong')}\r\n".encode())
         await reader.readline()
