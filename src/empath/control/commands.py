@@ -414,13 +414,17 @@ class Handlers:
         msg = self._message(args)
         bounce = _bool(args, "bounce")
         try:
-            dsn_id = await self.d.runner.delete(msg.id, bounce=bounce)
+            done = await self.d.runner.delete(msg.id, bounce=bounce)
         except UnknownMessageError:
             raise CommandError(ErrorCode.NOT_FOUND, f"no message {msg.id} in the queue") from None
         return {
             "id": msg.id,
-            "dsn_id": dsn_id,
-            "dsn_to": msg.envelope.sender if dsn_id else None,
+            "dsn_id": done.dsn_id,
+            "dsn_to": msg.envelope.sender if done.dsn_id else None,
+            # recipients a delivery attempt in flight delivered first (never bounced)
+            "delivered": list(done.delivered),
+            "already_delivered": done.gone,  # nothing was left to delete
+            "pending": done.pending,  # still being delivered: deleted when the attempt ends
         }
 
     async def queue_process_now(self, _args: Args) -> dict[str, Any]:

@@ -62,7 +62,7 @@ from empath.queue.scheduler import (
     WaitForConnection,
 )
 from empath.spool.journal import MessageJournal
-from empath.spool.model import MessageState, UnitState, UnitStatus, initial_units
+from empath.spool.model import MessageState, RcptStatus, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
 from empath.stats import RecentActivity, RunnerStats
 from empath.supervisor import Spawn
@@ -74,6 +74,20 @@ log = get_logger("delivery", __name__)
 INLINE_BODY_MAX_BYTES = 1 << 20  # bodies up to this size are read whole for sending
 HEARTBEAT_S = 1.0
 JANITOR_INTERVAL_S = 60.0  # how often finished messages past retention are removed
+DELETE_WAIT_S = 30.0  # `queue delete` waits this long for an attempt in flight, then defers
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteOutcome:
+    """What `queue delete` did.  ``delivered``: recipients an attempt in flight delivered
+    before the delete took effect (never bounced).  ``pending``: the attempt is still
+    running after :data:`DELETE_WAIT_S`; the delete (and its bounce) happens when it
+    ends, and is logged then."""
+
+    dsn_id: str | None = None
+    delivered: tuple[str, ...] = ()
+    pending: bool = False
+    gone: bool = False  # nothing left to delete: every recipient was delivered
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +127,12 @@ _BREAKER: dict[OutcomeKind | None, Outcome] = {
     OutcomeKind.PERMANENT: Outcome.PERMANENT_FAILURE,
     None: Outcome.CANCELLED,
 }
+
+
+def _delivered(msg: MessageState) -> frozenset[str]:
+    return frozenset(
+        r.address for u in msg.units for r in u.recipients if r.status is RcptStatus.DELIVERED
+    )
 
 
 def _unit_of(msg: MessageState, domain: str) -> UnitState | None:
@@ -157,6 +177,9 @@ class DeliveryRunner:
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
         self._rate_log = DeferralLog(clock)
+        self._deleting: dict[str, bool] = {}  # message id -> bounce, while a delete runs
+        # deletes that outwaited DELETE_WAIT_S: message id -> recipients delivered before
+        self._delete_deferred: dict[str, frozenset[str]] = {}
 
     @property
     def _decide(self) -> transition.TransitionSettings:
@@ -243,23 +266,58 @@ class DeliveryRunner:
         self.scheduler.wake(domain)
         self._kick()
 
-    async def delete(self, msg_id: str, *, bounce: bool) -> str | None:
-        """`empathctl queue delete <id> [--bounce]`: stop scheduling the message, send its
-        sender a DSN for every recipient still pending (``bounce``), then remove it durably.
-        An attempt already in flight ends on its own ("Message deleted during delivery").
-        Returns the DSN's id, if one was queued.  Raises UnknownMessageError."""
+    async def delete(self, msg_id: str, *, bounce: bool) -> DeleteOutcome:
+        """`empathctl queue delete <id> [--bounce]`: stop scheduling the message, then
+        remove it durably, with a DSN (``bounce``) for every recipient still pending.
+
+        An attempt already in flight is waited for (up to :data:`DELETE_WAIT_S`): what it
+        delivered is logged (``Delivered``), counted and never bounced; what it left
+        pending is deleted.  If it is still running after the wait, the delete is done
+        when it ends.  No new attempt starts meanwhile.  Raises UnknownMessageError."""
         msg = self.spool.get(msg_id)
+        if msg_id in self._deleting:
+            return DeleteOutcome(pending=True)
+        self._deleting[msg_id] = bounce
         self.forget(msg_id, [u.domain for u in msg.units])
+        before = _delivered(msg)
+        busy = [t for k, t in self._tasks.items() if k.message_id == msg_id]
+        if busy:
+            _done, running = await asyncio.wait(busy, timeout=DELETE_WAIT_S)
+            if running and any(k.message_id == msg_id for k in self._tasks):
+                self._delete_deferred[msg_id] = before
+                log.warn(
+                    "Message delete waits for its delivery attempt",
+                    message_id=msg_id,
+                    waited_s=DELETE_WAIT_S,
+                )
+                return DeleteOutcome(pending=True)
+        return await self._delete_now(msg_id, before)
+
+    async def _delete_now(self, msg_id: str, before: frozenset[str]) -> DeleteOutcome:
+        """The delete proper, once no attempt of the message is in flight."""
+        bounce = self._deleting.pop(msg_id, False)
+        try:
+            msg = self.spool.get(msg_id)
+        except UnknownMessageError:
+            # The attempt delivered every recipient left: the message is gone already.
+            log.audit("Message delivered before the operator's delete", message_id=msg_id)
+            return DeleteOutcome(gone=True)
+        self.forget(msg_id, [u.domain for u in msg.units])  # a retry may have re-added it
+        delivered = tuple(sorted(_delivered(msg) - before))
         dsn_id = None
         if bounce:
-            now = self.clock.now()
             report = transition.deleted(msg.units, envelope=msg.envelope, settings=self._decide)
             if report is not None:
-                dsn_id = await self._send_dsn(msg, report, now)
+                dsn_id = await self._send_dsn(msg, report, self.clock.now())
         await self.spool.remove(msg_id)
         self._left(msg, "deleted by the operator" + (" (bounced)" if bounce else ""))
-        log.audit("Message deleted by the operator", message_id=msg_id, dsn_id=dsn_id or "")
-        return dsn_id
+        log.audit(
+            "Message deleted by the operator",
+            message_id=msg_id,
+            dsn_id=dsn_id or "",
+            delivered_meanwhile=len(delivered),
+        )
+        return DeleteOutcome(dsn_id=dsn_id, delivered=delivered)
 
     async def delete_units(
         self, msg_id: str, domains: Collection[str], *, bounce: bool, durable: bool = True
@@ -271,7 +329,7 @@ class DeliveryRunner:
             u for u in msg.units if u.domain not in domains and u.status is not UnitStatus.DELIVERED
         ]
         if not left:
-            return await self.delete(msg_id, bounce=bounce)
+            return (await self.delete(msg_id, bounce=bounce)).dsn_id
         gone = tuple(u for u in msg.units if u.domain in domains)
         self.forget(msg_id, [u.domain for u in gone])
         dsn_id = None
@@ -459,7 +517,8 @@ class DeliveryRunner:
         outcome = Outcome.CANCELLED
         retry_at: float | None = None
         try:
-            outcome = await self._attempt(key)
+            if key.message_id not in self._deleting:
+                outcome = await self._attempt(key)
         except asyncio.CancelledError:
             raise
         except SpoolError as exc:
@@ -480,7 +539,21 @@ class DeliveryRunner:
                 self.scheduler.finished(key, outcome)
                 if retry_at is not None:
                     self.scheduler.add(key, retry_at)
+            self._finish_deferred_delete(key.message_id)
             self._kick()
+
+    def _finish_deferred_delete(self, msg_id: str) -> None:
+        """A delete that outwaited DELETE_WAIT_S is done when the last attempt ends."""
+        if msg_id not in self._delete_deferred or any(k.message_id == msg_id for k in self._tasks):
+            return
+        before = self._delete_deferred.pop(msg_id)
+        self._spawn(self._delete_later(msg_id, before), name=f"empath-delete-{msg_id}")
+
+    async def _delete_later(self, msg_id: str, before: frozenset[str]) -> None:
+        try:
+            await self._delete_now(msg_id, before)
+        except SpoolError as exc:
+            log.error("Deferred message delete failed", message_id=msg_id, error=str(exc))
 
     # -- one attempt ----------------------------------------------------------
 

@@ -1,0 +1,69 @@
+"""`queue delete [--bounce]` of a message whose delivery attempt is in flight (issue 14 #4):
+the delete waits for the attempt, so what the MX took is logged, counted and never bounced,
+and only what is still pending is deleted (and bounced)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.ctl import ctl
+from tests.daemon import Daemon, ThreadedPeer, parked_overrides, submit
+from tests.helpers import wait_for
+
+SENDER = "ops@origin.test"
+BODY = "Subject: delete me\n\nhello\n"
+
+
+def _in_data(peer: ThreadedPeer) -> bool:
+    """The peer has the message's content and sits on its end-of-data reply."""
+    return any("DATA" in s.commands for s in peer.sessions())
+
+
+def test_delete_bounce_of_an_in_flight_message_bounces_only_what_the_mx_did_not_take(
+    tmp_path: Path,
+) -> None:
+    parked = parked_overrides("gone.test")
+    with ThreadedPeer({"delay_secs": {"data_end": 1.5}}) as mx, ThreadedPeer() as origin:
+        domains = {
+            **parked["delivery"]["domains"],
+            "slow.test": {"mx_override": mx.address},
+            "origin.test": {"mx_override": origin.address},
+        }
+        overrides = {"delivery": {**parked["delivery"], "domains": domains}}
+        with Daemon(tmp_path / "d", overrides) as d:
+            msg_id = submit(d.smtp_port, SENDER, ["a@slow.test", "b@gone.test"], BODY)
+            wait_for(lambda: _in_data(mx), what="the attempt in flight at end of data")
+            out = ctl(d, "--json", "queue", "delete", msg_id, "--bounce", "--yes")
+            assert 0 == out.returncode, out.stderr
+            # The attempt is on record: a Delivered line, counted in the metrics.
+            (line,) = d.logs("Delivered", message_id=msg_id)
+            assert "slow.test" == line["fields"]["domain"]
+            metrics = d.http_get("/metrics")
+            assert 'empath_delivery_attempts_total{domain="slow.test",smtp_code="250"' in (
+                metrics.replace('status="delivered",', "")
+            )
+            # The DSN names only the recipient that was still pending.
+            (dsn,) = origin.wait_delivered(1)
+            text = dsn.body.decode(errors="replace")
+            assert "b@gone.test" in text
+            assert "a@slow.test" not in text
+            reply = json.loads(out.stdout)
+            assert ["a@slow.test"] == reply["delivered"]  # the MX took it meanwhile
+            assert reply["dsn_id"]
+            assert [] == d.logs("Message deleted during delivery")
+            assert 1 == len(mx.delivered())
+
+
+def test_delete_without_bounce_of_a_message_the_attempt_delivers_says_so(tmp_path: Path) -> None:
+    with ThreadedPeer({"delay_secs": {"data_end": 1.5}}) as mx:
+        overrides = {"delivery": {"domains": {"slow.test": {"mx_override": mx.address}}}}
+        with Daemon(tmp_path / "d", overrides) as d:
+            msg_id = submit(d.smtp_port, SENDER, ["a@slow.test"], BODY)
+            wait_for(lambda: _in_data(mx), what="the attempt in flight at end of data")
+            out = ctl(d, "queue", "delete", msg_id, "--yes")
+            assert 0 == out.returncode, out.stderr
+            assert f"not deleted: {msg_id} was delivered by the attempt in flight" in out.stdout
+            assert d.logs("Delivered", message_id=msg_id)
+            assert d.logs("Message delivered before the operator's delete", message_id=msg_id)
+            assert [] == d.logs("Message deleted by the operator", message_id=msg_id)
