@@ -31,6 +31,12 @@ and when; this module does the rest on the event loop:
 * **Shutdown** (:meth:`drain`): stop dispatching, let in-flight attempts finish
   within the grace period, cancel the rest (their last durable state is
   ``pending``/``retry``, so they run again after restart).
+* **Operator deletes** (:meth:`delete`): no new attempt starts; one in flight is
+  waited for, so what it delivered is on record and never bounced.
+
+Why this module is longer than 600 lines: the operator actions on units (delete,
+hold, release) must see and change the same in-flight set and spool state the
+attempts do, without an await between reading and writing; they live beside them.
 """
 
 from __future__ import annotations
