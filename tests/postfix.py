@@ -62,13 +62,14 @@ class PostfixPeer:
     """``with PostfixPeer(relay_port=..., domain=...) as pf:`` then send mail to
     ``127.0.0.1:pf.port``; ``pf.queued()`` counts what it still holds."""
 
-    def __init__(self, *, relay_port: int, domain: str) -> None:
+    def __init__(self, *, relay_port: int, domain: str, extra_main_cf: str = "") -> None:
         # Postfix's daemons run as the postfix user and must reach their queue and data
         # directories: not under pytest's tmp_path (mode 0700, root's).
         self.dir = Path(tempfile.mkdtemp(prefix="empath-postfix-"))
         self.dir.chmod(0o755)
         self.relay_port = relay_port
         self.domain = domain
+        self.extra_main_cf = extra_main_cf  # more main.cf lines (restrictions ...)
         self.port = free_port()
         self.pid: int | None = None
 
@@ -91,6 +92,7 @@ class PostfixPeer:
         etc = self.dir / "etc"
         (etc / "main.cf").write_text(
             MAIN_CF.format(dir=self.dir, domain=self.domain, relay_port=self.relay_port)
+            + self.extra_main_cf
         )
         (etc / "master.cf").write_text(_master_cf(Path("/etc/postfix/master.cf"), self.port))
         for name in ("dynamicmaps.cf", "dynamicmaps.cf.d"):

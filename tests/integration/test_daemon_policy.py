@@ -14,6 +14,8 @@ import trustme
 
 from tests.daemon import Daemon, Submitter, ThreadedPeer, log_time
 from tests.dnsmasq import DnsmasqServer, DnsRecords, dnsmasq
+from tests.postfix import PostfixPeer
+from tests.sink import SmtpSink
 
 SENDER = "sender@origin.test"
 BODY = "From: sender@origin.test\nSubject: policy test\n\nhello\n"
@@ -122,6 +124,44 @@ def test_451_to_three_mailboxes_at_rcpt_does_not_open_the_breaker(tmp_path: Path
             asked = [c for sess in dest.sessions() for c in sess.commands if "RCPT" in c]
             for mailbox in busy:
                 assert sum(1 for c in asked if mailbox in c) >= 4, mailbox
+        finally:
+            daemon.stop()
+
+
+def test_a_real_postfix_answering_451_for_three_mailboxes_keeps_the_breaker_closed(
+    tmp_path: Path,
+) -> None:
+    """The same with a real Postfix as the MX (check_recipient_access answers 451 for
+    three mailboxes, relays the rest to smtp-sink): the busy mailboxes are retried, the
+    breaker stays Closed and the other mail reaches the sink through Postfix."""
+    busy = [f"busy{i}@dest.test" for i in range(3)]
+    table = ", ".join(f"{{{a}=451 4.2.1 mailbox busy, try later}}" for a in busy)
+    restrictions = (
+        f"smtpd_recipient_restrictions = check_recipient_access inline:{{{table}}}, "
+        "permit_mynetworks, reject_unauth_destination\n"
+    )
+    with (
+        SmtpSink() as sink,
+        PostfixPeer(relay_port=sink.port, domain="dest.test", extra_main_cf=restrictions) as pf,
+    ):
+        daemon = start_daemon(
+            tmp_path,
+            {"dest.test": {"mx_override": f"127.0.0.1:{pf.port}"}},
+            base_retry_delay_secs=0.2,
+            max_retry_delay_secs=0.4,
+            circuit_breaker={"failure_threshold": 3, "failure_window_secs": 60.0,
+                             "timeout_secs": 300.0, "success_threshold": 1},
+        )  # fmt: skip
+        try:
+            send_many(daemon.smtp_port, busy)
+            deferred = daemon.wait_log("Delivery deferred", count=12, domain="dest.test",
+                                       timeout=30)  # fmt: skip
+            assert {"451"} == {d["fields"]["smtp_code"] for d in deferred}
+            good = send_many(daemon.smtp_port, [f"ok{i}@dest.test" for i in range(5)])
+            delivered = daemon.wait_log("Delivered", count=5, domain="dest.test", timeout=20)
+            assert set(good) == {d["fields"]["message_id"] for d in delivered}
+            sink.wait_messages(5, timeout=30)  # relayed on by Postfix
+            assert [] == daemon.logs("Circuit breaker OPENED")
         finally:
             daemon.stop()
 
