@@ -204,6 +204,7 @@ class App:
             auth_enabled=config.control_auth.enabled,
             token_hashes=config.control_auth.token_hashes,
             busy=self._smtp_busy,
+            clock=self.clock,
         )
         self.health: HealthServer | None = None
         if config.health.enabled:
@@ -430,7 +431,7 @@ class App:
         from empath.modules.loader import ModuleContext, build_host
 
         context = ModuleContext(resolver=self.resolver, hostname=config.hostname)
-        return build_host(config.modules, context, self.module_stats)
+        return build_host(config.modules, context, self.module_stats, self.clock)
 
     def _delivery_event(self, msg: MessageState, unit: UnitState) -> None:
         if not self.modules.wants_delivery_events:

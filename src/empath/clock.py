@@ -52,3 +52,47 @@ class SystemClock:
 
     def call_later(self, seconds: float, callback: Callable[[], object]) -> Timer:
         return asyncio.get_running_loop().call_later(seconds, callback)
+
+
+class _Deadline:
+    """``async with deadline(clock, s)``: :func:`asyncio.timeout` measured on a Clock."""
+
+    __slots__ = ("_cancelling", "_clock", "_fired", "_seconds", "_task", "_timer")
+
+    def __init__(self, clock: Clock, seconds: float) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._fired = False
+        self._timer: Timer | None = None
+        self._task: asyncio.Task[object] | None = None
+        self._cancelling = 0
+
+    def _expire(self) -> None:
+        self._fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("deadline() needs a running task")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._timer = self._clock.call_later(self._seconds, self._expire)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if (
+            self._fired
+            and exc_type is asyncio.CancelledError
+            and self._task is not None
+            and self._task.uncancel() <= self._cancelling
+        ):
+            raise TimeoutError
+
+
+def deadline(clock: Clock, seconds: float) -> _Deadline:
+    """Cancel the block after ``seconds`` of ``clock``'s time and raise TimeoutError,
+    as :func:`asyncio.timeout` does on the loop's own clock."""
+    return _Deadline(clock, seconds)

@@ -12,14 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from empath.control.server import Args, Command, ControlServer
+from empath.testing.clock import FakeClock
 
 
 async def _ping(_args: Args) -> dict[str, Any]:
     return {"pong": True}
 
 
+CLOCK = FakeClock()  # the server's clock in the tests that need time to pass
+
+
 async def _slow(_args: Args) -> dict[str, Any]:
-    await asyncio.sleep(30)
+    await CLOCK.sleep(30)
     return {}
 
 
@@ -45,7 +49,17 @@ async def _request(
 
 
 def _serve(tmp_path: Path, **limits: Any) -> ControlServer:
-    return ControlServer(str(tmp_path / "c.sock"), TABLE, **limits)
+    return ControlServer(str(tmp_path / "c.sock"), TABLE, clock=CLOCK, **limits)
+
+
+async def _until_waiting(timers: int) -> None:
+    """Let the loop run (socket I/O included) until the server waits on ``timers``
+    timers of the virtual clock."""
+    for _ in range(10_000):
+        if CLOCK.pending() >= timers:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the server never waited on {timers} timers ({CLOCK!r})")
 
 
 def test_a_slow_command_times_out_and_the_connection_stays_usable(tmp_path: Path) -> None:
@@ -54,7 +68,11 @@ def test_a_slow_command_times_out_and_the_connection_stays_usable(tmp_path: Path
         await server.start()
         try:
             reader, writer = await asyncio.open_unix_connection(server.path)
-            frame = await _request(reader, writer, "slow")
+            base = CLOCK.pending()
+            writer.write(json.dumps({"v": 1, "id": 1, "cmd": "slow"}).encode() + b"\n")
+            await _until_waiting(base + 2)  # the request's deadline and the command's sleep
+            CLOCK.advance(0.2)
+            frame = json.loads(await reader.readline())
             assert ("timeout", False) == (frame["error"]["code"], frame["ok"])
             assert {"pong": True} == (await _request(reader, writer, "ping"))["data"]
             writer.close()
@@ -69,8 +87,11 @@ def test_silent_clients_are_closed_after_the_idle_timeout(tmp_path: Path) -> Non
         server = _serve(tmp_path, idle_timeout_s=0.2)
         await server.start()
         try:
+            base = CLOCK.pending()
             reader, writer = await asyncio.open_unix_connection(server.path)
             writer.write(b'{"v": 1, "cmd": "pi')  # half a request, then nothing
+            await _until_waiting(base + 1)  # the idle deadline
+            CLOCK.advance(0.2)
             assert b"" == await asyncio.wait_for(reader.read(), 5)
             writer.close()
         finally:
@@ -90,7 +111,7 @@ def test_a_client_that_stops_reading_is_dropped_and_blocks_nobody(tmp_path: Path
             reader, writer = await asyncio.open_unix_connection(server.path)
             for _ in range(20):
                 assert (await _request(reader, writer, "ping"))["ok"] is True
-            await asyncio.sleep(1.0)  # still not reading: longer than the write timeout
+            await CLOCK.run_for(3.0, step=0.1)  # still not reading: past the write timeouts
             # the stuck client was disconnected when a chunk could not drain in time
             got = 0
             while True:

@@ -13,10 +13,14 @@ from empath.errors import ConfigError
 from empath.modules import AddHeader, Changes, DeleteHeader, DeliveryEvent, Message, Reply, Session
 from empath.modules.host import CONTINUE, CallTimeouts, Hook, ModuleHost, ModuleStats, Verdict
 from empath.modules.loader import ModuleContext, build_host
+from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptedMessage, SessionFacts
 
 FACTS = SessionFacts(peer_ip="192.0.2.1", peer="192.0.2.1:1", helo="c", trusted=False,
                      auth_user=None, tls=False, listener="l")  # fmt: skip
+
+
+CLOCK = FakeClock(autojump=True)  # module calls are timed on it: a 5 s call costs no time
 
 
 class Fake:
@@ -45,7 +49,7 @@ class Fake:
     async def _reply(self, seen: Any) -> Verdict:
         self.seen.append(seen)
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            await CLOCK.sleep(self.delay_s)
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer or CONTINUE
@@ -57,7 +61,7 @@ class Fake:
         return await self._reply(message)
 
     async def delivery(self, event: DeliveryEvent) -> None:
-        await asyncio.sleep(3600)
+        await CLOCK.sleep(3600)
 
     async def session_closed(self, session: Session) -> None:
         return None
@@ -79,13 +83,15 @@ def run(host: ModuleHost, hook: Hook, arg: str = "x") -> Reply | None:
 
 def test_the_first_refusal_wins_and_later_modules_are_not_asked() -> None:
     a, b = Fake("a", Verdict(Reply(550, "5.7.1", "no"))), Fake("b")
-    assert Reply(550, "5.7.1", "no") == run(ModuleHost([a, b], ModuleStats()), Hook.RCPT)
+    assert Reply(550, "5.7.1", "no") == run(
+        ModuleHost([a, b], ModuleStats(), clock=CLOCK), Hook.RCPT
+    )
     assert (["x"], []) == (a.seen, b.seen)
 
 
 def test_a_2xx_accepts_the_stage_at_once() -> None:
     a, b = Fake("a", Verdict(Reply(250, "2.1.5", "fine"))), Fake("b", Verdict(Reply(550)))
-    assert run(ModuleHost([a, b], ModuleStats()), Hook.RCPT) is None
+    assert run(ModuleHost([a, b], ModuleStats(), clock=CLOCK), Hook.RCPT) is None
     assert [] == b.seen
 
 
@@ -97,19 +103,19 @@ def test_a_2xx_accepts_the_stage_at_once() -> None:
 def test_on_error_decides_what_a_timeout_means(on_error: ModuleOnError, expected: Any) -> None:
     stats = ModuleStats()
     slow = Fake("slow", on_error=on_error, delay_s=5)
-    assert expected == run(ModuleHost([slow], stats), Hook.MAIL)
+    assert expected == run(ModuleHost([slow], stats, clock=CLOCK), Hook.MAIL)
     assert {("slow", "on_mail_from", "timeout"): 1} == stats.calls
 
 
 def test_an_exception_is_counted_each_time_and_logged_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    now = [1000.0]
+    clock = FakeClock()
     stats = ModuleStats()
-    host = ModuleHost([Fake("bug", RuntimeError("boom"))], stats, monotonic=lambda: now[0])
+    host = ModuleHost([Fake("bug", RuntimeError("boom"))], stats, clock=clock)
     for _ in range(3):
         assert 451 == (run(host, Hook.HELO) or Reply(250)).code
-    now[0] += 61
+    clock.advance(61)
     run(host, Hook.HELO)
     assert 4 == stats.calls[("bug", "on_helo", "error")]
     logged = [r for r in caplog.records if r.getMessage() == "Module call failed"]
@@ -122,7 +128,7 @@ def test_each_module_sees_the_message_as_the_one_before_left_it() -> None:
     second = Fake("second", Verdict(changes=Changes(headers=(DeleteHeader("Subject"),))))
     message = AcceptedMessage("ID", b"Subject: s\r\nFrom: a@b\r\n\r\nbody\r\n", sender="a@b",
                               recipients=["r@x"], facts=FACTS)  # fmt: skip
-    host = ModuleHost([first, second], ModuleStats())
+    host = ModuleHost([first, second], ModuleStats(), clock=CLOCK)
     assert asyncio.run(host.data(session(), message)) is None
     assert ("X-First", "1") in second.seen[0].headers
     assert b"From: a@b\r\nX-First: 1\r\n\r\nbody\r\n" == message.to_bytes()
@@ -131,7 +137,7 @@ def test_each_module_sees_the_message_as_the_one_before_left_it() -> None:
 def test_a_full_delivery_event_queue_drops_and_counts() -> None:
     async def go() -> ModuleStats:
         stats = ModuleStats()
-        host = ModuleHost([Fake("events", hooks=frozenset({Hook.DELIVERY}))], stats)
+        host = ModuleHost([Fake("events", hooks=frozenset({Hook.DELIVERY}))], stats, clock=CLOCK)
         host.start(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name))
         event = DeliveryEvent("delivered", "ID", "x.test", "a@b", ("r@x.test",), 1)
         for _ in range(1005):

@@ -275,7 +275,8 @@ def test_orphaned_body_files_are_removed_at_open(tmp_path: Path) -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         w = spool.begin()
         w.write(b"y" * 100)
-        wait_for((tmp_path / "bodies" / w.id).exists, what="the spill file")  # spill thread
+        # the spill thread writes it: poll that thread's work (not time) every millisecond
+        wait_for((tmp_path / "bodies" / w.id).exists, interval=0.001, what="the spill file")
         await spool.close()
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         assert [] == list((tmp_path / "bodies").iterdir())
@@ -487,7 +488,8 @@ def test_close_waits_for_a_compaction_under_way(tmp_path: Path) -> None:
         compaction = asyncio.ensure_future(spool.compact())
         await copying.wait()
         closing = asyncio.ensure_future(spool.close())
-        await asyncio.sleep(0.05)
+        for _ in range(5000):  # loop turns in which close (and its writer thread) could end
+            await asyncio.sleep(0)
         assert not closing.done()  # close waits for the segment being compacted
         release.set()
         freed = await compaction

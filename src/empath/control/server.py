@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import orjson
 
+from empath.clock import Clock, SystemClock, deadline
 from empath.control.protocol import (
     MAX_REQUEST_BYTES,
     PROTOCOL_VERSION,
@@ -247,8 +248,10 @@ class ControlServer:
         max_connections: int = MAX_CONNECTIONS,
         busy: Callable[[], bool] = lambda: False,
         stream_duty: float = STREAM_DUTY,
+        clock: Clock | None = None,
     ) -> None:
         self.path = path
+        self._clock = clock or SystemClock()
         self.commands = commands
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -352,7 +355,7 @@ class ControlServer:
 
     async def _send(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         writer.write(frame)
-        async with asyncio.timeout(self.write_timeout_s):
+        async with deadline(self._clock, self.write_timeout_s):
             await writer.drain()
 
     async def _one_request(
@@ -360,7 +363,7 @@ class ControlServer:
     ) -> bool:
         """Read and answer one request.  False: close the connection."""
         try:
-            async with asyncio.timeout(self.idle_timeout_s):
+            async with deadline(self._clock, self.idle_timeout_s):
                 line = await reader.readline()
         except (ValueError, asyncio.LimitOverrunError):
             self._audit(peer, "", {}, "too_large")
@@ -416,7 +419,7 @@ class ControlServer:
                 frame = encode_ok(req.id, {"count": count})
             else:
                 assert command.unary is not None
-                async with asyncio.timeout(self.request_timeout_s):
+                async with deadline(self._clock, self.request_timeout_s):
                     data = await command.unary(req.args)
                 frame = encode_ok(req.id, data)
         except CommandError as exc:
@@ -456,8 +459,11 @@ class ControlServer:
             spent = time.perf_counter() - started
             # Mail first: while SMTP sessions are open, a long stream takes at most
             # stream_duty of the event loop (it sleeps the rest), so ingest keeps going.
-            await asyncio.sleep(spent * pause if self._busy() else 0)
-            async with asyncio.timeout(self.write_timeout_s):
+            if self._busy():
+                await self._clock.sleep(spent * pause)
+            else:
+                await asyncio.sleep(0)
+            async with deadline(self._clock, self.write_timeout_s):
                 await writer.drain()
             started = time.perf_counter()
         return count

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
+from empath.clock import Clock, SystemClock, deadline
 from empath.logs import get_logger
 from empath.modules.api import (
     Changes,
@@ -197,11 +198,12 @@ class ModuleHost:
         filters: list[Filter],
         stats: ModuleStats,
         *,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         self.filters = tuple(filters)
         self.stats = stats
-        self._monotonic = monotonic
+        self._clock = clock or SystemClock()
+        self._monotonic = self._clock.monotonic
         self._health = {id(f): _Health() for f in filters}
         self._by_hook = {hook: tuple(f for f in filters if hook in f.hooks) for hook in Hook}
         self.stage_hooks = frozenset(h for h in STAGE_HOOKS if self._by_hook[h])
@@ -225,7 +227,7 @@ class ModuleHost:
         started = time.perf_counter()
         health = self._health[id(f)]
         try:
-            async with asyncio.timeout(timeout_s):
+            async with deadline(self._clock, timeout_s):
                 verdict = await call
         except TimeoutError:
             self._failed(f, hook, health, f"timed out after {timeout_s:g} s", tb=False)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from empath.clock import Clock
 from empath.config.model import ModuleConfig, ModuleTimeouts
 from empath.errors import ConfigError
 from empath.modules.api import Changes, DeliveryEvent, Message, OnError, Reply, Session
@@ -171,8 +172,12 @@ def load_filter(
 
 
 def build_host(
-    configs: tuple[ModuleConfig, ...], context: ModuleContext, stats: ModuleStats
+    configs: tuple[ModuleConfig, ...],
+    context: ModuleContext,
+    stats: ModuleStats,
+    clock: Clock | None = None,
 ) -> ModuleHost:
-    """Every entry loaded (ConfigError naming the first that fails)."""
+    """Every entry loaded (ConfigError naming the first that fails); ``clock`` times
+    the calls."""
     filters = [load_filter(i, cfg, context, stats) for i, cfg in enumerate(configs)]
-    return ModuleHost(filters, stats)
+    return ModuleHost(filters, stats, clock=clock)

@@ -174,7 +174,9 @@ class OtlpPusher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._in_flight is not None:
+        # A push the loop was awaiting was cancelled with it (its thread runs on, alone);
+        # one started by push_once() elsewhere gets a moment to finish.
+        if self._in_flight is not None and not self._in_flight.done():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._in_flight), 2.0)
         self._pool.shutdown(wait=False, cancel_futures=True)

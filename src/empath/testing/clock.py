@@ -6,6 +6,15 @@ each one's deadline while it fires).  Woken coroutines run when the event loop
 next gets control: ``await clock.run_for(s)`` advances and then lets the loop run
 until nothing is ready, so a loop such as ``while True: await clock.sleep(60);
 work()`` does its work once per virtual minute without any real waiting.
+
+``FakeClock(autojump=True)`` moves itself, as trio's ``MockClock(autojump_threshold=0)``
+does: whenever the event loop has nothing ready to run (every task is waiting) and a
+virtual timer is pending, time jumps to the earliest deadline.  A test then just
+awaits - ``await clock.sleep(3600)`` returns at once, a timeout measured on the clock
+fires as soon as nothing else can happen first - and never sleeps in real time.  While
+the loop waits on real I/O or a thread, it counts as idle too, so a clock-measured
+timeout around such a wait fires at once: use it for logic driven by time, not to
+wait for a socket.
 """
 
 from __future__ import annotations
@@ -33,13 +42,21 @@ class FakeTimer:
 class FakeClock:
     """A clock that only moves when a test says so (virtual time)."""
 
-    __slots__ = ("_mono", "_seq", "_timers", "_wall")
+    __slots__ = ("_autojump", "_jumper", "_mono", "_seq", "_timers", "_wall")
 
-    def __init__(self, start_wall: float = 1_700_000_000.0, start_mono: float = 1000.0) -> None:
+    def __init__(
+        self,
+        start_wall: float = 1_700_000_000.0,
+        start_mono: float = 1000.0,
+        *,
+        autojump: bool = False,
+    ) -> None:
         self._wall = start_wall
         self._mono = start_mono
         self._timers: list[tuple[float, int, FakeTimer]] = []
         self._seq = itertools.count()
+        self._autojump = autojump
+        self._jumper: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<FakeClock monotonic={self._mono:g} pending={self.pending()}>"
@@ -53,6 +70,8 @@ class FakeClock:
     def call_later(self, seconds: float, callback: Callable[[], object]) -> FakeTimer:
         timer = FakeTimer(self._mono + max(0.0, seconds), callback)
         heapq.heappush(self._timers, (timer.deadline, next(self._seq), timer))
+        if self._autojump and (self._jumper is None or self._jumper.done()):
+            self._jumper = asyncio.get_running_loop().create_task(self._jump())
         return timer
 
     async def sleep(self, seconds: float) -> None:
@@ -95,6 +114,28 @@ class FakeClock:
             await settle()
             if remaining <= 0:
                 return
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time of the earliest pending timer, if any."""
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
+
+    async def _jump(self) -> None:
+        """The autojump task: while timers are pending, wait until the loop has nothing
+        else to run (three turns in a row), then advance to the earliest deadline."""
+        loop = asyncio.get_running_loop()
+        idle = 0
+        while self.next_deadline() is not None:
+            await asyncio.sleep(0)
+            if getattr(loop, "_ready", None):  # another callback is runnable
+                idle = 0
+                continue
+            idle += 1
+            due = self.next_deadline()
+            if idle >= 3 and due is not None:
+                idle = 0
+                self.advance(max(0.0, due - self._mono))
 
     def _step(self, seconds: float) -> None:
         self._wall += seconds
