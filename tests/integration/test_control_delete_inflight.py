@@ -67,3 +67,26 @@ def test_delete_without_bounce_of_a_message_the_attempt_delivers_says_so(tmp_pat
             assert d.logs("Delivered", message_id=msg_id)
             assert d.logs("Message delivered before the operator's delete", message_id=msg_id)
             assert [] == d.logs("Message deleted by the operator", message_id=msg_id)
+
+
+def test_bounce_by_filter_waits_for_the_attempt_and_bounces_nothing_it_delivered(
+    tmp_path: Path,
+) -> None:
+    parked = parked_overrides("gone.test")
+    with ThreadedPeer({"delay_secs": {"data_end": 1.5}}) as mx, ThreadedPeer() as origin:
+        domains = {
+            **parked["delivery"]["domains"],
+            "slow.test": {"mx_override": mx.address},
+            "origin.test": {"mx_override": origin.address},
+        }
+        overrides = {"delivery": {**parked["delivery"], "domains": domains}}
+        with Daemon(tmp_path / "d", overrides) as d:
+            msg_id = submit(d.smtp_port, SENDER, ["a@slow.test", "b@gone.test"], BODY)
+            wait_for(lambda: _in_data(mx), what="the attempt in flight at end of data")
+            out = ctl(d, "--json", "queue", "bounce", "--domain", "slow.test", "--yes")
+            assert 0 == out.returncode, out.stderr
+            assert 0 == json.loads(out.stdout)["dsns"]  # a@slow.test was delivered meanwhile
+            (line,) = d.logs("Delivered", message_id=msg_id)
+            assert "slow.test" == line["fields"]["domain"]
+            listed = ctl(d, "--json", "queue", "list").stdout.splitlines()
+            assert ["gone.test"] == [json.loads(x)["domain"] for x in listed]  # still queued

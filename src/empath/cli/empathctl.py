@@ -263,19 +263,7 @@ def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             return ctx.fail("not deleted")
     data = ctx.call("queue.delete", {"id": ns.id, "bounce": ns.bounce})
-    if data.get("already_delivered"):
-        ctx.emit(data, f"not deleted: {data['id']} was delivered by the attempt in flight\n")
-        return EXIT_OK
-    if data.get("pending"):
-        text = f"delete pending: {data['id']} is being delivered; deleted when the attempt ends"
-        ctx.emit(data, text + "\n")
-        return EXIT_OK
-    text = f"deleted {data['id']}"
-    if data.get("delivered"):
-        text += f" ({len(data['delivered'])} recipient(s) delivered by the attempt in flight first)"
-    if data.get("dsn_id"):
-        text += f" (DSN {data['dsn_id']} queued to {output.sender(data['dsn_to'])})"
-    ctx.emit(data, text + "\n")
+    ctx.emit(data, ops.deleted_text(data))
     return EXIT_OK
 
 

@@ -148,16 +148,28 @@ def bulk_delete(ctx: Any, ns: argparse.Namespace, args: dict[str, Any], bounce: 
     return EXIT_OK
 
 
+def deleted_text(data: dict[str, Any]) -> str:
+    """What `queue delete|bounce ID` did, in words (an attempt in flight is waited for)."""
+    msg_id = data["id"]
+    if data.get("already_delivered"):
+        return f"not deleted: {msg_id} was delivered by the attempt in flight\n"
+    if data.get("pending"):
+        return f"delete pending: {msg_id} is being delivered; deleted when the attempt ends\n"
+    text = f"deleted {msg_id}"
+    if data.get("delivered"):
+        text += f" ({len(data['delivered'])} recipient(s) delivered by the attempt in flight first)"
+    if data.get("dsn_id"):
+        text += f" (DSN {data['dsn_id']} queued to {output.sender(data['dsn_to'])})"
+    return text + "\n"
+
+
 def queue_bounce(ctx: Any, ns: argparse.Namespace) -> int:
     args = _selection(ns)
     if args is None:
         return _usage("queue bounce")
     if "id" in args:
         data = ctx.call("queue.delete", {"id": args["id"], "bounce": True})
-        text = f"deleted {data['id']}"
-        if data.get("dsn_id"):
-            text += f" (DSN {data['dsn_id']} queued to {output.sender(data['dsn_to'])})"
-        ctx.emit(data, text + "\n")
+        ctx.emit(data, deleted_text(data))
         return EXIT_OK
     return bulk_delete(ctx, ns, args, bounce=True)
 

@@ -329,8 +329,17 @@ class DeliveryRunner:
         self, msg_id: str, domains: Collection[str], *, bounce: bool, durable: bool = True
     ) -> str | None:
         """Delete only the units of ``domains`` (a filter matched them, not the whole
-        message); the whole message when no other unit is left.  Returns the DSN's id."""
+        message); the whole message when no other unit is left.  Returns the DSN's id.
+        As :meth:`delete`, an attempt of those units in flight is waited for (up to
+        :data:`DELETE_WAIT_S`) so that what it delivered is not bounced."""
         msg = self.spool.get(msg_id)
+        self.forget(msg_id, list(domains))
+        busy = [t for k, t in self._tasks.items() if k.message_id == msg_id and k.domain in domains]
+        if busy:
+            _done, running = await asyncio.wait(busy, timeout=DELETE_WAIT_S)
+            if running:
+                log.warn("Units deleted while their attempt runs", message_id=msg_id)
+            msg = self.spool.get(msg_id)  # raises UnknownMessageError: all delivered
         left = [
             u for u in msg.units if u.domain not in domains and u.status is not UnitStatus.DELIVERED
         ]
