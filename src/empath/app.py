@@ -63,7 +63,7 @@ from empath.spool.journal import DIR_NAME as JOURNAL_DIR
 from empath.spool.journal import MessageJournal
 from empath.spool.model import MessageState, UnitState
 from empath.spool.store import Spool
-from empath.stats import DomainLabels, RunnerStats
+from empath.stats import DomainLabels, RunnerStats, Window
 from empath.submission.metrics import AuthMetrics, AuthStats
 from empath.supervisor import Supervisor
 from empath.textsafe import redact_url
@@ -196,6 +196,11 @@ class App:
         self.registry = build_registry(self.metrics)
         self.started_at = time.time()
         self.last_reload: ReloadRecord | None = None
+        # DNS cache hits/misses over the recent window, for `system status` (sampled by
+        # _sample_loop too, so a first read after a quiet hour is not the lifetime figure)
+        self._dns_window = Window(
+            config.metrics.rate_window_secs, self.clock.monotonic(), 2, max_samples=60
+        )
         # changes read from the file that only a restart applies (config/reload.py)
         self.pending_restart: tuple[str, ...] = ()
         self.control = ControlServer(
@@ -535,6 +540,7 @@ class App:
             await self._shutdown()
             return 1
         self.supervisor.spawn(self._compact_loop(), name="empath-compactor", essential=True)
+        self.supervisor.spawn(self._sample_loop(), name="empath-window-sampler")
         compiled = compiled_modules()
         self.supervisor.spawn(self.dkim.check_loop(), name="empath-dkim-dns-check")
         log.info(
@@ -573,6 +579,21 @@ class App:
         freed = await self.spool.compact(include_active=include_active)
         self.last_compaction = (time.time(), freed)
         return freed
+
+    def dns_recent(self) -> tuple[float, int, int]:
+        """DNS cache (span covered, hits, misses) over about ``metrics.rate_window_secs``
+        (since the start while the daemon is younger than that)."""
+        cache = self.router.cache
+        now = self.clock.monotonic()
+        hits, misses = self._dns_window.delta(now, (cache.hits, cache.misses))
+        return now - self._dns_window.base_at, hits, misses
+
+    async def _sample_loop(self) -> None:
+        """Sample the recent-window counters a sixtieth of a window apart, whether or not
+        anybody reads them (a window only knows the samples it was given)."""
+        while True:
+            await self.clock.sleep(self._dns_window.window_s / 60)
+            self.dns_recent()
 
     async def _compact_loop(self) -> None:
         """Compact every ``compact_interval_secs``, and within a second whenever the

@@ -120,7 +120,12 @@ else:
 
 
 def _list_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--status", choices=STATUSES, help="only units with this status")
+    p.add_argument(
+        "--status",
+        choices=STATUSES,
+        help="only units with this status (delivered: delivered units of messages still "
+        "queued for another domain; finished messages leave the queue)",
+    )
     p.add_argument("--domain", metavar="D", help="only units for this recipient domain")
     p.add_argument("--limit", metavar="N", type=_positive_int, help="at most N lines (oldest)")
 

@@ -84,6 +84,7 @@ class Daemon(Protocol):
     def last_reload(self) -> ReloadRecord | None: ...
     @property
     def pending_restart(self) -> tuple[str, ...]: ...
+    def dns_recent(self) -> tuple[float, int, int]: ...
 
     @property
     def modules(self) -> ModuleHost: ...
@@ -154,8 +155,6 @@ class Handlers:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
         self._window: Window | None = None  # delivered/failed over about rate_window_secs
-        self._dns: Window | None = None  # DNS cache hits/misses, the same way
-        self._started = daemon.runner.clock.monotonic()
         self.ops: OpsHandlers | None = None  # the incident controls (control/ops.py)
 
     def _in_flight(self) -> set[tuple[str, str]]:
@@ -172,7 +171,7 @@ class Handlers:
         counts = self._counts()
         cache = d.runner.router.cache
         lookups = cache.hits + cache.misses
-        dns_window_s, window_hits, window_misses = self._dns_window(cache.hits, cache.misses)
+        dns_window_s, window_hits, window_misses = d.dns_recent()
         window_lookups = window_hits + window_misses
         heartbeat_age = d.runner.heartbeat_age_s()
         usage = d.spool.usage()
@@ -233,16 +232,6 @@ class Handlers:
                 "restart_pending": list(d.pending_restart),
             },
         }
-
-    def _dns_window(self, hits: int, misses: int) -> tuple[float, int, int]:
-        """DNS cache hits and misses over about ``metrics.rate_window_secs`` (since the
-        start while the daemon is younger): the span covered, hits, misses."""
-        window_s = self.d.config.metrics.rate_window_secs
-        now = self.d.runner.clock.monotonic()
-        if self._dns is None or self._dns.window_s != window_s:
-            self._dns = Window(window_s, self._started, 2)
-        window_hits, window_misses = self._dns.delta(now, (hits, misses))
-        return now - self._dns.base_at, window_hits, window_misses
 
     # cluster
 

@@ -135,9 +135,21 @@ def _table(pairs: Iterable[tuple[str, Any]], indent: str = "  ") -> list[str]:
     return [f"{indent}{k:<{width}}  {v}" for k, v in items]
 
 
+# What the `delivered` status counts: a message leaves the queue when it is finished,
+# so its delivered units are only seen while it still has another unit (for another
+# domain) waiting, or kept for `failed_retention_secs` with a failed one.  Throughput is
+# the "Last ...: N delivered" line.
+DELIVERED_NOTE = (
+    "  (delivered: units already delivered of messages still queued for another domain;"
+    " finished messages leave the queue - see 'Last ...' below for deliveries)"
+)
+
+
 def stats_text(data: dict[str, Any]) -> str:
     lines = ["Units by status:"]
     lines += _table(data["by_status"].items())
+    if "delivered" in data["by_status"]:
+        lines.append(DELIVERED_NOTE)
     lines.append(f"Messages: {data['messages']}   in flight: {data['in_flight']}")
     if data.get("oldest_id"):
         lines.append(f"Oldest queued: {duration(data['oldest_age_s'])} ({data['oldest_id']})")
