@@ -44,7 +44,7 @@ def test_retry_reopens_an_expired_unit_with_a_fresh_window(tmp_path: Path) -> No
             d.write_config()
             assert 0 == ctl(d, "config", "reload").returncode
             r = ctl(d, "queue", "retry", msg_id)
-            expected = "1 unit(s) scheduled for delivery now: 1 attempted now\n"
+            expected = "1 unit(s) made due: 1 will be attempted now\n"
             assert (0, expected) == (r.returncode, r.stdout)
             delivered = d.wait_log("Delivered", message_id=msg_id)
             assert attempts + 1 == delivered[0]["fields"]["attempt"]  # attempts were kept

@@ -215,7 +215,7 @@ def test_retry_loop_attempts_every_retried_unit_again(world: World) -> None:
         "done"
     )
     out = ok_run(world, loop)
-    line = "1 unit(s) scheduled for delivery now: 1 attempted now"
+    line = "1 unit(s) made due: 1 will be attempted now"
     assert [line] * len(retried) == out.splitlines()
     for msg_id in retried:
         d.wait_log("Delivery deferred", message_id=msg_id, attempt=2)
@@ -227,8 +227,8 @@ def test_process_now_attempts_deferred_units_at_once_but_rate_limits_hold(world:
     out = ok_run(world, "empathctl queue process-now")
     # ... and says so: slow.test's units stay waiting for a token
     pending = len(world.pending_slow())
-    said = rf"\d+ unit\(s\) made due now: \d+ attempted now, {pending} still waiting "
-    assert re.fullmatch(said + rf"\(rate_limit {pending}\)\n", out), out
+    said = rf"\d+ unit\(s\) made due: \d+ will be attempted now, {pending} stay held "
+    assert re.fullmatch(said + rf"\({pending} no rate-limit token yet\)\n", out), out
     for msg_id in world.ids["defer.test"] + world.ids["defer2.test"]:
         d.wait_log("Delivery deferred", message_id=msg_id, attempt=3)
     # slow.test has no token: its units stay pending, nothing more reaches the sink
@@ -247,7 +247,7 @@ def test_retry_of_failed_units_delivers_once_the_peer_is_fixed(world: World) -> 
     failed = world.ids["reject.test"]
     out = ok_run(world, "empathctl queue retry --status failed --domain reject.test")
     n = len(failed)
-    assert f"{n} unit(s) scheduled for delivery now: {n} attempted now\n" == out
+    assert f"{n} unit(s) made due: {n} will be attempted now\n" == out
     wait_for(lambda: set(failed) <= set(delivered_ids(world.ok)), 20, what="redelivery")
     for msg_id in failed:
         d.wait_log("Delivered", message_id=msg_id)

@@ -171,7 +171,7 @@ def test_held_and_suspended_units_get_no_attempt_across_a_restart_then_flow(
             assert 0 == now["attempted_now"]
             assert {"held": 3, "suspended": 2} == now["waiting"]
             text = ok(d, "queue", "process-now")
-            assert "0 attempted now, 5 still waiting (held 3, suspended 2)" in text
+            assert "0 will be attempted now, 5 stay held (3 on hold, 2 domain suspended)" in text
             time.sleep(0.5)
             assert 0 == sink.session_count()
 

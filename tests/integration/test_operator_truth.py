@@ -107,3 +107,31 @@ def test_json_errors_are_json(tmp_path: Path) -> None:
         plain = ctl(d, "queue", "view", "01ARZ3NDEKTSV4RRFFQ69G5FAV")
         assert (1, "") == (plain.returncode, plain.stdout)
         assert plain.stderr.startswith("empathctl: ")
+
+
+def test_retry_does_not_claim_delivery_now_while_a_breaker_holds_the_units(
+    tmp_path: Path,
+) -> None:
+    """`queue retry` / `process-now` said "scheduled for delivery now" for units an open
+    breaker keeps back; now: how many will be attempted, how many stay held, and why."""
+    dead = free_port()
+    overrides = {
+        "delivery": {
+            "domains": {"down.test": {"mx_override": f"127.0.0.1:{dead}"}},
+            "circuit_breaker": {"failure_threshold": 1, "timeout_secs": 600},
+        }
+    }
+    with Daemon(tmp_path / "d", overrides) as d:
+        ids = [
+            submit(d.smtp_port, "a@o.test", [f"r{i}@down.test"], "S: x\n\nx\n") for i in range(3)
+        ]
+        wait_for(lambda: d.logs("Circuit breaker OPENED for down.test"), 15, what="breaker open")
+        for cmd in (("queue", "retry", ids[0]), ("queue", "process-now")):
+            out = ctl(d, *cmd)
+            assert 0 == out.returncode, out.stderr
+            assert "scheduled for delivery now" not in out.stdout
+            assert "0 will be attempted now" in out.stdout
+            assert "circuit breaker open" in out.stdout
+        data = json.loads(ctl(d, "--json", "queue", "process-now").stdout)
+        assert 0 == data["attempted_now"]
+        assert data["waiting"]["breaker"] >= 1

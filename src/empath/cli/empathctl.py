@@ -231,21 +231,33 @@ def queue_retry(ctx: Ctx, ns: argparse.Namespace) -> int:
         return ctx.fail("queue retry takes an ID or --status S [--domain D]", EXIT_USAGE, "usage")
     args: dict[str, Any] = {"id": ns.id} if ns.id else {"status": ns.status, "domain": ns.domain}
     data = ctx.call("queue.retry", {k: v for k, v in args.items() if v})
-    ctx.emit(data, f"{data['units']} unit(s) scheduled for delivery now{_really(data)}\n")
+    ctx.emit(data, _made_due(data))
     return EXIT_OK
 
 
-def _really(data: dict[str, Any]) -> str:
-    """What a retry/process-now will really do: attempted now vs still waiting, by what."""
-    if "attempted_now" not in data:
-        return ""
+_HELD_BY = {
+    "breaker": "circuit breaker open",
+    "rate_limit": "no rate-limit token yet",
+    "connections": "the domain's max_connections in use",
+    "max_concurrent_deliveries": "every delivery slot busy",
+    "suspended": "domain suspended",
+    "held": "on hold",
+}
+
+
+def _made_due(data: dict[str, Any]) -> str:
+    """`queue retry` / `process-now`: how many units were made due, how many will really
+    be attempted now, and how many stay held and by what - never "delivery now" for a
+    unit an open breaker holds."""
+    text = f"{data['units']} unit(s) made due"
+    if "attempted_now" not in data:  # a daemon without the count
+        return text + "\n"
+    text += f": {data['attempted_now']} will be attempted now"
     waiting = data.get("waiting") or {}
-    text = f": {data['attempted_now']} attempted now"
     if waiting:
-        held = sum(waiting.values())
-        why = ", ".join(f"{k} {v}" for k, v in sorted(waiting.items()))
-        text += f", {held} still waiting ({why})"
-    return text
+        why = ", ".join(f"{n} {_HELD_BY.get(k, k)}" for k, n in sorted(waiting.items()))
+        text += f", {sum(waiting.values())} stay held ({why})"
+    return text + "\n"
 
 
 def _delete_args(p: argparse.ArgumentParser) -> None:
@@ -274,7 +286,7 @@ def queue_delete(ctx: Ctx, ns: argparse.Namespace) -> int:
 
 def queue_process_now(ctx: Ctx, _ns: argparse.Namespace) -> int:
     data = ctx.call("queue.process-now")
-    ctx.emit(data, f"{data['units']} unit(s) made due now{_really(data)}\n")
+    ctx.emit(data, _made_due(data))
     return EXIT_OK
 
 
