@@ -22,36 +22,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from empath.config.ron_write import MapValue, dumps
 from empath.spool.fs import FileSpool
 from empath.spool.model import MessageState
 from empath.spool.store import RecoveryReport
 from tests.helpers import free_port, stop_pid
 
 
-def to_ron(value: Any, indent: int = 0) -> str:
-    """Render plain Python values as RON: dicts as maps with string keys."""
-    pad = "  " * (indent + 1)
-    end = "  " * indent
-    if value is None:
-        return "None"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        if not value:
-            return "[]"
-        return "[\n" + "".join(f"{pad}{to_ron(v, indent + 1)},\n" for v in value) + f"{end}]"
+def to_ron(value: Any) -> str:
+    """Plain Python values as RON (the project's one writer, ``empath.config.ron_write``),
+    every dict as a map with string keys, which the config reader takes for a struct too."""
+    return dumps(_as_maps(value)).rstrip("\n")
+
+
+def _as_maps(value: Any) -> Any:
     if isinstance(value, dict):
-        if not value:
-            return "{}"
-        items = "".join(
-            f"{pad}{json.dumps(str(k))}: {to_ron(v, indent + 1)},\n" for k, v in value.items()
-        )
-        return "{\n" + items + f"{end}}}"
-    raise TypeError(f"cannot render {type(value).__name__} as RON")
+        return MapValue({str(k): _as_maps(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return [_as_maps(v) for v in value]
+    return value
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

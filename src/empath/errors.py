@@ -140,11 +140,11 @@ class ListenerBindError(EmpathError):
 
 
 class ControlError(EmpathError):
-    """A control request failed; ``exit_code`` is what empathctl exits with."""
+    """Base of empathctl's errors (``empath.control.client``); ``exit_code`` is what
+    `empathctl` exits with.  The daemon's side raises ``control.protocol.RequestError``
+    (a request it cannot serve) and ``control.server.CommandError`` (a command failed)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        self.exit_code = exit_code
-        super().__init__(message)
+    exit_code = 1
 
 
 # --- DKIM --------------------------------------------------------------------

@@ -27,11 +27,11 @@ from empath.cli import dkimctl, ops, users
 from empath.control import output
 from empath.control.client import (
     ControlClient,
-    ControlError,
     SocketChoice,
     discover_socket,
 )
 from empath.control.protocol import TOKEN_ENV_VAR
+from empath.errors import ControlError
 from empath.textsafe import json_text
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)

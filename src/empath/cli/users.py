@@ -220,7 +220,7 @@ def user_list(ctx: Ctx, ns: argparse.Namespace) -> int:
 
 
 def _list(ctx: Ctx, ns: argparse.Namespace) -> int:
-    from empath.control.client import ControlError
+    from empath.errors import ControlError
 
     path = _users_file(ns)
     users = _load(path, missing_ok=False)

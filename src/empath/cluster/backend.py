@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from empath.cluster import lua
+from empath.errors import EmpathError
 from empath.stats import Histogram
 
 T = TypeVar("T")
@@ -32,7 +33,7 @@ RTT_BUCKETS_S: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.0
                         0.1, 0.25, 0.5, 1.0)  # fmt: skip
 
 
-class RedisUnavailableError(Exception):
+class RedisUnavailableError(EmpathError):
     """Redis did not answer in time, or refused: the caller falls back to local state."""
 
 

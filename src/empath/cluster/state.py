@@ -25,7 +25,7 @@ that line (``waker(domain)``, wired to the runner) whatever its result.
   a lease older than :data:`LEASE_REUSE_S` is not reused but given back, so
   other nodes get their turn.
   The reserve also covers the pooled connection's idle life: in cluster mode
-  the outbound pool closes idle connections after :data:`POOL_IDLE_S`, before
+  the outbound pool closes idle connections after :data:`CLUSTER_POOL_IDLE_S`, before
   the lease goes back, so the peer never sees more than ``max_connections``
   sessions from the whole cluster.  A
   refused ask is repeated every :data:`SLOT_RETRY_S` while the domain has
@@ -88,7 +88,7 @@ BATCH_HORIZON_S: Final = 0.1  # a batch is at most this much of the domain's rat
 MAX_BATCH: Final = 64
 ASK_WAIT_S: Final = 1.0  # "look again" while an ask is out (its completion wakes earlier)
 RESERVE_IDLE_S: Final = 0.3  # an unused reserved lease goes back to Redis after this
-POOL_IDLE_S: Final = 0.1  # cluster mode: idle outbound connections close after this (< above)
+CLUSTER_POOL_IDLE_S: Final = 0.1  # cluster mode: idle outbound connections close (< above)
 LEASE_REUSE_S: Final = 2.0  # a lease older than this is given back, not reused
 SLOT_RETRY_S: Final = 0.05  # refused slot ask: ask again after this, while in demand
 DEMAND_S: Final = 6.0  # a domain is "in demand" this long after the scheduler asked
@@ -405,7 +405,7 @@ class SharedPolicyState:
     def release_connection(self, domain: str) -> None:
         """End of a delivery: its lease goes to the reserve; the node loop's
         :meth:`sweep` gives it back to Redis after :data:`RESERVE_IDLE_S`, so the
-        lease outlives the pooled connection's idle time (``POOL_IDLE_S``)."""
+        lease outlives the pooled connection's idle time (``CLUSTER_POOL_IDLE_S``)."""
         d = self._domains.get(domain)
         if d is None or not d.in_use:
             return

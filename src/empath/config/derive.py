@@ -41,8 +41,8 @@ from empath.transport.outbound import OutboundTimeouts
 from empath.transport.pool import PoolSettings
 
 # Idle pooled connections close after this long (not a config key).  In cluster mode
-# a connection lease must outlive the pooled connection, so they close sooner (see
-# empath.cluster.state, POOL_IDLE_S).
+# a connection lease must outlive the pooled connection, so they close sooner:
+# empath.cluster.state.CLUSTER_POOL_IDLE_S.
 POOL_IDLE_S = 10.0
 
 
@@ -117,7 +117,7 @@ def listener_spec(
 def pool_settings(config: Config) -> PoolSettings:
     idle_s = POOL_IDLE_S
     if config.cluster is not None:
-        from empath.cluster.state import POOL_IDLE_S as CLUSTER_POOL_IDLE_S
+        from empath.cluster.state import CLUSTER_POOL_IDLE_S
 
         idle_s = CLUSTER_POOL_IDLE_S
     return PoolSettings(max(config.delivery.max_concurrent_deliveries, 1), idle_s)

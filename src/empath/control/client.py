@@ -34,6 +34,7 @@ from empath.control.protocol import (
     ErrorCode,
     encode_request,
 )
+from empath.errors import ControlError
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
@@ -55,12 +56,6 @@ if TYPE_CHECKING:
 
 else:
     SocketChoice = namedtuple("SocketChoice", "path source")
-
-
-class ControlError(Exception):
-    """Base of the client's errors; ``exit_code`` is what `empathctl` exits with."""
-
-    exit_code = 1
 
 
 class Unreachable(ControlError):  # noqa: N818 - reads as the situation

@@ -39,6 +39,8 @@ import enum
 import json
 from collections import namedtuple
 
+from empath.errors import EmpathError
+
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
 if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
@@ -79,7 +81,7 @@ else:
     Request = namedtuple("Request", "id cmd args token")
 
 
-class RequestError(Exception):
+class RequestError(EmpathError):
     """A request line that cannot be served; ``code`` says why."""
 
     def __init__(self, code: ErrorCode, message: str, request_id: int | str | None = None) -> None:

@@ -106,7 +106,7 @@ class ControlSocketInUse(EmpathError):  # noqa: N818 - the name says what the op
     """Another daemon answers on the control socket (or the path is not a socket)."""
 
 
-class CommandError(Exception):
+class CommandError(EmpathError):
     """A command that ran and failed: the reply is an error with this code."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
