@@ -327,6 +327,10 @@ class App:
             data["nodes"] = [n.to_json() for n in nodes]
         return data
 
+    def smtp_busy(self) -> bool:
+        """Any SMTP session open: long operator views yield to mail (control/ops.py)."""
+        return self._smtp_busy()
+
     def _smtp_busy(self) -> bool:
         """Any SMTP session open (the control server yields to mail then)."""
         return any(s.connections_active for s in self.listeners.stats.values())

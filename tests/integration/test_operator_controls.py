@@ -354,7 +354,7 @@ def test_queue_summary_shows_a_throttled_domain(tmp_path: Path) -> None:
             data = js(d, "queue", "summary")
             row = next(r for r in data["domains"] if r["domain"] == "thr.test")
             assert row["throttled"] is True and row["rate_per_s"] == 0.5
-            assert row["total"] >= 4 and row["ages"]["5m"] == row["total"]
+            assert row["total"] >= 4 and row["ages"][0] == row["total"]
             slow_row = next(r for r in data["domains"] if r["domain"] == "slow.test")
             assert 1 == slow_row["by_status"]["in_progress"] and not slow_row["throttled"]
             text = ok(d, "queue", "summary")

@@ -250,8 +250,18 @@ def breaker_probe(ctx: Any, ns: argparse.Namespace) -> int:
 # --- views -----------------------------------------------------------------------------
 
 
+SUMMARY_LIMIT = 50  # domains shown by default (the totals always count every domain)
+
+
 def _summary_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limit", metavar="N", type=int, help="the N domains with most units")
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        type=int,
+        default=SUMMARY_LIMIT,
+        help=f"the N domains with most units (default {SUMMARY_LIMIT})",
+    )
+    p.add_argument("--all", action="store_true", help="every domain")
 
 
 def summary_text(data: dict[str, Any]) -> str:
@@ -261,7 +271,7 @@ def summary_text(data: dict[str, Any]) -> str:
     lines = [f"{data['units']} queued unit(s) over {data['domain_count']} domain(s)", head]
     for r in data["domains"]:
         st = r["by_status"]
-        ages = " ".join(f"{r['ages'][b]:>5}" for b in labels)
+        ages = " ".join(f"{n:>5}" for n in r["ages"])
         lines.append(
             f"{terminal(r['domain']):<32} {r['total']:>6} {st['pending']:>5} {st['retry']:>5} "
             f"{st['in_progress']:>4} {st['held']:>5} {ages}"
@@ -281,11 +291,14 @@ def summary_text(data: dict[str, Any]) -> str:
             flags.append("SUSPENDED")
         lines.append("    " + ", ".join(flags))
         lines += [f"    waiting: {terminal(w)}" for w in r["waiting_for"]]
+    more = data["domain_count"] - len(data["domains"])
+    if more > 0:
+        lines.append(f"... and {more} more domain(s) with fewer units (--all or --limit N)")
     return "\n".join(lines) + "\n"
 
 
 def queue_summary(ctx: Any, ns: argparse.Namespace) -> int:
-    data = ctx.call("queue.summary", {"limit": ns.limit} if ns.limit else {})
+    data = ctx.call("queue.summary", {} if ns.all or not ns.limit else {"limit": ns.limit})
     ctx.emit(data, summary_text(data))
     return EXIT_OK
 

@@ -34,6 +34,26 @@ from empath.spool.store import Spool
 
 BATCH: Final = 256  # messages changed concurrently by a bulk command (one group commit)
 BODY_CHUNK: Final = 65536
+SCAN_MESSAGES: Final = 2000  # messages looked at between yields to the event loop
+ROWS: Final = 2000  # breaker rows built between yields
+DUTY: Final = 0.05  # share of the event loop a view may take while SMTP sessions are open
+
+
+class Breather:
+    """Yield to the event loop between chunks of a long view; while mail flows (an SMTP
+    session is open) sleep so the view takes at most :data:`DUTY` of the loop, as a
+    streamed `queue list` does (ingest first, the operator's answer a little later)."""
+
+    def __init__(self, busy: Callable[[], bool]) -> None:
+        self._busy = busy
+        self._t0 = time.perf_counter()
+
+    async def __call__(self) -> None:
+        spent = time.perf_counter() - self._t0
+        await asyncio.sleep(spent * (1.0 - DUTY) / DUTY if self._busy() else 0)
+        self._t0 = time.perf_counter()
+
+
 _ACTIONS: Final = ("hold", "release", "delete", "bounce")
 
 
@@ -56,6 +76,7 @@ class OpsDaemon(Protocol):
     def last_compaction(self) -> tuple[float, int] | None: ...
 
     async def compact_now(self, *, include_active: bool = False) -> int: ...
+    def smtp_busy(self) -> bool: ...
 
 
 # --- arguments -------------------------------------------------------------------------
@@ -149,8 +170,11 @@ class OpsHandlers:
     async def breaker_list(self, _args: Args) -> dict[str, Any]:
         ctx = self.context()
         activity = self.d.runner.activity
-        rows = []
-        for domain, info in sorted(ctx.breakers.items()):
+        breathe = Breather(self.d.smtp_busy)
+        rows: list[dict[str, Any]] = []
+        for i, (domain, info) in enumerate(sorted(ctx.breakers.items())):
+            if i % ROWS == ROWS - 1:
+                await breathe()
             if info.state.value == "Closed" and not info.failures:
                 continue
             rows.append(
@@ -309,12 +333,17 @@ class OpsHandlers:
         ):
             raise RequestError(ErrorCode.BAD_REQUEST, "argument 'limit' must be a positive integer")
         ctx = self.context()
-        shapes = sel.shape(self.d.spool.messages(), ctx.now, ctx.in_flight)
+        messages = list(self.d.spool.messages())
+        shapes: dict[str, sel.Shape] = {}
+        breathe = Breather(self.d.smtp_busy)
+        for i in range(0, len(messages), SCAN_MESSAGES):
+            sel.shape(messages[i : i + SCAN_MESSAGES], ctx.now, ctx.in_flight, shapes)
+            await breathe()
         rows = sel.summary_rows(shapes, ctx, self.d.runner.activity.per_domain(ctx.mono), limit)
         return {
             "domains": rows,
             "domain_count": len(shapes),
-            "units": sum(s.total for s in shapes.values()),
+            "units": sum(s[0] for s in shapes.values()),
             "age_buckets": list(sel.AGE_LABELS),
         }
 

@@ -16,7 +16,9 @@ are tested without a daemon:
 
 from __future__ import annotations
 
+import bisect
 import math
+import time
 from collections import Counter
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -150,12 +152,20 @@ class Reason:
         return {"kind": self.kind, "text": self.text, "until": self.until, **self.fields}
 
 
-def _stamp(at: float | None) -> str:
-    import time
+_stamps: dict[int, str] = {}
 
+
+def _stamp(at: float | None) -> str:
+    """UTC to the second (memoised: a summary formats thousands of nearby times)."""
     if at is None or math.isinf(at):
         return "until resumed"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+    key = int(at)
+    text = _stamps.get(key)
+    if text is None:
+        if len(_stamps) > 4096:
+            _stamps.clear()
+        text = _stamps[key] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key))
+    return text
 
 
 def domain_reasons(domain: str, ctx: WaitContext) -> list[Reason]:
@@ -267,70 +277,81 @@ def attempt_counts(
 
 # --- queue summary -------------------------------------------------------------------
 
+# A domain's shape is a flat list of counts (cheap to build for 100,000 units):
+# [total, pending, retry, in_progress, held, age bucket 0, ..., age bucket n]
+_STATUS_AT: Final = {
+    UnitStatus.PENDING: 1,
+    UnitStatus.RETRY: 2,
+    UnitStatus.IN_PROGRESS: 3,
+    UnitStatus.HELD: 4,
+}
+_AGES_AT: Final = 5
+_SHAPE_LEN: Final = _AGES_AT + len(AGE_LABELS)
+Shape = list[int]
 
-@dataclass(slots=True)
-class DomainShape:
-    """One destination's line of `queue summary` (accumulated)."""
 
-    total: int = 0
-    by_status: Counter[str] = field(default_factory=Counter)
-    ages: list[int] = field(default_factory=lambda: [0] * len(AGE_LABELS))
+def age_bucket(age_s: float) -> int:
+    """Index into :data:`AGE_LABELS` of an age in seconds."""
+    return bisect.bisect_right(_BUCKET_S, age_s)
 
 
 def shape(
     messages: Iterable[MessageState],
     now: float,
     in_flight: Container[tuple[str, str]],
-    *,
-    every: int = 0,
-    pause: Callable[[], None] | None = None,
-) -> dict[str, DomainShape]:
-    """Queued (non-terminal) units per domain by status and age bucket; one pass.
-    ``pause`` is called every ``every`` messages (the caller yields to its loop)."""
-    out: dict[str, DomainShape] = {}
-    buckets = _BUCKET_S
-    last = len(AGE_LABELS) - 1
+    out: dict[str, Shape] | None = None,
+) -> dict[str, Shape]:
+    """Queued (non-terminal) units per domain by status and age bucket, added to ``out``
+    (a new dict by default); one flat pass."""
+    if out is None:
+        out = {}
     busy = bool(in_flight)
-    n = 0
+    size = _SHAPE_LEN
+    pending, retry, held = UnitStatus.PENDING, UnitStatus.RETRY, UnitStatus.HELD
+    in_progress = UnitStatus.IN_PROGRESS
+    buckets = _BUCKET_S
+    right = bisect.bisect_right
     for msg in messages:
-        age = now - msg.envelope.received_at
-        if age < buckets[0]:
-            b = 0
-        else:
-            b = next((i for i, limit in enumerate(buckets) if age < limit), last)
+        b = _AGES_AT + right(buckets, now - msg.envelope.received_at)
         for unit in msg.units:
-            st = unit.status
-            if st.terminal:
-                continue
-            d = out.get(unit.domain)
-            if d is None:
-                d = out[unit.domain] = DomainShape()
-            d.total += 1
-            name = st.value
+            st = unit.status  # identity tests: an Enum's hash is a Python-level call
+            if st is pending:
+                si = 1
+            elif st is retry:
+                si = 2
+            elif st is held:
+                si = 4
+            elif st is in_progress:
+                si = 3
+            else:
+                continue  # finished: not queued
+            row = out.get(unit.domain)
+            if row is None:
+                row = out[unit.domain] = [0] * size
             if busy and (msg.id, unit.domain) in in_flight:
-                name = "in_progress"
-            d.by_status[name] += 1
-            d.ages[b] += 1
-        n += 1
-        if every and pause is not None and n % every == 0:
-            pause()
+                si = 3
+            row[0] += 1
+            row[si] += 1
+            row[b] += 1
     return out
 
 
 def summary_rows(
-    shapes: Mapping[str, DomainShape],
+    shapes: Mapping[str, Shape],
     ctx: WaitContext,
     delivered_last_min: Mapping[str, int],
     limit: int | None,
 ) -> list[dict[str, Any]]:
     """The summary's rows, most queued units first (at most ``limit``)."""
-    ranked = sorted(shapes.items(), key=lambda kv: (-kv[1].total, kv[0]))
+    ranked = sorted(shapes.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    empty = [0] * _SHAPE_LEN
     for domain in ctx.suspensions:
         if domain not in shapes:
-            ranked.append((domain, DomainShape()))
+            ranked.append((domain, empty))
     if limit is not None:
         ranked = ranked[:limit]
     rows = []
+    closed = BreakerState.CLOSED.value
     for domain, d in ranked:
         lim = ctx.limit_for(domain)
         reasons = domain_reasons(domain, ctx)
@@ -339,9 +360,14 @@ def summary_rows(
         rows.append(
             {
                 "domain": domain,
-                "total": d.total,
-                "by_status": {k: d.by_status.get(k, 0) for k in SUMMARY_STATUSES[:4]},
-                "ages": dict(zip(AGE_LABELS, d.ages, strict=True)),
+                "total": d[0],
+                "by_status": {
+                    "pending": d[1],
+                    "retry": d[2],
+                    "in_progress": d[3],
+                    "held": d[4],
+                },
+                "ages": d[_AGES_AT:],
                 "rate_per_s": None if lim.unlimited else lim.messages_per_second,
                 "burst": None if lim.unlimited else lim.burst_size,
                 "max_connections": ctx.max_connections(domain),
@@ -349,7 +375,7 @@ def summary_rows(
                 "delivered_last_min": delivered_last_min.get(domain, 0),
                 "throttled": "rate_limit" in kinds,
                 "suspended": "suspended" in kinds,
-                "breaker": (info.state if info else BreakerState.CLOSED).value,
+                "breaker": info.state.value if info else closed,
                 "waiting_for": [r.text for r in reasons],
             }
         )

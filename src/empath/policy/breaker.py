@@ -340,15 +340,24 @@ class CircuitBreaker:
     def snapshot(self) -> dict[str, BreakerInfo]:
         """State and trip count of every domain the breaker knows (for metrics)."""
         out: dict[str, BreakerInfo] = {}
-        window_start = self._clock.monotonic() - self._settings.failure_window_s
+        now = self._clock.monotonic()
+        window_start = now - self._settings.failure_window_s
+        trips_of = self._trips
+        is_open = BreakerState.OPEN
         for domain, rec in self._domains.items():
-            self._refresh(domain, rec)
+            if rec.state is is_open and now >= rec.open_until:
+                self._refresh(domain, rec)
+            failures = rec.failures
+            if failures and failures[0] < window_start:
+                n = sum(1 for t in failures if t >= window_start)
+            else:
+                n = len(failures)
             out[domain] = BreakerInfo(
                 rec.state,
-                self._trips.get(domain, 0),
-                rec.open_until if rec.state is BreakerState.OPEN else None,
+                trips_of.get(domain, 0),
+                rec.open_until if rec.state is is_open else None,
                 rec.since,
-                sum(1 for t in rec.failures if t >= window_start),
+                n,
             )
         for domain, trips in self._trips.items():
             if domain not in out:

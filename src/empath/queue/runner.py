@@ -57,6 +57,7 @@ from empath.dns.mx import MxRouter
 from empath.errors import DeliveryError, SpoolError, UnknownMessageError
 from empath.logs import get_logger
 from empath.policy.retry import RetryPolicy
+from empath.queue.actions import OperatorActions
 from empath.queue.deferral_log import DeferralLog
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import (
@@ -145,7 +146,7 @@ def _unit_of(msg: MessageState, domain: str) -> UnitState | None:
     return next((u for u in msg.units if u.domain == domain), None)
 
 
-class DeliveryRunner:
+class DeliveryRunner(OperatorActions):
     """Drives the scheduler; see the module docstring."""
 
     def __init__(
@@ -325,129 +326,6 @@ class DeliveryRunner:
         )
         return DeleteOutcome(dsn_id=dsn_id, delivered=delivered)
 
-    async def delete_units(
-        self, msg_id: str, domains: Collection[str], *, bounce: bool, durable: bool = True
-    ) -> str | None:
-        """Delete only the units of ``domains`` (a filter matched them, not the whole
-        message); the whole message when no other unit is left.  Returns the DSN's id.
-        As :meth:`delete`, an attempt of those units in flight is waited for (up to
-        :data:`DELETE_WAIT_S`) so that what it delivered is not bounced."""
-        msg = self.spool.get(msg_id)
-        self.forget(msg_id, list(domains))
-        busy = [t for k, t in self._tasks.items() if k.message_id == msg_id and k.domain in domains]
-        if busy:
-            _done, running = await asyncio.wait(busy, timeout=DELETE_WAIT_S)
-            if running:
-                log.warn("Units deleted while their attempt runs", message_id=msg_id)
-            msg = self.spool.get(msg_id)  # raises UnknownMessageError: all delivered
-        left = [
-            u for u in msg.units if u.domain not in domains and u.status is not UnitStatus.DELIVERED
-        ]
-        if not left:
-            return (await self.delete(msg_id, bounce=bounce)).dsn_id
-        gone = tuple(u for u in msg.units if u.domain in domains)
-        self.forget(msg_id, [u.domain for u in gone])
-        dsn_id = None
-        if bounce:
-            report = transition.deleted(gone, envelope=msg.envelope, settings=self._decide)
-            if report is not None:
-                dsn_id = await self._send_dsn(msg, report, self.clock.now())
-        current = self.spool.get(msg_id)
-        await self.spool.update(
-            msg_id, tuple(u for u in current.units if u.domain not in domains), durable=durable
-        )
-        action = "bounced" if bounce else "deleted"
-        for u in gone:
-            self.journal.record(msg_id, "operator", action=action, domain=u.domain, dsn_id=dsn_id)
-        log.audit(
-            "Units deleted by the operator",
-            message_id=msg_id,
-            domains=sorted(u.domain for u in gone),
-            dsn_id=dsn_id or "",
-        )
-        return dsn_id
-
-    async def hold(
-        self, msg_id: str, domains: Collection[str], *, durable: bool = True
-    ) -> list[str]:
-        """`queue hold`: the waiting units of ``domains`` become ``held`` (persisted) and
-        leave the scheduler; one in flight finishes its attempt and then stays held.
-        The domains held."""
-        msg = self.spool.get(msg_id)
-        held = [
-            u.domain
-            for u in msg.units
-            if u.domain in domains and not u.status.terminal and u.status is not UnitStatus.HELD
-        ]
-        if not held:
-            return []
-        units = tuple(
-            replace(u, status=UnitStatus.HELD) if u.domain in held else u for u in msg.units
-        )
-        await self.spool.update(msg_id, units, durable=durable)
-        for domain in held:
-            self.scheduler.remove(UnitKey(msg_id, domain))
-            self.journal.record(msg_id, "operator", action="hold", domain=domain)
-        return held
-
-    async def release(
-        self, msg_id: str, domains: Collection[str], *, durable: bool = True
-    ) -> list[str]:
-        """`queue release`: held units of ``domains`` are due now again (a suspension or
-        an open breaker may still keep them waiting).  The domains released."""
-        msg = self.spool.get(msg_id)
-        released = [
-            u.domain for u in msg.units if u.domain in domains and u.status is UnitStatus.HELD
-        ]
-        if not released:
-            return []
-        now = self.clock.now()
-        units = tuple(
-            replace(
-                u,
-                status=UnitStatus.RETRY if u.attempts else UnitStatus.PENDING,
-                next_attempt_at=now,
-            )
-            if u.domain in released
-            else u
-            for u in msg.units
-        )
-        await self.spool.update(msg_id, units, durable=durable)
-        for domain in released:
-            key = UnitKey(msg_id, domain)
-            if not self.scheduler.is_in_flight(key):
-                self.scheduler.add(key, now)
-            self.journal.record(msg_id, "operator", action="release", domain=domain)
-        self._kick()
-        return released
-
-    def _left(self, msg: MessageState, reason: str) -> None:
-        """The message left the queue: its envelope and last unit states go to the
-        history, which keeps them for ``failed_retention_secs``."""
-        env = msg.envelope
-        self.journal.record(
-            msg.id,
-            "left",
-            reason=reason,
-            sender=env.sender,
-            recipients=list(env.recipients),
-            received_at=env.received_at,
-            peer=env.peer,
-            helo=env.helo,
-            size=env.size,
-            is_dsn=env.is_dsn,
-            units=[
-                {
-                    "domain": u.domain,
-                    "status": u.status.value,
-                    "attempts": u.attempts,
-                    "last_error": u.last_error,
-                    "history": [a.to_json() for a in u.history],
-                }
-                for u in msg.units
-            ],
-        )
-
     def forget(self, msg_id: str, domains: list[str]) -> None:
         for domain in domains:
             self.scheduler.remove(UnitKey(msg_id, domain))
@@ -588,20 +466,7 @@ class DeliveryRunner:
             self.journal.record(msg.id, "expired", domain=unit.domain)
             return await self._carry_out(msg, expired, now)
         result = await self._deliver(msg, unit)
-        mx, code, text = result.summary
-        self.journal.record(
-            msg.id,
-            "attempt",
-            domain=unit.domain,
-            mx=result.mx_label or mx,
-            address=result.address,
-            tls=result.tls_version or ("yes" if result.tls else "none"),
-            code=code,
-            text=text,
-            delivered=list(result.delivered),
-            temporary=list(result.temporary),
-            permanent=list(result.permanent),
-        )
+        self._record_attempt(msg.id, unit.domain, result)
         # Decide on the unit as it is now (the message may have changed meanwhile).
         try:
             current = _unit_of(self.spool.get(msg.id), key.domain)
