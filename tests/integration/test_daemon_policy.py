@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests import logql
 from tests.daemon import Daemon, Submitter, ThreadedPeer, log_time
 from tests.dnsmasq import DnsmasqServer, DnsRecords, dnsmasq
 from tests.postfix import PostfixPeer
@@ -245,6 +246,10 @@ def test_a_backlog_waiting_for_a_connection_then_for_tokens_is_counted_and_logge
             lines = daemon.logs("Rate limit exceeded", domain="slow.test")
             assert 1 == len(lines)  # the drain took < 10 s: one line
             assert n - 1 == lines[0]["fields"]["deferred"]
+            # The runbook's RateLimitingExcessive LogQL finds it.
+            raw = daemon.log_path.read_text(errors="replace").splitlines()
+            query = '{service="empath"} |= "Rate limit exceeded" | json | fields_domain="slow.test"'
+            assert 1 == len(logql.run(query, raw, {"service": "empath"}))
         finally:
             daemon.stop()
 
