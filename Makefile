@@ -69,8 +69,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape bench/dkim
-	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape bench/dkim
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape bench/dkim bench/modules
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/control bench/cluster bench/observability bench/scrape bench/dkim bench/modules
 
 typecheck: deps
 	$(VENV)/bin/mypy
@@ -99,6 +99,7 @@ bench: system-deps deps native
 	$(COMPILED) $(PY) bench/cluster
 	$(COMPILED) $(PY) bench/observability
 	$(COMPILED) $(PY) bench/scrape
+	$(COMPILED) $(PY) bench/modules
 	$(PY) bench/charts.py
 
 clean:

@@ -20,7 +20,8 @@ from tests.helpers import wait_for
 from tests.sink import SmtpSink
 
 REPO = str(Path(__file__).resolve().parents[2])
-ENV = {"PYTHONPATH": REPO}
+# the compiled pass of `make test` puts the build first on PYTHONPATH: keep it
+ENV = {"PYTHONPATH": os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), REPO) if p)}
 
 
 def module(name: str, arguments: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
