@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.ctl import ctl
 from tests.daemon import Daemon, RawSmtp, parked_overrides, queued_id, read_spool
 from tests.helpers import wait_for
 from tests.sink import SmtpSink
@@ -149,6 +150,12 @@ def test_a_raising_module_tempfails_and_its_traceback_is_logged_once_a_minute(
         error = lines[0]["fields"]["error"]
         assert "Traceback" in error and "RuntimeError: module bug on client.test" in error
         assert 200 == daemon.http_status("/health/live")
+        status = ctl(daemon, "system", "status")
+        assert 0 == status.returncode, status.stderr
+        assert (
+            "Modules: 1\n  tests.module_examples:Raises  Python  failing "
+            "(RuntimeError: module bug on client.test)  hooks: on_helo  on_error: tempfail\n"
+        ) in status.stdout
 
 
 def test_delivery_events_reach_the_module_after_delivery(tmp_path: Path) -> None:

@@ -18,9 +18,11 @@ from empath.smtp.events import CheckStage
 from empath.smtp.replies import Reply
 from empath.transport.acceptance import AcceptedMessage, Stage
 
-__all__ = ["HOST_KEY", "STAGE_HOOK", "ModulesStep", "to_smtp_reply"]
+__all__ = ["HOST_KEY", "MODULE_ERROR", "STAGE_HOOK", "ModulesStep", "to_smtp_reply"]
 
 HOST_KEY: Final = "empath.host"  # Session.private key of the host a session started with
+# what a check answers if running the modules itself failed (a bug: logged by the session)
+MODULE_ERROR: Final = ModuleReply(451, "4.3.0", "Local error in processing, try again later")
 STAGE_HOOK: Final = {
     CheckStage.CONNECT: Hook.CONNECT,
     CheckStage.HELO: Hook.HELO,

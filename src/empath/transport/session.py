@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from empath.errors import SpoolError, SpoolFullError
 from empath.logs import get_logger
 from empath.modules.api import Session as ModuleSession
-from empath.modules.step import HOST_KEY, STAGE_HOOK, to_smtp_reply
+from empath.modules.step import HOST_KEY, MODULE_ERROR, STAGE_HOOK, to_smtp_reply
 from empath.smtp.events import CheckStage
 from empath.smtp.replies import Reply
 from empath.smtp.sasl import AuthOutcome
@@ -428,7 +428,11 @@ class SmtpSession(asyncio.Protocol):
         ms.sender = check.value if check.stage is CheckStage.MAIL else server.sender
         ms.recipients = server.recipients
         ms.auth_user = server.auth_user
-        answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
+        try:
+            answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
+        except Exception as exc:  # the host contains modules' failures; this is a bug of ours
+            log.exception("Module check failed", peer=self._peer, error=repr(exc))
+            answer = MODULE_ERROR
         self._commit_task = None
         if self._transport is None or self._transport.is_closing():
             return
