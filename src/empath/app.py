@@ -53,7 +53,7 @@ from empath.observability.metrics import (
     summarise_queue,
 )
 from empath.observability.operator import OperatorMetrics
-from empath.policy.breaker import Transition
+from empath.policy.breaker import BreakerTransition
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
@@ -347,7 +347,7 @@ class App:
 
     # -- signals and reload ---------------------------------------------------
 
-    def _on_breaker(self, t: Transition) -> None:
+    def _on_breaker(self, t: BreakerTransition) -> None:
         _breaker_log.log(t.log_level, t.message, **t.log_fields())
         self.breaker_transitions[t.new.value] = self.breaker_transitions.get(t.new.value, 0) + 1
 

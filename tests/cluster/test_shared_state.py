@@ -13,7 +13,7 @@ import pytest
 
 from empath.cluster.backend import RedisBackend
 from empath.cluster.state import SharedPolicyState, batch_size, scaled
-from empath.policy.breaker import Admit, BreakerSettings, BreakerState, Deny, Transition
+from empath.policy.breaker import Admit, BreakerSettings, BreakerState, BreakerTransition, Deny
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
 from empath.policy.state import PolicySettings
 from empath.testing.settings import breaker_settings
@@ -37,7 +37,7 @@ def node(
     *,
     rate: RateLimit = UNLIMITED,
     breaker: BreakerSettings | None = None,
-    transitions: list[Transition] | None = None,
+    transitions: list[BreakerTransition] | None = None,
 ) -> SharedPolicyState:
     state = SharedPolicyState(
         RedisBackend(url, "t:", 0.5),
@@ -163,7 +163,7 @@ def test_a_refused_lease_marks_the_domain_contended_for_its_holders(
 def test_a_trip_is_shared_and_exactly_one_node_probes(redis_server: RedisServer) -> None:
     """Failures from two nodes trip the breaker once; of three nodes one gets the probe."""
     settings = breaker_settings(failure_threshold=3, failure_window_s=60, timeout_s=0.3)
-    seen: list[Transition] = []
+    seen: list[BreakerTransition] = []
 
     async def go() -> None:
         nodes = [node(redis_server.url, f"n{i}", breaker=settings, transitions=seen)

@@ -61,7 +61,7 @@ class Driver:
             lambda d: d != "denied.test",
         )
         parser = ReplyParser()
-        parser.feed(server.take_output())
+        parser.feed(server.data_to_send())
         body: list[bytes] = []
         open_body = False
 
@@ -90,10 +90,10 @@ class Driver:
                     handle(server.tls_started())
 
         for piece in splits(self.rng, script):
-            handle(server.feed(piece))
+            handle(server.receive_data(piece))
             while server.has_backlog:
                 handle(server.proceed())
-            self.replies += len(parser.feed(server.take_output()))
+            self.replies += len(parser.feed(server.data_to_send()))
         assert not parser.pending, parser.pending
 
 

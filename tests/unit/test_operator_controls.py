@@ -10,7 +10,7 @@ from pathlib import Path
 
 from empath.control import select as sel
 from empath.control.history import message_story
-from empath.policy.breaker import Admit, BreakerState, CircuitBreaker, Transition
+from empath.policy.breaker import Admit, BreakerState, BreakerTransition, CircuitBreaker
 from empath.policy.ratelimit import RateLimit
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import DeferRateLimit, Dispatch, Suspended
@@ -31,7 +31,7 @@ from tests.unit.test_queue_scheduler import Harness
 # --- breaker ----------------------------------------------------------------------------
 
 
-def tripped(clock: FakeClock, log: list[Transition]) -> CircuitBreaker:
+def tripped(clock: FakeClock, log: list[BreakerTransition]) -> CircuitBreaker:
     b = CircuitBreaker(breaker_settings(failure_threshold=1, timeout_s=3600.0), clock, log.append)
     b.record_failure("a.test")
     assert BreakerState.OPEN is b.state("a.test")
@@ -39,7 +39,7 @@ def tripped(clock: FakeClock, log: list[Transition]) -> CircuitBreaker:
 
 
 def test_reset_closes_an_open_breaker_now_as_a_logged_transition() -> None:
-    clock, log = FakeClock(), list[Transition]()
+    clock, log = FakeClock(), list[BreakerTransition]()
     b = tripped(clock, log)
     assert BreakerState.OPEN is b.reset("a.test")
     assert BreakerState.CLOSED is b.state("a.test")
@@ -59,7 +59,7 @@ def test_reset_of_a_closed_breaker_forgets_its_failures() -> None:
 
 
 def test_probe_now_lets_exactly_one_attempt_through_an_open_breaker() -> None:
-    clock, log = FakeClock(), list[Transition]()
+    clock, log = FakeClock(), list[BreakerTransition]()
     b = tripped(clock, log)
     assert BreakerState.OPEN is b.probe_now("a.test")
     first = b.allow("a.test")
@@ -71,7 +71,7 @@ def test_probe_now_lets_exactly_one_attempt_through_an_open_breaker() -> None:
 
 
 def test_snapshot_says_since_when_and_the_failures_in_the_window() -> None:
-    clock, log = FakeClock(), list[Transition]()
+    clock, log = FakeClock(), list[BreakerTransition]()
     b = tripped(clock, log)
     opened = clock.monotonic()
     clock.advance(10)

@@ -12,9 +12,9 @@ from empath.policy.breaker import (
     Admit,
     BreakerSettings,
     BreakerState,
+    BreakerTransition,
     CircuitBreaker,
     Deny,
-    Transition,
     states_by_domain,
 )
 from empath.testing.clock import FakeClock
@@ -29,9 +29,9 @@ def make(
     timeout: float = 300.0,
     successes: int = 1,
     probe_timeout: float = 900.0,
-) -> tuple[CircuitBreaker, FakeClock, list[Transition]]:
+) -> tuple[CircuitBreaker, FakeClock, list[BreakerTransition]]:
     clock = FakeClock()
-    events: list[Transition] = []
+    events: list[BreakerTransition] = []
     breaker = CircuitBreaker(
         BreakerSettings(threshold, window, timeout, successes, probe_timeout),
         clock,
@@ -40,7 +40,7 @@ def make(
     return breaker, clock, events
 
 
-def messages(events: list[Transition]) -> list[str]:
+def messages(events: list[BreakerTransition]) -> list[str]:
     return [e.message for e in events]
 
 

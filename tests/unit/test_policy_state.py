@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from empath.policy.breaker import Admit, BreakerState, Transition
+from empath.policy.breaker import Admit, BreakerState, BreakerTransition
 from empath.policy.ratelimit import GRANTED, RateLimit, Wait
 from empath.policy.state import ConnectionSlots, LocalPolicyState, PolicySettings, PolicyState
 from empath.testing.clock import FakeClock
@@ -11,9 +11,9 @@ from empath.testing.settings import breaker_settings
 D = "example.com"
 
 
-def make() -> tuple[LocalPolicyState, FakeClock, list[Transition]]:
+def make() -> tuple[LocalPolicyState, FakeClock, list[BreakerTransition]]:
     clock = FakeClock()
-    events: list[Transition] = []
+    events: list[BreakerTransition] = []
     state = LocalPolicyState(
         clock,
         PolicySettings(

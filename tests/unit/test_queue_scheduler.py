@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from empath.policy.breaker import BreakerSettings, BreakerState, Transition
+from empath.delivery.classify import OutcomeKind
+from empath.policy.breaker import BreakerSettings, BreakerState, BreakerTransition
 from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.index import UnitKey
@@ -16,7 +17,6 @@ from empath.queue.scheduler import (
     DeferBreaker,
     DeferRateLimit,
     Dispatch,
-    Outcome,
     Scheduler,
     WaitForConnection,
     decide,
@@ -38,7 +38,7 @@ class Harness:
         max_units_per_tick: int = 10_000,
     ) -> None:
         self.clock = FakeClock()
-        self.transitions: list[Transition] = []
+        self.transitions: list[BreakerTransition] = []
         self.policy = LocalPolicyState(
             self.clock,
             PolicySettings(
@@ -100,7 +100,7 @@ def test_global_cap_limits_deliveries_in_flight() -> None:
     assert ["m0", "m1"] == h.dispatched()
     assert [] == h.dispatched()
     assert h.scheduler.wake_at() is None  # nothing to do until a delivery finishes
-    assert h.scheduler.finished(keys[0], Outcome.SUCCESS)
+    assert h.scheduler.finished(keys[0], OutcomeKind.DELIVERED)
     assert ["m2"] == h.dispatched()
     assert 2 == h.scheduler.in_flight
 
@@ -116,10 +116,10 @@ def test_connection_cap_parks_units_per_domain_and_wakes_them_on_release() -> No
     # no busy polling: nothing is re-decided until a connection frees or the re-check timer
     assert [] == h.tick()
     assert h.scheduler.wake_delay_s() == pytest.approx(5.0)
-    h.scheduler.finished(a[1], Outcome.SUCCESS)
+    h.scheduler.finished(a[1], OutcomeKind.DELIVERED)
     assert 0.0 == h.scheduler.wake_delay_s()
     assert ["a2"] == h.dispatched()
-    h.scheduler.finished(a[0], Outcome.PERMANENT_FAILURE)
+    h.scheduler.finished(a[0], OutcomeKind.PERMANENT)
     assert ["a3"] == h.dispatched()
     assert 2 == h.policy.connections("a.com")
 
@@ -132,9 +132,9 @@ def test_units_due_later_join_the_back_of_a_parked_domain_line() -> None:
     h.add("a2")
     decisions = h.tick()
     assert [(UnitKey("a2", "a.com"), WaitForConnection(1))] == decisions
-    h.scheduler.finished(first, Outcome.SUCCESS)
+    h.scheduler.finished(first, OutcomeKind.DELIVERED)
     assert ["a1"] == h.dispatched()
-    h.scheduler.finished(UnitKey("a1", "a.com"), Outcome.SUCCESS)
+    h.scheduler.finished(UnitKey("a1", "a.com"), OutcomeKind.DELIVERED)
     assert ["a2"] == h.dispatched()
 
 
@@ -169,7 +169,7 @@ def test_a_backlog_drained_at_the_rate_limit_counts_every_unit_that_waited_once(
         for key, d in h.scheduler.tick():
             if isinstance(d, Dispatch):
                 dispatched.append(h.clock.monotonic())
-                h.scheduler.finished(key, Outcome.SUCCESS)
+                h.scheduler.finished(key, OutcomeKind.DELIVERED)
             elif isinstance(d, DeferRateLimit):
                 reported.append(key)
         h.clock.advance(0.01)
@@ -191,7 +191,7 @@ def test_two_per_second_domain_holds_while_another_domain_runs_unthrottled() -> 
         h.add(f"f{step}", "fast.com")
         for key, d in h.scheduler.tick():
             if isinstance(d, Dispatch):
-                h.scheduler.finished(key, Outcome.SUCCESS)
+                h.scheduler.finished(key, OutcomeKind.DELIVERED)
                 if key.domain == "slow.com":
                     slow.append(h.clock.monotonic())
                 else:
@@ -205,7 +205,7 @@ def test_open_breaker_defers_then_lets_exactly_one_probe_and_closes_on_success()
     h = Harness(breaker=breaker_settings(failure_threshold=1, timeout_s=300.0))
     first = h.add("m0")
     assert ["m0"] == h.dispatched()
-    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    h.scheduler.finished(first, OutcomeKind.TEMPORARY)
     assert BreakerState.OPEN == h.policy.breaker_state("a.com")
     t0 = h.clock.monotonic()
     keys = [h.add(f"m{i}") for i in range(1, 5)]
@@ -220,7 +220,7 @@ def test_open_breaker_defers_then_lets_exactly_one_probe_and_closes_on_success()
     for _ in range(3):
         h.clock.advance(5.0)
         assert [] == h.tick()  # one probe in flight: the others keep waiting
-    h.scheduler.finished(probe_key, Outcome.SUCCESS)
+    h.scheduler.finished(probe_key, OutcomeKind.DELIVERED)
     assert ["m2", "m3", "m4"] == h.dispatched()
     assert [
         "Circuit breaker OPENED for a.com",
@@ -233,13 +233,13 @@ def test_probe_failure_reopens_and_units_keep_waiting() -> None:
     h = Harness(breaker=breaker_settings(failure_threshold=1, timeout_s=60.0))
     first = h.add("m0")
     h.tick()
-    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    h.scheduler.finished(first, OutcomeKind.TEMPORARY)
     h.add("m1")
     h.add("m2")
     h.tick()
     h.clock.advance(60.0)
     assert ["m1"] == h.dispatched()
-    h.scheduler.finished(UnitKey("m1", "a.com"), Outcome.TEMPORARY_FAILURE)
+    h.scheduler.finished(UnitKey("m1", "a.com"), OutcomeKind.TEMPORARY)
     assert [] == h.dispatched()
     assert 2 == h.policy.breaker.trips_total("a.com")
     h.clock.advance(60.0)
@@ -251,7 +251,7 @@ def test_permanent_failures_never_trip_the_breaker() -> None:
     for i in range(5):
         key = h.add(f"m{i}")
         assert [f"m{i}"] == h.dispatched()
-        h.scheduler.finished(key, Outcome.PERMANENT_FAILURE)
+        h.scheduler.finished(key, OutcomeKind.PERMANENT)
     assert BreakerState.CLOSED == h.policy.breaker_state("a.com")
 
 
@@ -303,7 +303,7 @@ def test_remove_forgets_scheduled_and_parked_units_but_not_in_flight_ones() -> N
     assert h.scheduler.remove(later)
     assert not h.scheduler.remove(running)
     assert 1 == len(h.scheduler)
-    h.scheduler.finished(running, Outcome.SUCCESS)
+    h.scheduler.finished(running, OutcomeKind.DELIVERED)
     assert [] == h.dispatched()
     assert 0 == len(h.scheduler)
 
@@ -314,7 +314,7 @@ def test_re_adding_a_parked_unit_reschedules_it() -> None:
     h.add("a1")
     h.tick()
     h.add("a1", delay_s=100.0)
-    h.scheduler.finished(running, Outcome.SUCCESS)
+    h.scheduler.finished(running, OutcomeKind.DELIVERED)
     assert [] == h.dispatched()
     h.clock.advance(100.0)
     assert ["a1"] == h.dispatched()
@@ -326,8 +326,8 @@ def test_adding_an_in_flight_unit_is_refused_and_finished_is_idempotent() -> Non
     h.tick()
     with pytest.raises(ValueError):
         h.scheduler.add(key, 0.0)
-    assert h.scheduler.finished(key, Outcome.CANCELLED)
-    assert not h.scheduler.finished(key, Outcome.CANCELLED)
+    assert h.scheduler.finished(key, None)
+    assert not h.scheduler.finished(key, None)
     assert 0 == h.policy.connections("a.com")
 
 
@@ -381,7 +381,7 @@ SCHED_OPS = st.lists(
     max_size=80,
 )
 DOMAINS = ("a.com", "b.com", "c.com")
-OUTCOMES = list(Outcome)
+OUTCOMES: list[OutcomeKind | None] = [*OutcomeKind, None]
 
 
 @given(SCHED_OPS, st.integers(1, 4), st.integers(1, 3))
@@ -430,7 +430,7 @@ def test_property_caps_hold_and_every_unit_is_dispatched_exactly_once(
     for _ in range(200):
         run_tick()
         while running:
-            sched.finished(running.pop(), Outcome.SUCCESS)
+            sched.finished(running.pop(), OutcomeKind.DELIVERED)
         if not waiting:
             break
         h.clock.advance(60.0)
@@ -462,7 +462,7 @@ def test_backlog_counts_what_waits_for_this_node_not_retries_or_held_destination
     # the destination's breaker opens: its due units wait in a blocked line
     first = h.add("d0", "down.test")
     assert [first] == [k for k, d in h.tick() if isinstance(d, Dispatch)]
-    h.scheduler.finished(first, Outcome.TEMPORARY_FAILURE)
+    h.scheduler.finished(first, OutcomeKind.TEMPORARY)
     for i in range(5):
         h.add(f"d{i + 1}", "down.test")
     assert all(isinstance(d, DeferBreaker) for _k, d in h.tick())

@@ -49,13 +49,13 @@ class AuthHarness:
         self.parser = ReplyParser()
         self.checked: list[Credentials] = []
         self.txns: list[MessageComplete] = []
-        self.parser.feed(self.server.take_output())
+        self.parser.feed(self.server.data_to_send())
 
     def send(self, data: bytes) -> list[Reply]:
-        return self._drain(self.server.feed(data))
+        return self._drain(self.server.receive_data(data))
 
     def _drain(self, events: list[Event]) -> list[Reply]:
-        got = self.parser.feed(self.server.take_output())
+        got = self.parser.feed(self.server.data_to_send())
         for ev in events:
             if isinstance(ev, AuthCheck):
                 creds = ev.credentials
@@ -284,10 +284,12 @@ def test_user_recipient_quota_lowers_the_limit() -> None:
     """A grant's max_recipients below the listener's gives 452 4.5.3 after that many."""
     h = AuthHarness()
     ehlo(h)
-    events = h.server.feed(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode())
+    events = h.server.receive_data(
+        f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode()
+    )
     assert isinstance(events[0], AuthCheck)
     h.server.auth_succeeded(UserGrant("alice", ("*@alice.test",), max_recipients=2))
-    h.server.take_output()
+    h.server.data_to_send()
     assert [250, 250, 250, 452] == h.codes(
         b"MAIL FROM:<a@alice.test>\r\nRCPT TO:<1@x.test>\r\nRCPT TO:<2@x.test>\r\n"
         b"RCPT TO:<3@x.test>\r\n"
@@ -298,10 +300,10 @@ def test_message_quota_refusal_is_returned_at_mail() -> None:
     """The grant's admit_message refusal (hourly quota) answers MAIL."""
     h = AuthHarness()
     ehlo(h)
-    h.server.feed(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode())
+    h.server.receive_data(f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n".encode())
     refusal = SmtpProtocolError(451, "4.7.1", "Message quota exceeded for alice")
     h.server.auth_succeeded(UserGrant("alice", ("*@alice.test",), admit_message=lambda: refusal))
-    h.server.take_output()
+    h.server.data_to_send()
     (reply,) = h.send(b"MAIL FROM:<a@alice.test>\r\n")
     assert (451, "4.7.1") == (reply.code, reply.enhanced)
 
@@ -310,14 +312,14 @@ def test_commands_pipelined_behind_auth_wait_for_the_verdict() -> None:
     """Input after the AUTH line is read only after the verdict (no MAIL before 235)."""
     h = AuthHarness()
     ehlo(h)
-    events = h.server.feed(
+    events = h.server.receive_data(
         f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 's3cret')}\r\n"
         "MAIL FROM:<alice@example.org>\r\n".encode()
     )
     assert [AuthCheck] == [type(e) for e in events]
-    assert b"" == h.server.take_output()
+    assert b"" == h.server.data_to_send()
     h.server.auth_succeeded(UserGrant("alice", ("alice@example.org",)))
-    assert [235, 250] == [r.code for r in h.parser.feed(h.server.take_output())]
+    assert [235, 250] == [r.code for r in h.parser.feed(h.server.data_to_send())]
 
 
 def test_overlong_sasl_response_is_refused() -> None:

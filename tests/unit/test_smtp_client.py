@@ -9,11 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from empath.smtp.client import (
+    ClientEvent,
     ClientState,
     Cmd,
-    Event,
     Extensions,
     LocalVerdict,
+    OutboundTransaction,
     SendBody,
     SessionClosed,
     SessionFailed,
@@ -21,7 +22,6 @@ from empath.smtp.client import (
     SmtpClient,
     StartTls,
     TlsPolicy,
-    Transaction,
     TransactionDone,
     TransactionResult,
 )
@@ -47,7 +47,7 @@ def client_ready(
     return c
 
 
-def done(events: list[Event]) -> TransactionResult:
+def done(events: list[ClientEvent]) -> TransactionResult:
     finals = [e for e in events if isinstance(e, TransactionDone)]
     assert 1 == len(finals), events
     return finals[0].result
@@ -103,7 +103,7 @@ def test_ehlo_not_understood_falls_back_to_helo(code: int) -> None:
     assert [SessionReady(Extensions(), False)] == events
     assert c.used_helo
     # Without SIZE offered, no SIZE= parameter; without PIPELINING, one command at a time.
-    c.start_transaction(Transaction("s@a.test", ("r@b.test",), size=123))
+    c.start_transaction(OutboundTransaction("s@a.test", ("r@b.test",), size=123))
     assert b"MAIL FROM:<s@a.test>\r\n" == c.data_to_send()
 
 
@@ -146,7 +146,7 @@ def test_starttls_when_offered_then_ehlo_again_after_handshake() -> None:
     assert b"STARTTLS\r\n" == c.data_to_send()
     assert [StartTls()] == c.receive_data(b"220 2.0.0 go ahead\r\n")
     assert ClientState.TLS_HANDSHAKE == c.state
-    c.tls_established()
+    c.tls_started()
     assert b"EHLO me.test\r\n" == c.data_to_send()
     assert Extensions() == c.extensions
     events = c.receive_data(ehlo_reply(("PIPELINING", "SIZE 100")))
@@ -198,7 +198,7 @@ def test_disabled_tls_policy_ignores_starttls_offer() -> None:
 
 def test_pipelining_sends_mail_rcpts_and_data_in_one_write_and_matches_replies_in_order() -> None:
     c = client_ready()
-    txn = Transaction("s@a.test", ("ok@b.test", "bad@b.test", "later@b.test"), size=42)
+    txn = OutboundTransaction("s@a.test", ("ok@b.test", "bad@b.test", "later@b.test"), size=42)
     assert [] == c.start_transaction(txn)
     assert (
         b"MAIL FROM:<s@a.test> SIZE=42\r\n"
@@ -227,7 +227,7 @@ def test_pipelining_sends_mail_rcpts_and_data_in_one_write_and_matches_replies_i
 
 def test_without_pipelining_commands_go_one_at_a_time() -> None:
     c = client_ready(("SIZE 10000",))
-    c.start_transaction(Transaction("s@a.test", ("a@b.test", "c@b.test")))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test", "c@b.test")))
     assert b"MAIL FROM:<s@a.test>\r\n" == c.data_to_send()
     c.receive_data(b"250 ok\r\n")
     assert b"RCPT TO:<a@b.test>\r\n" == c.data_to_send()
@@ -245,13 +245,13 @@ def test_without_pipelining_commands_go_one_at_a_time() -> None:
 
 def test_no_accepted_recipient_means_no_data_and_rset_before_next_message_pipelined() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("x@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("x@b.test",)))
     c.data_to_send()
     events = c.receive_data(b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
     assert not any(isinstance(e, SendBody) for e in events)
     assert {"x@b.test": 550} == codes(done(events))
     assert c.needs_rset
-    c.start_transaction(Transaction("s@a.test", ("y@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("y@b.test",)))
     assert (b"RSET\r\nMAIL FROM:<s@a.test>\r\nRCPT TO:<y@b.test>\r\nDATA\r\n") == c.data_to_send()
     events = c.receive_data(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
     assert [SendBody()] == events
@@ -259,14 +259,14 @@ def test_no_accepted_recipient_means_no_data_and_rset_before_next_message_pipeli
 
 def test_no_accepted_recipient_without_pipelining_sends_rset_not_data() -> None:
     c = client_ready(())
-    c.start_transaction(Transaction("s@a.test", ("x@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("x@b.test",)))
     c.data_to_send()
     c.receive_data(b"250 ok\r\n")
     c.data_to_send()
     result = done(c.receive_data(b"450 4.2.0 mailbox busy\r\n"))
     assert {"x@b.test": 450} == codes(result)
     assert b"" == c.data_to_send()
-    c.start_transaction(Transaction("s@a.test", ("y@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("y@b.test",)))
     assert b"RSET\r\n" == c.data_to_send()
     c.receive_data(b"250 ok\r\n")
     assert b"MAIL FROM:<s@a.test>\r\n" == c.data_to_send()
@@ -275,7 +275,7 @@ def test_no_accepted_recipient_without_pipelining_sends_rset_not_data() -> None:
 def test_354_without_accepted_recipient_ends_empty_content_and_delivers_nothing() -> None:
     """A broken server saying 354 after rejecting every RCPT gets a lone "."."""
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("x@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("x@b.test",)))
     c.data_to_send()
     assert [] == c.receive_data(b"250 ok\r\n550 no\r\n354 go\r\n")
     assert b".\r\n" == c.data_to_send()
@@ -286,7 +286,7 @@ def test_354_without_accepted_recipient_ends_empty_content_and_delivers_nothing(
 
 def test_rejected_mail_from_decides_every_recipient() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test", "c@b.test")))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test", "c@b.test")))
     c.data_to_send()
     result = done(
         c.receive_data(b"452 4.3.1 insufficient storage\r\n503 no\r\n503 no\r\n503 no\r\n")
@@ -298,7 +298,7 @@ def test_rejected_mail_from_decides_every_recipient() -> None:
 
 def test_final_data_reply_applies_to_every_accepted_recipient() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test", "c@b.test", "d@b.test")))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test", "c@b.test", "d@b.test")))
     c.data_to_send()
     c.receive_data(b"250 ok\r\n250 ok\r\n550 no\r\n250 ok\r\n354 go\r\n")
     c.send_body(b"x\r\n")
@@ -310,7 +310,7 @@ def test_final_data_reply_applies_to_every_accepted_recipient() -> None:
 
 def test_smtputf8_message_to_server_without_smtputf8_fails_permanently_without_sending() -> None:
     c = client_ready(("PIPELINING", "8BITMIME"))
-    events = c.start_transaction(Transaction("s@a.test", ("ü@b.test",), smtputf8=True))
+    events = c.start_transaction(OutboundTransaction("s@a.test", ("ü@b.test",), smtputf8=True))
     result = done(events)
     assert {"ü@b.test": ("local", True, "5.6.7")} == codes(result)
     verdict = result.verdicts[0][1]
@@ -322,7 +322,7 @@ def test_smtputf8_message_to_server_without_smtputf8_fails_permanently_without_s
 
 def test_message_larger_than_declared_size_limit_fails_permanently_without_sending() -> None:
     c = client_ready(("PIPELINING", "SIZE 1000"))
-    result = done(c.start_transaction(Transaction("s@a.test", ("r@b.test",), size=1001)))
+    result = done(c.start_transaction(OutboundTransaction("s@a.test", ("r@b.test",), size=1001)))
     assert {"r@b.test": ("local", True, "5.3.4")} == codes(result)
     assert b"" == c.data_to_send()
 
@@ -330,23 +330,31 @@ def test_message_larger_than_declared_size_limit_fails_permanently_without_sendi
 @pytest.mark.parametrize(
     ("extensions", "txn", "mail_line"),
     [
-        (ALL_EXT, Transaction("s@a.test", ("r@b",), size=99), b"MAIL FROM:<s@a.test> SIZE=99"),
         (
             ALL_EXT,
-            Transaction("s@a.test", ("r@b",), size=5, body_8bit=True),
+            OutboundTransaction("s@a.test", ("r@b",), size=99),
+            b"MAIL FROM:<s@a.test> SIZE=99",
+        ),
+        (
+            ALL_EXT,
+            OutboundTransaction("s@a.test", ("r@b",), size=5, body_8bit=True),
             b"MAIL FROM:<s@a.test> SIZE=5 BODY=8BITMIME",
         ),
         (
             ALL_EXT,
-            Transaction("ü@a.test", ("r@b",), smtputf8=True, body_8bit=True),
+            OutboundTransaction("ü@a.test", ("r@b",), smtputf8=True, body_8bit=True),
             "MAIL FROM:<ü@a.test> BODY=8BITMIME SMTPUTF8".encode(),
         ),
-        (("PIPELINING",), Transaction("", ("r@b",), size=5, body_8bit=True), b"MAIL FROM:<>"),
-        (("SIZE",), Transaction("s@a", ("r@b",), size=7), b"MAIL FROM:<s@a> SIZE=7"),
+        (
+            ("PIPELINING",),
+            OutboundTransaction("", ("r@b",), size=5, body_8bit=True),
+            b"MAIL FROM:<>",
+        ),
+        (("SIZE",), OutboundTransaction("s@a", ("r@b",), size=7), b"MAIL FROM:<s@a> SIZE=7"),
     ],
 )
 def test_mail_parameters_follow_what_the_server_offers(
-    extensions: tuple[str, ...], txn: Transaction, mail_line: bytes
+    extensions: tuple[str, ...], txn: OutboundTransaction, mail_line: bytes
 ) -> None:
     c = client_ready(extensions)
     c.start_transaction(txn)
@@ -355,7 +363,7 @@ def test_mail_parameters_follow_what_the_server_offers(
 
 def test_body_lines_starting_with_a_dot_are_stuffed_and_missing_final_crlf_added() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("r@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("r@b.test",)))
     c.data_to_send()
     c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
     wire = c.send_body(b".hidden\r\nmid\r\n.\r\n..two\r\nlast")
@@ -365,7 +373,7 @@ def test_body_lines_starting_with_a_dot_are_stuffed_and_missing_final_crlf_added
 
 def test_dot_stuffing_works_across_chunk_boundaries() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("r@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("r@b.test",)))
     c.data_to_send()
     c.receive_data(b"250 ok\r\n250 ok\r\n354 go\r\n")
     wire = c.send_body(b"line\r") + c.send_body(b"\n.dot\r\n") + c.end_body()
@@ -374,7 +382,7 @@ def test_dot_stuffing_works_across_chunk_boundaries() -> None:
 
 def test_421_mid_transaction_settles_undecided_recipients_and_closes() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test", "c@b.test")))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test", "c@b.test")))
     c.data_to_send()
     events = c.receive_data(b"250 ok\r\n550 no\r\n421 4.3.2 shutting down\r\n")
     result = done(events)
@@ -386,7 +394,7 @@ def test_421_mid_transaction_settles_undecided_recipients_and_closes() -> None:
 
 def test_connection_lost_during_body_makes_accepted_recipients_temporary() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test", "c@b.test")))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test", "c@b.test")))
     c.data_to_send()
     c.receive_data(b"250 ok\r\n550 5.1.1 no\r\n250 ok\r\n354 go\r\n")
     c.send_body(b"partial")
@@ -400,7 +408,7 @@ def test_connection_lost_during_body_makes_accepted_recipients_temporary() -> No
 def test_connection_lost_before_any_reply_is_marked_unanswered() -> None:
     """A stale pooled connection: the attempt layer resends on a fresh one."""
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test",)))
     c.data_to_send()
     result = done(c.connection_lost("reset"))
     assert not result.replied
@@ -426,13 +434,13 @@ def test_quit_is_sent_when_idle_and_221_closes() -> None:
 
 def test_quit_is_refused_mid_transaction() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test",)))
     assert not c.quit()
 
 
 def test_malformed_reply_aborts_with_temporary_outcome() -> None:
     c = client_ready()
-    c.start_transaction(Transaction("s@a.test", ("a@b.test",)))
+    c.start_transaction(OutboundTransaction("s@a.test", ("a@b.test",)))
     c.data_to_send()
     result = done(c.receive_data(b"hello there\r\n"))
     assert {"a@b.test": ("local", False, "4.4.2")} == codes(result)
@@ -441,16 +449,16 @@ def test_malformed_reply_aborts_with_temporary_outcome() -> None:
 def test_starting_a_transaction_outside_ready_is_a_programming_error() -> None:
     c = SmtpClient("me.test")
     with pytest.raises(RuntimeError):
-        c.start_transaction(Transaction("s@a", ("r@b",)))
+        c.start_transaction(OutboundTransaction("s@a", ("r@b",)))
 
 
 SETUP = b"220 mx.test ESMTP\r\n" + ehlo_reply(("PIPELINING", "SIZE 0", "ENHANCEDSTATUSCODES"))
 TXN = b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550-5.1.1 no such\r\n550 5.1.1 user\r\n354 go\r\n"
 
 
-def feed_in_pieces(c: SmtpClient, data: bytes, cuts: list[int]) -> list[Event]:
+def feed_in_pieces(c: SmtpClient, data: bytes, cuts: list[int]) -> list[ClientEvent]:
     bounds = [0, *sorted(x for x in cuts if 0 < x < len(data)), len(data)]
-    events: list[Event] = []
+    events: list[ClientEvent] = []
     for a, b in itertools.pairwise(bounds):
         events += c.receive_data(data[a:b])
     return events
@@ -466,7 +474,7 @@ def test_replies_split_anywhere_give_the_same_conversation(
     """Replies are matched from a byte stream, however the network splits it."""
     c = SmtpClient("me.test", mx="mx.test")
     assert [SessionReady] == [type(e) for e in feed_in_pieces(c, SETUP, setup_cuts)]
-    c.start_transaction(Transaction("s@a", ("a@b", "c@b")))
+    c.start_transaction(OutboundTransaction("s@a", ("a@b", "c@b")))
     assert [SendBody] == [type(e) for e in feed_in_pieces(c, TXN, txn_cuts)]
     c.send_body(b"x\r\n")
     c.end_body()

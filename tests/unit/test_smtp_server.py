@@ -35,16 +35,16 @@ class Harness:
         self.parser = ReplyParser()
         self.events: list[Event] = []
         self.body = b""
-        self.replies = self.parser.feed(self.server.take_output())
+        self.replies = self.parser.feed(self.server.data_to_send())
 
     def send(self, data: bytes, *, commit: bool = True) -> list[Reply]:
-        got = self._drain(self.server.feed(data), commit)
+        got = self._drain(self.server.receive_data(data), commit)
         while self.server.has_backlog:  # the transport's call_soon loop, inline
             got += self._drain(self.server.proceed(), commit)
         return got
 
     def _drain(self, evs: list[Event], commit: bool) -> list[Reply]:
-        got = self.parser.feed(self.server.take_output())
+        got = self.parser.feed(self.server.data_to_send())
         for ev in evs:
             self.events.append(ev)
             if isinstance(ev, BodyStart):
@@ -298,7 +298,7 @@ def test_shutdown_closes_idle_sessions_with_421() -> None:
     """Idle sessions get 421 4.3.2 at once."""
     h = greeted()
     evs = h.server.shutdown()
-    (reply,) = h.parser.feed(h.server.take_output())
+    (reply,) = h.parser.feed(h.server.data_to_send())
     assert (421, "4.3.2") == (reply.code, reply.enhanced)
     assert isinstance(evs[-1], Close)
 
@@ -317,7 +317,7 @@ def test_timeout_reply() -> None:
     h = greeted()
     h.send(b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@ok.example>\r\nDATA\r\nabc")
     evs = h.server.timed_out()
-    (reply,) = h.parser.feed(h.server.take_output())
+    (reply,) = h.parser.feed(h.server.data_to_send())
     assert (421, "4.4.2") == (reply.code, reply.enhanced)
     assert [BodyAbort, Close] == [type(e) for e in evs]
 
@@ -373,7 +373,7 @@ def test_server_never_raises_and_always_answers_valid_replies(
     server = SmtpServer(CFG, lambda d: d == "ok.example")
     parser = ReplyParser()
     wire = b"".join(parts)
-    parser.feed(server.take_output())
+    parser.feed(server.data_to_send())
 
     def handle(events: list[Event]) -> None:
         for ev in events:
@@ -383,6 +383,6 @@ def test_server_never_raises_and_always_answers_valid_replies(
                 handle(server.tls_started())
 
     for i in range(0, len(wire), step):
-        handle(server.feed(wire[i : i + step]))
-        parser.feed(server.take_output())
+        handle(server.receive_data(wire[i : i + step]))
+        parser.feed(server.data_to_send())
     assert not parser.pending

@@ -25,7 +25,7 @@ class Checked:
         pending = self.server.pending_check
         if pending is not None:
             self._answer(pending)
-        self.replies += self.parser.feed(self.server.take_output())
+        self.replies += self.parser.feed(self.server.data_to_send())
 
     def _answer(self, check: Check) -> None:
         self.asked.append(check)
@@ -38,9 +38,9 @@ class Checked:
             self._answer(ev)
 
     def send(self, data: bytes) -> list[Reply]:
-        for ev in self.server.feed(data):
+        for ev in self.server.receive_data(data):
             self._event(ev)
-        got = self.parser.feed(self.server.take_output())
+        got = self.parser.feed(self.server.data_to_send())
         self.replies += got
         return got
 
@@ -89,14 +89,14 @@ def test_a_refused_mail_starts_no_transaction() -> None:
 def test_pipelined_commands_wait_for_the_check_and_are_answered_in_order() -> None:
     """While a check is pending the server interprets nothing more (Phase.WAITING)."""
     server = SmtpServer(CFG, lambda d: True, checks=frozenset({CheckStage.MAIL}))
-    server.take_output()
-    events = server.feed(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<r@x>\r\nNOOP\r\n")
+    server.data_to_send()
+    events = server.receive_data(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<r@x>\r\nNOOP\r\n")
     assert [Check(CheckStage.MAIL, "a@b")] == [e for e in events if isinstance(e, Check)]
     assert Phase.WAITING is server.phase
-    assert b"250" in server.take_output()  # EHLO only
+    assert b"250" in server.data_to_send()  # EHLO only
     server.check_done(None)
     parser = ReplyParser()
-    assert [250, 250, 250] == [r.code for r in parser.feed(server.take_output())]
+    assert [250, 250, 250] == [r.code for r in parser.feed(server.data_to_send())]
 
 
 def test_a_5xx_at_connect_is_a_554_greeting_and_then_only_quit() -> None:

@@ -32,10 +32,10 @@ class Session:
         self.server = SmtpServer(cfg, lambda d: d in allowed)
         self.parser = ReplyParser()
         self.events: list[Event] = []
-        self.parser.feed(self.server.take_output())
+        self.parser.feed(self.server.data_to_send())
 
     def send(self, data: bytes) -> list[Reply]:
-        evs = self.server.feed(data)
+        evs = self.server.receive_data(data)
         while True:
             self.events += evs
             for ev in evs:
@@ -44,7 +44,7 @@ class Session:
             if not self.server.has_backlog:
                 break
             evs = self.server.proceed()
-        return self.parser.feed(self.server.take_output())
+        return self.parser.feed(self.server.data_to_send())
 
     def codes(self, data: bytes) -> list[int]:
         return [r.code for r in self.send(data)]
@@ -80,20 +80,20 @@ def test_work_per_call_is_bounded_and_resumed_in_order() -> None:
     order until nothing complete is left."""
     server = SmtpServer(CFG, lambda d: True)
     parser = ReplyParser()
-    parser.feed(server.take_output())
-    server.feed(b"EHLO c\r\n" + b"NOOP\r\n" * 250 + b"VRFY x\r\n" + b"QUI")
+    parser.feed(server.data_to_send())
+    server.receive_data(b"EHLO c\r\n" + b"NOOP\r\n" * 250 + b"VRFY x\r\n" + b"QUI")
     assert server.has_backlog
-    assert MAX_COMMANDS_PER_TURN == len(parser.feed(server.take_output()))
+    assert MAX_COMMANDS_PER_TURN == len(parser.feed(server.data_to_send()))
     calls = 0
     while server.has_backlog:
         server.proceed()
         calls += 1
-    replies = parser.feed(server.take_output())
+    replies = parser.feed(server.data_to_send())
     assert (2, 152) == (calls, len(replies))
     assert [250] * 151 + [252] == [r.code for r in replies]
     assert 3 == server.buffered_bytes  # the incomplete "QUI" waits for more input
-    server.feed(b"T\r\n")
-    assert [221] == [r.code for r in parser.feed(server.take_output())]
+    server.receive_data(b"T\r\n")
+    assert [221] == [r.code for r in parser.feed(server.data_to_send())]
 
 
 def message(received: int, extra: bytes = b"") -> bytes:

@@ -74,8 +74,8 @@ from empath.policy.breaker import (
     BreakerDecision,
     BreakerInfo,
     BreakerState,
+    BreakerTransition,
     Deny,
-    Transition,
     TransitionCallback,
 )
 from empath.policy.ratelimit import GRANTED, RateDecision, RateLimit, Wait
@@ -716,7 +716,7 @@ class SharedPolicyState:
     def _transition(self, domain: str, old: BreakerState, new: BreakerState) -> None:
         if self._on_transition is not None:
             self._on_transition(
-                Transition(domain, old, new, self._mono(), self._trips.get(domain, 0))
+                BreakerTransition(domain, old, new, self._mono(), self._trips.get(domain, 0))
             )
 
     async def close(self) -> None:

@@ -54,7 +54,7 @@ from empath.errors import (
     TlsHandshakeError,
 )
 from empath.logs import get_logger
-from empath.smtp.client import LocalVerdict, Transaction, TransactionResult
+from empath.smtp.client import LocalVerdict, OutboundTransaction, TransactionResult
 from empath.smtp.replies import Reply
 from empath.spool.model import Envelope
 from empath.transport.outbound import (
@@ -185,7 +185,7 @@ async def attempt_delivery(
     (e.g. ``lambda: spool.iter_body(msg_id)``), called once per transaction try.
     """
     rcpts = tuple(recipients)
-    txn = Transaction(
+    txn = OutboundTransaction(
         sender=envelope.sender,
         recipients=rcpts,
         size=envelope.size,
@@ -250,7 +250,7 @@ async def attempt_delivery(
 
 
 async def _send(
-    pool: ConnectionPool, conn: OutboundConnection, txn: Transaction, body: BodySource
+    pool: ConnectionPool, conn: OutboundConnection, txn: OutboundTransaction, body: BodySource
 ) -> TransactionResult:
     try:
         return await conn.send(txn, body)

@@ -43,7 +43,7 @@ has been in flight for ``probe_timeout_s`` is considered lost: the next
 comes, carries a stale ticket and is ignored.
 
 Transitions are reported through the ``on_transition`` callback as
-:class:`Transition` values; the caller logs ``transition.message``
+:class:`BreakerTransition` values; the caller logs ``transition.message``
 (``Circuit breaker OPENED|HALF-OPEN|CLOSED for <domain>``, component
 "delivery", ``transition.log_fields()``) at ``transition.log_level``.  Trips are counted per
 domain for ``empath_delivery_circuit_breaker_trips_total``.
@@ -129,7 +129,7 @@ BreakerDecision = Admit | Deny
 
 
 @dataclass(frozen=True, slots=True)
-class Transition:
+class BreakerTransition:
     """A state change of one domain's breaker, for logs and metrics."""
 
     domain: str
@@ -186,7 +186,7 @@ class _Domain:
         self.since: float | None = None  # monotonic: when the current state was entered
 
 
-TransitionCallback = Callable[[Transition], None]
+TransitionCallback = Callable[[BreakerTransition], None]
 
 
 class CircuitBreaker:
@@ -405,7 +405,9 @@ class CircuitBreaker:
         elif new is BreakerState.CLOSED:
             rec.failures.clear()
         if self._on_transition is not None:
-            self._on_transition(Transition(domain, old, new, now, self._trips.get(domain, 0)))
+            self._on_transition(
+                BreakerTransition(domain, old, new, now, self._trips.get(domain, 0))
+            )
 
 
 def states_by_domain(snapshot: Mapping[str, BreakerInfo]) -> dict[str, BreakerState]:

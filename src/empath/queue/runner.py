@@ -64,7 +64,6 @@ from empath.queue.scheduler import (
     DeferBreaker,
     DeferRateLimit,
     Dispatch,
-    Outcome,
     Scheduler,
     WaitForConnection,
 )
@@ -125,14 +124,6 @@ _EMIT: dict[transition.Severity, Callable[..., None]] = {
     transition.Severity.INFO: log.info,
     transition.Severity.WARN: log.warn,
     transition.Severity.ERROR: log.error,
-}
-
-# What a transition says about the destination → the scheduler's breaker input.
-_BREAKER: dict[OutcomeKind | None, Outcome] = {
-    OutcomeKind.DELIVERED: Outcome.SUCCESS,
-    OutcomeKind.TEMPORARY: Outcome.TEMPORARY_FAILURE,
-    OutcomeKind.PERMANENT: Outcome.PERMANENT_FAILURE,
-    None: Outcome.CANCELLED,
 }
 
 
@@ -407,7 +398,7 @@ class DeliveryRunner(OperatorActions):
         reported here.  A crash in the attempt keeps the unit: it is tried again after
         the first retry delay.
         """
-        outcome = Outcome.CANCELLED
+        outcome: OutcomeKind | None = None  # cancelled: says nothing
         retry_at: float | None = None
         try:
             if key.message_id not in self._deleting:
@@ -450,14 +441,14 @@ class DeliveryRunner(OperatorActions):
 
     # -- one attempt ----------------------------------------------------------
 
-    async def _attempt(self, key: UnitKey) -> Outcome:
+    async def _attempt(self, key: UnitKey) -> OutcomeKind | None:
         try:
             msg = self.spool.get(key.message_id)
         except UnknownMessageError:
-            return Outcome.CANCELLED  # deleted while waiting
+            return None  # deleted while waiting: says nothing
         unit = _unit_of(msg, key.domain)
         if unit is None or unit.status.terminal:
-            return Outcome.CANCELLED
+            return None
         now = self.clock.now()
         env = msg.envelope
         self.stats.queue_age.observe(max(0.0, now - env.received_at))
@@ -474,7 +465,7 @@ class DeliveryRunner(OperatorActions):
             current = None
         if current is None:
             log.info("Message deleted during delivery", message_id=msg.id, domain=key.domain)
-            return Outcome.CANCELLED
+            return None
         decided = transition.after_attempt(
             current, result, envelope=env, retry=self.retry, now=now, settings=self._decide
         )
@@ -503,7 +494,9 @@ class DeliveryRunner(OperatorActions):
             route, msg.envelope, rcpts, body, settings=attempt_settings, pool=self.pool
         )
 
-    async def _carry_out(self, msg: MessageState, t: transition.Transition, now: float) -> Outcome:
+    async def _carry_out(
+        self, msg: MessageState, t: transition.Transition, now: float
+    ) -> OutcomeKind | None:
         """Do what the transition says: count, log, spool its DSNs, then the unit's state,
         then tell the scheduler (a retried unit is re-added here)."""
         domain = t.unit.domain
@@ -522,7 +515,7 @@ class DeliveryRunner(OperatorActions):
         held = await self._persist(msg.id, t.unit)
         if self.on_outcome is not None and (t.attempted or t.unit.status.terminal):
             self.on_outcome(msg, t.unit)
-        outcome = _BREAKER[t.destination]
+        outcome = t.destination
         if t.retry_at is not None:
             key = UnitKey(msg.id, domain)
             self._tasks.pop(key, None)

@@ -34,7 +34,7 @@ How the async runner drives it::
             case Dispatch(): start the delivery (decision.probe is informational)
             case DeferRateLimit(): log "Rate limit exceeded" (per domain, throttled)
             case DeferBreaker() | WaitForConnection(): debug log, nothing to do
-    scheduler.finished(key, Outcome.TEMPORARY_FAILURE)   # then add(key, retry_at) if retrying
+    scheduler.finished(key, OutcomeKind.TEMPORARY)       # then add(key, retry_at) if retrying
     delay = scheduler.wake_delay_s()   # None: wait for add/finished/process_now
 
 Call :meth:`tick` after :meth:`add`, :meth:`finished`, :meth:`process_now`,
@@ -62,7 +62,6 @@ the policy and line timers.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -70,19 +69,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from empath.clock import Clock
+from empath.delivery.classify import OutcomeKind
 from empath.policy.breaker import BreakerState, Deny
 from empath.policy.ratelimit import Wait
 from empath.policy.state import PolicyState
 from empath.queue.index import DueIndex, UnitKey
-
-
-class Outcome(enum.Enum):
-    """What an attempt says about the destination (for the breaker), reported by the runner."""
-
-    SUCCESS = "success"  # the destination works: took a recipient, or answered each RCPT
-    TEMPORARY_FAILURE = "temporary"  # connect/timeout/4xx/DNS temporary: counts for the breaker
-    PERMANENT_FAILURE = "permanent"  # 5xx/permanent only: "5xx never counts" (DESIGN §4)
-    CANCELLED = "cancelled"  # shutdown or deleted mid-flight: says nothing
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,18 +259,21 @@ class Scheduler:
             return True
         return self._parked.pop(key, None) is not None
 
-    def finished(self, key: UnitKey, outcome: Outcome) -> bool:
-        """A dispatched unit's attempt ended.  Frees its slot, feeds the breaker, wakes
-        its domain's line.  Returns False (and does nothing) for a unit not in flight."""
+    def finished(self, key: UnitKey, outcome: OutcomeKind | None) -> bool:
+        """A dispatched unit's attempt ended: ``outcome`` is what it says about the
+        destination (``delivery.transition.destination_of``; None: cancelled, nothing).
+        Frees its slot, feeds the breaker (only TEMPORARY counts against it: 5xx never
+        does, DESIGN §4), wakes its domain's line.  Returns False (and does nothing) for
+        a unit not in flight."""
         probe = self._inflight.pop(key, None)
         if probe is None:
             return False
         domain = key.domain
         policy = self._policy
         policy.release_connection(domain)
-        if outcome is Outcome.SUCCESS:
+        if outcome is OutcomeKind.DELIVERED:
             policy.breaker_success(domain, probe)
-        elif outcome is Outcome.TEMPORARY_FAILURE:
+        elif outcome is OutcomeKind.TEMPORARY:
             policy.breaker_failure(domain, probe)
         else:
             policy.breaker_release(domain, probe)

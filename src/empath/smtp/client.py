@@ -6,10 +6,10 @@ Theory of operation
 touches a socket or a clock.  The transport (``empath.transport.outbound``):
 
 1. feeds every byte read from the network to :meth:`SmtpClient.receive_data`,
-   which returns the :data:`Event` objects those bytes completed;
+   which returns the :data:`ClientEvent` objects those bytes completed;
 2. writes whatever :meth:`SmtpClient.data_to_send` returns;
 3. calls :meth:`start_transaction`, :meth:`send_body`/:meth:`end_body`,
-   :meth:`tls_established`, :meth:`quit` and :meth:`connection_lost` when the
+   :meth:`tls_started`, :meth:`quit` and :meth:`connection_lost` when the
    events (or the network) say so.
 
 Every command sent pushes what it expects onto a FIFO of :class:`Cmd`; every
@@ -24,7 +24,7 @@ State table (``_TRANSITIONS`` maps *(state, command answered)* to a handler)::
     EHLO          2xx → STARTTLS sent | READY              500/502 → HELO sent
     HELO          2xx → READY                              other   → SessionFailed
     STARTTLS      220 → TLS_HANDSHAKE (event StartTls)     else READY, or SessionFailed if required
-    TLS_HANDSHAKE tls_established() → EHLO sent again (RFC 3207 §4.2)
+    TLS_HANDSHAKE tls_started() → EHLO sent again (RFC 3207 §4.2)
     READY         start_transaction() → TRANSACTION
     TRANSACTION   RSET/MAIL/RCPT replies → per-recipient verdicts;
                   DATA 354 → BODY (event SendBody); DATA other → TransactionDone
@@ -52,31 +52,32 @@ from typing import Final
 
 from empath.errors import SmtpProtocolError
 from empath.smtp.client_types import (
+    ClientEvent,
     ClientState,
     Cmd,
-    Event,
     Extensions,
     LocalVerdict,
+    OutboundTransaction,
     SendBody,
     SessionClosed,
     SessionFailed,
     SessionReady,
-    StartTls,
     TlsPolicy,
-    Transaction,
     TransactionDone,
     TransactionResult,
     Verdict,
 )
 from empath.smtp.data import DotStuffer
+from empath.smtp.events import StartTls
 from empath.smtp.replies import Reply, ReplyParser
 
 __all__ = [
+    "ClientEvent",
     "ClientState",
     "Cmd",
-    "Event",
     "Extensions",
     "LocalVerdict",
+    "OutboundTransaction",
     "SendBody",
     "SessionClosed",
     "SessionFailed",
@@ -84,7 +85,6 @@ __all__ = [
     "SmtpClient",
     "StartTls",
     "TlsPolicy",
-    "Transaction",
     "TransactionDone",
     "TransactionResult",
     "Verdict",
@@ -100,7 +100,7 @@ _EHLO_FALLBACK_CODES: Final = frozenset({500, 502})
 
 @dataclass(slots=True)
 class _Txn:
-    spec: Transaction
+    spec: OutboundTransaction
     verdicts: list[Verdict | None]
     accepted: list[int] = field(default_factory=list)
     refused_at_rcpt: set[int] = field(default_factory=set)  # their own RCPT said non-2xx
@@ -153,7 +153,7 @@ class SmtpClient:
         self.replies_received = 0  # progress marker: the transport's reply deadlines
         self._expect: collections.deque[tuple[Cmd, int]] = collections.deque([(Cmd.GREETING, 0)])
         self._out: list[bytes] = []
-        self._events: list[Event] = []
+        self._events: list[ClientEvent] = []
         self._txn: _Txn | None = None
         self._stuffer: DotStuffer | None = None
 
@@ -179,7 +179,7 @@ class SmtpClient:
 
     # --- input -----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes) -> list[ClientEvent]:
         """Feed network bytes; return the events they completed (often none)."""
         if self.state is ClientState.CLOSED:
             return []
@@ -195,7 +195,7 @@ class SmtpClient:
                 break
         return self._take_events()
 
-    def connection_lost(self, reason: str) -> list[Event]:
+    def connection_lost(self, reason: str) -> list[ClientEvent]:
         """The network failed (EOF, reset, timeout): settle everything outstanding."""
         if self.state is not ClientState.CLOSED:
             self._abort(None, reason)
@@ -211,9 +211,9 @@ class SmtpClient:
 
     # --- actions ---------------------------------------------------------------
 
-    def tls_established(self) -> None:
+    def tls_started(self) -> None:
         """The transport finished the TLS handshake after our STARTTLS."""
-        self._require(ClientState.TLS_HANDSHAKE, "tls_established")
+        self._require(ClientState.TLS_HANDSHAKE, "tls_started")
         # RFC 3207 §4.2: "The client MUST discard any knowledge obtained from the
         # server, such as the list of SMTP service extensions, which was not
         # obtained from the TLS negotiation itself.  The client SHOULD send an
@@ -223,7 +223,7 @@ class SmtpClient:
         self._send(Cmd.EHLO, f"EHLO {self.hostname}\r\n".encode())
         self.state = ClientState.EHLO
 
-    def start_transaction(self, txn: Transaction) -> list[Event]:
+    def start_transaction(self, txn: OutboundTransaction) -> list[ClientEvent]:
         """Begin sending a message.  May settle it at once (local refusal)."""
         self._require(ClientState.READY, "start_transaction")
         if not txn.recipients:
@@ -461,7 +461,7 @@ class SmtpClient:
 
     # --- helpers -----------------------------------------------------------------
 
-    def _mail_line(self, txn: Transaction) -> bytes:
+    def _mail_line(self, txn: OutboundTransaction) -> bytes:
         ext = self.extensions
         params = ""
         if ext.size_limit is not None and txn.size > 0:
@@ -485,7 +485,7 @@ class SmtpClient:
             raise RuntimeError("transaction reply without a transaction")
         return self._txn
 
-    def _take_events(self) -> list[Event]:
+    def _take_events(self) -> list[ClientEvent]:
         events = self._events
         self._events = []
         return events

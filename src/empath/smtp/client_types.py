@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from empath.smtp.events import StartTls
 from empath.smtp.replies import Reply
 
 
@@ -98,7 +99,7 @@ class Extensions:
 
 
 @dataclass(frozen=True, slots=True)
-class Transaction:
+class OutboundTransaction:
     """One message to send: envelope plus the facts that choose MAIL parameters."""
 
     sender: str  # "" is the null sender
@@ -146,11 +147,6 @@ class SessionReady:
 
 
 @dataclass(frozen=True, slots=True)
-class StartTls:
-    """The server said 220 to STARTTLS: wrap the connection, then call tls_established()."""
-
-
-@dataclass(frozen=True, slots=True)
 class SendBody:
     """354 received: stream the body through send_body() and end_body()."""
 
@@ -182,4 +178,4 @@ class SessionClosed:
     text: str
 
 
-Event = SessionReady | StartTls | SendBody | TransactionDone | SessionFailed | SessionClosed
+ClientEvent = SessionReady | StartTls | SendBody | TransactionDone | SessionFailed | SessionClosed

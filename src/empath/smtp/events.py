@@ -65,7 +65,9 @@ class MessageComplete:
 
 @dataclass(frozen=True, slots=True)
 class StartTls:
-    """Start the TLS handshake; answer with tls_started() (or close)."""
+    """Upgrade the connection to TLS now, then call ``tls_started()`` (or close).  Both
+    machines emit it: the server once its 220 to STARTTLS is written, the client
+    (:mod:`empath.smtp.client`) once the server said 220."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,11 @@
 
 Theory of operation
 -------------------
-One :class:`SmtpServer` per connection.  The transport calls :meth:`feed` with
+One :class:`SmtpServer` per connection.  The transport calls :meth:`receive_data` with
 whatever bytes arrived; the server splits them into command lines (never per
 network read: pipelined commands and commands split across packets both work),
 or hands them to the DATA/BDAT decoder, and returns a list of :data:`Event`.
-Reply bytes accumulate and are collected with :meth:`take_output`; the transport
+Reply bytes accumulate and are collected with :meth:`data_to_send`; the transport
 writes them *before* acting on the events (so a 220 precedes the TLS handshake
 and a 221/421 precedes the close).
 
@@ -35,7 +35,7 @@ is allowed, MAIL FROM must be owned by the user, and the Received: line says
 ESMTPSA.
 
 Input is one buffer and an offset into it: each command advances the offset, and
-the unread rest is copied once per :meth:`feed` (not once per command, which made
+the unread rest is copied once per :meth:`receive_data` (not once per command, which made
 87k pipelined NOOPs quadratic).  The work done per call is bounded: after
 ``MAX_COMMANDS_PER_TURN`` commands the server stops with :attr:`has_backlog` set
 and the transport calls :meth:`proceed` on a later loop iteration, so one client
@@ -124,7 +124,7 @@ __all__ = [
 # command word and the <CRLF> is 512 octets."
 MAX_COMMAND_BYTES: Final = 512
 MAX_BAD_COMMANDS: Final = 10
-# Commands interpreted per feed()/proceed() call: enough for any honest pipelined
+# Commands interpreted per receive_data()/proceed() call: enough for any honest pipelined
 # transaction (RFC 2920 groups), small enough that one call's replies stay a few KiB.
 MAX_COMMANDS_PER_TURN: Final = 100
 
@@ -375,7 +375,7 @@ class SmtpServer:
 
     # --- transport-facing API ---------------------------------------------------
 
-    def take_output(self) -> bytes:
+    def data_to_send(self) -> bytes:
         """Reply bytes produced since the last call (the greeting first)."""
         out = self._out
         if not out:
@@ -403,7 +403,7 @@ class SmtpServer:
         """DATA accepted (354 sent) but no content byte read yet."""
         return self.phase is Phase.DATA and self._data is not None and self._data.size == 0
 
-    def feed(self, data: bytes) -> list[Event]:
+    def receive_data(self, data: bytes) -> list[Event]:
         events: list[Event] = []
         if self.phase is Phase.CLOSED or not data:
             return events

@@ -48,9 +48,10 @@ from empath.errors import (
 )
 from empath.logs import get_logger
 from empath.smtp.client import (
+    ClientEvent,
     ClientState,
     Cmd,
-    Event,
+    OutboundTransaction,
     SendBody,
     SessionClosed,
     SessionFailed,
@@ -58,7 +59,6 @@ from empath.smtp.client import (
     SmtpClient,
     StartTls,
     TlsPolicy,
-    Transaction,
     TransactionDone,
     TransactionResult,
 )
@@ -196,7 +196,7 @@ class _Pump(asyncio.Protocol):
         self.label = label
         self._clock = clock  # times the reply deadlines (virtual in tests)
         self.transport: asyncio.Transport | None = None
-        self.events: collections.deque[Event] = collections.deque()
+        self.events: collections.deque[ClientEvent] = collections.deque()
         self.closed = False
         self._timeouts = timeouts
         self._waiter: asyncio.Future[None] | None = None
@@ -262,7 +262,7 @@ class _Pump(asyncio.Protocol):
     def flush_client(self) -> None:
         self.write(self.client.data_to_send())
 
-    async def next_event(self) -> Event:
+    async def next_event(self) -> ClientEvent:
         while not self.events:
             if self.closed and not self.events:
                 raise RuntimeError("connection closed without a final event")
@@ -375,7 +375,7 @@ class _Pump(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
-def _error_from_event(event: Event, mx: str) -> DeliveryError:
+def _error_from_event(event: ClientEvent, mx: str) -> DeliveryError:
     if isinstance(event, SessionFailed):
         cls = PermanentDeliveryError if event.permanent else TemporaryDeliveryError
         code = event.reply.code if event.reply is not None else None
@@ -491,7 +491,7 @@ class OutboundConnection:
         if new_transport is None:
             raise TlsHandshakeError(f"TLS handshake failed with {self.label}", mx=self.key.host)
         pump.transport = new_transport
-        self.client.tls_established()
+        self.client.tls_started()
         pump.flush_client()
 
     # --- state -------------------------------------------------------------------
@@ -527,7 +527,7 @@ class OutboundConnection:
 
     # --- sending -----------------------------------------------------------------
 
-    async def send(self, txn: Transaction, body: BodySource) -> TransactionResult:
+    async def send(self, txn: OutboundTransaction, body: BodySource) -> TransactionResult:
         """Run one transaction; never raises for remote or network trouble.
 
         Network failures and timeouts come back as temporary per-recipient

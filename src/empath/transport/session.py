@@ -239,7 +239,7 @@ class SmtpSession(asyncio.Protocol):
             )
         else:
             self._server = server = self._with_modules(host, ip, port)
-        transport.write(server.take_output())
+        transport.write(server.data_to_send())
         now = rt.clock.monotonic()
         self._last_read = now
         self._conn_deadline = now + spec.connection_timeout_s
@@ -252,8 +252,8 @@ class SmtpSession(asyncio.Protocol):
         if server is None:
             return
         self._last_read = self._rt.clock.monotonic()
-        events = server.feed(data)
-        out = server.take_output()
+        events = server.receive_data(data)
+        out = server.data_to_send()
         if out and self._transport is not None:
             self._transport.write(out)
         if events:
@@ -312,7 +312,7 @@ class SmtpSession(asyncio.Protocol):
         if server is None or transport is None or self._closing or self._write_paused:
             return
         events = server.proceed()
-        out = server.take_output()
+        out = server.data_to_send()
         if out:
             transport.write(out)
         if events:
@@ -606,7 +606,7 @@ class SmtpSession(asyncio.Protocol):
         server = self._server
         if transport is None or server is None or transport.is_closing():
             return
-        out = server.take_output()
+        out = server.data_to_send()
         if out:
             transport.write(out)
         self._last_read = self._rt.clock.monotonic()
@@ -713,7 +713,7 @@ class SmtpSession(asyncio.Protocol):
                 transport.abort()
                 return
             events = server.timed_out()
-            out = server.take_output()
+            out = server.data_to_send()
             if out:
                 transport.write(out)
             self._handle(events)
@@ -730,7 +730,7 @@ class SmtpSession(asyncio.Protocol):
         if server is None or self._transport is None or self._closing:
             return
         events = server.shutdown()
-        out = server.take_output()
+        out = server.data_to_send()
         if out:
             self._transport.write(out)
         self._handle(events)
