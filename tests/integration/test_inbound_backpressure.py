@@ -19,8 +19,9 @@ import pytest
 
 from empath.spool.memory import MemorySpool
 from empath.testing.clock import FakeClock
+from empath.transport.admission import per_ip_key
 from empath.transport.listener import ListenerRuntime
-from empath.transport.session import SmtpSession, per_ip_key
+from empath.transport.session import SmtpSession
 from tests.daemon import Daemon
 from tests.helpers import wait_for
 from tests.integration.test_inbound_smtp import RELAY, Raw, ServerThread, serving, spec
@@ -270,7 +271,7 @@ def test_per_ip_cap_groups_ipv6_clients_by_64() -> None:
             SmtpSession(rt).connection_made(cast(asyncio.Transport, transport))
             greetings.append(transport.written[:9])
         assert [b"220 mx.te", b"220 mx.te", b"421 4.7.0", b"220 mx.te"] == greetings
-        assert {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1} == rt.per_ip
+        assert {"2001:db8:1:2::/64": 2, "2001:db8:1:3::/64": 1} == rt.admission.per_key
         rt.stop_sweeper()
     finally:
         loop.close()

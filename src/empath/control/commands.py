@@ -41,8 +41,8 @@ from empath.queue.scheduler import Scheduler
 from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.spool.store import Spool
 from empath.stats import RunnerStats, Window
+from empath.transport.admission import per_ip_key
 from empath.transport.listener import SmtpServerGroup
-from empath.transport.session import per_ip_key
 
 if TYPE_CHECKING:
     from empath.submission.authenticator import Authenticator

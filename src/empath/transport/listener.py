@@ -35,6 +35,7 @@ from empath.smtp.server import AuthOffer, RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
 from empath.transport.acceptance import AcceptancePipeline
+from empath.transport.admission import Admission
 from empath.transport.session import SmtpSession
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ class ListenerRuntime:
         "_relay_cache",
         "_sweeper",
         "acceptance",
+        "admission",
         "audit",
         "auth",
         "clock",
@@ -132,7 +134,6 @@ class ListenerRuntime:
         "loop",
         "modules",
         "on_accepted",
-        "per_ip",
         "server_config",
         "sessions",
         "show_sender",
@@ -170,7 +171,7 @@ class ListenerRuntime:
         self.show_sender: Callable[[str], str] = _redact if redact_sender else _same
         self.server_config = server_config(spec, tls_available=ssl_context is not None)
         self.stats = ListenerStats()
-        self.per_ip: dict[str, int] = {}
+        self.admission = Admission(spec.max_connections, spec.max_connections_per_ip)
         self.sessions: set[SmtpSession] = set()
         self.shutting_down = False
         self._idle = asyncio.Event()
@@ -189,6 +190,18 @@ class ListenerRuntime:
         self.modules: ModuleHost | None = None
         # DESIGN §13: checks AUTH credentials on a submission listener (set by the group)
         self.auth: Authenticator | None = None
+
+    def admit(self, ip: str) -> bool:
+        """One more session from ``ip``, if the listener's caps allow (admission.py)."""
+        if not self.admission.admit(ip):
+            return False
+        self.stats.connections_active = self.admission.active
+        return True
+
+    def release(self, ip: str) -> None:
+        """An admitted session from ``ip`` ended."""
+        self.admission.release(ip)
+        self.stats.connections_active = self.admission.active
 
     def trusts(self, client_ip: str) -> bool:
         """The client is in relay.trusted_networks (for acceptance steps)."""

@@ -59,7 +59,6 @@ to acceptance steps share the per-session state and are read best together.)
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import ssl
 import time
 from dataclasses import dataclass
@@ -89,6 +88,7 @@ from empath.smtp.server import (
 )
 from empath.spool.model import Envelope, MessageState, initial_units
 from empath.transport.acceptance import R_STEP_ERROR, AcceptedMessage, HeldBody, SessionFacts
+from empath.transport.admission import per_ip_key
 
 if TYPE_CHECKING:
     from empath.modules.host import ModuleHost
@@ -207,7 +207,7 @@ class SmtpSession(asyncio.Protocol):
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]  # an IPv4 client of a dual-stack [::] listener
         self._ip = ip
-        self._ip_key = key = per_ip_key(ip)
+        self._ip_key = per_ip_key(ip)
         self._peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         stats = rt.stats
         stats.connections_total += 1
@@ -216,11 +216,7 @@ class SmtpSession(asyncio.Protocol):
             transport.close()
             return
         spec = rt.spec
-        per_ip = rt.per_ip.get(key, 0)
-        if (
-            stats.connections_active >= spec.max_connections
-            or per_ip >= spec.max_connections_per_ip
-        ):
+        if not rt.admit(ip):
             # DESIGN §3: connection limits give 421 4.7.0.
             transport.write(_R_TOO_MANY)
             transport.close()
@@ -228,9 +224,7 @@ class SmtpSession(asyncio.Protocol):
                       listener=rt.label)  # fmt: skip
             return
         self._counted = True
-        stats.connections_active += 1
         stats.sessions_total += 1
-        rt.per_ip[key] = per_ip + 1
         rt.sessions.add(self)
         host = rt.modules
         if host is None:
@@ -348,14 +342,9 @@ class SmtpSession(asyncio.Protocol):
         if self._counted:
             self._counted = False
             rt = self._rt
-            rt.stats.connections_active -= 1
+            rt.release(self._ip)
             if self._errored:
                 rt.stats.sessions_errored += 1
-            left = rt.per_ip.get(self._ip_key, 1) - 1
-            if left > 0:
-                rt.per_ip[self._ip_key] = left
-            else:
-                rt.per_ip.pop(self._ip_key, None)
             rt.sessions.discard(self)
             rt.session_gone()
 
@@ -767,15 +756,3 @@ class SmtpSession(asyncio.Protocol):
         if self._transport is not None:
             held += self._transport.get_write_buffer_size()
         return held
-
-
-def per_ip_key(ip: str) -> str:
-    """What the per-IP connection cap counts (DESIGN §3): an IPv4 address as it is, an
-    IPv6 address by its /64 (``2001:db8:1:2::/64``)."""
-    if ":" not in ip:
-        return ip
-    try:
-        net = ipaddress.IPv6Network((ip.split("%", 1)[0], 64), strict=False)
-    except ValueError:
-        return ip
-    return str(net)
