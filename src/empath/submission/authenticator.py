@@ -173,43 +173,61 @@ class Authenticator:
         msg = user.encode("utf-8") + b"\0" + password.encode("utf-8")
         return hmac.new(self._secret, msg, hashlib.sha256).digest()
 
-    async def authenticate(self, creds: Credentials, ip_key: str, peer: str) -> AuthOutcome:
-        mechanism = creds.mechanism.value
+    def quick(self, creds: Credentials, ip_key: str, peer: str) -> AuthOutcome | None:
+        """The answer when it needs no hash: a blocked address, or a cached success
+        (the session then skips the task and answers in the same loop turn); None when
+        :meth:`authenticate` must run."""
         now = self.clock.monotonic()
-        stats = self.stats
         if self.limiter.blocked(ip_key, now):
-            stats.attempt(mechanism, "blocked")
-            stats.block("ip")
+            mechanism = creds.mechanism.value
+            self.stats.attempt(mechanism, "blocked")
+            self.stats.block("ip")
             log.info("Authentication refused: address blocked", peer=peer,
                      user=_shown(creds.username), smtp_code="454")  # fmt: skip
             return AuthOutcome(None, R_BLOCKED)
+        cache_s = self.settings.cache_secs
+        if cache_s <= 0:
+            return None
         self.refresh()
         entry = self.users.users.get(creds.username)
-        ok = False
-        cache_s = self.settings.cache_secs
-        key = self._cache_key(creds.username, creds.password) if cache_s > 0 else b""
-        if entry is not None and cache_s > 0 and self._cache.get(key, 0.0) > now:
-            ok = True
-        else:
-            if self._pending >= MAX_PENDING:
-                stats.attempt(mechanism, "busy")
-                stats.block("overload")
-                log.warn("Authentication refused: too many checks waiting", peer=peer,
-                         smtp_code="454")  # fmt: skip
-                return AuthOutcome(None, R_BUSY)
-            generation = self._generation
-            hashed = entry.password if entry is not None else self._dummy
-            ok = await self._run_verify(hashed, creds.password) and entry is not None
-            if ok and cache_s > 0 and generation == self._generation:
+        if entry is None:
+            return None
+        if self._cache.get(self._cache_key(creds.username, creds.password), 0.0) > now:
+            return self._succeeded(creds, entry, peer)
+        return None
+
+    def _succeeded(self, creds: Credentials, entry: UserEntry, peer: str) -> AuthOutcome:
+        self.limiter.succeeded(creds.username, self.clock.now())
+        self.stats.attempt(creds.mechanism.value, "success")
+        log.info("Authentication succeeded", peer=peer, user=creds.username,
+                 mechanism=creds.mechanism.value)  # fmt: skip
+        return AuthOutcome(self.grant(creds.username, entry))
+
+    async def authenticate(self, creds: Credentials, ip_key: str, peer: str) -> AuthOutcome:
+        early = self.quick(creds, ip_key, peer)
+        if early is not None:
+            return early
+        mechanism = creds.mechanism.value
+        stats = self.stats
+        self.refresh()
+        entry = self.users.users.get(creds.username)
+        if self._pending >= MAX_PENDING:
+            stats.attempt(mechanism, "busy")
+            stats.block("overload")
+            log.warn("Authentication refused: too many checks waiting", peer=peer,
+                     smtp_code="454")  # fmt: skip
+            return AuthOutcome(None, R_BUSY)
+        generation = self._generation
+        hashed = entry.password if entry is not None else self._dummy
+        ok = await self._run_verify(hashed, creds.password)
+        if ok and entry is not None:
+            cache_s = self.settings.cache_secs
+            if cache_s > 0 and generation == self._generation:
                 if len(self._cache) >= _CACHE_MAX:
                     self._cache.clear()
+                key = self._cache_key(creds.username, creds.password)
                 self._cache[key] = self.clock.monotonic() + cache_s
-        if ok and entry is not None:
-            self.limiter.succeeded(creds.username, self.clock.now())
-            stats.attempt(mechanism, "success")
-            log.info("Authentication succeeded", peer=peer, user=creds.username,
-                     mechanism=mechanism)  # fmt: skip
-            return AuthOutcome(self.grant(creds.username, entry))
+            return self._succeeded(creds, entry, peer)
         verdict = self.limiter.failed(ip_key, creds.username, self.clock.monotonic())
         stats.attempt(mechanism, "failure")
         log.warn("Authentication failed", peer=peer, user=_shown(creds.username),

@@ -377,8 +377,7 @@ class SmtpSession(asyncio.Protocol):
                 self._commit_task = self._rt.loop.create_task(self._start_tls())
             elif kind is AuthCheck:
                 assert isinstance(ev, AuthCheck)
-                # Request-scoped like the TLS handshake: owned by this session.
-                self._commit_task = self._rt.loop.create_task(self._authenticate(ev))
+                self._auth_check(ev)
             elif kind is Close:
                 assert isinstance(ev, Close)
                 if ev.error:
@@ -603,6 +602,21 @@ class SmtpSession(asyncio.Protocol):
             self._handle(events)
         if self._paused or server.has_backlog or self._eof:
             self._flow()
+
+    def _auth_check(self, ev: AuthCheck) -> None:
+        """A cached success or a blocked address is answered now; a password to hash
+        goes to a task (request-scoped like the TLS handshake: owned by this session)."""
+        auth = self._rt.auth
+        server = self._server
+        assert auth is not None and server is not None  # AUTH is offered only with one
+        outcome = auth.quick(ev.credentials, self._ip_key, self._peer)
+        if outcome is None:
+            self._commit_task = self._rt.loop.create_task(self._authenticate(ev))
+        elif outcome.grant is not None:
+            self._resume(server.auth_succeeded(outcome.grant))
+        else:
+            assert outcome.reply is not None
+            self._resume(server.auth_failed(outcome.reply))
 
     async def _authenticate(self, ev: AuthCheck) -> None:
         auth = self._rt.auth
