@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from empath.cluster.state import SharedPolicyState
     from empath.observability.otlp import OtlpPusher
     from empath.submission.authenticator import Authenticator
+    from empath.submission.shared import SharedAuthCounters
 
 log = get_logger("config", __name__)
 _breaker_log = get_logger("delivery", "empath.policy.breaker")
@@ -245,9 +246,24 @@ class App:
             assert lc.auth is not None
             if lc.auth.users_file not in out:
                 out[lc.auth.users_file] = Authenticator(
-                    lc.auth, clock=self.clock, stats=self.auth_stats
+                    lc.auth,
+                    clock=self.clock,
+                    stats=self.auth_stats,
+                    shared=self._shared_auth_counters(config, lc.auth.limits.window_secs),
                 )
         return out
+
+    @staticmethod
+    def _shared_auth_counters(config: Config, window_s: float) -> SharedAuthCounters | None:
+        """Cluster mode: AUTH failures and blocks counted across nodes (DESIGN §13)."""
+        cc = config.cluster
+        if cc is None:
+            return None
+        from empath.cluster.backend import RedisBackend
+        from empath.submission.shared import SharedAuthCounters
+
+        backend = RedisBackend(cc.redis_url, cc.key_prefix, cc.timeout_ms / 1000.0)
+        return SharedAuthCounters(backend, window_s)
 
     def _build_shared_policy(self, policy: PolicySettings) -> SharedPolicyState:
         """Cluster mode (DESIGN §11): the policy state lives in Redis."""
@@ -564,7 +580,7 @@ class App:
         await self.control.close()
         await self.listeners.shutdown(SHUTDOWN_GRACE_S)
         for auth in self.authenticators.values():
-            auth.close()
+            await auth.aclose()
         await self.runner.drain()
         await self.modules.close()
         if self.cluster is not None:

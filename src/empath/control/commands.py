@@ -318,6 +318,7 @@ class Handlers:
         for auth in self.d.authenticators.values():
             for k in keys:
                 hit = auth.unblock(k) or hit
+                await auth.unblock_shared(k)  # cluster mode: in Redis too
         if not hit:
             raise CommandError(ErrorCode.NOT_FOUND, f"{key} is neither blocked nor slowed down")
         return {"unblocked": key}

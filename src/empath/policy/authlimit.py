@@ -140,6 +140,13 @@ class AuthLimiter:
             return False
         return True
 
+    def block(self, ip_key: str, now: float, seconds: float) -> None:
+        """Block an address for ``seconds`` (a block another cluster node decided)."""
+        if len(self._blocked) >= MAX_KEYS and ip_key not in self._blocked:
+            del self._blocked[next(iter(self._blocked))]
+        self._blocked[ip_key] = max(self._blocked.get(ip_key, 0.0), now + seconds)
+        self._ip.forget(ip_key)
+
     def failed(self, ip_key: str, login: str, now: float) -> FailureVerdict:
         s = self.settings
         ip_failures = self._ip.add(ip_key, now)

@@ -40,7 +40,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from empath.clock import Clock
 from empath.config.model import ListenerAuth
@@ -59,6 +59,9 @@ from empath.submission.users import (
     stamp_of,
     verify_password,
 )
+
+if TYPE_CHECKING:  # no Redis client import without `cluster`
+    from empath.submission.shared import SharedAuthCounters
 
 __all__ = [
     "MAX_PENDING",
@@ -119,6 +122,7 @@ class Authenticator:
         clock: Clock,
         stats: AuthStats | None = None,
         verify: Callable[[str, str], bool] = verify_password,
+        shared: SharedAuthCounters | None = None,
     ) -> None:
         self.settings = auth
         self.path = auth.users_file
@@ -127,6 +131,7 @@ class Authenticator:
         self.limiter = AuthLimiter(limit_settings(auth))
         self.quota = MessageQuota()
         self._verify = verify
+        self.shared = shared  # cluster mode: failures and blocks shared through Redis
         self._secret = os.urandom(32)
         self._cache: dict[bytes, float] = {}  # HMAC → valid until (monotonic)
         self._generation = 0  # bumped when the users file is re-read
@@ -179,12 +184,7 @@ class Authenticator:
         :meth:`authenticate` must run."""
         now = self.clock.monotonic()
         if self.limiter.blocked(ip_key, now):
-            mechanism = creds.mechanism.value
-            self.stats.attempt(mechanism, "blocked")
-            self.stats.block("ip")
-            log.info("Authentication refused: address blocked", peer=peer,
-                     user=_shown(creds.username), smtp_code="454")  # fmt: skip
-            return AuthOutcome(None, R_BLOCKED)
+            return self._blocked(creds, peer)
         cache_s = self.settings.cache_secs
         if cache_s <= 0:
             return None
@@ -195,6 +195,13 @@ class Authenticator:
         if self._cache.get(self._cache_key(creds.username, creds.password), 0.0) > now:
             return self._succeeded(creds, entry, peer)
         return None
+
+    def _blocked(self, creds: Credentials, peer: str) -> AuthOutcome:
+        self.stats.attempt(creds.mechanism.value, "blocked")
+        self.stats.block("ip")
+        log.info("Authentication refused: address blocked", peer=peer,
+                 user=_shown(creds.username), smtp_code="454")  # fmt: skip
+        return AuthOutcome(None, R_BLOCKED)
 
     def _succeeded(self, creds: Credentials, entry: UserEntry, peer: str) -> AuthOutcome:
         self.limiter.succeeded(creds.username, self.clock.now())
@@ -209,6 +216,12 @@ class Authenticator:
             return early
         mechanism = creds.mechanism.value
         stats = self.stats
+        shared = self.shared
+        if shared is not None:
+            left = await shared.blocked_for(ip_key)  # blocked by another node?
+            if left > 0:
+                self.limiter.block(ip_key, self.clock.monotonic(), left)
+                return self._blocked(creds, peer)
         self.refresh()
         entry = self.users.users.get(creds.username)
         if self._pending >= MAX_PENDING:
@@ -228,18 +241,34 @@ class Authenticator:
                 key = self._cache_key(creds.username, creds.password)
                 self._cache[key] = self.clock.monotonic() + cache_s
             return self._succeeded(creds, entry, peer)
-        verdict = self.limiter.failed(ip_key, creds.username, self.clock.monotonic())
+        now = self.clock.monotonic()
+        verdict = self.limiter.failed(ip_key, creds.username, now)
+        delay_s, ip_blocked, slowed = verdict.delay_s, verdict.ip_blocked, verdict.login_slowed
+        lim = self.limiter.settings
+        if shared is not None:
+            counts = await shared.failure(ip_key, creds.username, self.clock.now())
+            if counts is not None:  # the cluster's counts (None: Redis down, local only)
+                ip_n, login_n = counts
+                if ip_n >= lim.max_failures_per_ip and not self.limiter.blocked(ip_key, now):
+                    self.limiter.block(ip_key, now, lim.block_s)
+                    ip_blocked = True
+                excess = login_n - lim.max_failures_per_login
+                if excess > 0:
+                    slowed = True
+                    delay_s = max(delay_s, min(lim.max_delay_s, excess * lim.delay_s))
+            if ip_blocked:
+                await shared.block(ip_key, lim.block_s)
         stats.attempt(mechanism, "failure")
         log.warn("Authentication failed", peer=peer, user=_shown(creds.username),
                  mechanism=mechanism, smtp_code="535",
-                 delay_s=round(verdict.delay_s, 3))  # fmt: skip
-        if verdict.ip_blocked:
+                 delay_s=round(delay_s, 3))  # fmt: skip
+        if ip_blocked:
             log.warn("Address blocked after failed authentications", peer=peer,
-                     ip=ip_key, block_secs=self.limiter.settings.block_s)  # fmt: skip
-        if verdict.login_slowed:
+                     ip=ip_key, block_secs=lim.block_s)  # fmt: skip
+        if slowed:
             stats.block("login")
-        if verdict.delay_s > 0:
-            await self.clock.sleep(verdict.delay_s)
+        if delay_s > 0:
+            await self.clock.sleep(delay_s)
         return AuthOutcome(None, R_INVALID)
 
     async def _run_verify(self, hashed: str, password: str) -> bool:
@@ -292,6 +321,16 @@ class Authenticator:
 
     def unblock(self, key: str) -> bool:
         return self.limiter.unblock(key)
+
+    async def unblock_shared(self, key: str) -> None:
+        """Cluster mode: lift the block and forget the counts in Redis too."""
+        if self.shared is not None:
+            await self.shared.unblock(key)
+
+    async def aclose(self) -> None:
+        self.close()
+        if self.shared is not None:
+            await self.shared.close()
 
     def close(self) -> None:
         if self._executor is not None:

@@ -1,0 +1,116 @@
+"""AUTH failure counters and address blocks shared by the nodes of a cluster (DESIGN §11, §13).
+
+Theory of operation
+-------------------
+With ``cluster:`` configured, every node still counts failures in its own
+:class:`~empath.policy.authlimit.AuthLimiter` (the answer never waits for Redis when
+it does not have to), and also adds each failure to Redis, where one script
+(:data:`AUTH_FAILURE`) counts it in the same 1/60-of-the-window buckets for the
+client's address key and for the login, and returns both sums over the window: the
+counts of the whole cluster.  The node decides with the larger of its own and the
+cluster's count, so an attacker spreading guesses over the nodes behind a load
+balancer is blocked and slowed as if it had hit one.  A block is written to Redis
+too (a key that expires with it) and every node checks it before hashing a
+password.  Buckets use the wall clock (nodes' clocks agree well enough for
+ten-minute windows).
+
+Redis down: every call is bounded by the cluster's ``timeout_ms``; on an error the
+node goes on with its local counts alone (logged once per outage) - the limits are
+then per node, as without a cluster.  The hourly message quota stays per node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable
+from typing import Final, TypeVar
+
+from redis.exceptions import RedisError
+
+from empath.cluster.backend import RedisBackend
+from empath.logs import get_logger
+
+__all__ = ["AUTH_FAILURE", "SharedAuthCounters"]
+
+log = get_logger("smtp", __name__)
+T = TypeVar("T")
+
+# KEYS[1] the address's hash, KEYS[2] the login's hash (field = bucket, value = count)
+# ARGV[1] this bucket, ARGV[2] the oldest bucket still in the window, ARGV[3] ttl ms
+AUTH_FAILURE: Final = """
+local out = {}
+for i = 1, 2 do
+  redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
+  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  local all = redis.call('HGETALL', KEYS[i])
+  local sum = 0
+  for j = 1, #all, 2 do
+    if tonumber(all[j]) < tonumber(ARGV[2]) then
+      redis.call('HDEL', KEYS[i], all[j])
+    else
+      sum = sum + tonumber(all[j + 1])
+    end
+  end
+  out[i] = sum
+end
+return out
+"""
+
+
+class SharedAuthCounters:
+    """See module doc; one per node, over the cluster's Redis."""
+
+    def __init__(self, backend: RedisBackend, window_s: float) -> None:
+        self._backend = backend
+        self._window_s = window_s
+        self._bucket_s = window_s / 60
+        self._script = backend.redis.register_script(AUTH_FAILURE)
+        self._down = False
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._backend.prefix}auth:{kind}:{name}"
+
+    async def _call(self, aw: Awaitable[T]) -> T | None:
+        """The answer, or None when Redis cannot give it in time (local counts then)."""
+        try:
+            result = await asyncio.wait_for(aw, self._backend.timeout_s * 2)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not self._down:
+                self._down = True
+                log.warn("AUTH limits: Redis unreachable, counting failures on this node only",
+                         error=f"{type(exc).__name__}: {exc}")  # fmt: skip
+            return None
+        if self._down:
+            self._down = False
+            log.info("AUTH limits: Redis reachable again, failures counted cluster-wide")
+        return result
+
+    async def failure(self, ip_key: str, login: str, wall: float) -> tuple[int, int] | None:
+        """Count one failure; (address count, login count) over the window, cluster-wide."""
+        bucket = math.floor(wall / self._bucket_s)
+        first = math.floor((wall - self._window_s) / self._bucket_s)
+        ttl_ms = int((self._window_s + self._bucket_s) * 1000) + 1000
+        keys = [self._key("ip", ip_key), self._key("login", login.lower())]
+        got = await self._call(self._script(keys=keys, args=[bucket, first, ttl_ms]))
+        if got is None:
+            return None
+        return int(got[0]), int(got[1])
+
+    async def block(self, ip_key: str, block_s: float) -> None:
+        redis = self._backend.redis
+        await self._call(redis.set(self._key("block", ip_key), "1", px=int(block_s * 1000)))
+
+    async def blocked_for(self, ip_key: str) -> float:
+        """Seconds the address stays blocked cluster-wide (0 when it is not, or unknown)."""
+        ttl = await self._call(self._backend.redis.pttl(self._key("block", ip_key)))
+        return ttl / 1000 if ttl is not None and ttl > 0 else 0.0
+
+    async def unblock(self, key: str) -> None:
+        redis = self._backend.redis
+        await self._call(
+            redis.delete(self._key("block", key), self._key("ip", key), self._key("login", key))
+        )
+
+    async def close(self) -> None:
+        await self._backend.close()

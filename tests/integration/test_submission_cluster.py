@@ -1,0 +1,61 @@
+"""AUTH failures counted across a cluster (DESIGN §11, §13): two nodes on one real
+redis-server; an address guessing on both is blocked by their sum, and every node
+refuses it; with Redis gone the nodes go on counting locally."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.redis_server import RedisServer
+from tests.submission import PASSWORD, Submission, make_submission, plain_b64
+
+LIMITS = {"max_failures_per_ip": 4, "delay_secs": 0, "max_failures_per_login": 100}
+
+
+async def auth(sub: Submission, source: str, password: str) -> str:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", sub.implicit_port, ssl=sub.client_context(), local_addr=(source, 0),
+        server_hostname="localhost",
+    )  # fmt: skip
+    try:
+        await reader.readline()
+        writer.write(b"EHLO node.test\r\n")
+        while (await reader.readline())[3:4] != b" ":
+            pass
+        writer.write(f"AUTH PLAIN {plain_b64('alice', password)}\r\n".encode())
+        return (await reader.readline()).decode().strip()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def node(tmp_path: Path, name: str, redis: RedisServer) -> Submission:
+    sub = make_submission(tmp_path / name, auth={"limits": LIMITS})
+    sub.daemon.config["cluster"] = {"redis_url": redis.url, "node_id": name,
+                                    "key_prefix": "authtest:"}  # fmt: skip
+    return sub
+
+
+def test_failures_on_two_nodes_add_up_and_block_everywhere(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Two failures on each node from one address: the fourth, cluster-wide, blocks it;
+    both nodes then answer 454 (neither saw four itself); another address is not
+    touched; after Redis stops, failures are still answered (local counts)."""
+    a, b = node(tmp_path, "n1", redis_server), node(tmp_path, "n2", redis_server)
+    a.daemon.start()
+    b.daemon.start()
+    try:
+        replies = [asyncio.run(auth(s, "127.0.0.7", "wrong")) for s in (a, a, b, b)]
+        assert ["535"] * 4 == [r[:3] for r in replies]
+        b.daemon.wait_log("Address blocked after failed authentications", ip="127.0.0.7")
+        assert asyncio.run(auth(a, "127.0.0.7", PASSWORD)).startswith("454 4.7.0")
+        assert asyncio.run(auth(b, "127.0.0.7", PASSWORD)).startswith("454 4.7.0")
+        assert asyncio.run(auth(a, "127.0.0.8", PASSWORD)).startswith("235")
+        redis_server.stop()
+        assert asyncio.run(auth(a, "127.0.0.9", "wrong")).startswith("535")
+        a.daemon.wait_log("AUTH limits: Redis unreachable")
+    finally:
+        a.daemon.stop()
+        b.daemon.stop()
