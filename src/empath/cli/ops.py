@@ -213,10 +213,21 @@ def queue_resume(ctx: Any, ns: argparse.Namespace) -> int:
 
 def breaker_lines(data: dict[str, Any]) -> str:
     lines = []
+    memo: dict[int, str] = {}
+
+    def stamp(at: float | None) -> str:  # thousands of breakers share a few seconds
+        if not at:
+            return "-"
+        key = int(at)
+        text = memo.get(key)
+        if text is None:
+            text = memo[key] = output.timestamp(key)
+        return text
+
     for b in data["breakers"]:
         lines.append(
             f"domain: {list_field(b['domain'])}, state: {b['state']}, "
-            f"since: {output.timestamp(b['since'])}, reopens: {output.timestamp(b['reopens_at'])}, "
+            f"since: {stamp(b['since'])}, reopens: {stamp(b['reopens_at'])}, "
             f"failures: {b['failures']}, trips: {b['trips_total']}"
             + (f", error: {output.short_error(b['last_error'])}" if b["last_error"] else "")
         )
