@@ -9,6 +9,7 @@ message into Empath with a limit of 10, and every recipient arrives.
 
 from __future__ import annotations
 
+import smtplib
 import subprocess
 from pathlib import Path
 
@@ -51,3 +52,24 @@ def test_real_postfix_delivers_25_recipients_to_a_limit_of_10(tmp_path: Path) ->
     assert max(len(m.envelope.recipients) for m in messages) == LIMIT
     assert len(messages) >= 3
     assert not daemon.logs("Too many errors")
+
+
+def test_smtplib_with_110_recipients_on_the_default_limit(tmp_path: Path) -> None:
+    """The issue's smtplib case: 110 recipients against the default max_recipients (100)
+    got a 421 and nothing accepted.  Now 100 are accepted, smtplib reports the other 10
+    as refused with 452, and a second transaction on the same connection takes them."""
+    daemon = Daemon(tmp_path / "empath", parked_overrides(DOMAIN))
+    rcpts = [f"u{i}@{DOMAIN}" for i in range(110)]
+    daemon.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", daemon.smtp_port) as client:
+            refused = client.sendmail("s@client.test", rcpts, b"Subject: many\r\n\r\nx\r\n")
+            assert sorted(rcpts[100:]) == sorted(refused)
+            assert {452} == {code for code, _ in refused.values()}
+            assert {} == client.sendmail(
+                "s@client.test", list(refused), b"Subject: rest\r\n\r\nx\r\n"
+            )
+    finally:
+        daemon.stop()
+    messages = read_spool(daemon.spool_path).messages.values()
+    assert sorted(rcpts) == sorted(r for m in messages for r in m.envelope.recipients)
