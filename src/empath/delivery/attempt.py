@@ -36,7 +36,7 @@ attempt history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -139,12 +139,22 @@ def _stale(result: TransactionResult) -> bool:
     return not result.replied and all(isinstance(v, LocalVerdict) for _, v in result.verdicts)
 
 
-async def _open(
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """One transaction's result and the facts of the connection that carried it."""
+
+    result: TransactionResult
+    tls: bool
+    tls_session: tuple[str, str]
+    address: str
+    reused: bool
+
+
+def _opener(
     pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
-) -> OutboundConnection:
-    """Open a new connection in a slot already reserved in ``pool``."""
-    try:
-        conn = await OutboundConnection.open(
+) -> Callable[[], Awaitable[OutboundConnection]]:
+    def open_connection() -> Awaitable[OutboundConnection]:
+        return OutboundConnection.open(
             key,
             address=address,
             local_hostname=settings.hostname,
@@ -153,20 +163,32 @@ async def _open(
             clock=pool.clock,
             tls_ca_file=settings.tls_ca_file,
         )
-    except BaseException:
-        pool.cancel_slot(key)
-        raise
-    pool.added(conn)
-    return conn
+
+    return open_connection
 
 
-async def _connection(
-    pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
-) -> tuple[OutboundConnection, bool]:
-    conn = await pool.acquire(key, settings.pool_wait_s)
-    if conn is not None:
-        return conn, True
-    return await _open(pool, key, address, settings), False
+async def _transact(
+    pool: ConnectionPool,
+    key: PoolKey,
+    address: str,
+    settings: AttemptSettings,
+    txn: OutboundTransaction,
+    body: BodySource,
+) -> _Sent:
+    """One transaction over a pooled connection of ``key``.  A pooled session that died
+    while idle (nothing but local verdicts, no reply) is closed and the transaction
+    sent once more on a freshly opened one."""
+    opener = _opener(pool, key, address, settings)
+    for fresh in (False, True):
+        async with pool.connection(key, opener, wait_s=settings.pool_wait_s, fresh=fresh) as conn:
+            result = await conn.send(txn, body)
+            if conn.reused and _stale(result):
+                conn.close()
+                continue
+            return _Sent(
+                result, conn.tls_active, conn.tls_session, conn.peer_address or address, conn.reused
+            )
+    raise AssertionError("a fresh connection is never stale")  # pragma: no cover
 
 
 async def attempt_delivery(
@@ -200,70 +222,34 @@ async def attempt_delivery(
         for address in tuple(target.addresses) or ("",):
             label = f"{host}[{address or host}]:{target.port}"
             try:
-                conn, reused = await _connection(pool, key, address, settings)
-            except TlsHandshakeError as exc:
-                if mode is not TlsMode.OPPORTUNISTIC:
-                    failures.append(HostFailure(label, exc))
-                    continue
-                log.info("TLS handshake failed, retrying in plaintext", mx=label, error=exc.text)
                 try:
-                    key_plain = PoolKey(host, target.port, TlsMode.NONE)
-                    conn, reused = await _connection(pool, key_plain, address, settings)
-                except DeliveryError as exc2:
-                    failures.append(HostFailure(label, exc2))
-                    continue
+                    sent = await _transact(pool, key, address, settings, txn, body)
+                except TlsHandshakeError as exc:
+                    if mode is not TlsMode.OPPORTUNISTIC:
+                        raise
+                    log.info(
+                        "TLS handshake failed, retrying in plaintext", mx=label, error=exc.text
+                    )
+                    plain = PoolKey(host, target.port, TlsMode.NONE)
+                    sent = await _transact(pool, plain, address, settings, txn, body)
             except DeliveryError as exc:
                 failures.append(HostFailure(label, exc))
                 log.debug("MX host skipped", mx=label, error=exc.text)
                 continue
-            result = await _send(pool, conn, txn, body)
-            if reused and _stale(result):
-                # The pooled session died while idle; send on a fresh one.
-                pool.discard(conn)
-                try:
-                    conn = await _open_fresh(pool, conn.key, address, settings)
-                except DeliveryError as exc:
-                    failures.append(HostFailure(label, exc))
-                    continue
-                reused = False
-                result = await _send(pool, conn, txn, body)
-            tls = conn.tls_active
-            tls_version, tls_cipher = conn.tls_session
-            used_address = conn.peer_address or address
-            pool.release(conn)
-            outcomes = _outcomes(result, host)
+            outcomes = _outcomes(sent.result, host)
+            tls_version, tls_cipher = sent.tls_session
             return AttemptResult(
                 outcomes=outcomes,
                 mx=host,
-                address=used_address,
+                address=sent.address,
                 port=target.port,
                 error=_unit_error(outcomes, host),
-                tls=tls,
+                tls=sent.tls,
                 tls_version=tls_version,
                 tls_cipher=tls_cipher,
-                reused=reused,
+                reused=sent.reused,
                 failures=tuple(failures),
             )
     return replace(
         AttemptResult.failed(rcpts, _all_failed_error(failures)), failures=tuple(failures)
     )
-
-
-async def _send(
-    pool: ConnectionPool, conn: OutboundConnection, txn: OutboundTransaction, body: BodySource
-) -> TransactionResult:
-    try:
-        return await conn.send(txn, body)
-    except BaseException:
-        # Cancelled (shutdown) or a bug: the session is in an unknown state.
-        pool.discard(conn)
-        raise
-
-
-async def _open_fresh(
-    pool: ConnectionPool, key: PoolKey, address: str, settings: AttemptSettings
-) -> OutboundConnection:
-    conn = await pool.acquire(key, settings.pool_wait_s)
-    if conn is not None:
-        return conn
-    return await _open(pool, key, address, settings)

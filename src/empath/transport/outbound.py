@@ -398,6 +398,7 @@ class OutboundConnection:
         "label",
         "last_used",
         "messages_sent",
+        "reused",
         "timeouts",
     )
 
@@ -408,6 +409,7 @@ class OutboundConnection:
         self.client = pump.client
         self.timeouts = timeouts
         self.messages_sent = 0
+        self.reused = False  # handed out by the pool from its idle list (set by the pool)
         self.last_used = 0.0
         self._pump = pump
         self._idle_timer: Timer | None = None

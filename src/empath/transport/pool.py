@@ -1,10 +1,20 @@
 """The outbound connection pool: open SMTP sessions per (MX host, port, TLS mode).
 
-:class:`ConnectionPool` keeps healthy idle connections per key for the next
-message (the client starts that one with MAIL, or RSET after a failure), closes
-idle ones with QUIT after ``idle_timeout_s`` (a :class:`~empath.clock.Clock`
-timer, virtual in tests), caps connections per key (acquirers wait for a free
-one) and counts openings and reuses for tests and metrics.  The connections
+Shaped like httpcore's: a delivery asks for a connection and gets one for the length of
+a block, and the pool does the rest::
+
+    async with pool.connection(key, opener) as conn:
+        result = await conn.send(transaction, body)
+
+The pool reuses a healthy idle connection of ``key`` (the client starts the next message
+with MAIL, or RSET after a failure), or calls ``opener()`` for a new one, or waits - up
+to ``wait_s`` of the injected :class:`~empath.clock.Clock` - while ``max_per_key`` are
+open.  When the block ends the connection goes back: idle if still usable (closed with
+QUIT after ``idle_timeout_s`` unused), closed otherwise, and closed at once if the block
+raised.  ``fresh=True`` never reuses (the last pooled one turned out to be dead).
+
+Which of these happens is one synchronous decision, :func:`decide`, over the key's idle
+connections, its open count and the cap; it is unit-tested on its own.  The connections
 themselves are :class:`~empath.transport.outbound.OutboundConnection`.
 """
 
@@ -13,12 +23,58 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from empath.clock import Clock, SystemClock
+from empath.clock import Clock, SystemClock, deadline
 from empath.errors import TemporaryDeliveryError
 from empath.supervisor import Spawn
 from empath.transport.outbound import OutboundConnection, PoolKey, TlsContexts
+
+Opener = Callable[[], Awaitable[OutboundConnection]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """Hand out the idle connection at ``index`` (after closing the ``stale`` ones)."""
+
+    index: int
+    stale: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Open:
+    """Open a new connection (after closing the ``stale`` idle ones)."""
+
+    stale: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """The key is at its cap: wait for a connection to come back."""
+
+    stale: tuple[int, ...] = ()
+
+
+Decision = Reuse | Open | Wait
+
+
+def decide(idle_usable: Sequence[bool], open_count: int, cap: int, *, fresh: bool) -> Decision:
+    """What to do for one request of a key.
+
+    ``idle_usable`` says, oldest first, whether each idle connection can still take a
+    message; ``open_count`` counts every connection of the key (idle, in use, being
+    opened).  The newest usable idle connection is reused (LIFO: the oldest expire);
+    unusable ones are closed whatever happens; a new one is opened only below the cap,
+    counting the closed ones as gone.  ``fresh`` skips reuse."""
+    stale = tuple(i for i, ok in enumerate(idle_usable) if not ok)
+    if not fresh:
+        for i in range(len(idle_usable) - 1, -1, -1):
+            if idle_usable[i]:
+                return Reuse(i, stale)
+    if open_count - len(stale) < cap:
+        return Open(stale)
+    return Wait(stale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,64 +140,82 @@ class ConnectionPool:
             f"{' closed' if self._closed else ''}>"
         )
 
-    async def acquire(self, key: PoolKey, wait_s: float = 30.0) -> OutboundConnection | None:
-        """An idle healthy connection for ``key``, or None with a slot reserved.
+    @contextlib.asynccontextmanager
+    async def connection(
+        self, key: PoolKey, opener: Opener, *, wait_s: float = 30.0, fresh: bool = False
+    ) -> AsyncIterator[OutboundConnection]:
+        """A connection of ``key`` for the block (see the module doc); ``conn.reused``
+        says whether it came from the idle list.  Raises TemporaryDeliveryError when
+        shutting down or when none frees up within ``wait_s``; whatever ``opener``
+        raises (the slot it took is given back)."""
+        conn = await self._checkout(key, opener, wait_s, fresh)
+        try:
+            yield conn
+        except BaseException:
+            self._drop(conn)  # cancelled, or a bug: its session is in an unknown state
+            raise
+        self._checkin(conn)
 
-        After None the caller opens a connection and hands it to :meth:`added`,
-        or calls :meth:`cancel_slot` if opening failed.  At the per-key cap this
-        waits (up to ``wait_s``) for a connection to come back.
-        """
+    async def _checkout(
+        self, key: PoolKey, opener: Opener, wait_s: float, fresh: bool
+    ) -> OutboundConnection:
         if self._closed:
             raise TemporaryDeliveryError("delivery is shutting down", enhanced="4.3.2")
         st = self._keys.get(key)
         if st is None:
             st = self._keys[key] = _KeyState()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
+        until = self.clock.monotonic() + wait_s
         while True:
-            while st.idle:
-                conn = st.idle.pop()
+            choice = decide([c.usable for c in st.idle], st.count, self.max_per_key, fresh=fresh)
+            if isinstance(choice, Reuse):
+                conn = st.idle[choice.index]
+            for i in sorted(choice.stale, reverse=True):
+                self._close_idle(st, st.idle[i], politely=False)
+            if isinstance(choice, Reuse):
+                st.idle.remove(conn)
                 conn.cancel_idle_timer()
                 self.stats.idle -= 1
-                if conn.usable:
-                    self.stats.reused += 1
-                    self.stats.in_use += 1
-                    return conn
-                self._forget(st, conn)
-                conn.close()
-            if st.count < self.max_per_key:
+                self.stats.reused += 1
+                self.stats.in_use += 1
+                conn.reused = True
+                return conn
+            if isinstance(choice, Open):
                 st.count += 1
-                return None
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TemporaryDeliveryError(
-                    f"all {self.max_per_key} connections to {key.host} are busy",
-                    enhanced="4.4.5",
-                    mx=key.host,
-                )
-            fut: asyncio.Future[None] = loop.create_future()
-            st.waiters.append(fut)
-            try:
-                async with asyncio.timeout(remaining):
-                    await fut
-            except TimeoutError:
-                pass
-            finally:
-                with contextlib.suppress(ValueError):
-                    st.waiters.remove(fut)
+                try:
+                    conn = await opener()
+                except BaseException:
+                    st.count -= 1
+                    self._wake_one(st)
+                    raise
+                self.stats.opened += 1
+                self.stats.in_use += 1
+                conn.reused = False
+                return conn
+            await self._wait(st, key, until)
+            if self._closed:
+                raise TemporaryDeliveryError("delivery is shutting down", enhanced="4.3.2")
 
-    def added(self, conn: OutboundConnection) -> None:
-        """A connection opened in a slot reserved by :meth:`acquire` is now in use."""
-        self.stats.opened += 1
-        self.stats.in_use += 1
+    async def _wait(self, st: _KeyState, key: PoolKey, until: float) -> None:
+        remaining = until - self.clock.monotonic()
+        if remaining <= 0:
+            raise TemporaryDeliveryError(
+                f"all {self.max_per_key} connections to {key.host} are busy",
+                enhanced="4.4.5",
+                mx=key.host,
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        st.waiters.append(fut)
+        try:
+            async with deadline(self.clock, remaining):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                st.waiters.remove(fut)
 
-    def cancel_slot(self, key: PoolKey) -> None:
-        st = self._keys[key]
-        st.count -= 1
-        self._wake_one(st)
-
-    def release(self, conn: OutboundConnection) -> None:
-        """Give a connection back after use: kept idle if healthy, else closed."""
+    def _checkin(self, conn: OutboundConnection) -> None:
+        """The block ended normally: keep the connection idle if healthy, else close it."""
         st = self._keys[conn.key]
         self.stats.in_use -= 1
         if not conn.usable or self._closed:
@@ -155,8 +229,8 @@ class ConnectionPool:
         conn.set_idle_timer(self.clock.call_later(self.idle_timeout_s, lambda: self._expire(conn)))
         self._wake_one(st)
 
-    def discard(self, conn: OutboundConnection) -> None:
-        """Drop an in-use connection without reusing it."""
+    def _drop(self, conn: OutboundConnection) -> None:
+        """The block raised: close the connection without reusing it."""
         st = self._keys[conn.key]
         self.stats.in_use -= 1
         self._forget(st, conn)
@@ -197,12 +271,18 @@ class ConnectionPool:
         st = self._keys.get(conn.key)
         if st is None or conn not in st.idle:
             return
+        self.stats.closed_idle += 1
+        self._close_idle(st, conn, politely=True)
+        self._wake_one(st)
+
+    def _close_idle(self, st: _KeyState, conn: OutboundConnection, *, politely: bool) -> None:
         st.idle.remove(conn)
         self.stats.idle -= 1
-        self.stats.closed_idle += 1
         self._forget(st, conn)
-        self._close_politely(conn)
-        self._wake_one(st)
+        if politely:
+            self._close_politely(conn)
+        else:
+            conn.close()
 
     def _forget(self, st: _KeyState, conn: OutboundConnection) -> None:
         st.count -= 1
