@@ -90,7 +90,9 @@ def rfc3339_us(us: int) -> str:
 
 SENDER_FIELDS: Final = frozenset({"sender"})
 RECIPIENT_FIELDS: Final = frozenset({"recipient", "rcpt", "to"})
-_ADDRESS_FIELDS: Final = SENDER_FIELDS | RECIPIENT_FIELDS
+# Not free text: redacted (or kept) by their own switch; the login name is an identity,
+# not an envelope address, and stays for the audit trail.
+_ADDRESS_FIELDS: Final = SENDER_FIELDS | RECIPIENT_FIELDS | {"auth_user"}
 
 
 def redact_address(addr: str) -> str:
