@@ -192,12 +192,15 @@ class MessageQuota:
     def __init__(self) -> None:
         self._window = _Windows(_HOUR_S)
 
-    def admit(self, user: str, per_hour: int, now: float) -> bool:
-        """Record one message for ``user`` unless ``per_hour`` are already in the window
-        (0 means unlimited)."""
+    def admit(self, user: str, per_hour: int, now: float, others: int = 0) -> bool:
+        """Record one message for ``user`` unless ``per_hour`` are already in the window,
+        counting ``others`` sent elsewhere (other cluster nodes); 0 means unlimited."""
         if per_hour <= 0:
             return True
-        if self._window.count(user, now) >= per_hour:
+        if self._window.count(user, now) + others >= per_hour:
             return False
         self._window.add(user, now)
         return True
+
+    def count(self, user: str, now: float) -> int:
+        return self._window.count(user, now)

@@ -38,9 +38,9 @@ import hashlib
 import hmac
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from empath.clock import Clock
 from empath.config.model import ListenerAuth
@@ -132,6 +132,8 @@ class Authenticator:
         self.quota = MessageQuota()
         self._verify = verify
         self.shared = shared  # cluster mode: failures and blocks shared through Redis
+        self._others_sent: dict[str, int] = {}  # user → messages other nodes sent (last look)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._secret = os.urandom(32)
         self._cache: dict[bytes, float] = {}  # HMAC → valid until (monotonic)
         self._generation = 0  # bumped when the users file is re-read
@@ -293,7 +295,10 @@ class Authenticator:
             rcpts = quotas.recipients_per_message
 
         def admit() -> SmtpProtocolError | None:
-            if self.quota.admit(user, per_hour, self.clock.monotonic()):
+            others = self._others_sent.get(user, 0)
+            if self.quota.admit(user, per_hour, self.clock.monotonic(), others):
+                if self.shared is not None and per_hour > 0:
+                    self._background(self._share_message(user))
                 return None
             self.stats.block("quota")
             log.warn("Message quota exceeded", user=user, messages_per_hour=per_hour,
@@ -302,6 +307,20 @@ class Authenticator:
                                      "try again later")  # fmt: skip
 
         return UserGrant(user, entry.senders, entry.null_sender, rcpts, admit)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        """A short Redis exchange nobody waits for (kept referenced until done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _share_message(self, user: str) -> None:
+        """Cluster mode: count the message in Redis; remember the others' share."""
+        assert self.shared is not None
+        total = await self.shared.message(user, self.clock.now())
+        if total is not None:
+            mine = self.quota.count(user, self.clock.monotonic())
+            self._others_sent[user] = max(0, total - mine)
 
     # --- operators ---------------------------------------------------------------
 
@@ -329,6 +348,8 @@ class Authenticator:
 
     async def aclose(self) -> None:
         self.close()
+        for task in list(self._tasks):
+            task.cancel()
         if self.shared is not None:
             await self.shared.close()
 

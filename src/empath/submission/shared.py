@@ -14,9 +14,15 @@ too (a key that expires with it) and every node checks it before hashing a
 password.  Buckets use the wall clock (nodes' clocks agree well enough for
 ten-minute windows).
 
+The hourly message quota is shared the same way, but the state machine asks it
+synchronously at MAIL: each node admits against its own count plus what the others
+had sent at its last look, and after each message it adds one in Redis and takes the
+cluster's total back.  A node so learns the others' messages one message late: the
+cluster can overshoot a quota by at most one message per node.
+
 Redis down: every call is bounded by the cluster's ``timeout_ms``; on an error the
 node goes on with its local counts alone (logged once per outage) - the limits are
-then per node, as without a cluster.  The hourly message quota stays per node.
+then per node, as without a cluster.
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ from empath.logs import get_logger
 
 __all__ = ["AUTH_FAILURE", "SharedAuthCounters"]
 
+_HOUR_S: Final = 3600.0
+
 log = get_logger("smtp", __name__)
 T = TypeVar("T")
 
-# KEYS[1] the address's hash, KEYS[2] the login's hash (field = bucket, value = count)
-# ARGV[1] this bucket, ARGV[2] the oldest bucket still in the window, ARGV[3] ttl ms
+# KEYS: hashes (field = bucket, value = count), e.g. the address's and the login's;
+# ARGV[1] this bucket, ARGV[2] the oldest bucket still in the window, ARGV[3] ttl ms.
+# Counts one event in each key; returns each key's sum over the window.
 AUTH_FAILURE: Final = """
 local out = {}
-for i = 1, 2 do
+for i = 1, #KEYS do
   redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
   redis.call('PEXPIRE', KEYS[i], ARGV[3])
   local all = redis.call('HGETALL', KEYS[i])
@@ -96,6 +105,17 @@ class SharedAuthCounters:
         if got is None:
             return None
         return int(got[0]), int(got[1])
+
+    async def message(self, user: str, wall: float) -> int | None:
+        """Count one message of ``user``; the cluster's total in the last hour."""
+        bucket_s = _HOUR_S / 60
+        bucket = math.floor(wall / bucket_s)
+        first = math.floor((wall - _HOUR_S) / bucket_s)
+        ttl_ms = int((_HOUR_S + bucket_s) * 1000) + 1000
+        got = await self._call(
+            self._script(keys=[self._key("msgs", user)], args=[bucket, first, ttl_ms])
+        )
+        return None if got is None else int(got[0])
 
     async def block(self, ip_key: str, block_s: float) -> None:
         redis = self._backend.redis
