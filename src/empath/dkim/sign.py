@@ -66,10 +66,17 @@ def parse_fields(raw_fields: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 def header_list(counts: dict[str, int], spec: SignSpec) -> list[bytes]:
     """The ``h=`` names: each configured one per occurrence, plus one for over-signed."""
     out: list[bytes] = []
-    for name in spec.headers:
-        n = counts.get(name, 0) + (1 if name in spec.oversign else 0)
-        out.extend([name.encode("ascii")] * n)
+    oversign = spec.oversign
+    for name, raw in _encoded(spec.headers):
+        n = counts.get(name, 0) + (name in oversign)
+        if n:
+            out.extend([raw] * n)
     return out
+
+
+@functools.cache
+def _encoded(names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((n, n.encode("ascii")) for n in names)
 
 
 def name_counts(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, int]:
