@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import smtplib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -221,3 +222,33 @@ def test_rotation_end_to_end(tmp_path: Path) -> None:
                  what="the overlap to end")  # fmt: skip
         rows = {r["selector"]: r for r in ctl_json(daemon, "dkim", "list")}
         assert "retired" == rows["s1"]["state"]
+
+
+def test_mail_from_an_authenticated_client_is_signed_without_trusted_networks(
+    tmp_path: Path,
+) -> None:
+    """With no trusted network at all, alice's authenticated submission (STARTTLS +
+    AUTH) is signed for her From: domain and verifies; `auth_user` is what allows it."""
+    from tests.submission import PASSWORD, make_submission
+
+    key = make_selector(tmp_path / "keys", "sub1", "ed25519-sha256")
+    with (
+        dnsmasq(DnsRecords(txt=txt_records("example.org", key)), tmp_path / "dns") as dns,
+        SmtpSink(dump=True) as sink,
+    ):
+        sub = make_submission(tmp_path / "sub", sink_port=sink.port)
+        sub.daemon.config["dkim"] = dkim_section("example.org", [key])
+        sub.daemon.config["delivery"]["dns"] = {"nameservers": [dns.nameserver]}
+        with sub.daemon:
+            with smtplib.SMTP("127.0.0.1", sub.starttls_port, timeout=30) as c:
+                c.starttls(context=sub.client_context())
+                c.login("alice", PASSWORD)
+                c.sendmail("alice@example.org", ["bob@sink.test"],
+                           b"From: Alice <alice@example.org>\r\nTo: bob@sink.test\r\n"
+                           b"Subject: submitted\r\n\r\nsigned for alice\r\n")  # fmt: skip
+            body = last_delivered(sink, 1)
+            assert ["sub1"] == verified_selectors(body, dns, tmp_path / "v")
+            (line,) = sub.daemon.wait_log("Message received", auth_user="alice")
+            assert ("example.org", "sub1") == (
+                line["fields"]["dkim_domain"], line["fields"]["dkim_selectors"]
+            )  # fmt: skip
