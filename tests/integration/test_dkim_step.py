@@ -13,8 +13,8 @@ import pytest
 
 from empath.dkim import keys, rotation
 from empath.dkim.policy import build_table
-from empath.dkim.sign import SignSpec
-from empath.dkim.signer import OFFLOAD_ABOVE_US, DkimSigner, DkimStats, estimate_us
+from empath.dkim.sign import Unsigned
+from empath.dkim.signer import INLINE_BODY_BYTES, DkimSigner, DkimStats, Where, where
 from empath.smtp.server import RelayPolicy
 from empath.stats import DomainLabels
 from empath.testing.clock import FakeClock
@@ -49,20 +49,18 @@ def srv() -> Iterator[ServerThread]:
         yield s
 
 
-@pytest.mark.parametrize("offload_above_us", [500.0, 0.0], ids=["on-loop", "thread-pool"])
+@pytest.mark.parametrize("place", [Where.KEY_IN_POOL, Where.ALL_IN_POOL])
 def test_a_signing_error_answers_451_and_spools_nothing(
-    tmp_path: Path, srv: ServerThread, offload_above_us: float
+    tmp_path: Path, srv: ServerThread, place: Where
 ) -> None:
-    """A failure inside the signer (here: the signing function raises), on the loop or
-    in the signing thread, is a 451 4.3.0 the client retries; nothing is spooled; the
-    error is counted."""
+    """A failure inside the signer (here: the key operation raises), whichever way the
+    work is split, is a 451 4.3.0 the client retries; nothing is spooled; the error is
+    counted."""
 
-    def broken(
-        fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
-    ) -> list[bytes]:
+    def broken(pending: Sequence[Unsigned]) -> list[bytes]:
         raise ValueError("HSM unplugged")
 
-    signer = signer_for(tmp_path, sign_fn=broken, offload_above_us=offload_above_us)
+    signer = signer_for(tmp_path, finish_fn=broken, decide=lambda specs, n: place)
     install(srv, signer)
     with srv.smtp() as c, pytest.raises(smtplib.SMTPDataError) as err:
         c.sendmail("alice@example.org", ["b@y.example"], MSG)
@@ -142,17 +140,7 @@ def test_after_a_rotation_both_selectors_sign_until_the_overlap_ends(tmp_path: P
     signer.close()
 
 
-def test_cheap_signatures_stay_on_the_loop_dear_ones_go_to_the_pool(tmp_path: Path) -> None:
-    """Dual RSA-2048 + Ed25519 on a small message is under 0.5 ms; a 5 MiB body or an
-    RSA-4096 key is not."""
-    table = build_table(config(tmp_path), rotation.RotationState(), keys.KeyCache())
-    specs = [
-        SignSpec("example.org", s.selector, s.algorithm, s.key.private, "relaxed/relaxed",
-                 ("from",), frozenset())
-        for s in table.all_selectors()
-    ]  # fmt: skip
-    big = SignSpec("example.org", "b", "rsa-sha256", keys.generate("rsa-sha256", 4096),
-                   "relaxed/relaxed", ("from",), frozenset())  # fmt: skip
-    assert estimate_us(specs, 4096) < OFFLOAD_ABOVE_US
-    assert estimate_us(specs, 5 * 1024 * 1024) > OFFLOAD_ABOVE_US
-    assert estimate_us([big], 1024) > OFFLOAD_ABOVE_US
+def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool() -> None:
+    assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
+        where([], 1000), where([], INLINE_BODY_BYTES), where([], INLINE_BODY_BYTES + 1)
+    )  # fmt: skip

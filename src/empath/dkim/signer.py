@@ -6,16 +6,17 @@ are spooled and later sent - never again per delivery attempt.  Only mail from a
 trusted network (``relay.trusted_networks``) or an authenticated client
 (``auth_user``) is signed: anyone else could have Empath sign their forgeries.
 
-Where the work runs: a signature whose estimated cost (:func:`estimate_us`) is under
-``OFFLOAD_ABOVE_US`` (0.5 ms) is made on the event loop; a dearer one (RSA keys above
-2048 bits, big bodies: canonicalising and hashing a 5 MiB body takes tens of ms) goes to
-a small thread pool, and the session waits for it without holding the loop.  Why not
-always the pool: on this 2-core VM a hand-over to a worker thread and back cost the
-loop thread more than an Ed25519 signature (GIL hand-offs; bench/dkim, numbers in the
-closing note), and the per-message parts in Python (canonicalisation, header hashing)
-hold the GIL wherever they run.  The estimate uses costs measured on a quiet core:
-RSA-2048 about 0.3 ms (``cryptography``/OpenSSL; dkimpy's pure-Python RSA would take
-6.6 ms), Ed25519 about 0.06 ms, canonicalising and hashing about 4 µs per KiB.
+Where the work runs: the per-message Python (choosing the domain and selectors,
+canonicalising with dkimpy, hashing the signed fields) on the event loop, then the
+private-key operations on a small thread pool (``cryptography`` releases the GIL while
+OpenSSL signs, so they use the second core); a body over 64 KiB is canonicalised and
+hashed in the pool too (about 4 µs per KiB: a 5 MiB body would hold the loop ~20 ms).
+Measured on this 2-vCPU VM (in-process, smtp-source, 20 sessions, alternating, loaded
+by other work): an RSA-2048 signature costs 0.3-1.8 ms - over the issue's ~0.5 ms -
+and with the key operation in the pool the listener relayed 360-411 msg/s against
+174-270 with it on the loop; even Ed25519 (~0.05-0.1 ms) was faster in the pool
+(437-531 vs 251-358 msg/s), the session yielding the loop while it waits.  It costs
+more CPU in all (the hand-over), which the closing note reports.
 A signing failure answers ``451 4.3.0`` (the client retries; nothing is spooled) and
 counts ``empath_dkim_signatures_total{result="error"}``.
 
@@ -27,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import enum
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from cryptography.hazmat.primitives.asymmetric import rsa
-
 from empath.clock import Clock
 from empath.dkim.policy import EMPTY_TABLE, KeyTable, plan
-from empath.dkim.sign import SignSpec, sign
+from empath.dkim.sign import SignSpec, Unsigned, finish, prepare
 from empath.logs import get_logger
 from empath.smtp.replies import Reply
 from empath.stats import DomainLabels, Histogram
@@ -47,23 +47,22 @@ DURATION_BUCKETS_S: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 
-SignFn = Callable[[Sequence[bytes], bytes, Sequence[SignSpec], int], list[bytes]]
+FinishFn = Callable[[Sequence[Unsigned]], list[bytes]]
 
-OFFLOAD_ABOVE_US: Final = 500.0  # the issue's "~0.5 ms": dearer signing leaves the loop
-_RSA_US: Final = {1024: 60.0, 2048: 300.0, 3072: 900.0, 4096: 2000.0}
+# Canonicalising and hashing cost about 4 µs per KiB on a quiet core: past 64 KiB
+# (~0.25 ms) the whole signature is made on the pool, not only the key operation.
+INLINE_BODY_BYTES: Final = 64 * 1024
 
 
-def estimate_us(specs: Sequence[SignSpec], body_bytes: int) -> float:
-    """Rough cost of signing on a quiet core (module doc); decides loop vs pool."""
-    us = 40.0 + body_bytes * (4.0 / 1024)
-    for spec in specs:
-        key = spec.key
-        if isinstance(key, rsa.RSAPrivateKey):
-            bits = key.key_size
-            us += _RSA_US.get(bits, 2000.0 * (bits / 4096) ** 3)
-        else:
-            us += 60.0
-    return us
+class Where(enum.Enum):
+    """Where one message's signing work runs (module doc)."""
+
+    KEY_IN_POOL = "key-in-pool"  # canonicalise on the loop, key operations in the pool
+    ALL_IN_POOL = "all-in-pool"  # big body: everything in the pool
+
+
+def where(specs: Sequence[SignSpec], body_bytes: int) -> Where:
+    return Where.ALL_IN_POOL if body_bytes > INLINE_BODY_BYTES else Where.KEY_IN_POOL
 
 
 class DkimStats:
@@ -98,15 +97,15 @@ class DkimSigner:
         stats: DkimStats,
         *,
         table: KeyTable = EMPTY_TABLE,
-        sign_fn: SignFn = sign,
+        finish_fn: FinishFn = finish,
         workers: int = 2,
-        offload_above_us: float = OFFLOAD_ABOVE_US,
+        decide: Callable[[Sequence[SignSpec], int], Where] = where,
     ) -> None:
         self._clock = clock
         self.stats = stats
         self.table = table
-        self._sign = sign_fn
-        self._offload_above_us = offload_above_us
+        self._finish = finish_fn
+        self._where = decide
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dkim")
 
     @property
@@ -140,13 +139,17 @@ class DkimSigner:
         started = self._clock.monotonic()
         fields = [f.raw for f in message.headers]
         body = message.body
+        now_s = int(now)
         try:
-            if estimate_us(what.specs, len(body)) <= self._offload_above_us:
-                signatures = self._sign(fields, body, what.specs, int(now))
+            place = self._where(what.specs, len(body))
+            if place is Where.KEY_IN_POOL:
+                pending = prepare(fields, body, what.specs, now_s)
+                loop = asyncio.get_running_loop()
+                signatures = await loop.run_in_executor(self._pool, self._finish, pending)
             else:
                 loop = asyncio.get_running_loop()
                 signatures = await loop.run_in_executor(
-                    self._pool, self._sign, fields, body, what.specs, int(now)
+                    self._pool, self._sign_all, fields, body, what.specs, now_s
                 )
         except Exception as exc:
             for spec in what.specs:
@@ -165,6 +168,11 @@ class DkimSigner:
         message.log_fields["dkim_domain"] = what.domain
         message.log_fields["dkim_selectors"] = _names(what.specs)
         return None
+
+    def _sign_all(
+        self, fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
+    ) -> list[bytes]:
+        return self._finish(prepare(fields, body, specs, now))
 
 
 def _names(specs: Sequence[SignSpec]) -> str:
