@@ -47,6 +47,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"empath: config error: {exc}", file=sys.stderr)
         return 1
     if args.check_config:
+        if config.modules:  # import and construct them, as start-up would (DESIGN §14)
+            from empath.modules.host import ModuleStats
+            from empath.modules.loader import ModuleContext, build_host
+
+            try:
+                context = ModuleContext(None, config.hostname)
+                build_host(config.modules, context, ModuleStats(), file=str(path))
+            except ConfigError as exc:
+                print(f"empath: config error: {exc}", file=sys.stderr)
+                return 1
         sys.stdout.write(render_config(config))
         if not render_config(config).endswith("\n"):
             sys.stdout.write("\n")

@@ -456,7 +456,8 @@ class App:
         from empath.modules.loader import ModuleContext, build_host
 
         context = ModuleContext(resolver=self.resolver, hostname=config.hostname)
-        return build_host(config.modules, context, self.module_stats, self.clock)
+        file = config.source_path or "<config>"
+        return build_host(config.modules, context, self.module_stats, self.clock, file=file)
 
     def _delivery_event(self, msg: MessageState, unit: UnitState) -> None:
         if not self.modules.wants_delivery_events:

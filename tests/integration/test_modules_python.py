@@ -212,6 +212,12 @@ def test_a_module_that_cannot_be_loaded_stops_start_up_naming_it(
     assert 1 == out.returncode
     assert expected in out.stderr, out.stderr
     assert "Startup failed: modules" in out.stderr
+    check = subprocess.run(
+        [sys.executable, "-m", "empath", "--check-config", str(daemon.config_path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **ENV}, check=False,
+    )  # fmt: skip
+    assert 1 == check.returncode
+    assert f"empath: config error: {daemon.config_path}: {expected}\n" == check.stderr
 
 
 def test_a_reload_with_a_broken_module_is_refused_and_the_old_modules_stay(

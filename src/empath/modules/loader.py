@@ -110,6 +110,10 @@ class PythonFilter:
         return {}
 
 
+class _LoadError(Exception):
+    """A module that cannot be loaded (made a ConfigError naming the entry by the caller)."""
+
+
 def _where(index: int, cfg: ModuleConfig) -> str:
     return f"modules[{index}] ({cfg.label})"
 
@@ -117,18 +121,17 @@ def _where(index: int, cfg: ModuleConfig) -> str:
 def _load_python(index: int, cfg: ModuleConfig, context: ModuleContext) -> PythonFilter:
     assert cfg.name is not None
     module_name, _, attr = cfg.name.partition(":")
-    where = _where(index, cfg)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
-            raise ConfigError(f"{where}: no Python module named {exc.name!r}") from None
-        raise ConfigError(f"{where}: importing {module_name!r} failed: {exc!r}") from None
+            raise _LoadError(f"no Python module named {exc.name!r}") from None
+        raise _LoadError(f"importing {module_name!r} failed: {exc!r}") from None
     except Exception as exc:
-        raise ConfigError(f"{where}: importing {module_name!r} failed: {exc!r}") from None
+        raise _LoadError(f"importing {module_name!r} failed: {exc!r}") from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
-        raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
+        raise _LoadError(f"{module_name!r} has no callable {attr!r}")
     args = cfg.arguments if cfg.arguments is not None else {}
     try:
         params = inspect.signature(factory).parameters
@@ -136,14 +139,14 @@ def _load_python(index: int, cfg: ModuleConfig, context: ModuleContext) -> Pytho
         wants_context = "empath" in params and params["empath"].kind is keyword_only
         obj = factory(args, empath=context) if wants_context else factory(args)
     except Exception as exc:
-        raise ConfigError(f"{where}: {attr}({args!r}) raised {exc!r}") from None
+        raise _LoadError(f"{attr}({args!r}) raised {exc!r}") from None
     try:
         flt = PythonFilter(cfg, obj)
     except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise _LoadError(f"{exc}") from None
     if not flt.hooks:
         names = ", ".join(HOOK_ATTRIBUTES.values())
-        raise ConfigError(f"{where}: the object has none of the hooks ({names})")
+        raise _LoadError(f"the object has none of the hooks ({names})")
     return flt
 
 
@@ -168,7 +171,7 @@ def load_filter(
             stats,
             hostname=context.hostname,
         )
-    raise ConfigError(f"{_where(index, cfg)}: {cfg.type} modules cannot be loaded")
+    raise ConfigError(f"{cfg.type} modules cannot be loaded", path=_where(index, cfg))
 
 
 def build_host(
@@ -176,8 +179,15 @@ def build_host(
     context: ModuleContext,
     stats: ModuleStats,
     clock: Clock | None = None,
+    *,
+    file: str = "<config>",
 ) -> ModuleHost:
     """Every entry loaded (ConfigError naming the first that fails); ``clock`` times
     the calls."""
-    filters = [load_filter(i, cfg, context, stats) for i, cfg in enumerate(configs)]
+    filters: list[Filter] = []
+    for i, cfg in enumerate(configs):
+        try:
+            filters.append(load_filter(i, cfg, context, stats))
+        except _LoadError as exc:
+            raise ConfigError(str(exc), file=file, path=_where(i, cfg)) from None
     return ModuleHost(filters, stats, clock=clock)
