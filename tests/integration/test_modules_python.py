@@ -247,3 +247,18 @@ def test_a_reload_with_a_broken_module_is_refused_and_the_old_modules_stay(
             client.mail("a@origin.test")
             assert 250 == client.rcpt("x@y.test")[0]
             assert 550 == client.rcpt("z@y.test")[0]
+
+
+def test_pipelined_commands_are_each_checked_and_answered_in_order(tmp_path: Path) -> None:
+    """RFC 2920 pipelining through a module on every RCPT: the replies come back in
+    order, the refused recipient alone refused, and the message is spooled."""
+    daemon = daemon_with(tmp_path, [module("Block", {"deny": "x@y.test"})])
+    with daemon, RawSmtp(daemon.smtp_host, daemon.smtp_port) as raw:
+        assert 220 == raw.reply()[0]
+        raw.send(b"EHLO c.test\r\n")
+        assert 250 == raw.reply()[0]
+        raw.send(b"MAIL FROM:<a@origin.test>\r\nRCPT TO:<x@y.test>\r\nRCPT TO:<ok@y.test>\r\n"
+                 b"RCPT TO:<x@y.test>\r\nDATA\r\n")  # fmt: skip
+        assert [250, 550, 250, 550, 354] == raw.codes(5)
+        raw.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert [250, 221] == raw.codes(2)
