@@ -123,6 +123,7 @@ class App:
             clock=self.clock,
             rng=random.Random(),
             own=OwnListeners((lc.host, lc.port) for lc in config.smtp_controller.listeners),
+            track=self.supervisor.track,
         )
         self.pool = ConnectionPool(
             settings.pool,
@@ -301,6 +302,7 @@ class App:
             queue_sizes=self.queue_sizes,
             in_flight=lambda: self.scheduler.in_flight,
             suspensions=self.suspensions,
+            clock=self.clock,
         )
 
     def queue_sizes(self) -> Mapping[str, int]:
@@ -359,7 +361,12 @@ class App:
         from empath.spool.fs import FileSpool
 
         cfg = self.config.spool
-        return FileSpool(Path(cfg.path), clock=self.clock, segment_bytes=cfg.segment_bytes)
+        return FileSpool(
+            Path(cfg.path),
+            clock=self.clock,
+            segment_bytes=cfg.segment_bytes,
+            track=self.supervisor.track,
+        )
 
     # -- signals and reload ---------------------------------------------------
 

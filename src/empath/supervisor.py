@@ -43,6 +43,19 @@ class Spawn(Protocol):
     ) -> asyncio.Task[T]: ...
 
 
+class Track(Protocol):
+    """Start ``coro`` as a task that its caller awaits and whose outcome it handles
+    (a DNS query shared by its waiters, a spilled body's commit): the supervisor only
+    keeps it, so shutdown cancels it like any other."""
+
+    def __call__(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]: ...
+
+
+def untracked(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+    """A plain task, for a component used without a daemon (tests, tools)."""
+    return asyncio.get_running_loop().create_task(coro, name=name)
+
+
 CrashHandler = Callable[[str, BaseException], None]
 
 
@@ -77,6 +90,13 @@ class Supervisor:
         if essential:
             self._essential.add(task)
         task.add_done_callback(self._done)
+        return task
+
+    def track(self, coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
+        """See :class:`Track`: kept for shutdown, its exception is its caller's."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:

@@ -24,11 +24,11 @@ import contextlib
 import json
 import os
 import socket
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from empath.clock import Clock, SystemClock
 from empath.cluster.backend import RedisBackend, RedisUnavailableError
 from empath.cluster.state import SharedPolicyState
 from empath.logs import get_logger
@@ -82,7 +82,10 @@ class ClusterNode:
         queue_sizes: Callable[[], Mapping[str, int]],
         in_flight: Callable[[], int],
         suspensions: Suspensions | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """``clock`` times the loop (the same clock as ``state``'s; virtual in tests)."""
+        self.clock: Clock = clock or SystemClock()
         self.state = state
         self.backend = backend
         self.node_id = node_id
@@ -92,7 +95,7 @@ class ClusterNode:
         self._in_flight = in_flight
         self.suspensions = suspensions
         self._task: asyncio.Task[None] | None = None
-        self._started = time.time()
+        self._started = self.clock.now()
         self._warned_duplicate = False
         self.redis_up = False
         self.heartbeats = 0
@@ -117,7 +120,7 @@ class ClusterNode:
     async def _run(self) -> None:
         last_beat = last_renew = -1e9
         while True:
-            now = time.monotonic()
+            now = self.clock.monotonic()
             try:
                 if self.state.fallback:
                     await self.backend.reset()
@@ -144,10 +147,10 @@ class ClusterNode:
                 self.state.enter_fallback(str(exc))
             except Exception:
                 log.exception("Cluster loop failed")
-            await asyncio.sleep(TICK_S)
+            await self.clock.sleep(TICK_S)
 
     async def _refresh_breakers(self) -> None:
-        asked_at = time.monotonic()
+        asked_at = self.clock.monotonic()
         records, contended = await self.backend.read_breakers(list(self.state.held_leases()))
         self.state.apply_breakers(records, asked_at)
         self.state.contended = contended
@@ -162,7 +165,7 @@ class ClusterNode:
                 records[domain] = Suspension.from_json(json.loads(raw))
             except (ValueError, KeyError, TypeError):
                 continue
-        now = time.time()
+        now = self.clock.now()
         self.suspensions.replace_all({d: s for d, s in records.items() if s.active(now)})
 
     async def _heartbeat(self) -> None:

@@ -36,7 +36,7 @@ from empath.queue.scheduler import (
     SchedulerSettings,
 )
 from empath.smtp.relay import RelayPolicy
-from empath.transport.listener import ListenerSpec
+from empath.transport.listener import ListenerAuthSpec, ListenerSpec
 from empath.transport.outbound import OutboundTimeouts
 from empath.transport.pool import PoolSettings
 
@@ -110,7 +110,11 @@ def listener_spec(
         hop_limit=hop_limit,
         postmaster=postmaster,
         tls_implicit=cfg.tls is not None and cfg.tls.mode == "implicit",
-        auth=cfg.auth,
+        auth=(
+            ListenerAuthSpec(cfg.auth.users_file, cfg.auth.required, tuple(cfg.auth.mechanisms))
+            if cfg.auth is not None
+            else None
+        ),
     )
 
 

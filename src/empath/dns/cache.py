@@ -58,6 +58,7 @@ from typing import Any, Final
 from empath.clock import Clock
 from empath.dns.resolver import normalize_name
 from empath.errors import ConfigError, DeliveryError, PermanentDeliveryError
+from empath.supervisor import Track, untracked
 
 __all__ = [
     "CacheEntryInfo",
@@ -166,7 +167,11 @@ class CacheLimits:
 class MxCache:
     """TTL-honouring, negatively caching, LRU-bounded cache of routing answers."""
 
-    def __init__(self, loader: Loader, *, clock: Clock, limits: CacheLimits) -> None:
+    def __init__(
+        self, loader: Loader, *, clock: Clock, limits: CacheLimits, track: Track = untracked
+    ) -> None:
+        """``track`` starts the shared queries (the daemon's supervisor keeps them)."""
+        self._track = track
         self._loader = loader
         self._clock = clock
         self._entries: OrderedDict[_Key, _Entry] = OrderedDict()
@@ -267,9 +272,9 @@ class MxCache:
         return entry.resolution
 
     def _start(self, key: _Key) -> asyncio.Task[Resolution]:
-        # Request-scoped, not supervised: the lookups waiting on this key own it (one
-        # query however many wait); the resolver's timeout bounds it.
-        task = asyncio.get_running_loop().create_task(self._loader(*key))
+        # The lookups waiting on this key await it (one query however many wait) and
+        # _finished reads its outcome; the supervisor keeps it for shutdown.
+        task = self._track(self._loader(*key), name=f"empath-dns-{key[1]}")
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._finished(key, t))
         return task

@@ -64,6 +64,7 @@ from empath.errors import (
     TemporaryDeliveryError,
 )
 from empath.logs import get_logger
+from empath.supervisor import Track, untracked
 
 __all__ = [
     "MxRouter",
@@ -517,7 +518,8 @@ def build_router(
     rng: random.Random | None = None,
     mx_port: int = SMTP_PORT,
     own: OwnListeners | None = None,
+    track: Track = untracked,
 ) -> MxRouter:
     """Resolver → cache (loading through it) → router, wired together."""
-    cache = MxCache(dns_loader(resolver), clock=clock, limits=settings.cache)
+    cache = MxCache(dns_loader(resolver), clock=clock, limits=settings.cache, track=track)
     return MxRouter(resolver, cache, rng, settings.overrides.get, mx_port=mx_port, own=own)

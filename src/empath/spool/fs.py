@@ -67,6 +67,7 @@ from empath.spool.store import (
     SpoolUsage,
 )
 from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, create_segment, fsync_dir
+from empath.supervisor import Track, untracked
 
 __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]
 
@@ -86,7 +87,11 @@ class FileSpool(IndexedMessages, Compaction):
         compact_live_ratio: float = 0.5,
         progress_every: int = 100_000,
         fdatasync: Callable[[int], None] = os.fdatasync,
+        track: Track = untracked,
     ) -> None:
+        """``track`` starts the commits of spilled bodies (the daemon's supervisor keeps
+        them; the SMTP session that asked awaits each)."""
+        self._track = track
         self.path = Path(path)
         self._clock = clock or SystemClock()
         self._segment_bytes = segment_bytes
@@ -311,9 +316,9 @@ class FileSpool(IndexedMessages, Compaction):
         msg = MessageState(id=body.id, envelope=envelope, units=units)
         loop = asyncio.get_running_loop()
         if body.spilled:
-            # Request-scoped, not supervised: the SMTP session that asked owns the task
-            # (its pending_task, awaited at shutdown) and answers from its done-callback.
-            return loop.create_task(self._commit_spilled(writer, body, msg))
+            # The SMTP session that asked awaits it (its pending_task) and answers from
+            # its done-callback; the supervisor keeps it for shutdown.
+            return self._track(self._commit_spilled(writer, body, msg), name="empath-commit")
         payload, body_rel = codec.msg_payload(
             body.id, envelope, units, body_bytes=size, spilled=False,
             inline_body=body._inline_body(),

@@ -25,12 +25,12 @@ import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from empath.clock import Clock, SystemClock, Timer
-from empath.config.model import ListenerAuth
 from empath.errors import ListenerBindError
 from empath.logs import get_logger
+from empath.smtp.sasl import AuthOutcome, Credentials
 from empath.smtp.server import AuthOffer, RelayPolicy, ServerConfig
 from empath.spool.model import MessageState
 from empath.spool.store import Spool
@@ -40,11 +40,30 @@ from empath.transport.session import SmtpSession
 
 if TYPE_CHECKING:
     from empath.modules.host import ModuleHost
-    from empath.submission.authenticator import Authenticator
 
 log = get_logger("smtp", __name__)
 
 _RELAY_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerAuthSpec:
+    """A submission listener's SMTP AUTH (its config ``auth:``, built by config/derive.py)."""
+
+    users_file: str  # names the CredentialCheck that verifies the credentials
+    required: bool  # no MAIL before AUTH (530 5.7.0)
+    mechanisms: tuple[str, ...]
+
+
+class CredentialCheck(Protocol):
+    """What a session asks of a submission listener's authenticator
+    (``empath.submission.authenticator.Authenticator``)."""
+
+    def quick(self, creds: Credentials, ip_key: str, peer: str) -> AuthOutcome | None:
+        """The answer when no password hash is needed; None: call :meth:`authenticate`."""
+        ...
+
+    async def authenticate(self, creds: Credentials, ip_key: str, peer: str) -> AuthOutcome: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +90,7 @@ class ListenerSpec:
     postmaster: str  # Config.postmaster_address
     # DESIGN §13 submission: TLS from the first byte (RFC 8314, port 465), SMTP AUTH
     tls_implicit: bool = False
-    auth: ListenerAuth | None = None
+    auth: ListenerAuthSpec | None = None
 
     @property
     def label(self) -> str:
@@ -189,7 +208,7 @@ class ListenerRuntime:
         # modules and milters (DESIGN §14); None = no module: sessions never stop for one
         self.modules: ModuleHost | None = None
         # DESIGN §13: checks AUTH credentials on a submission listener (set by the group)
-        self.auth: Authenticator | None = None
+        self.auth: CredentialCheck | None = None
 
     def admit(self, ip: str) -> bool:
         """One more session from ``ip``, if the listener's caps allow (admission.py)."""
@@ -306,7 +325,7 @@ class SmtpServerGroup:
         audit: bool = True,
         redact_sender: bool = False,
         backlog: int = 1024,
-        authenticators: Mapping[str, Authenticator] | None = None,
+        authenticators: Mapping[str, CredentialCheck] | None = None,
     ) -> None:
         self._specs = tuple(specs)
         self._relay = relay
@@ -321,7 +340,7 @@ class SmtpServerGroup:
         self.stats: dict[str, ListenerStats] = {}
         self._acceptance: Callable[[ListenerSpec], AcceptancePipeline | None] | None = None
         self._modules: ModuleHost | None = None
-        self.authenticators: Mapping[str, Authenticator] = authenticators or {}
+        self.authenticators: Mapping[str, CredentialCheck] = authenticators or {}
 
     def set_modules(self, host: ModuleHost | None) -> None:
         """Install the modules (at start and on reload); sessions keep the set they
