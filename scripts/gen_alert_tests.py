@@ -204,6 +204,9 @@ CASES: dict[str, list[tuple[str | None, list[dict[str, str]], str, str, dict[str
                 "0+50x30", "0+50x30"),
          "4m", "7m", {}),
     ],
+    "ConfigRestartPending": [
+        (None, both("empath_config_restart_pending", {}, "2x90", "0x90"), "59m", "61m", {}),
+    ],
 }  # fmt: skip
 
 

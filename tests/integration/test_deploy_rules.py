@@ -51,6 +51,7 @@ RUNBOOK_ALERTS = {
         "DkimKeyNotPublished",  # issue 17: a signing selector whose DNS record does not match
         "ModuleErrorsElevated",  # issue 19: a module or milter timing out or failing
         "SmtpAuthBruteForce",  # issue 18: over 100 refused SMTP AUTH attempts in 10 minutes
+        "ConfigRestartPending",  # issue 14 #1: reloaded changes waiting for a restart for 1 h
     },
 }
 
@@ -68,8 +69,8 @@ def alert_rules() -> list[dict[str, object]]:
 
 def test_promtool_accepts_the_rules_and_the_scrape_config() -> None:
     promtool = require_tool("promtool")
-    # +2 DKIM, +1 modules, +1 AUTH
-    assert "SUCCESS: 19 rules found" in run(promtool, "check", "rules", str(RULES))
+    # +2 DKIM, +1 modules, +1 AUTH, +1 config restart pending
+    assert "SUCCESS: 20 rules found" in run(promtool, "check", "rules", str(RULES))
     run(promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
 
 
@@ -116,6 +117,7 @@ def test_the_runbooks_twelve_alerts_and_empath_down_with_severity_and_links() ->
         "DkimKeyNotPublished": "15m",
         "ModuleErrorsElevated": "10m",
         "SmtpAuthBruteForce": "5m",
+        "ConfigRestartPending": "1h",
     }.items() <= fors.items()
     # SpoolDiskSpaceLow: the node_exporter rule and the variant on Empath's own gauge
     spool = [r for r in rules if r["alert"] == "SpoolDiskSpaceLow"]
