@@ -116,19 +116,23 @@ def _must_exist(path: Path, source: str) -> Path:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, parse and check a config file; the result records ``source_path``."""
     name = os.fspath(path)
+    config = loads_config(read_text(name), file=name)
+    return dataclasses.replace(config, source_path=os.path.abspath(name))
+
+
+def read_text(name: str, what: str = "config file") -> str:
+    """A RON file's text; ConfigError naming the file (and line:column of bad UTF-8)."""
     try:
         data = Path(name).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", file=name) from None
+        raise ConfigError(f"cannot read {what}: {exc.strerror or exc}", file=name) from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         before = data[: exc.start].decode("utf-8", "replace")
         line = before.count("\n") + 1
         column = len(before) - (before.rfind("\n") + 1) + 1
         raise ConfigError("not valid UTF-8", file=name, line=line, column=column) from None
-    config = loads_config(text, file=name)
-    return dataclasses.replace(config, source_path=os.path.abspath(name))
 
 
 def loads_config(text: str, *, file: str = "<config>") -> Config:

@@ -525,16 +525,8 @@ class SmtpServer:
         return events
 
     def _resume_commands(self) -> list[Event]:
-        events: list[Event] = []
         self._sasl = None
-        if self.phase is Phase.CLOSED:
-            return events
-        self.phase = Phase.COMMAND
-        if self._draining:
-            self._close(events, _R_SHUTDOWN, "shutdown")
-            return events
-        self._run(events)
-        return events
+        return self._back_to_commands([])
 
     def tls_started(self) -> list[Event]:
         """RFC 3207 §4.2: "the server MUST discard any knowledge obtained from the
@@ -727,6 +719,11 @@ class SmtpServer:
         events: list[Event] = []
         self._body_open = False  # the transport committed or discarded it
         self._clear_transaction(events)
+        return self._back_to_commands(events)
+
+    def _back_to_commands(self, events: list[Event]) -> list[Event]:
+        """The transport answered what the server waited for: read commands again (or
+        close, when a shutdown came meanwhile)."""
         if self.phase is Phase.CLOSED:
             return events
         self.phase = Phase.COMMAND

@@ -30,16 +30,14 @@ import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 import argon2
 
 from empath.config.checks import non_negative, rule
-from empath.config.load import bind
+from empath.config.load import bind, read_text
 from empath.config.ron import parse
 from empath.config.ron_write import MapValue, dumps
-from empath.errors import ConfigError
 
 __all__ = [
     "FileStamp",
@@ -102,14 +100,7 @@ def stamp_of(path: str) -> FileStamp | None:
 
 def load_users(path: str) -> UsersFile:
     """Read and check the users file; ConfigError (file:line:column) when it is bad."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read users file: {exc.strerror or exc}", file=path) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("users file is not valid UTF-8", file=path) from None
+    text = read_text(path, "users file")
     if not text.strip():
         return UsersFile()
     return bind(parse(text, file=path), UsersFile, file=path)
