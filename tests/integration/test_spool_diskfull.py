@@ -298,3 +298,29 @@ def test_a_restart_on_a_full_disk_of_deleted_mail_gets_the_space_back(tmp_path: 
             await spool.close()
 
         asyncio.run(main())
+
+
+def test_an_operator_compaction_reaches_past_an_older_live_segment(tmp_path: Path) -> None:
+    """Dead records in the active segment behind an older, fully live one: the forced
+    pass rotates, copies the live one forward and frees both (oldest first)."""
+    with small_tmpfs(tmp_path / "fs", "16m") as fs:
+
+        async def main() -> None:
+            spool = FileSpool(fs / "spool", segment_bytes=64 * 1024)
+            await spool.open()
+            live = [await put(spool, b"L" * 40_000) for _ in range(2)]  # fill segment 1
+            dead = [await put(spool, b"D" * 20_000) for _ in range(2)]  # go to segment 2
+            assert 2 == len(spool.segment_stats())
+            for m in dead:
+                await spool.remove(m.id)
+            assert 0 == await spool.compact()  # the periodic pass: nothing worth it
+            before = spool.usage().reclaimable_bytes
+            assert before > 40_000
+            assert await spool.compact(include_active=True) > 0
+            assert spool.usage().reclaimable_bytes < 2_000
+            assert [m.id for m in live] == [m.id for m in spool.messages()]
+            for m in live:
+                assert b"L" * 40_000 == await spool.read_body(m.id)
+            await spool.close()
+
+        asyncio.run(main())

@@ -6,13 +6,13 @@ works on the spool's own index, locations and segments.  What to compact and whe
 is decided by the pure functions of :mod:`empath.spool.space`; this module carries
 the decision out:
 
-1. In PRESSURE or FORCED mode, a ROTATE entry closes the active segment when it is
-   worth compacting (the writer starts the next one, using the reserve if the disk
-   is full).
-2. Oldest first, each victim's live messages are copied forward (a MSG record
-   with the body and the current units, group-committed like any write), then its
-   file is deleted.  A victim whose live bytes do not fit in the free space is left
-   alone (logged once per pass).
+1. Oldest first, each closed victim's live messages are copied forward (a MSG
+   record with the body and the current units, group-committed like any write),
+   then its file is deleted.  A victim whose live bytes do not fit in the free
+   space is left alone (logged once).
+2. In PRESSURE or FORCED mode, unless step 1 had to leave a segment, a ROTATE entry
+   closes the active segment when it is worth compacting (the writer starts the
+   next one, using the reserve if the disk is full), and step 1 runs again.
 3. The reserve is restored when there is room for it again.
 """
 
@@ -108,38 +108,52 @@ class Compaction:
         every segment with dead records, the active one included; without it that
         happens only under space pressure (see :mod:`empath.spool.space`)."""
         writer = self._live_writer()
-        freed = 0
         async with self._compact_lock:
             if self._closing:
                 return 0
             mode = mode_for(include_active, self.under_pressure())
-            ratio = self._compact_live_ratio
+            freed, blocked = await self._reclaim_closed(writer, mode)
             active = writer.active
-            if rotate_active(self._space(active), mode, ratio):
+            # Not behind a segment that could not be compacted (it does not fit, or a
+            # removal is pending): segments go oldest first, so closing this one now
+            # would only add a file.
+            if (
+                not self._closing
+                and not blocked
+                and rotate_active(self._space(active), mode, self._compact_live_ratio)
+            ):
                 await self._rotate(writer, active)
-            while not self._closing:
-                seg = self._pick_victim(writer, mode)
-                if seg is None:
-                    break
-                if not await self._fits(seg):
-                    break
-                moved = await self._copy_forward(writer, seg)
-                if seg.refs:  # a removal or a failed copy is still pending: try again later
-                    break
-                await asyncio.to_thread(self._delete_segment, seg)
-                freed += seg.size
-                log.info(
-                    "Compacted a spool segment",
-                    segment=seg.name,
-                    moved_messages=moved,
-                    freed_bytes=seg.size,
-                    mode=mode.value,
-                )
+                more, _blocked = await self._reclaim_closed(writer, mode)
+                freed += more
             if not self._reserve.held:
                 await asyncio.to_thread(self._reserve.restore)
             if self._reserve.held is not self._reserve_was_held:
                 self._reserve_changed()
             return freed
+
+    async def _reclaim_closed(self, writer: LogWriter, mode: CompactMode) -> tuple[int, bool]:
+        """Compact closed segments oldest first while one is worth it and fits; the
+        bytes freed, and whether a segment worth compacting had to be left."""
+        freed = 0
+        while not self._closing:
+            seg = self._pick_victim(writer, mode)
+            if seg is None:
+                return freed, False
+            if not await self._fits(seg):
+                return freed, True
+            moved = await self._copy_forward(writer, seg)
+            if seg.refs:  # a removal or a failed copy is still pending: try again later
+                return freed, True
+            await asyncio.to_thread(self._delete_segment, seg)
+            freed += seg.size
+            log.info(
+                "Compacted a spool segment",
+                segment=seg.name,
+                moved_messages=moved,
+                freed_bytes=seg.size,
+                mode=mode.value,
+            )
+        return freed, False
 
     async def _rotate(self, writer: LogWriter, active: Segment) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
