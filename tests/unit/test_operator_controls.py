@@ -354,3 +354,27 @@ def test_the_story_of_a_queued_message_uses_the_spool_where_the_history_has_noth
     assert ["received", "attempt"] == [e["event"] for e in story["events"]]
     assert "attempt a.test via mx.a.test: 451 later" == story["events"][1]["text"]
     assert story["queued"] and "a.test retry" in story["status"]
+
+
+# --- views yield to mail --------------------------------------------------------------------
+
+
+async def test_a_long_view_takes_at_most_its_share_of_the_loop_while_mail_flows() -> None:
+    from empath.control.ops import DUTY, MAX_PAUSE_S, Breather
+
+    pauses: list[float] = []
+    cpu = [0.0]
+    busy = [True]
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    breathe = Breather(lambda: busy[0], sleep, cpu=lambda: cpu[0])
+    cpu[0] += 0.002  # a chunk of 2 ms of the loop's CPU
+    await breathe()
+    cpu[0] += 0.2  # a long one: the pause is capped
+    await breathe()
+    busy[0] = False
+    cpu[0] += 0.01
+    await breathe()  # no SMTP session: only a yield
+    assert [round(0.002 * (1 - DUTY) / DUTY, 6), MAX_PAUSE_S, 0.0] == [round(p, 6) for p in pauses]

@@ -17,7 +17,7 @@ import codecs
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final, Protocol
 
 from empath.config.model import Config
@@ -49,15 +49,22 @@ class Breather:
     The chunk's cost is the loop thread's CPU time, not wall time: on a loaded machine
     wall time would overstate it and stretch the pauses past the request timeout."""
 
-    def __init__(self, busy: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        busy: Callable[[], bool],
+        sleep: Callable[[float], Awaitable[None]],
+        cpu: Callable[[], float] = time.thread_time,
+    ) -> None:
         self._busy = busy
-        self._t0 = time.thread_time()
+        self._sleep = sleep  # the daemon clock's (every wait goes through the Clock)
+        self._cpu = cpu
+        self._t0 = cpu()
 
     async def __call__(self) -> None:
-        spent = time.thread_time() - self._t0
+        spent = self._cpu() - self._t0
         pause = min(MAX_PAUSE_S, spent * (1.0 - DUTY) / DUTY) if self._busy() else 0.0
-        await asyncio.sleep(pause)
-        self._t0 = time.thread_time()
+        await self._sleep(pause)
+        self._t0 = self._cpu()
 
 
 _ACTIONS: Final = ("hold", "release", "delete", "bounce")
@@ -176,7 +183,7 @@ class OpsHandlers:
     async def breaker_list(self, _args: Args) -> dict[str, Any]:
         ctx = self.context()
         activity = self.d.runner.activity
-        breathe = Breather(self.d.smtp_busy)
+        breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
         rows: list[dict[str, Any]] = []
         for i, (domain, info) in enumerate(sorted(ctx.breakers.items())):
             if i % ROWS == ROWS - 1:
@@ -341,7 +348,7 @@ class OpsHandlers:
         ctx = self.context()
         messages = list(self.d.spool.messages())
         shapes: dict[str, sel.Shape] = {}
-        breathe = Breather(self.d.smtp_busy)
+        breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
         for i in range(0, len(messages), SCAN_MESSAGES):
             sel.shape(messages[i : i + SCAN_MESSAGES], ctx.now, ctx.in_flight, shapes)
             await breathe()
