@@ -14,7 +14,7 @@ import smtplib
 from pathlib import Path
 
 from tests.ctl import LIST_LINE, ctl, sh
-from tests.daemon import Daemon, deep_merge, parked_overrides, queued_id, submit
+from tests.daemon import Daemon, ThreadedPeer, deep_merge, parked_overrides, queued_id, submit
 from tests.sink import SmtpSink
 
 BODY = (
@@ -137,3 +137,24 @@ def test_queue_view_and_logs_escape_controls_from_the_network(tmp_path: Path) ->
         ][:3]
         received = [json.loads(r) for r in records if '"Message received"' in r]
         assert [sender] == [r["fields"]["sender"] for r in received]
+
+
+def test_a_remote_reply_with_terminal_controls_is_shown_escaped(tmp_path: Path) -> None:
+    """A real MX whose 451 carries ESC/BEL (an OSC 52 clipboard write) and a C1 CSI:
+    `queue view` and `queue list` show them as escapes, the JSON log keeps one line."""
+    reply = "451 4.2.0 \x1b]52;c;aGk=\x07 busy \u009b2J try later"
+    with ThreadedPeer({"rcpt_default": reply}) as mx:
+        overrides = {"delivery": {"domains": {"hostile.test": {"mx_override": mx.address}}}}
+        with Daemon(tmp_path / "empath", overrides) as d:
+            msg_id = submit(d.smtp_port, "ops@origin.test", ["u@hostile.test"], BODY.encode())
+            (deferred,) = d.wait_log("Delivery deferred", message_id=msg_id)
+            assert "\x1b]52;c;aGk=\x07" in deferred["fields"]["error"]  # the record keeps it
+            view = ctl(d, "queue", "view", msg_id).stdout
+            listing = ctl(d, "queue", "list").stdout
+            raw_log = d.log_path.read_text(encoding="utf-8")
+    assert "\\x1b]52;c;aGk=\\x07 busy \\x9b2J" in view, view
+    for out in (view, listing):
+        assert "\x1b" not in out and "\x07" not in out and "\u009b" not in out
+    assert 1 == len(listing.splitlines())
+    assert "\u009b" not in raw_log
+    assert all(line.endswith("}") for line in raw_log.splitlines() if line)
