@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -36,10 +35,6 @@ __all__ = ["dnsmasq_factory"]  # re-exported fixture
 T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
 @pytest.fixture(scope="module")
 def dns_server() -> Iterator[DnsmasqServer]:
     with dnsmasq(STANDARD) as server:
@@ -58,23 +53,23 @@ def router_for(
     )
 
 
-def test_two_mx_domain_routes_by_preference(dns_server: DnsmasqServer) -> None:
+async def test_two_mx_domain_routes_by_preference(dns_server: DnsmasqServer) -> None:
     """two.test: mx1 (pref 10, 127.0.0.2) before mx2 (pref 20, 127.0.0.3), on mx_port."""
-    route = run(router_for([dns_server.nameserver]).route("two.test"))
+    route = await router_for([dns_server.nameserver]).route("two.test")
     assert (
         Target("mx1.two.test", 2525, ("127.0.0.2",), 10),
         Target("mx2.two.test", 2525, ("127.0.0.3",), 20),
     ) == route
 
 
-def test_resolver_returns_records_with_their_ttls(dns_server: DnsmasqServer) -> None:
+async def test_resolver_returns_records_with_their_ttls(dns_server: DnsmasqServer) -> None:
     """MX records and A+AAAA addresses come back with dnsmasq's --local-ttl."""
     resolver = DnsResolver(DnsSettings((dns_server.nameserver,), 2.0))
 
     async def ask() -> tuple[Any, Any]:
         return await resolver.mx("two.test"), await resolver.addresses("dual.test")
 
-    mx, addresses = run(ask())
+    mx, addresses = await ask()
     assert [(10, "mx1.two.test"), (20, "mx2.two.test")] == sorted(
         (r.preference, r.exchange) for r in mx.records
     )
@@ -83,57 +78,59 @@ def test_resolver_returns_records_with_their_ttls(dns_server: DnsmasqServer) -> 
     assert (1, 1, 1) == tuple(resolver.stats.snapshot(t).count for t in ("MX", "A", "AAAA"))
 
 
-def test_equal_preferences_come_in_both_orders(dns_server: DnsmasqServer) -> None:
+async def test_equal_preferences_come_in_both_orders(dns_server: DnsmasqServer) -> None:
     """equal.test's two pref-10 hosts are randomized across routes (one DNS lookup)."""
     router = router_for([dns_server.nameserver])
 
     async def many() -> set[tuple[str, ...]]:
         return {tuple(t.host for t in await router.route("equal.test")) for _ in range(50)}
 
-    assert {("a.equal.test", "b.equal.test"), ("b.equal.test", "a.equal.test")} == run(many())
+    assert {("a.equal.test", "b.equal.test"), ("b.equal.test", "a.equal.test")} == await many()
     assert (49, 1) == (router.cache.hits, router.cache.misses)
 
 
-def test_a_only_domain_uses_implicit_mx(dns_server: DnsmasqServer) -> None:
+async def test_a_only_domain_uses_implicit_mx(dns_server: DnsmasqServer) -> None:
     """aonly.test has no MX: the route is the domain itself on mx_port."""
-    route = run(router_for([dns_server.nameserver]).route("aonly.test"))
+    route = await router_for([dns_server.nameserver]).route("aonly.test")
     assert (Target("aonly.test", 2525, ("127.0.0.6",), 0),) == route
 
 
-def test_null_mx_domain_fails_permanently_5_1_10(dns_server: DnsmasqServer) -> None:
+async def test_null_mx_domain_fails_permanently_5_1_10(dns_server: DnsmasqServer) -> None:
     """nullmx.test publishes MX 0 . → permanent 5.1.10."""
     with pytest.raises(NullMxError) as info:
-        run(router_for([dns_server.nameserver]).route("nullmx.test"))
+        await router_for([dns_server.nameserver]).route("nullmx.test")
     assert "5.1.10" == info.value.enhanced
 
 
-def test_nxdomain_fails_permanently_5_1_2(dns_server: DnsmasqServer) -> None:
+async def test_nxdomain_fails_permanently_5_1_2(dns_server: DnsmasqServer) -> None:
     """A name dnsmasq answers NXDOMAIN for → permanent 5.1.2."""
     with pytest.raises(DnsNameNotFoundError) as info:
-        run(router_for([dns_server.nameserver]).route(NXDOMAIN_NAME))
+        await router_for([dns_server.nameserver]).route(NXDOMAIN_NAME)
     assert "5.1.2" == info.value.enhanced
 
 
-def test_domain_without_mx_or_address_fails_permanently_5_4_4(dns_server: DnsmasqServer) -> None:
+async def test_domain_without_mx_or_address_fails_permanently_5_4_4(
+    dns_server: DnsmasqServer,
+) -> None:
     """nomx-noaddr.test exists but has nothing to route to."""
     with pytest.raises(PermanentDeliveryError) as info:
-        run(router_for([dns_server.nameserver]).route("nomx-noaddr.test"))
+        await router_for([dns_server.nameserver]).route("nomx-noaddr.test")
     assert "5.4.4" == info.value.enhanced
 
 
-def test_mx_host_with_nxdomain_is_skipped(dns_server: DnsmasqServer) -> None:
+async def test_mx_host_with_nxdomain_is_skipped(dns_server: DnsmasqServer) -> None:
     """halfbroken.test: ghost.test does not resolve, so only mx2.two.test remains."""
-    route = run(router_for([dns_server.nameserver]).route("halfbroken.test"))
+    route = await router_for([dns_server.nameserver]).route("halfbroken.test")
     assert ["mx2.two.test"] == [t.host for t in route]
 
 
-def test_silent_nameserver_is_temporary_within_the_timeout() -> None:
+async def test_silent_nameserver_is_temporary_within_the_timeout() -> None:
     """A resolver that never answers gives a temporary 4.4.3 after ~timeout_s, not later."""
     with blackhole_nameserver() as silent:
         router = router_for([silent], timeout_s=0.6)
         started = time.monotonic()
         with pytest.raises(DnsTemporaryError) as info:
-            run(router.route("two.test"))
+            await router.route("two.test")
         elapsed = time.monotonic() - started
     assert "4.4.3" == info.value.enhanced
     assert "timed out" in info.value.text
@@ -141,19 +138,19 @@ def test_silent_nameserver_is_temporary_within_the_timeout() -> None:
     assert 0 == len(router.cache), "temporary failures are not cached"
 
 
-def test_servfail_is_temporary() -> None:
+async def test_servfail_is_temporary() -> None:
     """A server answering SERVFAIL gives a temporary 4.4.3 at once."""
     with servfail_nameserver() as broken:
         router = router_for([broken], timeout_s=2.0)
         started = time.monotonic()
         with pytest.raises(DnsTemporaryError) as info:
-            run(router.route("two.test"))
+            await router.route("two.test")
     assert "4.4.3" == info.value.enhanced
     assert "SERVFAIL" in info.value.text
     assert time.monotonic() - started < 1.0
 
 
-def test_dead_first_nameserver_falls_through_to_the_second(dns_server: DnsmasqServer) -> None:
+async def test_dead_first_nameserver_falls_through_to_the_second(dns_server: DnsmasqServer) -> None:
     """With [silent, dnsmasq] each lookup still succeeds inside timeout_s.
 
     Each try gets timeout_s / 2 per server, so the MX stage and the address
@@ -162,12 +159,12 @@ def test_dead_first_nameserver_falls_through_to_the_second(dns_server: DnsmasqSe
     with blackhole_nameserver() as silent:
         router = router_for([silent, dns_server.nameserver], timeout_s=2.0)
         started = time.monotonic()
-        route = run(router.route("two.test"))
+        route = await router.route("two.test")
     assert ["mx1.two.test", "mx2.two.test"] == [t.host for t in route]
     assert time.monotonic() - started < 2 * 2.0
 
 
-def test_cached_route_asks_dnsmasq_nothing_until_refresh(dns_server: DnsmasqServer) -> None:
+async def test_cached_route_asks_dnsmasq_nothing_until_refresh(dns_server: DnsmasqServer) -> None:
     """A second route is a cache hit (no round trip); refresh() asks again."""
     router = router_for([dns_server.nameserver])
     resolver = router.resolver
@@ -179,12 +176,12 @@ def test_cached_route_asks_dnsmasq_nothing_until_refresh(dns_server: DnsmasqServ
         assert 1 == resolver.stats.snapshot("MX").count
         await router.cache.refresh("two.test")
 
-    run(scenario())
+    await scenario()
     assert 2 == resolver.stats.snapshot("MX").count
     assert [("two.test", False)] == [(e.name, e.negative) for e in router.cache.entries()]
 
 
-def test_factory_serves_custom_records_and_ttl(
+async def test_factory_serves_custom_records_and_ttl(
     dnsmasq_factory: Callable[[DnsRecords], DnsmasqServer],
 ) -> None:
     """dnsmasq_factory starts a server for a test's own records (used by delivery tests)."""
@@ -196,6 +193,6 @@ def test_factory_serves_custom_records_and_ttl(
         )
     )
     resolver = DnsResolver(DnsSettings((server.nameserver,), 2.0))
-    mx = run(resolver.mx("custom.test"))
+    mx = await resolver.mx("custom.test")
     assert (30.0, "in.custom.test") == (mx.ttl_s, mx.records[0].exchange)
     assert "query[MX] custom.test" in server.log()

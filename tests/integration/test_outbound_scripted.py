@@ -10,7 +10,7 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,14 +27,6 @@ from tests.helpers import free_port, stop_pid
 T = TypeVar("T")
 BODY = b"From: s@a.test\r\nSubject: hello\r\n\r\n.a line with a leading dot\r\nbye\r\n"
 SETTINGS = attempt_settings()
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def envelope(*rcpts: str, sender: str = "s@a.test") -> Envelope:
@@ -56,7 +48,7 @@ def by_address(result: AttemptResult) -> dict[str, tuple[str, int | None, str]]:
     return {o.address: (o.kind.value, o.code, o.enhanced) for o in result.outcomes}
 
 
-def test_mixed_per_recipient_replies_give_per_recipient_outcomes() -> None:
+async def test_mixed_per_recipient_replies_give_per_recipient_outcomes() -> None:
     script = {
         "rcpt": {"bad@x.test": "550 5.1.1 No such user", "later@x.test": "451 4.3.0 Try later"}
     }
@@ -87,10 +79,10 @@ def test_mixed_per_recipient_replies_give_per_recipient_outcomes() -> None:
             assert "SIZE=" in txn.mail_params
             assert "relay.test" == peer.sessions[0].helo
 
-    run(scenario())
+    await scenario()
 
 
-def test_all_recipients_rejected_sends_no_data_and_reports_unit_error() -> None:
+async def test_all_recipients_rejected_sends_no_data_and_reports_unit_error() -> None:
     script = {"rcpt_default": "550 5.1.1 No such user"}
 
     async def scenario() -> None:
@@ -110,10 +102,10 @@ def test_all_recipients_rejected_sends_no_data_and_reports_unit_error() -> None:
             commands = peer.sessions[0].commands
             assert "RSET" == commands[commands.index("DATA") + 1]
 
-    run(scenario())
+    await scenario()
 
 
-def test_failover_to_second_target_when_first_refuses_connections() -> None:
+async def test_failover_to_second_target_when_first_refuses_connections() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
             pool = connection_pool()
@@ -127,10 +119,10 @@ def test_failover_to_second_target_when_first_refuses_connections() -> None:
             assert "Connection refused" in result.failures[0].error.text
             assert 1 == len(peer.transactions)
 
-    run(scenario())
+    await scenario()
 
 
-def test_every_address_of_a_target_is_tried_in_order() -> None:
+async def test_every_address_of_a_target_is_tried_in_order() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:  # listens on 127.0.0.1 only
             pool = connection_pool()
@@ -141,10 +133,10 @@ def test_every_address_of_a_target_is_tried_in_order() -> None:
             assert "127.0.0.1" == result.address
             assert [f"mx1.test[127.0.0.2]:{peer.port}"] == [f.mx for f in result.failures]
 
-    run(scenario())
+    await scenario()
 
 
-def test_failover_to_second_target_when_first_greets_421() -> None:
+async def test_failover_to_second_target_when_first_greets_421() -> None:
     async def scenario() -> None:
         async with (
             ScriptedPeer({"greeting": "421 4.3.2 Service not available"}) as busy,
@@ -166,10 +158,10 @@ def test_failover_to_second_target_when_first_greets_421() -> None:
             assert [] == busy.transactions
             assert 421 == result.failures[0].error.code
 
-    run(scenario())
+    await scenario()
 
 
-def test_5xx_greeting_moves_on_and_is_permanent_only_when_every_host_refuses() -> None:
+async def test_5xx_greeting_moves_on_and_is_permanent_only_when_every_host_refuses() -> None:
     """Decision: a 5xx greeting skips to the next MX (as Postfix does)."""
 
     async def scenario() -> None:
@@ -192,10 +184,10 @@ def test_5xx_greeting_moves_on_and_is_permanent_only_when_every_host_refuses() -
             assert ("a@x.test",) == mixed.temporary
             assert a.sessions[0].quit  # a refused client still says QUIT
 
-    run(scenario())
+    await scenario()
 
 
-def test_connection_is_reused_for_following_messages() -> None:
+async def test_connection_is_reused_for_following_messages() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
             pool = connection_pool()
@@ -210,10 +202,10 @@ def test_connection_is_reused_for_following_messages() -> None:
             assert peer.sessions[0].quit
             assert "RSET" not in peer.sessions[0].commands  # only after failures
 
-    run(scenario())
+    await scenario()
 
 
-def test_pool_cap_limits_concurrent_connections_per_key() -> None:
+async def test_pool_cap_limits_concurrent_connections_per_key() -> None:
     async def scenario() -> None:
         async with ScriptedPeer({"delay_secs": {"data_end": 0.05}}) as peer:
             pool = connection_pool(max_per_key=2)
@@ -227,10 +219,10 @@ def test_pool_cap_limits_concurrent_connections_per_key() -> None:
             assert 2 == peer.max_concurrent_sessions
             assert 2 == pool.stats.opened
 
-    run(scenario())
+    await scenario()
 
 
-def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
+async def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
     """The idle timer runs in virtual time: not a moment early, then QUIT."""
 
     async def scenario() -> None:
@@ -253,10 +245,10 @@ def test_idle_connection_is_closed_with_quit_after_idle_timeout() -> None:
             assert 0 == pool.idle_count()
             await pool.close_all()
 
-    run(scenario())
+    await scenario()
 
 
-def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
+async def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
     async def scenario() -> None:
         port = free_port()
         pool = connection_pool()
@@ -271,7 +263,7 @@ def test_dead_pooled_connection_is_replaced_by_a_fresh_one() -> None:
         assert 1 == len(second.transactions)
         assert 2 == pool.stats.opened
 
-    run(scenario())
+    await scenario()
 
 
 async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: float) -> None:
@@ -284,7 +276,7 @@ async def advance_when(clock: FakeClock, ready: Callable[[], bool], seconds: flo
     raise AssertionError("the attempt never reached the awaited phase")
 
 
-def test_phase_timeout_defers_with_the_phase_named() -> None:
+async def test_phase_timeout_defers_with_the_phase_named() -> None:
     """The MAIL reply never comes (in virtual time: the deadlines run on a FakeClock)."""
 
     async def scenario() -> None:
@@ -307,10 +299,10 @@ def test_phase_timeout_defers_with_the_phase_named() -> None:
             assert isinstance(result.error, TemporaryDeliveryError)
             assert 0 == pool.open_count()
 
-    run(scenario())
+    await scenario()
 
 
-def test_greeting_timeout_moves_to_next_target() -> None:
+async def test_greeting_timeout_moves_to_next_target() -> None:
     """The first MX never greets (virtual time); the second one takes the message."""
 
     async def scenario() -> None:
@@ -335,10 +327,10 @@ def test_greeting_timeout_moves_to_next_target() -> None:
                 result.failures[0].error.text
             )
 
-    run(scenario())
+    await scenario()
 
 
-def test_body_from_an_async_chunk_iterator_is_sent_byte_exact() -> None:
+async def test_body_from_an_async_chunk_iterator_is_sent_byte_exact() -> None:
     body = b"".join(b".line %d with some text\r\n" % i for i in range(5000))
 
     def chunks() -> Any:
@@ -364,7 +356,7 @@ def test_body_from_an_async_chunk_iterator_is_sent_byte_exact() -> None:
             assert ("a@x.test",) == result.delivered
             assert body == peer.transactions[0].body
 
-    run(scenario())
+    await scenario()
 
 
 def test_scripted_peer_runs_as_a_subprocess_and_records_to_a_file(tmp_path: Path) -> None:
@@ -399,7 +391,7 @@ def test_scripted_peer_runs_as_a_subprocess_and_records_to_a_file(tmp_path: Path
             await pool.close_all()
             return result
 
-        result = run(scenario())
+        result = asyncio.run(scenario())
     finally:
         stop_pid(proc)
         if proc.stdout is not None:
@@ -414,7 +406,7 @@ def test_scripted_peer_runs_as_a_subprocess_and_records_to_a_file(tmp_path: Path
     assert ["session", "transaction", "session_end"] == [e["event"] for e in events]
 
 
-def test_scripted_reply_lists_are_used_in_order_then_the_last_repeats() -> None:
+async def test_scripted_reply_lists_are_used_in_order_then_the_last_repeats() -> None:
     script = {
         "data_end": ["451 4.3.0 Try again", "250 2.0.0 Ok"],
         "rcpt": {"slow@x.test": ["450 4.2.1 busy", "250 2.1.5 Ok"]},
@@ -437,4 +429,4 @@ def test_scripted_reply_lists_are_used_in_order_then_the_last_repeats() -> None:
             assert 3 == len(peer.transactions)
             assert 2 == len(peer.delivered)
 
-    run(scenario())
+    await scenario()

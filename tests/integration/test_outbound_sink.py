@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 from empath.delivery.attempt import Target, attempt_delivery
 from empath.delivery.classify import AttemptResult
@@ -18,14 +18,6 @@ from tests.sink import SmtpSink
 
 T = TypeVar("T")
 SETTINGS = attempt_settings()
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 async def send(
@@ -58,7 +50,7 @@ BODIES = [
 ]
 
 
-def test_bodies_arrive_byte_exact_with_all_recipients() -> None:
+async def test_bodies_arrive_byte_exact_with_all_recipients() -> None:
     with SmtpSink(dump=True) as sink:
         target = [Target("sink.test", sink.port, ("127.0.0.1",))]
         rcpts = ("one@dst.test", "two@dst.test", "three@dst.test")
@@ -72,7 +64,7 @@ def test_bodies_arrive_byte_exact_with_all_recipients() -> None:
             await pool.close_all()
             return results
 
-        results = run(scenario())
+        results = await scenario()
         assert all(rcpts == r.delivered for r in results)
         sink.wait_messages(len(BODIES))
         got = sink.messages()
@@ -84,7 +76,7 @@ def test_bodies_arrive_byte_exact_with_all_recipients() -> None:
             assert "relay.test" == m.helo
 
 
-def test_connection_reuse_sessions_far_fewer_than_messages() -> None:
+async def test_connection_reuse_sessions_far_fewer_than_messages() -> None:
     with SmtpSink() as sink:
         target = [Target("sink.test", sink.port, ("127.0.0.1",))]
         body = b"Subject: reuse\r\n\r\nx\r\n"
@@ -102,7 +94,7 @@ def test_connection_reuse_sessions_far_fewer_than_messages() -> None:
             await pool.close_all()
             return pool
 
-        pool = run(scenario())
+        pool = await scenario()
         assert 200 == sink.wait_messages(200).messages
         counters = sink.wait_sessions(pool.stats.opened)
         assert counters.sessions <= 4
@@ -111,7 +103,7 @@ def test_connection_reuse_sessions_far_fewer_than_messages() -> None:
         assert counters.sessions == counters.quits  # closed politely with QUIT
 
 
-def test_soft_rejected_recipients_are_temporary() -> None:
+async def test_soft_rejected_recipients_are_temporary() -> None:
     with SmtpSink(soft_reject=("RCPT",)) as sink:
 
         async def scenario() -> AttemptResult:
@@ -127,14 +119,14 @@ def test_soft_rejected_recipients_are_temporary() -> None:
             await pool.close_all()
             return result
 
-        result = run(scenario())
+        result = await scenario()
         assert ("x@d.test", "y@d.test") == result.temporary
         assert {450} == {o.code for o in result.outcomes}
         assert isinstance(result.error, TemporaryDeliveryError)
         assert 0 == sink.message_count()
 
 
-def test_hard_rejected_mail_is_permanent_for_every_recipient() -> None:
+async def test_hard_rejected_mail_is_permanent_for_every_recipient() -> None:
     with SmtpSink(hard_reject=("MAIL",)) as sink:
 
         async def scenario() -> AttemptResult:
@@ -150,13 +142,13 @@ def test_hard_rejected_mail_is_permanent_for_every_recipient() -> None:
             await pool.close_all()
             return result
 
-        result = run(scenario())
+        result = await scenario()
         assert ("x@d.test", "y@d.test") == result.permanent
         assert isinstance(result.error, PermanentDeliveryError)
         assert "5.3.0" == result.outcomes[0].enhanced
 
 
-def test_disconnect_after_data_leaves_recipients_temporary() -> None:
+async def test_disconnect_after_data_leaves_recipients_temporary() -> None:
     """At-least-once: a lost end-of-data reply is retried, never assumed delivered."""
     with SmtpSink(disconnect=(".",)) as sink:
 
@@ -173,13 +165,13 @@ def test_disconnect_after_data_leaves_recipients_temporary() -> None:
             await pool.close_all()
             return result
 
-        result = run(scenario())
+        result = await scenario()
         assert ("x@d.test",) == result.temporary
         assert None is result.outcomes[0].code
         assert "lost connection" in result.outcomes[0].text
 
 
-def test_failover_from_refusing_target_to_sink() -> None:
+async def test_failover_from_refusing_target_to_sink() -> None:
     with SmtpSink(dump=True) as sink:
 
         async def scenario() -> AttemptResult:
@@ -198,7 +190,7 @@ def test_failover_from_refusing_target_to_sink() -> None:
             await pool.close_all()
             return result
 
-        result = run(scenario())
+        result = await scenario()
         assert "sink.test" == result.mx
         sink.wait_messages(1)
         assert [b"Subject: f\r\n\r\nfailover\r\n"] == [m.body for m in sink.messages()]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import Coroutine
 from pathlib import Path
@@ -21,14 +20,6 @@ from empath.transport.pool import ConnectionPool
 
 T = TypeVar("T")
 BODY = b"Subject: tls\r\n\r\nsecret\r\n"
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(30):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +60,7 @@ def attempt(
     return go()
 
 
-def test_require_tls_delivers_to_a_peer_with_a_certificate_for_the_mx_name(
+async def test_require_tls_delivers_to_a_peer_with_a_certificate_for_the_mx_name(
     ca: trustme.CA, ca_file: str
 ) -> None:
     async def scenario() -> None:
@@ -85,10 +76,10 @@ def test_require_tls_delivers_to_a_peer_with_a_certificate_for_the_mx_name(
                 :3
             ]
 
-    run(scenario())
+    await scenario()
 
 
-def test_require_tls_with_a_wrong_name_certificate_defers_with_the_reason(
+async def test_require_tls_with_a_wrong_name_certificate_defers_with_the_reason(
     ca: trustme.CA, ca_file: str
 ) -> None:
     async def scenario() -> None:
@@ -102,10 +93,10 @@ def test_require_tls_with_a_wrong_name_certificate_defers_with_the_reason(
             assert "mx1.test" in text
             assert [] == peer.transactions
 
-    run(scenario())
+    await scenario()
 
 
-def test_require_tls_with_an_untrusted_self_signed_certificate_defers(ca_file: str) -> None:
+async def test_require_tls_with_an_untrusted_self_signed_certificate_defers(ca_file: str) -> None:
     other_ca = trustme.CA()  # not in ca_file: the peer's chain is not trusted
 
     async def scenario() -> None:
@@ -116,10 +107,10 @@ def test_require_tls_with_an_untrusted_self_signed_certificate_defers(ca_file: s
             assert "certificate verify failed: " in result.outcomes[0].text
             assert [] == peer.transactions
 
-    run(scenario())
+    await scenario()
 
 
-def test_require_tls_when_starttls_is_not_offered_defers_with_the_reason() -> None:
+async def test_require_tls_when_starttls_is_not_offered_defers_with_the_reason() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:  # no certificate: no STARTTLS offer
             result, _ = await attempt(peer, attempt_settings(require_tls=True))
@@ -128,10 +119,10 @@ def test_require_tls_when_starttls_is_not_offered_defers_with_the_reason() -> No
             assert "4.7.4" == result.outcomes[0].enhanced
             assert [] == peer.transactions
 
-    run(scenario())
+    await scenario()
 
 
-def test_accept_invalid_certs_keeps_tls_mandatory_but_skips_verification(
+async def test_accept_invalid_certs_keeps_tls_mandatory_but_skips_verification(
     ca: trustme.CA,
 ) -> None:
     async def scenario() -> None:
@@ -141,10 +132,10 @@ def test_accept_invalid_certs_keeps_tls_mandatory_but_skips_verification(
             assert ("a@x.test",) == result.delivered
             assert result.tls
 
-    run(scenario())
+    await scenario()
 
 
-def test_opportunistic_tls_is_used_when_offered_without_verifying(ca: trustme.CA) -> None:
+async def test_opportunistic_tls_is_used_when_offered_without_verifying(ca: trustme.CA) -> None:
     async def scenario() -> None:
         async with ScriptedPeer(ssl_context=server_context(ca, "whatever.test")) as peer:
             result, _ = await attempt(peer, attempt_settings())
@@ -152,10 +143,10 @@ def test_opportunistic_tls_is_used_when_offered_without_verifying(ca: trustme.CA
             assert result.tls
             assert peer.transactions[0].tls
 
-    run(scenario())
+    await scenario()
 
 
-def test_opportunistic_session_without_offer_stays_plaintext() -> None:
+async def test_opportunistic_session_without_offer_stays_plaintext() -> None:
     async def scenario() -> None:
         async with ScriptedPeer() as peer:
             result, _ = await attempt(peer, attempt_settings())
@@ -163,4 +154,4 @@ def test_opportunistic_session_without_offer_stays_plaintext() -> None:
             assert not result.tls
             assert "STARTTLS" not in peer.sessions[0].commands
 
-    run(scenario())
+    await scenario()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -18,10 +17,6 @@ from empath.testing.fake_resolver import FakeResolver
 
 T = TypeVar("T")
 MX = EntryKind.MX
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def make_cache(
@@ -60,59 +55,61 @@ async def lookups_after(cache: MxCache, clock: FakeClock, domain: str, delays: l
     [(5, 60), (600, 600), (999_999, 3600)],
     ids=["short-ttl-raised-to-min", "ttl-honoured", "long-ttl-cut-to-max"],
 )
-def test_entry_lives_for_its_ttl_clamped_to_min_and_max(record_ttl: float, lives_s: float) -> None:
+async def test_entry_lives_for_its_ttl_clamped_to_min_and_max(
+    record_ttl: float, lives_s: float
+) -> None:
     """An entry is served until clamp(ttl, min, max) has passed, then asked again."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "d.test", record_ttl)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "d.test", [0, lives_s - 0.5]))
+    await lookups_after(cache, clock, "d.test", [0, lives_s - 0.5])
     assert 1 == fake.call_count("d.test", QueryType.MX)
-    run(lookups_after(cache, clock, "d.test", [1.0]))
+    await lookups_after(cache, clock, "d.test", [1.0])
     assert 2 == fake.call_count("d.test", QueryType.MX)
     assert (1, 2) == (cache.hits, cache.misses)
 
 
-def test_entry_ttl_is_the_smallest_record_ttl() -> None:
+async def test_entry_ttl_is_the_smallest_record_ttl() -> None:
     """An address TTL shorter than the MX TTL bounds the entry."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "d.test", mx_ttl=3000, addr_ttl=100)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "d.test", [0, 101]))
+    await lookups_after(cache, clock, "d.test", [0, 101])
     assert 2 == fake.call_count("d.test", QueryType.MX)
 
 
-def test_nxdomain_is_cached_for_negative_ttl() -> None:
+async def test_nxdomain_is_cached_for_negative_ttl() -> None:
     """NXDOMAIN is remembered for negative_ttl_secs, then asked again."""
     fake, clock = FakeResolver(), FakeClock()
     cache = make_cache(fake, clock, negative_ttl=300)
-    run(lookups_after(cache, clock, "gone.test", [0, 299]))
+    await lookups_after(cache, clock, "gone.test", [0, 299])
     assert 1 == fake.call_count("gone.test", QueryType.MX)
-    run(lookups_after(cache, clock, "gone.test", [2]))
+    await lookups_after(cache, clock, "gone.test", [2])
     assert 2 == fake.call_count("gone.test", QueryType.MX)
 
 
-def test_temporary_failure_is_not_cached() -> None:
+async def test_temporary_failure_is_not_cached() -> None:
     """A SERVFAIL is asked again on the very next lookup."""
     fake, clock = FakeResolver(), FakeClock()
     fake.fail("flaky.test", DnsFailure.SERVFAIL)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "flaky.test", [0, 0, 0]))
+    await lookups_after(cache, clock, "flaky.test", [0, 0, 0])
     assert 3 == fake.call_count("flaky.test", QueryType.MX)
     assert (0, 3, 0) == (cache.hits, cache.misses, len(cache))
 
 
-def test_partial_temporary_failure_is_cached_only_for_min_ttl() -> None:
+async def test_partial_temporary_failure_is_cached_only_for_min_ttl() -> None:
     """When an MX host was skipped for a temporary reason, the route is re-checked soon."""
     fake, clock = FakeResolver(), FakeClock()
     fake.add_mx("p.test", (10, "a.p.test"), (20, "b.p.test"), ttl_s=3600)
     fake.add_host("a.p.test", "192.0.2.1", ttl_s=3600)
     fake.fail("b.p.test", DnsFailure.TIMEOUT)
     cache = make_cache(fake, clock, min_ttl=60)
-    run(lookups_after(cache, clock, "p.test", [0, 61]))
+    await lookups_after(cache, clock, "p.test", [0, 61])
     assert 2 == fake.call_count("p.test", QueryType.MX)
 
 
-def test_lru_evicts_least_recently_used_and_counts_it() -> None:
+async def test_lru_evicts_least_recently_used_and_counts_it() -> None:
     """Past cache_size the least recently *used* entry goes, and evictions count it."""
     fake, clock = FakeResolver(), FakeClock()
     for d in ("a.test", "b.test", "c.test", "d.test"):
@@ -125,33 +122,33 @@ def test_lru_evicts_least_recently_used_and_counts_it() -> None:
         await cache.lookup(MX, "a.test")  # a becomes most recent; b is now oldest
         await cache.lookup(MX, "d.test")  # evicts b
 
-    run(scenario())
+    await scenario()
     assert ["a.test", "c.test", "d.test"] == [e.name for e in cache.entries()]
     assert (1, 1, 4) == (cache.evictions, cache.hits, cache.misses)
 
 
-def test_expired_entry_pushed_out_is_not_an_eviction() -> None:
+async def test_expired_entry_pushed_out_is_not_an_eviction() -> None:
     """Dropping an entry that had already expired does not count as crowding."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "old.test", 60)
     domain_with_ttl(fake, "new.test", 600)
     cache = make_cache(fake, clock, size=1)
-    run(lookups_after(cache, clock, "old.test", [0]))
-    run(lookups_after(cache, clock, "new.test", [120]))
+    await lookups_after(cache, clock, "old.test", [0])
+    await lookups_after(cache, clock, "new.test", [120])
     assert 0 == cache.evictions
     assert ["new.test"] == [e.name for e in cache.entries()]
 
 
-def test_cache_size_zero_disables_caching() -> None:
+async def test_cache_size_zero_disables_caching() -> None:
     """cache_size 0: every lookup asks DNS and nothing is stored."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "d.test", 600)
     cache = make_cache(fake, clock, size=0)
-    run(lookups_after(cache, clock, "d.test", [0, 0]))
+    await lookups_after(cache, clock, "d.test", [0, 0])
     assert (2, 0, 0) == (fake.call_count("d.test", QueryType.MX), len(cache), cache.evictions)
 
 
-def test_concurrent_lookups_share_one_query() -> None:
+async def test_concurrent_lookups_share_one_query() -> None:
     """50 simultaneous lookups of an uncached domain cost one MX query (1 miss, 49 hits)."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "burst.test", 600)
@@ -164,13 +161,13 @@ def test_concurrent_lookups_share_one_query() -> None:
         gate.set()
         return await asyncio.gather(*tasks)
 
-    results = run(scenario())
+    results = await scenario()
     assert 1 == len({id(r) for r in results})
     assert 1 == fake.call_count("burst.test", QueryType.MX)
     assert (49, 1) == (cache.hits, cache.misses)
 
 
-def test_cancelled_waiter_does_not_cancel_the_shared_query() -> None:
+async def test_cancelled_waiter_does_not_cancel_the_shared_query() -> None:
     """One caller giving up leaves the others their answer, and the answer is cached."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "c.test", 600)
@@ -188,12 +185,12 @@ def test_cancelled_waiter_does_not_cancel_the_shared_query() -> None:
             await first
         return await second
 
-    resolution = run(scenario())
+    resolution = await scenario()
     assert "mx.c.test" == resolution.exchangers[0].host
     assert ["c.test"] == [e.name for e in cache.entries()]
 
 
-def test_concurrent_waiters_each_get_a_fresh_negative_error() -> None:
+async def test_concurrent_waiters_each_get_a_fresh_negative_error() -> None:
     """Waiters on a failing shared query each receive their own exception instance."""
     fake, clock = FakeResolver(), FakeClock()
     cache = make_cache(fake, clock)
@@ -205,18 +202,18 @@ def test_concurrent_waiters_each_get_a_fresh_negative_error() -> None:
         gate.set()
         return await asyncio.gather(*tasks, return_exceptions=True)
 
-    errors = run(scenario())
+    errors = await scenario()
     assert all(isinstance(e, DnsNameNotFoundError) for e in errors)
     assert 3 == len({id(e) for e in errors})
 
 
-def test_entries_lists_live_entries_with_remaining_ttl_and_negative_flag() -> None:
+async def test_entries_lists_live_entries_with_remaining_ttl_and_negative_flag() -> None:
     """entries(): positive and negative entries, TTL remaining, one line each."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "ok.test", 600)
     cache = make_cache(fake, clock, negative_ttl=300)
-    run(lookups_after(cache, clock, "ok.test", [0]))
-    run(lookups_after(cache, clock, "nx.test", [100]))
+    await lookups_after(cache, clock, "ok.test", [0])
+    await lookups_after(cache, clock, "nx.test", [100])
     entries = cache.entries()
     assert [("nx.test", True), ("ok.test", False)] == [(e.name, e.negative) for e in entries]
     nx, ok = entries
@@ -228,57 +225,57 @@ def test_entries_lists_live_entries_with_remaining_ttl_and_negative_flag() -> No
     assert "\n" not in nx.line() + ok.line()
 
 
-def test_entries_drops_expired_entries() -> None:
+async def test_entries_drops_expired_entries() -> None:
     """An entry past its TTL is neither listed nor kept."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "ok.test", 60)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "ok.test", [0]))
+    await lookups_after(cache, clock, "ok.test", [0])
     clock.advance(61)
     assert ([], 0) == (cache.entries(), len(cache))
 
 
-def test_clear_drops_everything_and_returns_the_count() -> None:
+async def test_clear_drops_everything_and_returns_the_count() -> None:
     """clear() returns how many entries it dropped; the next lookup asks DNS again."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "a.test", 600)
     domain_with_ttl(fake, "b.test", 600)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "a.test", [0]))
-    run(lookups_after(cache, clock, "b.test", [0]))
+    await lookups_after(cache, clock, "a.test", [0])
+    await lookups_after(cache, clock, "b.test", [0])
     assert 2 == cache.clear()
     assert 0 == len(cache)
-    run(lookups_after(cache, clock, "a.test", [0]))
+    await lookups_after(cache, clock, "a.test", [0])
     assert 2 == fake.call_count("a.test", QueryType.MX)
 
 
-def test_refresh_drops_and_resolves_again_now() -> None:
+async def test_refresh_drops_and_resolves_again_now() -> None:
     """refresh(domain) re-queries at once and stores the new answer."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "r.test", 600)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "r.test", [0]))
+    await lookups_after(cache, clock, "r.test", [0])
     fake.add_mx("r.test", (5, "new.r.test"))
     fake.add_host("new.r.test", "192.0.2.5")
-    resolution = run(cache.refresh("r.test"))
+    resolution = await cache.refresh("r.test")
     assert ["new.r.test"] == [e.host for e in resolution.exchangers]
     assert ["new.r.test"] == [e.host for e in cache.entries()[0].exchangers]
     assert (0, 1) == (cache.hits, cache.misses), "refresh counts as neither hit nor miss"
 
 
-def test_refresh_of_a_vanished_domain_raises_and_caches_negatively() -> None:
+async def test_refresh_of_a_vanished_domain_raises_and_caches_negatively() -> None:
     """refresh() of a domain now NXDOMAIN raises 5.1.2 and leaves a negative entry."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "r.test", 600)
     cache = make_cache(fake, clock)
-    run(lookups_after(cache, clock, "r.test", [0]))
+    await lookups_after(cache, clock, "r.test", [0])
     fake.remove("r.test")
     with pytest.raises(DnsNameNotFoundError):
-        run(cache.refresh("r.test"))
+        await cache.refresh("r.test")
     assert [True] == [e.negative for e in cache.entries()]
 
 
-def test_reconfigure_shrink_keeps_most_recent_and_counts_evictions() -> None:
+async def test_reconfigure_shrink_keeps_most_recent_and_counts_evictions() -> None:
     """Shrinking on reload keeps the newest entries; the dropped ones count as evictions."""
     fake, clock = FakeResolver(), FakeClock()
     names = [f"d{i}.test" for i in range(5)]
@@ -286,7 +283,7 @@ def test_reconfigure_shrink_keeps_most_recent_and_counts_evictions() -> None:
         domain_with_ttl(fake, d, 600)
     cache = make_cache(fake, clock, size=10)
     for d in names:
-        run(lookups_after(cache, clock, d, [0]))
+        await lookups_after(cache, clock, d, [0])
     cache.reconfigure(CacheLimits(2, 1, 10, 5))
     assert ["d3.test", "d4.test"] == [e.name for e in cache.entries()]
     assert 3 == cache.evictions
@@ -324,7 +321,7 @@ def test_reconfigure_rejects_invalid_settings_and_keeps_the_old(settings: dict[s
     assert 7 == cache.cache_size
 
 
-def test_host_and_mx_entries_are_separate() -> None:
+async def test_host_and_mx_entries_are_separate() -> None:
     """The same name as an MX domain and as an override host are two entries."""
     fake, clock = FakeResolver(), FakeClock()
     domain_with_ttl(fake, "x.test", 600)
@@ -334,7 +331,7 @@ def test_host_and_mx_entries_are_separate() -> None:
     async def both() -> tuple[Resolution, Resolution]:
         return await cache.lookup(MX, "x.test"), await cache.lookup(EntryKind.HOST, "x.test")
 
-    mx, host = run(both())
+    mx, host = await both()
     assert "mx.x.test" == mx.exchangers[0].host
     assert ("192.0.2.77",) == host.exchangers[0].addresses
     assert [EntryKind.HOST, EntryKind.MX] == [e.kind for e in cache.entries()]
@@ -349,77 +346,77 @@ def stale_cache(fake: FakeResolver, clock: FakeClock, window: float = 3600) -> M
     return make_cache(fake, clock, serve_stale=window)
 
 
-def test_an_expired_answer_is_served_stale_while_the_resolver_fails() -> None:
+async def test_an_expired_answer_is_served_stale_while_the_resolver_fails() -> None:
     """Past its TTL the entry is asked for again; a temporary failure answers with the
     last good data (counted), which is then reused for 30 s before asking again."""
     fake, clock = FakeResolver(), FakeClock()
     cache = stale_cache(fake, clock)
-    good = run(cache.lookup(MX, "ok.test"))
+    good = await cache.lookup(MX, "ok.test")
     fake.fail("ok.test", DnsFailure.TIMEOUT)
     clock.advance(61)
-    assert good == run(cache.lookup(MX, "ok.test"))
+    assert good == await cache.lookup(MX, "ok.test")
     assert 1 == cache.stale_served
     assert 2 == fake.call_count("ok.test", QueryType.MX)
     (entry,) = cache.entries()
     assert entry.stale and " stale " in entry.line()
     clock.advance(29)
-    assert good == run(cache.lookup(MX, "ok.test"))  # the stale answer's own 30 s
+    assert good == await cache.lookup(MX, "ok.test")  # the stale answer's own 30 s
     assert 2 == fake.call_count("ok.test", QueryType.MX)
     clock.advance(2)
-    assert good == run(cache.lookup(MX, "ok.test"))
+    assert good == await cache.lookup(MX, "ok.test")
     assert (3, 2) == (fake.call_count("ok.test", QueryType.MX), cache.stale_served)
     fake.heal("ok.test")
     clock.advance(31)
-    run(cache.lookup(MX, "ok.test"))
+    await cache.lookup(MX, "ok.test")
     (entry,) = cache.entries()
     assert not entry.stale
 
 
-def test_stale_answers_end_with_the_window_and_never_beat_an_authoritative_no() -> None:
+async def test_stale_answers_end_with_the_window_and_never_beat_an_authoritative_no() -> None:
     fake, clock = FakeResolver(), FakeClock()
     cache = stale_cache(fake, clock, window=100)
-    run(cache.lookup(MX, "ok.test"))
+    await cache.lookup(MX, "ok.test")
     fake.fail("ok.test", DnsFailure.SERVFAIL)
     clock.advance(60 + 101)
     with pytest.raises(DnsTemporaryError):
-        run(cache.lookup(MX, "ok.test"))
+        await cache.lookup(MX, "ok.test")
     assert 0 == cache.stale_served
     fake2, clock2 = FakeResolver(), FakeClock()
     cache2 = stale_cache(fake2, clock2)
-    run(cache2.lookup(MX, "ok.test"))
+    await cache2.lookup(MX, "ok.test")
     fake2.remove("ok.test")
     clock2.advance(61)
     with pytest.raises(DnsNameNotFoundError):
-        run(cache2.lookup(MX, "ok.test"))
+        await cache2.lookup(MX, "ok.test")
     assert 0 == cache2.stale_served
 
 
-def test_clear_marks_entries_for_refresh_and_keeps_the_last_good_answer() -> None:
+async def test_clear_marks_entries_for_refresh_and_keeps_the_last_good_answer() -> None:
     """`dns clear-cache` during an outage: the next lookup asks the resolver (which
     fails) and the delivery still gets the last good answer; when the resolver works,
     a cleared entry is replaced at once."""
     fake, clock = FakeResolver(), FakeClock()
     cache = stale_cache(fake, clock)
-    good = run(cache.lookup(MX, "ok.test"))
+    good = await cache.lookup(MX, "ok.test")
     fake.fail("ok.test", DnsFailure.TIMEOUT)
     assert 1 == cache.clear()
     assert [] == cache.entries()
-    assert good == run(cache.lookup(MX, "ok.test"))
+    assert good == await cache.lookup(MX, "ok.test")
     assert (2, 1) == (fake.call_count("ok.test", QueryType.MX), cache.stale_served)
     fake.heal("ok.test")
     fake.add_mx("ok.test", (5, "mx2.ok.test"), ttl_s=600)
     fake.add_host("mx2.ok.test", "192.0.2.2")
     assert 1 == cache.clear()
-    new = run(cache.lookup(MX, "ok.test"))
+    new = await cache.lookup(MX, "ok.test")
     assert "mx2.ok.test" == new.exchangers[0].host
     assert 1 == cache.stale_served
 
 
-def test_without_serve_stale_a_failure_after_expiry_fails_the_lookup() -> None:
+async def test_without_serve_stale_a_failure_after_expiry_fails_the_lookup() -> None:
     fake, clock = FakeResolver(), FakeClock()
     cache = stale_cache(fake, clock, window=0)
-    run(cache.lookup(MX, "ok.test"))
+    await cache.lookup(MX, "ok.test")
     fake.fail("ok.test", DnsFailure.TIMEOUT)
     cache.clear()
     with pytest.raises(DnsTemporaryError):
-        run(cache.lookup(MX, "ok.test"))
+        await cache.lookup(MX, "ok.test")

@@ -68,23 +68,23 @@ def two_mx() -> FakeResolver:
     return fake
 
 
-def test_mx_hosts_are_ordered_by_preference_with_their_addresses() -> None:
+async def test_mx_hosts_are_ordered_by_preference_with_their_addresses() -> None:
     """Lower preference first; each target carries its A then AAAA addresses and port 25."""
     router = make_router(two_mx())
-    route = run(router.route("two.test"))
+    route = await router.route("two.test")
     assert (
         Target("mx1.two.test", 25, ("192.0.2.1", "2001:db8::1"), 10),
         Target("mx2.two.test", 25, ("192.0.2.2",), 20),
     ) == route
 
 
-def test_mx_port_is_configurable() -> None:
+async def test_mx_port_is_configurable() -> None:
     """Targets from MX records use the router's mx_port (tests run peers on high ports)."""
     router = make_router(two_mx(), mx_port=2525)
-    assert [2525, 2525] == [t.port for t in run(router.route("two.test"))]
+    assert [2525, 2525] == [t.port for t in await router.route("two.test")]
 
 
-def test_domain_is_case_insensitive_and_trailing_dot_is_ignored() -> None:
+async def test_domain_is_case_insensitive_and_trailing_dot_is_ignored() -> None:
     """TWO.test. routes like two.test and shares its cache entry."""
     fake = two_mx()
     router = make_router(fake)
@@ -92,12 +92,12 @@ def test_domain_is_case_insensitive_and_trailing_dot_is_ignored() -> None:
     async def both() -> tuple[Any, Any]:
         return await router.route("TWO.test."), await router.route("two.test")
 
-    first, second = run(both())
+    first, second = await both()
     assert first == second
     assert 1 == fake.call_count("two.test", QueryType.MX)
 
 
-def test_equal_preferences_are_shuffled_on_every_call_even_from_cache() -> None:
+async def test_equal_preferences_are_shuffled_on_every_call_even_from_cache() -> None:
     """RFC 5321 §5.1: equal-preference MX hosts are randomized per route, not per cache fill."""
     fake = FakeResolver()
     fake.add_mx(
@@ -110,30 +110,30 @@ def test_equal_preferences_are_shuffled_on_every_call_even_from_cache() -> None:
     async def many() -> list[tuple[str, ...]]:
         return [tuple(t.host for t in await router.route("eq.test")) for _ in range(200)]
 
-    orders = run(many())
+    orders = await many()
     assert {"p.eq.test"} == {o[0] for o in orders}, "the lone best preference always leads"
     assert 6 == len(set(orders)), "all 3! orders of the equal group appear"
     assert 1 == fake.call_count("eq.test", QueryType.MX)
 
 
-def test_no_mx_uses_implicit_mx_from_the_domains_addresses() -> None:
+async def test_no_mx_uses_implicit_mx_from_the_domains_addresses() -> None:
     """RFC 5321 §5.1 implicit MX: the domain itself, preference 0, its A/AAAA addresses."""
     fake = FakeResolver()
     fake.add_host("aonly.test", "2001:db8::6", "192.0.2.6")
-    route = run(make_router(fake).route("aonly.test"))
+    route = await make_router(fake).route("aonly.test")
     assert (Target("aonly.test", 25, ("192.0.2.6", "2001:db8::6"), 0),) == route
 
 
-def test_no_mx_and_no_address_is_permanent_5_4_4() -> None:
+async def test_no_mx_and_no_address_is_permanent_5_4_4() -> None:
     """A domain that exists but has neither MX nor A/AAAA cannot be routed."""
     fake = FakeResolver()
     fake.add_name("empty.test")
     with pytest.raises(PermanentDeliveryError) as info:
-        run(make_router(fake).route("empty.test"))
+        await make_router(fake).route("empty.test")
     assert "5.4.4" == info.value.enhanced
 
 
-def test_null_mx_is_permanent_5_1_10_and_cached_negatively() -> None:
+async def test_null_mx_is_permanent_5_1_10_and_cached_negatively() -> None:
     """RFC 7505 null MX fails permanently with 5.1.10; the second route asks DNS nothing."""
     fake = FakeResolver()
     fake.add_null_mx("nullmx.test")
@@ -148,7 +148,7 @@ def test_null_mx_is_permanent_5_1_10_and_cached_negatively() -> None:
                 errors.append(exc)
         return errors
 
-    errors = run(twice())
+    errors = await twice()
     assert 2 == len(errors)
     assert all(isinstance(e, NullMxError) for e in errors)
     assert ["5.1.10", "5.1.10"] == [getattr(e, "enhanced", "") for e in errors]
@@ -156,33 +156,33 @@ def test_null_mx_is_permanent_5_1_10_and_cached_negatively() -> None:
     assert 1 == fake.call_count("nullmx.test")
 
 
-def test_null_mx_mixed_with_real_exchangers_is_ignored() -> None:
+async def test_null_mx_mixed_with_real_exchangers_is_ignored() -> None:
     """A '.' beside real MX records is a misconfiguration: skip it, use the others."""
     fake = FakeResolver()
     fake.add_mx("mixed.test", (0, "."), (10, "mx.mixed.test"))
     fake.add_host("mx.mixed.test", "192.0.2.10")
-    assert ["mx.mixed.test"] == [t.host for t in run(make_router(fake).route("mixed.test"))]
+    assert ["mx.mixed.test"] == [t.host for t in await make_router(fake).route("mixed.test")]
 
 
-def test_nxdomain_is_permanent_5_1_2() -> None:
+async def test_nxdomain_is_permanent_5_1_2() -> None:
     """A domain that does not exist fails permanently with 5.1.2."""
     with pytest.raises(DnsNameNotFoundError) as info:
-        run(make_router(FakeResolver()).route("missing.test"))
+        await make_router(FakeResolver()).route("missing.test")
     assert isinstance(info.value, PermanentDeliveryError)
     assert "5.1.2" == info.value.enhanced
 
 
-def test_invalid_domain_name_is_permanent_5_1_2() -> None:
+async def test_invalid_domain_name_is_permanent_5_1_2() -> None:
     """The real resolver maps invalid names to 5.1.2; so does the router through it."""
     fake = FakeResolver()
     fake.fail("bad..test", DnsFailure.INVALID_NAME)
     with pytest.raises(PermanentDeliveryError) as info:
-        run(make_router(fake).route("bad..test"))
+        await make_router(fake).route("bad..test")
     assert "5.1.2" == info.value.enhanced
 
 
 @pytest.mark.parametrize("failure", [DnsFailure.SERVFAIL, DnsFailure.TIMEOUT, DnsFailure.ERROR])
-def test_servfail_and_timeout_are_temporary_4_4_3_and_not_cached(failure: DnsFailure) -> None:
+async def test_servfail_and_timeout_are_temporary_4_4_3_and_not_cached(failure: DnsFailure) -> None:
     """Temporary DNS failures defer (4.4.3) and the next route asks DNS again."""
     fake = two_mx()
     fake.fail("two.test", failure, QueryType.MX)
@@ -194,13 +194,13 @@ def test_servfail_and_timeout_are_temporary_4_4_3_and_not_cached(failure: DnsFai
         fake.heal("two.test")
         return info.value.enhanced, await router.route("two.test")
 
-    enhanced, route = run(scenario())
+    enhanced, route = await scenario()
     assert "4.4.3" == enhanced
     assert ["mx1.two.test", "mx2.two.test"] == [t.host for t in route]
     assert 2 == fake.call_count("two.test", QueryType.MX)
 
 
-def test_mx_host_that_does_not_resolve_is_skipped() -> None:
+async def test_mx_host_that_does_not_resolve_is_skipped() -> None:
     """An MX host with NXDOMAIN or no addresses is left out; the rest still route."""
     fake = FakeResolver()
     fake.add_mx(
@@ -208,56 +208,56 @@ def test_mx_host_that_does_not_resolve_is_skipped() -> None:
     )
     fake.add_name("noaddr.half.test")
     fake.add_host("ok.half.test", "192.0.2.30")
-    assert ["ok.half.test"] == [t.host for t in run(make_router(fake).route("half.test"))]
+    assert ["ok.half.test"] == [t.host for t in await make_router(fake).route("half.test")]
 
 
-def test_all_mx_hosts_failing_is_temporary() -> None:
+async def test_all_mx_hosts_failing_is_temporary() -> None:
     """MX records present but none usable: temporary 4.4.3, not a bounce."""
     fake = FakeResolver()
     fake.add_mx("dead.test", (10, "a.dead.test"), (20, "b.dead.test"))
     fake.fail("b.dead.test", DnsFailure.TIMEOUT)
     with pytest.raises(TemporaryDeliveryError) as info:
-        run(make_router(fake).route("dead.test"))
+        await make_router(fake).route("dead.test")
     assert "4.4.3" == info.value.enhanced
     assert "a.dead.test" in info.value.text
 
 
-def test_mx_host_with_one_family_failing_keeps_the_other() -> None:
+async def test_mx_host_with_one_family_failing_keeps_the_other() -> None:
     """AAAA timing out does not lose the A addresses."""
     fake = two_mx()
     fake.fail("mx1.two.test", DnsFailure.TIMEOUT, QueryType.AAAA)
-    route = run(make_router(fake).route("two.test"))
+    route = await make_router(fake).route("two.test")
     assert ("192.0.2.1",) == route[0].addresses
 
 
-def test_ip_literal_exchange_is_used_without_lookup() -> None:
+async def test_ip_literal_exchange_is_used_without_lookup() -> None:
     """An MX exchange written as an address is taken literally."""
     fake = FakeResolver()
     fake.add_mx("lit.test", (10, "192.0.2.50"))
-    route = run(make_router(fake).route("lit.test"))
+    route = await make_router(fake).route("lit.test")
     assert (Target("192.0.2.50", 25, ("192.0.2.50",), 10),) == route
     assert 0 == fake.call_count("192.0.2.50")
 
 
-def test_duplicate_exchange_is_tried_once_at_its_best_preference() -> None:
+async def test_duplicate_exchange_is_tried_once_at_its_best_preference() -> None:
     """The same host under two preferences appears once, at the lower preference."""
     fake = FakeResolver()
     fake.add_mx("dup.test", (20, "mx.dup.test"), (10, "mx.dup.test"))
     fake.add_host("mx.dup.test", "192.0.2.7")
-    route = run(make_router(fake).route("dup.test"))
+    route = await make_router(fake).route("dup.test")
     assert [("mx.dup.test", 10)] == [(t.host, t.preference) for t in route]
 
 
-def test_override_ip_literal_needs_no_lookup() -> None:
+async def test_override_ip_literal_needs_no_lookup() -> None:
     """mx_override "127.0.0.1:2526" is the whole route and costs no DNS query."""
     fake = FakeResolver()
     router = make_router(fake, overrides={"example.com": "127.0.0.1:2526"}.get)
-    route = run(router.route("example.com"))
+    route = await router.route("example.com")
     assert (Target("127.0.0.1", 2526, ("127.0.0.1",)),) == route
     assert 0 == sum(fake.calls.values())
 
 
-def test_override_host_name_is_resolved_and_cached_default_port_25() -> None:
+async def test_override_host_name_is_resolved_and_cached_default_port_25() -> None:
     """mx_override "relay.test" resolves the host once and defaults to port 25."""
     fake = FakeResolver()
     fake.add_host("relay.test", "192.0.2.99")
@@ -266,25 +266,25 @@ def test_override_host_name_is_resolved_and_cached_default_port_25() -> None:
     async def twice() -> tuple[Any, Any]:
         return await router.route("example.com"), await router.route("example.com")
 
-    first, second = run(twice())
+    first, second = await twice()
     assert (Target("relay.test", 25, ("192.0.2.99",)),) == first == second
     assert 1 == fake.call_count("relay.test", QueryType.A)
     assert 0 == fake.call_count("example.com")
 
 
-def test_override_host_not_found_is_temporary() -> None:
+async def test_override_host_not_found_is_temporary() -> None:
     """An override is configuration: a broken one defers mail, never bounces it."""
     router = make_router(FakeResolver(), overrides={"example.com": "nowhere.test:25"}.get)
     with pytest.raises(TemporaryDeliveryError) as info:
-        run(router.route("example.com"))
+        await router.route("example.com")
     assert "nowhere.test" == info.value.mx
 
 
-def test_invalid_override_is_temporary() -> None:
+async def test_invalid_override_is_temporary() -> None:
     """A malformed override defers with 4.3.5 (configuration error)."""
     router = make_router(FakeResolver(), overrides={"example.com": "host:notaport"}.get)
     with pytest.raises(TemporaryDeliveryError) as info:
-        run(router.route("example.com"))
+        await router.route("example.com")
     assert "4.3.5" == info.value.enhanced
 
 
@@ -314,7 +314,7 @@ def test_parse_override_rejects_malformed(spec: str) -> None:
         parse_override(spec)
 
 
-def test_changing_mx_port_applies_to_already_cached_routes() -> None:
+async def test_changing_mx_port_applies_to_already_cached_routes() -> None:
     """Setting mx_port (e.g. on reload) re-plans cached resolutions with the new port."""
     fake = two_mx()
     router = make_router(fake)
@@ -324,11 +324,11 @@ def test_changing_mx_port_applies_to_already_cached_routes() -> None:
         router.mx_port = 2600
         return before, [t.port for t in await router.route("two.test")]
 
-    assert ([25, 25], [2600, 2600]) == run(scenario())
+    assert ([25, 25], [2600, 2600]) == await scenario()
     assert 1 == fake.call_count("two.test", QueryType.MX)
 
 
-def test_set_overrides_replaces_the_override_lookup() -> None:
+async def test_set_overrides_replaces_the_override_lookup() -> None:
     """A reload's new overrides win at once; removing one falls back to MX routing."""
     fake = two_mx()
     router = make_router(fake, overrides={"two.test": "127.0.0.1:2526"}.get)
@@ -345,7 +345,7 @@ def test_set_overrides_replaces_the_override_lookup() -> None:
         [("127.0.0.1", 2526)],
         [("127.0.0.9", 2527)],
         [("mx1.two.test", 25), ("mx2.two.test", 25)],
-    ] == run(scenario())
+    ] == await scenario()
 
 
 @given(
@@ -409,32 +409,32 @@ def test_is_local_address_asks_the_kernel() -> None:
     assert not is_local_address("mx.example.com")
 
 
-def test_override_to_our_own_listener_fails_permanently_as_a_loop() -> None:
+async def test_override_to_our_own_listener_fails_permanently_as_a_loop() -> None:
     router = make_router(
         FakeResolver(), overrides={"loop.test": "127.0.0.1:2525"}.get, own=own(("0.0.0.0", 2525))
     )
     with pytest.raises(PermanentDeliveryError) as info:
-        run(router.route("loop.test"))
+        await router.route("loop.test")
     assert "5.4.6" == info.value.enhanced
     assert "mail for loop.test loops back to myself" == info.value.text
 
 
-def test_when_we_are_the_best_mx_the_route_loops() -> None:
+async def test_when_we_are_the_best_mx_the_route_loops() -> None:
     router = make_router(two_mx(), own=own(("192.0.2.1", 25)))
     with pytest.raises(PermanentDeliveryError, match=r"mail for two\.test loops back to myself"):
-        run(router.route("two.test"))
+        await router.route("two.test")
 
 
-def test_when_we_are_a_backup_mx_only_the_better_ones_are_kept() -> None:
+async def test_when_we_are_a_backup_mx_only_the_better_ones_are_kept() -> None:
     """As Postfix: our own MX and every MX of equal or worse preference are dropped."""
     fake = two_mx()
     fake.add_mx("three.test", (10, "mx1.two.test"), (20, "mx2.two.test"), (30, "mx3.test"))
     fake.add_host("mx3.test", "192.0.2.3")
     router = make_router(fake, own=own(("192.0.2.2", 25)))
-    route = run(router.route("three.test"))
+    route = await router.route("three.test")
     assert ["mx1.two.test"] == [t.host for t in route]
 
 
-def test_other_ports_and_remote_addresses_are_not_loops() -> None:
+async def test_other_ports_and_remote_addresses_are_not_loops() -> None:
     router = make_router(two_mx(), own=own(("0.0.0.0", 2525), ("192.0.2.2", 587)))
-    assert 2 == len(run(router.route("two.test")))
+    assert 2 == len(await router.route("two.test"))

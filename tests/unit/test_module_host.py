@@ -77,21 +77,21 @@ def session() -> Session:
     return Session(id="s", peer_ip="192.0.2.1", peer_port=1, listener="l")
 
 
-def run(host: ModuleHost, hook: Hook, arg: str = "x") -> Reply | None:
-    return asyncio.run(host.stage(hook, session(), arg))
+async def ask(host: ModuleHost, hook: Hook, arg: str = "x") -> Reply | None:
+    return await host.stage(hook, session(), arg)
 
 
-def test_the_first_refusal_wins_and_later_modules_are_not_asked() -> None:
+async def test_the_first_refusal_wins_and_later_modules_are_not_asked() -> None:
     a, b = Fake("a", Verdict(Reply(550, "5.7.1", "no"))), Fake("b")
-    assert Reply(550, "5.7.1", "no") == run(
+    assert Reply(550, "5.7.1", "no") == await ask(
         ModuleHost([a, b], ModuleStats(), clock=CLOCK), Hook.RCPT
     )
     assert (["x"], []) == (a.seen, b.seen)
 
 
-def test_a_2xx_accepts_the_stage_at_once() -> None:
+async def test_a_2xx_accepts_the_stage_at_once() -> None:
     a, b = Fake("a", Verdict(Reply(250, "2.1.5", "fine"))), Fake("b", Verdict(Reply(550)))
-    assert run(ModuleHost([a, b], ModuleStats(), clock=CLOCK), Hook.RCPT) is None
+    assert await ask(ModuleHost([a, b], ModuleStats(), clock=CLOCK), Hook.RCPT) is None
     assert [] == b.seen
 
 
@@ -100,23 +100,25 @@ def test_a_2xx_accepts_the_stage_at_once() -> None:
     [("tempfail", Reply(451, "4.7.1", "Service temporarily unavailable, try again later")),
      ("reject", Reply(550, "5.7.1", "Message rejected by policy")), ("accept", None)],
 )  # fmt: skip
-def test_on_error_decides_what_a_timeout_means(on_error: ModuleOnError, expected: Any) -> None:
+async def test_on_error_decides_what_a_timeout_means(
+    on_error: ModuleOnError, expected: Any
+) -> None:
     stats = ModuleStats()
     slow = Fake("slow", on_error=on_error, delay_s=5)
-    assert expected == run(ModuleHost([slow], stats, clock=CLOCK), Hook.MAIL)
+    assert expected == await ask(ModuleHost([slow], stats, clock=CLOCK), Hook.MAIL)
     assert {("slow", "on_mail_from", "timeout"): 1} == stats.calls
 
 
-def test_an_exception_is_counted_each_time_and_logged_once_a_minute(
+async def test_an_exception_is_counted_each_time_and_logged_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
     stats = ModuleStats()
     host = ModuleHost([Fake("bug", RuntimeError("boom"))], stats, clock=clock)
     for _ in range(3):
-        assert 451 == (run(host, Hook.HELO) or Reply(250)).code
+        assert 451 == (await ask(host, Hook.HELO) or Reply(250)).code
     clock.advance(61)
-    run(host, Hook.HELO)
+    await ask(host, Hook.HELO)
     assert 4 == stats.calls[("bug", "on_helo", "error")]
     logged = [r for r in caplog.records if r.getMessage() == "Module call failed"]
     assert 2 == len(logged)

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import tracemalloc
-from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,13 +24,6 @@ from empath.spool.store import Spool
 from tests.helpers import wait_for
 
 T = TypeVar("T")
-
-
-def run(coro: Awaitable[T]) -> T:
-    async def wrap() -> T:
-        return await coro
-
-    return asyncio.run(wrap())
 
 
 def env(*rcpts: str, sender: str = "s@example.org") -> Envelope:
@@ -65,7 +57,7 @@ def corrupt_files(path: Path) -> list[Path]:
 # --- round trips ---------------------------------------------------------------
 
 
-def test_commit_update_remove_survive_reopen(tmp_path: Path) -> None:
+async def test_commit_update_remove_survive_reopen(tmp_path: Path) -> None:
     """What was committed, updated and removed is exactly what a reopened spool has."""
 
     async def main() -> None:
@@ -96,10 +88,10 @@ def test_commit_update_remove_survive_reopen(tmp_path: Path) -> None:
             await spool.read_body(b.id)
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_in_progress_units_are_pending_after_reopen(tmp_path: Path) -> None:
+async def test_in_progress_units_are_pending_after_reopen(tmp_path: Path) -> None:
     """A delivery in flight at a crash is re-queued: in_progress becomes pending."""
 
     async def main() -> None:
@@ -113,10 +105,10 @@ def test_in_progress_units_are_pending_after_reopen(tmp_path: Path) -> None:
         assert UnitStatus.PENDING == spool.get(m.id).units[0].status
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
+async def test_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
     """The spool is locked while open."""
 
     async def main() -> None:
@@ -127,13 +119,13 @@ def test_second_process_cannot_open_the_same_spool(tmp_path: Path) -> None:
         again, _ = await reopen(tmp_path)
         await again.close()
 
-    run(main())
+    await main()
 
 
 # --- group commit --------------------------------------------------------------
 
 
-def test_concurrent_commits_share_fdatasyncs(tmp_path: Path) -> None:
+async def test_concurrent_commits_share_fdatasyncs(tmp_path: Path) -> None:
     """200 concurrent commits are made durable with far fewer than 200 fdatasync calls."""
     syncs: list[int] = []
 
@@ -147,14 +139,14 @@ def test_concurrent_commits_share_fdatasyncs(tmp_path: Path) -> None:
         assert 200 == len({m.id for m in msgs})
         await spool.close()
 
-    run(main())
+    await main()
     assert len(syncs) < 50, f"{len(syncs)} syncs for 200 commits"
 
 
 # --- damage --------------------------------------------------------------------
 
 
-def test_torn_tail_at_every_offset_is_quarantined(tmp_path: Path) -> None:
+async def test_torn_tail_at_every_offset_is_quarantined(tmp_path: Path) -> None:
     """Cutting the last record at any byte never crashes recovery; earlier records survive."""
 
     async def build() -> tuple[list[str], int, str]:
@@ -165,7 +157,7 @@ def test_torn_tail_at_every_offset_is_quarantined(tmp_path: Path) -> None:
         await spool.close()
         return ids, before, last.id
 
-    ids, start, last_id = run(build())
+    ids, start, last_id = await build()
     (seg,) = segments(tmp_path)
     original = seg.read_bytes()
     assert len(original) > start
@@ -186,10 +178,10 @@ def test_torn_tail_at_every_offset_is_quarantined(tmp_path: Path) -> None:
                 assert original[start:cut] == q.read_bytes()
                 assert f"{seg.name}-{start}.bin" == q.name
 
-    run(check_all())
+    await check_all()
 
 
-def test_recovery_logs_quarantine_at_error_and_progress(
+async def test_recovery_logs_quarantine_at_error_and_progress(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Quarantine is an ERROR of component "spool"; large recoveries log their progress."""
@@ -207,7 +199,7 @@ def test_recovery_logs_quarantine_at_error_and_progress(
         await spool.close()
         assert 1 == report.quarantined
 
-    run(main())
+    await main()
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert ["spool"] == [r.empath_fields["component"] for r in errors]  # type: ignore[attr-defined]
     progress = [r for r in caplog.records if r.getMessage() == "Spool recovery progress"]
@@ -215,7 +207,7 @@ def test_recovery_logs_quarantine_at_error_and_progress(
 
 
 @pytest.mark.parametrize("where", ["header", "body"])
-def test_flipped_byte_mid_file_is_quarantined_once(tmp_path: Path, where: str) -> None:
+async def test_flipped_byte_mid_file_is_quarantined_once(tmp_path: Path, where: str) -> None:
     """A damaged record is quarantined; records after it are recovered; a reopen is clean."""
 
     async def build() -> tuple[list[str], int]:
@@ -229,7 +221,7 @@ def test_flipped_byte_mid_file_is_quarantined_once(tmp_path: Path, where: str) -
         await spool.close()
         return ids, offset
 
-    ids, offset = run(build())
+    ids, offset = await build()
     (seg,) = segments(tmp_path)
     data = bytearray(seg.read_bytes())
     flip = offset + (1 if where == "header" else 60)
@@ -243,12 +235,12 @@ def test_flipped_byte_mid_file_is_quarantined_once(tmp_path: Path, where: str) -
         assert b"body 4\r\n" == await spool.read_body(ids[4])
         await spool.close()
 
-    run(check(1))
+    await check(1)
     assert 1 == len(corrupt_files(tmp_path))
-    run(check(0))  # neutralised in place: not reported again
+    await check(0)  # neutralised in place: not reported again
 
 
-def test_missing_spill_file_is_dropped_and_reported_once(tmp_path: Path) -> None:
+async def test_missing_spill_file_is_dropped_and_reported_once(tmp_path: Path) -> None:
     """A message whose body file vanished is logged, counted as missing and forgotten."""
 
     async def main() -> None:
@@ -265,10 +257,10 @@ def test_missing_spill_file_is_dropped_and_reported_once(tmp_path: Path) -> None
         assert 0 == report.missing
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_orphaned_body_files_are_removed_at_open(tmp_path: Path) -> None:
+async def test_orphaned_body_files_are_removed_at_open(tmp_path: Path) -> None:
     """Spill files of messages never committed (a crash during DATA) do not accumulate."""
 
     async def main() -> None:
@@ -282,13 +274,13 @@ def test_orphaned_body_files_are_removed_at_open(tmp_path: Path) -> None:
         assert [] == list((tmp_path / "bodies").iterdir())
         await spool.close()
 
-    run(main())
+    await main()
 
 
 # --- bodies --------------------------------------------------------------------
 
 
-def test_large_body_is_spilled_with_bounded_memory(tmp_path: Path) -> None:
+async def test_large_body_is_spilled_with_bounded_memory(tmp_path: Path) -> None:
     """A 25 MiB body written in 64 KiB chunks keeps < 2 MiB allocated and reads back exactly."""
     chunk = os.urandom(65534) + b"\r\n"
     count = 25 * 16
@@ -321,10 +313,10 @@ def test_large_body_is_spilled_with_bounded_memory(tmp_path: Path) -> None:
         assert not (tmp_path / "bodies" / msg.id).exists()
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_body_write_error_surfaces_at_commit_and_keeps_nothing(tmp_path: Path) -> None:
+async def test_body_write_error_surfaces_at_commit_and_keeps_nothing(tmp_path: Path) -> None:
     """BodyWriter.write never raises; the error becomes a SpoolError at commit."""
 
     async def main() -> None:
@@ -337,10 +329,10 @@ def test_body_write_error_surfaces_at_commit_and_keeps_nothing(tmp_path: Path) -
         assert 0 == len(spool)
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_aborted_body_cannot_be_committed(tmp_path: Path) -> None:
+async def test_aborted_body_cannot_be_committed(tmp_path: Path) -> None:
     async def main() -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         w = spool.begin()
@@ -352,7 +344,7 @@ def test_aborted_body_cannot_be_committed(tmp_path: Path) -> None:
             await spool.commit(w, env("r@example.net"), initial_units(["r@example.net"]))
         await spool.close()
 
-    run(main())
+    await main()
 
 
 # --- failures of the log itself -------------------------------------------------
@@ -374,7 +366,7 @@ class FlakySync:
         os.fdatasync(fd)
 
 
-def test_failed_flush_raises_full_and_leaves_nothing(tmp_path: Path) -> None:
+async def test_failed_flush_raises_full_and_leaves_nothing(tmp_path: Path) -> None:
     """ENOSPC during a flush -> SpoolFullError, the record is cut off, the spool keeps working."""
     sync = FlakySync()
 
@@ -396,10 +388,10 @@ def test_failed_flush_raises_full_and_leaves_nothing(tmp_path: Path) -> None:
         assert 0 == report.quarantined
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_untruncatable_failed_batch_is_discarded_by_recovery(
+async def test_untruncatable_failed_batch_is_discarded_by_recovery(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """If a failed batch cannot be cut off, the writer rotates and recovery ignores that tail."""
@@ -424,13 +416,13 @@ def test_untruncatable_failed_batch_is_discarded_by_recovery(
         assert 1 == report.quarantined
         await spool.close()
 
-    run(main())
+    await main()
 
 
 # --- compaction ----------------------------------------------------------------
 
 
-def test_compaction_keeps_live_messages_and_reclaims_finished(tmp_path: Path) -> None:
+async def test_compaction_keeps_live_messages_and_reclaims_finished(tmp_path: Path) -> None:
     """Old segments whose messages finished are deleted; live ones move forward intact."""
 
     async def main() -> None:
@@ -460,10 +452,10 @@ def test_compaction_keeps_live_messages_and_reclaims_finished(tmp_path: Path) ->
         assert b"B" * 1000 + b"\r\n" == await spool.read_body(big.id)
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_close_waits_for_a_compaction_under_way(tmp_path: Path) -> None:
+async def test_close_waits_for_a_compaction_under_way(tmp_path: Path) -> None:
     """Shutdown during a compaction lets it finish its segment, starts no other, and
     then closes the spool (it once iterated the segments while compaction removed one:
     "dictionary changed size during iteration")."""
@@ -501,10 +493,10 @@ def test_close_waits_for_a_compaction_under_way(tmp_path: Path) -> None:
         assert 0 == report.quarantined
         await spool.close()
 
-    run(main())
+    await main()
 
 
-def test_usage_counts_log_and_spilled_bytes(tmp_path: Path) -> None:
+async def test_usage_counts_log_and_spilled_bytes(tmp_path: Path) -> None:
     async def main() -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         empty = spool.usage().size_bytes
@@ -514,13 +506,13 @@ def test_usage_counts_log_and_spilled_bytes(tmp_path: Path) -> None:
         assert 0 < u.free_bytes <= u.total_bytes
         await spool.close()
 
-    run(main())
+    await main()
 
 
 # --- the protocol's shape ------------------------------------------------------
 
 
-def test_compact_is_part_of_the_spool_protocol_for_both_backends(tmp_path: Path) -> None:
+async def test_compact_is_part_of_the_spool_protocol_for_both_backends(tmp_path: Path) -> None:
     """The app calls ``Spool.compact`` without asking whether the backend has one."""
 
     async def compact_all(spools: list[Spool]) -> list[int]:
@@ -531,10 +523,10 @@ def test_compact_is_part_of_the_spool_protocol_for_both_backends(tmp_path: Path)
             await spool.close()
         return freed
 
-    assert [0, 0] == run(compact_all([FileSpool(tmp_path), MemorySpool()]))
+    assert [0, 0] == await compact_all([FileSpool(tmp_path), MemorySpool()])
 
 
-def test_repr_and_body_states_are_informative(tmp_path: Path) -> None:
+async def test_repr_and_body_states_are_informative(tmp_path: Path) -> None:
     async def main() -> None:
         spool, _ = await reopen(tmp_path, spill_bytes=16)
         await put(spool, b"one\r\n")
@@ -550,4 +542,4 @@ def test_repr_and_body_states_are_informative(tmp_path: Path) -> None:
         await spool.close()
         assert f"<FileSpool {str(tmp_path)!r} closed messages=1>" == repr(spool)
 
-    run(main())
+    await main()

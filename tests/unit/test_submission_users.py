@@ -3,10 +3,8 @@ credentials against it: reload on change, the success cache, unknown users, bloc
 
 from __future__ import annotations
 
-import asyncio
 import os
 import stat
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,10 +27,6 @@ from empath.testing.clock import FakeClock
 T = TypeVar("T")
 
 HASH = hash_password("s3cret")  # one real argon2id hash for the module (~0.1 s)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 def users_file(tmp_path: Path, **users: UserEntry) -> str:
@@ -77,7 +71,7 @@ def auth_for(path: str, **changes: Any) -> ListenerAuth:
     return ListenerAuth(users_file=path, **changes)
 
 
-def test_unknown_user_and_wrong_password_get_the_same_reply(tmp_path: Path) -> None:
+async def test_unknown_user_and_wrong_password_get_the_same_reply(tmp_path: Path) -> None:
     """Both are 535 5.7.8 with the same text, and both were checked against a hash."""
     calls: list[str] = []
 
@@ -87,15 +81,15 @@ def test_unknown_user_and_wrong_password_get_the_same_reply(tmp_path: Path) -> N
 
     auth = Authenticator(auth_for(users_file(tmp_path, alice=alice())), clock=FakeClock(),
                          verify=verify)  # fmt: skip
-    wrong = run(auth.authenticate(Credentials(Mechanism.PLAIN, "alice", "x"), "10.0.0.1", "p"))
-    unknown = run(auth.authenticate(Credentials(Mechanism.PLAIN, "bob", "x"), "10.0.0.1", "p"))
+    wrong = await auth.authenticate(Credentials(Mechanism.PLAIN, "alice", "x"), "10.0.0.1", "p")
+    unknown = await auth.authenticate(Credentials(Mechanism.PLAIN, "bob", "x"), "10.0.0.1", "p")
     assert wrong == unknown
     assert wrong.reply is not None and (535, "5.7.8") == (wrong.reply.code, wrong.reply.enhanced)
     assert 2 == len(calls) and all(h.startswith("$argon2id$") for h in calls)
     auth.close()
 
 
-def test_success_is_cached_and_a_changed_file_clears_the_cache(tmp_path: Path) -> None:
+async def test_success_is_cached_and_a_changed_file_clears_the_cache(tmp_path: Path) -> None:
     """The second login with the same password skips argon2; a rewritten users file (new
     password) is picked up at the next AUTH and the old password stops working."""
     calls: list[str] = []
@@ -107,18 +101,18 @@ def test_success_is_cached_and_a_changed_file_clears_the_cache(tmp_path: Path) -
     path = users_file(tmp_path, alice=alice())
     auth = Authenticator(auth_for(path), clock=FakeClock(), verify=verify)
     good = Credentials(Mechanism.PLAIN, "alice", "s3cret")
-    first = run(auth.authenticate(good, "10.0.0.1", "p"))
-    second = run(auth.authenticate(good, "10.0.0.1", "p"))
+    first = await auth.authenticate(good, "10.0.0.1", "p")
+    second = await auth.authenticate(good, "10.0.0.1", "p")
     assert first.grant is not None and second.grant is not None
     assert ["s3cret"] == calls
     write_users(path, UsersFile({"alice": alice(password=hash_password("new"))}))
-    assert run(auth.authenticate(good, "10.0.0.1", "p")).grant is None
+    assert (await auth.authenticate(good, "10.0.0.1", "p")).grant is None
     fresh = Credentials(Mechanism.PLAIN, "alice", "new")
-    assert run(auth.authenticate(fresh, "10.0.0.1", "p")).grant is not None
+    assert (await auth.authenticate(fresh, "10.0.0.1", "p")).grant is not None
     auth.close()
 
 
-def test_without_cache_every_login_is_verified(tmp_path: Path) -> None:
+async def test_without_cache_every_login_is_verified(tmp_path: Path) -> None:
     """cache_secs 0: each AUTH runs argon2."""
     calls: list[str] = []
 
@@ -130,7 +124,7 @@ def test_without_cache_every_login_is_verified(tmp_path: Path) -> None:
                          clock=FakeClock(), verify=verify)  # fmt: skip
     good = Credentials(Mechanism.PLAIN, "alice", "s3cret")
     for _ in range(2):
-        assert run(auth.authenticate(good, "10.0.0.1", "p")).grant is not None
+        assert (await auth.authenticate(good, "10.0.0.1", "p")).grant is not None
     assert 2 == len(calls)
     auth.close()
 
@@ -147,7 +141,7 @@ def test_broken_rewrite_keeps_the_users_loaded_before(tmp_path: Path) -> None:
     auth.close()
 
 
-def test_blocked_address_is_refused_without_checking(tmp_path: Path) -> None:
+async def test_blocked_address_is_refused_without_checking(tmp_path: Path) -> None:
     """Past max_failures_per_ip the address gets 454 4.7.0 and no hash is computed."""
     calls: list[str] = []
 
@@ -159,7 +153,7 @@ def test_blocked_address_is_refused_without_checking(tmp_path: Path) -> None:
     auth = Authenticator(auth_for(users_file(tmp_path, alice=alice()), limits=limits),
                          clock=FakeClock(), verify=verify)  # fmt: skip
     bad = Credentials(Mechanism.LOGIN, "alice", "x")
-    replies = [run(auth.authenticate(bad, "10.0.0.1", "p")).reply for _ in range(3)]
+    replies = [(await auth.authenticate(bad, "10.0.0.1", "p")).reply for _ in range(3)]
     assert [535, 535, 454] == [r.code for r in replies if r is not None]
     assert 2 == len(calls)
     assert {("LOGIN", "failure"): 2, ("LOGIN", "blocked"): 1} == auth.stats.attempts
@@ -167,7 +161,7 @@ def test_blocked_address_is_refused_without_checking(tmp_path: Path) -> None:
     good = Credentials(Mechanism.PLAIN, "alice", "s3cret")
     assert auth.unblock("10.0.0.1")
     calls.clear()
-    assert run(auth.authenticate(good, "10.0.0.1", "p")).reply is not None  # verify says no
+    assert (await auth.authenticate(good, "10.0.0.1", "p")).reply is not None  # verify says no
     assert ["s3cret"] == calls
     auth.close()
 

@@ -15,11 +15,7 @@ from empath.supervisor import Supervisor
 from empath.testing.clock import FakeClock, settle
 
 
-def run(coro: object) -> None:
-    asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def test_a_crashing_essential_task_is_logged_and_reported(
+async def test_a_crashing_essential_task_is_logged_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     crashed: list[tuple[str, str]] = []
@@ -37,7 +33,7 @@ def test_a_crashing_essential_task_is_logged_and_reported(
         assert 2 == sup.crashes
 
     with caplog.at_level(logging.ERROR, logger="empath.supervisor"):
-        run(main())
+        await main()
     assert [("empath-janitor", "disk on fire")] == crashed  # the delivery: logged only
     lines = [r for r in caplog.records if r.getMessage() == "Background task crashed"]
     assert 2 == len(lines)
@@ -46,7 +42,7 @@ def test_a_crashing_essential_task_is_logged_and_reported(
     assert all("RuntimeError: disk on fire" in f["traceback"] for f in fields)
 
 
-def test_shutdown_is_one_call_that_cancels_and_awaits_everything() -> None:
+async def test_shutdown_is_one_call_that_cancels_and_awaits_everything() -> None:
     clock = FakeClock()
     stopped: list[str] = []
 
@@ -66,7 +62,7 @@ def test_shutdown_is_one_call_that_cancels_and_awaits_everything() -> None:
         assert 0 == len(sup)
         assert 0 == sup.crashes
 
-    run(main())
+    await main()
     assert ["a", "b", "c"] == sorted(stopped)
 
 
@@ -92,7 +88,7 @@ def app_on_fake_clock(tmp_path: Path) -> tuple[App, FakeClock]:
     return App(config, clock=clock), clock
 
 
-def test_the_compactor_runs_every_interval_in_virtual_time(tmp_path: Path) -> None:
+async def test_the_compactor_runs_every_interval_in_virtual_time(tmp_path: Path) -> None:
     app, clock = app_on_fake_clock(tmp_path)
     calls: list[float] = []
 
@@ -110,11 +106,11 @@ def test_the_compactor_runs_every_interval_in_virtual_time(tmp_path: Path) -> No
         await app.supervisor.shutdown()
 
     start = clock.monotonic()
-    run(main())
+    await main()
     assert [30.0, 60.0, 90.0] == [c - start for c in calls]
 
 
-def test_the_janitor_sweeps_every_minute_in_virtual_time(tmp_path: Path) -> None:
+async def test_the_janitor_sweeps_every_minute_in_virtual_time(tmp_path: Path) -> None:
     app, clock = app_on_fake_clock(tmp_path)
     sweeps: list[float] = []
 
@@ -137,5 +133,5 @@ def test_the_janitor_sweeps_every_minute_in_virtual_time(tmp_path: Path) -> None
         await app.spool.close()
 
     start = clock.monotonic()
-    run(main())
+    await main()
     assert [60.0, 120.0, 180.0] == [s - start for s in sweeps]
