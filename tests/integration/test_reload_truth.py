@@ -3,7 +3,7 @@
 Relay access narrowed in the file and reloaded (SIGHUP) is refused at once - to new
 sessions and to the next RCPT of sessions already open.  A change only a restart can
 apply (a listener, the spool path) is reported as pending by every channel until the
-daemon restarts: the WARN log line, `config reload`'s exit code 5 and stderr,
+daemon restarts: the WARN log line, `config reload`'s exit code 1 and stderr,
 `system status`, `config check` and ``empath_config_restart_pending``; meanwhile
 status and readiness keep judging the spool in use, and mail keeps going to it.
 """
@@ -78,7 +78,7 @@ def test_restart_only_changes_are_pending_everywhere_until_restart(tmp_path: Pat
         daemon.write_config()
 
         reload = ctl(daemon, "config", "reload")
-        assert 5 == reload.returncode, reload.stdout + reload.stderr
+        assert 1 == reload.returncode, reload.stdout + reload.stderr
         assert "WARNING" in reload.stderr and "NOT applied" in reload.stderr
         assert "spool.path" in reload.stderr and "smtp_controller.listeners" in reload.stderr
         assert "log.level" in reload.stdout  # what was applied is listed
@@ -104,8 +104,8 @@ def test_restart_only_changes_are_pending_everywhere_until_restart(tmp_path: Pat
         assert {"spool.path", "smtp_controller.listeners"} == set(check["need_restart"])
         assert "applied only by a restart" in ctl(daemon, "config", "check").stdout
 
-        # a second reload of the same file: still pending, still exit 5
-        assert 5 == ctl(daemon, "config", "reload").returncode
+        # a second reload of the same file: still pending, still exit 1
+        assert 1 == ctl(daemon, "config", "reload").returncode
         # the operator reverts the restart-only part: nothing pending, exit 0
         daemon.config["spool"]["path"] = old_spool
         daemon.config["smtp_controller"]["listeners"][0]["socket"] = f"127.0.0.1:{daemon.smtp_port}"

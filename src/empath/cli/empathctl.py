@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
 
 STATUSES: Final = ops.STATUSES
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_RESTART_PENDING = 5  # `config reload`: applied, but some changes need a restart
 
 
 class Ctx:
@@ -362,7 +361,7 @@ def config_reload(ctx: Ctx, _ns: argparse.Namespace) -> int:
             + ", ".join(line.split(":", 1)[0] for line in pending),
             file=sys.stderr,
         )
-        return EXIT_RESTART_PENDING
+        return EXIT_FAILED  # DESIGN §5 keeps exit codes to 0-4: what waits was not applied
     return EXIT_OK
 
 
