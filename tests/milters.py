@@ -159,10 +159,16 @@ class ScriptedMilter:
     eom_replies: list[bytes] = field(default_factory=lambda: [packet(b"c")])
     commands: list[bytes] = field(default_factory=list)
     port: int = 0
+    unix_path: str = ""  # listen on this Unix socket instead of a loopback port
 
     def __enter__(self) -> ScriptedMilter:
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
+        if self.unix_path:
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.bind(self.unix_path)
+            self._sock.listen()
+        else:
+            self._sock = socket.create_server(("127.0.0.1", 0))
+            self.port = self._sock.getsockname()[1]
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -175,7 +181,7 @@ class ScriptedMilter:
 
     @property
     def address(self) -> str:
-        return f"inet:127.0.0.1:{self.port}"
+        return f"unix:{self.unix_path}" if self.unix_path else f"inet:127.0.0.1:{self.port}"
 
     def _serve(self) -> None:
         while not self._stop:

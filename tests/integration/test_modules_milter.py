@@ -212,3 +212,18 @@ def test_two_milters_run_in_order_and_see_each_others_changes(tmp_path: Path) ->
         assert first.commands.index(b"E") >= 0
         headers_seen_by_second = second.commands.count(b"L")
         assert headers_seen_by_second == first.commands.count(b"L") + 1
+
+
+def test_a_milter_on_a_unix_socket_adds_its_header_to_the_spooled_message(
+    tmp_path: Path,
+) -> None:
+    """``unix:/path`` milters work like ``inet:`` ones: the header the milter adds at end
+    of message is in the spooled bytes."""
+    reply = [packet(b"h", b"X-Unix-Milter\x00seen\x00"), packet(b"c")]
+    with ScriptedMilter(eom_replies=reply, unix_path=str(tmp_path / "milter.sock")) as m:
+        daemon = Daemon(tmp_path / "d", {**parked_overrides("sink.test"),
+                                         "modules": [milter(m.address, "unix")]})  # fmt: skip
+        with daemon, smtplib.SMTP(daemon.smtp_host, daemon.smtp_port) as client:
+            client.sendmail("alice@origin.test", ["bob@sink.test"], message(b"u", b"x", b"u1"))
+    [body] = read_spool(daemon.spool_path).bodies.values()
+    assert b"\r\nX-Unix-Milter: seen\r\n\r\nx\r\n" in body
