@@ -192,7 +192,8 @@ def test_brute_force_from_ten_addresses_is_blocked_and_the_real_user_gets_in(
 
 def test_empathctl_user_add_delete_take_effect_without_restart(sub: Submission) -> None:
     """`user add` (password on stdin) → that user logs in at once; the file stays 0600;
-    `passwd` changes it; `delete` → refused."""
+    `passwd` changes it; `set` changes the senders and keeps the password; `delete` →
+    refused."""
     out = ctl(sub.daemon, "user", "add", "carol", "--senders", "carol@example.org,*@carol.test",
               input="carols-pw\n")  # fmt: skip
     assert 0 == out.returncode, out.stderr
@@ -205,6 +206,10 @@ def test_empathctl_user_add_delete_take_effect_without_restart(sub: Submission) 
     assert asyncio.run(_login(sub, "127.0.0.1", "carol", "new-pw")).startswith("235")
     listed = ctl(sub.daemon, "user", "list")
     assert "user: carol, senders: carol@example.org,*@carol.test, last_login: " in listed.stdout
+    out = ctl(sub.daemon, "user", "set", "carol", "--senders", "only@carol.test")
+    assert 0 == out.returncode, out.stderr
+    assert "user: carol, senders: only@carol.test, " in ctl(sub.daemon, "user", "list").stdout
+    assert asyncio.run(_login(sub, "127.0.0.1", "carol", "new-pw")).startswith("235")
     assert 0 == ctl(sub.daemon, "user", "delete", "carol").returncode
     assert 0o600 == stat.S_IMODE(os.stat(sub.users_path).st_mode)
     assert asyncio.run(_login(sub, "127.0.0.1", "carol", "new-pw")).startswith("535")

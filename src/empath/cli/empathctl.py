@@ -441,6 +441,8 @@ COMMANDS: list[CliCommand] = [
     CliCommand("user", "add", "add a user (password from tty or stdin)", users.user_add,
                users.add_args),
     CliCommand("user", "passwd", "set a user's password", users.user_passwd, users.name_args),
+    CliCommand("user", "set", "change a user's senders or quotas", users.user_set,
+               users.set_args),
     CliCommand("user", "delete", "remove a user", users.user_delete, users.name_args),
     CliCommand("user", "list", "users, last login, failures, blocks", users.user_list,
                users.users_file_arg),

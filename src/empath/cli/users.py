@@ -1,6 +1,6 @@
-"""`empathctl user add|passwd|delete|list|unblock`: the SMTP AUTH users (DESIGN §13).
+"""`empathctl user add|passwd|set|delete|list|unblock`: the SMTP AUTH users (DESIGN §13).
 
-``add``, ``passwd`` and ``delete`` edit the users file directly (no daemon needed):
+``add``, ``passwd``, ``set`` and ``delete`` edit the users file directly (no daemon needed):
 under an exclusive lock (``<file>.lock``), read it, change one entry, write it back
 atomically with mode 0600 (``empath.submission.users.write_users``).  The daemon
 notices the new file at the next AUTH.  ``list`` reads the file and, when the daemon
@@ -51,6 +51,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="addresses the user may send as (alice@example.org, *@example.org)",
     )
     p.add_argument("--null-sender", action="store_true", help="may send with MAIL FROM:<>")
+    p.add_argument("--messages-per-hour", metavar="N", type=int, help="quota (0 unlimited)")
+    p.add_argument("--recipients-per-message", metavar="N", type=int, help="quota (0 unlimited)")
+    users_file_arg(p)
+
+
+def set_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--senders", metavar="PATTERN[,PATTERN...]", help="replace the patterns")
+    p.add_argument("--null-sender", dest="null_sender", action="store_true", default=None,
+                   help="may send with MAIL FROM:<>")  # fmt: skip
+    p.add_argument("--no-null-sender", dest="null_sender", action="store_false")
     p.add_argument("--messages-per-hour", metavar="N", type=int, help="quota (0 unlimited)")
     p.add_argument("--recipients-per-message", metavar="N", type=int, help="quota (0 unlimited)")
     users_file_arg(p)
@@ -137,17 +148,26 @@ def user_add(ctx: Ctx, ns: argparse.Namespace) -> int:
     return _run(_add, ctx, ns)
 
 
-def _add(ctx: Ctx, ns: argparse.Namespace) -> int:
-    from empath.submission.users import UserEntry, hash_password
-
-    senders = tuple(p.strip() for p in ns.senders.split(",") if p.strip())
+def _senders(text: str) -> tuple[str, ...]:
+    senders = tuple(p.strip() for p in text.split(",") if p.strip())
     for pattern in senders:
         local, at, domain = pattern.rpartition("@")
         if not at or not local or not domain or "*" in domain or ("*" in local and local != "*"):
             raise UserCommandError(f"bad sender pattern {pattern!r} (alice@example.org, *@domain)")
+    return senders
+
+
+def _check_quotas(ns: argparse.Namespace) -> None:
     for opt in ("messages_per_hour", "recipients_per_message"):
         if getattr(ns, opt) is not None and getattr(ns, opt) < 0:
             raise UserCommandError(f"--{opt.replace('_', '-')} must be 0 or more")
+
+
+def _add(ctx: Ctx, ns: argparse.Namespace) -> int:
+    from empath.submission.users import UserEntry, hash_password
+
+    senders = _senders(ns.senders)
+    _check_quotas(ns)
     path = _users_file(ns)
     users = _load(path, missing_ok=True)
     if ns.name in users.users:
@@ -193,6 +213,39 @@ def _passwd(ctx: Ctx, ns: argparse.Namespace) -> int:
     _update(path, change)
     ctx.emit({"user": ns.name, "users_file": path, "changed": True},
              f"changed the password of {ns.name}\n")  # fmt: skip
+    return EXIT_OK
+
+
+def user_set(ctx: Ctx, ns: argparse.Namespace) -> int:
+    return _run(_set, ctx, ns)
+
+
+def _set(ctx: Ctx, ns: argparse.Namespace) -> int:
+    """Change a user's senders, null-sender right or quotas (the password stays)."""
+    from dataclasses import replace
+
+    changes: dict[str, object] = {}
+    if ns.senders is not None:
+        changes["senders"] = _senders(ns.senders)
+    if ns.null_sender is not None:
+        changes["null_sender"] = ns.null_sender
+    _check_quotas(ns)
+    for opt in ("messages_per_hour", "recipients_per_message"):
+        if getattr(ns, opt) is not None:
+            changes[opt] = getattr(ns, opt)
+    if not changes:
+        raise UserCommandError("nothing to change (--senders, --null-sender, quotas)")
+    path = _users_file(ns)
+
+    def change(users: dict[str, UserEntry]) -> dict[str, UserEntry]:
+        entry = users.get(ns.name)
+        if entry is None:
+            raise UserCommandError(f"no user {ns.name} in {path}")
+        return {**users, ns.name: replace(entry, **changes)}  # type: ignore[arg-type]
+
+    _update(path, change)
+    ctx.emit({"user": ns.name, "users_file": path, "changed": sorted(changes)},
+             f"changed {', '.join(sorted(changes))} of {ns.name}\n")  # fmt: skip
     return EXIT_OK
 
 
