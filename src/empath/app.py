@@ -284,6 +284,7 @@ class App:
             lease_s=cc.lease_secs,
             on_transition=self._on_breaker,
             clock=self.clock,
+            spawn=self.supervisor.spawn,
         )
 
     def _build_cluster_node(self) -> None:

@@ -80,6 +80,7 @@ from empath.policy.breaker import (
 )
 from empath.policy.ratelimit import GRANTED, RateDecision, RateLimit, Wait
 from empath.policy.state import LocalPolicyState, PolicySettings, PolicySnapshot
+from empath.supervisor import Spawn
 
 log = get_logger("cluster", __name__)
 
@@ -179,8 +180,12 @@ class SharedPolicyState:
         lease_s: float,  # cluster.lease_secs
         on_transition: TransitionCallback | None = None,
         clock: Clock | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
+        """``clock`` times every wait and retry; ``spawn`` starts the asks to Redis
+        under the daemon's supervisor (plain tasks without one)."""
         self.backend = backend
+        self._spawn_task = spawn
         self.node_id = node_id
         self.instance = instance
         self.member_prefix = f"{node_id}/{instance}/"
@@ -590,7 +595,12 @@ class SharedPolicyState:
             self._waker(domain)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], domain: str | None) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(coro, domain, self._epoch))
+        guarded = self._guard(coro, domain, self._epoch)
+        name = f"empath-cluster-ask-{domain or '-'}"
+        if self._spawn_task is not None:
+            task = self._spawn_task(guarded, name=name)
+        else:
+            task = asyncio.get_running_loop().create_task(guarded, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -650,7 +660,7 @@ class SharedPolicyState:
             d.reserve.append((_Lease(member, now), now))
         if not added:
             d.slot_retry_at = now + SLOT_RETRY_S
-            asyncio.get_running_loop().call_later(SLOT_RETRY_S, self._retry_slots, domain)
+            self._clock.call_later(SLOT_RETRY_S, lambda: self._retry_slots(domain))
 
     def _retry_slots(self, domain: str) -> None:
         d = self._domains.get(domain)
