@@ -188,6 +188,7 @@ def test_rotation_end_to_end(tmp_path: Path) -> None:
         assert 0 == check.returncode, check.stdout + check.stderr
         assert f"ok: s1 (rsa-sha256): s1._domainkey.{DOMAIN}: published" in check.stdout
         assert "warning: _dmarc.example.test: no DMARC record" in check.stdout
+        assert f"alignment: DKIM d={DOMAIN} aligns with From: {DOMAIN}" in check.stdout
 
         rotated = ctl_json(daemon, "dkim", "rotate", DOMAIN, "--algorithm", "rsa-sha256")
         (made,) = rotated["selectors"]

@@ -61,6 +61,10 @@ def test_check_reports_each_selector_and_the_dmarc_and_spf_warnings(tmp_path: Pa
     assert (True, "r._domainkey.example.org: published, matches the private key") == by_sel["r"]
     assert (False, "e._domainkey.example.org: the key is revoked (empty p=)") == by_sel["e"]
     assert not result["ok"]
+    assert (
+        "DKIM d=example.org aligns with From: example.org in strict and relaxed mode"
+        == result["alignment"]
+    )
     assert [
         "_dmarc.example.org: no DMARC record; large receivers expect one "
         '(e.g. "v=DMARC1; p=none; rua=mailto:dmarc@example.org")',

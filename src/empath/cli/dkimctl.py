@@ -96,6 +96,7 @@ def check_run(ctx: Ctx, ns: argparse.Namespace) -> int:
         mark = "ok" if s["ok"] else ("waiting" if s["pending"] else "FAIL")
         lines.append(f"{mark}: {s['selector']} ({s['algorithm']}): {s['detail']}")
     lines += [f"now signing with {sel} (its record is published)" for sel in data["activated"]]
+    lines.append(f"alignment: {data['alignment']}")
     lines += [f"warning: {w}" for w in data["warnings"]]
     ctx.emit(data, "".join(line + "\n" for line in lines))
     return EXIT_OK if data["ok"] else EXIT_FAILED

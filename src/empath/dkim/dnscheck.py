@@ -112,3 +112,11 @@ async def alignment(txt: TxtLookup, domain: str, subdomains: bool) -> list[str]:
     elif len(spf_records) > 1:
         warnings.append(f"{domain}: {len(spf_records)} SPF records (RFC 7208 §3.2: permerror)")
     return warnings
+
+
+def alignment_note(domain: str, subdomains: bool) -> str:
+    """How Empath's signatures for ``domain`` align with From: (DMARC, RFC 7489 §3.1.1)."""
+    note = f"DKIM d={domain} aligns with From: {domain} in strict and relaxed mode"
+    if subdomains:
+        note += f"; From: a subdomain of {domain} (signed d={domain}) aligns in relaxed mode only"
+    return note

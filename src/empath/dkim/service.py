@@ -191,6 +191,7 @@ class DkimService:
             "selectors": results,
             "activated": activated,
             "warnings": warnings,
+            "alignment": dnscheck.alignment_note(domain, dk.subdomains),
             "ok": all(r["ok"] for r in results if not r["pending"]),
         }
 
