@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 from empath.spool import codec
 from empath.spool.codec import RecordType
 from empath.spool.fs import FileSpool
-from empath.spool.model import Envelope, MessageState, initial_units
+from empath.spool.model import Envelope, MessageState, UnitStatus, initial_units
+from empath.spool.recovery import BodyLocation, packed_seg
 
 
 def env() -> Envelope:
@@ -167,3 +169,49 @@ def test_spilled_bodies_are_created_and_written_off_the_event_loop(
         await spool.close()
 
     asyncio.run(main())
+
+
+def test_a_newest_state_in_a_later_segment_is_what_restart_restores(tmp_path: Path) -> None:
+    """Recovery reads a message's MSG record and its newest STATE record from different
+    segments (it keeps their offsets while scanning, not their JSON)."""
+
+    async def main() -> None:
+        spool = FileSpool(tmp_path, segment_bytes=4096)
+        await spool.open()
+        first = await put(spool, b"first body\r\n")
+        for i in range(40):  # fill several segments, so the update lands in a later one
+            await put(spool, b"%04d" % i + b"x" * 200 + b"\r\n")
+        unit = replace(first.units[0], status=UnitStatus.RETRY, attempts=2, next_attempt_at=9.5)
+        await spool.update(first.id, (unit,))
+        await spool.close()
+        assert last_seq(tmp_path) > 2
+
+        spool = FileSpool(tmp_path, segment_bytes=4096)
+        report = await spool.open()
+        try:
+            assert (41, 0) == (report.messages, report.quarantined)
+            assert (unit,) == spool.get(first.id).units
+            assert b"first body\r\n" == await spool.read_body(first.id)
+        finally:
+            await spool.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "loc",
+    [
+        BodyLocation(seg=1, offset=0, length=0, spilled=False, record_bytes=0),
+        BodyLocation(seg=7, offset=64 * 2**20, length=12345, spilled=False, record_bytes=12400),
+        BodyLocation(seg=2**31, offset=0, length=2**40 - 1, spilled=True, record_bytes=90),
+    ],
+)
+def test_a_packed_body_location_unpacks_to_itself(loc: BodyLocation) -> None:
+    packed = loc.pack()
+    assert loc == BodyLocation.unpack(packed)
+    assert loc.seg == packed_seg(packed)
+
+
+def test_a_body_location_beyond_what_packs_is_refused() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        BodyLocation(seg=1, offset=0, length=2**40, spilled=True, record_bytes=1).pack()

@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-A binary heap of ``(due_at, seq, key)`` entries plus a dict ``key -> (due_at, seq)``
-naming each key's one live entry.  Rescheduling or removing a key only updates
-the dict; the old heap entry becomes stale and is discarded when it reaches the
-top (lazy deletion).  ``seq`` is a global counter, so entries with equal due
-times pop in scheduling order and keys are never compared.  When stale entries
-outnumber live ones the heap is rebuilt, which bounds memory at O(live).
+A binary heap of ``(due_at, seq, key)`` entries plus a dict ``key -> entry`` naming
+each key's one live entry (the same tuple object as in the heap, so a queued key costs
+one tuple, not two; an entry is live when the dict holds that very object).
+Rescheduling or removing a key only updates the dict; the old heap entry becomes
+stale and is discarded when it reaches the top (lazy deletion).  ``seq`` is a global
+counter, so entries with equal due times pop in scheduling order and keys are never
+compared.  When stale entries outnumber live ones the heap is rebuilt, which bounds
+memory at O(live).
 
 Costs: ``schedule``/``remove``/``__contains__`` O(1) amortised (+ O(log n) push),
 ``pop_due``/``pop_one`` O(log n) per key returned, ``next_due`` amortised O(1),
@@ -46,14 +48,14 @@ class DueIndex(Generic[K]):
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, K]] = []
-        self._live: dict[K, tuple[float, int]] = {}
+        self._live: dict[K, tuple[float, int, K]] = {}
         self._seq = itertools.count()
 
     def schedule(self, key: K, due_at: float) -> None:
         """Make ``key`` due at ``due_at`` (replacing any earlier schedule of it)."""
-        seq = next(self._seq)
-        self._live[key] = (due_at, seq)
-        heapq.heappush(self._heap, (due_at, seq, key))
+        entry = (due_at, next(self._seq), key)
+        self._live[key] = entry
+        heapq.heappush(self._heap, entry)
         if len(self._heap) > _COMPACT_MIN and len(self._heap) > 2 * len(self._live):
             self._compact()
 
@@ -70,11 +72,12 @@ class DueIndex(Generic[K]):
         heap = self._heap
         live = self._live
         while heap:
-            due_at, seq, key = heap[0]
-            if live.get(key) != (due_at, seq):
+            entry = heap[0]
+            key = entry[2]
+            if live.get(key) is not entry:
                 heapq.heappop(heap)  # stale
                 continue
-            if due_at > now:
+            if entry[0] > now:
                 return None
             heapq.heappop(heap)
             del live[key]
@@ -96,9 +99,9 @@ class DueIndex(Generic[K]):
         heap = self._heap
         live = self._live
         while heap:
-            due_at, seq, key = heap[0]
-            if live.get(key) == (due_at, seq):
-                return due_at
+            entry = heap[0]
+            if live.get(entry[2]) is entry:
+                return entry[0]
             heapq.heappop(heap)
         return None
 
@@ -113,10 +116,10 @@ class DueIndex(Generic[K]):
         stack = [0] if heap else []
         while stack and count < limit:
             i = stack.pop()
-            due_at, seq, key = heap[i]
-            if due_at > now:
+            entry = heap[i]
+            if entry[0] > now:
                 continue
-            if live.get(key) == (due_at, seq):
+            if live.get(entry[2]) is entry:
                 count += 1
             for child in (2 * i + 1, 2 * i + 2):
                 if child < len(heap):
@@ -128,16 +131,14 @@ class DueIndex(Generic[K]):
 
         Keys keep their relative order.  Returns how many keys were moved earlier.
         """
-        future = sorted(
-            ((due, seq, key) for key, (due, seq) in self._live.items() if due > now),
-        )
+        future = sorted(entry for entry in self._live.values() if entry[0] > now)
         for _due, _seq, key in future:
-            self._live[key] = (now, next(self._seq))
+            self._live[key] = (now, next(self._seq), key)
         self._compact()
         return len(future)
 
     def _compact(self) -> None:
-        self._heap = [(due, seq, key) for key, (due, seq) in self._live.items()]
+        self._heap = list(self._live.values())
         heapq.heapify(self._heap)
 
     def __len__(self) -> int:

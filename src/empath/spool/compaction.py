@@ -29,7 +29,7 @@ from empath.errors import SpoolError
 from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.index import MessageIndex
-from empath.spool.recovery import BodyLocation
+from empath.spool.recovery import BodyLocation, packed_seg
 from empath.spool.space import (
     CompactMode,
     Reserve,
@@ -52,7 +52,7 @@ class Compaction:
 
     path: Path
     _index: MessageIndex
-    _locs: dict[str, BodyLocation]
+    _locs: dict[str, int]  # packed BodyLocation
     _segments: dict[int, Segment]
     _segments_lock: threading.Lock
     _removing: set[str]
@@ -207,19 +207,20 @@ class Compaction:
             chunk_bytes = 0
             while ids and chunk_bytes < COPY_BATCH_BYTES:
                 msg_id = ids.pop()
-                loc = self._locs.get(msg_id)
-                if loc is None or loc.seg != seg.seq or msg_id in self._removing:
+                packed = self._locs.get(msg_id)
+                if packed is None or packed_seg(packed) != seg.seq or msg_id in self._removing:
                     continue
                 chunk.append(msg_id)
-                chunk_bytes += loc.record_bytes
+                chunk_bytes += BodyLocation.unpack(packed).record_bytes
             wanted = [(i, self._locs[i]) for i in chunk]
             bodies = await asyncio.to_thread(self._read_inline_bodies, wanted)
             loop = asyncio.get_running_loop()
             entries: list[Entry] = []
-            for (msg_id, loc), body in zip(wanted, bodies, strict=True):
+            for (msg_id, packed), body in zip(wanted, bodies, strict=True):
                 msg = self._index.get(msg_id)
-                if msg is None or msg_id in self._removing or self._locs.get(msg_id) is not loc:
-                    continue
+                if msg is None or msg_id in self._removing or self._locs.get(msg_id) != packed:
+                    continue  # removed, or moved since we read it
+                loc = BodyLocation.unpack(packed)
                 payload, rel = codec.msg_payload(
                     msg_id,
                     msg.envelope,
@@ -257,8 +258,9 @@ class Compaction:
             moved += len(entries)
         return moved
 
-    def _read_inline_bodies(self, wanted: list[tuple[str, BodyLocation]]) -> list[bytes]:
-        return [b"" if loc.spilled else self._pread_inline(loc) for _, loc in wanted]
+    def _read_inline_bodies(self, wanted: list[tuple[str, int]]) -> list[bytes]:
+        locs = [BodyLocation.unpack(packed) for _, packed in wanted]
+        return [b"" if loc.spilled else self._pread_inline(loc) for loc in locs]
 
     def _delete_segment(self, seg: Segment) -> None:
         seg.path.unlink()

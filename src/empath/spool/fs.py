@@ -57,7 +57,7 @@ from empath.spool.body import BodyState, FileBodyWriter, map_os_error
 from empath.spool.compaction import Compaction
 from empath.spool.index import MessageIndex
 from empath.spool.model import Envelope, MessageState, UnitState
-from empath.spool.recovery import BodyLocation, recover
+from empath.spool.recovery import BodyLocation, packed_seg, recover
 from empath.spool.space import Reserve, reserve_size
 from empath.spool.store import (
     SEGMENT_BYTES,
@@ -102,7 +102,7 @@ class FileSpool(IndexedMessages, Compaction):
         self._log_dir = self.path / "log"
         self._bodies_dir = self.path / "bodies"
         self._index = MessageIndex()
-        self._locs: dict[str, BodyLocation] = {}
+        self._locs: dict[str, int] = {}  # packed BodyLocation per live message
         self._segments: dict[int, Segment] = {}
         self._segments_lock = threading.Lock()
         self._writer: LogWriter | None = None
@@ -373,7 +373,8 @@ class FileSpool(IndexedMessages, Compaction):
     async def remove(self, msg_id: str) -> None:
         writer = self._live_writer()
         self.get(msg_id)
-        loc = self._locs.get(msg_id)
+        packed = self._locs.get(msg_id)
+        loc = None if packed is None else BodyLocation.unpack(packed)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._removing.add(msg_id)
         try:
@@ -410,14 +411,15 @@ class FileSpool(IndexedMessages, Compaction):
                 if entry.spilled:
                     self._spill_total += entry.body_bytes
             elif kind is EntryKind.COPY:
-                loc = self._locs.get(entry.msg_id)
-                if loc is not None and loc.seg == entry.from_seg:
-                    self._unplace(entry.msg_id, loc)
+                packed = self._locs.get(entry.msg_id)
+                if packed is not None and packed_seg(packed) == entry.from_seg:
+                    self._unplace(entry.msg_id, BodyLocation.unpack(packed))
                     self._place(entry)
             elif kind is EntryKind.DEL:
                 self._index.pop(entry.msg_id, None)
-                loc = self._locs.pop(entry.msg_id, None)
-                if loc is not None:
+                packed = self._locs.pop(entry.msg_id, None)
+                if packed is not None:
+                    loc = BodyLocation.unpack(packed)
                     self._unplace(entry.msg_id, loc)
                     if loc.spilled:
                         self._spill_total -= loc.length
@@ -446,7 +448,7 @@ class FileSpool(IndexedMessages, Compaction):
             length=entry.body_bytes,
             spilled=entry.spilled,
             record_bytes=entry.record_bytes,
-        )
+        ).pack()
         seg.refs.add(entry.msg_id)
         seg.live_bytes += entry.record_bytes
 
@@ -460,7 +462,7 @@ class FileSpool(IndexedMessages, Compaction):
 
     def _location(self, msg_id: str) -> BodyLocation:
         self.get(msg_id)
-        return self._locs[msg_id]
+        return BodyLocation.unpack(self._locs[msg_id])
 
     def _pread_inline(self, loc: BodyLocation) -> bytes:
         seg = self._segments[loc.seg]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from empath.smtp.parsing import domain_of
@@ -227,7 +227,6 @@ class MessageState:
     id: str
     envelope: Envelope
     units: tuple[UnitState, ...]
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def finished(self) -> bool:
