@@ -239,3 +239,43 @@ def write_results(name: str, data: dict[str, object]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=1) + "\n")
     return path
+
+
+# --- the CPU-per-message guard (issue 20 #5) --------------------------------------------
+# docs/bench.md keeps the last recorded CPU per message of ingest and relay in a table
+# between two markers; bench/ingest and bench/relay print every run's figure next to it,
+# so a change that costs CPU on the hot path shows in the next `make bench`.
+
+BENCH_DOC = ROOT / "docs" / "bench.md"
+_BEGIN = "<!-- cpu-per-message:begin -->"
+_END = "<!-- cpu-per-message:end -->"
+
+
+def recorded_cpu(doc: Path = BENCH_DOC) -> dict[str, tuple[float, str]]:
+    """``{benchmark: (µs per message, "when, build")}`` from docs/bench.md's table rows
+    ``| ingest | 573 | 2026-12-07 | compiled | how |`` between the markers."""
+    text = doc.read_text()
+    try:
+        table = text[text.index(_BEGIN) + len(_BEGIN) : text.index(_END)]
+    except ValueError:
+        raise ValueError(f"{doc}: no CPU-per-message table ({_BEGIN} ... {_END})") from None
+    out: dict[str, tuple[float, str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not cells[1].replace(",", "").replace(".", "", 1).isdigit():
+            continue  # the header, its rule, prose
+        out[cells[0]] = (float(cells[1].replace(",", "")), f"{cells[2]}, {cells[3]}")
+    return out
+
+
+def cpu_vs_recorded(name: str, cpu_us: float, doc: Path = BENCH_DOC) -> str:
+    """``CPU 512 µs/msg (recorded 573 µs/msg on 2026-12-07, compiled: -10.6 %)``."""
+    try:
+        recorded = recorded_cpu(doc).get(name)
+    except (OSError, ValueError) as exc:
+        return f"CPU {cpu_us:.0f} µs/msg (no recorded figure: {exc})"
+    if recorded is None:
+        return f"CPU {cpu_us:.0f} µs/msg (no recorded figure for {name!r} in {doc.name})"
+    base, when = recorded
+    change = (cpu_us / base - 1) * 100
+    return f"CPU {cpu_us:.0f} µs/msg (recorded {base:.0f} µs/msg on {when}: {change:+.1f} %)"
