@@ -8,13 +8,18 @@ spawn to ``Empath ready`` (spool recovery + the runner's schedule), and the RSS 
 queued unit above an empty daemon's.  Goals (issue 7): < 60 s and <= 1 KiB per unit.
 
 The time goal is asserted (1M units, shared 2-vCPU VM: 47 s compiled, 61-122 s pure
-Python depending on the load).  The memory goal is not met by this build (1.4 KiB per
-unit at 50k, 1.8-2.0 KiB at 1M; the spool's index is ~0.95 KiB per one-unit message, the
-rest the scheduler's entries and allocator slack): what it would take is an index that does
-not keep a decoded MessageState for every queued message - the id, the unit's due time
-and the record's (segment, offset) in compact arrays, decoding a message when its unit
-comes due.  The test asserts what this build holds (2 KiB at 50k, 2.5 KiB at 1M), so a
-regression fails.
+Python depending on the load; issue 20 asks for <= 20 s).  Wall time to ready is mostly the
+machine's load on the shared VM, so the figure line also gives the daemon's CPU seconds to
+ready, which the load moves far less.  Memory (issue 20 goal <= 1 KiB per unit): 1.8-2.0
+KiB per unit at 1M before issue 20; since then the body locations are packed ints, the due
+index keeps one tuple per unit, a message has no spare dict and recovery holds record
+offsets instead of copies of their JSON (and trims the C heap after): 1,207 B per unit at
+50k, 1,173 B at 1M (pure Python, 2026-12-07).  The goal is not met: what is left per
+one-unit message is the decoded MessageState (envelope, unit, recipient: ~600 B), the
+spool's id/location/oldest entries and the scheduler's key and heap entry; below 1 KiB needs
+an index that does not keep a decoded MessageState for every queued message, decoding one
+when its unit comes due (and `queue list` decoding from the log).  The test asserts what
+this build holds (1.25 KiB), so a regression fails.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 BODY = b"Subject: scale\r\nMessage-ID: <scale@empath.test>\r\n\r\n" + b"queued for later.\r\n" * 8
 GOAL_SECONDS = 60.0
 GOAL_BYTES_PER_UNIT = 1024  # the issue's goal: not met yet, see the module doc
-BAR_BYTES_PER_UNIT = pick(2048, 2560)  # what this build holds (a regression fails here)
+BAR_BYTES_PER_UNIT = 1280  # what this build holds (a regression fails here)
 
 
 def build_queue(spool: Path, units: int, now: float) -> None:
@@ -75,13 +80,20 @@ def build_queue(spool: Path, units: int, now: float) -> None:
         out.close()
 
 
-def start_measured(d: Daemon, timeout: float) -> tuple[float, int]:
-    """(seconds from spawn to "Empath ready", VmRSS KiB once ready)."""
+def start_measured(d: Daemon, timeout: float) -> tuple[float, float, int]:
+    """(seconds from spawn to "Empath ready", the daemon's CPU seconds by then, VmRSS KiB
+    once ready)."""
     started = time.monotonic()
     d.start(timeout=timeout, wait_path="/health/live")
     d.wait_log("Empath ready", timeout=timeout)
     seconds = time.monotonic() - started
-    return seconds, d.rss_kib()
+    return seconds, cpu_seconds(d.pid), d.rss_kib()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (all threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.timeout(pick(300, 3600))
@@ -93,7 +105,7 @@ def test_restart_on_a_large_queue(tmp_path: Path) -> None:
 
     empty = Daemon(tmp_path / "empty", overrides=overrides)
     try:
-        _, base_kib = start_measured(empty, timeout)
+        _, _, base_kib = start_measured(empty, timeout)
     finally:
         empty.stop()
 
@@ -102,7 +114,7 @@ def test_restart_on_a_large_queue(tmp_path: Path) -> None:
     build_queue(d.spool_path, units, time.time())
     build_s = time.monotonic() - built
     try:
-        seconds, rss_kib = start_measured(d, timeout)
+        seconds, cpu_s, rss_kib = start_measured(d, timeout)
         (recovered,) = d.logs("Spool recovered")
         (runner,) = d.logs("Delivery runner started")
     finally:
@@ -114,8 +126,9 @@ def test_restart_on_a_large_queue(tmp_path: Path) -> None:
     met = "met" if per_unit <= GOAL_BYTES_PER_UNIT else "NOT met"
     figure(
         "scale",
-        f"{units:,} queued units: restart {seconds:.1f} s to ready (recovery "
-        f"{fields['seconds']:.1f} s; goal < {GOAL_SECONDS:.0f} s), RSS {rss_kib / 1024:.0f} MiB"
+        f"{units:,} queued units: restart {seconds:.1f} s to ready, {cpu_s:.1f} s of CPU "
+        f"(recovery {fields['seconds']:.1f} s; goal < {GOAL_SECONDS:.0f} s), "
+        f"RSS {rss_kib / 1024:.0f} MiB"
         f" = {per_unit:.0f} B per unit above an empty daemon's {base_kib / 1024:.0f} MiB "
         f"(goal <= {GOAL_BYTES_PER_UNIT} B: {met}"
         f", bar {BAR_BYTES_PER_UNIT} B); queue built in {build_s:.1f} s",
