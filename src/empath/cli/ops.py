@@ -99,22 +99,22 @@ def _bulk_text(data: dict[str, Any], verb: str) -> str:
     return text + "\n"
 
 
-def queue_hold(ctx: Any, ns: argparse.Namespace) -> int:
-    args = _selection(ns)
-    if args is None:
-        return _usage("queue hold")
-    data = ctx.call("queue.hold", args)
-    ctx.emit(data, _bulk_text(data, "held"))
-    return EXIT_OK
+def _hold_or_release(name: str, verb: str) -> Any:
+    """`queue hold` / `queue release`: by ID or filter, no confirmation (both undo)."""
+
+    def run(ctx: Any, ns: argparse.Namespace) -> int:
+        args = _selection(ns)
+        if args is None:
+            return _usage(f"queue {name}")
+        data = ctx.call(f"queue.{name}", args)
+        ctx.emit(data, _bulk_text(data, verb))
+        return EXIT_OK
+
+    return run
 
 
-def queue_release(ctx: Any, ns: argparse.Namespace) -> int:
-    args = _selection(ns)
-    if args is None:
-        return _usage("queue release")
-    data = ctx.call("queue.release", args)
-    ctx.emit(data, _bulk_text(data, "released, due now"))
-    return EXIT_OK
+queue_hold = _hold_or_release("hold", "held")
+queue_release = _hold_or_release("release", "released, due now")
 
 
 def bulk_delete(ctx: Any, ns: argparse.Namespace, args: dict[str, Any], bounce: bool) -> int:

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import empath
 from empath.compiled import compiled_modules
-from empath.config.model import Config
 from empath.config.reload import config_changes
 from empath.control import queue as q
-from empath.control.ops import OpsHandlers
+from empath.control.ops import OpsDaemon, OpsHandlers
 from empath.control.ops import entries as ops_table
 from empath.control.output import list_line_items
 from empath.control.protocol import ErrorCode, RequestError
@@ -35,11 +34,7 @@ from empath.errors import ConfigError, DeliveryError, UnknownMessageError
 from empath.modules.host import ModuleHost
 from empath.observability.health import MAX_HEARTBEAT_AGE_S
 from empath.policy.breaker import BreakerState
-from empath.policy.state import PolicyState
-from empath.queue.runner import DeliveryRunner
-from empath.queue.scheduler import Scheduler
 from empath.spool.model import MessageState, UnitState, UnitStatus
-from empath.spool.store import Spool
 from empath.stats import RunnerStats, Window
 from empath.transport.admission import per_ip_key
 from empath.transport.listener import SmtpServerGroup
@@ -61,19 +56,10 @@ class ReloadRecord:
     changes: tuple[str, ...] = ()  # what it applied (config_changes lines)
 
 
-class Daemon(Protocol):
-    """What the control commands need from the running daemon (``App``)."""
+class Daemon(OpsDaemon, Protocol):
+    """What the control commands need from the running daemon (``App``): the incident
+    controls' needs (config, spool, scheduler, runner, policy, ...) and these."""
 
-    @property
-    def config(self) -> Config: ...
-    @property
-    def spool(self) -> Spool: ...
-    @property
-    def scheduler(self) -> Scheduler: ...
-    @property
-    def runner(self) -> DeliveryRunner: ...
-    @property
-    def policy(self) -> PolicyState: ...
     @property
     def listeners(self) -> SmtpServerGroup: ...
     @property
@@ -501,9 +487,7 @@ def _entry_json(e: CacheEntryInfo) -> dict[str, Any]:
 def command_table(daemon: Daemon) -> Mapping[str, Command]:
     """Every control command, by wire name."""
     h = Handlers(daemon)
-    ops_entries: list[tuple[str, Callable[[Args], Any], bool]] = []
-    if hasattr(daemon, "suspensions"):
-        h.ops, ops_entries = ops_table(daemon)  # type: ignore[arg-type]
+    h.ops, ops_entries = ops_table(daemon)
     entries: list[tuple[str, Callable[[Args], Any], bool]] = [
         ("system.ping", h.ping, False),
         ("system.status", h.status, False),
