@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 A binary heap of ``(due_at, seq, key)`` entries plus a dict ``key -> entry`` naming
 each key's one live entry (the same tuple object as in the heap, so a queued key costs
-one tuple, not two; an entry is live when the dict holds that very object).
+one tuple, not two; an entry is live when the dict holds an equal one, compared by value
+because mypyc, which compiles this module, unboxes fixed-length tuples, so identity
+would not survive it; ``seq`` is unique, so equal means the same schedule).
 Rescheduling or removing a key only updates the dict; the old heap entry becomes
 stale and is discarded when it reaches the top (lazy deletion).  ``seq`` is a global
 counter, so entries with equal due times pop in scheduling order and keys are never
@@ -74,7 +76,7 @@ class DueIndex(Generic[K]):
         while heap:
             entry = heap[0]
             key = entry[2]
-            if live.get(key) is not entry:
+            if live.get(key) != entry:
                 heapq.heappop(heap)  # stale
                 continue
             if entry[0] > now:
@@ -100,7 +102,7 @@ class DueIndex(Generic[K]):
         live = self._live
         while heap:
             entry = heap[0]
-            if live.get(entry[2]) is entry:
+            if live.get(entry[2]) == entry:
                 return entry[0]
             heapq.heappop(heap)
         return None
@@ -119,7 +121,7 @@ class DueIndex(Generic[K]):
             entry = heap[i]
             if entry[0] > now:
                 continue
-            if live.get(entry[2]) is entry:
+            if live.get(entry[2]) == entry:
                 count += 1
             for child in (2 * i + 1, 2 * i + 2):
                 if child < len(heap):
