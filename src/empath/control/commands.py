@@ -292,7 +292,7 @@ class Handlers:
         for path, auth in self.d.authenticators.items():
             for row in auth.status():
                 users[str(row["user"])] = {**row, "users_file": path}
-            for ip, left in auth.blocked_ips().items():
+            for ip, left in (await auth.blocked_everywhere()).items():
                 blocked[ip] = round(max(blocked.get(ip, 0.0), left), 1)
         return {"users": list(users.values()), "blocked_ips": blocked}
 
@@ -304,7 +304,7 @@ class Handlers:
         for auth in self.d.authenticators.values():
             for k in keys:
                 hit = auth.unblock(k) or hit
-                await auth.unblock_shared(k)  # cluster mode: in Redis too
+                hit = await auth.unblock_shared(k) or hit  # cluster mode: in Redis too
         if not hit:
             raise CommandError(ErrorCode.NOT_FOUND, f"{key} is neither blocked nor slowed down")
         return {"unblocked": key}

@@ -147,6 +147,10 @@ class AuthLimiter:
         self._blocked[ip_key] = max(self._blocked.get(ip_key, 0.0), now + seconds)
         self._ip.forget(ip_key)
 
+    def lift(self, ip_key: str) -> None:
+        """End an address's block (another cluster node lifted it)."""
+        self._blocked.pop(ip_key, None)
+
     def failed(self, ip_key: str, login: str, now: float) -> FailureVerdict:
         s = self.settings
         ip_failures = self._ip.add(ip_key, now)

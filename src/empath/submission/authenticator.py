@@ -185,8 +185,8 @@ class Authenticator:
         (the session then skips the task and answers in the same loop turn); None when
         :meth:`authenticate` must run."""
         now = self.clock.monotonic()
-        if self.limiter.blocked(ip_key, now):
-            return self._blocked(creds, peer)
+        if self.shared is None and self.limiter.blocked(ip_key, now):
+            return self._blocked(creds, peer)  # (in a cluster, Redis says: authenticate)
         cache_s = self.settings.cache_secs
         if cache_s <= 0:
             return None
@@ -220,10 +220,18 @@ class Authenticator:
         stats = self.stats
         shared = self.shared
         if shared is not None:
-            left = await shared.blocked_for(ip_key)  # blocked by another node?
-            if left > 0:
-                self.limiter.block(ip_key, self.clock.monotonic(), left)
+            # The cluster's view wins: blocked by another node, or lifted by an operator
+            # anywhere (`user unblock`); our own only while Redis does not answer.
+            now = self.clock.monotonic()
+            left = await shared.blocked_for(ip_key)
+            if left is None:
+                if self.limiter.blocked(ip_key, now):
+                    return self._blocked(creds, peer)
+            elif left > 0:
+                self.limiter.block(ip_key, now, left)
                 return self._blocked(creds, peer)
+            else:
+                self.limiter.lift(ip_key)
         self.refresh()
         entry = self.users.users.get(creds.username)
         if self._pending >= MAX_PENDING:
@@ -341,10 +349,17 @@ class Authenticator:
     def unblock(self, key: str) -> bool:
         return self.limiter.unblock(key)
 
-    async def unblock_shared(self, key: str) -> None:
+    async def unblock_shared(self, key: str) -> bool:
         """Cluster mode: lift the block and forget the counts in Redis too."""
+        return self.shared is not None and await self.shared.unblock(key)
+
+    async def blocked_everywhere(self) -> dict[str, float]:
+        """Blocked addresses: this node's and, in cluster mode, the cluster's."""
+        out = self.blocked_ips()
         if self.shared is not None:
-            await self.shared.unblock(key)
+            for ip, left in (await self.shared.blocked()).items():
+                out[ip] = max(out.get(ip, 0.0), left)
+        return out
 
     async def aclose(self) -> None:
         self.close()

@@ -121,16 +121,37 @@ class SharedAuthCounters:
         redis = self._backend.redis
         await self._call(redis.set(self._key("block", ip_key), "1", px=int(block_s * 1000)))
 
-    async def blocked_for(self, ip_key: str) -> float:
-        """Seconds the address stays blocked cluster-wide (0 when it is not, or unknown)."""
+    async def blocked_for(self, ip_key: str) -> float | None:
+        """Seconds the address stays blocked cluster-wide (0: not blocked; None: Redis
+        did not answer)."""
         ttl = await self._call(self._backend.redis.pttl(self._key("block", ip_key)))
-        return ttl / 1000 if ttl is not None and ttl > 0 else 0.0
+        if ttl is None:
+            return None
+        return ttl / 1000 if ttl > 0 else 0.0
 
-    async def unblock(self, key: str) -> None:
+    async def unblock(self, key: str) -> bool:
+        """Forget a block and the counts of an address or a login; True if any existed."""
         redis = self._backend.redis
-        await self._call(
+        gone = await self._call(
             redis.delete(self._key("block", key), self._key("ip", key), self._key("login", key))
         )
+        return bool(gone)
+
+    async def blocked(self) -> dict[str, float]:
+        """Every address blocked cluster-wide, with the seconds it has left."""
+        redis = self._backend.redis
+        prefix = self._key("block", "")
+
+        async def scan() -> dict[str, float]:
+            out: dict[str, float] = {}
+            async for raw in redis.scan_iter(match=prefix + "*", count=200):
+                key = raw.decode() if isinstance(raw, bytes) else str(raw)
+                ttl = await redis.pttl(key)
+                if ttl > 0:
+                    out[key[len(prefix) :]] = ttl / 1000
+            return out
+
+        return await self._call(scan()) or {}
 
     async def close(self) -> None:
         await self._backend.close()
