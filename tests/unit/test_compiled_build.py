@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import tomllib
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -66,3 +67,21 @@ def test_log_lines_never_hand_a_dataclass_to_orjson() -> None:
     settings = breaker_settings()
     line = orjson.loads(encode_line({"settings": settings}))
     assert line == {"settings": str(settings)}
+
+
+def test_a_daemon_process_loads_what_this_pass_expects() -> None:
+    """The integration tests start `python -m empath` with this environment: after the
+    daemon's own imports, every hot-path module it loaded is compiled (or none is)."""
+    code = (
+        "import sys, empath.app\n"
+        "from empath.compiled import compiled_modules\n"
+        "print(' '.join(compiled_modules()))\n"
+        "print(' '.join(m for m in sys.modules if m.startswith('empath.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split("\n")
+    compiled, loaded = set(out[0].split()), set(out[1].split())
+    hot = set(LISTED) & loaded
+    assert len(hot) >= 10  # the daemon imports most of the hot path at start-up
+    assert (hot if EXPECT_COMPILED else set()) == compiled

@@ -147,3 +147,14 @@ async def test_an_idle_connection_is_closed_politely_after_the_idle_timeout() ->
     await clock.sleep(11)
     await asyncio.sleep(0)  # the QUIT task
     assert opened[0].quit_sent and 0 == pool.idle_count(KEY) and 1 == pool.stats.closed_idle
+
+
+async def test_a_fresh_request_opens_a_new_connection_even_with_one_idle() -> None:
+    """After a pooled session turned out dead, the retry must not get another pooled one
+    (the old attempt code could, and then called it 'not reused')."""
+    pool, opened, opener = pool_and_opener(FakeClock(autojump=True), max_per_key=2)
+    async with pool.connection(KEY, opener):  # type: ignore[arg-type]
+        pass
+    async with pool.connection(KEY, opener, fresh=True) as conn:  # type: ignore[arg-type]
+        assert conn is cast(OutboundConnection, opened[1]) and not conn.reused
+    assert (2, 0) == (pool.stats.opened, pool.stats.reused)
