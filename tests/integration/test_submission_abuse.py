@@ -249,3 +249,36 @@ def test_tls_handshake_failure_on_the_implicit_port_does_not_hurt(sub: Submissio
         s.settimeout(10)
         assert b"220" not in s.recv(100)
     assert asyncio.run(_login(sub, "127.0.0.1", "alice", PASSWORD)).startswith("235")
+
+
+def test_user_add_reads_the_password_from_the_terminal_without_echo(tmp_path: Path) -> None:
+    """On a terminal, `user add` asks twice without echoing; different answers change
+    nothing; the same answer twice stores a hash that verifies (no daemon needed)."""
+    import pexpect
+
+    from empath.submission.users import load_users, verify_password
+    from tests.ctl import BIN_DIR, ctl_env
+
+    users = tmp_path / "users"
+
+    def add(first: str, second: str) -> tuple[str, int]:
+        child = pexpect.spawn(
+            f"{BIN_DIR}/empathctl",
+            ["user", "add", "dave", "--senders", "dave@example.org", "--users-file", str(users)],
+            cwd=str(tmp_path), env=ctl_env(), encoding="utf-8", timeout=60,
+        )  # fmt: skip
+        child.expect("Password for dave: ")
+        child.sendline(first)
+        child.expect("Again: ")
+        child.sendline(second)
+        child.expect(pexpect.EOF)
+        child.close()
+        return str(child.before), int(child.exitstatus or 0)
+
+    text, code = add("tty-secret", "other")
+    assert 1 == code and "the passwords differ" in text and not users.exists()
+    text, code = add("tty-secret", "tty-secret")
+    assert 0 == code, text
+    assert "tty-secret" not in text  # not echoed
+    assert verify_password(load_users(str(users)).users["dave"].password, "tty-secret")
+    assert 0o600 == stat.S_IMODE(os.stat(users).st_mode)
