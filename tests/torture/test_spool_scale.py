@@ -8,19 +8,18 @@ spawn to ``Empath ready`` (spool recovery + the runner's schedule), and the RSS 
 queued unit above an empty daemon's.  Goals (issue 7): < 60 s and <= 1 KiB per unit.
 
 The time goal is asserted (1M units, shared 2-vCPU VM: 47 s compiled, 61-122 s pure Python
-depending on the load; issue 20 asks for <= 20 s).  Wall time to ready is mostly the
+depending on the load; issue 20 asks for <= 20 s). Wall time to ready is mostly the
 machine's load on the shared VM, so the figure line also gives the daemon's CPU seconds to
-ready, which the load moves far less.  Memory (issue 20 goal <= 1 KiB per unit): 1.8-2.0 KiB
+ready, which the load moves far less. Memory (issue 20 goal <= 1 KiB per unit): 1.8-2.0 KiB
 per unit at 1M before issue 20; since then the body locations are packed ints, the due index
 keeps one tuple per unit, a message has no spare dict and recovery holds record offsets
 instead of copies of their JSON (and trims the C heap after): 1,207 B per unit at 50k, 1,173
-B at 1M pure Python; 1,429 B at 50k compiled (2026-12-07; why the compiled build costs more
-is not known yet).  The goal is not met: what is left per one-unit message is the decoded
-MessageState (envelope, unit, recipient: ~600 B), the spool's id/location/oldest entries and
-the scheduler's key and heap entry; below 1 KiB needs an index that does not keep a decoded
-MessageState for every queued message, decoding one when its unit comes due (and `queue
-list` decoding from the log).  The test asserts what this build holds (1.5 KiB, both
-builds), so a regression fails.
+B at 1M pure Python; 1,300 B at 50k compiled (2026-12-07). The goal is not met: what is left
+per one-unit message is the decoded MessageState (envelope, unit, recipient: ~600 B), the
+spool's id/location/oldest entries and the scheduler's key and heap entry; below 1 KiB needs
+an index that does not keep a decoded MessageState for every queued message, decoding one
+when its unit comes due (and `queue list` decoding from the log). The test asserts what this
+build holds (1.5 KiB, both builds), so a regression fails.
 """
 
 from __future__ import annotations
