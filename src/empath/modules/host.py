@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -156,6 +156,38 @@ class Filter(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+class _Rest:
+    """Awaiting this carries on a coroutine that suspended in its first step (its
+    yielded future given back to the task first); sends, throws (cancellation) and the
+    result pass through as ``await coro`` would have passed them."""
+
+    __slots__ = ("_coro", "_first")
+
+    def __init__(self, coro: Coroutine[Any, Any, Verdict], first: Any) -> None:
+        self._coro = coro
+        self._first = first
+
+    def __await__(self) -> Generator[Any, Any, Verdict]:
+        coro = self._coro
+        out = self._first
+        while True:
+            try:
+                sent = yield out
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # thrown in by the task (a cancellation): pass on
+                try:
+                    out = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+            else:
+                try:
+                    out = coro.send(sent)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+
+
 @dataclass(slots=True)
 class _Health:
     last_ok: float = 0.0
@@ -222,13 +254,24 @@ class ModuleHost:
     # -- calls ------------------------------------------------------------------
 
     async def _call(
-        self, f: Filter, hook: Hook, timeout_s: float, call: Awaitable[Verdict]
+        self, f: Filter, hook: Hook, timeout_s: float, call: Coroutine[Any, Any, Verdict]
     ) -> Verdict:
         started = time.perf_counter()
         health = self._health[id(f)]
         try:
-            async with deadline(self._clock, timeout_s):
-                verdict = await call
+            # A hook that never suspends (most Python hooks: a decision from what they
+            # were given) finishes in its first step: no timer is armed for it.  One that
+            # awaits carries on under the deadline, less what the first step took.
+            t0 = self._monotonic()
+            verdict: Verdict
+            try:
+                first = call.send(None)
+            except StopIteration as done:
+                verdict = done.value
+            else:
+                left = timeout_s - (self._monotonic() - t0)
+                async with deadline(self._clock, max(left, 0.0)):
+                    verdict = await _Rest(call, first)
         except TimeoutError:
             self._failed(f, hook, health, f"timed out after {timeout_s:g} s", tb=False)
             self.stats.observe(f.label, hook, "timeout", time.perf_counter() - started)
@@ -239,6 +282,8 @@ class ModuleHost:
             self._failed(f, hook, health, f"{type(exc).__name__}: {exc}", tb=True)
             self.stats.observe(f.label, hook, "error", time.perf_counter() - started)
             return self._on_error(f)
+        finally:
+            call.close()  # a no-op once finished; frees one abandoned by a cancellation
         health.last_ok = self._monotonic()
         self.stats.observe(f.label, hook, verdict.result, time.perf_counter() - started)
         return verdict
