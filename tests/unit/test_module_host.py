@@ -136,6 +136,51 @@ def test_each_module_sees_the_message_as_the_one_before_left_it() -> None:
     assert b"From: a@b\r\nX-First: 1\r\n\r\nbody\r\n" == message.to_bytes()
 
 
+async def test_a_call_that_awaits_keeps_its_answer_under_the_deadline() -> None:
+    # the host runs a call's first step itself and only arms the deadline when the call
+    # suspends: what comes after the await must still reach the host, within budget
+    waits = Fake("waits", Verdict(Reply(550, "5.7.1", "late no")), delay_s=0.01)
+    stats = ModuleStats()
+    assert Reply(550, "5.7.1", "late no") == await ask(
+        ModuleHost([waits], stats, clock=CLOCK), Hook.RCPT
+    )
+    assert {("waits", "on_rcpt_to", "reject"): 1} == stats.calls
+
+
+async def test_cancelling_a_session_cancels_the_module_call_it_waits_for() -> None:
+    clock = FakeClock()
+    stuck = Fake("stuck", delay_s=0.01)
+    cancelled: list[bool] = []
+    inner = stuck._reply
+
+    async def reply(seen: Any) -> Verdict:
+        try:
+            return await inner(seen)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    stuck._reply = reply  # type: ignore[method-assign]
+    host = ModuleHost([stuck], ModuleStats(), clock=clock)
+    task = asyncio.ensure_future(ask(host, Hook.MAIL))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [True] == cancelled
+
+
+def test_a_module_sees_the_headers_as_they_were_when_it_was_called() -> None:
+    first = Fake("first", Verdict(changes=Changes(headers=(AddHeader("X-First", "1"),))))
+    message = AcceptedMessage("ID", b"Subject: s\r\n\r\nbody\r\n", sender="a@b",
+                              recipients=["r@x"], facts=FACTS)  # fmt: skip
+    host = ModuleHost([first], ModuleStats(), clock=CLOCK)
+    assert asyncio.run(host.data(session(), message)) is None
+    seen = first.seen[0]  # read only now, after its own change was applied
+    assert (("Subject", "s"),) == seen.headers
+    assert Message("a@b", ("r@x",), (("Subject", "s"),), b"body\r\n") == seen
+
+
 def test_a_full_delivery_event_queue_drops_and_counts() -> None:
     async def go() -> ModuleStats:
         stats = ModuleStats()

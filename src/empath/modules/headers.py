@@ -21,13 +21,50 @@ def field_value(f: HeaderField) -> str:
     return value.lstrip(b" \t").decode("utf-8", "surrogateescape")
 
 
+class _View(Message):
+    """A :class:`Message` whose ``headers`` tuple is built on first use (a hook that
+    never looks at them costs nothing for them); equal to, and read like, a Message."""
+
+    __slots__ = ("_fields",)
+    _fields: tuple[HeaderField, ...]  # the message's fields when the view was made
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        built: tuple[tuple[str, str], ...] | None = _HEADERS.__get__(self)
+        if built is None:
+            built = tuple((f.name, field_value(f)) for f in self._fields)
+            _HEADERS.__set__(self, built)
+        return built
+
+    @headers.setter  # dataclasses.replace() builds through Message.__init__
+    def headers(self, value: tuple[tuple[str, str], ...]) -> None:
+        _HEADERS.__set__(self, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        mine = (self.sender, self.recipients, self.headers, self.body)
+        return mine == (other.sender, other.recipients, other.headers, other.body)
+
+    __hash__ = Message.__hash__
+
+    def __repr__(self) -> str:
+        return "Message" + Message.__repr__(self).removeprefix("_View")
+
+
+_HEADERS = Message.__dict__["headers"]  # the slot behind Message.headers
+_FIELDS = {name: Message.__dict__[name] for name in ("sender", "recipients", "body")}
+
+
 def message_view(message: AcceptedMessage) -> Message:
-    return Message(
-        message.sender,
-        tuple(message.recipients),
-        tuple((f.name, field_value(f)) for f in message.headers),
-        message.body,
-    )
+    """The module API's read-only view of ``message`` as it is now."""
+    view = object.__new__(_View)
+    _FIELDS["sender"].__set__(view, message.sender)
+    _FIELDS["recipients"].__set__(view, tuple(message.recipients))
+    _FIELDS["body"].__set__(view, message.body)
+    _HEADERS.__set__(view, None)
+    object.__setattr__(view, "_fields", tuple(message.headers))
+    return view
 
 
 def apply_changes(message: AcceptedMessage, changes: Changes) -> None:
