@@ -275,3 +275,22 @@ def test_per_ip_cap_groups_ipv6_clients_by_64() -> None:
         rt.stop_sweeper()
     finally:
         loop.close()
+
+
+def test_a_reload_that_revokes_a_trusted_network_is_seen_by_the_next_trust_check() -> None:
+    """trusts() remembers its answer per address (asked for modules and the acceptance
+    steps of every message); set_relay must forget it."""
+    from empath.smtp.relay import RelayPolicy
+
+    loop = asyncio.new_event_loop()
+    try:
+        rt = runtime(loop)
+        rt.set_relay(RelayPolicy(trusted_networks=("192.0.2.0/24",), accepted_domains=()))
+        assert (True, True, False) == (
+            rt.trusts("192.0.2.1"), rt.trusts("192.0.2.1"), rt.trusts("198.51.100.1")
+        )  # fmt: skip
+        rt.set_relay(RelayPolicy(trusted_networks=(), accepted_domains=()))
+        assert not rt.trusts("192.0.2.1")
+        rt.stop_sweeper()
+    finally:
+        loop.close()

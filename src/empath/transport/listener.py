@@ -144,6 +144,7 @@ class ListenerRuntime:
         "_relay",
         "_relay_cache",
         "_sweeper",
+        "_trust_cache",
         "acceptance",
         "admission",
         "audit",
@@ -181,6 +182,7 @@ class ListenerRuntime:
         self.label = spec.label  # computed once: sessions log it per message
         self._relay = relay
         self._relay_cache: dict[str, Callable[[str], bool]] = {}
+        self._trust_cache: dict[str, bool] = {}  # trusts(), per client address
         self.spool = spool
         self.on_accepted = on_accepted
         self.clock = clock
@@ -223,13 +225,21 @@ class ListenerRuntime:
         self.stats.connections_active = self.admission.active
 
     def trusts(self, client_ip: str) -> bool:
-        """The client is in relay.trusted_networks (for acceptance steps)."""
-        return self._relay.trusts(client_ip)
+        """The client is in relay.trusted_networks (for acceptance steps and modules:
+        asked up to twice per message, so remembered per address like relay_check)."""
+        trusted = self._trust_cache.get(client_ip)
+        if trusted is None:
+            trusted = self._relay.trusts(client_ip)
+            if len(self._trust_cache) >= _RELAY_CACHE_MAX:
+                self._trust_cache.clear()
+            self._trust_cache[client_ip] = trusted
+        return trusted
 
     def set_relay(self, relay: RelayPolicy) -> None:
         """Reload: new sessions and the next RCPT of open ones use ``relay``."""
         self._relay = relay
         self._relay_cache.clear()
+        self._trust_cache.clear()
         for session in list(self.sessions):
             session.relay_changed()
 
