@@ -57,12 +57,17 @@ INLINE_BODY_BYTES: Final = 64 * 1024
 class Where(enum.Enum):
     """Where one message's signing work runs (module doc)."""
 
+    ALL_ON_LOOP = "all-on-loop"  # Ed25519 only (~30 µs of CPU): cheaper than a hand-over
     KEY_IN_POOL = "key-in-pool"  # canonicalise on the loop, key operations in the pool
     ALL_IN_POOL = "all-in-pool"  # big body: everything in the pool
 
 
 def where(specs: Sequence[SignSpec], body_bytes: int) -> Where:
-    return Where.ALL_IN_POOL if body_bytes > INLINE_BODY_BYTES else Where.KEY_IN_POOL
+    if body_bytes > INLINE_BODY_BYTES:
+        return Where.ALL_IN_POOL
+    if all(s.algorithm == "ed25519-sha256" for s in specs):
+        return Where.ALL_ON_LOOP
+    return Where.KEY_IN_POOL
 
 
 class DkimStats:
@@ -142,7 +147,9 @@ class DkimSigner:
         now_s = int(now)
         try:
             place = self._where(what.specs, len(body))
-            if place is Where.KEY_IN_POOL:
+            if place is Where.ALL_ON_LOOP:
+                signatures = self._finish(prepare(fields, body, what.specs, now_s))
+            elif place is Where.KEY_IN_POOL:
                 pending = prepare(fields, body, what.specs, now_s)
                 loop = asyncio.get_running_loop()
                 signatures = await loop.run_in_executor(self._pool, self._finish, pending)

@@ -1,0 +1,81 @@
+"""DKIM canonicalisation on the signing path (RFC 6376 §3.4), byte for byte dkimpy's.
+
+dkimpy (the reference, and the verifier in the tests) runs two or three regular
+expression substitutions per header field and per body.  Here the same results come
+from ``bytes`` methods, and a body with no tab, no double space and no space before a
+line end - nearly all mail - is not copied at all by the relaxed rules.  Anything else
+falls back to dkimpy's own functions.  ``tests/unit/test_dkim_canon.py`` checks with
+random bodies and header fields (hypothesis) that both give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from dkim.canonicalization import (
+    compress_whitespace,
+    correct_empty_body,
+    strip_trailing_lines,
+    strip_trailing_whitespace,
+)
+
+Field = tuple[bytes, bytes]
+
+
+def relaxed_value(value: bytes) -> bytes:
+    """One field value, relaxed: unfolded, runs of SP/HT → one SP, stripped, CRLF."""
+    if b"\n" in value:
+        value = value.replace(b"\r\n", b"").replace(b"\n", b"")
+    if b"\t" in value:
+        value = value.replace(b"\t", b" ")
+    if b"  " in value:
+        value = b" ".join([part for part in value.split(b" ") if part])
+    return value.strip() + b"\r\n"
+
+
+class Relaxed:
+    """The relaxed algorithm with dkimpy's interface (``canonicalize_headers/body``)."""
+
+    @staticmethod
+    def canonicalize_headers(headers: Sequence[Field]) -> list[Field]:
+        return [(name.lower().rstrip(), relaxed_value(value)) for name, value in headers]
+
+    @staticmethod
+    def canonicalize_body(body: bytes) -> bytes:
+        if b"\t" in body or b"  " in body or b" \r\n" in body:
+            body = compress_whitespace(strip_trailing_whitespace(body))
+        result: bytes = correct_empty_body(strip_trailing_lines(body))
+        return result
+
+
+class Simple:
+    """The simple algorithm (no regular expressions in dkimpy either)."""
+
+    @staticmethod
+    def canonicalize_headers(headers: Sequence[Field]) -> list[Field]:
+        return list(headers)
+
+    @staticmethod
+    def canonicalize_body(body: bytes) -> bytes:
+        result: bytes = strip_trailing_lines(body)
+        return result
+
+
+ALGORITHMS: dict[str, type[Relaxed] | type[Simple]] = {"relaxed": Relaxed, "simple": Simple}
+
+
+class Policy:
+    """``c=head/body`` with dkimpy's policy interface (what ``dkim.hash_headers`` calls)."""
+
+    __slots__ = ("body_algorithm", "header_algorithm")
+
+    def __init__(self, canonicalization: str) -> None:
+        head, _, body = canonicalization.partition("/")
+        self.header_algorithm = ALGORITHMS[head]
+        self.body_algorithm = ALGORITHMS[body or "simple"]
+
+    def canonicalize_headers(self, headers: Sequence[Field]) -> list[Field]:
+        return self.header_algorithm.canonicalize_headers(headers)
+
+    def canonicalize_body(self, body: bytes) -> bytes:
+        return self.body_algorithm.canonicalize_body(body)
