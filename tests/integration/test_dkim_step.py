@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from empath.dkim import keys, rotation
-from empath.dkim.policy import build_table
+from empath.dkim.policy import build_table, plan
 from empath.dkim.sign import Unsigned
 from empath.dkim.signer import INLINE_BODY_BYTES, DkimSigner, DkimStats, Where, where
 from empath.smtp.server import RelayPolicy
@@ -49,7 +49,7 @@ def srv() -> Iterator[ServerThread]:
         yield s
 
 
-@pytest.mark.parametrize("place", [Where.KEY_IN_POOL, Where.ALL_IN_POOL])
+@pytest.mark.parametrize("place", list(Where))
 def test_a_signing_error_answers_451_and_spools_nothing(
     tmp_path: Path, srv: ServerThread, place: Where
 ) -> None:
@@ -140,7 +140,21 @@ def test_after_a_rotation_both_selectors_sign_until_the_overlap_ends(tmp_path: P
     signer.close()
 
 
-def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool() -> None:
+def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool(
+    tmp_path: Path,
+) -> None:
+    """RSA's key operation goes to the pool; Ed25519 alone (~30 µs) stays on the loop;
+    a big body goes to the pool whole."""
+    signer = signer_for(tmp_path)
+    specs = plan(signer.table, ["a@example.org"], [], 0.0)
+    signer.close()
+    assert specs is not None
+    dual = specs.specs
+    ed = [s for s in dual if s.algorithm == "ed25519-sha256"]
+    assert {"rsa-sha256", "ed25519-sha256"} == {s.algorithm for s in dual}
     assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
-        where([], 1000), where([], INLINE_BODY_BYTES), where([], INLINE_BODY_BYTES + 1)
+        where(dual, 1000), where(dual, INLINE_BODY_BYTES), where(dual, INLINE_BODY_BYTES + 1)
+    )  # fmt: skip
+    assert (Where.ALL_ON_LOOP, Where.ALL_ON_LOOP, Where.ALL_IN_POOL) == (
+        where(ed, 1000), where(ed, INLINE_BODY_BYTES), where(ed, INLINE_BODY_BYTES + 1)
     )  # fmt: skip

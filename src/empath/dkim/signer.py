@@ -16,7 +16,12 @@ by other work): an RSA-2048 signature costs 0.3-1.8 ms - over the issue's ~0.5 m
 and with the key operation in the pool the listener relayed 360-411 msg/s against
 174-270 with it on the loop; even Ed25519 (~0.05-0.1 ms) was faster in the pool
 (437-531 vs 251-358 msg/s), the session yielding the loop while it waits.  It costs
-more CPU in all (the hand-over), which the closing note reports.
+more CPU in all (the hand-over), which the closing note reports.  Later (the same
+way, ``bench/dkim_pipeline``): RSA with the key operation in the pool 584-648 msg/s
+against 316-441 all on the loop, so RSA stays there; a message signed with Ed25519
+only is signed entirely on the loop now (its key operation is ~30 µs of CPU, less
+than the hand-over and the GIL ping-pong it causes: the in-process profile showed
+~120 µs per message in ``SimpleQueue.put`` alone).
 A signing failure answers ``451 4.3.0`` (the client retries; nothing is spooled) and
 counts ``empath_dkim_signatures_total{result="error"}``.
 
