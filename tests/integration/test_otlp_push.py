@@ -142,4 +142,5 @@ def test_metrics_are_pushed_over_otlp_and_an_outage_costs_one_line(tmp_path: Pat
         "retry": 0.0,
         "failed": 0.0,
         "expired": 0.0,
+        "held": 0.0,
     } == sizes

@@ -502,8 +502,7 @@ def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.Argument
         description="Control a running Empath daemon. Socket: --socket, "
         "$EMPATH_CONTROL_SOCKET, else control_socket of the config (--config, "
         "$EMPATH_CONFIG, ./empath.config.ron, /etc/empath/empath.config.ron).",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed, "
-        "5 reloaded but a restart is needed",
+        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed",
     )
     _global_options(p, top=True)
     groups = p.add_subparsers(dest="group", metavar="{" + ",".join(_groups(commands)) + "}")
