@@ -292,6 +292,12 @@ def _redact(addr: str) -> str:
 
 
 def _tls_context(spec: ListenerSpec) -> ssl.SSLContext | None:
+    # Built once per listener and shared by all its sessions: the TLS 1.3 session-ticket
+    # keys (and TLS 1.2's session cache) live in the context, so a reconnecting client
+    # resumes its session only because every connection sees this same object (OpenSSL
+    # issues two tickets per handshake by default; tests/integration/
+    # test_submission_tls.py proves the resumption). Prefer an ECDSA P-256 certificate:
+    # its handshake signature costs a fraction of RSA-2048's (docs/bench.md).
     if not spec.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
