@@ -88,7 +88,7 @@ def submit_once(
         conn.sendall(b"QUIT\r\n")
         _expect(conn, b"221")
         # the TLS 1.3 tickets came after the handshake; they have been read by now
-        return conn.session_reused, conn.session
+        return conn.session_reused is True, conn.session
     finally:
         conn.close()
 
