@@ -4,10 +4,11 @@ and DSN creation; it is restarted while full; then space is freed.
 Mail goes to ``a.test`` (accepts), ``defer.test`` (451: those messages stay queued and keep
 old segments alive, so compaction has messages to copy forward) and ``bounce.test``
 (451 at first, then 550 once the disk is full, so the DSNs are created on a full disk).
-The bars: clients get only 250 or ``452 4.3.1``; compaction and DSN creation fail (the
-logs say so) without corrupting anything; a restart on the full disk succeeds; once the
-filler is deleted every acknowledged message reaches ``a.test``, every bounced one gets
-its DSN, the 4xx ones are still queued, and the spool reopens with nothing to quarantine.
+The bars: clients get only 250 or ``452 4.3.1``; compaction runs on the full disk (from the
+space reserve, or failing with a log line) and DSN creation fails, without corrupting
+anything; a restart on the full disk succeeds; once the filler is deleted every
+acknowledged message reaches ``a.test``, every bounced one gets its DSN, the 4xx ones
+are still queued, and the spool reopens with nothing to quarantine.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def count(d: Daemon, message: str) -> int:
     return len(d.logs(message))
 
 
+def compaction_runs(d: Daemon) -> int:
+    """Compactions that ran, whether they freed space or failed on the full disk."""
+    return sum(
+        count(d, text)
+        for text in ("Compacted a spool segment", "Compaction could not copy", "compaction failed")
+    )
+
+
 def wait_until(what: str, predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -103,15 +112,24 @@ def test_full_disk_during_ingest_compaction_and_dsn_creation(tmp_path: Path) -> 
                 c.send(OK, size=8000)
                 assert c.next_id < burst + 200, "the full spool never refused a message"
             fill(filler)
+            compactions = compaction_runs(d)
             sink.bouncing = True  # the next retries fail for good: DSNs on a full disk
+            # Compaction on the full disk either fails (the logs say so) or, since the space
+            # reserve (issue 14 #15) is given up for deletions and compaction, succeeds; the
+            # DSNs are new mail and cannot be written until space comes back.
             wait_until(
-                "a compaction and a DSN to fail on the full disk",
+                "a compaction on the full disk and a DSN that could not be saved",
                 lambda: (
-                    count(d, "Compaction could not copy") + count(d, "compaction failed") > 0
+                    compaction_runs(d) > compactions
                     and count(d, "Delivery failed permanently") > 0
+                    and count(d, "Delivery outcome not saved") > 0
                 ),
             )
-            assert 452 == c.send(OK)
+            # What compaction freed may take new mail again (250) - no restart needed - or
+            # the disk is still full (452); either way nothing else.  Then take the space
+            # back so the restart below happens on a full disk.
+            assert c.send(OK) in (250, 452)
+            fill(filler)
             d.stop()
             d.start(wait_path="/health/live")  # no start-up failure on a full disk
             restarted = d.logs("Spool recovered")[-1]["fields"]
