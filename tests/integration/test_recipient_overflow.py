@@ -40,7 +40,7 @@ def test_real_postfix_delivers_25_recipients_to_a_limit_of_10(tmp_path: Path) ->
                 capture_output=True, text=True, timeout=30, check=False,
             )  # fmt: skip
             assert 0 == out.returncode, out.stdout + out.stderr
-            wait_for(lambda: pf.queued() == 0 and pf.log(), timeout=60, what="postfix queue empty")
+            wait_for(lambda: pf.queued() == 0 and pf.log(), timeout=120, what="postfix queue empty")
             log = pf.log()
             assert "4.5.3" in log  # the limit was met, and Postfix was told so
             assert "status=sent" in log
