@@ -1,5 +1,9 @@
 """The composition root: config → objects → one running daemon.
 
+Why this module is longer than 600 lines: it is the composition root (DESIGN §1): every
+component is built and wired here, including reload and the background loops, so wiring
+is read in one file.
+
 Everything long-lived is built here and nowhere else (no module singletons),
 from the settings ``config/derive.py`` derives: the spool, the delivery policy
 state, scheduler, DNS router, connection pool and runner, the SMTP listeners, the

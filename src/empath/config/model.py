@@ -1,5 +1,9 @@
 """The configuration schema (DESIGN §2): frozen dataclasses with their defaults.
 
+Why this module is longer than 600 lines: it is the whole schema in one place (every
+section an operator can write, with its default and check), so a key is found by reading
+one file; splitting it by section would scatter the defaults DESIGN §2 lists together.
+
 Theory of operation
 -------------------
 Each class is one RON struct; its attribute names are exactly the RON keys, so

@@ -1,5 +1,8 @@
 """Outbound SMTP connections: connect, STARTTLS, send messages, keep them pooled.
 
+Why this module is (just) over 600 lines: connect, TLS policy and the client pump for one
+delivery attempt read best together; the pool is in pool.py.
+
 Theory of operation
 -------------------
 An :class:`OutboundConnection` is a thin asyncio pump around the sans-I/O

@@ -1,5 +1,10 @@
 """The inbound SMTP pump: one ``asyncio.Protocol`` per connection.
 
+Why this module is longer than 600 lines: one Protocol carries the pump, backpressure,
+timeouts, STARTTLS, the AUTH check hand-off and the end-of-data acceptance steps; the
+steps themselves live in acceptance.py. The AUTH and acceptance hand-offs are candidates
+to move out (noted in the session's closing note).
+
 Theory of operation
 -------------------
 The protocol owns no SMTP logic.  ``data_received`` feeds bytes to the sans-I/O
