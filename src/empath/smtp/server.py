@@ -1,9 +1,9 @@
 """The inbound ESMTP session as a sans-I/O state machine.
 
-Why this module is longer than 600 lines: the ESMTP dialogue's states, verb table and
-replies are one state machine, and since issue 18 it also runs the AUTH exchange and the
-module check points; the SASL decoding lives in smtp/sasl.py. Moving AUTH's state
-handling to its own module is the next split (noted in the session's closing note).
+Why this module is longer than 600 lines: the input loop, the command handlers, the
+body phases and the module check points read and write the same per-session state
+(buffer, phase, transaction), so they stay one class; what the machine only reads (states,
+verb table, settings, canned replies) is in smtp/dialogue.py and AUTH in smtp/auth.py.
 
 Theory of operation
 -------------------
@@ -19,7 +19,7 @@ Two orthogonal pieces of state:
 
 * :class:`State` — where the SMTP dialogue is (RFC 5321 §4.1.4 ordering):
   FRESH → GREETED → MAIL → RCPT → (DATA or BDAT chunks) → GREETED.
-  ``_ALLOWED`` (data, below) says in which states each verb may be used;
+  ``ALLOWED`` (smtp/dialogue.py) says in which states each verb may be used;
   anything else is ``503 5.5.1``.
 * :class:`Phase` — what the next input bytes are: command lines, DATA content,
   BDAT chunk bytes (kept or skipped), or nothing because we WAIT for the
@@ -31,13 +31,10 @@ transport resumes it with :meth:`message_committed`, :meth:`message_failed`,
 :meth:`tls_started`, :meth:`auth_succeeded` or :meth:`auth_failed`.
 
 SMTP AUTH (RFC 4954, DESIGN §13) is offered only on a listener configured with
-``auth`` (:class:`AuthOffer`) and only under TLS.  ``AUTH`` runs a
-:class:`~empath.smtp.sasl.SaslExchange`: challenges put the server in the AUTH
-phase (one base64 response line each); complete credentials become an
-:class:`AuthCheck` event and the server WAITS for the transport's verdict.  A
-successful AUTH leaves a :class:`~empath.smtp.sasl.UserGrant` on the session: relay
-is allowed, MAIL FROM must be owned by the user, and the Received: line says
-ESMTPSA.
+``auth`` and only under TLS; its state machine is :class:`~empath.smtp.auth.ServerAuth`.
+Its challenges put the server in the AUTH phase (one response line each); complete
+credentials become an :class:`AuthCheck` event and the server WAITS for the
+transport's verdict.
 
 Input is one buffer and an offset into it: each command advances the offset, and
 the unread rest is copied once per :meth:`receive_data` (not once per command, which made
@@ -51,20 +48,44 @@ The body is never buffered here: DATA/BDAT content is forwarded chunk by chunk
 as :class:`BodyChunk` events.  A message found bad (bare CR/LF, NUL, line too
 long, too big) is read to its real end, then refused; the transport discards
 what it had written (:class:`BodyAbort`).
-
-(Over 600 lines on purpose: the transition table, the input loop and the
-handlers it dispatches to are kept in one module so they can be read together.)
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 from empath.errors import SmtpProtocolError
+from empath.smtp.auth import MAX_RESPONSE_BYTES, AuthOffer, ServerAuth, Step
 from empath.smtp.data import BdatDecoder, BodyError, DataDecoder, ReceivedCounter
+from empath.smtp.dialogue import (
+    ALLOWED,
+    BAD_COMMAND_CODES,
+    BODY_ERROR_REPLIES,
+    MAX_BAD_COMMANDS,
+    MAX_COMMAND_BYTES,
+    MAX_COMMANDS_PER_TURN,
+    R_BYE,
+    R_DATA_GO,
+    R_HELP,
+    R_LINE_TOO_LONG,
+    R_MAIL_OK,
+    R_OK,
+    R_RCPT_OK,
+    R_SHUTDOWN,
+    R_TIMEOUT,
+    R_TLS_GO,
+    R_TOO_MANY_ERRORS,
+    R_TOO_MANY_HOPS,
+    R_TOO_MANY_RCPTS,
+    R_VRFY,
+    RECIPIENT_OVERSHOOT_LIMIT,
+    Phase,
+    ServerConfig,
+    State,
+    canned,
+    reply_bytes,
+)
 from empath.smtp.events import (
     AuthCheck,
     BodyAbort,
@@ -92,13 +113,7 @@ from empath.smtp.parsing import (
 )
 from empath.smtp.relay import RelayPolicy
 from empath.smtp.replies import Reply
-from empath.smtp.sasl import (
-    MAX_RESPONSE_BYTES,
-    Challenge,
-    Credentials,
-    SaslExchange,
-    UserGrant,
-)
+from empath.smtp.sasl import UserGrant
 
 __all__ = [
     "MAX_BAD_COMMANDS",
@@ -125,171 +140,12 @@ __all__ = [
     "received_header",
 ]
 
-# RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including the
-# command word and the <CRLF> is 512 octets."
-MAX_COMMAND_BYTES: Final = 512
-MAX_BAD_COMMANDS: Final = 10
-# Commands interpreted per receive_data()/proceed() call: enough for any honest pipelined
-# transaction (RFC 2920 groups), small enough that one call's replies stay a few KiB.
-MAX_COMMANDS_PER_TURN: Final = 100
-
-
-class State(enum.Enum):
-    FRESH = "fresh"  # connected (or TLS just started): no EHLO/HELO yet
-    GREETED = "greeted"  # EHLO/HELO done, no transaction
-    MAIL = "mail"  # MAIL accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    BDAT = "bdat"  # inside a BDAT transaction, between chunks
-    REFUSED = "refused"  # a module refused the connection (554 greeting): only QUIT
-
-
-class Phase(enum.Enum):
-    COMMAND = "command"  # reading command lines
-    DATA = "data"  # reading DATA content up to <CRLF>.<CRLF>
-    BDAT = "bdat"  # reading the bytes of a BDAT chunk
-    SKIP = "skip"  # draining the bytes of a refused BDAT chunk
-    AUTH = "auth"  # reading a SASL response line (after a 334 challenge)
-    WAITING = "waiting"  # waiting for the transport (commit, TLS handshake, AUTH check)
-    CLOSED = "closed"
-
-
-_ANY: Final = frozenset(State) - {State.REFUSED}
-_IDLE: Final = frozenset({State.FRESH, State.GREETED})
-
-# Transition table: the states in which each verb is accepted.
-# RFC 5321 §4.1.4: "a client MUST issue HELO or EHLO before starting a mail
-# transaction"; MAIL starts it, RCPT needs MAIL, DATA needs MAIL (and a recipient).
-# RFC 3030 §2: BDAT is checked by its handler, since a refused chunk must still be
-# read.  RFC 3207 §4: STARTTLS only outside a transaction.
-_ALLOWED: Final[dict[Verb, frozenset[State]]] = {
-    Verb.HELO: _ANY,
-    Verb.EHLO: _ANY,
-    Verb.MAIL: frozenset({State.GREETED}),
-    Verb.RCPT: frozenset({State.MAIL, State.RCPT}),
-    Verb.DATA: frozenset({State.MAIL, State.RCPT}),
-    Verb.BDAT: _ANY,
-    Verb.RSET: _ANY,
-    Verb.NOOP: _ANY,
-    Verb.QUIT: frozenset(State),
-    Verb.VRFY: _ANY,
-    Verb.EXPN: _ANY,
-    Verb.HELP: _ANY,
-    Verb.STARTTLS: _IDLE,
-    # RFC 4954 §4: "The AUTH command is not permitted during a mail transaction."
-    Verb.AUTH: frozenset({State.GREETED}),
-}
-
-# Replies that mean "the client speaks broken SMTP"; ten of them end the session.
-# DESIGN §3: relay denials (554 5.7.1) count too, as Postfix's smtpd_hard_error_limit
-# counts rejected RCPTs.  452 4.5.3 for a recipient past max_recipients does not: it
-# tells a correct client to send the rest in a new transaction (RFC 5321
-# §4.5.3.1.10), so counting it would turn a large mailing into a 421 and a lost
-# transaction.  Only a session that keeps going past RECIPIENT_OVERSHOOT_LIMIT such
-# recipients starts counting them (Postfix's smtpd_recipient_overshoot_limit).
-_BAD_COMMAND_CODES: Final = frozenset({500, 501, 502, 503, 504, 535, 553, 554, 555})
-RECIPIENT_OVERSHOOT_LIMIT: Final = 1000
-
-
-# --- settings -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class AuthOffer:
-    """A submission listener's SMTP AUTH settings (listener ``auth:``)."""
-
-    required: bool = True  # no MAIL before AUTH (530 5.7.0)
-    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    hostname: str
-    max_message_bytes: int
-    max_recipients: int
-    tls_available: bool  # a certificate is configured
-    hop_limit: int  # more Received: fields than this → 554 5.4.6 (DESIGN §3)
-    postmaster: str  # where RCPT TO:<postmaster> goes (the config's postmaster address)
-    auth: AuthOffer | None = None  # SMTP AUTH offered (under TLS only); None on port 25
-
-
-_BODY_ERROR_REPLIES: Final[dict[BodyError, Reply]] = {
-    # DESIGN §3: bare CR/LF (and NUL) → 550 5.6.0 after the real end of data.
-    BodyError.BARE_LINE_ENDING: Reply.of(
-        550, "5.6.0", "Message contains bare CR or LF (only CRLF line endings allowed)"
-    ),
-    BodyError.NUL: Reply.of(550, "5.6.0", "Message contains NUL characters"),
-    # DESIGN §3: "Lines over 1000 octets ... get 500 5.5.2".
-    BodyError.LINE_TOO_LONG: Reply.of(500, "5.5.2", "Line too long in message content"),
-    BodyError.TOO_BIG: Reply.of(552, "5.3.4", "Message size exceeds fixed maximum message size"),
-}
-
-
-def _b(code: int, enhanced: str, text: str) -> bytes:
-    return Reply.of(code, enhanced, text).to_bytes()
-
-
-_R_OK = _b(250, "2.0.0", "Ok")
-_R_MAIL_OK = _b(250, "2.1.0", "Ok")
-_R_RCPT_OK = _b(250, "2.1.5", "Ok")
-_R_TOO_MANY_RCPTS = _b(452, "4.5.3", "Too many recipients")
-_R_DATA_GO = Reply(354, ("End data with <CR><LF>.<CR><LF>",)).to_bytes()
-_R_BYE = _b(221, "2.0.0", "Bye")
-_R_LINE_TOO_LONG = _b(500, "5.5.2", "Line too long")
-_R_TOO_MANY_ERRORS = _b(421, "4.7.0", "Too many errors, closing connection")
-_R_TIMEOUT = _b(421, "4.4.2", "Timeout exceeded, closing connection")
-_R_SHUTDOWN = _b(421, "4.3.2", "Service shutting down, closing connection")
-_R_VRFY = _b(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
-_R_HELP = _b(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT")
-_R_TLS_GO = _b(220, "2.0.0", "Ready to start TLS")
-# DESIGN §3 (Postfix's wording): a message that went through too many MTAs is a loop.
-_R_TOO_MANY_HOPS = _b(554, "5.4.6", "Too many hops")
-_R_AUTH_OK = _b(235, "2.7.0", "Authentication successful")
-_R_AUTH_LINE_TOO_LONG = _b(500, "5.5.6", "Authentication exchange line is too long")
-
-
-@dataclass(frozen=True, slots=True)
-class _Canned:
-    greeting: bytes
-    helo: bytes
-    ehlo: bytes
-    ehlo_tls: bytes  # when TLS is already active: no STARTTLS
-
-
-_CANNED: dict[ServerConfig, _Canned] = {}
-
-
-def _canned(cfg: ServerConfig) -> _Canned:
-    found = _CANNED.get(cfg)
-    if found is None:
-        keywords = [
-            "PIPELINING",
-            f"SIZE {cfg.max_message_bytes}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-        ]
-        tls = ["STARTTLS"] if cfg.tls_available else []
-        auth = ["AUTH " + " ".join(cfg.auth.mechanisms)] if cfg.auth is not None else []
-        found = _Canned(
-            greeting=Reply(220, (f"{cfg.hostname} ESMTP Empath",)).to_bytes(),
-            helo=Reply(250, (cfg.hostname,)).to_bytes(),
-            ehlo=Reply(250, (cfg.hostname, *keywords, *tls)).to_bytes(),
-            # DESIGN §13: AUTH is advertised only once TLS protects the password.
-            ehlo_tls=Reply(250, (cfg.hostname, *keywords, *auth)).to_bytes(),
-        )
-        if len(_CANNED) < 64:
-            _CANNED[cfg] = found
-    return found
-
-
-# --- the state machine --------------------------------------------------------------
-
 
 class SmtpServer:
     """One inbound session; see module doc."""
 
     __slots__ = (
+        "_auth",
         "_backlog",
         "_bad_commands",
         "_bdat",
@@ -304,7 +160,6 @@ class SmtpServer:
         "_discarding",
         "_draining",
         "_esmtp",
-        "_grant",
         "_helo",
         "_hops",
         "_mail",
@@ -313,7 +168,6 @@ class SmtpServer:
         "_pos",
         "_rcpts",
         "_relay_allows",
-        "_sasl",
         "_skip_bytes",
         "_skip_reply",
         "_txn",
@@ -331,7 +185,7 @@ class SmtpServer:
         checks: frozenset[CheckStage] = frozenset(),
     ) -> None:
         self._cfg = config
-        self._canned = _canned(config)
+        self._canned = canned(config)
         self._relay_allows = relay_allows
         self.tls_active = tls_active
         self.state = State.FRESH
@@ -362,8 +216,8 @@ class SmtpServer:
         if CheckStage.CONNECT in checks:
             self._out = []  # the greeting waits for the connect check
             self._hold(CheckStage.CONNECT, None)
-        self._grant: UserGrant | None = None  # set by a successful AUTH
-        self._sasl: SaslExchange | None = None  # the AUTH exchange in progress
+        # SMTP AUTH (smtp/auth.py): None where it is not offered (port 25)
+        self._auth = ServerAuth(config.auth) if config.auth is not None else None
 
     def set_relay(self, relay_allows: Callable[[str], bool]) -> None:
         """A new relay check for the RCPTs still to come (config reload); recipients
@@ -467,14 +321,14 @@ class SmtpServer:
         elif stage is CheckStage.CONNECT:
             self._out.append(Reply(554, reply.lines).to_bytes())
             self.state = State.REFUSED
-        elif reply.code in _BAD_COMMAND_CODES:
+        elif reply.code in BAD_COMMAND_CODES:
             self._bad(events, reply.to_bytes())
         else:
             self._out.append(reply.to_bytes())
         if self.phase is Phase.COMMAND:
             if self._draining and not self.in_message:
                 self._clear_transaction(events)
-                self._close(events, _R_SHUTDOWN, "shutdown")
+                self._close(events, R_SHUTDOWN, "shutdown")
                 return events
             self._run(events)
         return events
@@ -511,27 +365,26 @@ class SmtpServer:
 
     @property
     def auth_user(self) -> str | None:
-        grant = self._grant
-        return grant.user if grant is not None else None
+        auth = self._auth
+        return auth.user if auth is not None else None
 
     def auth_succeeded(self, grant: UserGrant) -> list[Event]:
         """The transport verified the credentials of the last :class:`AuthCheck`."""
-        self._grant = grant
-        self._out.append(_R_AUTH_OK)
-        return self._resume_commands()
+        auth = self._auth
+        assert auth is not None
+        self._out.append(auth.granted(grant))
+        return self._back_to_commands([])
 
     def auth_failed(self, reply: Reply) -> list[Event]:
         """Bad credentials (535 5.7.8) or blocked (454 4.7.0); counts as a bad command."""
         events: list[Event] = []
+        auth = self._auth
+        assert auth is not None
+        auth.refused()
         self._bad(events, reply.to_bytes())
         if self.phase is Phase.CLOSED:
             return events
-        events.extend(self._resume_commands())
-        return events
-
-    def _resume_commands(self) -> list[Event]:
-        self._sasl = None
-        return self._back_to_commands([])
+        return self._back_to_commands(events)
 
     def tls_started(self) -> list[Event]:
         """RFC 3207 §4.2: "the server MUST discard any knowledge obtained from the
@@ -542,15 +395,15 @@ class SmtpServer:
         self._drop_input()
         self._helo = ""
         self._esmtp = False
-        self._grant = None
-        self._sasl = None
+        if self._auth is not None:
+            self._auth.reset()
         self._clear_transaction([])
         return []
 
     def timed_out(self) -> list[Event]:
         events: list[Event] = []
         self._clear_transaction(events)
-        self._close(events, _R_TIMEOUT, "timeout", error=True)
+        self._close(events, R_TIMEOUT, "timeout", error=True)
         return events
 
     def shutdown(self) -> list[Event]:
@@ -559,7 +412,7 @@ class SmtpServer:
         self._draining = True
         if self.phase is not Phase.CLOSED and not self.in_message:
             self._clear_transaction(events)
-            self._close(events, _R_SHUTDOWN, "shutdown")
+            self._close(events, R_SHUTDOWN, "shutdown")
         return events
 
     def connection_lost(self) -> list[Event]:
@@ -614,14 +467,14 @@ class SmtpServer:
                 self._drop_input()
                 if not self._discarding:
                     self._discarding = True
-                    self._bad(events, _R_LINE_TOO_LONG)
+                    self._bad(events, R_LINE_TOO_LONG)
             return False
         self._pos = nl + 1
         if self._discarding:
             self._discarding = False
             return True
         if nl + 1 - pos > MAX_COMMAND_BYTES:
-            self._bad(events, _R_LINE_TOO_LONG)
+            self._bad(events, R_LINE_TOO_LONG)
             return True
         line = buf[pos : nl - 1] if nl > pos and buf[nl - 1] == 0x0D else buf[pos:nl]
         try:
@@ -634,7 +487,7 @@ class SmtpServer:
             entry[1](self, arg, events)
         except SmtpProtocolError as exc:
             reply = Reply.of(exc.code, exc.enhanced, exc.text).to_bytes()
-            if exc.code in _BAD_COMMAND_CODES:
+            if exc.code in BAD_COMMAND_CODES:
                 self._bad(events, reply)
             else:
                 self._out.append(reply)
@@ -644,7 +497,7 @@ class SmtpServer:
         self._bad_commands += 1
         if self._bad_commands >= MAX_BAD_COMMANDS:
             self._clear_transaction(events)
-            self._close(events, _R_TOO_MANY_ERRORS, "too many errors", error=True)
+            self._close(events, R_TOO_MANY_ERRORS, "too many errors", error=True)
         else:
             self._out.append(reply)
 
@@ -695,7 +548,7 @@ class SmtpServer:
             self._end_of_message(events, dec.error)
         else:
             self.phase = Phase.COMMAND
-            self._out.append(_b(250, "2.0.0", f"{dec.size} octets received"))
+            self._out.append(reply_bytes(250, "2.0.0", f"{dec.size} octets received"))
 
     def _skip(self, events: list[Event]) -> None:
         take = min(self._skip_bytes, len(self._buf) - self._pos)
@@ -710,12 +563,12 @@ class SmtpServer:
         self._hops = None
         if error is not None or (hops is not None and hops.count > self._cfg.hop_limit):
             self._out.append(
-                _BODY_ERROR_REPLIES[error].to_bytes() if error is not None else _R_TOO_MANY_HOPS
+                BODY_ERROR_REPLIES[error].to_bytes() if error is not None else R_TOO_MANY_HOPS
             )
             self._clear_transaction(events)
             self.phase = Phase.COMMAND
             if self._draining:
-                self._close(events, _R_SHUTDOWN, "shutdown")
+                self._close(events, R_SHUTDOWN, "shutdown")
             return
         events.append(MessageComplete(self._txn or self._transaction()))
         self.phase = Phase.WAITING
@@ -733,7 +586,7 @@ class SmtpServer:
             return events
         self.phase = Phase.COMMAND
         if self._draining:
-            self._close(events, _R_SHUTDOWN, "shutdown")
+            self._close(events, R_SHUTDOWN, "shutdown")
             return events
         self._run(events)
         return events
@@ -794,21 +647,15 @@ class SmtpServer:
         self._greet(arg, events, esmtp=True)
 
     def _on_mail(self, arg: str, events: list[Event]) -> None:
-        grant = self._grant
-        if grant is None and self._cfg.auth is not None and self._cfg.auth.required:
-            # RFC 4954 §6: "530 5.7.0 Authentication required"
-            raise SmtpProtocolError(530, "5.7.0", "Authentication required")
+        auth = self._auth
+        if auth is not None:
+            auth.before_mail()
         mail = parse_mail(arg)
         # RFC 1870 §6.2: a declared size over the limit is refused at MAIL.
         if mail.size is not None and mail.size > self._cfg.max_message_bytes:
             raise SmtpProtocolError(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        if grant is not None:
-            # DESIGN §13: the envelope sender must be one the user owns.
-            if not grant.owns(mail.sender):
-                raise SmtpProtocolError(553, "5.7.1", f"Sender address not owned by {grant.user}")
-            refusal = grant.admit_message()
-            if refusal is not None:
-                raise refusal
+        if auth is not None:
+            auth.admit_sender(mail.sender)
         if self._checks and CheckStage.MAIL in self._checks:
             self._hold(CheckStage.MAIL, mail)
             events.append(Check(CheckStage.MAIL, mail.sender))
@@ -819,7 +666,7 @@ class SmtpServer:
         self._mail = mail
         self._rcpts = []
         self.state = State.MAIL
-        self._out.append(_R_MAIL_OK)
+        self._out.append(R_MAIL_OK)
 
     def _on_rcpt(self, arg: str, events: list[Event]) -> None:
         mail = self._mail
@@ -827,16 +674,16 @@ class SmtpServer:
         rcpt = parse_rcpt(arg, smtputf8=mail.smtputf8).recipient
         # RFC 5321 §4.5.3.1.10: more than the limit → 452 ("too many recipients"),
         # not a bad command until the session overshoots by RECIPIENT_OVERSHOOT_LIMIT.
-        grant = self._grant
+        auth = self._auth
         limit = self._cfg.max_recipients
-        if grant is not None and 0 < grant.max_recipients < limit:
-            limit = grant.max_recipients  # the user's per-message quota (DESIGN §13)
+        if auth is not None:
+            limit = auth.recipient_limit(limit)  # the user's own quota (DESIGN §13)
         if len(self._rcpts) >= limit:
             self._overshoot += 1
             if self._overshoot > RECIPIENT_OVERSHOOT_LIMIT:
-                self._bad(events, _R_TOO_MANY_RCPTS)
+                self._bad(events, R_TOO_MANY_RCPTS)
             else:
-                self._out.append(_R_TOO_MANY_RCPTS)
+                self._out.append(R_TOO_MANY_RCPTS)
             return
         if rcpt == "postmaster":
             # RFC 5321 §4.5.1: "Any system that includes an SMTP server supporting mail
@@ -844,7 +691,7 @@ class SmtpServer:
             # case-insensitive local name."  Accepted from anyone, stored as the
             # dsn.postmaster address so delivery never sees a domain-less recipient.
             rcpt = self._cfg.postmaster
-        elif grant is None and not self._relay_allows(domain_of(rcpt)):
+        elif (auth is None or auth.grant is None) and not self._relay_allows(domain_of(rcpt)):
             # DESIGN §13: an authenticated user may relay whatever trusted_networks says.
             raise SmtpProtocolError(554, "5.7.1", "Relay access denied")
         if self._checks and CheckStage.RCPT in self._checks:
@@ -857,7 +704,7 @@ class SmtpServer:
         if rcpt not in self._rcpts:
             self._rcpts.append(rcpt)
         self.state = State.RCPT
-        self._out.append(_R_RCPT_OK)
+        self._out.append(R_RCPT_OK)
 
     def _on_data(self, arg: str, events: list[Event]) -> None:
         if arg:
@@ -871,7 +718,7 @@ class SmtpServer:
         self._body_open = True
         self._txn = txn = self._transaction()
         events.append(BodyStart(txn))
-        self._out.append(_R_DATA_GO)
+        self._out.append(R_DATA_GO)
 
     def _on_bdat(self, arg: str, events: list[Event]) -> None:
         size, last = parse_bdat(arg)
@@ -887,9 +734,9 @@ class SmtpServer:
             # read (and drop) its bytes before replying.
             self._skip_bytes = size
             self._skip_reply = (
-                _b(554, "5.5.1", "No valid recipients")
+                reply_bytes(554, "5.5.1", "No valid recipients")
                 if self.state is State.MAIL
-                else _b(503, "5.5.1", "Bad sequence of commands")
+                else reply_bytes(503, "5.5.1", "Bad sequence of commands")
             )
             self.phase = Phase.SKIP
             if size == 0:
@@ -904,23 +751,23 @@ class SmtpServer:
 
     def _on_rset(self, arg: str, events: list[Event]) -> None:
         self._clear_transaction(events)
-        self._out.append(_R_OK)
+        self._out.append(R_OK)
 
     def _on_noop(self, arg: str, events: list[Event]) -> None:
-        self._out.append(_R_OK)
+        self._out.append(R_OK)
 
     def _on_quit(self, arg: str, events: list[Event]) -> None:
         self._clear_transaction(events)
-        self._close(events, _R_BYE, "quit")
+        self._close(events, R_BYE, "quit")
 
     def _on_vrfy(self, arg: str, events: list[Event]) -> None:
-        self._out.append(_R_VRFY)
+        self._out.append(R_VRFY)
 
     def _on_expn(self, arg: str, events: list[Event]) -> None:
         raise SmtpProtocolError(502, "5.5.1", "EXPN not available")
 
     def _on_help(self, arg: str, events: list[Event]) -> None:
-        self._out.append(_R_HELP)
+        self._out.append(R_HELP)
 
     def _on_starttls(self, arg: str, events: list[Event]) -> None:
         if arg:
@@ -929,70 +776,48 @@ class SmtpServer:
             raise SmtpProtocolError(503, "5.5.1", "TLS already active")
         if not self._cfg.tls_available:
             raise SmtpProtocolError(454, "4.7.0", "TLS not available")
-        self._out.append(_R_TLS_GO)
+        self._out.append(R_TLS_GO)
         # Anything pipelined after STARTTLS was sent in clear: drop it (CVE-2011-0411).
         self._drop_input()
         self.phase = Phase.WAITING
         events.append(StartTls())
 
     def _on_auth(self, arg: str, events: list[Event]) -> None:
-        auth = self._cfg.auth
-        if auth is None or not self._esmtp:
-            # not offered here (port 25) or after HELO: an unknown extension
+        auth = self._auth
+        if auth is None:  # not offered here (port 25): an unknown extension
             raise SmtpProtocolError(503, "5.5.1", "AUTH not available")
-        if self._grant is not None:
-            # RFC 4954 §4: "After a successful AUTH command completes, a server MUST
-            # reject any further AUTH commands with a 503 reply."
-            raise SmtpProtocolError(503, "5.5.1", "Already authenticated")
-        if not self.tls_active:
-            # RFC 4954 §6: "538 5.7.11 Encryption required for requested
-            # authentication mechanism"
-            raise SmtpProtocolError(
-                538, "5.7.11", "Encryption required for requested authentication mechanism"
-            )
-        word, _, initial = arg.partition(" ")
-        mechanism = SaslExchange.mechanism_of(word, auth.mechanisms)
-        exchange = SaslExchange(mechanism)
-        self._sasl_step(events, exchange.start(initial or None), exchange)
+        self._auth_step(events, auth.begin(arg, esmtp=self._esmtp, tls_active=self.tls_active))
 
-    def _sasl_step(
-        self, events: list[Event], step: Challenge | Credentials, exchange: SaslExchange
-    ) -> None:
-        if isinstance(step, Challenge):
-            self._sasl = exchange
+    def _auth_step(self, events: list[Event], step: Step) -> None:
+        if isinstance(step, bytes):  # a 334 challenge: read one response line
             self.phase = Phase.AUTH
-            self._out.append(f"334 {step.text}\r\n".encode("ascii"))
-            return
-        self._sasl = None
-        self.phase = Phase.WAITING
-        events.append(AuthCheck(step))
+            self._out.append(step)
+        else:
+            self.phase = Phase.WAITING
+            events.append(step)
 
     def _auth_line(self, events: list[Event]) -> bool:
         """One SASL response line (Phase.AUTH)."""
+        auth = self._auth
+        assert auth is not None
         buf = self._buf
         pos = self._pos
-        exchange = self._sasl
-        assert exchange is not None
         nl = buf.find(b"\n", pos)
         if nl < 0:
             if len(buf) - pos > MAX_RESPONSE_BYTES:
                 self._drop_input()
-                self._sasl = None
                 self.phase = Phase.COMMAND
                 self._discarding = True
-                self._bad(events, _R_AUTH_LINE_TOO_LONG)
+                self._bad(events, auth.line_too_long())
             return False
         self._pos = nl + 1
-        line = buf[pos : nl - 1] if nl > pos and buf[nl - 1] == 0x0D else buf[pos:nl]
         try:
-            step = exchange.respond(line.decode("ascii", "replace").strip())
+            step = auth.respond(buf[pos:nl])
         except SmtpProtocolError as exc:
-            self._sasl = None
             self.phase = Phase.COMMAND
-            reply = Reply.of(exc.code, exc.enhanced, exc.text).to_bytes()
-            self._bad(events, reply)
+            self._bad(events, Reply.of(exc.code, exc.enhanced, exc.text).to_bytes())
             return self.phase is not Phase.CLOSED
-        self._sasl_step(events, step, exchange)
+        self._auth_step(events, step)
         return True
 
 
@@ -1015,8 +840,8 @@ _HANDLERS: Final[dict[Verb, _Handler]] = {
     Verb.AUTH: SmtpServer._on_auth,
 }
 
-# Verb word → (states allowed, handler): _ALLOWED and _HANDLERS joined for one lookup
+# Verb word → (states allowed, handler): ALLOWED and _HANDLERS joined for one lookup
 # per command (tuples: membership by identity, no Enum.__hash__ on the hot path).
 _DISPATCH: Final[dict[str, tuple[tuple[State, ...], _Handler]]] = {
-    verb.value: (tuple(_ALLOWED[verb]), _HANDLERS[verb]) for verb in Verb
+    verb.value: (tuple(ALLOWED[verb]), _HANDLERS[verb]) for verb in Verb
 }
