@@ -1,9 +1,9 @@
 """The inbound SMTP pump: one ``asyncio.Protocol`` per connection.
 
-Why this module is longer than 600 lines: one Protocol carries the pump, backpressure,
-timeouts, STARTTLS, the AUTH check hand-off and the end-of-data acceptance steps; the
-steps themselves live in acceptance.py. The AUTH and acceptance hand-offs are candidates
-to move out (noted in the session's closing note).
+Why this module is longer than 600 lines: the pump, its backpressure, its timeouts and
+the spool commit read and write the same per-connection state and run per message, so
+they stay one class; the waits on modules, the authenticator and the acceptance steps
+are in handoffs.py, the SMTP logic in smtp/server.py.
 
 Theory of operation
 -------------------
@@ -21,13 +21,15 @@ carries out its events:
   pipelined input read meanwhile stays buffered in the state machine;
 * ``StartTls``   → pause reading, ``loop.start_tls``, then ``tls_started``;
 * ``AuthCheck``  → the listener's Authenticator checks the credentials (off the
-  event loop), then ``auth_succeeded``/``auth_failed``;
+  event loop; handoffs.py), then ``auth_succeeded``/``auth_failed``;
+* ``Check``      → the listener's modules answer (handoffs.py), then ``check_done``;
 * ``Close``      → close after the reply is flushed.
 
 With end-of-data acceptance steps configured for the listener (DKIM, modules, the
 submission From: check; see acceptance.py), ``BodyStart`` opens a
 :class:`~empath.transport.acceptance.HeldBody` instead, which keeps the body in memory,
-and ``MessageComplete`` runs the steps in one task before the spool commit.  Without
+and ``MessageComplete`` runs the steps in one task before the spool commit
+(handoffs.py).  Without
 steps nothing of that runs: the body-chunk path is the same call either way.
 
 asyncio.Protocol rather than streams: no per-read coroutine switch, which is most
@@ -56,9 +58,6 @@ not drain within the command timeout is aborted too.
 
 The per-IP cap counts IPv4 clients by address and IPv6 clients by /64 (one
 customer's allocation; any address in it is the same client for the cap).
-
-(Over 600 lines on purpose: the pump, its flow control, its timeouts and the hand-over
-to acceptance steps share the per-session state and are read best together.)
 """
 
 from __future__ import annotations
@@ -71,9 +70,6 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from empath.errors import SpoolError, SpoolFullError
 from empath.logs import get_logger
-from empath.modules.api import Session as ModuleSession
-from empath.modules.step import HOST_KEY, MODULE_ERROR, STAGE_HOOK, to_smtp_reply
-from empath.smtp.events import CheckStage
 from empath.smtp.replies import Reply
 from empath.smtp.sasl import AuthOutcome
 from empath.smtp.server import (
@@ -92,10 +88,18 @@ from empath.smtp.server import (
     received_header,
 )
 from empath.spool.model import Envelope, MessageState, initial_units
-from empath.transport.acceptance import R_STEP_ERROR, AcceptedMessage, HeldBody, SessionFacts
+from empath.transport.acceptance import R_STEP_ERROR, HeldBody, SessionFacts
 from empath.transport.admission import per_ip_key
+from empath.transport.handoffs import (
+    authenticate,
+    log_refusal,
+    module_check,
+    module_session,
+    run_acceptance,
+)
 
 if TYPE_CHECKING:
+    from empath.modules.api import Session as ModuleSession
     from empath.modules.host import ModuleHost
     from empath.spool.store import BodyWriter
     from empath.transport.listener import ListenerRuntime
@@ -106,10 +110,10 @@ _R_SPOOL_FULL: Final = Reply.of(452, "4.3.1", "Insufficient system storage, try 
 _R_SPOOL_ERROR: Final = Reply.of(451, "4.3.0", "Local error in processing, try again later")
 _R_TOO_MANY: Final = Reply.of(421, "4.7.0", "Too many connections, try again later").to_bytes()
 _R_SHUTDOWN_NOW: Final = Reply.of(421, "4.3.2", "Service shutting down").to_bytes()
-_R_AUTH_UNAVAILABLE: Final = Reply.of(454, "4.7.0", "Temporary authentication failure")
 
 _NO_FIELDS: Final[dict[str, object]] = {}
 _MAX_HELD_WAITING: Final = 64 * 1024  # pipelined input held while a commit is pending
+
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
@@ -396,11 +400,10 @@ class SmtpSession(asyncio.Protocol):
         that stops for a :class:`Check` at the stages they hook."""
         rt = self._rt
         self._modules = host
-        self._msession = ms = ModuleSession(
-            id=f"{rt.label}/{ip}:{port}/{id(self):x}", peer_ip=ip, peer_port=port,
+        self._msession = module_session(
+            host, session_id=f"{rt.label}/{ip}:{port}/{id(self):x}", ip=ip, port=port,
             listener=rt.label, trusted=rt.trusts(ip),
         )  # fmt: skip
-        ms.private[HOST_KEY] = host
         return SmtpServer(
             rt.server_config,
             rt.relay_check(ip),
@@ -416,23 +419,13 @@ class SmtpSession(asyncio.Protocol):
         ms = self._msession
         server = self._server
         assert host is not None and ms is not None and server is not None
-        ms.helo = check.value if check.stage is CheckStage.HELO else server.helo
-        ms.tls = server.tls_active
-        ms.sender = check.value if check.stage is CheckStage.MAIL else server.sender
-        ms.recipients = server.recipients
-        ms.auth_user = server.auth_user
-        try:
-            answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
-        except Exception as exc:  # the host contains modules' failures; this is a bug of ours
-            log.exception("Module check failed", peer=self._peer, error=repr(exc))
-            answer = MODULE_ERROR
+        reply = await module_check(host, ms, server, check, self._peer)
         self._commit_task = None
         if self._transport is None or self._transport.is_closing():
             return
-        if answer is not None:
-            log.info("Command refused by module", peer=self._peer, stage=check.stage.value,
-                     value=check.value, smtp_code=str(answer.code))  # fmt: skip
-        self._resume(server.check_done(None if answer is None else to_smtp_reply(answer)))
+        if reply is not None:
+            log_refusal(check, reply, self._peer)
+        self._resume(server.check_done(reply))
 
     def _begin_body(self, txn: Transaction) -> None:
         self._abort_body()
@@ -501,29 +494,12 @@ class SmtpSession(asyncio.Protocol):
         then spool what they left, or answer their refusal (acceptance.py)."""
         rt = self._rt
         ip = self._ip
-        message = AcceptedMessage(
-            held.id,
-            held.take(),
-            sender=txn.sender,
-            recipients=txn.recipients,
-            facts=SessionFacts(
-                peer_ip=ip,
-                peer=self._peer,
-                helo=txn.helo,
-                trusted=rt.trusts(ip),
-                auth_user=txn.auth_user,
-                tls=txn.tls,
-                listener=rt.label,
-                esmtp=txn.esmtp,
-                smtputf8=txn.smtputf8,
-                module_session=self._msession,
-            ),
-        )
-        try:
-            verdict = await held.pipeline.run(message)
-        except BaseException:
-            held.abort()
-            raise
+        facts = SessionFacts(
+            peer_ip=ip, peer=self._peer, helo=txn.helo, trusted=rt.trusts(ip),
+            auth_user=txn.auth_user, tls=txn.tls, listener=rt.label, esmtp=txn.esmtp,
+            smtputf8=txn.smtputf8, module_session=self._msession,
+        )  # fmt: skip
+        message, verdict = await run_acceptance(txn, held, facts)
         server = self._server
         if server is None or self._transport is None or self._transport.is_closing():
             held.abort()  # the client is gone: it will retry; do not spool a duplicate
@@ -616,12 +592,17 @@ class SmtpSession(asyncio.Protocol):
         """A cached success or a blocked address is answered now; a password to hash
         goes to a task (request-scoped like the TLS handshake: owned by this session)."""
         auth = self._rt.auth
-        server = self._server
-        assert auth is not None and server is not None  # AUTH is offered only with one
+        assert auth is not None  # AUTH is offered only with one
         outcome = auth.quick(ev.credentials, self._ip_key, self._peer)
         if outcome is None:
             self._commit_task = self._rt.loop.create_task(self._authenticate(ev))
-        elif outcome.grant is not None:
+        else:
+            self._auth_answered(outcome)
+
+    def _auth_answered(self, outcome: AuthOutcome) -> None:
+        server = self._server
+        assert server is not None
+        if outcome.grant is not None:
             self._resume(server.auth_succeeded(outcome.grant))
         else:
             assert outcome.reply is not None
@@ -630,20 +611,11 @@ class SmtpSession(asyncio.Protocol):
     async def _authenticate(self, ev: AuthCheck) -> None:
         auth = self._rt.auth
         assert auth is not None  # AUTH is offered only where an Authenticator is set
-        try:
-            outcome = await auth.authenticate(ev.credentials, self._ip_key, self._peer)
-        except Exception as exc:  # a bug or a broken worker must not hang the session
-            log.exception("Authentication check failed", peer=self._peer, error=repr(exc))
-            outcome = AuthOutcome(None, _R_AUTH_UNAVAILABLE)
+        outcome = await authenticate(auth, ev, self._ip_key, self._peer)
         self._commit_task = None
-        server = self._server
-        if server is None or self._transport is None:
+        if self._server is None or self._transport is None:
             return
-        if outcome.grant is not None:
-            self._resume(server.auth_succeeded(outcome.grant))
-        else:
-            assert outcome.reply is not None
-            self._resume(server.auth_failed(outcome.reply))
+        self._auth_answered(outcome)
 
     async def _start_tls(self) -> None:
         rt = self._rt
