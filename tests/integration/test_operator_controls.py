@@ -186,6 +186,36 @@ def test_held_and_suspended_units_get_no_attempt_across_a_restart_then_flow(
             d.stop()
 
 
+def test_held_mail_does_not_expire_or_age_the_queue_and_gets_an_attempt_on_release(
+    tmp_path: Path,
+) -> None:
+    """Postfix's hold semantics: a unit held past message_expiration_secs neither
+    expires nor counts in empath_delivery_queue_oldest_seconds; released, it gets its
+    attempt (and is delivered) instead of expiring without one."""
+    port = free_port()  # refuses until the sink starts on it
+    overrides = {
+        "delivery": {
+            "base_retry_delay_secs": 3600.0,
+            "message_expiration_secs": 2.0,
+            "circuit_breaker": {"failure_threshold": 1000},
+            "domains": {"late.test": {"mx_override": f"127.0.0.1:{port}"}},
+        }
+    }
+    with Daemon(tmp_path / "d", overrides) as d:
+        msg = submit(d.smtp_port, SENDER, ["a@late.test"], body(1))
+        d.wait_log("Delivery deferred")
+        assert 1 == js(d, "queue", "hold", msg)["units"]
+        time.sleep(3.0)  # past the 2 s lifetime, held
+        metrics = d.http_get("/metrics")
+        assert "empath_delivery_queue_oldest_seconds 0.0" in metrics
+        assert 'empath_delivery_queue_size{status="pending"} 0.0' in metrics
+        assert "status: held" in ok(d, "queue", "list")
+        with SmtpSink(port=port, dump=True) as sink:
+            assert 1 == js(d, "queue", "release", msg)["units"]
+            sink.wait_messages(1, timeout=10)
+        assert not d.logs("Delivery expired") and not d.logs("expired")
+
+
 def test_a_suspension_with_for_ends_by_itself(tmp_path: Path) -> None:
     with (
         SmtpSink() as sink,

@@ -28,6 +28,7 @@ from empath.delivery.transition import (
     destination_of,
     expire,
     expired_while_waiting,
+    released,
 )
 from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from empath.policy.retry import RetryPolicy
@@ -257,6 +258,49 @@ def test_a_reopened_unit_counts_its_expiry_from_the_reopening() -> None:
     assert not expired_while_waiting(unit, env, policy(), clock.now())
     t = step(unit, replied(unit, {"r@x.test": 4}), env, clock)
     assert UnitStatus.RETRY is t.unit.status
+
+
+def _held_past_its_deadline(clock: FakeClock, env: Envelope) -> UnitState:
+    """A unit that failed once, was held, and stayed held past its deadline."""
+    unit = new_unit("h")
+    failed = step(unit, replied(unit, {"h@x.test": 4}), env, clock).unit
+    clock.advance(EXPIRATION_S + 3600)
+    return replace(failed, status=UnitStatus.HELD)
+
+
+def test_a_unit_released_past_its_deadline_gets_one_attempt_as_postfix_does() -> None:
+    """postsuper -H: held mail does not expire; once released the next attempt is made,
+    and it is the temporary failure after the deadline that expires the unit."""
+    clock = FakeClock()
+    env = envelope(clock)
+    held = _held_past_its_deadline(clock, env)
+    unit = released(held, clock.now())
+    assert (UnitStatus.RETRY, clock.now()) == (unit.status, unit.next_attempt_at)
+    assert not expired_while_waiting(unit, env, policy(), clock.now())
+    assert UnitStatus.DELIVERED is step(unit, replied(unit, {}), env, clock).unit.status
+    t = step(unit, replied(unit, {"h@x.test": 4}), env, clock)
+    assert UnitStatus.EXPIRED is t.unit.status
+    assert DsnKind.EXPIRED is t.dsns[0].kind
+    # the attempt was the one owed: waiting again past the deadline expires without one
+    again = replace(t.unit, status=UnitStatus.RETRY, recipients=unit.recipients)
+    assert expired_while_waiting(again, env, policy(), clock.now() + 1)
+
+
+def test_a_release_with_restart_expiry_gives_a_new_lifetime() -> None:
+    """postsuper -r: the released unit's expiry counts from the release."""
+    clock = FakeClock()
+    env = envelope(clock)
+    unit = released(_held_past_its_deadline(clock, env), clock.now(), restart_expiry=True)
+    assert clock.now() == unit.reopened_at
+    t = step(unit, replied(unit, {"h@x.test": 4}), env, clock)
+    assert UnitStatus.RETRY is t.unit.status
+    clock.advance(EXPIRATION_S)
+    assert expired_while_waiting(t.unit, env, policy(), clock.now())
+
+
+def test_releasing_a_unit_that_is_not_held_changes_nothing() -> None:
+    unit = new_unit("n")
+    assert unit is released(unit, 123.0)
 
 
 def test_operator_delete_bounces_every_pending_recipient_once() -> None:

@@ -139,8 +139,8 @@ def _walked(
                 if UnitKey(msg.id, unit.domain) in in_flight:
                     counts[unit.status] -= 1
                     counts[UnitStatus.IN_PROGRESS] += 1
-        if not msg.finished:
-            at = msg.envelope.received_at
+        if any(not u.status.terminal and u.status is not UnitStatus.HELD for u in msg.units):
+            at = msg.envelope.received_at  # held units do not wait: they do not age the queue
             oldest = at if oldest is None else min(oldest, at)
             if tries and len(retries) < cap:
                 retries.append((msg.id, tries))

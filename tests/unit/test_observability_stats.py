@@ -125,6 +125,24 @@ def test_queue_summary_counts_units_by_status_and_in_flight_as_in_progress() -> 
     assert (("M1", 2),) == summary.retry_counts
 
 
+def test_held_units_are_neither_the_oldest_nor_pending() -> None:
+    """Mail the operator holds does not age the queue (OldestMessageAgeHigh stays quiet)
+    and is counted as held, not pending; once a held message also has a waiting unit it
+    counts again."""
+    held = _msg("H1", 10.0, _unit("a.test", UnitStatus.HELD, 3))
+    waiting = _msg("W1", 300.0, _unit("b.test", UnitStatus.RETRY, 1))
+    index = MessageIndex({m.id: m for m in (held, waiting)})
+    summary = summarise_queue(index, [held, waiting], set(), now=400.0, max_retry_series=0)
+    assert 100.0 == summary.oldest_s  # W1, not the 390 s old held H1
+    assert (1, 0) == (summary.sizes[UnitStatus.HELD], summary.sizes[UnitStatus.PENDING])
+    only_held = MessageIndex({"H1": held})
+    assert 0.0 == summarise_queue(only_held, [held], set(), 400.0, 0).oldest_s
+    index["H1"] = _msg(
+        "H1", 10.0, _unit("a.test", UnitStatus.HELD, 3), _unit("c.test", UnitStatus.PENDING)
+    )
+    assert 390.0 == summarise_queue(index, list(index.values()), set(), 400.0, 0).oldest_s
+
+
 def test_queue_summary_caps_retry_series() -> None:
     messages = [_msg(f"M{i}", float(i), _unit("a.test", UnitStatus.RETRY, 1)) for i in range(50)]
     index = MessageIndex({m.id: m for m in messages})

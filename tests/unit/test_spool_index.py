@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from empath.control.queue import TOP_DOMAINS, count_messages, index_counts, new_counts
-from empath.spool.index import MessageIndex
+from empath.spool.index import STATUS_SLOT, MessageIndex
 from empath.spool.memory import MemorySpool
 from empath.spool.model import Envelope, MessageState, RecipientState, UnitState, UnitStatus
 from empath.spool.store import IndexedMessages
@@ -33,6 +33,26 @@ def assert_index_counts(spool: IndexedMessages) -> None:
         == sorted((n for n in full.domains.values() if n), reverse=True)[:TOP_DOMAINS]
     )
     assert (kept.oldest_id, kept.oldest_at) == (full.oldest_id, full.oldest_at)
+    assert _domain_recount(list(spool.messages())) == {
+        d: (c.units, c.by_status, c.by_minute) for d, c in index.domains().items()
+    }
+
+
+def _domain_recount(
+    messages: list[MessageState],
+) -> dict[str, tuple[int, list[int], dict[int, int]]]:
+    """Per domain: non-terminal units, by status slot, by arrival minute (a full walk)."""
+    out: dict[str, tuple[int, list[int], dict[int, int]]] = {}
+    for msg in messages:
+        minute = int(msg.envelope.received_at // 60)
+        for unit in msg.units:
+            if unit.status.terminal:
+                continue
+            n, by_status, by_minute = out.get(unit.domain, (0, [0, 0, 0, 0], {}))
+            by_status[STATUS_SLOT[unit.status]] += 1
+            by_minute[minute] = by_minute.get(minute, 0) + 1
+            out[unit.domain] = (n + 1, by_status, by_minute)
+    return out
 
 
 def _message(msg_id: str, at: float, statuses: list[tuple[str, UnitStatus]]) -> MessageState:
@@ -49,7 +69,7 @@ unit_lists = st.lists(
 )
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("set"), st.integers(0, 12), st.integers(0, 5), unit_lists),
+        st.tuples(st.just("set"), st.integers(0, 12), st.integers(0, 300), unit_lists),
         st.tuples(st.just("pop"), st.integers(0, 12)),
     ),
     max_size=60,

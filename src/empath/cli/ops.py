@@ -64,6 +64,16 @@ def _filter_args(p: argparse.ArgumentParser, id_help: str = "message id (ULID)")
     )
 
 
+def _release_args(p: argparse.ArgumentParser) -> None:
+    _filter_args(p)
+    p.add_argument(
+        "--restart-expiry",
+        action="store_true",
+        help="give the units a new message_expiration_secs from now (postsuper -r); "
+        "without it the first attempt is made, then expiry counts from acceptance",
+    )
+
+
 def _bulk_args(p: argparse.ArgumentParser) -> None:
     _filter_args(p)
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
@@ -106,6 +116,8 @@ def _hold_or_release(name: str, verb: str) -> Any:
         args = _selection(ns)
         if args is None:
             return _usage(f"queue {name}")
+        if getattr(ns, "restart_expiry", False):
+            args["restart_expiry"] = True
         data = ctx.call(f"queue.{name}", args)
         ctx.emit(data, _bulk_text(data, verb))
         return EXIT_OK
@@ -395,7 +407,7 @@ def _none(_p: argparse.ArgumentParser) -> None:
 
 COMMANDS: list[tuple[str, str, str, Any, Any]] = [
     ("queue", "hold", "hold units (by ID or filter): never attempted", queue_hold, _filter_args),
-    ("queue", "release", "release held units (by ID or filter)", queue_release, _filter_args),
+    ("queue", "release", "release held units (by ID or filter)", queue_release, _release_args),
     ("queue", "bounce", "DSN to each sender, then delete (ID/filter)", queue_bounce, _bulk_args),
     ("queue", "suspend", "no attempts to DOMAIN until resumed", queue_suspend, _suspend_args),
     ("queue", "resume", "end a domain's suspension", queue_resume, _domain_arg),

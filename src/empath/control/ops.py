@@ -294,6 +294,7 @@ class OpsHandlers:
         if args.get("dry_run") is True:
             return {**out, "units": units, "dry_run": True}
         runner = self.d.runner
+        restart = args.get("restart_expiry") is True
         done = 0
         dsns = 0
         for i in range(0, len(picked), BATCH):
@@ -306,7 +307,11 @@ class OpsHandlers:
                     if action == "hold":
                         return len(await runner.hold(msg.id, domains, durable=durable))
                     if action == "release":
-                        return len(await runner.release(msg.id, domains, durable=durable))
+                        return len(
+                            await runner.release(
+                                msg.id, domains, durable=durable, restart_expiry=restart
+                            )
+                        )
                     dsn = await runner.delete_units(
                         msg.id, domains, bounce=action == "bounce", durable=durable
                     )

@@ -10,7 +10,9 @@ retry policy, ``now`` and the settings, and returns a :class:`Transition`: the
 unit's new state, the DSNs to send, the log events and what the attempt says
 about the destination (for the circuit breaker).  :func:`expire` does the same
 for a unit whose deadline passed while it waited, :func:`deleted` says which DSN
-an operator's ``queue delete --bounce`` sends.  No clock, no spool, no
+an operator's ``queue delete --bounce`` sends, :func:`released` what `queue release`
+makes of a held unit (held mail does not expire; the first attempt after its
+release is always made, as Postfix does).  No clock, no spool, no
 network: the same inputs give the same transition (the retry policy's jitter
 comes from its own seeded ``random.Random``).
 
@@ -134,8 +136,38 @@ def destination_of(result: AttemptResult) -> OutcomeKind:
 def expired_while_waiting(
     unit: UnitState, envelope: Envelope, retry: RetryPolicy, now: float
 ) -> bool:
-    """The deadline passed before this (not first) attempt: give up without one."""
-    return unit.attempts > 0 and retry.is_expired(unit.expiry_base(envelope.received_at), now)
+    """The deadline passed before this (not first) attempt: give up without one.  Not
+    for the first attempt after a release from hold, which is always made (see
+    :func:`released`)."""
+    if unit.attempts == 0 or _owed_after_release(unit):
+        return False
+    return retry.is_expired(unit.expiry_base(envelope.received_at), now)
+
+
+def _owed_after_release(unit: UnitState) -> bool:
+    last = unit.history[-1].at if unit.history else 0.0
+    return unit.released_at > last
+
+
+def released(unit: UnitState, now: float, *, restart_expiry: bool = False) -> UnitState:
+    """A held unit released by the operator (`queue release`), as Postfix treats mail
+    released from its hold queue (postsuper(1) -H): held mail never expires, and once
+    released it is due at once and subject to expiry again, counted from acceptance as
+    before.  Like Postfix's queue manager, which bounces mail past
+    ``maximal_queue_lifetime`` only when a delivery attempt fails temporarily, the
+    first attempt after the release is always made: it delivers, or a temporary
+    failure past the deadline expires the unit with its DSN.  ``restart_expiry``
+    (postsuper -r, which Postfix advises for mail held a good part of its lifetime)
+    starts a new ``message_expiration_secs`` window at the release instead."""
+    if unit.status is not UnitStatus.HELD:
+        return unit
+    return replace(
+        unit,
+        status=UnitStatus.RETRY if unit.attempts else UnitStatus.PENDING,
+        next_attempt_at=now,
+        released_at=now,
+        reopened_at=now if restart_expiry else unit.reopened_at,
+    )
 
 
 def after_attempt(

@@ -121,10 +121,17 @@ class OperatorActions:
         return held
 
     async def release(
-        self, msg_id: str, domains: Collection[str], *, durable: bool = True
+        self,
+        msg_id: str,
+        domains: Collection[str],
+        *,
+        durable: bool = True,
+        restart_expiry: bool = False,
     ) -> list[str]:
         """`queue release`: held units of ``domains`` are due now again (a suspension or
-        an open breaker may still keep them waiting).  The domains released."""
+        an open breaker may still keep them waiting); their next attempt is made even
+        past the deadline (:func:`~empath.delivery.transition.released`).  The domains
+        released."""
         msg = self.spool.get(msg_id)
         released = [
             u.domain for u in msg.units if u.domain in domains and u.status is UnitStatus.HELD
@@ -133,11 +140,7 @@ class OperatorActions:
             return []
         now = self.clock.now()
         units = tuple(
-            replace(
-                u,
-                status=UnitStatus.RETRY if u.attempts else UnitStatus.PENDING,
-                next_attempt_at=now,
-            )
+            transition.released(u, now, restart_expiry=restart_expiry)
             if u.domain in released
             else u
             for u in msg.units

@@ -219,7 +219,7 @@ def units_from_json(data: list[dict[str, Any]]) -> tuple[UnitState, ...]:
             )
             fields["status"] = _UNIT_STATUS[fields["status"]]
             fields["domain"] = _intern(fields["domain"])
-            for key in ("next_attempt_at", "finished_at", "reopened_at"):
+            for key in ("next_attempt_at", "finished_at", "reopened_at", "released_at"):
                 if fields.get(key) == 0:
                     fields[key] = 0.0  # one shared constant instead of a float per unit
             history = fields["history"]

@@ -168,6 +168,9 @@ class UnitState:
     # wall clock of the last `queue retry` that reopened it (failed/expired): its
     # expiry window starts here instead of at acceptance; 0 = never reopened
     reopened_at: float = 0.0
+    # wall clock of the last `queue release` from hold: the first attempt after it is
+    # made even when the deadline passed while the unit was held (postsuper -H); 0 = never
+    released_at: float = 0.0
 
     def expiry_base(self, received_at: float) -> float:
         """Where this unit's ``message_expiration_secs`` window starts."""
@@ -191,6 +194,7 @@ class UnitState:
             "last_error": self.last_error,
             "finished_at": self.finished_at,
             "reopened_at": self.reopened_at,
+            "released_at": self.released_at,
         }
 
     @classmethod
@@ -206,6 +210,7 @@ class UnitState:
             last_error=str(data.get("last_error", "")),
             finished_at=float(data.get("finished_at", 0.0)),
             reopened_at=float(data.get("reopened_at", 0.0)),
+            released_at=float(data.get("released_at", 0.0)),
         )
 
 
