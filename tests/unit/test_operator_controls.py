@@ -8,6 +8,9 @@ import json
 import math
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from empath.control import select as sel
 from empath.control.history import message_story
 from empath.policy.breaker import Admit, BreakerState, BreakerTransition, CircuitBreaker
@@ -15,6 +18,7 @@ from empath.policy.ratelimit import RateLimit
 from empath.queue.index import UnitKey
 from empath.queue.scheduler import DeferRateLimit, Dispatch, Suspended
 from empath.queue.suspend import Suspension, Suspensions
+from empath.spool.index import MessageIndex
 from empath.spool.journal import FILE_SECONDS, MessageJournal
 from empath.spool.model import (
     Attempt,
@@ -247,17 +251,20 @@ def test_attempt_counts_split_made_due_units_into_now_and_waiting_by_reason() ->
 
 
 def test_the_summary_counts_queued_units_by_domain_status_and_age_bucket() -> None:
-    shapes = sel.shape(QUEUE, NOW, {("M1", "a.test")})
-    assert {"a.test", "b.test"} == set(shapes)
-    a = shapes["a.test"]
+    index = MessageIndex({m.id: m for m in QUEUE})
+    got = sel.shapes(index.domains(), NOW, {("M1", "a.test")}, index.get, None)
+    assert ["a.test", "b.test"] == [d for d, _ in got.ranked]
+    a = dict(got.ranked)["a.test"]
     assert [2, 0, 0, 1, 1] == a[:5]  # total, pending, retry, in_progress, held
     assert [1, 0, 0, 0, 0, 1, 0, 0, 0, 0] == a[5:]  # 60 s and 2 h
-    assert 1 == shapes["b.test"][0]  # the failed unit is not queued
+    assert 1 == dict(got.ranked)["b.test"][0]  # the failed unit is not queued
+    assert ([3, 0, 1, 1, 1], 2) == (got.total[:5], got.domain_count)
+    assert [1, 0, 0, 0, 0, 2, 0, 0, 0, 0] == got.total[5:]
     c = ctx(
         blocked=lambda d: DeferRateLimit(1001.0) if d == "a.test" else None,
         suspensions={"z.test": Suspension("z.test", NOW, math.inf)},
     )
-    rows = sel.summary_rows(shapes, c, {"a.test": 7}, None)
+    rows = sel.summary_rows(got.ranked, index.domains(), c, {"a.test": 7}, None)
     assert ["a.test", "b.test", "z.test"] == [r["domain"] for r in rows]
     assert (True, False, 7, 10.0) == (
         rows[0]["throttled"],
@@ -266,7 +273,59 @@ def test_the_summary_counts_queued_units_by_domain_status_and_age_bucket() -> No
         rows[0]["rate_per_s"],
     )
     assert rows[2]["suspended"] and 0 == rows[2]["total"]
-    assert ["a.test"] == [r["domain"] for r in sel.summary_rows(shapes, c, {}, 1)]
+    top = sel.shapes(index.domains(), NOW, set(), index.get, 1)
+    assert ["a.test"] == [d for d, _ in top.ranked]
+    assert [3, 1, 1, 0, 1] == top.total[:5]  # the totals count every domain
+    assert ["a.test"] == [r["domain"] for r in sel.summary_rows(top.ranked, (), c, {}, 1)]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 200_000),  # age in seconds
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["a.t", "b.t", "c.t"]), st.sampled_from(list(UnitStatus))
+                ),
+                min_size=1,
+                max_size=3,
+                unique_by=lambda t: t[0],
+            ),
+            st.booleans(),  # its first unit in flight
+        ),
+        max_size=30,
+    ),
+    st.sampled_from([None, 1, 2]),
+)
+def test_the_summary_from_the_index_equals_a_walk_of_the_queue(
+    queue: list[tuple[int, list[tuple[str, UnitStatus]], bool]], limit: int | None
+) -> None:
+    """Shapes from the index's counts = a walk over every unit (ages to the minute)."""
+    now = 1_700_000_000.0
+    messages, flying = [], set()
+    for i, (age, units, fly) in enumerate(queue):
+        messages.append(msg(f"M{i}", "s@x.t", now - age, *(unit(d, s) for d, s in units)))
+        if fly:
+            flying.add((f"M{i}", units[0][0]))
+    walked: dict[str, list[int]] = {}
+    for m in messages:
+        minute_age = now - int(m.envelope.received_at // 60) * 60.0
+        for u in m.units:
+            if u.status.terminal:
+                continue
+            row = walked.setdefault(u.domain, [0] * (5 + len(sel.AGE_LABELS)))
+            slot = {"pending": 1, "retry": 2, "in_progress": 3, "held": 4}[u.status.value]
+            if (m.id, u.domain) in flying:
+                slot = 3
+            row[0] += 1
+            row[slot] += 1
+            row[5 + sel.age_bucket(minute_age)] += 1
+    index = MessageIndex({m.id: m for m in messages})
+    got = sel.shapes(index.domains(), now, flying, index.get, limit)
+    order = sorted(walked, key=lambda d: (-walked[d][0], d))[:limit]
+    assert [(d, walked[d]) for d in order] == got.ranked
+    columns = zip(*walked.values(), strict=True)
+    assert ([sum(c) for c in columns] if walked else [0] * len(got.total)) == got.total
 
 
 # --- message history ----------------------------------------------------------------------

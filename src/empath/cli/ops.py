@@ -245,11 +245,32 @@ def breaker_lines(data: dict[str, Any]) -> str:
         )
     if not lines:
         lines.append("no circuit breaker is open, half-open or counting failures")
+    more = data.get("count", len(data["breakers"])) - len(data["breakers"])
+    if more > 0:
+        lines.append(f"... and {more} more (--all, --limit N or --domain D)")
     return "\n".join(lines) + "\n"
 
 
-def breaker_list(ctx: Any, _ns: argparse.Namespace) -> int:
-    data = ctx.call("breaker.list")
+BREAKER_LIMIT = 50  # rows shown by default (half-open and open first)
+
+
+def _breaker_list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--limit",
+        metavar="N",
+        type=int,
+        default=BREAKER_LIMIT,
+        help=f"at most N breakers, half-open and open first (default {BREAKER_LIMIT})",
+    )
+    p.add_argument("--all", action="store_true", help="every breaker")
+    p.add_argument("--domain", metavar="D", help="this domain's breaker only")
+
+
+def breaker_list(ctx: Any, ns: argparse.Namespace) -> int:
+    args: dict[str, Any] = {} if ns.all or not ns.limit else {"limit": ns.limit}
+    if ns.domain:
+        args["domain"] = ns.domain
+    data = ctx.call("breaker.list", args)
     ctx.emit(data, breaker_lines(data))
     return EXIT_OK
 
@@ -292,6 +313,14 @@ def summary_text(data: dict[str, Any]) -> str:
     head = f"{'domain':<32} {'total':>6} {'pend':>5} {'retry':>5} {'fly':>4} {'held':>5} "
     head += " ".join(f"{b:>5}" for b in labels)
     lines = [f"{data['units']} queued unit(s) over {data['domain_count']} domain(s)", head]
+    total = data.get("total")
+    if total is not None:  # qshape's TOTAL line: every domain, shown or not
+        st = total["by_status"]
+        ages = " ".join(f"{n:>5}" for n in total["ages"])
+        lines.append(
+            f"{'TOTAL':<32} {data['units']:>6} {st['pending']:>5} {st['retry']:>5} "
+            f"{st['in_progress']:>4} {st['held']:>5} {ages}"
+        )
     for r in data["domains"]:
         st = r["by_status"]
         ages = " ".join(f"{n:>5}" for n in r["ages"])
@@ -412,7 +441,13 @@ COMMANDS: list[tuple[str, str, str, Any, Any]] = [
     ("queue", "suspend", "no attempts to DOMAIN until resumed", queue_suspend, _suspend_args),
     ("queue", "resume", "end a domain's suspension", queue_resume, _domain_arg),
     ("queue", "summary", "per domain: units by status, age, limits", queue_summary, _summary_args),
-    ("breaker", "list", "circuit breakers that are not plainly closed", breaker_list, _none),
+    (
+        "breaker",
+        "list",
+        "circuit breakers that are not plainly closed",
+        breaker_list,
+        _breaker_list_args,
+    ),
     ("breaker", "reset", "close a domain's breaker now", breaker_reset, _domain_arg),
     ("breaker", "probe", "let one attempt through now", breaker_probe, _domain_arg),
     ("message", "log", "a message's whole story (kept after it leaves)", message_log, _log_args),

@@ -128,6 +128,13 @@ def _domain(args: Args) -> str:
     return domain.lower().rstrip(".")
 
 
+def _limit(args: Args) -> int | None:
+    limit = args.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise RequestError(ErrorCode.BAD_REQUEST, "argument 'limit' must be a positive integer")
+    return limit
+
+
 def unit_filter(args: Args) -> sel.UnitFilter:
     status = _str(args, "status")
     statuses = tuple(s.value for s in UnitStatus)
@@ -180,16 +187,25 @@ class OpsHandlers:
 
     # breakers
 
-    async def breaker_list(self, _args: Args) -> dict[str, Any]:
+    async def breaker_list(self, args: Args) -> dict[str, Any]:
+        """Breakers that are open, half-open or counting failures: half-open first, then
+        open, then closed ones with failures, by domain; at most ``limit`` rows (every
+        one without), ``count`` says how many there are; ``domain`` picks one."""
+        limit = _limit(args)
+        only = _domain(args) if args.get("domain") is not None else None
         ctx = self.context()
         activity = self.d.runner.activity
+        rank = {"HalfOpen": 0, "Open": 1, "Closed": 2}
+        listed = sorted(
+            (rank.get(info.state.value, 3), domain, info)
+            for domain, info in ctx.breakers.items()
+            if (info.state.value != "Closed" or info.failures) and (only is None or domain == only)
+        )
         breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
         rows: list[dict[str, Any]] = []
-        for i, (domain, info) in enumerate(sorted(ctx.breakers.items())):
+        for i, (_rank, domain, info) in enumerate(listed[:limit]):
             if i % ROWS == ROWS - 1:
                 await breathe()
-            if info.state.value == "Closed" and not info.failures:
-                continue
             rows.append(
                 {
                     "domain": domain,
@@ -201,7 +217,11 @@ class OpsHandlers:
                     "last_error": activity.last_error(domain),
                 }
             )
-        return {"breakers": rows, "clustered": self.d.config.cluster is not None}
+        return {
+            "breakers": rows,
+            "count": len(listed),
+            "clustered": self.d.config.cluster is not None,
+        }
 
     async def breaker_reset(self, args: Args) -> dict[str, Any]:
         domain = _domain(args)
@@ -345,23 +365,22 @@ class OpsHandlers:
     # views
 
     async def queue_summary(self, args: Args) -> dict[str, Any]:
-        limit = args.get("limit")
-        if limit is not None and (
-            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
-        ):
-            raise RequestError(ErrorCode.BAD_REQUEST, "argument 'limit' must be a positive integer")
+        limit = _limit(args)
         ctx = self.context()
-        messages = list(self.d.spool.messages())
-        shapes: dict[str, sel.Shape] = {}
-        breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
-        for i in range(0, len(messages), SCAN_MESSAGES):
-            sel.shape(messages[i : i + SCAN_MESSAGES], ctx.now, ctx.in_flight, shapes)
-            await breathe()
-        rows = sel.summary_rows(shapes, ctx, self.d.runner.activity.per_domain(ctx.mono), limit)
+        index = self.d.spool.index
+        domains = index.domains()
+        got = sel.shapes(domains, ctx.now, self._in_flight(), index.get, limit)
+        rows = sel.summary_rows(
+            got.ranked, domains, ctx, self.d.runner.activity.per_domain(ctx.mono), limit
+        )
         return {
             "domains": rows,
-            "domain_count": len(shapes),
-            "units": sum(s[0] for s in shapes.values()),
+            "domain_count": got.domain_count,
+            "units": got.total[0],
+            "total": {
+                "by_status": dict(zip(sel.SUMMARY_STATUSES[:4], got.total[1:5], strict=True)),
+                "ages": got.total[5:],
+            },
             "age_buckets": list(sel.AGE_LABELS),
         }
 

@@ -127,7 +127,9 @@ def count_messages(counts: QueueCounts, messages: Sequence[MessageState]) -> Non
     counts.domains.update([u.domain for u in units if u.status not in _TERMINAL])
     counts.messages += len(messages)
     for msg in messages:
-        if any(u.status not in _TERMINAL and u.status is not UnitStatus.HELD for u in msg.units) and (
+        if any(
+            u.status not in _TERMINAL and u.status is not UnitStatus.HELD for u in msg.units
+        ) and (
             counts.oldest_at is None
             or (msg.envelope.received_at, msg.id) < (counts.oldest_at, counts.oldest_id or "")
         ):

@@ -10,13 +10,15 @@ are tested without a daemon:
   (hold, suspension, retry time, open breaker, rate limit, connection cap);
 * :func:`attempt_counts` — for `queue retry`/`process-now`: of the units made due,
   how many can really start now and how many stay waiting, by reason;
-* :func:`summary` — Postfix's qshape / KumoMTA's queue-summary: per destination the
-  units by status and age bucket with the domain's limits, throughput and blocks.
+* :func:`shapes` / :func:`summary_rows` — Postfix's qshape / KumoMTA's queue-summary:
+  per destination the units by status and age bucket (from the spool index's counts,
+  not a walk of the queue) with the domain's limits, throughput and blocks.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 import time
 from collections import Counter
@@ -34,6 +36,7 @@ from empath.queue.scheduler import (
     WaitForConnection,
 )
 from empath.queue.suspend import Suspension
+from empath.spool.index import STATUS_SLOT, DomainCounts
 from empath.spool.model import MessageState, UnitState, UnitStatus
 
 # qshape's buckets (minutes): 0-5, 5-10, 10-20, ..., 640-1280, 1280+
@@ -277,16 +280,12 @@ def attempt_counts(
 
 # --- queue summary -------------------------------------------------------------------
 
-# A domain's shape is a flat list of counts (cheap to build for 100,000 units):
+# A domain's shape is a flat list of counts, built from the spool index's per-domain
+# counts (no walk of the queue: O(domains), plus the arrival minutes of the rows shown):
 # [total, pending, retry, in_progress, held, age bucket 0, ..., age bucket n]
-_STATUS_AT: Final = {
-    UnitStatus.PENDING: 1,
-    UnitStatus.RETRY: 2,
-    UnitStatus.IN_PROGRESS: 3,
-    UnitStatus.HELD: 4,
-}
 _AGES_AT: Final = 5
 _SHAPE_LEN: Final = _AGES_AT + len(AGE_LABELS)
+_IN_PROGRESS_AT: Final = 1 + STATUS_SLOT[UnitStatus.IN_PROGRESS]
 Shape = list[int]
 
 
@@ -295,58 +294,80 @@ def age_bucket(age_s: float) -> int:
     return bisect.bisect_right(_BUCKET_S, age_s)
 
 
-def shape(
-    messages: Iterable[MessageState],
-    now: float,
-    in_flight: Container[tuple[str, str]],
-    out: dict[str, Shape] | None = None,
-) -> dict[str, Shape]:
-    """Queued (non-terminal) units per domain by status and age bucket, added to ``out``
-    (a new dict by default); one flat pass."""
-    if out is None:
-        out = {}
-    busy = bool(in_flight)
-    size = _SHAPE_LEN
-    pending, retry, held = UnitStatus.PENDING, UnitStatus.RETRY, UnitStatus.HELD
-    in_progress = UnitStatus.IN_PROGRESS
-    buckets = _BUCKET_S
+def _shape(counts: DomainCounts, now: float) -> Shape:
+    """A domain's shape; a message's age is taken from the start of the minute it
+    arrived in (at most 59 s more than its own)."""
+    out = [counts.units, *counts.by_status, *([0] * len(AGE_LABELS))]
     right = bisect.bisect_right
-    for msg in messages:
-        b = _AGES_AT + right(buckets, now - msg.envelope.received_at)
-        for unit in msg.units:
-            st = unit.status  # identity tests: an Enum's hash is a Python-level call
-            if st is pending:
-                si = 1
-            elif st is retry:
-                si = 2
-            elif st is held:
-                si = 4
-            elif st is in_progress:
-                si = 3
-            else:
-                continue  # finished: not queued
-            row = out.get(unit.domain)
-            if row is None:
-                row = out[unit.domain] = [0] * size
-            if busy and (msg.id, unit.domain) in in_flight:
-                si = 3
-            row[0] += 1
-            row[si] += 1
-            row[b] += 1
+    buckets = _BUCKET_S
+    for minute, n in counts.by_minute.items():
+        out[_AGES_AT + right(buckets, now - minute * 60.0)] += n
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Shapes:
+    """What `queue summary` shows: the ranked domains' shapes and the totals."""
+
+    ranked: list[tuple[str, Shape]]  # most queued units first (ties by name)
+    total: Shape  # over every domain
+    domain_count: int
+
+
+def shapes(
+    domains: Mapping[str, DomainCounts],
+    now: float,
+    in_flight: Iterable[tuple[str, str]],
+    get: Callable[[str], MessageState | None],
+    limit: int | None,
+) -> Shapes:
+    """The ``limit`` domains with most queued units (all with None) and the totals, from
+    the spool index's counts; units in flight move from their stored status to
+    in_progress."""
+    if limit is None:
+        top = sorted(domains.items(), key=lambda kv: (-kv[1].units, kv[0]))
+    else:
+        top = heapq.nsmallest(limit, domains.items(), key=lambda kv: (-kv[1].units, kv[0]))
+    ranked = [(d, _shape(c, now)) for d, c in top]
+    total = [0] * _SHAPE_LEN
+    right = bisect.bisect_right
+    buckets = _BUCKET_S
+    ages: dict[int, int] = {}
+    for c in domains.values():
+        total[0] += c.units
+        for i, n in enumerate(c.by_status):
+            total[1 + i] += n
+        for minute, n in c.by_minute.items():
+            ages[minute] = ages.get(minute, 0) + n
+    for minute, n in ages.items():
+        total[_AGES_AT + right(buckets, now - minute * 60.0)] += n
+    shown = dict(ranked)
+    for msg_id, domain in in_flight:
+        msg = get(msg_id)
+        unit = next((u for u in msg.units if u.domain == domain), None) if msg else None
+        slot = None if unit is None else STATUS_SLOT.get(unit.status)
+        if slot is None or 1 + slot == _IN_PROGRESS_AT:
+            continue
+        for row in (total, shown.get(domain)):
+            if row is not None:
+                row[1 + slot] -= 1
+                row[_IN_PROGRESS_AT] += 1
+    return Shapes(ranked, total, len(domains))
+
+
 def summary_rows(
-    shapes: Mapping[str, Shape],
+    ranked: list[tuple[str, Shape]],
+    queued: Container[str],
     ctx: WaitContext,
     delivered_last_min: Mapping[str, int],
     limit: int | None,
 ) -> list[dict[str, Any]]:
-    """The summary's rows, most queued units first (at most ``limit``)."""
-    ranked = sorted(shapes.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    """The summary's rows in ``ranked``'s order, then suspended domains with nothing
+    queued (not in ``queued``), at most ``limit`` in all."""
+    ranked = list(ranked)
     empty = [0] * _SHAPE_LEN
-    for domain in ctx.suspensions:
-        if domain not in shapes:
+    for domain in sorted(ctx.suspensions):
+        if domain not in queued:
             ranked.append((domain, empty))
     if limit is not None:
         ranked = ranked[:limit]
