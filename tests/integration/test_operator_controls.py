@@ -396,6 +396,13 @@ def test_queue_summary_shows_a_throttled_domain(tmp_path: Path) -> None:
             ]
             assert "rate 0.5/s burst 1" in thr and "THROTTLED" in thr
             assert "queue.summary" in audit_commands(d)
+            top = js(d, "queue", "summary", "--limit", "1")
+            assert (["thr.test"], 2) == ([r["domain"] for r in top["domains"]], top["domain_count"])
+            assert top["units"] == sum(top["total"]["by_status"].values())
+            assert top["units"] == sum(top["total"]["ages"]) >= row["total"] + 1
+            text = ok(d, "queue", "summary", "--limit", "1")
+            assert re.search(rf"^TOTAL +{top['units']} ", text, flags=re.M), text
+            assert "... and 1 more domain(s) with fewer units" in text
 
 
 def test_view_body_is_escaped_and_message_log_survives_delivery_and_restart(
@@ -475,14 +482,23 @@ def test_free_port_is_a_refusing_destination(tmp_path: Path) -> None:
     overrides = {
         "delivery": {
             "base_retry_delay_secs": 3600.0,
-            "domains": {"refuse.test": {"mx_override": f"127.0.0.1:{closed}"}},
+            "domains": {
+                "refuse.test": {"mx_override": f"127.0.0.1:{closed}"},
+                "refuse2.test": {"mx_override": f"127.0.0.1:{closed}"},
+            },
         }
     }
     with Daemon(tmp_path / "d", overrides) as d:
         msg = submit(d.smtp_port, SENDER, ["a@refuse.test"], body(1))
-        d.wait_log("Delivery deferred")
-        (b,) = js(d, "breaker", "list")["breakers"]
+        submit(d.smtp_port, SENDER, ["a@refuse2.test"], body(2))
+        d.wait_log("Delivery deferred", count=2)
+        (b,) = js(d, "breaker", "list", "--domain", "refuse.test")["breakers"]
         assert ("refuse.test", "Closed", 1) == (b["domain"], b["state"], b["failures"])
+        assert 2 == js(d, "breaker", "list")["count"]
+        lines = ok(d, "breaker", "list", "--limit", "1").splitlines()
+        assert lines[0].startswith("domain: refuse.test, state: Closed"), lines
+        assert ["... and 1 more (--all, --limit N or --domain D)"] == lines[1:]
+        assert 2 == len(ok(d, "breaker", "list", "--all").splitlines())
         out = js(d, "queue", "retry", msg)
         assert 1 == out["attempted_now"] and {} == out["waiting"]
-        d.wait_log("Delivery deferred", count=2)
+        d.wait_log("Delivery deferred", count=3)
