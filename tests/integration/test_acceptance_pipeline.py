@@ -24,22 +24,41 @@ from empath.transport.acceptance import (
 from empath.transport.listener import ListenerSpec
 from tests.integration.test_inbound_smtp import Raw, ServerThread, serving, spec
 
+IN_PLACE = {"on": False}  # set per test by the `mode` fixture
+
 
 @dataclass
 class Step:
-    """A configurable test step: records what it saw, then does ``action``."""
+    """A configurable test step: records what it saw, then does ``action``.  In the
+    "in place" runs of each test it also offers ``run_now`` (unless it sleeps), so
+    the session runs the pipeline without a task (acceptance.py)."""
 
     name: str
     stage: Stage = Stage.MODULES
     action: Callable[[AcceptedMessage], Reply | None] = lambda m: None
     seen: list[tuple[str, SessionFacts, bytes]] = field(default_factory=list)
     delay_s: float = 0.0
+    immediate: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.immediate = IN_PLACE["on"] and not self.delay_s
 
     async def run(self, message: AcceptedMessage) -> Reply | None:
+        assert not self.immediate, "an immediate pipeline is run in place"
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        return self.run_now(message)
+
+    def run_now(self, message: AcceptedMessage) -> Reply | None:
         self.seen.append((self.name, message.facts, message.to_bytes()))
         return self.action(message)
+
+
+@pytest.fixture(autouse=True, params=["task", "in place"])
+def mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    IN_PLACE["on"] = request.param == "in place"
+    yield request.param
+    IN_PLACE["on"] = False
 
 
 def install(srv: ServerThread, *steps: Step, timeout_s: float = 30.0) -> None:
@@ -230,3 +249,22 @@ def test_removing_the_pipeline_returns_to_streaming(srv: ServerThread) -> None:
     first, second = (body for _, body in srv.stored())
     assert (b"X-Step: 1" in first, b"X-Step" in second) == (True, False)
     assert 1 == len(step.seen)
+
+
+def test_pipelined_bdat_messages_each_refused_by_a_step_each_get_their_answer(
+    srv: ServerThread, mode: str
+) -> None:
+    """300 messages pipelined with BDAT LAST in one write, each refused by a step:
+    every reply in order, the session alive after (the in-place run answers a
+    refusal from a task, so a long batch is not a recursion)."""
+    install(srv, Step("no", action=lambda m: Reply.of(550, "5.7.1", "not wanted")))
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    one = b"MAIL FROM:<a@x.example>\r\nRCPT TO:<b@y.example>\r\nBDAT %d LAST\r\n%s" % (
+        len(body), body)  # fmt: skip
+    with Raw(srv.port) as r:
+        assert [220] == r.codes(1)
+        r.send(b"EHLO c.example\r\n")
+        assert [250] == r.codes(1)
+        r.send(one * 300 + b"NOOP\r\n")
+        assert [250, 250, 550] * 300 + [250] == r.codes(901)
+    assert [] == srv.stored()

@@ -262,3 +262,25 @@ def test_pipelined_commands_are_each_checked_and_answered_in_order(tmp_path: Pat
         assert [250, 550, 250, 550, 354] == raw.codes(5)
         raw.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
         assert [250, 221] == raw.codes(2)
+
+
+def test_a_long_pipelined_batch_through_a_module_answered_in_place_gets_every_reply(
+    tmp_path: Path,
+) -> None:
+    """Block never awaits, so the session answers its checks in place, one after the
+    other in one pass over the batch: 1,500 pipelined RCPTs (more than Python's
+    recursion limit allows if each check handled the next), every reply in order."""
+    daemon = Daemon(tmp_path / "d", {**parked_overrides("y.test"),
+                                     "modules": [module("Block", {"deny": "x@y.test"})]},
+                    listener={"max_recipients": 2000})  # fmt: skip
+    daemon.env = ENV
+    rcpts = [("x@y.test" if i % 500 == 0 else f"r{i}@y.test") for i in range(1500)]
+    with daemon, RawSmtp(daemon.smtp_host, daemon.smtp_port) as raw:
+        assert 220 == raw.reply()[0]
+        raw.send(b"EHLO c.test\r\n")
+        assert 250 == raw.reply()[0]
+        batch = b"MAIL FROM:<a@origin.test>\r\n"
+        batch += b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts) + b"RSET\r\nNOOP\r\n"
+        raw.send(batch)
+        expected = [250] + [550 if r == "x@y.test" else 250 for r in rcpts] + [250, 250]
+        assert expected == raw.codes(len(expected))

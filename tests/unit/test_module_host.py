@@ -4,6 +4,9 @@ seen by the next module, bounded delivery-event queues (DESIGN §14)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
@@ -11,8 +14,17 @@ import pytest
 from empath.config.model import ModuleConfig, ModuleOnError
 from empath.errors import ConfigError
 from empath.modules import AddHeader, Changes, DeleteHeader, DeliveryEvent, Message, Reply, Session
-from empath.modules.host import CONTINUE, CallTimeouts, Hook, ModuleHost, ModuleStats, Verdict
-from empath.modules.loader import ModuleContext, build_host
+from empath.modules.host import (
+    CONTINUE,
+    CallTimeouts,
+    Hook,
+    ModuleHost,
+    ModuleStats,
+    Verdict,
+    never_suspends,
+)
+from empath.modules.loader import ModuleContext, PythonFilter, build_host
+from empath.smtp.events import CheckStage
 from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptedMessage, SessionFacts
 
@@ -25,6 +37,7 @@ CLOCK = FakeClock(autojump=True)  # module calls are timed on it: a 5 s call cos
 
 class Fake:
     kind: Literal["module", "milter"] = "module"
+    immediate: frozenset[Hook] = frozenset()
 
     def __init__(
         self,
@@ -200,3 +213,81 @@ def test_loading_needs_async_hooks_and_names_the_entry() -> None:
     cfg = ModuleConfig(type="Python", name="empath.modules.api:Reply")
     with pytest.raises(ConfigError, match=r"modules\[0\] \(empath.modules.api:Reply\)"):
         build_host((cfg,), ModuleContext(resolver=None, hostname="h"), ModuleStats())
+
+
+class _Decides:
+    """Hooks of every shape, for never_suspends()."""
+
+    async def plain(self, session: Session, arg: str) -> Reply | None:
+        return Reply(550) if arg == "x" else None
+
+    async def awaits(self, session: Session, arg: str) -> None:
+        await asyncio.sleep(0)
+
+    async def bounded(self, session: Session, arg: str) -> None:
+        async with asyncio.timeout(1):  # noqa: ASYNC100 - the point: it has no await
+            pass
+
+    async def iterates(self, session: Session, arg: str) -> None:
+        async for _ in _nothing():
+            pass
+
+    def not_async(self, session: Session, arg: str) -> None:
+        return None
+
+
+async def _nothing() -> AsyncIterator[int]:
+    none: tuple[int, ...] = ()
+    for i in none:
+        yield i
+
+
+def test_only_an_async_hook_with_no_await_async_with_or_async_for_never_suspends() -> None:
+    d = _Decides()
+    assert never_suspends(d.plain)
+    assert not never_suspends(d.awaits)
+    assert not never_suspends(d.bounded)  # asyncio.timeout() needs a task on 3.11
+    assert not never_suspends(d.iterates)
+    assert not never_suspends(d.not_async)
+    assert not never_suspends(functools.partial(d.plain))  # not looked into: a task
+
+
+_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="outside")
+
+
+class _SetsVar:
+    def __init__(self, arguments: dict[str, object]) -> None:
+        pass
+
+    async def on_rcpt_to(self, session: Session, recipient: str) -> Reply | None:
+        _VAR.set("inside")
+        if recipient == "raise":
+            raise RuntimeError("bug")
+        return Reply(550, "5.7.1", "no") if recipient == "x" else None
+
+
+def test_a_hook_that_never_suspends_is_answered_in_place_in_a_context_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = ModuleConfig(type="Python", name="m:SetsVar")
+    flt = PythonFilter(cfg, _SetsVar({}))
+    assert frozenset({Hook.RCPT}) == flt.immediate
+    stats = ModuleStats()
+    host = ModuleHost([flt], stats, clock=CLOCK)
+    assert frozenset({CheckStage.RCPT}) == host.now
+    # no event loop at all: nothing is scheduled
+    assert Reply(550, "5.7.1", "no") == host.stage_now(Hook.RCPT, session(), "x")
+    assert host.stage_now(Hook.RCPT, session(), "ok") is None
+    assert 451 == (host.stage_now(Hook.RCPT, session(), "raise") or Reply(250)).code
+    assert "outside" == _VAR.get()  # what the hook set stayed in its own context
+    assert {("m:SetsVar", "on_rcpt_to", "reject"): 1, ("m:SetsVar", "on_rcpt_to", "continue"): 1,
+            ("m:SetsVar", "on_rcpt_to", "error"): 1} == stats.calls  # fmt: skip
+    assert 1 == len([r for r in caplog.records if r.getMessage() == "Module call failed"])
+
+
+def test_a_stage_is_answered_in_place_only_if_every_module_asked_never_suspends() -> None:
+    cfg = ModuleConfig(type="Python", name="m:SetsVar")
+    waits = Fake("waits", hooks=frozenset({Hook.MAIL, Hook.RCPT}))  # immediate: none
+    host = ModuleHost([PythonFilter(cfg, _SetsVar({})), waits], ModuleStats(), clock=CLOCK)
+    assert frozenset({CheckStage.RCPT, CheckStage.MAIL}) == host.checks
+    assert frozenset() == host.now

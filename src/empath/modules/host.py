@@ -29,7 +29,10 @@ The host is immutable once built; SIGHUP builds a new one and swaps it in
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dis
 import enum
+import inspect
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -131,11 +134,14 @@ class CallTimeouts:
 
 
 class Filter(Protocol):
-    """One loaded ``modules`` entry, as the host drives it."""
+    """One loaded ``modules`` entry, as the host drives it.  ``immediate``: the hooks
+    whose calls never suspend (see :func:`never_suspends`), so the host may run them
+    to their end in place, without a task."""
 
     label: str
     kind: Literal["module", "milter"]
     hooks: frozenset[Hook]
+    immediate: frozenset[Hook]
     timeouts: CallTimeouts
     on_error: OnError
 
@@ -154,6 +160,27 @@ class Filter(Protocol):
     async def close(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
+
+
+# What a coroutine's code does to suspend: await (GET_AWAITABLE/SEND/YIELD_VALUE),
+# async with (BEFORE_ASYNC_WITH), async for (GET_AITER/GET_ANEXT/END_ASYNC_FOR).
+_SUSPENDING_OPS: Final = frozenset(
+    {"GET_AWAITABLE", "SEND", "YIELD_VALUE", "BEFORE_ASYNC_WITH", "GET_AITER", "GET_ANEXT",
+     "END_ASYNC_FOR"}
+)  # fmt: skip
+
+
+def never_suspends(fn: object) -> bool:
+    """True when ``fn`` is an ``async def`` (or a method of one) whose body has no
+    await, ``async with`` or ``async for``: its coroutine always finishes in its first
+    step.  Such a call can run to its end outside any task: it cannot reach anything
+    that needs one (``asyncio.timeout()`` is an ``async with``).  Anything else —
+    a wrapped or native callable, a body that awaits — is False."""
+    func = getattr(fn, "__func__", fn)
+    code = getattr(func, "__code__", None)
+    if code is None or not inspect.iscoroutinefunction(func):
+        return False
+    return not any(ins.opname in _SUSPENDING_OPS for ins in dis.get_instructions(code))
 
 
 class _Rest:
@@ -241,7 +268,15 @@ class ModuleHost:
         self.stage_hooks = frozenset(h for h in STAGE_HOOKS if self._by_hook[h])
         # what the SMTP state machine stops for (smtp.events.CheckStage, by value)
         self.checks = frozenset(CheckStage(_CHECK_OF[h]) for h in self.stage_hooks)
+        # ... and of those, where every filter asked answers without suspending: the
+        # session runs them in place (stage_now) instead of in a task
+        self.now = frozenset(
+            CheckStage(_CHECK_OF[h])
+            for h in self.stage_hooks
+            if all(h in f.immediate for f in self._by_hook[h])
+        )
         self.has_data = bool(self._by_hook[Hook.DATA])
+        self.data_immediate = all(Hook.DATA in f.immediate for f in self._by_hook[Hook.DATA])
         self.wants_delivery_events = bool(self._by_hook[Hook.DELIVERY])
         self._needs_cleanup = any(f.kind == "milter" for f in filters)
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -257,7 +292,6 @@ class ModuleHost:
         self, f: Filter, hook: Hook, timeout_s: float, call: Coroutine[Any, Any, Verdict]
     ) -> Verdict:
         started = time.perf_counter()
-        health = self._health[id(f)]
         try:
             # A hook that never suspends (most Python hooks: a decision from what they
             # were given) finishes in its first step: no timer is armed for it.  One that
@@ -273,20 +307,47 @@ class ModuleHost:
                 async with deadline(self._clock, max(left, 0.0)):
                     verdict = await _Rest(call, first)
         except TimeoutError:
-            self._failed(f, hook, health, f"timed out after {timeout_s:g} s", tb=False)
-            self.stats.observe(f.label, hook, "timeout", time.perf_counter() - started)
-            return self._on_error(f)
+            return self._timed_out(f, hook, timeout_s, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._failed(f, hook, health, f"{type(exc).__name__}: {exc}", tb=True)
-            self.stats.observe(f.label, hook, "error", time.perf_counter() - started)
-            return self._on_error(f)
+            return self._raised(f, hook, exc, started)
         finally:
             call.close()  # a no-op once finished; frees one abandoned by a cancellation
-        health.last_ok = self._monotonic()
+        return self._answered(f, hook, verdict, started)
+
+    def _call_now(self, f: Filter, hook: Hook, call: Coroutine[Any, Any, Verdict]) -> Verdict:
+        """:meth:`_call` for a hook in ``f.immediate``: run to its end here."""
+        started = time.perf_counter()
+        try:
+            try:
+                call.send(None)
+            except StopIteration as done:
+                verdict: Verdict = done.value
+            else:  # never_suspends() said it could not; never leave it half-run
+                raise RuntimeError(f"{hook.value} suspended although it never awaits")
+        except TimeoutError:
+            return self._timed_out(f, hook, f.budget(hook), started)
+        except (Exception, asyncio.CancelledError) as exc:  # nobody cancels a call in place
+            return self._raised(f, hook, exc, started)
+        finally:
+            call.close()
+        return self._answered(f, hook, verdict, started)
+
+    def _answered(self, f: Filter, hook: Hook, verdict: Verdict, started: float) -> Verdict:
+        self._health[id(f)].last_ok = self._monotonic()
         self.stats.observe(f.label, hook, verdict.result, time.perf_counter() - started)
         return verdict
+
+    def _timed_out(self, f: Filter, hook: Hook, timeout_s: float, started: float) -> Verdict:
+        self._failed(f, hook, self._health[id(f)], f"timed out after {timeout_s:g} s", tb=False)
+        self.stats.observe(f.label, hook, "timeout", time.perf_counter() - started)
+        return self._on_error(f)
+
+    def _raised(self, f: Filter, hook: Hook, exc: BaseException, started: float) -> Verdict:
+        self._failed(f, hook, self._health[id(f)], f"{type(exc).__name__}: {exc}", tb=True)
+        self.stats.observe(f.label, hook, "error", time.perf_counter() - started)
+        return self._on_error(f)
 
     @staticmethod
     def _on_error(f: Filter) -> Verdict:
@@ -329,6 +390,23 @@ class ModuleHost:
                 return None if reply.code < 400 else reply
         return None
 
+    def stage_now(self, hook: Hook, session: Session, arg: str) -> Reply | None:
+        """:meth:`stage` run here and now, for a stage in :attr:`now` (every filter
+        asked answers without suspending): no task, no event-loop turn.  In a copy of
+        the current context, as a task would run it."""
+        return contextvars.copy_context().run(self._stage_now, hook, session, arg)
+
+    def _stage_now(self, hook: Hook, session: Session, arg: str) -> Reply | None:
+        for f in self._by_hook[hook]:
+            verdict = self._call_now(f, hook, f.stage(hook, session, arg))
+            if verdict.discard:
+                session.notes["empath.discard"] = True
+                continue
+            reply = verdict.reply
+            if reply is not None:
+                return None if reply.code < 400 else reply
+        return None
+
     async def data(self, session: Session, message: AcceptedMessage) -> Reply | None:
         """End of data (the acceptance pipeline's MODULES step): each filter sees the
         message as the ones before it left it; None = carry on (the message may have
@@ -341,19 +419,45 @@ class ModuleHost:
             verdict = await self._call(
                 f, Hook.DATA, f.budget(Hook.DATA), f.data(session, message_view(message))
             )
-            if verdict.changes:
-                try:
-                    apply_changes(message, verdict.changes)
-                except ValueError as exc:
-                    self._failed(f, Hook.DATA, self._health[id(f)], str(exc), tb=False)
-                    verdict = self._on_error(f)
-            if verdict.discard:
-                message.discard(f"discarded by {f.label}")
-                return None
-            reply = verdict.reply
-            if reply is not None:
-                return None if reply.code < 400 else reply
+            done, reply = self._data_answer(f, message, verdict)
+            if done:
+                return reply
         return None
+
+    def data_now(self, session: Session, message: AcceptedMessage) -> Reply | None:
+        """:meth:`data` here and now, when every filter's ``on_data`` never suspends
+        (:attr:`data_immediate`); in a copy of the current context."""
+        return contextvars.copy_context().run(self._data_now, session, message)
+
+    def _data_now(self, session: Session, message: AcceptedMessage) -> Reply | None:
+        if session.notes.pop("empath.discard", False):
+            message.discard("discarded by a milter before end of data")
+            return None
+        session.notes["empath.queue_id"] = message.id
+        for f in self._by_hook[Hook.DATA]:
+            verdict = self._call_now(f, Hook.DATA, f.data(session, message_view(message)))
+            done, reply = self._data_answer(f, message, verdict)
+            if done:
+                return reply
+        return None
+
+    def _data_answer(
+        self, f: Filter, message: AcceptedMessage, verdict: Verdict
+    ) -> tuple[bool, Reply | None]:
+        """Carry out one filter's end-of-data verdict: (the chain ends, its reply)."""
+        if verdict.changes:
+            try:
+                apply_changes(message, verdict.changes)
+            except ValueError as exc:
+                self._failed(f, Hook.DATA, self._health[id(f)], str(exc), tb=False)
+                verdict = self._on_error(f)
+        if verdict.discard:
+            message.discard(f"discarded by {f.label}")
+            return True, None
+        reply = verdict.reply
+        if reply is not None:
+            return True, (None if reply.code < 400 else reply)
+        return False, None
 
     def session_closed_soon(self, session: Session) -> None:
         """The SMTP session ended: let each filter clean up (milter QUIT) in the

@@ -32,6 +32,7 @@ from empath.modules.host import (
     ModuleHost,
     ModuleStats,
     Verdict,
+    never_suspends,
 )
 
 __all__ = ["HOOK_ATTRIBUTES", "ModuleContext", "PythonFilter", "build_host", "load_filter"]
@@ -80,6 +81,8 @@ class PythonFilter:
                 raise TypeError(f"{attr} must be an async method (async def {attr}(...))")
             self._fns[hook] = fn
         self.hooks = frozenset(self._fns)
+        # hooks whose calls finish without suspending: the host runs them in place
+        self.immediate = frozenset(h for h, fn in self._fns.items() if never_suspends(fn))
 
     def budget(self, hook: Hook) -> float:
         if hook is Hook.DATA:

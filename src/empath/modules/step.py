@@ -39,8 +39,10 @@ class ModulesStep:
 
     def __init__(self, host: ModuleHost) -> None:
         self.host = host
+        # every on_data never suspends: the session may run this step in place
+        self.immediate = host.data_immediate
 
-    async def run(self, message: AcceptedMessage) -> Reply | None:
+    def _session(self, message: AcceptedMessage) -> tuple[ModuleHost, Session]:
         session = message.facts.module_session
         if not isinstance(session, Session):
             facts = message.facts
@@ -53,10 +55,19 @@ class ModulesStep:
         session.recipients = tuple(message.recipients)
         host = session.private.get(HOST_KEY, self.host)
         assert isinstance(host, ModuleHost)
+        return host, session
+
+    async def run(self, message: AcceptedMessage) -> Reply | None:
+        host, session = self._session(message)
         reply = await host.data(session, message)
-        if reply is None:
-            return None
-        return to_smtp_reply(reply)
+        return None if reply is None else to_smtp_reply(reply)
+
+    def run_now(self, message: AcceptedMessage) -> Reply | None:
+        host, session = self._session(message)
+        if not host.data_immediate:  # a session that began before a reload: its own set
+            raise RuntimeError("modules step run in place with modules that may wait")
+        reply = host.data_now(session, message)
+        return None if reply is None else to_smtp_reply(reply)
 
 
 def to_smtp_reply(reply: ModuleReply) -> Reply:

@@ -40,6 +40,10 @@ A step is any object with a ``name`` (for logs), a ``stage`` and ::
 * raising an exception is contained: logged, answered ``451 4.3.0``, nothing spooled.
   Steps bound their own waits (a milter's timeout); the pipeline as a whole is cut
   off after the listener's ``data_termination_secs`` (``451 4.3.0``).
+* optionally, ``immediate = True`` and a plain ``def run_now(self, message)`` doing
+  what ``run`` does without ever suspending (e.g. modules that never await): when
+  every step of a pipeline is immediate, the session runs it in place
+  (:meth:`AcceptancePipeline.run_now`: no task, no timer, no event-loop turn).
 
 A step changes the message only through :class:`AcceptedMessage`:
 
@@ -74,7 +78,7 @@ import asyncio
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 from empath.logs import get_logger
 from empath.smtp.replies import Reply
@@ -302,10 +306,14 @@ class AcceptancePipeline:
     steps: tuple[AcceptanceStep, ...]
     timeout_s: float = 600.0
     _ordered: tuple[AcceptanceStep, ...] = field(init=False, repr=False, compare=False)
+    # every step offers run_now (module doc): the session may call run_now instead
+    immediate: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.steps, key=lambda s: int(s.stage)))
         object.__setattr__(self, "_ordered", ordered)
+        now = all(getattr(s, "immediate", False) for s in ordered)
+        object.__setattr__(self, "immediate", now)
 
     @property
     def ordered(self) -> tuple[AcceptanceStep, ...]:
@@ -328,27 +336,55 @@ class AcceptancePipeline:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.exception("Acceptance step failed, message refused", step=step.name,
-                              message_id=message.id, peer=message.facts.peer,
-                              error=repr(exc), smtp_code="451")  # fmt: skip
-                return Verdict(R_STEP_ERROR)
-            if reply is not None:
-                if reply.code < 400:
-                    log.error("Acceptance step answered a non-error reply; refusing",
-                              step=step.name, message_id=message.id,
-                              code=reply.code)  # fmt: skip
-                    return Verdict(R_STEP_ERROR)
-                log.info("Message refused by acceptance step", step=step.name,
-                         message_id=message.id, peer=message.facts.peer,
-                         smtp_code=str(reply.code), reply=reply.text)  # fmt: skip
-                return Verdict(reply)
-            if message.discarded is None and not message.recipients:
-                message.discard(f"{step.name} removed every recipient")
-            if message.discarded is not None:
-                log.info("Message discarded by acceptance step", step=step.name,
-                         message_id=message.id, reason=message.discarded)  # fmt: skip
-                return Verdict(R_DISCARDED, message.discarded)
+                return _failed(step, message, exc)
+            verdict = _judged(step, message, reply)
+            if verdict is not None:
+                return verdict
         return Verdict()
+
+    def run_now(self, message: AcceptedMessage) -> Verdict:
+        """:meth:`run` here and now, for a pipeline whose every step is ``immediate``
+        (module doc); never raises.  No timer: nothing in it can wait."""
+        for step in self._ordered:
+            try:
+                reply = cast(_ImmediateStep, step).run_now(message)
+            except Exception as exc:
+                return _failed(step, message, exc)
+            verdict = _judged(step, message, reply)
+            if verdict is not None:
+                return verdict
+        return Verdict()
+
+
+class _ImmediateStep(Protocol):
+    def run_now(self, message: AcceptedMessage) -> Reply | None: ...
+
+
+def _failed(step: AcceptanceStep, message: AcceptedMessage, exc: Exception) -> Verdict:
+    log.exception("Acceptance step failed, message refused", step=step.name,
+                  message_id=message.id, peer=message.facts.peer,
+                  error=repr(exc), smtp_code="451")  # fmt: skip
+    return Verdict(R_STEP_ERROR)
+
+
+def _judged(step: AcceptanceStep, message: AcceptedMessage, reply: Reply | None) -> Verdict | None:
+    """What a step's answer means for the message: a final verdict, or None (go on)."""
+    if reply is not None:
+        if reply.code < 400:
+            log.error("Acceptance step answered a non-error reply; refusing",
+                      step=step.name, message_id=message.id, code=reply.code)  # fmt: skip
+            return Verdict(R_STEP_ERROR)
+        log.info("Message refused by acceptance step", step=step.name,
+                 message_id=message.id, peer=message.facts.peer,
+                 smtp_code=str(reply.code), reply=reply.text)  # fmt: skip
+        return Verdict(reply)
+    if message.discarded is None and not message.recipients:
+        message.discard(f"{step.name} removed every recipient")
+    if message.discarded is not None:
+        log.info("Message discarded by acceptance step", step=step.name,
+                 message_id=message.id, reason=message.discarded)  # fmt: skip
+        return Verdict(R_DISCARDED, message.discarded)
+    return None
 
 
 R_DISCARDED: Final = Reply.of(250, "2.0.0", "Ok: discarded")

@@ -6,7 +6,8 @@ coroutine here, run by the session as its request-scoped task (``pending_task``,
 the listener's shutdown awaits):
 
 * a module :class:`~empath.smtp.events.Check` (DESIGN §14): :func:`module_check` asks
-  the listener's modules and returns the reply for ``SmtpServer.check_done``;
+  the listener's modules and returns the reply for ``SmtpServer.check_done``
+  (:func:`module_check_now` answers in place where no module asked can suspend);
 * an :class:`~empath.smtp.events.AuthCheck` (DESIGN §13): :func:`authenticate` asks the
   listener's authenticator (which hashes off the event loop) for its verdict;
 * the end of a message on a listener with acceptance steps (acceptance.py):
@@ -38,7 +39,15 @@ log = get_logger("smtp", __name__)
 
 R_AUTH_UNAVAILABLE = Reply.of(454, "4.7.0", "Temporary authentication failure")
 
-__all__ = ["R_AUTH_UNAVAILABLE", "authenticate", "module_check", "module_session", "run_acceptance"]
+__all__ = [
+    "R_AUTH_UNAVAILABLE",
+    "accepted_message",
+    "authenticate",
+    "module_check",
+    "module_check_now",
+    "module_session",
+    "run_acceptance",
+]
 
 
 # --- module checks (DESIGN §14; empath/modules) -------------------------------------
@@ -55,17 +64,35 @@ def module_session(
     return ms
 
 
-async def module_check(
-    host: ModuleHost, ms: ModuleSession, server: SmtpServer, check: Check, peer: str
-) -> Reply | None:
-    """The modules' answer to ``check``: ``None`` carries on, a reply refuses."""
+def _update(ms: ModuleSession, server: SmtpServer, check: Check) -> None:
     ms.helo = check.value if check.stage is CheckStage.HELO else server.helo
     ms.tls = server.tls_active
     ms.sender = check.value if check.stage is CheckStage.MAIL else server.sender
     ms.recipients = server.recipients
     ms.auth_user = server.auth_user
+
+
+async def module_check(
+    host: ModuleHost, ms: ModuleSession, server: SmtpServer, check: Check, peer: str
+) -> Reply | None:
+    """The modules' answer to ``check``: ``None`` carries on, a reply refuses."""
+    _update(ms, server, check)
     try:
         answer = await host.stage(STAGE_HOOK[check.stage], ms, check.value)
+    except Exception as exc:  # the host contains modules' failures; this is a bug of ours
+        log.exception("Module check failed", peer=peer, error=repr(exc))
+        answer = MODULE_ERROR
+    return None if answer is None else to_smtp_reply(answer)
+
+
+def module_check_now(
+    host: ModuleHost, ms: ModuleSession, server: SmtpServer, check: Check, peer: str
+) -> Reply | None:
+    """:func:`module_check` here and now, for a stage in ``host.now`` (every module
+    asked answers without suspending): no task, no event-loop turn."""
+    _update(ms, server, check)
+    try:
+        answer = host.stage_now(STAGE_HOOK[check.stage], ms, check.value)
     except Exception as exc:  # the host contains modules' failures; this is a bug of ours
         log.exception("Module check failed", peer=peer, error=repr(exc))
         answer = MODULE_ERROR
@@ -93,14 +120,20 @@ async def authenticate(auth: CredentialCheck, ev: AuthCheck, ip_key: str, peer: 
 # --- acceptance steps (acceptance.py) -------------------------------------------------
 
 
+def accepted_message(txn: Transaction, held: HeldBody, facts: SessionFacts) -> AcceptedMessage:
+    """The whole message, for the steps (the held body's buffer is released)."""
+    return AcceptedMessage(
+        held.id, held.take(), sender=txn.sender, recipients=txn.recipients, facts=facts
+    )
+
+
 async def run_acceptance(
     txn: Transaction, held: HeldBody, facts: SessionFacts
 ) -> tuple[AcceptedMessage, Verdict]:
     """Run the listener's acceptance steps on the whole message (the held body is
-    aborted if they raise or are cancelled)."""
-    message = AcceptedMessage(
-        held.id, held.take(), sender=txn.sender, recipients=txn.recipients, facts=facts
-    )
+    aborted if they raise or are cancelled).  When every step is immediate the session
+    calls ``held.pipeline.run_now(accepted_message(...))`` in place instead."""
+    message = accepted_message(txn, held, facts)
     try:
         verdict = await held.pipeline.run(message)
     except BaseException:

@@ -73,6 +73,7 @@ from empath.logs import get_logger
 from empath.smtp.replies import Reply
 from empath.smtp.sasl import AuthOutcome
 from empath.smtp.server import (
+    MAX_COMMANDS_PER_TURN,
     AuthCheck,
     BodyAbort,
     BodyChunk,
@@ -88,12 +89,20 @@ from empath.smtp.server import (
     received_header,
 )
 from empath.spool.model import Envelope, MessageState, initial_units
-from empath.transport.acceptance import R_STEP_ERROR, HeldBody, SessionFacts
+from empath.transport.acceptance import (
+    R_STEP_ERROR,
+    AcceptedMessage,
+    HeldBody,
+    SessionFacts,
+    Verdict,
+)
 from empath.transport.admission import per_ip_key
 from empath.transport.handoffs import (
+    accepted_message,
     authenticate,
     log_refusal,
     module_check,
+    module_check_now,
     module_session,
     run_acceptance,
 )
@@ -412,6 +421,35 @@ class SmtpSession(asyncio.Protocol):
         )
 
     def _check(self, check: Check) -> None:
+        """Ask the modules about ``check``: in a task, or — where every module asked
+        answers without suspending (``host.now``) — here and now, and so on down a
+        pipelined batch of checked commands (a loop, not a recursion: 1,000 pipelined
+        RCPTs are a chain of 1,000 checks; at most MAX_COMMANDS_PER_TURN of them in
+        one turn, like the state machine's own bound).  Replies wait for the next
+        check and go out together, as in _resume."""
+        host = self._modules
+        ms = self._msession
+        server = self._server
+        assert host is not None and ms is not None and server is not None
+        budget = MAX_COMMANDS_PER_TURN  # then a task: other sessions get their turn
+        while check.stage in host.now and budget:
+            budget -= 1
+            reply = module_check_now(host, ms, server, check, self._peer)
+            if reply is not None:
+                log_refusal(check, reply, self._peer)
+            events = server.check_done(reply)
+            last = events[-1] if events else None
+            if type(last) is not Check:  # (a Check is always the last event of a batch)
+                transport = self._transport
+                out = server.data_to_send()
+                if out and transport is not None:
+                    transport.write(out)
+                self._handle(events)
+                return
+            assert isinstance(last, Check)
+            if len(events) > 1:
+                self._handle(events[:-1])
+            check = last
         self._commit_task = self._rt.loop.create_task(self._run_check(check))
 
     async def _run_check(self, check: Check) -> None:
@@ -457,6 +495,18 @@ class SmtpSession(asyncio.Protocol):
         self._writer = None
         assert writer is not None
         if isinstance(writer, HeldBody):
+            host = self._modules
+            if writer.pipeline.immediate and (host is None or host.data_immediate):
+                # every step answers without waiting (acceptance.py): here and now
+                message = accepted_message(txn, writer, self._facts(txn))
+                verdict = writer.pipeline.run_now(message)
+                if verdict.spool:
+                    self._accepted(txn, writer, message, verdict)
+                else:  # answered from a task: no recursion down pipelined messages
+                    self._commit_task = self._rt.loop.create_task(
+                        self._answer(txn, writer, message, verdict)
+                    )
+                return
             self._commit_task = self._rt.loop.create_task(self._accept(txn, writer))
             return
         self._spool_commit(txn, writer, txn.sender, txn.recipients)
@@ -489,27 +539,43 @@ class SmtpSession(asyncio.Protocol):
         fut.add_done_callback(self._committed)
         return fut
 
-    async def _accept(self, txn: Transaction, held: HeldBody) -> None:
-        """Slow path (acceptance steps configured): run them on the whole message,
-        then spool what they left, or answer their refusal (acceptance.py)."""
+    def _facts(self, txn: Transaction) -> SessionFacts:
         rt = self._rt
         ip = self._ip
-        facts = SessionFacts(
+        return SessionFacts(
             peer_ip=ip, peer=self._peer, helo=txn.helo, trusted=rt.trusts(ip),
             auth_user=txn.auth_user, tls=txn.tls, listener=rt.label, esmtp=txn.esmtp,
             smtputf8=txn.smtputf8, module_session=self._msession,
         )  # fmt: skip
-        message, verdict = await run_acceptance(txn, held, facts)
+
+    async def _accept(self, txn: Transaction, held: HeldBody) -> None:
+        """Slow path (acceptance steps configured): run them on the whole message,
+        then spool what they left, or answer their refusal (acceptance.py)."""
+        message, verdict = await run_acceptance(txn, held, self._facts(txn))
+        fut = self._accepted(txn, held, message, verdict)
+        if fut is not None:
+            # shutdown awaits pending_task: keep this task alive until the commit is answered
+            await asyncio.wait((fut,))
+
+    async def _answer(
+        self, txn: Transaction, held: HeldBody, message: AcceptedMessage, verdict: Verdict
+    ) -> None:
+        self._accepted(txn, held, message, verdict)
+
+    def _accepted(
+        self, txn: Transaction, held: HeldBody, message: AcceptedMessage, verdict: Verdict
+    ) -> asyncio.Future[MessageState] | None:
+        """The steps' verdict: spool what they left (the commit's future), or answer."""
         server = self._server
         if server is None or self._transport is None or self._transport.is_closing():
             held.abort()  # the client is gone: it will retry; do not spool a duplicate
             self._commit_task = None
-            return
+            return None
         if verdict.reply is not None:
             held.abort()
             self._commit_task = None
             self._resume(server.message_failed(verdict.reply))
-            return
+            return None
         writer = held.writer
         try:
             writer.write(message.to_bytes())
@@ -518,11 +584,9 @@ class SmtpSession(asyncio.Protocol):
             writer.abort()
             self._commit_task = None
             self._resume(server.message_failed(R_STEP_ERROR))
-            return
+            return None
         self._commit_fields = message.log_fields or None
-        fut = self._spool_commit(txn, writer, message.sender, tuple(message.recipients))
-        # shutdown awaits pending_task: keep this task alive until the commit is answered
-        await asyncio.wait((fut,))
+        return self._spool_commit(txn, writer, message.sender, tuple(message.recipients))
 
     def _committed(self, fut: asyncio.Future[MessageState]) -> None:
         rt = self._rt

@@ -92,6 +92,7 @@ class MilterFilter:
         self.timeouts = timeouts
         self.on_error = on_error
         self.hooks = frozenset({Hook.MAIL, Hook.RCPT, Hook.DATA})
+        self.immediate: frozenset[Hook] = frozenset()  # every call talks to the milter
         self._stats = stats
         self._hostname = hostname
         self.connected = 0  # sessions connected (for status)
