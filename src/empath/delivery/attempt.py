@@ -179,16 +179,40 @@ async def _transact(
     while idle (nothing but local verdicts, no reply) is closed and the transaction
     sent once more on a freshly opened one."""
     opener = _opener(pool, key, address, settings)
-    for fresh in (False, True):
-        async with pool.connection(key, opener, wait_s=settings.pool_wait_s, fresh=fresh) as conn:
-            result = await conn.send(txn, body)
-            if conn.reused and _stale(result):
-                conn.close()
-                continue
-            return _Sent(
+    sent = await _transact_once(pool, key, address, settings, txn, body, opener, fresh=False)
+    if sent is None:
+        sent = await _transact_once(pool, key, address, settings, txn, body, opener, fresh=True)
+        assert sent is not None, "a fresh connection is never stale"
+    return sent
+
+
+async def _transact_once(
+    pool: ConnectionPool,
+    key: PoolKey,
+    address: str,
+    settings: AttemptSettings,
+    txn: OutboundTransaction,
+    body: BodySource,
+    opener: Callable[[], Awaitable[OutboundConnection]],
+    *,
+    fresh: bool,
+) -> _Sent | None:
+    """One try over a checked-out connection; None when a reused one was stale (closed)."""
+    conn = await pool.checkout(key, opener, wait_s=settings.pool_wait_s, fresh=fresh)
+    try:
+        result = await conn.send(txn, body)
+        sent = None
+        if conn.reused and _stale(result):
+            conn.close()
+        else:
+            sent = _Sent(
                 result, conn.tls_active, conn.tls_session, conn.peer_address or address, conn.reused
             )
-    raise AssertionError("a fresh connection is never stale")  # pragma: no cover
+    except BaseException:
+        pool.release(conn, failed=True)
+        raise
+    pool.release(conn)
+    return sent
 
 
 async def attempt_delivery(

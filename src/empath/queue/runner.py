@@ -25,7 +25,9 @@ and when; this module does the rest on the event loop:
 * **Persist before acting.**  A DSN is committed to the spool before the state
   that caused it, so a crash can duplicate a DSN but never lose one; the new unit
   state is group-committed before the unit is rescheduled or forgotten.  A
-  message whose units are all delivered is removed with one tombstone record.
+  message whose units are all delivered is removed with one tombstone record that
+  is not waited for (DESIGN §3: a crash before it is written only repeats the
+  delivery).
   ``in_progress`` is not written to disk: recovery treats it as pending anyway,
   so at-least-once delivery holds without a flush per attempt.
 * **Shutdown** (:meth:`drain`): stop dispatching, let in-flight attempts finish
@@ -546,7 +548,9 @@ class DeliveryRunner(OperatorActions):
             new = replace(new, status=UnitStatus.HELD)
         units = tuple(new if u.domain == new.domain else u for u in current.units)
         if all(u.status is UnitStatus.DELIVERED for u in units):
-            await self.spool.remove(msg_id)
+            # Not waited for (DESIGN §3, what a relayed message writes): a crash before
+            # the tombstone is on disk delivers the message again; nothing is lost.
+            await self.spool.remove(msg_id, durable=False)
             self._left(replace(current, units=units), "delivered")
         else:
             await self.spool.update(msg_id, units)

@@ -370,11 +370,19 @@ class FileSpool(IndexedMessages, Compaction):
             await entry.future
         return new
 
-    async def remove(self, msg_id: str) -> None:
+    async def remove(self, msg_id: str, *, durable: bool = True) -> None:
         writer = self._live_writer()
         self.get(msg_id)
         packed = self._locs.get(msg_id)
         loc = None if packed is None else BodyLocation.unpack(packed)
+        if not durable and (loc is None or not loc.spilled):
+            # Gone for every reader now; the tombstone rides with the next flush
+            # (LogWriter.submit lazy).  Until it is written the record stays live for
+            # compaction's accounting, and ``_removing`` keeps compaction off it.
+            self._index.pop(msg_id, None)
+            self._removing.add(msg_id)
+            writer.submit(Entry(EntryKind.DEL, msg_id, codec.del_payload(msg_id)), lazy=True)
+            return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._removing.add(msg_id)
         try:
@@ -401,6 +409,12 @@ class FileSpool(IndexedMessages, Compaction):
                 fut = entry.future
                 if fut is not None and not fut.done():
                     fut.set_exception(map_os_error(error, "writing to the spool log"))
+                elif fut is None and entry.kind is EntryKind.DEL and self._writer is not None:
+                    # a lazy tombstone: try again with the next flush (the message is
+                    # out of the index already; until written, a restart delivers it
+                    # again, which is the at-least-once side of the trade)
+                    with contextlib.suppress(RuntimeError):  # the writer is stopping
+                        self._writer.submit(entry, lazy=True)
             return
         for entry in batch:
             kind = entry.kind
@@ -417,6 +431,8 @@ class FileSpool(IndexedMessages, Compaction):
                     self._place(entry)
             elif kind is EntryKind.DEL:
                 self._index.pop(entry.msg_id, None)
+                if entry.future is None:  # a lazy tombstone (remove(durable=False))
+                    self._removing.discard(entry.msg_id)
                 packed = self._locs.pop(entry.msg_id, None)
                 if packed is not None:
                     loc = BodyLocation.unpack(packed)

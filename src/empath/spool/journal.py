@@ -20,10 +20,11 @@ the id (a grep: no index in memory, so the history costs no RAM per message).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import IO, Any, Final
+
+import orjson
 
 from empath.clock import Clock
 
@@ -39,7 +40,7 @@ class MessageJournal:
         self.directory = directory
         self.retention_s = retention_s
         self._clock = clock
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._file_hour = -1
         self._dirty = False
 
@@ -51,10 +52,11 @@ class MessageJournal:
         for k, v in fields.items():
             if isinstance(v, str) and len(v) > MAX_TEXT:
                 fields[k] = v[:MAX_TEXT]
-        line = json.dumps({"id": msg_id, "at": now, "event": event, **fields}, ensure_ascii=False)
+        # orjson: ~1 µs a line against ~7 for json.dumps (two lines per delivered message)
+        line = orjson.dumps({"id": msg_id, "at": now, "event": event, **fields})
         try:
             f = self._open(int(now // FILE_SECONDS))
-            f.write(line + "\n")
+            f.write(line + b"\n")
         except OSError:
             return  # a full disk: the history is best effort, the mail is not affected
         self._dirty = True
@@ -78,15 +80,16 @@ class MessageJournal:
         if self.directory is None:
             return []
         self.flush()
-        needle = f'"id": "{msg_id}"'
+        # the id as it appears in a line; files written before orjson had a space after ':'
+        needle = msg_id.encode()
         out: list[dict[str, Any]] = []
         for name in self._files():
             try:
-                with open(os.path.join(self.directory, name), encoding="utf-8") as f:
+                with open(os.path.join(self.directory, name), "rb") as f:
                     for line in f:
                         if needle in line:
                             try:
-                                obj = json.loads(line)
+                                obj = orjson.loads(line)
                             except ValueError:
                                 continue  # a line torn by a crash
                             if obj.get("id") == msg_id:
@@ -133,7 +136,7 @@ class MessageJournal:
             return []
         return sorted(n for n in names if _hour_of(n) is not None)
 
-    def _open(self, hour: int) -> IO[str]:
+    def _open(self, hour: int) -> IO[bytes]:
         if self._file is not None and hour == self._file_hour:
             return self._file
         assert self.directory is not None
@@ -142,7 +145,7 @@ class MessageJournal:
             self._file = None
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self._file = open(  # noqa: SIM115 - kept open between events, closed in close()
-            os.path.join(self.directory, f"{hour}.jsonl"), "a", encoding="utf-8"
+            os.path.join(self.directory, f"{hour}.jsonl"), "ab"
         )
         self._file_hour = hour
         return self._file

@@ -181,9 +181,10 @@ class MemorySpool(IndexedMessages):
         self.updates += 1
         return new
 
-    async def remove(self, msg_id: str) -> None:
+    async def remove(self, msg_id: str, *, durable: bool = True) -> None:
         self.get(msg_id)
-        await asyncio.sleep(0)
+        if durable:
+            await asyncio.sleep(0)
         self._index.pop(msg_id, None)
         self._bodies.pop(msg_id, None)
 

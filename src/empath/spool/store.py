@@ -15,7 +15,10 @@ Contract (DESIGN §3):
   ``durable=True`` it returns after the snapshot is flushed (group-committed with
   everything else); ``durable=False`` queues it for the next flush and returns at
   once (used for ``in_progress`` marks, which recovery treats as pending anyway).
-- ``remove()`` durably forgets a message; its space becomes reclaimable.
+- ``remove()`` durably forgets a message; its space becomes reclaimable.  With
+  ``durable=False`` (a delivered message, DESIGN §3 "What a relayed message writes")
+  the message leaves the index at once and its tombstone rides with the next flush:
+  a crash before that delivers it again (a duplicate), never loses anything.
 - ``compact()`` reclaims that space (the app calls it periodically, and at once
   while ``under_pressure()``); a removal succeeds on a full disk too.
 - The in-memory index (``get``/``messages``) reflects every committed/updated
@@ -113,8 +116,9 @@ class Spool(Protocol):
         """Persist a new snapshot of the unit states of a live message."""
         ...
 
-    async def remove(self, msg_id: str) -> None:
-        """Durably delete a message (all units terminal, or `queue delete`)."""
+    async def remove(self, msg_id: str, *, durable: bool = True) -> None:
+        """Delete a message (all units terminal, or `queue delete`); durably unless
+        ``durable=False`` (see the module doc)."""
         ...
 
     def get(self, msg_id: str) -> MessageState:

@@ -47,6 +47,7 @@ from empath.spool.model import MessageState
 from empath.spool.space import Reserve
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+LAZY_FLUSH_S = 0.05  # the longest a lazy entry waits for company (LogWriter.submit)
 
 
 class EntryKind(enum.Enum):
@@ -164,6 +165,7 @@ class LogWriter:
         self._loop_thread = 0
         self._staged: list[Entry] = []  # submitted on the loop, not yet handed over
         self._flush_scheduled = False
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._on_batch: BatchCallback | None = None
         self._thread: threading.Thread | None = None
         self.batches = 0
@@ -176,11 +178,15 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="empath-spool-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, entry: Entry) -> None:
+    def submit(self, entry: Entry, *, lazy: bool = False) -> None:
         """Queue an entry.  On the loop thread, entries made in one loop iteration are
         handed to the writer thread together at the end of it: one wake-up of the
         thread (and one GIL hand-over) per iteration instead of one per record, which
-        profiling showed as the dominant cost of ingest (futex storms)."""
+        profiling showed as the dominant cost of ingest (futex storms).
+
+        A ``lazy`` entry (nobody waits for it: a delivered message's tombstone) waits
+        for the next entry that is not lazy and goes with it, or at most
+        :data:`LAZY_FLUSH_S`: under load it costs no wake-up and no write of its own."""
         if self._stopping:
             raise RuntimeError("spool writer is stopped")
         loop = self._loop
@@ -188,13 +194,19 @@ class LogWriter:
             self.submit_many([entry])
             return
         self._staged.append(entry)
-        if not self._flush_scheduled:
+        if lazy:
+            if not self._flush_scheduled and self._lazy_timer is None:
+                self._lazy_timer = loop.call_later(LAZY_FLUSH_S, self._flush_staged)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush_staged)
 
     def _flush_staged(self) -> None:
         self._flush_scheduled = False
-        if self._staged:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if self._staged and not self._stopping:
             staged, self._staged = self._staged, []
             self.submit_many(staged)
 
