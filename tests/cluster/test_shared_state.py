@@ -61,7 +61,7 @@ async def settle(*states: SharedPolicyState) -> None:
     """Let every ask that is out finish."""
     for _ in range(100):
         await asyncio.sleep(0.005)
-        if not any(s._tasks for s in states):
+        if not any(s.asks_out for s in states):
             return
     raise AssertionError("asks still out after 0.5 s")
 
@@ -204,7 +204,7 @@ def test_a_dead_nodes_probe_claim_lapses_within_a_lease(redis_server: RedisServe
 
     async def go() -> None:
         a, b = node(redis_server.url, "a", breaker=settings), node(redis_server.url, "b")
-        b._breaker_settings = settings
+        b.view.breakers.settings = settings
         assert isinstance(a.breaker_allow("p.test"), Admit)
         a.breaker_failure("p.test", 0)
         await settle(a, b)

@@ -1,8 +1,8 @@
 """House style: the protocol and decision modules are sans-I/O.
 
 ``smtp/`` (parsers, both state machines), ``policy/`` (breakers, rate limits, retry,
-the policy state), the scheduler and its due index, and the pure delivery transition
-when it exists import nothing that does I/O or waits (no asyncio, sockets, TLS,
+the policy state), the scheduler and its due index, the pure delivery transition and
+a cluster node's local view import nothing that does I/O or waits (no asyncio, sockets, TLS,
 threads, subprocesses, wall clocks) and, from Empath, only each other and the leaf
 modules every layer may use (the clock protocol, the error tree, the spool's data
 model, ids).  Time comes from an injected :class:`~empath.clock.Clock`.
@@ -26,6 +26,8 @@ PURE = sorted(
         SRC / "queue" / "scheduler.py",
         *(SRC / "delivery" / name for name in ("transition.py", "classify.py", "bounce.py")),
         SRC / "modules" / "milter" / "codec.py",  # the milter protocol (DESIGN §14)
+        # a cluster node's local view of the shared state (DESIGN §11); asker.py does I/O
+        *(SRC / "cluster" / name for name in ("view.py", "breakers.py", "asks.py")),
     ]
 )
 FORBIDDEN = {
@@ -59,6 +61,7 @@ def test_the_guard_covers_smtp_policy_and_the_scheduler() -> None:
     assert {"empath.smtp.server", "empath.smtp.client", "empath.policy.breaker"} <= names
     assert {"empath.policy.state", "empath.queue.scheduler", "empath.queue.index"} <= names
     assert "empath.modules.milter.codec" in names
+    assert {"empath.cluster.view", "empath.cluster.breakers"} <= names
 
 
 @pytest.mark.parametrize("path", PURE, ids=lambda p: str(p.relative_to(SRC)))

@@ -5,7 +5,7 @@ configured timeout, measures its round trip (for the metrics histogram) and maps
 every Redis or socket error to :class:`RedisUnavailableError` — the one exception the
 policy state reacts to (by falling back to local limits).  Nothing here decides
 anything: the scripts in :mod:`empath.cluster.lua` are the atomic decisions, and
-:mod:`empath.cluster.state` interprets their answers.
+:mod:`empath.cluster.view` interprets their answers (:mod:`empath.cluster.asker` sends them).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from empath.cluster import lua
+from empath.cluster.asks import BreakerRecord
 from empath.errors import EmpathError
 from empath.stats import Histogram
 
@@ -43,15 +44,6 @@ class BackendStats:
 
     rtt: Histogram = field(default_factory=lambda: Histogram(RTT_BUCKETS_S))
     errors: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerRecord:
-    """One non-Closed breaker as Redis holds it; times relative to Redis's now."""
-
-    half_open: bool  # "half" in Redis (or Open past its end, which the next claim turns)
-    open_left_s: float  # > 0 while Open
-    probe_left_s: float  # > 0 while some node's probe is out
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ GCRA (the generic cell rate algorithm) is a token bucket kept as one number:
 with emission interval ``T = 1/rate`` and room for ``burst`` tokens, ``k``
 tokens may be taken at ``now`` when ``max(tat, now) + k·T - now <= burst·T``;
 taking them moves ``tat`` on by ``k·T``.  A fresh (or expired) key is a full
-bucket.  Nodes take tokens in small batches (see ``empath.cluster.state``).
+bucket.  Nodes take tokens in small batches (see ``empath.cluster.view``).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from empath.clock import Clock, SystemClock
+from empath.clock import Clock, SystemClock, deadline
 from empath.cluster.backend import RedisBackend, RedisUnavailableError
 from empath.cluster.state import SharedPolicyState
 from empath.logs import get_logger
@@ -111,10 +111,8 @@ class ClusterNode:
                 await self._task
         await self.state.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.backend.redis.zrem(self.backend.nodes_key, self.node_id),
-                self.backend.timeout_s * 2,
-            )
+            async with deadline(self.clock, self.backend.timeout_s * 2):
+                await self.backend.redis.zrem(self.backend.nodes_key, self.node_id)
         await self.backend.close()
 
     async def _run(self) -> None:

@@ -69,6 +69,7 @@ REQUEST_TIMEOUT_S: Final = 30.0
 IDLE_TIMEOUT_S: Final = 300.0
 WRITE_TIMEOUT_S: Final = 30.0
 MAX_CONNECTIONS: Final = 128
+CLOSE_WAIT_S: Final = 5.0  # close(): how long cancelled connections may take to end
 STREAM_DUTY: Final = 0.05  # share of the loop a streamed reply may take while mail flows
 WRITE_HIGH_WATER: Final = 256 * 1024
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred {pid, uid, gid}
@@ -295,7 +296,9 @@ class ControlServer:
         for task in list(self._conns):
             task.cancel()
         if self._conns:
-            await asyncio.wait(self._conns, timeout=5)
+            with contextlib.suppress(TimeoutError):
+                async with deadline(self._clock, CLOSE_WAIT_S):
+                    await asyncio.wait(self._conns)
         if self._server is None and self._sock is not None:
             self._sock.close()
         self._sock = None
