@@ -106,6 +106,32 @@ def test_a_reconnecting_client_resumes_its_tls_session_and_still_authenticates(
         assert reused, "the daemon did not resume the TLS session it issued"
 
 
+def test_the_daemon_issues_one_session_ticket_per_handshake(sub: Submission) -> None:
+    # OpenSSL issues two by default; one is all a reconnecting mail program uses, and
+    # each costs both ends CPU (transport/listener.py, _tls_context)
+    ctx = sub.client_context()
+    tickets: list[bytes] = []
+
+    def seen(_conn: object, direction: str, _version: object, content_type: object,
+             msg_type: object, data: bytes) -> None:  # fmt: skip
+        if (
+            direction == "read"
+            and content_type == ssl._TLSContentType.HANDSHAKE  # type: ignore[attr-defined]
+            and msg_type == ssl._TLSMessageType.NEWSESSION_TICKET  # type: ignore[attr-defined]
+        ):
+            tickets.append(data)
+
+    ctx._msg_callback = seen  # type: ignore[attr-defined]
+    with (
+        socket.create_connection(("127.0.0.1", sub.implicit_port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as conn,
+    ):
+        _expect(conn, b"220")  # the tickets come before the greeting
+        conn.sendall(b"QUIT\r\n")
+        _expect(conn, b"221")
+    assert len(tickets) == 1
+
+
 def test_the_test_certificate_is_ecdsa_p256_as_the_docs_recommend(sub: Submission) -> None:
     ctx = sub.client_context()
     with (

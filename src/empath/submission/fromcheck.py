@@ -10,10 +10,18 @@ recipients, an address they do not own.
 The patterns are read from the users file as loaded at end of data, so a user's
 senders changed with ``empathctl`` count for the next message.  A message with no
 ``From:`` at all is left alone (nothing is claimed; DKIM has no domain to sign).
+
+The step runs on every authenticated message, so the common ``From:`` forms
+(``addr@dom`` and ``Name <addr@dom>`` made of atoms only) are read with one regular
+expression; anything else (quotes, comments, groups, several mailboxes, non-ASCII)
+goes to the standard library's RFC 5322 parser, which costs ~45 µs per field.  Both
+give the same address for what the fast form accepts (tests/unit/
+test_submission_fromcheck.py compares them).
 """
 
 from __future__ import annotations
 
+import re
 from email.utils import getaddresses
 from typing import Final
 
@@ -28,6 +36,25 @@ __all__ = ["HeaderFromCheck"]
 log = get_logger("smtp", __name__)
 
 _NAME: Final = "submission-from"
+
+_ATOM: Final = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR: Final = rf"{_ATOM}(?:\.{_ATOM})*@{_ATOM}(?:\.{_ATOM})*"
+# "addr@dom" or "Display Name <addr@dom>" with a phrase of atoms and blanks only
+_SIMPLE: Final = re.compile(
+    rf"[ \t]*(?:({_ADDR})|[A-Za-z0-9 \t!#$%&'*+/=?^_`{{|}}~-]*<({_ADDR})>)[ \t]*"
+)
+
+
+def from_addresses(values: list[str]) -> list[str]:
+    """The mailbox addresses of ``From:`` field values (module doc: fast form first)."""
+    out: list[str] = []
+    for value in values:
+        m = _SIMPLE.fullmatch(value)
+        if m is not None:
+            out.append(m.group(1) or m.group(2))
+        else:
+            out.extend(address for _name, address in getaddresses([value]))
+    return out
 
 
 class HeaderFromCheck:
@@ -52,7 +79,7 @@ class HeaderFromCheck:
             return None
         entry = self._auth.users.users.get(user)
         senders = entry.senders if entry is not None else ()
-        for _name, address in getaddresses(message.header_values("From")):
+        for address in from_addresses(message.header_values("From")):
             if not address or not any(sender_matches(p, address) for p in senders):
                 log.info("Header From not owned by the user", user=user,
                          message_id=message.id, peer=message.facts.peer,

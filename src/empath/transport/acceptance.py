@@ -214,11 +214,16 @@ class AcceptedMessage:
         prefix = name.lower().encode() + b":"
         n = len(prefix)
         key = name.lower()
+        stem = prefix[:-1]
         return [
             f.value
             for f in self.headers
             if f.raw[:n].lower() == prefix  # the common spelling, without decoding
-            or (f.raw[n - 1 : n] != b":" and f.name.lower() == key)  # "Name :" (obsolete)
+            or (  # "Name :" (obsolete): a field line starts with its name, never a blank
+                f.raw[: n - 1].lower() == stem
+                and f.raw[n - 1 : n] != b":"
+                and f.name.lower() == key
+            )
         ]
 
     def header(self, name: str) -> str | None:

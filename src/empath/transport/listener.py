@@ -294,13 +294,17 @@ def _redact(addr: str) -> str:
 def _tls_context(spec: ListenerSpec) -> ssl.SSLContext | None:
     # Built once per listener and shared by all its sessions: the TLS 1.3 session-ticket
     # keys (and TLS 1.2's session cache) live in the context, so a reconnecting client
-    # resumes its session only because every connection sees this same object (OpenSSL
-    # issues two tickets per handshake by default; tests/integration/
-    # test_submission_tls.py proves the resumption). Prefer an ECDSA P-256 certificate:
-    # its handshake signature costs a fraction of RSA-2048's (docs/bench.md).
+    # resumes its session only because every connection sees this same object
+    # (tests/integration/test_submission_tls.py proves the resumption). Prefer an ECDSA
+    # P-256 certificate: its handshake signature costs a fraction of RSA-2048's
+    # (docs/bench.md).
     if not spec.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # One TLS 1.3 ticket per handshake, not OpenSSL's two: a mail program reconnects
+    # with one session at a time, and each ticket costs the server ~20 µs of CPU and the
+    # client as much to read (docs/bench.md, issue 18's benchmark).
+    ctx.num_tickets = 1
     try:
         ctx.load_cert_chain(spec.tls_cert, spec.tls_key or None)
     except (OSError, ssl.SSLError) as exc:
