@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,10 +57,10 @@ def test_a_signing_error_answers_451_and_spools_nothing(
     work is split, is a 451 4.3.0 the client retries; nothing is spooled; the error is
     counted."""
 
-    def broken(pending: Sequence[Unsigned]) -> list[bytes]:
+    def broken(pending: Unsigned) -> bytes:
         raise ValueError("HSM unplugged")
 
-    signer = signer_for(tmp_path, finish_fn=broken, decide=lambda specs, n: place)
+    signer = signer_for(tmp_path, key_op_fn=broken, decide=lambda specs, n: place)
     install(srv, signer)
     with srv.smtp() as c, pytest.raises(smtplib.SMTPDataError) as err:
         c.sendmail("alice@example.org", ["b@y.example"], MSG)

@@ -61,6 +61,15 @@ class Simple:
         return result
 
 
+def body_canonical(body: bytes, algorithm: str) -> bytes:
+    """The body under ``relaxed`` or ``simple`` (KeyError for anything else)."""
+    if algorithm == "relaxed":
+        return Relaxed.canonicalize_body(body)
+    if algorithm == "simple":
+        return Simple.canonicalize_body(body)
+    raise KeyError(algorithm)
+
+
 ALGORITHMS: dict[str, type[Relaxed] | type[Simple]] = {"relaxed": Relaxed, "simple": Simple}
 
 

@@ -1,45 +1,54 @@
 """Making DKIM-Signature fields (RFC 6376 §3.5, §5; RFC 8463 for Ed25519): pure, no I/O.
 
-Header selection, the signature field's folding and the ``b=``-stripping of the
-field being signed are dkimpy's (the library behind many Python mail filters, tested
-against other implementations); canonicalisation follows dkimpy's rules byte for byte
-without its per-field regular expressions (dkim/canon.py, checked against dkimpy by a
-property test); the private-key
-operation is ``cryptography``'s (OpenSSL): dkimpy's own RSA is pure Python, about
-25 times slower for the same bytes - PKCS#1 v1.5 signatures are deterministic.
+Compiled with mypyc (pyproject.toml): this runs once per signed message on the event
+loop.  Canonicalisation follows dkimpy's rules byte for byte (dkim/canon.py, checked
+against dkimpy by a property test); header selection (RFC 6376 §5.4.2: bottom-up,
+one field per listed name), the signature field's folding and hashing are done here in
+one pass over the fields; dkimpy, Mail::DKIM and OpenDKIM verify the result in the
+tests.  The private-key operation is ``cryptography``'s (OpenSSL): dkimpy's own RSA is
+pure Python, about 25 times slower for the same bytes - PKCS#1 v1.5 signatures are
+deterministic.
 
 :func:`sign` takes the header fields exactly as they will be spooled and the body,
 and returns one ``DKIM-Signature`` field per :class:`SignSpec`, to be prepended.
-The body hash is computed once per body canonicalisation and shared by the
-signatures that use it (dual RSA + Ed25519 hashes the body once).
+The body hash is computed once per body canonicalisation and each signed field is
+canonicalised once per header canonicalisation, shared by the signatures that use
+them (dual RSA + Ed25519 does each once).
 
 What is signed (``h=``): each configured name once per occurrence in the message,
 bottom-up as RFC 6376 §5.4.2 has verifiers pick them, and once more for the
 "over-signed" names (§8.15), so that a field added later - a second ``From:``, a
 ``Reply-To:`` that was absent - breaks the signature.  ``l=`` (body length) is never
 used: it lets anyone append to a signed body.
+
+The field is folded at 78 columns between tags (and between ``h=`` names, where RFC
+6376 allows FWS around the colons); ``b=`` always starts a line of its own, so the
+field hashed with an empty ``b=`` is the final one up to ``b=``, byte for byte, under
+either header canonicalisation.
 """
 
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
-import dkim  # dkimpy
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from empath.config.dkim import Algorithm
-from empath.dkim.canon import Policy
+from empath.dkim.canon import body_canonical, relaxed_value
 from empath.dkim.keys import PrivateKey
 
-_SIG_NAME = b"DKIM-Signature"
-_PADDING = padding.PKCS1v15()
-_PREHASHED = Prehashed(hashes.SHA256())
+_SIG_NAME: Final = b"DKIM-Signature"
+_SIG_RELAXED: Final = b"dkim-signature:"
+_PADDING: Final = padding.PKCS1v15()
+_PREHASHED: Final = Prehashed(hashes.SHA256())
+LINE: Final = 78  # fold the signature field's lines at this width (RFC 5322 §2.1.1)
+B64_CHUNK: Final = 72  # base64 of b= per line
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +65,7 @@ class SignSpec:
 
 
 def parse_fields(raw_fields: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
-    """Raw ``Name: value\\r\\n`` fields → dkimpy's ``(name, value-with-CRLF)`` pairs."""
+    """Raw ``Name: value\\r\\n`` fields → ``(name, value-with-CRLF)`` pairs."""
     out: list[tuple[bytes, bytes]] = []
     for raw in raw_fields:
         colon = raw.find(b":")
@@ -64,40 +73,34 @@ def parse_fields(raw_fields: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def header_list(counts: dict[str, int], spec: SignSpec) -> list[bytes]:
-    """The ``h=`` names: each configured one per occurrence, plus one for over-signed."""
-    out: list[bytes] = []
-    oversign = spec.oversign
-    for name, raw in _encoded(spec.headers):
-        n = counts.get(name, 0) + (name in oversign)
-        if n:
-            out.extend([raw] * n)
-    return out
-
-
-@functools.cache
-def _encoded(names: tuple[str, ...]) -> tuple[tuple[str, bytes], ...]:
-    return tuple((n, n.encode("ascii")) for n in names)
+def field_name(name: bytes) -> str:
+    """A field name as ``h=`` and the configuration spell it: stripped, lower case."""
+    return name.decode("ascii", "replace").strip().lower()
 
 
 def name_counts(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for raw_name, _ in headers:
-        lower = raw_name.decode("ascii", "replace").strip().lower()
+        lower = field_name(raw_name)
         counts[lower] = counts.get(lower, 0) + 1
     return counts
 
 
-@functools.cache
-def policy_of(canonicalization: str) -> Policy:
-    """The canonicalisation policy for ``relaxed/simple`` etc. (dkimpy's rules, faster:
-    dkim/canon.py), made once."""
-    return Policy(canonicalization)
+def header_list(counts: dict[str, int], spec: SignSpec) -> list[str]:
+    """The ``h=`` names: each configured one per occurrence, plus one for over-signed."""
+    out: list[str] = []
+    oversign = spec.oversign
+    for name in spec.headers:
+        n = counts.get(name, 0)
+        if name in oversign:
+            n += 1
+        for _ in range(n):
+            out.append(name)
+    return out
 
 
-def body_hash(body: bytes, canonicalization: str) -> bytes:
-    policy = policy_of(canonicalization)
-    return base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
+def body_hash(body: bytes, c_body: str) -> bytes:
+    return base64.b64encode(hashlib.sha256(body_canonical(body, c_body)).digest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,88 +108,142 @@ class Unsigned:
     """A signature with everything computed but the private-key operation."""
 
     spec: SignSpec
-    fields: tuple[tuple[bytes, bytes], ...]  # the tags, b= last and empty
+    head: bytes  # the field's value up to and including ``b=`` (folded, leading SP)
     digest: bytes  # SHA-256 over the canonical signed fields and this one (b= empty)
+
+
+class _Message:
+    """The header fields of one message, canonicalised lazily per field and mode."""
+
+    __slots__ = ("canonical", "fields", "names")
+
+    def __init__(self, raw_fields: Sequence[bytes]) -> None:
+        self.fields = parse_fields(raw_fields)
+        self.names = [field_name(n) for n, _ in self.fields]
+        self.canonical: dict[tuple[bool, int], bytes] = {}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.names:
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def field(self, i: int, relaxed: bool) -> bytes:
+        """Field ``i`` canonicalised as it is hashed (``name:value\\r\\n``)."""
+        key = (relaxed, i)
+        done = self.canonical.get(key)
+        if done is None:
+            name, value = self.fields[i]
+            if relaxed:
+                done = name.lower().rstrip() + b":" + relaxed_value(value)
+            else:
+                done = name + b":" + value
+            self.canonical[key] = done
+        return done
+
+    def hash_selected(
+        self, update: Callable[[bytes], None], include: list[str], relaxed: bool
+    ) -> None:
+        """Feed the fields ``h=`` names, each name's occurrences bottom-up (RFC 6376
+        §5.4.2); a name listed more often than present (over-signing) adds nothing."""
+        names = self.names
+        last: dict[str, int] = {}
+        for name in include:
+            i = last.get(name, len(names))
+            while i > 0:
+                i -= 1
+                if names[i] == name:
+                    update(self.field(i, relaxed))
+                    break
+            last[name] = i
 
 
 def prepare(
     raw_fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
 ) -> list[Unsigned]:
-    """Canonicalise and hash (pure Python, holds the GIL): one :class:`Unsigned` a spec.
-
-    Only the fields named in ``h=`` are canonicalised (dkimpy canonicalises each field
-    by itself, so selecting first gives the same bytes), once per header
-    canonicalisation; the body once per body canonicalisation."""
-    headers = parse_fields(raw_fields)
-    counts = name_counts(headers)
+    """Canonicalise and hash (holds the GIL): one :class:`Unsigned` per spec."""
+    message = _Message(raw_fields)
+    counts = message.counts()
     body_hashes: dict[str, bytes] = {}
-    canonical: dict[tuple[str, frozenset[str]], list[tuple[bytes, bytes]]] = {}
     out: list[Unsigned] = []
     for spec in specs:
-        c_head, c_body = spec.canonicalization.split("/")
+        c_head, _, c_body = spec.canonicalization.partition("/")
+        if not c_body:
+            c_body = "simple"
         bh = body_hashes.get(c_body)
         if bh is None:
-            bh = body_hashes[c_body] = body_hash(body, spec.canonicalization)
-        wanted = frozenset(spec.headers)
-        key = (c_head, wanted)
-        selected = canonical.get(key)
-        if selected is None:
-            chosen = [h for h in headers if h[0].decode("ascii", "replace").strip().lower()
-                      in wanted]  # fmt: skip
-            selected = canonical[key] = policy_of(spec.canonicalization).canonicalize_headers(
-                chosen
-            )
-        out.append(_unsigned(selected, counts, bh, spec, now))
+            bh = body_hashes[c_body] = body_hash(body, c_body)
+        relaxed = c_head == "relaxed"
+        include = header_list(counts, spec)
+        head = signature_head(spec, now, include, bh)
+        hasher = hashlib.sha256()
+        message.hash_selected(hasher.update, include, relaxed)
+        # the signature field itself, b= empty, without its final CRLF (§3.7)
+        if relaxed:
+            hasher.update(_SIG_RELAXED + relaxed_value(head)[:-2])
+        else:
+            hasher.update(_SIG_NAME + b":" + head)
+        out.append(Unsigned(spec, head, hasher.digest()))
     return out
 
 
-def _unsigned(
-    selected: list[tuple[bytes, bytes]], counts: dict[str, int], bh: bytes, spec: SignSpec,
-    now: int,
-) -> Unsigned:  # fmt: skip
-    include = header_list(counts, spec)
-    fields: list[tuple[bytes, bytes]] = [
-        (b"v", b"1"),
-        (b"a", spec.algorithm.encode("ascii")),
-        (b"c", spec.canonicalization.encode("ascii")),
-        (b"d", spec.domain.encode("ascii")),
-        (b"s", spec.selector.encode("ascii")),
-        (b"t", str(now).encode("ascii")),
-        (b"h", b" : ".join(include)),  # spaces: fold points (FWS is allowed there)
-        (b"bh", bh),
-        # a placeholder as long as a signature pushes b= onto a line of its own, so the
-        # folding of everything before it is the same with the real value (dkimpy's trick)
-        (b"b", b"0" * 60),
+def signature_head(spec: SignSpec, now: int, include: list[str], bh: bytes) -> bytes:
+    """The folded value of the ``DKIM-Signature`` field up to ``b=`` (module doc)."""
+    pieces = [
+        b"v=1;",
+        b"a=" + spec.algorithm.encode("ascii") + b";",
+        b"c=" + spec.canonicalization.encode("ascii") + b";",
+        b"d=" + spec.domain.encode("ascii") + b";",
+        b"s=" + spec.selector.encode("ascii") + b";",
+        b"t=" + str(now).encode("ascii") + b";",
     ]
-    folded = dkim.fold(b"; ".join(b"=".join(f) for f in fields), namelen=len(_SIG_NAME))
-    unsigned = dkim.RE_BTAG.sub(b"\\1", folded)
-    hasher = hashlib.sha256()
-    policy = policy_of(spec.canonicalization)
-    dkim.hash_headers(hasher, policy, selected, include, (_SIG_NAME, b" " + unsigned),
-                      dict(fields))  # fmt: skip
-    fields[-1] = (b"b", b"")
-    return Unsigned(spec, tuple(fields), hasher.digest())
+    out = bytearray()
+    width = len(_SIG_NAME) + 1  # "DKIM-Signature:"
+    for piece in pieces:
+        width = _add(out, width, piece, b" ")
+    last = len(include) - 1
+    for i, name in enumerate(include):
+        text = name.encode("ascii") + (b";" if i == last else b":")
+        # a new tag after a space; the next h= name straight after the colon
+        width = _add(out, width, b"h=" + text, b" ") if i == 0 else _add(out, width, text, b"")
+    _add(out, width, b"bh=" + bh + b";", b" ")
+    out += b"\r\n b="
+    return bytes(out)
+
+
+def _add(out: bytearray, width: int, piece: bytes, sep: bytes) -> int:
+    """Append ``sep + piece`` to the line, or fold before ``piece``; the new width."""
+    if width + len(sep) + len(piece) > LINE and width > 1:
+        out += b"\r\n "
+        out += piece
+        return 1 + len(piece)
+    out += sep
+    out += piece
+    return width + len(sep) + len(piece)
+
+
+def key_op(u: Unsigned) -> bytes:
+    """The private-key operation (OpenSSL; the GIL is released while it runs)."""
+    key = u.spec.key
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(u.digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+    return key.sign(u.digest, _PADDING, _PREHASHED)
+
+
+def signature_field(u: Unsigned, signature: bytes) -> bytes:
+    """The final ``DKIM-Signature: ...\\r\\n`` field with ``signature`` in ``b=``."""
+    b64 = base64.b64encode(signature)
+    lines = [b64[i : i + B64_CHUNK] for i in range(0, len(b64), B64_CHUNK)]
+    return _SIG_NAME + b":" + u.head + b"\r\n ".join(lines) + b"\r\n"
 
 
 def finish(pending: Sequence[Unsigned]) -> list[bytes]:
-    """The private-key operations (OpenSSL; the GIL is released while RSA signs) and
-    the final ``DKIM-Signature: ...\r\n`` fields."""
-    out = []
-    for u in pending:
-        key = u.spec.key
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            signature = key.sign(u.digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
-        else:
-            signature = key.sign(u.digest, _PADDING, _PREHASHED)
-        fields = (*u.fields[:-1], (b"b", base64.b64encode(signature)))
-        value = dkim.fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n",
-                          namelen=len(_SIG_NAME))  # fmt: skip
-        out.append(_SIG_NAME + b": " + bytes(value))
-    return out
+    """The key operations and the final fields, one per pending signature."""
+    return [signature_field(u, key_op(u)) for u in pending]
 
 
 def sign(
     raw_fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
 ) -> list[bytes]:
-    """One ``DKIM-Signature: ...\r\n`` field per spec (module doc)."""
+    """One ``DKIM-Signature: ...\\r\\n`` field per spec (module doc)."""
     return finish(prepare(raw_fields, body, specs, now))
