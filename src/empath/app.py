@@ -152,6 +152,9 @@ class App:
             ),
         )
         self.suspensions.on_change(self.runner.wake)
+        sync_before_state = getattr(self.spool, "sync_before_state", None)
+        if sync_before_state is not None:  # history as durable as the queue (DESIGN §3)
+            sync_before_state(self.runner.journal.sync)
         if config.cluster is not None:
             self._build_cluster_node()
         self.auth_stats = AuthStats()

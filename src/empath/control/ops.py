@@ -370,9 +370,14 @@ class OpsHandlers:
         index = self.d.spool.index
         domains = index.domains()
         got = sel.shapes(domains, ctx.now, self._in_flight(), index.get, limit)
-        rows = sel.summary_rows(
-            got.ranked, domains, ctx, self.d.runner.activity.per_domain(ctx.mono), limit
-        )
+        listed = sel.shown(got.ranked, domains, ctx.suspensions, limit)
+        delivered = self.d.runner.activity.per_domain(ctx.mono)
+        breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
+        rows: list[dict[str, Any]] = []
+        for i in range(0, len(listed), ROWS):  # `--all`: thousands of rows, in slices
+            if i:
+                await breathe()
+            rows += sel.summary_rows(listed[i : i + ROWS], ctx, delivered)
         return {
             "domains": rows,
             "domain_count": got.domain_count,

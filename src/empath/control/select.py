@@ -355,22 +355,26 @@ def shapes(
     return Shapes(ranked, total, len(domains))
 
 
-def summary_rows(
+def shown(
     ranked: list[tuple[str, Shape]],
     queued: Container[str],
+    suspended: Iterable[str],
+    limit: int | None,
+) -> list[tuple[str, Shape]]:
+    """The summary's domains: ``ranked``, then suspended domains with nothing queued
+    (not in ``queued``), at most ``limit`` in all."""
+    out = list(ranked)
+    empty = [0] * _SHAPE_LEN
+    out += [(d, empty) for d in sorted(suspended) if d not in queued]
+    return out if limit is None else out[:limit]
+
+
+def summary_rows(
+    ranked: Iterable[tuple[str, Shape]],
     ctx: WaitContext,
     delivered_last_min: Mapping[str, int],
-    limit: int | None,
 ) -> list[dict[str, Any]]:
-    """The summary's rows in ``ranked``'s order, then suspended domains with nothing
-    queued (not in ``queued``), at most ``limit`` in all."""
-    ranked = list(ranked)
-    empty = [0] * _SHAPE_LEN
-    for domain in sorted(ctx.suspensions):
-        if domain not in queued:
-            ranked.append((domain, empty))
-    if limit is not None:
-        ranked = ranked[:limit]
+    """The summary's rows of these domains, in order."""
     rows = []
     closed = BreakerState.CLOSED.value
     for domain, d in ranked:

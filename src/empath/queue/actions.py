@@ -83,12 +83,12 @@ class OperatorActions:
             if report is not None:
                 dsn_id = await self._send_dsn(msg, report, self.clock.now())
         current = self.spool.get(msg_id)
+        action = "bounced" if bounce else "deleted"
+        for u in gone:  # history first: durable with the state change (journal.py)
+            self.journal.record(msg_id, "operator", action=action, domain=u.domain, dsn_id=dsn_id)
         await self.spool.update(
             msg_id, tuple(u for u in current.units if u.domain not in domains), durable=durable
         )
-        action = "bounced" if bounce else "deleted"
-        for u in gone:
-            self.journal.record(msg_id, "operator", action=action, domain=u.domain, dsn_id=dsn_id)
         log.audit(
             "Units deleted by the operator",
             message_id=msg_id,
@@ -114,10 +114,11 @@ class OperatorActions:
         units = tuple(
             replace(u, status=UnitStatus.HELD) if u.domain in held else u for u in msg.units
         )
+        for domain in held:
+            self.journal.record(msg_id, "operator", action="hold", domain=domain)
         await self.spool.update(msg_id, units, durable=durable)
         for domain in held:
             self.scheduler.remove(UnitKey(msg_id, domain))
-            self.journal.record(msg_id, "operator", action="hold", domain=domain)
         return held
 
     async def release(
@@ -145,12 +146,13 @@ class OperatorActions:
             else u
             for u in msg.units
         )
+        for domain in released:
+            self.journal.record(msg_id, "operator", action="release", domain=domain)
         await self.spool.update(msg_id, units, durable=durable)
         for domain in released:
             key = UnitKey(msg_id, domain)
             if not self.scheduler.is_in_flight(key):
                 self.scheduler.add(key, now)
-            self.journal.record(msg_id, "operator", action="release", domain=domain)
         self._kick()
         return released
 

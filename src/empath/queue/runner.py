@@ -309,8 +309,8 @@ class DeliveryRunner(OperatorActions):
             report = transition.deleted(msg.units, envelope=msg.envelope, settings=self._decide)
             if report is not None:
                 dsn_id = await self._send_dsn(msg, report, self.clock.now())
-        await self.spool.remove(msg_id)
         self._left(msg, "deleted by the operator" + (" (bounced)" if bounce else ""))
+        await self.spool.remove(msg_id)
         log.audit(
             "Message deleted by the operator",
             message_id=msg_id,
@@ -381,7 +381,6 @@ class DeliveryRunner(OperatorActions):
                     message_id=first_id,
                     deferred=deferred,
                 )
-        self.journal.flush()  # a no-op unless an event was recorded since the last tick
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -548,10 +547,11 @@ class DeliveryRunner(OperatorActions):
             new = replace(new, status=UnitStatus.HELD)
         units = tuple(new if u.domain == new.domain else u for u in current.units)
         if all(u.status is UnitStatus.DELIVERED for u in units):
-            # Not waited for (DESIGN §3, what a relayed message writes): a crash before
-            # the tombstone is on disk delivers the message again; nothing is lost.
-            await self.spool.remove(msg_id, durable=False)
+            # History first (durable in the same batch, journal.py).  The tombstone is not
+            # waited for (DESIGN §3, what a relayed message writes): a crash before it is
+            # on disk delivers the message again; nothing is lost.
             self._left(replace(current, units=units), "delivered")
+            await self.spool.remove(msg_id, durable=False)
         else:
             await self.spool.update(msg_id, units)
         return held
@@ -614,8 +614,8 @@ class DeliveryRunner(OperatorActions):
         ]
         for m in victims:
             with contextlib.suppress(UnknownMessageError):
-                await self.spool.remove(m.id)
                 self._left(m, "failed, removed after failed_retention_secs")
+                await self.spool.remove(m.id)
         self.journal.purge()
         if victims:
             log.info("Removed finished messages past retention", count=len(victims))

@@ -113,7 +113,15 @@ class FileSpool(IndexedMessages, Compaction):
         self._closing = False
         self._reserve = Reserve(self.path / "reserve")
         self._reserve_was_held = True
+        self._before_state: Callable[[], None] | None = None
         self.last_recovery: RecoveryReport | None = None
+
+    def sync_before_state(self, hook: Callable[[], None]) -> None:
+        """Have the writer thread call ``hook`` before each batch holding a state change
+        or a tombstone (the message history's fdatasync: journal.py)."""
+        self._before_state = hook
+        if self._writer is not None:
+            self._writer.before_state = hook
 
     def __repr__(self) -> str:
         writer = self._writer
@@ -174,6 +182,7 @@ class FileSpool(IndexedMessages, Compaction):
                 clock_now=self._clock.now,
                 reserve=self._reserve,
             )
+            self._writer.before_state = self._before_state
         except BaseException:
             for seg in self._segments.values():
                 with contextlib.suppress(OSError):

@@ -11,18 +11,28 @@ appended here as one JSON line per event to an hourly file under
 path pays nothing); the envelope is written once, in the ``left`` event, when
 the message leaves the queue.
 
-Lines are buffered and flushed every second (and at close), never fsync'd: the
-history is for people, and losing the last second of it in a power cut costs no
-mail.  Files older than ``failed_retention_secs`` are deleted by the janitor.  A
-lookup flushes, then reads the files still kept, oldest first, for lines holding
-the id (a grep: no index in memory, so the history costs no RAM per message).
+Durability (DESIGN §3): every event is recorded before the spool change it goes
+with (the attempt before the unit's new state, ``left`` before the tombstone, an
+operator's action before the state it sets).  ``record`` only appends the line to a
+buffer, on the loop, at no I/O cost; the spool's group-commit thread calls
+:meth:`MessageJournal.sync` before it writes a batch holding a state change or a
+tombstone, which writes the buffered lines and ``fdatasync``s the file.  So once a
+state change is durable, every event recorded before it is too: a power cut loses
+the history no more than it loses the queue, and a batch of new messages alone (the
+ingest path) never waits for it.  The sync runs in that thread, never on the loop.
+A lookup writes what is buffered, then reads the files still kept, oldest first,
+for lines holding the id (a grep: no index in memory, so the history costs no RAM
+per message).  Files older than ``failed_retention_secs`` are deleted by the janitor.
+A failing history disk is ignored: the history is for people, the mail goes on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Mapping
-from typing import IO, Any, Final
+from typing import Any, Final
 
 import orjson
 
@@ -36,16 +46,28 @@ MAX_TEXT: Final = 1000  # characters of remote reply text kept per event
 class MessageJournal:
     """Append-only hourly JSON-lines files of message events (see module doc)."""
 
-    def __init__(self, directory: str | None, retention_s: float, clock: Clock) -> None:
+    def __init__(
+        self,
+        directory: str | None,
+        retention_s: float,
+        clock: Clock,
+        fdatasync: Any = os.fdatasync,
+    ) -> None:
         self.directory = directory
         self.retention_s = retention_s
         self._clock = clock
-        self._file: IO[bytes] | None = None
+        self._fdatasync = fdatasync
+        # _pending, the file and _unsynced are shared with the spool's writer thread
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, bytes]] = []  # (hour, line) recorded, not written
+        self._fd = -1
         self._file_hour = -1
-        self._dirty = False
+        self._unsynced = False  # written since the last fdatasync
+        self.syncs = 0
 
     def record(self, msg_id: str, event: str, **fields: Any) -> None:
-        """Append one event (``received``, ``attempt``, ``dsn``, ``operator``, ``left``)."""
+        """Buffer one event (``attempt``, ``dsn``, ``operator``, ``expired``, ``left``);
+        record it *before* the spool change it goes with (see the module doc)."""
         if self.directory is None:
             return
         now = self._clock.now()
@@ -54,26 +76,62 @@ class MessageJournal:
                 fields[k] = v[:MAX_TEXT]
         # orjson: ~1 µs a line against ~7 for json.dumps (two lines per delivered message)
         line = orjson.dumps({"id": msg_id, "at": now, "event": event, **fields})
-        try:
-            f = self._open(int(now // FILE_SECONDS))
-            f.write(line + b"\n")
-        except OSError:
-            return  # a full disk: the history is best effort, the mail is not affected
-        self._dirty = True
+        with self._lock:
+            self._pending.append((int(now // FILE_SECONDS), line + b"\n"))
 
     def flush(self) -> None:
-        if self._file is not None and self._dirty:
-            try:
-                self._file.flush()
-            except OSError:
+        """Write the buffered lines to their files (no fdatasync)."""
+        if self._pending:
+            with self._lock:
+                self._write_pending()
+
+    def sync(self) -> None:
+        """Write the buffered lines and fdatasync them: the spool's writer thread calls
+        this before a batch of state changes (never on the event loop)."""
+        with self._lock:
+            self._write_pending()
+            if not self._unsynced or self._fd < 0:
                 return
-            self._dirty = False
+            fd = os.dup(self._fd)  # the loop may rotate the file while this one syncs
+            self._unsynced = False
+        try:
+            self._fdatasync(fd)
+            self.syncs += 1
+        except OSError:
+            return  # a failing history disk: the mail is not affected
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            self._write_pending()
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    self._fdatasync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+                self._file_hour = -1
+
+    def _write_pending(self) -> None:
+        """Under the lock: append the buffered lines to their hourly files."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            start = 0
+            while start < len(pending):
+                hour = pending[start][0]
+                end = start
+                while end < len(pending) and pending[end][0] == hour:
+                    end += 1
+                data = b"".join(line for _h, line in pending[start:end])
+                fd = self._open(hour)
+                while data:
+                    data = data[os.write(fd, data) :]
+                self._unsynced = True
+                start = end
+        except OSError:
+            return  # a full disk: the history is best effort, the mail is not affected
 
     def lookup(self, msg_id: str) -> list[dict[str, Any]]:
         """Every event of ``msg_id`` still kept, oldest first."""
@@ -136,19 +194,29 @@ class MessageJournal:
             return []
         return sorted(n for n in names if _hour_of(n) is not None)
 
-    def _open(self, hour: int) -> IO[bytes]:
-        if self._file is not None and hour == self._file_hour:
-            return self._file
+    def _open(self, hour: int) -> int:
+        """Under the lock: the fd of ``hour``'s file; the previous file is synced and
+        closed, a new file's directory entry synced."""
+        if self._fd >= 0 and hour == self._file_hour:
+            return self._fd
         assert self.directory is not None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self._fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        self._file = open(  # noqa: SIM115 - kept open between events, closed in close()
-            os.path.join(self.directory, f"{hour}.jsonl"), "ab"
-        )
+        path = os.path.join(self.directory, f"{hour}.jsonl")
+        new = not os.path.exists(path)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._file_hour = hour
-        return self._file
+        if new:
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return self._fd
 
 
 def _hour_of(name: str) -> int | None:

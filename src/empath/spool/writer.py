@@ -58,6 +58,9 @@ class EntryKind(enum.Enum):
     ROTATE = "rotate"  # no record: close the active segment, start the next one
 
 
+_STATE_KINDS = frozenset({EntryKind.STATE, EntryKind.DEL})
+
+
 @dataclass(slots=True, eq=False)
 class Entry:
     """One record waiting for the writer; ``seg``/``offset`` are filled in when written."""
@@ -168,6 +171,10 @@ class LogWriter:
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._on_batch: BatchCallback | None = None
         self._thread: threading.Thread | None = None
+        # called in this thread before a group with a state change or a tombstone is
+        # written: the message history's sync (journal.py), so that an event is
+        # durable no later than the spool change recorded after it
+        self.before_state: Callable[[], None] | None = None
         self.batches = 0
         self.records = 0
 
@@ -274,6 +281,9 @@ class LogWriter:
                 full = OSError(errno.ENOSPC, "No space left on device (spool reserve in use)")
                 others = [e for e in entries if e.kind is not EntryKind.COMMIT]
                 return [(commits, full), *(self._write_group(others) if others else [])]
+        hook = self.before_state
+        if hook is not None and any(e.kind in _STATE_KINDS for e in entries):
+            hook()
         try:
             self._write_batch(entries)
         except OSError as exc:
