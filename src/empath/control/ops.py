@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import heapq
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -25,6 +26,7 @@ from empath.control import select as sel
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, CommandError
 from empath.errors import UnknownMessageError
+from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
@@ -195,15 +197,20 @@ class OpsHandlers:
         only = _domain(args) if args.get("domain") is not None else None
         ctx = self.context()
         activity = self.d.runner.activity
-        rank = {"HalfOpen": 0, "Open": 1, "Closed": 2}
-        listed = sorted(
-            (rank.get(info.state.value, 3), domain, info)
-            for domain, info in ctx.breakers.items()
-            if (info.state.value != "Closed" or info.failures) and (only is None or domain == only)
-        )
+        breakers = ctx.breakers
+        if only is not None:
+            breakers = {only: breakers[only]} if only in breakers else {}
+        closed, half_open = BreakerState.CLOSED, BreakerState.HALF_OPEN
+        keys = [  # identity tests and plain tuples: 10,000 breakers sort in a few ms
+            (0 if st is half_open else 1 if st is not closed else 2, domain)
+            for domain, info in breakers.items()
+            if (st := info.state) is not closed or info.failures
+        ]
+        top = sorted(keys) if limit is None else heapq.nsmallest(limit, keys)
         breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
         rows: list[dict[str, Any]] = []
-        for i, (_rank, domain, info) in enumerate(listed[:limit]):
+        for i, (_rank, domain) in enumerate(top):
+            info = breakers[domain]
             if i % ROWS == ROWS - 1:
                 await breathe()
             rows.append(
@@ -219,7 +226,7 @@ class OpsHandlers:
             )
         return {
             "breakers": rows,
-            "count": len(listed),
+            "count": len(keys),
             "clustered": self.d.config.cluster is not None,
         }
 
