@@ -76,6 +76,9 @@ class Fake:
     async def delivery(self, event: DeliveryEvent) -> None:
         await CLOCK.sleep(3600)
 
+    def now(self, hook: Hook, session: Session | None, arg: Any) -> Verdict:
+        raise AssertionError("no hook of a Fake is immediate")
+
     async def session_closed(self, session: Session) -> None:
         return None
 

@@ -36,7 +36,7 @@ import inspect
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, get_args
 
 from empath.clock import Clock, SystemClock, deadline
 from empath.logs import get_logger
@@ -80,6 +80,10 @@ class Hook(enum.Enum):
     RCPT = "on_rcpt_to"
     DATA = "on_data"
     DELIVERY = "on_delivery_event"
+
+    # identity hashing in C (members are singletons): hooks key dicts on every call,
+    # and Enum's own __hash__ is a Python-level call
+    __hash__ = object.__hash__
 
 
 STAGE_HOOKS: Final = (Hook.CONNECT, Hook.HELO, Hook.MAIL, Hook.RCPT)
@@ -153,6 +157,11 @@ class Filter(Protocol):
 
     async def data(self, session: Session, message: Message) -> Verdict: ...
 
+    def now(self, hook: Hook, session: Session | None, arg: Any) -> Verdict:
+        """A call of a hook in ``immediate``, run to its end here: ``arg`` is what
+        :meth:`stage`, :meth:`data` or :meth:`delivery` take after the session."""
+        ...
+
     async def delivery(self, event: DeliveryEvent) -> None: ...
 
     async def session_closed(self, session: Session) -> None: ...
@@ -217,7 +226,7 @@ class _Rest:
 
 @dataclass(slots=True)
 class _Health:
-    last_ok: float = 0.0
+    failing: bool = False  # the last call failed
     last_error: float = 0.0
     error: str = ""
     suppressed: int = 0
@@ -238,15 +247,44 @@ class ModuleStats:
     def observe(self, module: str, hook: Hook, result: str, seconds: float) -> None:
         key = (module, hook.value, result)
         self.calls[key] = self.calls.get(key, 0) + 1
-        hk = (module, hook.value)
-        hist = self.durations.get(hk)
+        self.histogram(module, hook.value).observe(seconds)
+
+    def histogram(self, module: str, hook: str) -> Histogram:
+        hist = self.durations.get((module, hook))
         if hist is None:
-            hist = self.durations[hk] = Histogram(DURATION_BUCKETS_S)
-        hist.observe(seconds)
+            hist = self.durations[(module, hook)] = Histogram(DURATION_BUCKETS_S)
+        return hist
 
     def milter_error(self, milter: str, kind: str) -> None:
         key = (milter, kind)
         self.milter_errors[key] = self.milter_errors.get(key, 0) + 1
+
+
+_RESULTS: Final[tuple[str, ...]] = get_args(Result)
+
+
+class _Slot:
+    """One filter's calls of one hook, with what each call records looked up once
+    (the counters' keys, the histogram, the filter's health)."""
+
+    __slots__ = ("_calls", "_hist", "_keys", "f", "health", "hook", "immediate")
+
+    def __init__(self, f: Filter, hook: Hook, health: _Health, stats: ModuleStats) -> None:
+        self.f = f
+        self.hook = hook
+        self.health = health
+        self.immediate = hook in f.immediate
+        self._calls = stats.calls
+        self._keys: dict[str, tuple[str, str, str]] = {
+            r: (f.label, hook.value, r) for r in _RESULTS
+        }
+        self._hist = stats.histogram(f.label, hook.value)
+
+    def record(self, result: str, seconds: float) -> None:
+        key = self._keys[result]
+        calls = self._calls
+        calls[key] = calls.get(key, 0) + 1
+        self._hist.observe(seconds)
 
 
 class ModuleHost:
@@ -265,6 +303,10 @@ class ModuleHost:
         self._monotonic = self._clock.monotonic
         self._health = {id(f): _Health() for f in filters}
         self._by_hook = {hook: tuple(f for f in filters if hook in f.hooks) for hook in Hook}
+        self._slots = {
+            hook: tuple(_Slot(f, hook, self._health[id(f)], stats) for f in fs)
+            for hook, fs in self._by_hook.items()
+        }
         self.stage_hooks = frozenset(h for h in STAGE_HOOKS if self._by_hook[h])
         # what the SMTP state machine stops for (smtp.events.CheckStage, by value)
         self.checks = frozenset(CheckStage(_CHECK_OF[h]) for h in self.stage_hooks)
@@ -289,65 +331,60 @@ class ModuleHost:
     # -- calls ------------------------------------------------------------------
 
     async def _call(
-        self, f: Filter, hook: Hook, timeout_s: float, call: Coroutine[Any, Any, Verdict]
+        self, slot: _Slot, timeout_s: float, call: Coroutine[Any, Any, Verdict]
     ) -> Verdict:
         started = time.perf_counter()
         try:
             # A hook that never suspends (most Python hooks: a decision from what they
             # were given) finishes in its first step: no timer is armed for it.  One that
             # awaits carries on under the deadline, less what the first step took.
-            t0 = self._monotonic()
             verdict: Verdict
             try:
                 first = call.send(None)
             except StopIteration as done:
                 verdict = done.value
             else:
-                left = timeout_s - (self._monotonic() - t0)
+                left = timeout_s - (time.perf_counter() - started)
                 async with deadline(self._clock, max(left, 0.0)):
                     verdict = await _Rest(call, first)
         except TimeoutError:
-            return self._timed_out(f, hook, timeout_s, started)
+            return self._timed_out(slot, timeout_s, started)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._raised(f, hook, exc, started)
+            return self._raised(slot, exc, started)
         finally:
             call.close()  # a no-op once finished; frees one abandoned by a cancellation
-        return self._answered(f, hook, verdict, started)
+        return self._answered(slot, verdict, started)
 
-    def _call_now(self, f: Filter, hook: Hook, call: Coroutine[Any, Any, Verdict]) -> Verdict:
-        """:meth:`_call` for a hook in ``f.immediate``: run to its end here."""
+    def _call_now(self, slot: _Slot, session: Session | None, arg: Any) -> Verdict:
+        """:meth:`_call` for a hook in ``f.immediate``: run to its end here, through
+        the filter's ``now`` (no coroutine of ours around the hook's)."""
         started = time.perf_counter()
         try:
-            try:
-                call.send(None)
-            except StopIteration as done:
-                verdict: Verdict = done.value
-            else:  # never_suspends() said it could not; never leave it half-run
-                raise RuntimeError(f"{hook.value} suspended although it never awaits")
+            verdict = slot.f.now(slot.hook, session, arg)
         except TimeoutError:
-            return self._timed_out(f, hook, f.budget(hook), started)
+            return self._timed_out(slot, slot.f.budget(slot.hook), started)
         except (Exception, asyncio.CancelledError) as exc:  # nobody cancels a call in place
-            return self._raised(f, hook, exc, started)
-        finally:
-            call.close()
-        return self._answered(f, hook, verdict, started)
+            return self._raised(slot, exc, started)
+        return self._answered(slot, verdict, started)
 
-    def _answered(self, f: Filter, hook: Hook, verdict: Verdict, started: float) -> Verdict:
-        self._health[id(f)].last_ok = self._monotonic()
-        self.stats.observe(f.label, hook, verdict.result, time.perf_counter() - started)
+    def _answered(self, slot: _Slot, verdict: Verdict, started: float) -> Verdict:
+        slot.health.failing = False
+        result = "continue" if verdict is CONTINUE else verdict.result
+        slot.record(result, time.perf_counter() - started)
         return verdict
 
-    def _timed_out(self, f: Filter, hook: Hook, timeout_s: float, started: float) -> Verdict:
-        self._failed(f, hook, self._health[id(f)], f"timed out after {timeout_s:g} s", tb=False)
-        self.stats.observe(f.label, hook, "timeout", time.perf_counter() - started)
-        return self._on_error(f)
+    def _timed_out(self, slot: _Slot, timeout_s: float, started: float) -> Verdict:
+        self._failed(slot.f, slot.hook, slot.health, f"timed out after {timeout_s:g} s", tb=False)
+        slot.record("timeout", time.perf_counter() - started)
+        return self._on_error(slot.f)
 
-    def _raised(self, f: Filter, hook: Hook, exc: BaseException, started: float) -> Verdict:
-        self._failed(f, hook, self._health[id(f)], f"{type(exc).__name__}: {exc}", tb=True)
-        self.stats.observe(f.label, hook, "error", time.perf_counter() - started)
-        return self._on_error(f)
+    def _raised(self, slot: _Slot, exc: BaseException, started: float) -> Verdict:
+        error = f"{type(exc).__name__}: {exc}"
+        self._failed(slot.f, slot.hook, slot.health, error, tb=True)
+        slot.record("error", time.perf_counter() - started)
+        return self._on_error(slot.f)
 
     @staticmethod
     def _on_error(f: Filter) -> Verdict:
@@ -356,6 +393,7 @@ class ModuleHost:
 
     def _failed(self, f: Filter, hook: Hook, health: _Health, error: str, *, tb: bool) -> None:
         now = self._monotonic()
+        health.failing = True
         health.last_error = now
         health.error = error
         last = health.logged_at.get(hook)
@@ -379,9 +417,9 @@ class ModuleHost:
 
     async def stage(self, hook: Hook, session: Session, arg: str) -> Reply | None:
         """Connect/HELO/MAIL/RCPT: None = carry on with the usual reply, else the reply."""
-        for f in self._by_hook[hook]:
-            timeout = f.budget(hook)
-            verdict = await self._call(f, hook, timeout, f.stage(hook, session, arg))
+        for slot in self._slots[hook]:
+            f = slot.f
+            verdict = await self._call(slot, f.budget(hook), f.stage(hook, session, arg))
             if verdict.discard:
                 session.notes["empath.discard"] = True
                 continue
@@ -397,8 +435,8 @@ class ModuleHost:
         return contextvars.copy_context().run(self._stage_now, hook, session, arg)
 
     def _stage_now(self, hook: Hook, session: Session, arg: str) -> Reply | None:
-        for f in self._by_hook[hook]:
-            verdict = self._call_now(f, hook, f.stage(hook, session, arg))
+        for slot in self._slots[hook]:
+            verdict = self._call_now(slot, session, arg)
             if verdict.discard:
                 session.notes["empath.discard"] = True
                 continue
@@ -415,9 +453,10 @@ class ModuleHost:
             message.discard("discarded by a milter before end of data")
             return None
         session.notes["empath.queue_id"] = message.id
-        for f in self._by_hook[Hook.DATA]:
+        for slot in self._slots[Hook.DATA]:
+            f = slot.f
             verdict = await self._call(
-                f, Hook.DATA, f.budget(Hook.DATA), f.data(session, message_view(message))
+                slot, f.budget(Hook.DATA), f.data(session, message_view(message))
             )
             done, reply = self._data_answer(f, message, verdict)
             if done:
@@ -434,9 +473,9 @@ class ModuleHost:
             message.discard("discarded by a milter before end of data")
             return None
         session.notes["empath.queue_id"] = message.id
-        for f in self._by_hook[Hook.DATA]:
-            verdict = self._call_now(f, Hook.DATA, f.data(session, message_view(message)))
-            done, reply = self._data_answer(f, message, verdict)
+        for slot in self._slots[Hook.DATA]:
+            verdict = self._call_now(slot, session, message_view(message))
+            done, reply = self._data_answer(slot.f, message, verdict)
             if done:
                 return reply
         return None
@@ -479,10 +518,12 @@ class ModuleHost:
 
     def start(self, spawn: Callable[..., asyncio.Task[None]]) -> None:
         """Start one delivery-event consumer per interested filter."""
-        for f in self._by_hook[Hook.DELIVERY]:
+        for slot in self._slots[Hook.DELIVERY]:
+            f = slot.f
             q: asyncio.Queue[DeliveryEvent] = asyncio.Queue(DELIVERY_QUEUE_MAX)
             self._queues[id(f)] = q
-            self._consumers.append(spawn(self._consume(f, q), name=f"module-events-{f.label}"))
+            name = f"module-events-{f.label}"
+            self._consumers.append(spawn(self._consume(slot, q), name=name))
 
     def delivery_event(self, event: DeliveryEvent) -> None:
         """Hand ``event`` to each interested filter; never blocks, never raises."""
@@ -495,14 +536,19 @@ class ModuleHost:
             except asyncio.QueueFull:
                 self.stats.dropped[f.label] = self.stats.dropped.get(f.label, 0) + 1
 
-    async def _consume(self, f: Filter, q: asyncio.Queue[DeliveryEvent]) -> None:
+    async def _consume(self, slot: _Slot, q: asyncio.Queue[DeliveryEvent]) -> None:
+        f = slot.f
+
         async def one(event: DeliveryEvent) -> Verdict:
             await f.delivery(event)
             return CONTINUE
 
         while True:
             event = await q.get()
-            await self._call(f, Hook.DELIVERY, f.budget(Hook.DELIVERY), one(event))
+            if slot.immediate:  # (every event queued meanwhile is taken without a wait)
+                self._call_now(slot, None, event)
+            else:
+                await self._call(slot, f.budget(Hook.DELIVERY), one(event))
 
     async def close(self) -> None:
         for task in self._consumers:
@@ -521,7 +567,7 @@ class ModuleHost:
         now = self._monotonic()
         for f in self.filters:
             h = self._health[id(f)]
-            failing = h.last_error > h.last_ok and now - h.last_error < 300
+            failing = h.failing and now - h.last_error < 300
             entry = {
                 "name": f.label,
                 "type": "Milter" if f.kind == "milter" else "Python",

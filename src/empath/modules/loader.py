@@ -98,6 +98,23 @@ class PythonFilter:
     async def data(self, session: Session, message: Message) -> Verdict:
         return _as_verdict(await self._fns[Hook.DATA](session, message), Hook.DATA)
 
+    def now(self, hook: Hook, session: Session | None, arg: Any) -> Verdict:
+        """A hook in ``immediate`` (its code never awaits): its coroutine's one step."""
+        fn = self._fns[hook]
+        if hook is Hook.DELIVERY:
+            coro = fn(arg)
+        elif hook is Hook.CONNECT:
+            coro = fn(session)
+        else:
+            coro = fn(session, arg)
+        try:
+            coro.send(None)  # type: ignore[attr-defined]
+        except StopIteration as done:
+            return CONTINUE if hook is Hook.DELIVERY else _as_verdict(done.value, hook)
+        finally:
+            coro.close()  # type: ignore[attr-defined]
+        raise RuntimeError(f"{hook.value} suspended although its code never awaits")
+
     async def delivery(self, event: DeliveryEvent) -> None:
         await self._fns[Hook.DELIVERY](event)
 

@@ -373,6 +373,9 @@ class MilterFilter:
     async def delivery(self, event: DeliveryEvent) -> None:
         return None
 
+    def now(self, hook: Hook, session: Session | None, arg: Any) -> Verdict:
+        raise NotImplementedError("every milter call talks to the milter")  # immediate: none
+
     async def session_closed(self, session: Session) -> None:
         st = session.private.pop(id(self), None)
         if isinstance(st, _State) and st.conn is not None:
