@@ -49,6 +49,7 @@ from empath.delivery.bounce import (
 from empath.delivery.classify import AttemptResult, OutcomeKind, RecipientOutcome
 from empath.policy.retry import GiveUp, RetryPolicy
 from empath.spool.model import (
+    MAX_HISTORY,
     Attempt,
     Envelope,
     RcptStatus,
@@ -194,7 +195,7 @@ def after_attempt(
         now=now,
         wants_dsn=settings.dsn_enabled and should_send_dsn(envelope),
     )
-    new, newly_failed = _recipients_after(unit, this)
+    recipients, newly_failed = _recipients_after(unit, this)
     events = [*_delivered(this), *(_failed(this, o) for o in newly_failed)]
     dsns: list[DsnReport] = []
     if newly_failed and this.wants_dsn:
@@ -212,11 +213,29 @@ def after_attempt(
         dsns.append(DsnReport(DsnKind.FAILED, reports))
 
     gave_up = False
-    if not new.pending_recipients():
-        any_failed = any(r.status is RcptStatus.FAILED for r in new.recipients)
-        status = UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED
-        new = replace(new, status=status, finished_at=now)
+    # the attempt counted and recorded in the history (one replace() on the way to a
+    # final unit: ~3 µs each on the relay path)
+    last_error = "" if all(o.delivered for o in result.outcomes) else this.text
+    history = (*unit.history, Attempt(now, this.mx, this.code, this.text))[-MAX_HISTORY:]
+    if not any(r.status is RcptStatus.PENDING for r in recipients):
+        any_failed = any(r.status is RcptStatus.FAILED for r in recipients)
+        new = replace(
+            unit,
+            recipients=recipients,
+            attempts=this.number,
+            last_error=last_error,
+            history=history,
+            status=UnitStatus.FAILED if any_failed else UnitStatus.DELIVERED,
+            finished_at=now,
+        )
     else:
+        new = replace(
+            unit,
+            recipients=recipients,
+            attempts=this.number,
+            last_error=last_error,
+            history=history,
+        )
         # A unit reopened by `queue retry` counts its expiry from the reopening.
         expiry_base = unit.expiry_base(envelope.received_at)
         decision = retry.decide(this.number, expiry_base, now)
@@ -266,9 +285,10 @@ class _Attempt:
         return o.enhanced if o is not None and o.enhanced else default
 
 
-def _recipients_after(unit: UnitState, this: _Attempt) -> tuple[UnitState, list[RecipientOutcome]]:
-    """Per recipient: 2xx delivered, 5xx failed (returned, for the DSN), 4xx pending; the
-    attempt counted and recorded in the history."""
+def _recipients_after(
+    unit: UnitState, this: _Attempt
+) -> tuple[tuple[RecipientState, ...], list[RecipientOutcome]]:
+    """Per recipient: 2xx delivered, 5xx failed (returned, for the DSN), 4xx pending."""
     recipients: list[RecipientState] = []
     newly_failed: list[RecipientOutcome] = []
     for r in unit.recipients:
@@ -282,14 +302,7 @@ def _recipients_after(unit: UnitState, this: _Attempt) -> tuple[UnitState, list[
             newly_failed.append(o)
         else:
             recipients.append(RecipientState(r.address, RcptStatus.PENDING, o.code, o.diagnostic))
-    all_delivered = all(o.delivered for o in this.result.outcomes)
-    new = replace(
-        unit,
-        recipients=tuple(recipients),
-        attempts=this.number,
-        last_error="" if all_delivered else this.text,
-    ).with_attempt(Attempt(this.now, this.mx, this.code, this.text))
-    return new, newly_failed
+    return tuple(recipients), newly_failed
 
 
 def _delivered(this: _Attempt) -> list[LogEvent]:

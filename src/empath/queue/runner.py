@@ -83,6 +83,7 @@ INLINE_BODY_MAX_BYTES = 1 << 20  # bodies up to this size are read whole for sen
 HEARTBEAT_S = 1.0
 JANITOR_INTERVAL_S = 60.0  # how often finished messages past retention are removed
 DELETE_WAIT_S = 30.0  # `queue delete` waits this long for an attempt in flight, then defers
+ATTEMPT_SETTINGS_CACHE = 10_000  # domains whose merged attempt settings are kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,20 +181,28 @@ class DeliveryRunner(OperatorActions):
         self._deleting: dict[str, bool] = {}  # message id -> bounce, while a delete runs
         # deletes that outwaited DELETE_WAIT_S: message id -> recipients delivered before
         self._delete_deferred: dict[str, frozenset[str]] = {}
+        self._settings_for(settings)
+
+    def _settings_for(self, settings: RunnerSettings) -> None:
+        self.settings = settings
+        self._decision_settings = transition.TransitionSettings(
+            delay_warning_s=settings.delay_warning_s, dsn_enabled=settings.dsn_enabled
+        )
+        # domain -> its attempt settings (the global ones merged with the domain's
+        # policy): built once per domain, not per attempt; emptied by a reload
+        self._attempt_settings: dict[str, AttemptSettings] = {}
 
     @property
     def _decide(self) -> transition.TransitionSettings:
         """The decision settings, from the (reloadable) runner settings."""
-        return transition.TransitionSettings(
-            delay_warning_s=self.settings.delay_warning_s, dsn_enabled=self.settings.dsn_enabled
-        )
+        return self._decision_settings
 
     # -- lifecycle ------------------------------------------------------------
 
     def reconfigure(self, retry: RetryPolicy, settings: RunnerSettings) -> None:
         """SIGHUP: the retry schedule and delivery settings for attempts from now on."""
         self.retry = retry
-        self.settings = settings
+        self._settings_for(settings)
 
     def start(self) -> int:
         """Load every recovered unit and start ticking.  Returns units scheduled."""
@@ -479,12 +488,17 @@ class DeliveryRunner(OperatorActions):
             route = await self.router.route(unit.domain)
         except DeliveryError as exc:
             return AttemptResult.failed(rcpts, exc)
-        domain_policy = self.settings.domain_policy(unit.domain)
-        attempt_settings = replace(
-            self.settings.attempt,
-            require_tls=domain_policy.require_tls,
-            accept_invalid_certs=domain_policy.accept_invalid_certs,
-        )
+        attempt_settings = self._attempt_settings.get(unit.domain)
+        if attempt_settings is None:
+            domain_policy = self.settings.domain_policy(unit.domain)
+            attempt_settings = replace(
+                self.settings.attempt,
+                require_tls=domain_policy.require_tls,
+                accept_invalid_certs=domain_policy.accept_invalid_certs,
+            )
+            if len(self._attempt_settings) >= ATTEMPT_SETTINGS_CACHE:
+                self._attempt_settings.clear()
+            self._attempt_settings[unit.domain] = attempt_settings
         body: BodySource
         if msg.envelope.size <= INLINE_BODY_MAX_BYTES:
             body = await self.spool.read_body(msg.id)

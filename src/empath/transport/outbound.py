@@ -215,6 +215,11 @@ class _Pump(asyncio.Protocol):
         self._cap_s = 0.0
         self._paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        # the transaction's body when it is held whole: written from data_received as
+        # soon as the 354 arrives, with no wake-up of the waiting attempt in between
+        self.body: bytes | None = None
+        # asyncio.get_running_loop() costs a getpid() syscall per call on 3.11: once
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # asyncio callbacks -----------------------------------------------------------
 
@@ -227,11 +232,28 @@ class _Pump(asyncio.Protocol):
         out = self.client.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
+        if events and self.body is not None:
+            events = self._body_now(events)
         if events:
             self.events.extend(events)
             self._wake()
         elif self._waiter is not None:
             self._arm()  # a reply completed: the next one gets its own deadline
+
+    def _body_now(self, events: list[ClientEvent]) -> list[ClientEvent]:
+        """Answer a 354 here with the whole body and its final dot (the attempt only
+        waits for the transaction's end): one loop turn and one task wake-up fewer per
+        message.  The other events keep their order."""
+        kept: list[ClientEvent] = []
+        for event in events:
+            body = self.body
+            if body is not None and isinstance(event, SendBody):
+                self.body = None
+                client = self.client
+                self.write(client.send_body(body) + client.end_body())
+            else:
+                kept.append(event)
+        return kept
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -269,7 +291,9 @@ class _Pump(asyncio.Protocol):
         while not self.events:
             if self.closed and not self.events:
                 raise RuntimeError("connection closed without a final event")
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             self._waiter = loop.create_future()
             self._arm()
             try:
@@ -546,6 +570,8 @@ class OutboundConnection:
             for event in events:
                 if isinstance(event, TransactionDone):
                     return event.result
+            if isinstance(body, bytes):
+                pump.body = body  # sent by the pump itself on the 354
             pump.flush_client()
             self.messages_sent += 1
             while True:
@@ -557,6 +583,7 @@ class OutboundConnection:
                 # SessionClosed without TransactionDone cannot happen: the client
                 # settles the transaction first.
         finally:
+            pump.body = None
             pump.end_attempt()
 
     async def _write_body(self, body: BodySource) -> None:
