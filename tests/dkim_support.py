@@ -161,3 +161,25 @@ def signature_selectors(message: bytes) -> list[str]:
             m = re.search(rb"\bs=([^;\s]+)", line)
             out.append(m.group(1).decode() if m else "")
     return out
+
+
+# A stand-in DKIM key process for failure tests (dkim/keyproc.py's protocol): it
+# answers every sign request with an error frame, as a child whose key cannot sign.
+ERRING_KEY_PROCESS = r"""
+import os, struct, sys
+buf = b""
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        break
+    buf += data
+    while len(buf) >= 5:
+        kind, length = struct.unpack("!BI", buf[:5])
+        if len(buf) < 5 + length:
+            break
+        body, buf = buf[5 : 5 + length], buf[5 + length :]
+        if kind == ord("S"):
+            text = b"HSM unplugged"
+            (request,) = struct.unpack("!Q", body[:8])
+            os.write(1, struct.pack("!BIQ", ord("E"), 8 + len(text), request) + text)
+"""

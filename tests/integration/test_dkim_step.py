@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from empath.dkim import keys, rotation
+from empath.dkim.keyproc import KeyProcess
 from empath.dkim.policy import build_table, plan
 from empath.dkim.sign import Unsigned
 from empath.dkim.signer import INLINE_BODY_BYTES, DkimSigner, DkimStats, Where, where
@@ -20,17 +22,30 @@ from empath.stats import DomainLabels
 from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptancePipeline, AcceptedMessage, SessionFacts
 from empath.transport.listener import ListenerSpec
-from tests.dkim_support import signature_selectors
+from tests.dkim_support import ERRING_KEY_PROCESS, signature_selectors
 from tests.integration.test_inbound_smtp import ServerThread, serving, spec
 from tests.unit.test_dkim_keys_policy import DAY, config
 
 MSG = b"From: Alice <alice@example.org>\r\nTo: b@y.example\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
+_MADE: list[DkimSigner] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_signers() -> Iterator[None]:
+    """Every signer a test made is closed after it (its key process ends)."""
+    yield
+    while _MADE:
+        _MADE.pop().close()
+
+
 def signer_for(tmp_path: Path, clock: FakeClock | None = None, **kw: object) -> DkimSigner:
     table = build_table(config(tmp_path), rotation.RotationState(), keys.KeyCache())
     stats = DkimStats(DomainLabels(10))
-    return DkimSigner(clock or FakeClock(), stats, table=table, **kw)  # type: ignore[arg-type]
+    signer = DkimSigner(clock or FakeClock(), stats, table=table, **kw)  # type: ignore[arg-type]
+    _MADE.append(signer)
+    return signer
 
 
 def install(srv: ServerThread, signer: DkimSigner) -> None:
@@ -60,7 +75,9 @@ def test_a_signing_error_answers_451_and_spools_nothing(
     def broken(pending: Unsigned) -> bytes:
         raise ValueError("HSM unplugged")
 
-    signer = signer_for(tmp_path, key_op_fn=broken, decide=lambda specs, n: place)
+    # the key process (KEY_IN_POOL) answers an error; in-process key operations raise
+    signer = signer_for(tmp_path, key_op_fn=broken, decide=lambda specs, n: place,
+                        keys=KeyProcess([sys.executable, "-c", ERRING_KEY_PROCESS]))  # fmt: skip
     install(srv, signer)
     with srv.smtp() as c, pytest.raises(smtplib.SMTPDataError) as err:
         c.sendmail("alice@example.org", ["b@y.example"], MSG)
@@ -120,6 +137,7 @@ def test_after_a_rotation_both_selectors_sign_until_the_overlap_ends(tmp_path: P
         rotation.RotatedSelector("example.org", "r2", "rsa-sha256", str(new_key), clock.now()),
     )
     signer = DkimSigner(clock, DkimStats(DomainLabels(10)), table=build_table(cfg, state, cache))
+    _MADE.append(signer)
 
     def selectors() -> list[str]:
         m = AcceptedMessage("01X", MSG, sender="a@example.org", recipients=["b@y"],
@@ -143,8 +161,8 @@ def test_after_a_rotation_both_selectors_sign_until_the_overlap_ends(tmp_path: P
 def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool(
     tmp_path: Path,
 ) -> None:
-    """RSA's key operation goes to the pool; Ed25519 alone (~30 µs) stays on the loop;
-    a big body goes to the pool whole."""
+    """The key operations (RSA and Ed25519 alike) go to the key process; a big body
+    goes to the pool whole."""
     signer = signer_for(tmp_path)
     specs = plan(signer.table, ["a@example.org"], [], 0.0)
     signer.close()
@@ -155,6 +173,6 @@ def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool(
     assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
         where(dual, 1000), where(dual, INLINE_BODY_BYTES), where(dual, INLINE_BODY_BYTES + 1)
     )  # fmt: skip
-    assert (Where.ALL_ON_LOOP, Where.ALL_ON_LOOP, Where.ALL_IN_POOL) == (
+    assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
         where(ed, 1000), where(ed, INLINE_BODY_BYTES), where(ed, INLINE_BODY_BYTES + 1)
     )  # fmt: skip
