@@ -4,8 +4,6 @@ text rendering that Prometheus's own parser reads back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,7 +20,7 @@ from empath.policy.breaker import Admit, BreakerSettings
 from empath.policy.ratelimit import RateLimit
 from empath.policy.state import LocalPolicyState, PolicySettings
 from empath.queue.index import UnitKey
-from empath.spool.index import MessageIndex
+from empath.spool.index import MessageIndex, MessageView
 from empath.spool.model import Envelope, MessageState, RecipientState, UnitState, UnitStatus
 from empath.spool.store import SpoolUsage
 from empath.stats import DomainLabels, RunnerStats
@@ -33,8 +31,8 @@ from empath.transport.listener import ListenerStats
 class EmptyQueue:
     index = MessageIndex()
 
-    def messages(self) -> Iterator[MessageState]:
-        return iter(())
+    def views(self) -> list[MessageView]:
+        return []
 
     def usage(self) -> SpoolUsage:
         return SpoolUsage(10, 100, 1)

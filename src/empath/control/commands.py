@@ -34,7 +34,7 @@ from empath.errors import ConfigError, DeliveryError, UnknownMessageError
 from empath.modules.host import ModuleHost
 from empath.observability.health import MAX_HEARTBEAT_AGE_S
 from empath.policy.breaker import BreakerState
-from empath.spool.model import MessageState, UnitState, UnitStatus
+from empath.spool.model import UnitState, UnitStatus
 from empath.stats import RunnerStats, Window
 from empath.transport.admission import per_ip_key
 from empath.transport.listener import SmtpServerGroup
@@ -230,19 +230,13 @@ class Handlers:
     def _counts(self) -> q.QueueCounts:
         """From the counts the spool's index keeps (no scan of the queue)."""
         counts = q.index_counts(self.d.spool.index)
-        q.count_in_flight(counts, self._in_flight(), self._get_or_none)
+        q.count_in_flight(counts, self._in_flight(), self.d.spool.index.view)
         return counts
-
-    def _get_or_none(self, msg_id: str) -> MessageState | None:
-        try:
-            return self.d.spool.get(msg_id)
-        except UnknownMessageError:
-            return None
 
     async def queue_list(self, args: Args) -> AsyncIterator[list[Any]]:
         flt = q.ListFilter(_status(args), _str(args, "domain"), _limit(args))
         lines = _list_format(args) == "lines"
-        rows = q.list_rows(self.d.spool.messages(), flt, time.time(), self._in_flight())
+        rows = q.list_rows(self.d.spool.views(), flt, time.time(), self._in_flight())
         for chunk in rows:
             yield list_line_items(chunk) if lines and chunk else chunk
 
@@ -378,7 +372,7 @@ class Handlers:
         """Message id → domains of the units with ``status`` (and ``domain``)."""
         out: dict[str, list[str]] = {}
         flt = q.ListFilter(status, domain)
-        for chunk in q.list_rows(self.d.spool.messages(), flt, time.time(), self._in_flight()):
+        for chunk in q.list_rows(self.d.spool.views(), flt, time.time(), self._in_flight()):
             for r in chunk:
                 out.setdefault(r[0], []).append(r[1])
             await asyncio.sleep(0)
@@ -408,7 +402,7 @@ class Handlers:
         out: dict[str, Any] = {"units": units}
         if self.ops is not None:
             out.update(
-                self.ops.attempt_report((m.id, u) for m in self.d.spool.messages() for u in m.units)
+                self.ops.attempt_report((m.id, u) for m in self.d.spool.views() for u in m.units)
             )
         return out
 

@@ -31,6 +31,7 @@ from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
 from empath.queue.suspend import Suspensions
+from empath.spool.index import MessageView
 from empath.spool.model import MessageState, UnitStatus
 from empath.spool.store import Spool
 
@@ -283,7 +284,7 @@ class OpsHandlers:
 
     # hold / release / delete / bounce
 
-    def _targets(self, args: Args, action: str) -> tuple[list[tuple[MessageState, list[str]]], str]:
+    def _targets(self, args: Args, action: str) -> tuple[list[tuple[MessageView, list[str]]], str]:
         msg_id = _str(args, "id")
         flt = unit_filter(args)
         if (msg_id is None) == flt.empty:
@@ -307,7 +308,7 @@ class OpsHandlers:
         if action == "release":
             flt = sel.UnitFilter(flt.domain, flt.sender, "held", flt.older_than_s)
         now = time.time()
-        picked = list(sel.select(self.d.spool.messages(), flt, now, self._in_flight()))
+        picked = list(sel.select(self.d.spool.views(), flt, now, self._in_flight()))
         if action == "hold":
             picked = _only(
                 picked, lambda u: not u.status.terminal and u.status is not UnitStatus.HELD
@@ -328,7 +329,7 @@ class OpsHandlers:
             batch = picked[i : i + BATCH]
             last = i + BATCH >= len(picked)
 
-            async def one(msg: MessageState, domains: list[str], durable: bool) -> int:
+            async def one(msg: MessageView, domains: list[str], durable: bool) -> int:
                 nonlocal dsns
                 with contextlib.suppress(UnknownMessageError):
                     if action == "hold":
@@ -376,7 +377,7 @@ class OpsHandlers:
         ctx = self.context()
         index = self.d.spool.index
         domains = index.domains()
-        got = sel.shapes(domains, ctx.now, self._in_flight(), index.get, limit)
+        got = sel.shapes(domains, ctx.now, self._in_flight(), index.view, limit)
         listed = sel.shown(got.ranked, domains, ctx.suspensions, limit)
         delivered = self.d.runner.activity.per_domain(ctx.mono)
         breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
@@ -476,8 +477,8 @@ class OpsHandlers:
 
 
 def _only(
-    picked: list[tuple[MessageState, list[str]]], keep: Callable[[Any], bool]
-) -> list[tuple[MessageState, list[str]]]:
+    picked: list[tuple[MessageView, list[str]]], keep: Callable[[Any], bool]
+) -> list[tuple[MessageView, list[str]]]:
     out = []
     for msg, domains in picked:
         ds = [u.domain for u in msg.units if u.domain in domains and keep(u)]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from empath.spool.index import MessageIndex
+from empath.spool.index import MessageIndex, MessageView
 from empath.spool.model import MessageState, RcptStatus, RecipientState, UnitState, UnitStatus
 
 LIST_CHUNK: Final = 1000  # rows per streamed frame
@@ -43,7 +43,7 @@ def unit_status(msg_id: str, unit: UnitState, in_flight: Container[tuple[str, st
 
 
 def list_rows(
-    messages: Iterable[MessageState],
+    messages: Iterable[MessageView],
     flt: ListFilter,
     now: float,
     in_flight: Container[tuple[str, str]],
@@ -84,7 +84,7 @@ def list_rows(
                     round(now - env.received_at, 3),
                     nxt if nxt > now and status in waiting else None,
                     env.sender,
-                    len(unit.recipients),
+                    unit.rcpt_count,
                     unit.last_error,
                 ]
             )
@@ -118,7 +118,7 @@ def new_counts() -> QueueCounts:
     return QueueCounts(Counter(dict.fromkeys(STATUSES, 0)), Counter())
 
 
-def count_messages(counts: QueueCounts, messages: Sequence[MessageState]) -> None:
+def count_messages(counts: QueueCounts, messages: Sequence[MessageView]) -> None:
     """Add a chunk of the spool (oldest first) to ``counts``: the full recount that
     :func:`index_counts` must always equal (tests hold them side by side)."""
     units = [u for m in messages for u in m.units]
@@ -153,7 +153,7 @@ def index_counts(index: MessageIndex) -> QueueCounts:
 def count_in_flight(
     counts: QueueCounts,
     in_flight: Iterable[tuple[str, str]],
-    get: Callable[[str], MessageState | None],
+    get: Callable[[str], MessageView | None],
 ) -> None:
     """Move the (few) units in flight from their stored status to ``in_progress``."""
     for mid, domain in in_flight:

@@ -36,8 +36,8 @@ from empath.queue.scheduler import (
     WaitForConnection,
 )
 from empath.queue.suspend import Suspension
-from empath.spool.index import STATUS_SLOT, DomainCounts
-from empath.spool.model import MessageState, UnitState, UnitStatus
+from empath.spool.index import STATUS_SLOT, DomainCounts, MessageView, UnitView
+from empath.spool.model import UnitState, UnitStatus
 
 # qshape's buckets (minutes): 0-5, 5-10, 10-20, ..., 640-1280, 1280+
 AGE_BUCKETS_MIN: Final = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
@@ -92,11 +92,11 @@ def sender_matches(pattern: str, sender: str) -> bool:
 
 
 def select(
-    messages: Iterable[MessageState],
+    messages: Iterable[MessageView],
     flt: UnitFilter,
     now: float,
     in_flight: Container[tuple[str, str]],
-) -> Iterator[tuple[MessageState, list[str]]]:
+) -> Iterator[tuple[MessageView, list[str]]]:
     """(message, domains of its units that match), oldest message first."""
     domain = flt.domain.lower() if flt.domain else None
     for msg in messages:
@@ -236,7 +236,7 @@ def waiting_for(
 
 
 def attempt_counts(
-    units: Iterable[tuple[str, UnitState]], ctx: WaitContext, free_slots: int
+    units: Iterable[tuple[str, UnitView]], ctx: WaitContext, free_slots: int
 ) -> tuple[int, dict[str, int]]:
     """For units about to be made due (`queue retry`, `process-now`): how many can start
     now, and how many stay waiting by reason (held, suspended, breaker, rate_limit,
@@ -318,7 +318,7 @@ def shapes(
     domains: Mapping[str, DomainCounts],
     now: float,
     in_flight: Iterable[tuple[str, str]],
-    get: Callable[[str], MessageState | None],
+    get: Callable[[str], MessageView | None],
     limit: int | None,
 ) -> Shapes:
     """The ``limit`` domains with most queued units (all with None) and the totals, from

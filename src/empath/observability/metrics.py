@@ -40,8 +40,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from empath.clock import Clock
 from empath.policy.breaker import BreakerState
 from empath.policy.state import PolicySnapshot
-from empath.spool.index import MessageIndex
-from empath.spool.model import MessageState, UnitStatus
+from empath.spool.index import MessageIndex, MessageView
+from empath.spool.model import UnitStatus
 from empath.spool.store import SpoolUsage
 from empath.stats import OTHER, HistogramCounts, RunnerStats, Window
 
@@ -60,7 +60,7 @@ _STATE_VALUE = {st: float(st.gauge_value) for st in BreakerState}
 
 
 class QueueSource(Protocol):
-    def messages(self) -> Iterator[MessageState]: ...
+    def views(self) -> list[MessageView]: ...
 
     @property
     def index(self) -> MessageIndex: ...
@@ -143,7 +143,7 @@ class QueueSummary:
 
 def summarise_queue(
     index: MessageIndex,
-    messages: Iterable[MessageState],
+    messages: Iterable[MessageView],
     in_flight: Collection[InFlightUnit],
     now: float,
     max_retry_series: int,
@@ -153,7 +153,7 @@ def summarise_queue(
     ``max_retry_series`` messages with a failed attempt are found."""
     counts = index.status_counts()
     for key in in_flight:
-        msg = index.get(key.message_id)
+        msg = index.view(key.message_id)
         if msg is None:
             continue
         for unit in msg.units:
@@ -406,7 +406,7 @@ class EmpathCollector:
     def _queue_families(self) -> Iterator[Family]:
         summary = summarise_queue(
             self._queue.index,
-            self._queue.messages(),
+            self._queue.views(),
             self._in_flight(),
             self._clock.now(),
             self.settings.max_domain_cardinality,

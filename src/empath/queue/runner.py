@@ -69,6 +69,7 @@ from empath.queue.scheduler import (
     Scheduler,
     WaitForConnection,
 )
+from empath.spool.index import MessageView
 from empath.spool.journal import MessageJournal
 from empath.spool.model import MessageState, RcptStatus, UnitState, UnitStatus, initial_units
 from empath.spool.store import Spool
@@ -208,7 +209,7 @@ class DeliveryRunner(OperatorActions):
         """Load every recovered unit and start ticking.  Returns units scheduled."""
         self._loop = asyncio.get_running_loop()
         count = 0
-        for msg in list(self.spool.messages()):
+        for msg in self.spool.views():
             count += self._schedule_message(msg)
         self._janitor = self._spawn(self._janitor_loop(), name="empath-janitor", essential=True)
         self._kick()
@@ -332,7 +333,7 @@ class DeliveryRunner(OperatorActions):
         for domain in domains:
             self.scheduler.remove(UnitKey(msg_id, domain))
 
-    def _schedule_message(self, msg: MessageState) -> int:
+    def _schedule_message(self, msg: MessageView) -> int:
         n = 0
         for unit in msg.units:
             if unit.status.terminal or unit.status is UnitStatus.HELD:
@@ -622,12 +623,13 @@ class DeliveryRunner(OperatorActions):
         """Drop messages whose units are all terminal and older than the retention."""
         cutoff = self.clock.now() - self.settings.failed_retention_s
         victims = [
-            m
-            for m in self.spool.messages()
+            m.id
+            for m in self.spool.views()
             if m.finished and max((u.finished_at for u in m.units), default=0.0) <= cutoff
         ]
-        for m in victims:
+        for msg_id in victims:
             with contextlib.suppress(UnknownMessageError):
+                m = self.spool.get(msg_id)
                 self._left(m, "failed, removed after failed_retention_secs")
                 await self.spool.remove(m.id)
         self.journal.purge()

@@ -49,14 +49,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from empath.clock import Clock, SystemClock
-from empath.errors import SpoolError
+from empath.errors import SpoolError, UnknownMessageError
 from empath.ids import new_ulid
 from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import BodyState, FileBodyWriter, map_os_error
 from empath.spool.compaction import Compaction
-from empath.spool.index import MessageIndex
-from empath.spool.model import Envelope, MessageState, UnitState
+from empath.spool.index import Brief, MessageIndex, pack_state, unpack_state
+from empath.spool.memory import requeue_in_progress
+from empath.spool.model import Envelope, MessageState, UnitState, UnitStatus
 from empath.spool.recovery import BodyLocation, packed_seg, recover
 from empath.spool.space import Reserve, reserve_size
 from empath.spool.store import (
@@ -70,6 +71,13 @@ from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, create_seg
 from empath.supervisor import Track, untracked
 
 __all__ = ["FileBodyWriter", "FileSpool", "map_os_error"]
+
+# What stays decoded (spool/index.py): a message whose newest state is durable is held as
+# a brief unless a unit of it is due within CHILL_AFTER_S (the runner will read it soon),
+# and always once more than HOT_LIMIT messages are held decoded (a queue built by ingest
+# for a domain that takes nothing).
+CHILL_AFTER_S = 60.0
+HOT_LIMIT = 10_000
 
 log = get_logger("spool", __name__)
 
@@ -101,7 +109,7 @@ class FileSpool(IndexedMessages, Compaction):
         self._fdatasync = fdatasync
         self._log_dir = self.path / "log"
         self._bodies_dir = self.path / "bodies"
-        self._index = MessageIndex()
+        self._index = MessageIndex(decode=self._decode)
         self._locs: dict[str, int] = {}  # packed BodyLocation per live message
         self._segments: dict[int, Segment] = {}
         self._segments_lock = threading.Lock()
@@ -166,7 +174,7 @@ class FileSpool(IndexedMessages, Compaction):
         try:
             rec = recover(self.path, progress_every=self._progress_every)
             self._locs, self._segments = rec.locations, rec.segments
-            self._index = MessageIndex(rec.index)
+            self._index = MessageIndex.adopt(rec.index, self._decode)
             self._spill_total = rec.spill_bytes
             st = os.statvfs(self.path)
             size = reserve_size(st.f_blocks * st.f_frsize)
@@ -371,7 +379,7 @@ class FileSpool(IndexedMessages, Compaction):
         writer = self._live_writer()
         new = replace(self.get(msg_id), units=tuple(units))
         self._index[msg_id] = new
-        entry = Entry(EntryKind.STATE, msg_id, codec.state_payload(msg_id, new.units))
+        entry = Entry(EntryKind.STATE, msg_id, codec.state_payload(msg_id, new.units), message=new)
         if durable:
             entry.future = asyncio.get_running_loop().create_future()
         writer.submit(entry)
@@ -381,14 +389,14 @@ class FileSpool(IndexedMessages, Compaction):
 
     async def remove(self, msg_id: str, *, durable: bool = True) -> None:
         writer = self._live_writer()
-        self.get(msg_id)
+        self._known(msg_id)
         packed = self._locs.get(msg_id)
         loc = None if packed is None else BodyLocation.unpack(packed)
         if not durable and (loc is None or not loc.spilled):
             # Gone for every reader now; the tombstone rides with the next flush
             # (LogWriter.submit lazy).  Until it is written the record stays live for
             # compaction's accounting, and ``_removing`` keeps compaction off it.
-            self._index.pop(msg_id, None)
+            self._index.forget(msg_id)
             self._removing.add(msg_id)
             writer.submit(Entry(EntryKind.DEL, msg_id, codec.del_payload(msg_id)), lazy=True)
             return
@@ -427,19 +435,30 @@ class FileSpool(IndexedMessages, Compaction):
             return
         for entry in batch:
             kind = entry.kind
-            if kind is EntryKind.COMMIT:
+            if kind is EntryKind.STATE:
+                if entry.message is not None and self._may_chill(entry.message):
+                    start = entry.offset + codec.HEADER_BYTES + codec.MSG_PREFIX_BYTES
+                    json_bytes = len(entry.payload) - codec.MSG_PREFIX_BYTES
+                    state = pack_state(entry.seg, start, json_bytes)
+                    self._index.chill(entry.msg_id, entry.message, state)
+            elif kind is EntryKind.COMMIT:
                 assert entry.message is not None
                 self._index[entry.msg_id] = entry.message
                 self._place(entry)
                 if entry.spilled:
                     self._spill_total += entry.body_bytes
+                if self._index.hot > HOT_LIMIT:
+                    self._index.chill(entry.msg_id, entry.message, 0)
             elif kind is EntryKind.COPY:
                 packed = self._locs.get(entry.msg_id)
                 if packed is not None and packed_seg(packed) == entry.from_seg:
                     self._unplace(entry.msg_id, BodyLocation.unpack(packed))
                     self._place(entry)
+                    brief = self._index.brief(entry.msg_id)
+                    if brief is not None:
+                        brief.state = 0  # the copy holds the newest units
             elif kind is EntryKind.DEL:
-                self._index.pop(entry.msg_id, None)
+                self._index.forget(entry.msg_id)
                 if entry.future is None:  # a lazy tombstone (remove(durable=False))
                     self._removing.discard(entry.msg_id)
                 packed = self._locs.pop(entry.msg_id, None)
@@ -464,12 +483,50 @@ class FileSpool(IndexedMessages, Compaction):
                 reclaimable_bytes=self.reclaimable_bytes(),
             )
 
+    def _may_chill(self, msg: MessageState) -> bool:
+        """Whether ``msg`` (its newest state now durable) may be held as a brief."""
+        if self._index.hot > HOT_LIMIT:
+            return True
+        soon = self._clock.now() + CHILL_AFTER_S
+        for unit in msg.units:
+            st = unit.status
+            if not st.terminal and st is not UnitStatus.HELD and unit.next_attempt_at < soon:
+                return False
+        return True
+
+    def _decode(self, brief: Brief) -> MessageState:
+        """A brief's message, read from its records (spool/index.py)."""
+        loc = BodyLocation.unpack(self._locs[brief.id])
+        try:
+            head = codec.loads(self._pread(loc.seg, loc.offset, loc.json_bytes))
+            if brief.state:
+                units_src = codec.loads(self._pread(*unpack_state(brief.state)))["units"]
+            else:
+                units_src = head["units"]
+            envelope = codec.envelope_from_json(head["envelope"])
+            units = requeue_in_progress(codec.units_from_json(units_src))
+        except OSError as exc:
+            raise map_os_error(exc, f"reading the records of {brief.id}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SpoolError(f"the records of {brief.id} do not decode: {exc}") from exc
+        return MessageState(id=brief.id, envelope=envelope, units=units)
+
+    def _pread(self, seq: int, offset: int, length: int) -> bytes:
+        seg = self._segments[seq]
+        data = os.pread(seg.read_fd, length, offset)
+        if len(data) != length:
+            raise SpoolError(f"record in {seg.name}@{offset} is short")
+        return data
+
+    def _known(self, msg_id: str) -> None:
+        if msg_id not in self._index:
+            raise UnknownMessageError(f"no such message: {msg_id}")
+
     def _place(self, entry: Entry) -> None:
         seg = self._segments[entry.seg]
-        body_offset = 0 if entry.spilled else entry.offset + codec.HEADER_BYTES + entry.body_rel
         self._locs[entry.msg_id] = BodyLocation(
             seg=entry.seg,
-            offset=body_offset,
+            offset=entry.offset + codec.HEADER_BYTES + codec.MSG_PREFIX_BYTES,
             length=entry.body_bytes,
             spilled=entry.spilled,
             record_bytes=entry.record_bytes,
@@ -486,14 +543,14 @@ class FileSpool(IndexedMessages, Compaction):
     # --- reading ----------------------------------------------------------------
 
     def _location(self, msg_id: str) -> BodyLocation:
-        self.get(msg_id)
+        self._known(msg_id)
         return BodyLocation.unpack(self._locs[msg_id])
 
     def _pread_inline(self, loc: BodyLocation) -> bytes:
         seg = self._segments[loc.seg]
-        data = os.pread(seg.read_fd, loc.length, loc.offset)
+        data = os.pread(seg.read_fd, loc.length, loc.body_offset)
         if len(data) != loc.length:
-            raise SpoolError(f"body in {seg.name}@{loc.offset} is short")
+            raise SpoolError(f"body in {seg.name}@{loc.body_offset} is short")
         return data
 
     async def read_body(self, msg_id: str) -> bytes:

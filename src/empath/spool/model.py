@@ -179,6 +179,10 @@ class UnitState:
     def with_attempt(self, attempt: Attempt) -> UnitState:
         return replace(self, history=(*self.history, attempt)[-MAX_HISTORY:])
 
+    @property
+    def rcpt_count(self) -> int:
+        return len(self.recipients)
+
     def pending_recipients(self) -> tuple[str, ...]:
         return tuple(r.address for r in self.recipients if r.status is RcptStatus.PENDING)
 

@@ -40,8 +40,7 @@ from empath.errors import SpoolError
 from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.codec import RecordType
-from empath.spool.memory import requeue_in_progress
-from empath.spool.model import MessageState
+from empath.spool.index import Brief, brief_from_json, pack_state
 from empath.spool.writer import Segment, fsync_dir
 
 log = get_logger("spool", __name__)
@@ -63,17 +62,24 @@ class BodyLocation:
     queued unit).  Two packed locations are equal exactly when the locations are."""
 
     seg: int  # segment holding the message's current MSG record
-    offset: int  # absolute offset of the inline body in that segment (0 if spilled)
+    offset: int  # absolute offset of that record's JSON in the segment (the body follows)
     length: int  # body bytes
     spilled: bool
     record_bytes: int  # size of the MSG record (for the segment's live-bytes count)
 
+    @property
+    def json_bytes(self) -> int:
+        """Length of the MSG record's JSON."""
+        inline = 0 if self.spilled else self.length
+        return self.record_bytes - codec.HEADER_BYTES - codec.MSG_PREFIX_BYTES - inline
+
+    @property
+    def body_offset(self) -> int:
+        """Absolute offset of the inline body in the segment."""
+        return self.offset + self.json_bytes
+
     def pack(self) -> int:
-        for value in (self.offset, self.length, self.record_bytes):
-            if not 0 <= value <= _FIELD_MASK:
-                raise ValueError(f"spool location field out of range: {value}")
-        packed = (self.seg << _FIELD_BITS | self.offset) << _FIELD_BITS | self.length
-        return ((packed << _FIELD_BITS | self.record_bytes) << 1) | self.spilled
+        return pack_location(self.seg, self.offset, self.length, self.spilled, self.record_bytes)
 
     @classmethod
     def unpack(cls, packed: int) -> BodyLocation:
@@ -84,6 +90,20 @@ class BodyLocation:
         length = packed & _FIELD_MASK
         packed >>= _FIELD_BITS
         return cls(packed >> _FIELD_BITS, packed & _FIELD_MASK, length, spilled, record_bytes)
+
+
+def pack_location(seg: int, offset: int, length: int, spilled: bool, record_bytes: int) -> int:
+    """:meth:`BodyLocation.pack` without the object (recovery's loop)."""
+    mask = _FIELD_MASK
+    if (
+        offset > mask
+        or length > mask
+        or record_bytes > mask
+        or min(offset, length, record_bytes) < 0
+    ):
+        raise ValueError(f"spool location field out of range: {(offset, length, record_bytes)}")
+    packed = (seg << _FIELD_BITS | offset) << _FIELD_BITS | length
+    return ((packed << _FIELD_BITS | record_bytes) << 1) | spilled
 
 
 def packed_seg(packed: int) -> int:
@@ -107,7 +127,7 @@ class _Found:
 
 @dataclass(slots=True)
 class Recovered:
-    index: dict[str, MessageState]
+    index: dict[str, Brief]  # nothing decoded beyond what the queue's views read
     locations: dict[str, int]  # packed BodyLocation
     segments: dict[int, Segment]
     dropped: list[str] = field(default_factory=list)  # ids to tombstone (body missing)
@@ -358,17 +378,17 @@ class _Scanner:
             self.records = records
 
 
-def _decode(msg_id: str, f: _Found, maps: dict[int, mmap.mmap]) -> tuple[MessageState, bool, int]:
+def _brief(msg_id: str, f: _Found, maps: dict[int, mmap.mmap]) -> tuple[Brief, bool, int]:
     head: dict[str, Any] = codec.loads(maps[f.seg][f.msg_start : f.body_offset])
-    envelope = codec.envelope_from_json(head["envelope"])
     if f.state_seg < 0:
         units_src = head["units"]
+        state = 0
     else:
         units_src = codec.loads(maps[f.state_seg][f.state_start : f.state_end])["units"]
-    units = codec.units_from_json(units_src)
+        state = pack_state(f.state_seg, f.state_start, f.state_end - f.state_start)
+    brief = brief_from_json(msg_id, head["envelope"], units_src, state)
     body = head["body"]
-    msg = MessageState(id=msg_id, envelope=envelope, units=requeue_in_progress(units))
-    return msg, bool(body["spilled"]), int(body["bytes"])
+    return brief, bool(body["spilled"]), int(body["bytes"])
 
 
 def recover(spool_dir: Path, *, progress_every: int = 100_000) -> Recovered:
@@ -480,7 +500,7 @@ def _decode_all(result: Recovered, scanner: _Scanner, maps: dict[int, mmap.mmap]
     for msg_id in sorted(found):
         f = found.pop(msg_id)
         try:
-            msg, spilled, length = _decode(msg_id, f, maps)
+            msg, spilled, length = _brief(msg_id, f, maps)
         except (ValueError, KeyError, TypeError) as exc:
             log.error(
                 "Dropped a spool record that does not decode", message_id=msg_id, error=str(exc)
@@ -504,13 +524,9 @@ def _decode_all(result: Recovered, scanner: _Scanner, maps: dict[int, mmap.mmap]
             referenced.add(msg_id)
             result.spill_bytes += length
         result.index[msg_id] = msg
-        result.locations[msg_id] = BodyLocation(
-            seg=f.seg,
-            offset=0 if spilled else f.body_offset,
-            length=length,
-            spilled=spilled,
-            record_bytes=f.record_bytes,
-        ).pack()
+        result.locations[msg_id] = pack_location(
+            f.seg, f.msg_start, length, spilled, f.record_bytes
+        )
         seg = segments[f.seg]
         seg.refs.add(msg_id)
         seg.live_bytes += f.record_bytes

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from empath.errors import UnknownMessageError
-from empath.spool.index import MessageIndex
+from empath.spool.index import MessageIndex, MessageView
 from empath.spool.model import Envelope, MessageState, UnitState
 
 # A log segment's size: FileSpool's default and the config's (spool.segment_bytes).
@@ -126,7 +126,12 @@ class Spool(Protocol):
         ...
 
     def messages(self) -> Iterator[MessageState]:
-        """Every live message, oldest first."""
+        """Every live message, oldest first (decoded one by one: an operator's walk)."""
+        ...
+
+    def views(self) -> list[MessageView]:
+        """Every live message as the index holds it, oldest first, none decoded: what
+        walks of the whole queue read (spool/index.py)."""
         ...
 
     def __len__(self) -> int:
@@ -175,7 +180,10 @@ class IndexedMessages:
             raise UnknownMessageError(f"no such message: {msg_id}") from None
 
     def messages(self) -> Iterator[MessageState]:
-        return iter(list(self._index.values()))
+        return self._index.values()
+
+    def views(self) -> list[MessageView]:
+        return self._index.views()
 
     def __len__(self) -> int:
         return len(self._index)
