@@ -17,19 +17,8 @@ from empath.errors import UnknownMessageError
 from empath.spool import fs
 from empath.spool.fs import FileSpool
 from empath.spool.index import MessageView, pack_state, unpack_state
-from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
-
-
-def env(*rcpts: str) -> Envelope:
-    return Envelope(sender="s@example.org", recipients=rcpts, received_at=1_700_000_000.5)
-
-
-async def put(spool: FileSpool, body: bytes, *rcpts: str) -> MessageState:
-    rcpts = rcpts or ("r@example.net",)
-    w = spool.begin()
-    w.write(body)
-    e = env(*rcpts)
-    return await spool.commit(w, e, initial_units(e.recipients, 5.0))
+from empath.spool.model import Attempt, MessageState, UnitStatus
+from tests.unit.test_spool_fs import put
 
 
 async def reopen(path: Path, **kw: Any) -> FileSpool:
