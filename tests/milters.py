@@ -47,7 +47,11 @@ class Rspamd:
 
 
 @contextlib.contextmanager
-def rspamd(workdir: Path, timeout: float = 240.0) -> Iterator[Rspamd]:
+def rspamd(
+    workdir: Path, timeout: float = 240.0, nameserver: str | None = None
+) -> Iterator[Rspamd]:
+    """``nameserver`` ("127.0.0.1:PORT"): rspamd's resolver; without one, a closed
+    port (its DNS-based checks fail after a 0.2 s timeout)."""
     binary = require_tool("rspamd")
     local = workdir / "etc" / "local.d"
     local.mkdir(parents=True)
@@ -63,8 +67,9 @@ def rspamd(workdir: Path, timeout: float = 240.0) -> Iterator[Rspamd]:
     (local / "worker-controller.inc").write_text(
         f'bind_socket = "127.0.0.1:{controller}";\ncount = 1;\n'
     )
+    resolver = nameserver or f"127.0.0.1:{dead}"
     (local / "options.inc").write_text(
-        f'dns {{ nameserver = ["127.0.0.1:{dead}"]; timeout = 0.2s; retransmits = 1; }}\n'
+        f'dns {{ nameserver = ["{resolver}"]; timeout = 0.2s; retransmits = 1; }}\n'
     )
     log_path = workdir / "log" / "rspamd.log"
     (local / "logging.inc").write_text(
