@@ -258,6 +258,7 @@ class App:
                     clock=self.clock,
                     stats=self.auth_stats,
                     shared=self._shared_auth_counters(config, lc.auth.limits.window_secs),
+                    spawn=self.supervisor.spawn,
                 )
         return out
 

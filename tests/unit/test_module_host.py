@@ -25,6 +25,7 @@ from empath.modules.host import (
 )
 from empath.modules.loader import ModuleContext, PythonFilter, build_host
 from empath.smtp.events import CheckStage
+from empath.supervisor import Supervisor
 from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptedMessage, SessionFacts
 
@@ -294,3 +295,18 @@ def test_a_stage_is_answered_in_place_only_if_every_module_asked_never_suspends(
     host = ModuleHost([PythonFilter(cfg, _SetsVar({})), waits], ModuleStats(), clock=CLOCK)
     assert frozenset({CheckStage.RCPT, CheckStage.MAIL}) == host.checks
     assert frozenset() == host.now
+
+
+async def test_a_milters_session_cleanup_runs_under_the_daemons_supervisor() -> None:
+    """The milter QUIT after a session is a background task the supervisor knows of
+    (shutdown cancels it, a crash is logged), not a bare task."""
+
+    class Milter(Fake):
+        kind: Literal["module", "milter"] = "milter"
+
+    host = ModuleHost([Milter("m", hooks=frozenset())], ModuleStats(), clock=CLOCK)
+    supervisor = Supervisor()
+    host.start(supervisor.spawn)
+    host.session_closed_soon(Session(id="s", peer_ip="192.0.2.1", peer_port=1, listener="l"))
+    assert ["module-session-cleanup"] == supervisor.names()
+    await supervisor.shutdown()

@@ -53,6 +53,7 @@ from empath.modules.headers import apply_changes, message_view
 from empath.smtp.events import CheckStage
 from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.stats import Histogram
+from empath.supervisor import untracked
 from empath.transport.acceptance import AcceptedMessage
 
 __all__ = [
@@ -322,6 +323,7 @@ class ModuleHost:
         self.wants_delivery_events = bool(self._by_hook[Hook.DELIVERY])
         self._needs_cleanup = any(f.kind == "milter" for f in filters)
         self._cleanups: set[asyncio.Task[None]] = set()
+        self._spawn: Callable[..., asyncio.Task[None]] | None = None  # set by start()
         self._queues: dict[int, asyncio.Queue[DeliveryEvent]] = {}
         self._consumers: list[asyncio.Task[None]] = []
 
@@ -503,7 +505,11 @@ class ModuleHost:
         background; the task is kept until it is done."""
         if not self._needs_cleanup:
             return
-        task = asyncio.get_running_loop().create_task(self.session_closed(session))
+        name = "module-session-cleanup"
+        if self._spawn is not None:  # under the daemon's supervisor
+            task = self._spawn(self.session_closed(session), name=name)
+        else:  # a host used without a daemon (tests, tools)
+            task = untracked(self.session_closed(session), name=name)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -517,7 +523,9 @@ class ModuleHost:
     # -- delivery events --------------------------------------------------------
 
     def start(self, spawn: Callable[..., asyncio.Task[None]]) -> None:
-        """Start one delivery-event consumer per interested filter."""
+        """Start one delivery-event consumer per interested filter; ``spawn`` also
+        starts the filters' session cleanups from now on."""
+        self._spawn = spawn
         for slot in self._slots[Hook.DELIVERY]:
             f = slot.f
             q: asyncio.Queue[DeliveryEvent] = asyncio.Queue(DELIVERY_QUEUE_MAX)

@@ -58,6 +58,7 @@ from empath.submission.users import (
     stamp_of,
     verify_password,
 )
+from empath.supervisor import Spawn, untracked
 
 if TYPE_CHECKING:  # no Redis client import without `cluster`
     from empath.submission.shared import SharedAuthCounters
@@ -122,7 +123,10 @@ class Authenticator:
         stats: AuthStats | None = None,
         verify: Callable[[str, str], bool] = verify_password,
         shared: SharedAuthCounters | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
+        """``spawn`` starts the background Redis exchanges (cluster mode) under the
+        daemon's supervisor; without one they are plain tasks."""
         self.settings = auth
         self.path = auth.users_file
         self.clock = clock
@@ -133,6 +137,7 @@ class Authenticator:
         self.shared = shared  # cluster mode: failures and blocks shared through Redis
         self._others_sent: dict[str, int] = {}  # user → messages other nodes sent (last look)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spawn = spawn
         self._secret = os.urandom(32)
         self._cache: dict[bytes, float] = {}  # HMAC → valid until (monotonic)
         self._generation = 0  # bumped when the users file is re-read
@@ -317,7 +322,10 @@ class Authenticator:
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         """A short Redis exchange nobody waits for (kept referenced until done)."""
-        task = asyncio.get_running_loop().create_task(coro)
+        name = "auth-share-message"
+        task = (
+            self._spawn(coro, name=name) if self._spawn is not None else untracked(coro, name=name)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
