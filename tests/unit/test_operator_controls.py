@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -85,6 +86,24 @@ def test_snapshot_says_since_when_and_the_failures_in_the_window() -> None:
         info.since,
         info.open_until,
     )
+
+
+def test_info_of_one_domain_is_its_snapshot_entry() -> None:
+    """A view of a few domains looks each up instead of snapshotting every breaker."""
+    clock, log = FakeClock(), list[BreakerTransition]()
+    b = tripped(clock, log)
+    b2 = CircuitBreaker(breaker_settings(failure_threshold=3, timeout_s=60.0), clock)
+    for breaker in (b, b2):
+        breaker.record_failure("c.test")
+    b.reset("a.test")
+    clock.advance(30)
+    for breaker in (b, b2):
+        snap = breaker.snapshot()
+        assert {d: breaker.info(d) for d in snap} == snap
+        assert breaker.info("never.test") is None
+    clock.advance(3600)  # an Open breaker's time is up: Half-Open in both
+    snap = b.snapshot()
+    assert {d: b.info(d) for d in snap} == snap
 
 
 # --- suspensions in the scheduler -------------------------------------------------------
@@ -250,9 +269,13 @@ def test_attempt_counts_split_made_due_units_into_now_and_waiting_by_reason() ->
     )
 
 
+def totals(index: MessageIndex) -> dict[str, Any]:
+    return {"status_counts": index.status_counts(), "minutes": index.minutes()}
+
+
 def test_the_summary_counts_queued_units_by_domain_status_and_age_bucket() -> None:
     index = MessageIndex({m.id: m for m in QUEUE})
-    got = sel.shapes(index.domains(), NOW, {("M1", "a.test")}, index.get, None)
+    got = sel.shapes(index.domains(), NOW, {("M1", "a.test")}, index.get, None, **totals(index))
     assert ["a.test", "b.test"] == [d for d, _ in got.ranked]
     a = dict(got.ranked)["a.test"]
     assert [2, 0, 0, 1, 1] == a[:5]  # total, pending, retry, in_progress, held
@@ -274,7 +297,7 @@ def test_the_summary_counts_queued_units_by_domain_status_and_age_bucket() -> No
         rows[0]["rate_per_s"],
     )
     assert rows[2]["suspended"] and 0 == rows[2]["total"]
-    top = sel.shapes(index.domains(), NOW, set(), index.get, 1)
+    top = sel.shapes(index.domains(), NOW, set(), index.get, 1, **totals(index))
     assert ["a.test"] == [d for d, _ in top.ranked]
     assert [3, 1, 1, 0, 1] == top.total[:5]  # the totals count every domain
     assert ["a.test"] == [d for d, _ in sel.shown(top.ranked, (), c.suspensions, 1)]
@@ -322,7 +345,7 @@ def test_the_summary_from_the_index_equals_a_walk_of_the_queue(
             row[slot] += 1
             row[5 + sel.age_bucket(minute_age)] += 1
     index = MessageIndex({m.id: m for m in messages})
-    got = sel.shapes(index.domains(), now, flying, index.get, limit)
+    got = sel.shapes(index.domains(), now, flying, index.get, limit, **totals(index))
     order = sorted(walked, key=lambda d: (-walked[d][0], d))[:limit]
     assert [(d, walked[d]) for d in order] == got.ranked
     columns = zip(*walked.values(), strict=True)

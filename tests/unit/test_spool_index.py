@@ -33,9 +33,13 @@ def assert_index_counts(spool: IndexedMessages) -> None:
         == sorted((n for n in full.domains.values() if n), reverse=True)[:TOP_DOMAINS]
     )
     assert (kept.oldest_id, kept.oldest_at) == (full.oldest_id, full.oldest_at)
-    assert _domain_recount(list(spool.messages())) == {
-        d: (c.units, c.by_status, c.by_minute) for d, c in index.domains().items()
-    }
+    recount = _domain_recount(list(spool.messages()))
+    assert recount == {d: (c.units, c.by_status, c.by_minute) for d, c in index.domains().items()}
+    every: dict[int, int] = {}
+    for _n, _s, by_minute in recount.values():
+        for minute, n in by_minute.items():
+            every[minute] = every.get(minute, 0) + n
+    assert every == index.minutes()
 
 
 def _domain_recount(

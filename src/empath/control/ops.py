@@ -18,7 +18,7 @@ import contextlib
 import heapq
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 from empath.config.model import Config
@@ -26,7 +26,7 @@ from empath.control import select as sel
 from empath.control.protocol import ErrorCode, RequestError
 from empath.control.server import Args, CommandError
 from empath.errors import UnknownMessageError
-from empath.policy.breaker import BreakerState
+from empath.policy.breaker import BreakerInfo, BreakerState, CircuitBreaker
 from empath.policy.state import PolicyState
 from empath.queue.runner import DeliveryRunner
 from empath.queue.scheduler import Scheduler
@@ -71,6 +71,32 @@ class Breather:
 
 
 _ACTIONS: Final = ("hold", "release", "delete", "bounce")
+
+
+class BreakerLookup(Mapping[str, BreakerInfo]):
+    """The local breaker's entries one domain at a time (a summary shows 50 domains of
+    perhaps 10,000 with a breaker); iterating takes the full snapshot."""
+
+    def __init__(self, breaker: CircuitBreaker) -> None:
+        self._breaker = breaker
+        self._all: dict[str, BreakerInfo] | None = None
+
+    def __getitem__(self, domain: str) -> BreakerInfo:
+        info = self._breaker.info(domain)
+        if info is None:
+            raise KeyError(domain)
+        return info
+
+    def _snapshot(self) -> dict[str, BreakerInfo]:
+        if self._all is None:
+            self._all = self._breaker.snapshot()
+        return self._all
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._snapshot())
+
+    def __len__(self) -> int:
+        return len(self._snapshot())
 
 
 class OpsDaemon(Protocol):
@@ -164,7 +190,7 @@ class OpsHandlers:
     def _in_flight(self) -> set[tuple[str, str]]:
         return set(self.d.runner.in_flight_keys())
 
-    def context(self) -> sel.WaitContext:
+    def context(self, *, full_breakers: bool = False) -> sel.WaitContext:
         d = self.d
         policy = d.policy
         limiter = getattr(policy, "limiter", None)
@@ -175,12 +201,19 @@ class OpsHandlers:
         def tokens(domain: str) -> float | None:
             return None if limiter is None else float(limiter.tokens(domain))
 
+        local = getattr(policy, "breaker", None)  # the cluster's mirror has no look-up
+        breakers: Mapping[str, BreakerInfo] = (
+            BreakerLookup(local)
+            if isinstance(local, CircuitBreaker) and not full_breakers
+            else policy.snapshot().breakers
+        )
+
         return sel.WaitContext(
             now=time.time(),
             mono=d.runner.clock.monotonic(),
             in_flight=self._in_flight(),
             suspensions=d.suspensions.active(),
-            breakers=policy.snapshot().breakers,
+            breakers=breakers,
             blocked=d.scheduler.blocked,
             limit_for=limit_for,
             tokens=tokens,
@@ -196,7 +229,7 @@ class OpsHandlers:
         one without), ``count`` says how many there are; ``domain`` picks one."""
         limit = _limit(args)
         only = _domain(args) if args.get("domain") is not None else None
-        ctx = self.context()
+        ctx = self.context(full_breakers=True)
         activity = self.d.runner.activity
         breakers = ctx.breakers
         if only is not None:
@@ -377,7 +410,15 @@ class OpsHandlers:
         ctx = self.context()
         index = self.d.spool.index
         domains = index.domains()
-        got = sel.shapes(domains, ctx.now, self._in_flight(), index.view, limit)
+        got = sel.shapes(
+            domains,
+            ctx.now,
+            self._in_flight(),
+            index.view,
+            limit,
+            status_counts=index.status_counts(),
+            minutes=index.minutes(),
+        )
         listed = sel.shown(got.ranked, domains, ctx.suspensions, limit)
         delivered = self.d.runner.activity.per_domain(ctx.mono)
         breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)

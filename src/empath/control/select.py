@@ -320,26 +320,26 @@ def shapes(
     in_flight: Iterable[tuple[str, str]],
     get: Callable[[str], MessageView | None],
     limit: int | None,
+    *,
+    status_counts: Mapping[UnitStatus, int],
+    minutes: Mapping[int, int],
 ) -> Shapes:
     """The ``limit`` domains with most queued units (all with None) and the totals, from
-    the spool index's counts; units in flight move from their stored status to
-    in_progress."""
+    the spool index's counts (``status_counts`` and ``minutes``: every domain's units by
+    stored status and by arrival minute); units in flight move from their stored status
+    to in_progress."""
     if limit is None:
         top = sorted(domains.items(), key=lambda kv: (-kv[1].units, kv[0]))
     else:
         top = heapq.nsmallest(limit, domains.items(), key=lambda kv: (-kv[1].units, kv[0]))
     ranked = [(d, _shape(c, now)) for d, c in top]
     total = [0] * _SHAPE_LEN
+    for status, at in STATUS_SLOT.items():
+        total[1 + at] = status_counts.get(status, 0)
+    total[0] = sum(total[1:_AGES_AT])
     right = bisect.bisect_right
     buckets = _BUCKET_S
-    ages: dict[int, int] = {}
-    for c in domains.values():
-        total[0] += c.units
-        for i, n in enumerate(c.by_status):
-            total[1 + i] += n
-        for minute, n in c.by_minute.items():
-            ages[minute] = ages.get(minute, 0) + n
-    for minute, n in ages.items():
+    for minute, n in minutes.items():
         total[_AGES_AT + right(buckets, now - minute * 60.0)] += n
     shown = dict(ranked)
     for msg_id, domain in in_flight:

@@ -337,6 +337,27 @@ class CircuitBreaker:
     def trips_total(self, domain: str) -> int:
         return self._trips.get(domain, 0)
 
+    def info(self, domain: str) -> BreakerInfo | None:
+        """One domain's entry of :meth:`snapshot` (None: the breaker does not know it),
+        for views that show a few domains of many."""
+        rec = self._domains.get(domain)
+        if rec is None:
+            trips = self._trips.get(domain)
+            return None if trips is None else BreakerInfo(BreakerState.CLOSED, trips, None)
+        now = self._clock.monotonic()
+        is_open = BreakerState.OPEN
+        if rec.state is is_open and now >= rec.open_until:
+            self._refresh(domain, rec)
+        window_start = now - self._settings.failure_window_s
+        failures = rec.failures
+        return BreakerInfo(
+            rec.state,
+            self._trips.get(domain, 0),
+            rec.open_until if rec.state is is_open else None,
+            rec.since,
+            sum(1 for t in failures if t >= window_start),
+        )
+
     def snapshot(self) -> dict[str, BreakerInfo]:
         """State and trip count of every domain the breaker knows (for metrics)."""
         out: dict[str, BreakerInfo] = {}

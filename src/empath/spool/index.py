@@ -298,7 +298,16 @@ Held = MessageState | Brief
 class MessageIndex:
     """Live messages by id (insertion order: oldest first) plus their counts."""
 
-    __slots__ = ("_by_id", "_decode", "_domains", "_heap", "_hot", "_live", "_status")
+    __slots__ = (
+        "_by_id",
+        "_decode",
+        "_domains",
+        "_heap",
+        "_hot",
+        "_live",
+        "_minutes",
+        "_status",
+    )
 
     def __init__(
         self,
@@ -312,6 +321,7 @@ class MessageIndex:
         self._decode = decode
         self._status: dict[UnitStatus, int] = dict.fromkeys(UnitStatus, 0)
         self._domains: dict[str, DomainCounts] = {}
+        self._minutes: dict[int, int] = {}  # non-terminal units by arrival minute, all domains
         self._heap: list[tuple[float, str]] = []
         self._live = 0  # messages with a waiting unit (in the heap)
         self._hot = 0  # messages held decoded
@@ -447,6 +457,10 @@ class MessageIndex:
     def domain_counts(self) -> dict[str, int]:
         return {d: c.units for d, c in self._domains.items()}
 
+    def minutes(self) -> Mapping[int, int]:
+        """Non-terminal units of every domain by their message's arrival minute (live)."""
+        return self._minutes
+
     def domains(self) -> Mapping[str, DomainCounts]:
         """Every domain with a non-terminal unit and its counts (live: copy what you
         keep across an ``await``)."""
@@ -470,6 +484,7 @@ class MessageIndex:
         domains = self._domains
         slots = STATUS_SLOT
         minute = int(msg.envelope.received_at // 60)
+        queued = 0
         waits = False
         for unit in msg.units:
             st = unit.status
@@ -484,8 +499,12 @@ class MessageIndex:
             row.by_status[slot] += 1
             ages = row.by_minute
             ages[minute] = ages.get(minute, 0) + 1
+            queued += 1
             if st is not _HELD:
                 waits = True
+        if queued:
+            everyone = self._minutes
+            everyone[minute] = everyone.get(minute, 0) + queued
         return waits
 
     def _forget(self, msg: Held) -> bool:
@@ -497,6 +516,7 @@ class MessageIndex:
         domains = self._domains
         slots = STATUS_SLOT
         minute = int(msg.envelope.received_at // 60)
+        queued = 0
         waited = False
         for unit in msg.units:
             st = unit.status
@@ -504,6 +524,7 @@ class MessageIndex:
             slot = slots.get(st)
             if slot is None:
                 continue
+            queued += 1
             if st is not _HELD:
                 waited = True
             row = domains[unit.domain]
@@ -518,6 +539,13 @@ class MessageIndex:
                 ages[minute] = left
             else:
                 del ages[minute]
+        if queued:
+            everyone = self._minutes
+            left = everyone[minute] - queued
+            if left:
+                everyone[minute] = left
+            else:
+                del everyone[minute]
         if waited:
             self._live -= 1
         return waited

@@ -58,7 +58,7 @@ class EntryKind(enum.Enum):
     ROTATE = "rotate"  # no record: close the active segment, start the next one
 
 
-_STATE_KINDS = frozenset({EntryKind.STATE, EntryKind.DEL})
+_STATE, _DEL = EntryKind.STATE, EntryKind.DEL  # batches that sync the history first
 
 
 @dataclass(slots=True, eq=False)
@@ -282,7 +282,7 @@ class LogWriter:
                 others = [e for e in entries if e.kind is not EntryKind.COMMIT]
                 return [(commits, full), *(self._write_group(others) if others else [])]
         hook = self.before_state
-        if hook is not None and any(e.kind in _STATE_KINDS for e in entries):
+        if hook is not None and any(e.kind is _STATE or e.kind is _DEL for e in entries):
             hook()
         try:
             self._write_batch(entries)
