@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
-from empath.observability.metrics import histogram_family
+from empath.observability.metrics import counter_family, histogram_family
 
 if TYPE_CHECKING:
     from empath.dkim.service import DkimService
@@ -32,14 +32,12 @@ class DkimMetrics:
 
     def collect(self) -> Iterator[Metric]:
         stats = self._service.signer.stats
-        sigs = CounterMetricFamily(
+        yield counter_family(
             "empath_dkim_signatures",
             "DKIM signatures at acceptance by signing domain, algorithm and result",
-            labels=("domain", "algorithm", "result"),
+            ("domain", "algorithm", "result"),
+            stats.signatures,
         )
-        for (domain, algorithm, result), n in sorted(stats.signatures.items()):
-            sigs.add_metric((domain, algorithm, result), n)
-        yield sigs
         yield histogram_family(
             "empath_dkim_sign_duration_seconds",
             "Time to DKIM-sign one message with all its selectors",

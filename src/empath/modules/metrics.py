@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from empath.modules.host import ModuleStats
-from empath.observability.metrics import histogram_family
+from empath.observability.metrics import counter_family, histogram_family
 
 __all__ = ["ModuleMetrics"]
 
@@ -32,14 +32,12 @@ class ModuleMetrics:
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
-        calls = CounterMetricFamily(
+        yield counter_family(
             "empath_module_calls",
             "Calls into modules and milters by hook and result",
-            labels=("module", "hook", "result"),
+            ("module", "hook", "result"),
+            stats.calls,
         )
-        for (module, hook, result), n in sorted(stats.calls.items()):
-            calls.add_metric((module, hook, result), n)
-        yield calls
         yield histogram_family(
             "empath_module_duration_seconds",
             "Duration of each call into a module or milter",
@@ -48,19 +46,15 @@ class ModuleMetrics:
                 for (module, hook), hist in sorted(stats.durations.items())
             ],
         )
-        errors = CounterMetricFamily(
+        yield counter_family(
             "empath_milter_errors",
             "Milter connections that failed, by kind (connect, timeout, closed, protocol)",
-            labels=("milter", "kind"),
+            ("milter", "kind"),
+            stats.milter_errors,
         )
-        for (milter, kind), n in sorted(stats.milter_errors.items()):
-            errors.add_metric((milter, kind), n)
-        yield errors
-        dropped = CounterMetricFamily(
+        yield counter_family(
             "empath_module_events_dropped",
             "Delivery events dropped because the module's queue was full",
-            labels=("module",),
+            ("module",),
+            {(module,): n for module, n in stats.dropped.items()},
         )
-        for module, n in sorted(stats.dropped.items()):
-            dropped.add_metric((module,), n)
-        yield dropped

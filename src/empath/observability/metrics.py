@@ -31,10 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from empath.clock import Clock
@@ -236,6 +236,23 @@ def counter(name: str, documentation: str, value: float) -> Family:
 def _le(bound: float) -> str:
     """A bucket bound as Prometheus writes it (``+Inf``, ``0.05``, ``60.0``)."""
     return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+_LabelValues = TypeVar("_LabelValues", bound=tuple[str, ...])
+
+
+def counter_family(
+    name: str,
+    documentation: str,
+    labels: tuple[str, ...],
+    counts: Mapping[_LabelValues, float],
+) -> Metric:
+    """A counter with one sample per label tuple in ``counts``, in sorted order (for
+    ``MetricsSource`` authors; the label values must already be capped)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, n in sorted(counts.items()):
+        family.add_metric(values, n)
+    return family
 
 
 def histogram_family(
