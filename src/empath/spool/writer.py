@@ -35,6 +35,7 @@ import contextlib
 import enum
 import errno
 import os
+import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,8 +161,13 @@ class LogWriter:
         self._fdatasync = fdatasync
         self._now = clock_now
         self._reserve = reserve
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: list[Entry] = []
+        # The loop hands lists of entries over through a C-level queue: ``put`` wakes the
+        # thread without running Python code on either side (threading.Condition's
+        # waiter bookkeeping ran under the GIL on both threads, once per batch).  A None
+        # is the stop mark.  ``_submit_lock`` makes the stopping check and the put one
+        # step, so nothing is queued behind the mark.
+        self._inbox: queue.SimpleQueue[list[Entry] | None] = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
         self._stopping = False
         self._poisoned_at: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -218,20 +224,21 @@ class LogWriter:
             self.submit_many(staged)
 
     def submit_many(self, entries: list[Entry]) -> None:
-        with self._cond:
+        """Queue ``entries`` for the thread (it reads the list, never changes it)."""
+        with self._submit_lock:
             if self._stopping:
                 raise RuntimeError("spool writer is stopped")
-            self._queue.extend(entries)
-            self._cond.notify()
+            self._inbox.put(entries)
 
     def stop(self) -> None:
         """Drain the queue, stop the thread and close the write fd (blocking: run in a thread)."""
-        with self._cond:
-            if self._staged:
-                self._queue.extend(self._staged)
-                self._staged = []
-            self._stopping = True
-            self._cond.notify()
+        with self._submit_lock:
+            if not self._stopping:
+                if self._staged:
+                    self._inbox.put(self._staged)
+                    self._staged = []
+                self._stopping = True
+                self._inbox.put(None)
         if self._thread is not None:
             self._thread.join()
         with contextlib.suppress(OSError):
@@ -240,19 +247,31 @@ class LogWriter:
     # --- the thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue, []
+        inbox = self._inbox
+        loop = self._loop
+        on_batch = self._on_batch
+        assert loop is not None and on_batch is not None
+        stop = False
+        while not stop:
+            first = inbox.get()  # blocks without the GIL
+            batch: list[Entry] = []  # a new list: callers may still read theirs
+            if first is None:
+                stop = True
+            else:
+                batch += first
+            while not inbox.empty():  # take everything queued meanwhile
+                more = inbox.get_nowait()
+                if more is None:
+                    stop = True
+                else:
+                    batch += more
+            if not batch:
+                continue
             outcomes = self._process(batch)
             self.batches += 1
-            assert self._loop is not None and self._on_batch is not None
             try:
                 for entries, error in outcomes:
-                    self._loop.call_soon_threadsafe(self._on_batch, entries, error)
+                    loop.call_soon_threadsafe(on_batch, entries, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
 
