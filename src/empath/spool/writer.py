@@ -176,7 +176,7 @@ class LogWriter:
         self._flush_scheduled = False
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._on_batch: BatchCallback | None = None
-        self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None  # (not "_thread": mypyc spells that __thread in C)
         # called in this thread before a group with a state change or a tombstone is
         # written: the message history's sync (journal.py), so that an event is
         # durable no later than the spool change recorded after it
@@ -188,8 +188,8 @@ class LogWriter:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._on_batch = on_batch
-        self._thread = threading.Thread(target=self._run, name="empath-spool-writer", daemon=True)
-        self._thread.start()
+        self._worker = threading.Thread(target=self._run, name="empath-spool-writer", daemon=True)
+        self._worker.start()
 
     def submit(self, entry: Entry, *, lazy: bool = False) -> None:
         """Queue an entry.  On the loop thread, entries made in one loop iteration are
@@ -239,8 +239,8 @@ class LogWriter:
                     self._staged = []
                 self._stopping = True
                 self._inbox.put(None)
-        if self._thread is not None:
-            self._thread.join()
+        if self._worker is not None:
+            self._worker.join()
         with contextlib.suppress(OSError):
             os.close(self._write_fd)
 
