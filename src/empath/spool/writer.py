@@ -176,7 +176,8 @@ class LogWriter:
         self._flush_scheduled = False
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._on_batch: BatchCallback | None = None
-        self._worker: threading.Thread | None = None  # (not "_thread": mypyc spells that __thread in C)
+        # (not "_thread": mypyc would spell that __thread in C)
+        self._worker: threading.Thread | None = None
         # called in this thread before a group with a state change or a tombstone is
         # written: the message history's sync (journal.py), so that an event is
         # durable no later than the spool change recorded after it
