@@ -329,8 +329,9 @@ class FileSpool(IndexedMessages, Compaction):
         size = body.size
         if envelope.size != size:
             envelope = replace(envelope, size=size)
-        units = tuple(units)
-        msg = MessageState(id=body.id, envelope=envelope, units=units)
+        if type(units) is not tuple:
+            units = tuple(units)
+        msg = MessageState(body.id, envelope, units)
         loop = asyncio.get_running_loop()
         if body.spilled:
             # The SMTP session that asked awaits it (its pending_task) and answers from

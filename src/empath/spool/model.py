@@ -222,11 +222,14 @@ def initial_units(recipients: Iterable[str], now: float = 0.0) -> tuple[UnitStat
     """One pending unit per recipient domain, domains in first-seen order."""
     by_domain: dict[str, list[RecipientState]] = {}
     for rcpt in recipients:
-        by_domain.setdefault(domain_of(rcpt), []).append(RecipientState(rcpt))
-    return tuple(
-        UnitState(domain=d, recipients=tuple(rs), next_attempt_at=now)
-        for d, rs in by_domain.items()
-    )
+        domain = domain_of(rcpt)
+        same = by_domain.get(domain)
+        if same is None:
+            by_domain[domain] = [RecipientState(rcpt)]
+        else:
+            same.append(RecipientState(rcpt))
+    pending = UnitStatus.PENDING  # (positional, no generator: this runs once per message)
+    return tuple([UnitState(d, tuple(rs), pending, 0, now) for d, rs in by_domain.items()])
 
 
 @dataclass(frozen=True, slots=True)
