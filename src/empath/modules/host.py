@@ -1,5 +1,8 @@
 """Running the configured modules and milters: order, timeouts, ``on_error``, counters.
 
+Why this module is (just) over 600 lines: each hook has an awaited form and an in-place
+form (no task, for filters that never suspend) that share the bookkeeping here.
+
 Theory of operation
 -------------------
 Every ``modules`` entry is loaded into a :class:`Filter` (a Python module through
@@ -288,6 +291,18 @@ class _Slot:
         self._hist.observe(seconds)
 
 
+def _stage_answer(session: Session, verdict: Verdict) -> tuple[bool, Reply | None]:
+    """Whether ``verdict`` decides a stage, and the stage's answer (None: the usual reply).
+    A discard marks the session and lets the next filter speak."""
+    if verdict.discard:
+        session.notes["empath.discard"] = True
+        return False, None
+    reply = verdict.reply
+    if reply is None:
+        return False, None
+    return True, (None if reply.code < 400 else reply)
+
+
 class ModuleHost:
     """The configured filters, in order; see the module docstring."""
 
@@ -422,12 +437,9 @@ class ModuleHost:
         for slot in self._slots[hook]:
             f = slot.f
             verdict = await self._call(slot, f.budget(hook), f.stage(hook, session, arg))
-            if verdict.discard:
-                session.notes["empath.discard"] = True
-                continue
-            reply = verdict.reply
-            if reply is not None:
-                return None if reply.code < 400 else reply
+            decided, reply = _stage_answer(session, verdict)
+            if decided:
+                return reply
         return None
 
     def stage_now(self, hook: Hook, session: Session, arg: str) -> Reply | None:
@@ -438,13 +450,9 @@ class ModuleHost:
 
     def _stage_now(self, hook: Hook, session: Session, arg: str) -> Reply | None:
         for slot in self._slots[hook]:
-            verdict = self._call_now(slot, session, arg)
-            if verdict.discard:
-                session.notes["empath.discard"] = True
-                continue
-            reply = verdict.reply
-            if reply is not None:
-                return None if reply.code < 400 else reply
+            decided, reply = _stage_answer(session, self._call_now(slot, session, arg))
+            if decided:
+                return reply
         return None
 
     async def data(self, session: Session, message: AcceptedMessage) -> Reply | None:

@@ -1,5 +1,8 @@
 """The embedded production spool: a segmented, checksummed, group-committed append-only log.
 
+Why this module is (just) over 600 lines: open/recover, commit, state updates, briefs'
+decoding and compaction all move the same segment and index state.
+
 Layout under the spool path::
 
     log/<seq>-<seed>.seg   the log (see codec.py for the record format)
