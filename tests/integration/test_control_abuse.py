@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
+import pytest
 
 from tests.ctl import BIN_DIR, ctl, ctl_env
 from tests.daemon import Daemon, Submitter, parked_overrides
@@ -153,7 +156,25 @@ def test_garbage_frames_get_errors_while_mail_flows(tmp_path: Path) -> None:
             assert not d.logs("Control command crashed")
 
 
-def test_stats_watch_redraws_in_a_terminal_and_ctrl_c_exits_0(tmp_path: Path) -> None:
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _ignored_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    "started_with",
+    [_default_sigint, _ignored_sigint],
+    ids=["sigint-default", "sigint-ignored-like-a-background-job"],
+)
+def test_stats_watch_redraws_in_a_terminal_and_ctrl_c_exits_0(
+    tmp_path: Path, started_with: Callable[[], None]
+) -> None:
+    """Ctrl-C stops the watch whatever SIGINT disposition empathctl inherited: a shell
+    without job control starts background jobs with SIGINT ignored, and then Python
+    installs no KeyboardInterrupt handler (this failed under `make test &`)."""
     with Daemon(tmp_path / "d", parked_overrides("parked.test")) as d:
         with Submitter(d.smtp_port) as s:
             s.send(SENDER, ["a@parked.test"], "Subject: w\n\nx\n")
@@ -164,6 +185,7 @@ def test_stats_watch_redraws_in_a_terminal_and_ctrl_c_exits_0(tmp_path: Path) ->
             env=ctl_env(d),
             timeout=20,
             dimensions=(40, 100),
+            preexec_fn=started_with,
         )
         try:
             for _ in range(3):

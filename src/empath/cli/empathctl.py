@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections import namedtuple
@@ -180,6 +181,11 @@ def queue_stats(ctx: Ctx, ns: argparse.Namespace) -> int:
         ctx.emit(data, output.stats_text(data))
         return EXIT_OK
     tty = sys.stdout.isatty()
+    if tty:
+        # The screen says "Ctrl-C to stop", so Ctrl-C must stop it even when empathctl was
+        # started with SIGINT ignored (a background job of a non-interactive shell, `make`
+        # under nohup): Python installs no KeyboardInterrupt handler in that case.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             data = ctx.call("queue.stats")
