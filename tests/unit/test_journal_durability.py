@@ -93,3 +93,29 @@ async def test_nothing_recorded_means_no_history_sync(tmp_path: Path) -> None:
     finally:
         await spool.close()
         journal.close()
+
+
+async def test_new_mail_does_not_wait_for_the_history_while_a_tombstone_is_pending(
+    tmp_path: Path,
+) -> None:
+    """A delivered message's tombstone is gathered and written later in a batch of its
+    own, after the history sync; the new mail committed meanwhile syncs only the log."""
+    syncs = Syncs()
+    spool = FileSpool(tmp_path / "spool", fdatasync=syncs)
+    journal = MessageJournal(str(tmp_path / "journal"), 3600.0, FakeClock(), fdatasync=syncs)
+    spool.sync_before_state(journal.sync)
+    await spool.open()
+    try:
+        msg = await commit(spool, "a@x.test")
+        journal.record(msg.id, "left", reason="delivered")
+        await spool.remove(msg.id, durable=False)
+        syncs.calls.clear()
+        await commit(spool, "b@x.test")
+        assert [] == syncs.of("journal")
+        assert syncs.of("log")
+    finally:
+        await spool.close()
+        journal.close()
+    # closing wrote the tombstone, the history of the message before it
+    assert syncs.of("journal") and syncs.of("journal")[0] < syncs.of("log")[-1]
+    assert ["left"] == [e["event"] for e in journal.lookup(msg.id)]

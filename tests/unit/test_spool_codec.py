@@ -102,3 +102,17 @@ def test_the_record_documents_name_every_field_of_the_model_in_declaration_order
     assert list(doc) == [f.name for f in dataclasses.fields(UnitState)]
     assert list(doc["recipients"][0]) == [f.name for f in dataclasses.fields(RecipientState)]
     assert list(doc["history"][0]) == [f.name for f in dataclasses.fields(Attempt)]
+
+
+_IDS = st.lists(st.text("0123456789ABCDEFGHJKMNPQRSTVWXYZ", min_size=26, max_size=26), min_size=1)
+
+
+@given(_IDS)
+def test_a_gathered_tombstone_names_every_id_and_starts_like_a_single_one(ids: list[str]) -> None:
+    """The first id and a zero JSON length come first, as in a one-message tombstone, so a
+    reader that knows only those forgets the first message and keeps the others (they
+    would be delivered again, never lost)."""
+    payload = codec.del_payload(ids[0], tuple(ids[1:]))
+    assert ids == codec.del_ids(payload)
+    assert codec.del_payload(ids[0]) == payload[: codec.MSG_PREFIX_BYTES]
+    assert codec.del_ids(payload + b"0123") == ids  # a partial trailing id is ignored

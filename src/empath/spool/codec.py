@@ -21,7 +21,11 @@ Message records (MSG, STATE, DEL) carry a payload of::
 
 MSG's JSON holds the envelope, the unit states and where the body is (inline
 after the JSON, or spilled to ``<spool>/bodies/<id>``); STATE's JSON is a full
-snapshot of the units (newest wins); DEL has no JSON (a tombstone).  SEGMENT is
+snapshot of the units (newest wins); DEL has no JSON (a tombstone) and, where the
+"body" would be, the ids of any further messages the same record forgets, 26 bytes
+each (delivered messages' tombstones are gathered into one record: writer.py; a reader
+that knows only the first id would bring the others back, delivered twice, never
+lost).  SEGMENT is
 the first record of every segment (its sequence number and where the previous
 segment's valid data ends); PAD covers a quarantined region in place so a later
 scan skips it silently.
@@ -197,8 +201,20 @@ def state_payload(msg_id: str, units: tuple[UnitState, ...]) -> bytes:
     return msg_id.encode("ascii") + _U32.pack(len(header)) + header
 
 
-def del_payload(msg_id: str) -> bytes:
-    return msg_id.encode("ascii") + _U32.pack(0)
+def del_payload(msg_id: str, more_ids: tuple[str, ...] = ()) -> bytes:
+    """A tombstone: ``msg_id`` with no JSON, then any ``more_ids`` (26 bytes each) that
+    the same record forgets."""
+    return msg_id.encode("ascii") + _U32.pack(0) + "".join(more_ids).encode("ascii")
+
+
+def del_ids(payload: bytes | memoryview) -> list[str]:
+    """Every message id a DEL payload forgets (the first, then the gathered ones; a
+    trailing partial id is ignored)."""
+    ids = [bytes(payload[:ID_BYTES]).decode("ascii", "replace")]
+    end = len(payload) - (len(payload) - MSG_PREFIX_BYTES) % ID_BYTES
+    for at in range(MSG_PREFIX_BYTES, end, ID_BYTES):
+        ids.append(bytes(payload[at : at + ID_BYTES]).decode("ascii", "replace"))
+    return ids
 
 
 def segment_payload(seq: int, prev_end: int | None, created_at: float) -> bytes:

@@ -397,9 +397,11 @@ class FileSpool(IndexedMessages, Compaction):
         packed = self._locs.get(msg_id)
         loc = None if packed is None else BodyLocation.unpack(packed)
         if not durable and (loc is None or not loc.spilled):
-            # Gone for every reader now; the tombstone rides with the next flush
-            # (LogWriter.submit lazy).  Until it is written the record stays live for
-            # compaction's accounting, and ``_removing`` keeps compaction off it.
+            # Gone for every reader now; the tombstone is gathered with the others of
+            # the next LAZY_FLUSH_S into one record (LogWriter.submit lazy), written
+            # after the message history is synced.  Until it is written the record
+            # stays live for compaction's accounting, and ``_removing`` keeps
+            # compaction off it.
             self._index.forget(msg_id)
             self._removing.add(msg_id)
             writer.submit(Entry(EntryKind.DEL, msg_id, codec.del_payload(msg_id)), lazy=True)
@@ -431,9 +433,9 @@ class FileSpool(IndexedMessages, Compaction):
                 if fut is not None and not fut.done():
                     fut.set_exception(map_os_error(error, "writing to the spool log"))
                 elif fut is None and entry.kind is EntryKind.DEL and self._writer is not None:
-                    # a lazy tombstone: try again with the next flush (the message is
-                    # out of the index already; until written, a restart delivers it
-                    # again, which is the at-least-once side of the trade)
+                    # lazy tombstones: gathered again for the next flush (the messages
+                    # are out of the index already; until written, a restart delivers
+                    # them again, which is the at-least-once side of the trade)
                     with contextlib.suppress(RuntimeError):  # the writer is stopping
                         self._writer.submit(entry, lazy=True)
             return
@@ -462,15 +464,17 @@ class FileSpool(IndexedMessages, Compaction):
                     if brief is not None:
                         brief.state = 0  # the copy holds the newest units
             elif kind is EntryKind.DEL:
-                self._index.forget(entry.msg_id)
-                if entry.future is None:  # a lazy tombstone (remove(durable=False))
-                    self._removing.discard(entry.msg_id)
-                packed = self._locs.pop(entry.msg_id, None)
-                if packed is not None:
-                    loc = BodyLocation.unpack(packed)
-                    self._unplace(entry.msg_id, loc)
-                    if loc.spilled:
-                        self._spill_total -= loc.length
+                lazy = entry.future is None  # gathered tombstones (remove(durable=False))
+                for msg_id in entry.ids:
+                    self._index.forget(msg_id)
+                    if lazy:
+                        self._removing.discard(msg_id)
+                    packed = self._locs.pop(msg_id, None)
+                    if packed is not None:
+                        loc = BodyLocation.unpack(packed)
+                        self._unplace(msg_id, loc)
+                        if loc.spilled:
+                            self._spill_total -= loc.length
             fut = entry.future
             if fut is not None and not fut.done():
                 fut.set_result(entry.message)

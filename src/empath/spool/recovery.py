@@ -3,7 +3,8 @@
 Theory of operation.  Segments are scanned oldest first; within a segment,
 records in file order, so "newest wins" is simply "last seen wins": an MSG
 record (re)defines a message (envelope, units, body location), a STATE record
-replaces its units, a DEL record forgets it.  Only the message id is decoded
+replaces its units, a DEL record forgets it (or them: a gathered tombstone lists
+several).  Only the message id is decoded
 while scanning; the JSON of the survivors is parsed once at the end, which
 keeps recovery of a large, mostly-finished log fast.
 
@@ -373,6 +374,9 @@ class _Scanner:
                         entry.state_start, entry.state_end = jstart, jend
                 else:
                     found.pop(msg_id, None)
+                    if end > jstart:  # a gathered tombstone: more ids follow (codec.py)
+                        for gone in codec.del_ids(buf[start:end])[1:]:
+                            found.pop(gone, None)
             return None
         finally:
             self.records = records
