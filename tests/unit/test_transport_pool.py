@@ -4,12 +4,13 @@ it with stand-in connections and a virtual clock."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import cast
 
 import pytest
 
 from empath.errors import TemporaryDeliveryError
-from empath.testing.clock import FakeClock
+from empath.testing.clock import FakeClock, FakeTimer
 from empath.transport.outbound import OutboundConnection, PoolKey, TlsMode
 from empath.transport.pool import ConnectionPool, Open, PoolSettings, Reuse, Wait, decide
 
@@ -43,7 +44,7 @@ class FakeConn:
         self.last_used = 0.0
         self.closed = False
         self.quit_sent = False
-        self.timer: object = None
+        self.timer: FakeTimer | None = None
 
     def close(self) -> None:
         self.closed = True
@@ -53,11 +54,18 @@ class FakeConn:
         self.quit_sent = True
         self.close()
 
-    def set_idle_timer(self, handle: object) -> None:
+    def set_idle_timer(self, handle: FakeTimer) -> None:
+        self.cancel_idle_timer()
         self.timer = handle
 
     def cancel_idle_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         self.timer = None
+
+    @property
+    def idle_timer_armed(self) -> bool:
+        return self.timer is not None
 
 
 def pool_and_opener(
@@ -147,6 +155,46 @@ async def test_an_idle_connection_is_closed_politely_after_the_idle_timeout() ->
     await clock.sleep(11)
     await asyncio.sleep(0)  # the QUIT task
     assert opened[0].quit_sent and 0 == pool.idle_count(KEY) and 1 == pool.stats.closed_idle
+
+
+async def test_a_connection_used_again_and_again_keeps_one_idle_timer() -> None:
+    """Reuse does not re-arm the idle timer (it cost a timer per relayed message)."""
+    armed: list[float] = []
+
+    class CountingClock(FakeClock):
+        def call_later(self, seconds: float, callback: Callable[[], object]) -> FakeTimer:
+            armed.append(seconds)
+            return super().call_later(seconds, callback)
+
+    pool, opened, opener = pool_and_opener(CountingClock(autojump=True), idle_s=10)
+    for _ in range(50):
+        async with pool.connection(KEY, opener):  # type: ignore[arg-type]
+            pass
+    assert [10] == armed
+    assert 1 == len(opened)
+
+
+async def test_an_idle_connection_closes_a_full_timeout_after_its_last_use() -> None:
+    clock = FakeClock(autojump=True)
+    pool, opened, opener = pool_and_opener(clock, idle_s=10)
+
+    async def use(hold_s: float = 0.0) -> None:
+        async with pool.connection(KEY, opener):  # type: ignore[arg-type]
+            await clock.sleep(hold_s)
+
+    async def closed_after(seconds: float) -> bool:
+        await clock.sleep(seconds)
+        await asyncio.sleep(0)  # the QUIT task
+        return opened[0].quit_sent
+
+    await use()  # idle from t=0: the timer is due at t=10
+    await clock.sleep(5)
+    await use()  # used at t=5, idle again
+    assert not await closed_after(9.5)  # t=14.5: the timer fired at 10, re-armed for 15
+    await use(4)  # in use from 14.5 to 18.5, over the timer's 15: it waits for the return
+    assert not await closed_after(9.5)  # t=28: idle for 9.5 s
+    assert await closed_after(1)  # t=29: idle for 10.5 s
+    assert 0 == pool.idle_count(KEY) and 1 == pool.stats.closed_idle
 
 
 async def test_a_fresh_request_opens_a_new_connection_even_with_one_idle() -> None:

@@ -626,6 +626,10 @@ class OutboundConnection:
         self.cancel_idle_timer()
         self._idle_timer = handle
 
+    @property
+    def idle_timer_armed(self) -> bool:
+        return self._idle_timer is not None
+
     def cancel_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()

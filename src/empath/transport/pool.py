@@ -13,6 +13,12 @@ open.  When the block ends the connection goes back: idle if still usable (close
 QUIT after ``idle_timeout_s`` unused), closed otherwise, and closed at once if the block
 raised.  ``fresh=True`` never reuses (the last pooled one turned out to be dead).
 
+The idle timeout is one timer per connection that is not moved on every use (that
+cost a timer and a cancellation per relayed message): it is armed when the connection
+goes idle without one, and when it fires it closes the connection only if it has been
+idle ``idle_timeout_s`` since its last use; otherwise it is armed again for the rest
+(or left off while the connection is in use: its next return arms it).
+
 Which of these happens is one synchronous decision, :func:`decide`, over the key's idle
 connections, its open count and the cap; it is unit-tested on its own.  The connections
 themselves are :class:`~empath.transport.outbound.OutboundConnection`.
@@ -184,7 +190,6 @@ class ConnectionPool:
                 self._close_idle(st, st.idle[i], politely=False)
             if isinstance(choice, Reuse):
                 st.idle.remove(conn)
-                conn.cancel_idle_timer()
                 self.stats.idle -= 1
                 self.stats.reused += 1
                 self.stats.in_use += 1
@@ -237,8 +242,12 @@ class ConnectionPool:
         conn.last_used = self.clock.monotonic()
         st.idle.append(conn)
         self.stats.idle += 1
-        conn.set_idle_timer(self.clock.call_later(self.idle_timeout_s, lambda: self._expire(conn)))
+        if not conn.idle_timer_armed:
+            self._arm_idle(conn, self.idle_timeout_s)
         self._wake_one(st)
+
+    def _arm_idle(self, conn: OutboundConnection, seconds: float) -> None:
+        conn.set_idle_timer(self.clock.call_later(seconds, lambda: self._expire(conn)))
 
     def _drop(self, conn: OutboundConnection) -> None:
         """The block raised: close the connection without reusing it."""
@@ -279,8 +288,13 @@ class ConnectionPool:
     # --- internals -----------------------------------------------------------------
 
     def _expire(self, conn: OutboundConnection) -> None:
+        conn.cancel_idle_timer()  # it fired: no longer armed
         st = self._keys.get(conn.key)
         if st is None or conn not in st.idle:
+            return  # gone, or in use: its return arms the timer again
+        left = conn.last_used + self.idle_timeout_s - self.clock.monotonic()
+        if left > 0:  # used again since the timer was armed
+            self._arm_idle(conn, left)
             return
         self.stats.closed_idle += 1
         self._close_idle(st, conn, politely=True)
