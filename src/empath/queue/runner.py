@@ -175,6 +175,7 @@ class DeliveryRunner(OperatorActions):
         self._tasks: dict[UnitKey, asyncio.Task[None]] = {}
         self._tick_pending = False
         self._timer: Timer | None = None
+        self._timer_due = 0.0  # monotonic time the armed timer fires at
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._janitor: asyncio.Task[None] | None = None
@@ -394,12 +395,25 @@ class DeliveryRunner(OperatorActions):
         self._arm_timer()
 
     def _arm_timer(self) -> None:
+        """Have the next tick run when the scheduler next needs one (at the latest after
+        HEARTBEAT_S).  An armed timer that fires no later than that is kept: under load
+        a tick runs for every message, and moving the timer each time cost a timer and a
+        cancellation per message; a timer that fires early finds nothing due and arms
+        the next one."""
         assert self._loop is not None
-        if self._timer is not None:
-            self._timer.cancel()
         delay = self.scheduler.wake_delay_s()
         delay = HEARTBEAT_S if delay is None else max(0.0, min(delay, HEARTBEAT_S))
-        self._timer = self.clock.call_later(delay, self._kick)
+        due = self.clock.monotonic() + delay
+        if self._timer is not None:
+            if self._timer_due <= due:
+                return
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self.clock.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._kick()
 
     async def _run_unit(self, key: UnitKey) -> None:
         """Run one attempt and report it to the scheduler exactly once.
@@ -565,7 +579,7 @@ class DeliveryRunner(OperatorActions):
             # History first (durable in the same batch, journal.py).  The tombstone is not
             # waited for (DESIGN §3, what a relayed message writes): a crash before it is
             # on disk delivers the message again; nothing is lost.
-            self._left(replace(current, units=units), "delivered")
+            self._left(MessageState(current.id, current.envelope, units), "delivered")
             await self.spool.remove(msg_id, durable=False)
         else:
             await self.spool.update(msg_id, units)
