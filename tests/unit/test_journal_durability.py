@@ -41,14 +41,20 @@ async def commit(spool: FileSpool, rcpt: str) -> MessageState:
     return await spool.commit(w, env, initial_units(env.recipients, 1.0))
 
 
-async def test_an_event_is_on_disk_before_the_state_change_recorded_after_it(
-    tmp_path: Path,
-) -> None:
-    syncs = Syncs()
+async def spool_with_history(tmp_path: Path, syncs: Syncs) -> tuple[FileSpool, MessageJournal]:
+    """An open spool whose writer syncs the history first, both fdatasyncs noted."""
     spool = FileSpool(tmp_path / "spool", fdatasync=syncs)
     journal = MessageJournal(str(tmp_path / "journal"), 3600.0, FakeClock(), fdatasync=syncs)
     spool.sync_before_state(journal.sync)
     await spool.open()
+    return spool, journal
+
+
+async def test_an_event_is_on_disk_before_the_state_change_recorded_after_it(
+    tmp_path: Path,
+) -> None:
+    syncs = Syncs()
+    spool, journal = await spool_with_history(tmp_path, syncs)
     try:
         msg = await commit(spool, "a@x.test")
         journal.record(msg.id, "attempt", domain="x.test", text="250 ok")
@@ -81,10 +87,7 @@ async def test_an_event_is_on_disk_before_the_state_change_recorded_after_it(
 
 async def test_nothing_recorded_means_no_history_sync(tmp_path: Path) -> None:
     syncs = Syncs()
-    spool = FileSpool(tmp_path / "spool", fdatasync=syncs)
-    journal = MessageJournal(str(tmp_path / "journal"), 3600.0, FakeClock(), fdatasync=syncs)
-    spool.sync_before_state(journal.sync)
-    await spool.open()
+    spool, journal = await spool_with_history(tmp_path, syncs)
     try:
         msg = await commit(spool, "a@x.test")
         await spool.update(msg.id, (replace(msg.units[0], attempts=1),))
@@ -101,10 +104,7 @@ async def test_new_mail_does_not_wait_for_the_history_while_a_tombstone_is_pendi
     """A delivered message's tombstone is gathered and written later in a batch of its
     own, after the history sync; the new mail committed meanwhile syncs only the log."""
     syncs = Syncs()
-    spool = FileSpool(tmp_path / "spool", fdatasync=syncs)
-    journal = MessageJournal(str(tmp_path / "journal"), 3600.0, FakeClock(), fdatasync=syncs)
-    spool.sync_before_state(journal.sync)
-    await spool.open()
+    spool, journal = await spool_with_history(tmp_path, syncs)
     try:
         msg = await commit(spool, "a@x.test")
         journal.record(msg.id, "left", reason="delivered")
