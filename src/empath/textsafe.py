@@ -25,12 +25,27 @@ the package, so logs, the control server and the CLI can all use it.
 
 from __future__ import annotations
 
-import re
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+
+if TYPE_CHECKING:
+    import re
 
 __all__ = ["json_line", "json_text", "list_field", "terminal"]
 
-_JSON_UNSAFE = re.compile(rb"\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
-_JSON_UNSAFE_STR = re.compile("[\x80-\x9f\u2028\u2029]")
+
+class _Unsafe:
+    """The JSON escapes' patterns, compiled at their first use: `empathctl` imports this
+    module and would otherwise import ``re`` (and ``enum``) for output that is ASCII."""
+
+    bytes_: re.Pattern[bytes] | None = None
+    str_: re.Pattern[str] | None = None
+
+    @classmethod
+    def compile(cls) -> None:
+        import re
+
+        cls.bytes_ = re.compile(rb"\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+        cls.str_ = re.compile("[\x80-\x9f\u2028\u2029]")
 
 
 def _escape_char(ch: str) -> str:
@@ -71,14 +86,20 @@ def json_line(line: bytes) -> bytes:
     (valid JSON either way; this form survives any line splitter and terminal)."""
     if line.isascii():
         return line
-    return _JSON_UNSAFE.sub(_json_escape, line)
+    if _Unsafe.bytes_ is None:
+        _Unsafe.compile()
+    assert _Unsafe.bytes_ is not None
+    return _Unsafe.bytes_.sub(_json_escape, line)
 
 
 def json_text(text: str) -> str:
     """:func:`json_line` for a JSON document held as ``str``."""
     if text.isascii():
         return text
-    return _JSON_UNSAFE_STR.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    if _Unsafe.str_ is None:
+        _Unsafe.compile()
+    assert _Unsafe.str_ is not None
+    return _Unsafe.str_.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 REDACTED = "REDACTED"  # (no typing import: empathctl start-up)

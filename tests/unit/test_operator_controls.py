@@ -106,6 +106,48 @@ def test_info_of_one_domain_is_its_snapshot_entry() -> None:
     assert {d: b.info(d) for d in snap} == snap
 
 
+def snapshot_ranks(b: CircuitBreaker) -> list[tuple[int, str]]:
+    rank = {BreakerState.HALF_OPEN: 0, BreakerState.OPEN: 1, BreakerState.CLOSED: 2}
+    return sorted(
+        (rank[i.state], d)
+        for d, i in b.snapshot().items()
+        if i.state is not BreakerState.CLOSED or i.failures
+    )
+
+
+def test_noteworthy_ranks_the_breakers_the_snapshot_would_list() -> None:
+    """`breaker list` ranks from this instead of a snapshot of every domain: same
+    domains, same ranks (half-open, open, closed counting failures), same lazy
+    Open -> Half-Open on the look."""
+    clock, log = FakeClock(), list[BreakerTransition]()
+    b = CircuitBreaker(
+        breaker_settings(failure_threshold=2, failure_window_s=60.0, timeout_s=100.0),
+        clock,
+        log.append,
+    )
+    for d in ("open.test", "expires.test", "half.test", "reset.test"):
+        b.record_failure(d)
+        b.record_failure(d)
+    b.probe_now("half.test")
+    b.reset("reset.test")  # closed, failures forgotten: not listed
+    b.record_failure("old.test")  # one failure that will leave the window
+    clock.advance(50)
+    b.record_failure("counting.test")  # closed, one failure in the window
+    b.record_failure("open.test")  # ignored while open
+    clock.advance(20)  # old.test's failure is now 70 s old
+    b.allow("open.test")
+    assert [(0, "half.test"), (1, "expires.test"), (1, "open.test"), (2, "counting.test")] == (
+        sorted(b.noteworthy())
+    )
+    assert snapshot_ranks(b) == sorted(b.noteworthy())
+    clock.advance(40)  # open.test and expires.test: time is up
+    assert [(0, "expires.test"), (0, "half.test"), (0, "open.test"), (2, "counting.test")] == (
+        sorted(b.noteworthy())
+    )
+    assert "Circuit breaker HALF-OPEN for open.test" in [t.message for t in log]
+    assert snapshot_ranks(b) == sorted(b.noteworthy())
+
+
 # --- suspensions in the scheduler -------------------------------------------------------
 
 

@@ -9,7 +9,6 @@ missing or does not match its key.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from empath.control import output
@@ -17,6 +16,7 @@ from empath.control import output
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
     from empath.cli.empathctl import Ctx

@@ -15,15 +15,11 @@ Output to a closed pipe (``| head``) ends quietly with 0.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import signal
 import sys
 import time
-from collections import namedtuple
-from collections.abc import Callable, Sequence
 
+from empath.cli import argv as cmdline
 from empath.cli import dkimctl, ops, users
 from empath.control import output
 from empath.control.client import (
@@ -31,14 +27,16 @@ from empath.control.client import (
     SocketChoice,
     discover_socket,
 )
-from empath.control.protocol import TOKEN_ENV_VAR
+from empath.control.wire import TOKEN_ENV_VAR
 from empath.errors import ControlError
 from empath.textsafe import json_text
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
-if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
-    from typing import Any, Final, NamedTuple, NoReturn
+if TYPE_CHECKING:  # the CLI path imports neither typing nor argparse (start-up time)
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any, Final, NamedTuple
 
 STATUSES: Final = ops.STATUSES
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -77,12 +75,15 @@ class Ctx:
     def emit(self, data: Any, text: str) -> None:
         """Print ``data`` as JSON with --json, else ``text``."""
         if self.json:
+            import json  # not on the plain-text path (start-up time)
+
             sys.stdout.write(json_text(json.dumps(data, indent=2, ensure_ascii=False)) + "\n")
         else:
             sys.stdout.write(text)
 
 
-Runner = Callable[[Ctx, argparse.Namespace], int]
+if TYPE_CHECKING:
+    Runner = Callable[[Ctx, argparse.Namespace], int]
 
 
 def report_error(as_json: bool, message: str, code: int, kind: str) -> None:
@@ -90,6 +91,8 @@ def report_error(as_json: bool, message: str, code: int, kind: str) -> None:
     (``{"ok": false, "error": {"kind", "message", "exit_code"}}``, so a script piping to
     jq reads it like any answer), else ``empathctl: message`` on stderr."""
     if as_json:
+        import json
+
         error = {"kind": kind, "message": message, "exit_code": code}
         sys.stdout.write(json.dumps({"ok": False, "error": error}, ensure_ascii=False) + "\n")
         sys.stdout.flush()
@@ -97,7 +100,7 @@ def report_error(as_json: bool, message: str, code: int, kind: str) -> None:
         print(f"empathctl: {message}", file=sys.stderr)
 
 
-def _no_args(_p: argparse.ArgumentParser) -> None:
+def _no_args(_p: Any) -> None:
     return None
 
 
@@ -110,10 +113,22 @@ if TYPE_CHECKING:
         name: str
         help: str
         run: Runner
-        configure: Callable[[argparse.ArgumentParser], None] = _no_args
+        # an argparse parser, or the plain-line reader's Recorder (empath.cli.argv)
+        configure: Callable[[Any], None] = _no_args
 
 else:
-    CliCommand = namedtuple("CliCommand", "group name help run configure", defaults=(_no_args,))
+
+    class CliCommand(tuple):  # namedtuple's shape without importing collections
+        __slots__ = ()
+
+        def __new__(cls, group, name, help, run, configure=_no_args):
+            return tuple.__new__(cls, (group, name, help, run, configure))
+
+        group = property(lambda self: self[0])
+        name = property(lambda self: self[1])
+        help = property(lambda self: self[2])
+        run = property(lambda self: self[3])
+        configure = property(lambda self: self[4])
 
 
 # --- queue -------------------------------------------------------------------------
@@ -134,9 +149,9 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise ops.type_error(f"not a number: {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+        raise ops.type_error("must be at least 1")
     return value
 
 
@@ -144,9 +159,9 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise ops.type_error(f"not a number: {text!r}") from None
     if not value > 0:
-        raise argparse.ArgumentTypeError("must be more than 0")
+        raise ops.type_error("must be more than 0")
     return value
 
 
@@ -158,6 +173,8 @@ def queue_list(ctx: Ctx, ns: argparse.Namespace) -> int:
     write = sys.stdout.write
     for chunk in ctx.client().stream("queue.list", args):
         if ctx.json:
+            import json
+
             dumps = json.dumps
             lines = (dumps(o, ensure_ascii=False) + "\n" for o in output.list_objects(chunk))
             write(json_text("".join(lines)))
@@ -185,11 +202,15 @@ def queue_stats(ctx: Ctx, ns: argparse.Namespace) -> int:
         # The screen says "Ctrl-C to stop", so Ctrl-C must stop it even when empathctl was
         # started with SIGINT ignored (a background job of a non-interactive shell, `make`
         # under nohup): Python installs no KeyboardInterrupt handler in that case.
+        import signal
+
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             data = ctx.call("queue.stats")
             if ctx.json:
+                import json
+
                 sys.stdout.write(json_text(json.dumps(data, ensure_ascii=False)) + "\n")
             elif tty:
                 stamp = time.strftime("%H:%M:%S")
@@ -458,9 +479,9 @@ COMMANDS: list[CliCommand] = [
 ]  # fmt: skip
 
 
-def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
+def _global_options(p: Any, top: bool) -> None:
     # On subcommands too (`empathctl queue list --json`); SUPPRESS keeps the top-level value.
-    default = None if top else argparse.SUPPRESS
+    default = None if top else cmdline.suppress(p)
     p.add_argument("--socket", metavar="PATH", default=default, help="control socket")
     p.add_argument("--config", metavar="FILE", default=default, help="config to find the socket in")
     p.add_argument(
@@ -469,64 +490,15 @@ def _global_options(p: argparse.ArgumentParser, top: bool) -> None:
     p.add_argument(
         "--json",
         action="store_true",
-        default=False if top else argparse.SUPPRESS,
+        default=False if top else cmdline.suppress(p),
         help="JSON output",
     )
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's, sized as shutil.get_terminal_size would (argparse imports shutil -
-    and with it bz2, lzma, fnmatch - to ask, for every parser it builds)."""
-
-    def __init__(
-        self,
-        prog: str,
-        indent_increment: int = 2,
-        max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:
-        if width is None:
-            width = _columns() - 2
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-def _columns() -> int:
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(1).columns or 80
-    except (AttributeError, ValueError, OSError):
-        return 80
-
-
 def build_parser(commands: Sequence[CliCommand] = COMMANDS) -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="empathctl",
-        formatter_class=_Formatter,
-        description="Control a running Empath daemon. Socket: --socket, "
-        "$EMPATH_CONTROL_SOCKET, else control_socket of the config (--config, "
-        "$EMPATH_CONFIG, ./empath.config.ron, /etc/empath/empath.config.ron).",
-        epilog="exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 auth failed",
-    )
-    _global_options(p, top=True)
-    groups = p.add_subparsers(dest="group", metavar="{" + ",".join(_groups(commands)) + "}")
-    groups.required = True
-    sub: dict[str, Any] = {}
-    for c in commands:
-        if c.group not in sub:
-            gp = groups.add_parser(c.group, help=f"{c.group} commands", formatter_class=_Formatter)
-            sp = gp.add_subparsers(dest="command", metavar="COMMAND")
-            sp.required = True
-            sub[c.group] = sp
-        cp = sub[c.group].add_parser(
-            c.name, help=c.help, description=c.help, formatter_class=_Formatter
-        )
-        _global_options(cp, top=False)
-        c.configure(cp)
-        cp.set_defaults(run=c.run)
-    return p
+    """argparse's parser of ``commands``: help, usage errors and every line that
+    :func:`empath.cli.argv.read` leaves to it (imports argparse: start-up time)."""
+    return cmdline.full_parser(commands, _global_options, _groups(commands), _usage_error)
 
 
 def _groups(commands: Sequence[CliCommand]) -> list[str]:
@@ -564,14 +536,11 @@ def _error_kind(exc: ControlError) -> str:
     return str(code) if code else _KINDS.get(exc.exit_code, "failed")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse's parser; with --json anywhere on the line a usage error is JSON too."""
-
-    def error(self, message: str) -> NoReturn:
-        if _JSON_REQUESTED[0]:
-            report_error(True, f"{self.prog}: {message}", EXIT_USAGE, "usage")
-            sys.exit(EXIT_USAGE)
-        super().error(message)
+def _usage_error(message: str) -> None:
+    """With --json anywhere on the line a usage error is JSON too."""
+    if _JSON_REQUESTED[0]:
+        report_error(True, message, EXIT_USAGE, "usage")
+        sys.exit(EXIT_USAGE)
 
 
 _JSON_REQUESTED = [False]  # main() sets it from its argv (tests pass argv directly)
@@ -580,7 +549,12 @@ _JSON_REQUESTED = [False]  # main() sets it from its argv (tests pass argv direc
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     _JSON_REQUESTED[0] = "--json" in args
-    ns = build_parser(named_command(args)).parse_args(args)
+    commands = named_command(args)
+    # A plain line is read without argparse (start-up time); anything else, help and
+    # usage errors included, goes to argparse.
+    ns: Any = cmdline.read(args, commands, _global_options)
+    if ns is None:
+        ns = build_parser(commands).parse_args(args)
     ctx = Ctx(ns)
     run: Runner = ns.run
     try:

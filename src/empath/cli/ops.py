@@ -15,7 +15,6 @@ so a script never deletes by accident.  Imports stay light (CLI start-up time).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from empath.control import output
@@ -24,10 +23,19 @@ from empath.textsafe import list_field, terminal
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def type_error(message: str) -> Exception:
+    """argparse's ArgumentTypeError (its message is shown as is); argparse is imported
+    only now: a plain command line is read without it (empath.cli.argv)."""
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
 
 
 def duration(text: str) -> float:
@@ -41,11 +49,11 @@ def duration(text: str) -> float:
             total += float(num) * _UNITS[ch]
             num = ""
         else:
-            raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 2h, 1d)")
+            raise type_error(f"not a duration: {text!r} (e.g. 90s, 30m, 2h, 1d)")
     if num:
         total += float(num)
     if total <= 0:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (must be more than 0)")
+        raise type_error(f"not a duration: {text!r} (must be more than 0)")
     return total
 
 

@@ -16,7 +16,6 @@ empathctl user add ...``); it never appears on a command line.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from empath.textsafe import terminal
 TYPE_CHECKING = False  # typing's, without importing typing (empathctl start-up time)
 
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
     from empath.cli.empathctl import Ctx

@@ -1,9 +1,12 @@
 """The client side of the control socket (used by `empathctl`, tests and benches).
 
 Blocking and small on purpose: `empathctl` starts, sends a request or two and
-exits, so start-up time is what an operator feels; this module imports only the
-wire protocol.  The config loader is imported only when the socket has to be
-found through the config file.
+exits, so start-up time is what an operator feels - and, during an incident, CPU the
+daemon's machine spends on each view.  This module imports only
+:mod:`empath.control.wire` and the C-level ``_socket`` (the ``socket`` module builds
+its enums at import, ``makefile`` brings ``io`` buffering this does not need: lines
+are split here).  The config loader is imported only when the socket has to be found
+through the config file.
 
 Socket discovery (DESIGN §1, §5): ``--socket``, else ``$EMPATH_CONTROL_SOCKET``,
 else the ``control_socket`` of the config the daemon would use (``--config``,
@@ -21,25 +24,24 @@ root's), so swapping the file between the check and the connect does not help.
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import socket
 import sys
-from collections import namedtuple
-from collections.abc import Iterator, Mapping
 
-from empath.control.protocol import (
+from empath.control.wire import (
+    AUTH_ERROR,
     PROTOCOL_VERSION,
     SOCKET_ENV_VAR,
-    ErrorCode,
     encode_request,
+    loads,
 )
 from empath.errors import ControlError
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
-if TYPE_CHECKING:  # the CLI path imports neither typing nor pathlib (start-up time)
-    from typing import IO, Any, Final, NamedTuple
+if TYPE_CHECKING:  # the CLI path imports neither typing nor collections (start-up time)
+    from collections.abc import Iterator, Mapping
+    from typing import Any, Final, NamedTuple
 
 CONFIG_CANDIDATES: Final = ("empath.config.ron", "/etc/empath/empath.config.ron")
 DEFAULT_SOCKET: Final = "/run/empath/empath.sock"  # config/model.py's default
@@ -55,7 +57,18 @@ if TYPE_CHECKING:
         source: str  # where the path came from, for error messages
 
 else:
-    SocketChoice = namedtuple("SocketChoice", "path source")
+
+    class SocketChoice(tuple):  # namedtuple's shape without importing collections
+        __slots__ = ()
+
+        def __new__(cls, path, source):
+            return tuple.__new__(cls, (path, source))
+
+        path = property(lambda self: self[0])
+        source = property(lambda self: self[1])
+
+        def __repr__(self):
+            return f"SocketChoice(path={self[0]!r}, source={self[1]!r})"
 
 
 class Unreachable(ControlError):  # noqa: N818 - reads as the situation
@@ -250,12 +263,15 @@ def check_socket_owner(path: str, euid: int | None = None) -> int | None:
     )
 
 
-def _peer_uid(sock: socket.socket) -> int | None:
+def _peer_uid(sock: _socket.socket) -> int | None:
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     except (OSError, AttributeError):
         return None
     return int.from_bytes(raw[4:8], sys.byteorder, signed=True)  # struct ucred {pid, uid, gid}
+
+
+RECV_BYTES: Final = 256 * 1024
 
 
 class ControlClient:
@@ -265,13 +281,13 @@ class ControlClient:
         self.choice = choice
         self.token = token
         self.timeout_s = timeout_s
-        self._sock: socket.socket | None = None
-        self._file: IO[bytes] | None = None
+        self._sock: _socket.socket | None = None
+        self._rest = b""  # received after the last whole line
         self._next_id = 1
 
     def connect(self) -> None:
         owner = check_socket_owner(self.choice.path)  # None: nothing there (connect says so)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
         try:
             sock.connect(self.choice.path)
@@ -290,12 +306,9 @@ class ControlClient:
                 f"{server_uid}, not as the socket's owner (uid {owner}) or root"
             )
         self._sock = sock
-        self._file = sock.makefile("rb", buffering=256 * 1024)  # type: ignore[assignment]
+        self._rest = b""
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -320,24 +333,46 @@ class ControlClient:
             raise Unreachable(f"connection to {self.choice.path} lost: {exc}") from None
         return rid
 
+    def _readline(self) -> bytes:
+        """The next line, its newline included; what is left at EOF (b"": closed)."""
+        assert self._sock is not None
+        rest = self._rest
+        end = rest.find(b"\n") + 1
+        if end:
+            self._rest = rest[end:]
+            return rest[:end]
+        parts = [rest]
+        while True:
+            chunk = self._sock.recv(RECV_BYTES)
+            end = chunk.find(b"\n") + 1
+            if not chunk or end:
+                parts.append(chunk[:end] if end else chunk)
+                self._rest = chunk[end:] if end else b""
+                return b"".join(parts)
+            parts.append(chunk)
+
     def _frame(self) -> dict[str, Any]:
-        assert self._file is not None
+        if self._sock is None:
+            raise Unreachable(f"connection to {self.choice.path} lost")
         try:
-            line = self._file.readline()
+            line = self._readline()
         except OSError as exc:
             self.close()
             raise Unreachable(f"connection to {self.choice.path} lost: {exc}") from None
         if not line:
             self.close()
             raise Unreachable(f"the daemon at {self.choice.path} closed the connection")
-        frame = json.loads(line)
+        try:
+            frame = loads(line)
+        except ValueError:
+            frame = None
         if not isinstance(frame, dict) or frame.get("v") != PROTOCOL_VERSION:
             raise ControlError(f"unexpected reply from the daemon: {line[:200]!r}")
         if not frame.get("ok"):
             err = frame.get("error") or {}
             code = str(err.get("code", ""))
             message = str(err.get("message", "unknown error"))
-            if code == ErrorCode.AUTH:
+            if code == AUTH_ERROR:
                 raise AuthFailed(message)
             raise CommandFailed(code, message)
         return frame

@@ -229,17 +229,21 @@ class OpsHandlers:
         one without), ``count`` says how many there are; ``domain`` picks one."""
         limit = _limit(args)
         only = _domain(args) if args.get("domain") is not None else None
-        ctx = self.context(full_breakers=True)
+        local = getattr(self.d.policy, "breaker", None)
+        ctx = self.context(full_breakers=not isinstance(local, CircuitBreaker))
         activity = self.d.runner.activity
         breakers = ctx.breakers
         if only is not None:
             breakers = {only: breakers[only]} if only in breakers else {}
-        closed, half_open = BreakerState.CLOSED, BreakerState.HALF_OPEN
-        keys = [  # identity tests and plain tuples: 10,000 breakers sort in a few ms
-            (0 if st is half_open else 1 if st is not closed else 2, domain)
-            for domain, info in breakers.items()
-            if (st := info.state) is not closed or info.failures
-        ]
+        if only is None and isinstance(local, CircuitBreaker):
+            keys = local.noteworthy()  # ranks without a BreakerInfo for every domain
+        else:
+            closed, half_open = BreakerState.CLOSED, BreakerState.HALF_OPEN
+            keys = [  # identity tests and plain tuples: 10,000 breakers sort in a few ms
+                (0 if st is half_open else 1 if st is not closed else 2, domain)
+                for domain, info in breakers.items()
+                if (st := info.state) is not closed or info.failures
+            ]
         top = sorted(keys) if limit is None else heapq.nsmallest(limit, keys)
         breathe = Breather(self.d.smtp_busy, self.d.runner.clock.sleep)
         rows: list[dict[str, Any]] = []

@@ -18,13 +18,13 @@ shows through :func:`empath.textsafe.terminal`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 from empath.textsafe import list_field, terminal
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # nor collections: `empathctl` start-up time
+    from collections.abc import Iterable
     from typing import Any
 
 LIST_FIELDS = (

@@ -27,10 +27,10 @@ gets a ``version`` error naming the one spoken here.  A request line longer than
 (the rest of that line cannot be framed); any other malformed line gets a
 ``bad_request`` error and the connection stays usable.
 
-This module is imported by `empathctl`, so it imports nothing heavy: the stdlib
-``json`` (orjson pulls in ``dataclasses`` and ``inspect`` at import, a third of the
-CLI's start-up; the daemon encodes its replies with orjson in ``server``), and records
-are NamedTuples.
+`empathctl` does not import this module (``enum`` and ``json`` cost it start-up time):
+it uses :mod:`empath.control.wire`, which holds the constants and the request encoder
+re-exported here.  The daemon decodes requests here and encodes its replies with orjson
+in ``server``.
 """
 
 from __future__ import annotations
@@ -39,17 +39,32 @@ import enum
 import json
 from collections import namedtuple
 
+from empath.control.wire import (
+    AUTH_ERROR,
+    MAX_REQUEST_BYTES,
+    PROTOCOL_VERSION,
+    SOCKET_ENV_VAR,
+    TOKEN_ENV_VAR,
+    encode_request,
+)
 from empath.errors import EmpathError
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 
-if TYPE_CHECKING:  # the CLI path does not import typing (start-up time)
-    from typing import Any, Final, NamedTuple
+if TYPE_CHECKING:
+    from typing import Any, NamedTuple
 
-PROTOCOL_VERSION: Final = 1
-MAX_REQUEST_BYTES: Final = 64 * 1024
-TOKEN_ENV_VAR: Final = "EMPATH_CONTROL_TOKEN"  # noqa: S105 - a variable name
-SOCKET_ENV_VAR: Final = "EMPATH_CONTROL_SOCKET"
+__all__ = [
+    "MAX_REQUEST_BYTES",
+    "PROTOCOL_VERSION",
+    "SOCKET_ENV_VAR",
+    "TOKEN_ENV_VAR",
+    "ErrorCode",
+    "Request",
+    "RequestError",
+    "encode_request",
+    "parse_request",
+]
 
 
 class ErrorCode(enum.StrEnum):
@@ -59,7 +74,7 @@ class ErrorCode(enum.StrEnum):
     TOO_LARGE = "too_large"  # request line over MAX_REQUEST_BYTES (connection closed)
     VERSION = "version"  # unsupported protocol version
     UNKNOWN_COMMAND = "unknown_command"
-    AUTH = "auth"  # token missing or wrong
+    AUTH = AUTH_ERROR  # token missing or wrong
     NOT_FOUND = "not_found"  # unknown message id
     FAILED = "failed"  # the command ran and failed (refused, DNS error, bad config)
     TIMEOUT = "timeout"  # the command exceeded the per-request time limit
@@ -119,12 +134,3 @@ def parse_request(line: bytes) -> Request:
     if token is not None and not isinstance(token, str):
         raise RequestError(ErrorCode.BAD_REQUEST, "'token' must be a string", rid)
     return Request(rid, cmd, args, token)
-
-
-def encode_request(
-    request_id: int, cmd: str, args: dict[str, Any], token: str | None = None
-) -> bytes:
-    obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "cmd": cmd, "args": args}
-    if token is not None:
-        obj["token"] = token
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
