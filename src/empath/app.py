@@ -73,7 +73,7 @@ from empath.submission.metrics import AuthMetrics, AuthStats
 from empath.supervisor import Supervisor
 from empath.textsafe import redact_url
 from empath.transport.acceptance import AcceptancePipeline, AcceptanceStep
-from empath.transport.listener import ListenerSpec, SmtpServerGroup
+from empath.transport.listener import ListenerSpec, SmtpServerGroup, pin_process
 from empath.transport.pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -682,6 +682,14 @@ def run(config: Config) -> int:
         config.log.format,
         redacted=redacted_fields(config.audit.redact_sender, config.audit.redact_recipients),
     )
+    if config.cpu is not None:
+        try:
+            pin_process(config.cpu)
+        except OSError as exc:
+            log.error("Startup failed: cannot run on CPU", cpu=config.cpu, error=str(exc))
+            flush_logs()
+            return 1
+        log.info("Pinned to one CPU", cpu=config.cpu)
     try:
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             try:

@@ -67,7 +67,11 @@ def derive(config: Config) -> Settings:
     return Settings(
         listeners=tuple(
             listener_spec(
-                lc, config.hostname, hop_limit=smtp.hop_limit, postmaster=config.postmaster_address
+                lc,
+                config.hostname,
+                hop_limit=smtp.hop_limit,
+                postmaster=config.postmaster_address,
+                cpu=config.cpu,
             )
             for lc in smtp.listeners
         ),
@@ -86,7 +90,12 @@ def derive(config: Config) -> Settings:
 
 
 def listener_spec(
-    cfg: ListenerConfig, hostname: str, *, hop_limit: int, postmaster: str
+    cfg: ListenerConfig,
+    hostname: str,
+    *,
+    hop_limit: int,
+    postmaster: str,
+    cpu: int | None = None,
 ) -> ListenerSpec:
     tls = cfg.tls_files
     t = cfg.timeouts
@@ -115,6 +124,7 @@ def listener_spec(
             if cfg.auth is not None
             else None
         ),
+        incoming_cpu=cpu if cfg.reuse_port else None,
     )
 
 

@@ -632,6 +632,9 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
+    # DESIGN §11: pin this node to one CPU (read at start); its reuse_port listeners then
+    # take the connections the kernel handles on that CPU (SO_INCOMING_CPU)
+    cpu: int | None = rule(None, check=non_negative)
     modules: tuple[ModuleConfig, ...] = ()
     dkim: DkimConfig = field(default_factory=DkimConfig)  # DESIGN §12 (config/dkim.py)
     # where the config was read from; not a RON key

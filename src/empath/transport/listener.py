@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
@@ -91,6 +92,8 @@ class ListenerSpec:
     # DESIGN §13 submission: TLS from the first byte (RFC 8314, port 465), SMTP AUTH
     tls_implicit: bool = False
     auth: ListenerAuthSpec | None = None
+    # the node's ``cpu`` on a reuse_port listener: SO_INCOMING_CPU (DESIGN §11)
+    incoming_cpu: int | None = None
 
     @property
     def label(self) -> str:
@@ -314,6 +317,24 @@ def _tls_context(spec: ListenerSpec) -> ssl.SSLContext | None:
     return ctx
 
 
+def pin_process(cpu: int) -> None:
+    """Run every thread of this process, and every thread it starts later, on ``cpu`` only
+    (config ``cpu``, DESIGN §11).  Raises OSError if the CPU is not available to us."""
+    for tid in sorted(os.listdir("/proc/self/task")):
+        with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+def steer_to_cpu(server: asyncio.Server, cpu: int) -> None:
+    """SO_INCOMING_CPU on a SO_REUSEPORT listener: of the nodes sharing the port, the
+    kernel (Linux >= 6.2) hands a new connection to the one whose listener names the CPU
+    that processed its SYN, and hashes as before when none does.  A node pinned to that
+    CPU then handles the connection where the kernel already has it: no wake-up of
+    another core, the socket stays in one core's cache (DESIGN §11, docs/bench.md)."""
+    for sock in server.sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU, cpu)
+
+
 def _dual_stack_socket(port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     try:
@@ -452,6 +473,8 @@ class SmtpServerGroup:
                     rt.auth = self.authenticators[spec.auth.users_file]
                 server = await self._bind(loop, spec, rt)
                 self._servers.append(server)
+                if spec.incoming_cpu is not None:
+                    steer_to_cpu(server, spec.incoming_cpu)
                 self._runtimes.append(rt)
                 self.stats[spec.label] = rt.stats
                 log.info("SMTP listener started", listener=spec.label,
