@@ -2,7 +2,9 @@
 
 Each test installs a pipeline of small steps on a live listener (SmtpServerGroup +
 MemorySpool on its own loop, as in test_inbound_smtp) and checks what the client
-was answered and what the spool holds.
+was answered and what the spool holds.  Each runs three ways: steps awaited in a task;
+every step in place (``run_now``); and the last step answering a loop turn later
+through ``run_soon`` (as DKIM signing does) after the others ran in place.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from empath.smtp.replies import Reply
 from empath.transport.acceptance import (
     AcceptancePipeline,
     AcceptedMessage,
+    Later,
     SessionFacts,
     Stage,
 )
 from empath.transport.listener import ListenerSpec
 from tests.integration.test_inbound_smtp import Raw, ServerThread, serving, spec
 
-IN_PLACE = {"on": False}  # set per test by the `mode` fixture
+IN_PLACE = {"on": False, "soon": False}  # set per test by the `mode` fixture
 
 
 @dataclass
@@ -54,15 +57,50 @@ class Step:
         return self.action(message)
 
 
-@pytest.fixture(autouse=True, params=["task", "in place"])
+@dataclass
+class Soon:
+    """A step's ``run_soon`` face: its answer comes from a future finished a loop turn
+    later, handed back in a :class:`Later` (the way DKIM's key process answers)."""
+
+    step: Step
+    calls: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.step.name
+
+    @property
+    def stage(self) -> Stage:
+        return self.step.stage
+
+    async def run(self, message: AcceptedMessage) -> Reply | None:
+        raise AssertionError("a pipeline ending in a run_soon step is run without a task")
+
+    def run_soon(self, message: AcceptedMessage) -> Later:
+        self.calls.append("task" if asyncio.current_task() is not None else "in place")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.call_soon(fut.set_result, None)
+        return Later(fut, lambda _f: self.step.run_now(message))
+
+
+@pytest.fixture(autouse=True, params=["task", "in place", "soon"])
 def mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    IN_PLACE["on"] = request.param == "in place"
+    IN_PLACE["on"] = request.param in ("in place", "soon")
+    IN_PLACE["soon"] = request.param == "soon"
     yield request.param
-    IN_PLACE["on"] = False
+    IN_PLACE["on"] = IN_PLACE["soon"] = False
 
 
 def install(srv: ServerThread, *steps: Step, timeout_s: float = 30.0) -> None:
-    pipeline = AcceptancePipeline(steps, timeout_s=timeout_s)
+    chosen: tuple[Step | Soon, ...] = steps
+    if IN_PLACE["soon"]:  # the last step to run answers through run_soon (no sleepers)
+        last = max(range(len(steps)), key=lambda i: (int(steps[i].stage), i))
+        if not steps[last].delay_s:
+            soon = Soon(steps[last])
+            chosen = (*steps[:last], soon, *steps[last + 1 :])
+            SOON.append(soon)
+    pipeline = AcceptancePipeline(chosen, timeout_s=timeout_s)
 
     def pipeline_for(_spec: ListenerSpec) -> AcceptancePipeline:
         return pipeline
@@ -70,10 +108,16 @@ def install(srv: ServerThread, *steps: Step, timeout_s: float = 30.0) -> None:
     srv.group.set_acceptance(pipeline_for)
 
 
+SOON: list[Soon] = []
+
+
 @pytest.fixture
 def srv() -> Iterator[ServerThread]:
     with serving([spec()]) as s:
         yield s
+    # in "soon" mode, the wrapped step was offered each message in place, never in a task
+    assert all(set(soon.calls) <= {"in place"} for soon in SOON)
+    SOON.clear()
 
 
 MSG = b"From: a@x.example\r\nSubject: hi\r\n\r\nbody line\r\n.dot line\r\n"
@@ -268,3 +312,38 @@ def test_pipelined_bdat_messages_each_refused_by_a_step_each_get_their_answer(
         r.send(one * 300 + b"NOOP\r\n")
         assert [250, 250, 550] * 300 + [250] == r.codes(901)
     assert [] == srv.stored()
+
+
+def test_a_last_step_answering_later_runs_in_place_and_its_answer_counts(
+    srv: ServerThread,
+) -> None:
+    """Immediate steps, then one whose ``run_soon`` hands back a future: the session
+    calls it in place (no task), spools what its finish left, answers its refusal and
+    contains its failure (451)."""
+
+    def finish(m: AcceptedMessage) -> Reply | None:
+        if b"refuse" in m.body:
+            return Reply.of(550, "5.7.1", "refused later")
+        if b"boom" in m.body:
+            raise RuntimeError("finish bug")
+        m.add_header("X-Later", "1", index=0)
+        return None
+
+    first = Step("first", action=lambda m: m.add_header("X-First", "1"))
+    first.immediate = True  # whatever the mode
+    soon = Soon(Step("later", Stage.DKIM, finish))
+    pipeline = AcceptancePipeline((first, soon))  # type: ignore[arg-type]
+    assert (True, False) == (pipeline.soon, pipeline.immediate)
+    srv.group.set_acceptance(lambda _spec: pipeline)
+    with srv.smtp() as c:
+        c.sendmail("a@x.example", ["b@y.example"], MSG)
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            c.sendmail("a@x.example", ["b@y.example"], b"S: x\r\n\r\nrefuse\r\n")
+        with pytest.raises(smtplib.SMTPDataError) as failed:
+            c.sendmail("a@x.example", ["b@y.example"], b"S: x\r\n\r\nboom\r\n")
+        assert 250 == c.noop()[0]
+    ((_, stored),) = srv.stored()
+    assert stored.startswith(b"X-Later: 1\r\nReceived: ")
+    assert b"X-First: 1\r\n" in stored
+    assert (550, 451) == (refused.value.smtp_code, failed.value.smtp_code)
+    assert ["in place"] * 3 == soon.calls

@@ -75,7 +75,7 @@ def test_a_signing_error_answers_451_and_spools_nothing(
     def broken(pending: Unsigned) -> bytes:
         raise ValueError("HSM unplugged")
 
-    # the key process (KEY_IN_POOL) answers an error; in-process key operations raise
+    # the key process (KEY_PROCESS) answers an error; in-process key operations raise
     signer = signer_for(tmp_path, key_op_fn=broken, decide=lambda specs, n: place,
                         keys=KeyProcess([sys.executable, "-c", ERRING_KEY_PROCESS]))  # fmt: skip
     install(srv, signer)
@@ -170,9 +170,9 @@ def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool(
     dual = specs.specs
     ed = [s for s in dual if s.algorithm == "ed25519-sha256"]
     assert {"rsa-sha256", "ed25519-sha256"} == {s.algorithm for s in dual}
-    assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
+    assert (Where.KEY_PROCESS, Where.KEY_PROCESS, Where.ALL_IN_POOL) == (
         where(dual, 1000), where(dual, INLINE_BODY_BYTES), where(dual, INLINE_BODY_BYTES + 1)
     )  # fmt: skip
-    assert (Where.KEY_IN_POOL, Where.KEY_IN_POOL, Where.ALL_IN_POOL) == (
+    assert (Where.KEY_PROCESS, Where.KEY_PROCESS, Where.ALL_IN_POOL) == (
         where(ed, 1000), where(ed, INLINE_BODY_BYTES), where(ed, INLINE_BODY_BYTES + 1)
     )  # fmt: skip

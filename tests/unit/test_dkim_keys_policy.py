@@ -181,6 +181,26 @@ def test_a_selector_that_already_signed_is_skipped_and_the_other_signs(tmp_path:
     assert (["e"], ["r"]) == ([s.selector for s in what.specs], [s.selector for s in what.skipped])
 
 
+def test_every_message_gets_the_tables_own_specs_until_the_table_is_rebuilt(
+    tmp_path: Path,
+) -> None:
+    """plan() hands out the SignSpec objects made with the table (the key process
+    learns each once, by identity), with the domain's h=, over-signing and c=; a
+    rebuilt table (a reload) has new ones."""
+    cache = keys.KeyCache()
+    cfg = config(tmp_path)
+    table = build_table(cfg, rotation.RotationState(), cache)
+    one, two = plan(table, ["a@example.org"], [], 0.0), plan(table, ["b@example.org"], [], 0.0)
+    again = plan(build_table(cfg, rotation.RotationState(), cache), ["a@example.org"], [], 0.0)
+    assert one is not None and two is not None and again is not None
+    assert all(a is b for a, b in zip(one.specs, two.specs, strict=True))
+    assert not any(a is b for a, b in zip(one.specs, again.specs, strict=True))
+    keys_of = table.domains["example.org"]
+    assert [(keys_of.headers, keys_of.oversign, keys_of.canonicalization)] * 2 == [
+        (s.headers, s.oversign, s.canonicalization) for s in one.specs
+    ]
+
+
 def test_not_before_and_not_after_bound_a_selector(tmp_path: Path) -> None:
     cfg = config(tmp_path, not_before="2026-12-01", not_after="2026-12-31T12:00:00Z")
     table = build_table(cfg, rotation.RotationState(), keys.KeyCache())

@@ -1,29 +1,41 @@
-"""DKIM private-key operations in a helper process (DESIGN §12).
+"""DKIM signatures made in a helper process (DESIGN §12).
 
 Why a process: the event loop thread is what limits a relay's throughput on a small
 machine, and a thread that makes the key operations still needs the GIL around each
 of them - on this 2-vCPU VM every such hand-over cost the loop about as much CPU as an
 Ed25519 signature (docs/bench.md, "DKIM signing on a quiet machine").  A child process
-has its own interpreter: the loop writes a few bytes per signature into a pipe and
-reads the signatures back, and the child uses the other core.
+has its own interpreter: the loop writes each message's header fields and body into a
+pipe and reads the finished ``DKIM-Signature`` fields back; canonicalisation, hashing
+(dkim/sign.py) and the private-key operations all run in the child, on the other core.
 
 Protocol (pipes; every frame is ``type:u8 length:u32`` then the payload, big-endian):
 
 * parent → child ``K`` key: ``id:u32`` then the private key, PKCS#8 DER (sent once per
   key and child, before the first request that uses it);
-* parent → child ``S`` sign: ``request:u64 n:u32`` then ``n`` times ``key:u32 digest:32``;
-* child → parent ``R`` result: ``request:u64 n:u32`` then ``n`` times ``length:u16 sig``;
+* parent → child ``P`` what to sign with: ``id:u32 key:u32`` then UTF-8 lines: domain,
+  selector, algorithm, canonicalization, the ``h=`` names and the over-signed names
+  (each ``:``-joined); sent once per :class:`~empath.dkim.sign.SignSpec` and child;
+* parent → child ``S`` sign: ``request:u64 now:u64 specs:u16 fields:u16``, the spec
+  ids (``u32`` each), the header fields' lengths (``u32`` each), the fields' bytes, then
+  the body (the rest of the frame);
+* child → parent ``R`` result: ``request:u64 n:u32`` then ``n`` times ``length:u32`` and
+  a complete ``DKIM-Signature: ...\r\n`` field, in the order of the specs;
 * child → parent ``E`` error: ``request:u64`` then a UTF-8 message.
 
-The child reads whatever the pipe holds, answers every complete request in one
-write, and exits at end of input (the daemon closed the pipe or died); it ignores
+The child reads whatever the pipe holds and answers each request as soon as it is
+signed (a message waits for its own signatures, not for the others read with it); it
+exits at end of input (the daemon closed the pipe or died); it ignores
 SIGINT/SIGTERM/SIGHUP, so that a signal to the whole process group during a graceful
 stop does not fail the messages being signed.  If the child dies, every request in
 flight fails (the session answers ``451 4.3.0``) and the next one starts a new child.
+A child that answers nothing for ``answer_limit_s`` (30 s) while requests wait is
+taken for hung: killed, and the same happens (the acceptance step relies on that:
+nothing else times its wait out).
 
 The parent side, :class:`KeyProcess`, runs on the event loop: ``add_reader`` on the
-child's stdout, non-blocking writes to its stdin (the rest queued behind
-``add_writer`` if the pipe is full).  ``python -m empath.dkim.keyproc`` is the child.
+child's stdout, non-blocking writes to its stdin (one write per loop turn for every
+request made in it; the rest queued behind ``add_writer`` if the pipe is full).
+``python -m empath.dkim.keyproc`` is the child.
 """
 
 from __future__ import annotations
@@ -37,24 +49,24 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from empath.dkim.keys import PrivateKey
-from empath.dkim.sign import Unsigned
+from empath.dkim.sign import SignSpec, sign
 from empath.logs import get_logger
 
 log = get_logger("smtp", __name__)
 
 _HEAD: Final = struct.Struct("!BI")
-_REQ: Final = struct.Struct("!QI")
-_ITEM: Final = struct.Struct("!I32s")
-_KEY_ID: Final = struct.Struct("!I")
-_SIG_LEN: Final = struct.Struct("!H")
+_SIGN: Final = struct.Struct("!QQHH")  # request, now, specs, fields
+_RESULT: Final = struct.Struct("!QI")  # request, signatures
+_ID: Final = struct.Struct("!I")
+_SPEC: Final = struct.Struct("!II")  # spec id, key id
 _ERR_ID: Final = struct.Struct("!Q")
-K, S, R, E = b"K"[0], b"S"[0], b"R"[0], b"E"[0]
+K, P, S, R, E = b"K"[0], b"P"[0], b"S"[0], b"R"[0], b"E"[0]
 READ_SIZE: Final = 1 << 16
+ANSWER_LIMIT_S: Final = 30.0
 
 
 class KeyProcessError(Exception):
@@ -64,7 +76,12 @@ class KeyProcessError(Exception):
 class KeyProcess:
     """The parent's end (module doc): ``sign`` returns a future of the raw signatures."""
 
-    def __init__(self, argv: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str] | None = None, answer_limit_s: float = ANSWER_LIMIT_S
+    ) -> None:
+        self._limit = answer_limit_s
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._answers = 0  # answers read from the child (the watchdog sees it move)
         self._argv = list(argv or (sys.executable, "-m", "empath.dkim.keyproc"))
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -74,15 +91,21 @@ class KeyProcess:
         self._writing = False  # add_writer is on: the pipe was full
         self._pending: dict[int, asyncio.Future[list[bytes]]] = {}
         self._next = 0
-        # id(key) -> (key, its number in this child); the key is kept so the id is not reused
+        # id(key) -> (key, its number in this child); the key is kept so the id is not
+        # reused; the same for the specs (the key table's, stable until a reload)
         self._keys: dict[int, tuple[PrivateKey, int]] = {}
+        self._specs: dict[int, tuple[SignSpec, int]] = {}
         self._closed = False
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
-    def sign(self, pending: Sequence[Unsigned]) -> asyncio.Future[list[bytes]]:
+    def sign(
+        self, fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
+    ) -> asyncio.Future[list[bytes]]:
+        """One ``DKIM-Signature`` field per spec for the message (header ``fields`` as
+        they will be spooled, ``body``), made in the child; a future of the fields."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[bytes]] = loop.create_future()
         if self._closed:
@@ -91,16 +114,23 @@ class KeyProcess:
         if self._proc is None or self._loop is not loop:
             self._stop("restarted")
             self._start(loop)
-        out = bytearray()
-        items = bytearray()
-        for u in pending:
-            items += _ITEM.pack(self._key_number(u.spec.key, out), u.digest)
+        out = self._outbuf
+        if not out:
+            loop.call_soon(self._flush, self._proc)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._limit, self._watch, self._answers)
+        ids = [self._spec_number(spec, out) for spec in specs]
         self._next += 1
         rid = self._next
-        payload = _REQ.pack(rid, len(pending)) + items
-        out += _HEAD.pack(S, len(payload)) + payload
+        n, m = len(ids), len(fields)
+        size = _SIGN.size + 4 * (n + m) + sum(map(len, fields)) + len(body)
+        out += _HEAD.pack(S, size)
+        out += _SIGN.pack(rid, now, n, m)
+        out += struct.pack(f"!{n}I{m}I", *ids, *map(len, fields))
+        for f in fields:
+            out += f
+        out += body
         self._pending[rid] = fut
-        self._send(out)
         return fut
 
     def close(self) -> None:
@@ -109,6 +139,31 @@ class KeyProcess:
         self._stop("closed")
 
     # -- internals -------------------------------------------------------------------
+
+    def _watch(self, answers: int) -> None:
+        """Every ``answer_limit_s`` while requests wait: no answer since the last look
+        means a hung child (module doc)."""
+        self._watchdog = None
+        if not self._pending or self._proc is None or self._loop is None:
+            return
+        if self._answers == answers:
+            self._died(f"no answer in {self._limit:g} s")
+            return
+        self._watchdog = self._loop.call_later(self._limit, self._watch, self._answers)
+
+    def _spec_number(self, spec: SignSpec, out: bytearray) -> int:
+        known = self._specs.get(id(spec))
+        if known is not None:
+            return known[1]
+        key = self._key_number(spec.key, out)
+        number = len(self._specs) + 1
+        self._specs[id(spec)] = (spec, number)
+        text = "\n".join((
+            spec.domain, spec.selector, spec.algorithm, spec.canonicalization,
+            ":".join(spec.headers), ":".join(sorted(spec.oversign)),
+        )).encode("utf-8")  # fmt: skip
+        out += _HEAD.pack(P, _SPEC.size + len(text)) + _SPEC.pack(number, key) + text
+        return number
 
     def _key_number(self, key: PrivateKey, out: bytearray) -> int:
         known = self._keys.get(id(key))
@@ -121,8 +176,7 @@ class KeyProcess:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        payload = _KEY_ID.pack(number) + der
-        out += _HEAD.pack(K, len(payload)) + payload
+        out += _HEAD.pack(K, _ID.size + len(der)) + _ID.pack(number) + der
         return number
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -134,6 +188,7 @@ class KeyProcess:
         os.set_blocking(self._wfd, False)
         os.set_blocking(self._rfd, False)
         self._keys = {}
+        self._specs = {}
         self._inbuf.clear()
         self._outbuf.clear()
         self._writing = False
@@ -147,6 +202,9 @@ class KeyProcess:
             return
         self._proc = None
         self._writing = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if loop is not None and not loop.is_closed():
             loop.remove_reader(self._rfd)
             loop.remove_writer(self._wfd)
@@ -170,14 +228,6 @@ class KeyProcess:
         if proc is not None and proc.poll() is None:
             proc.kill()
         self._stop(why)
-
-    def _send(self, data: bytes | bytearray) -> None:
-        """Queue ``data``; written once per event-loop turn (requests of the messages
-        finishing in the same turn go in one write, and come back in one read)."""
-        out = self._outbuf
-        if not out and self._loop is not None:
-            self._loop.call_soon(self._flush, self._proc)
-        out += data
 
     def _flush(self, proc: subprocess.Popen[bytes] | None) -> None:
         if proc is not self._proc or self._writing:
@@ -227,18 +277,20 @@ class KeyProcess:
 
     def _answer(self, kind: int, payload: bytes) -> None:
         if kind == R:
-            rid, n = _REQ.unpack_from(payload, 0)
+            rid, n = _RESULT.unpack_from(payload, 0)
             sigs: list[bytes] = []
-            pos = _REQ.size
+            pos = _RESULT.size
             for _ in range(n):
-                (length,) = _SIG_LEN.unpack_from(payload, pos)
-                pos += _SIG_LEN.size
+                (length,) = _ID.unpack_from(payload, pos)
+                pos += _ID.size
                 sigs.append(payload[pos : pos + length])
                 pos += length
+            self._answers += 1
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(sigs)
         elif kind == E:
+            self._answers += 1
             (rid,) = _ERR_ID.unpack_from(payload, 0)
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
@@ -248,20 +300,17 @@ class KeyProcess:
 
 # --- the child ----------------------------------------------------------------------
 
-_PADDING: Final = padding.PKCS1v15()
-_PREHASHED: Final = Prehashed(hashes.SHA256())
-
 
 def serve(rfd: int, wfd: int) -> None:
     """The child's loop (module doc); returns at end of input."""
     keys: dict[int, PrivateKey] = {}
+    specs: dict[int, SignSpec] = {}
     buf = bytearray()
     while True:
         data = os.read(rfd, READ_SIZE)
         if not data:
             return
         buf += data
-        out = bytearray()
         pos = 0
         end = len(buf)
         while end - pos >= _HEAD.size:
@@ -270,39 +319,52 @@ def serve(rfd: int, wfd: int) -> None:
                 break
             body = bytes(buf[pos + _HEAD.size : pos + _HEAD.size + length])
             pos += _HEAD.size + length
-            if kind == K:
-                (number,) = _KEY_ID.unpack_from(body, 0)
-                key = serialization.load_der_private_key(body[_KEY_ID.size :], None)
+            if kind == S:
+                view = memoryview(_signed(specs, body))
+                while view:  # answered at once: the message waits for nothing else
+                    view = view[os.write(wfd, view) :]
+            elif kind == K:
+                (number,) = _ID.unpack_from(body, 0)
+                key = serialization.load_der_private_key(body[_ID.size :], None)
                 if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
                     raise SystemExit(f"keyproc: key {number} is neither RSA nor Ed25519")
                 keys[number] = key
-            elif kind == S:
-                out += _signed(keys, body)
+            elif kind == P:
+                number, key_id = _SPEC.unpack_from(body, 0)
+                specs[number] = _spec(body[_SPEC.size :], keys[key_id])
             else:
                 raise SystemExit(f"keyproc: unknown frame type {kind}")
         del buf[:pos]
-        view = memoryview(out)
-        while view:
-            view = view[os.write(wfd, view) :]
 
 
-def _signed(keys: dict[int, PrivateKey], body: bytes) -> bytes:
-    rid, n = _REQ.unpack_from(body, 0)
+def _spec(text: bytes, key: PrivateKey) -> SignSpec:
+    domain, selector, algorithm, canon, headers, oversign = text.decode("utf-8").split("\n")
+    if algorithm not in ("rsa-sha256", "ed25519-sha256"):
+        raise SystemExit(f"keyproc: unknown algorithm {algorithm!r}")
+    return SignSpec(
+        domain, selector, algorithm,  # type: ignore[arg-type]
+        key, canon, tuple(headers.split(":")) if headers else (),
+        frozenset(oversign.split(":")) if oversign else frozenset(),
+    )  # fmt: skip
+
+
+def _signed(specs: dict[int, SignSpec], body: bytes) -> bytes:
+    rid, now, n, m = _SIGN.unpack_from(body, 0)
     try:
-        parts = [_REQ.pack(rid, n)]
-        pos = _REQ.size
-        for _ in range(n):
-            number, digest = _ITEM.unpack_from(body, pos)
-            pos += _ITEM.size
-            key = keys[number]
-            if isinstance(key, ed25519.Ed25519PrivateKey):
-                sig = key.sign(digest)
-            else:
-                sig = key.sign(digest, _PADDING, _PREHASHED)
-            parts.append(_SIG_LEN.pack(len(sig)) + sig)
+        numbers = struct.unpack_from(f"!{n}I{m}I", body, _SIGN.size)
+        pos = _SIGN.size + 4 * (n + m)
+        fields = []
+        for length in numbers[n:]:
+            fields.append(body[pos : pos + length])
+            pos += length
+        made = sign(fields, body[pos:], [specs[i] for i in numbers[:n]], now)
+        parts = [_RESULT.pack(rid, len(made))]
+        for field in made:
+            parts.append(_ID.pack(len(field)))
+            parts.append(field)
         payload = b"".join(parts)
         return _HEAD.pack(R, len(payload)) + payload
-    except Exception as exc:  # a bad key or digest: this request fails, the child goes on
+    except Exception as exc:  # a bad key or request: this one fails, the child goes on
         message = _ERR_ID.pack(rid) + repr(exc).encode("utf-8", "replace")
         return _HEAD.pack(E, len(message)) + message
 

@@ -45,6 +45,7 @@ class SelectorKey:
     end: float | None  # until (None: no end)
     pending: bool  # a rotation selector waiting for its DNS record
     source: str  # "config" or "rotation"
+    spec: SignSpec  # what plan() hands the signer: made once per table, not per message
 
     def signs_at(self, now: float) -> bool:
         return (
@@ -94,6 +95,8 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
     """Load every configured and rotated key (module doc); ConfigError on a bad one."""
     domains: dict[str, DomainKeys] = {}
     for domain, dc in config.domains.items():
+        headers = tuple(dict.fromkeys(h.lower() for h in dc.headers))
+        oversign = frozenset(h.lower() for h in dc.oversign)
         selectors: list[SelectorKey] = []
         names = set()
         for i, sc in enumerate(dc.selectors):
@@ -101,10 +104,11 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
             key = cache.load(sc.key, sc.algorithm, where=where)
             start, end = sc.window
             effective = window(state, domain, sc.selector, start, end)
-            s, e = effective if effective is not None else (start, end)
-            selectors.append(
-                SelectorKey(domain, sc.selector, sc.algorithm, key, s, e, False, "config")
-            )
+            span = effective if effective is not None else (start, end)
+            spec = SignSpec(domain, sc.selector, sc.algorithm, key.private,
+                            dc.canonicalization, headers, oversign)  # fmt: skip
+            selectors.append(SelectorKey(domain, sc.selector, sc.algorithm, key, *span,
+                                         False, "config", spec))  # fmt: skip
             names.add(sc.selector)
         for rs in state.rotated(domain):
             if rs.selector in names:
@@ -112,17 +116,16 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
             where = f"dkim rotation state ({domain} selector {rs.selector})"
             key = cache.load(rs.key, rs.algorithm, where=where)
             effective = window(state, domain, rs.selector, None, None)
-            s, e = effective if effective is not None else (None, None)
-            selectors.append(
-                SelectorKey(
-                    domain, rs.selector, rs.algorithm, key, s, e, effective is None, "rotation"
-                )
-            )
+            span = effective if effective is not None else (None, None)
+            spec = SignSpec(domain, rs.selector, rs.algorithm, key.private,
+                            dc.canonicalization, headers, oversign)  # fmt: skip
+            selectors.append(SelectorKey(domain, rs.selector, rs.algorithm, key, *span,
+                                         effective is None, "rotation", spec))  # fmt: skip
         domains[domain] = DomainKeys(
             domain=domain,
             subdomains=dc.subdomains,
-            headers=tuple(dict.fromkeys(h.lower() for h in dc.headers)),
-            oversign=frozenset(h.lower() for h in dc.oversign),
+            headers=headers,
+            oversign=oversign,
             canonicalization=dc.canonicalization,
             selectors=tuple(selectors),
         )
@@ -199,22 +202,14 @@ def plan(
     active = keys.signing(now)
     if not active:
         return None
-    done = existing_signatures(dkim_values) if dkim_values else set()
+    if not dkim_values:  # nearly all mail: the table's specs as they are
+        return Plan(keys.domain, tuple(sk.spec for sk in active), ())
+    done = existing_signatures(dkim_values)
     specs = []
     skipped = []
     for sk in active:
         if (keys.domain, sk.selector) in done:
             skipped.append(sk)
-            continue
-        specs.append(
-            SignSpec(
-                domain=keys.domain,
-                selector=sk.selector,
-                algorithm=sk.algorithm,
-                key=sk.key.private,
-                canonicalization=keys.canonicalization,
-                headers=keys.headers,
-                oversign=keys.oversign,
-            )
-        )
+        else:
+            specs.append(sk.spec)
     return Plan(keys.domain, tuple(specs), tuple(skipped))

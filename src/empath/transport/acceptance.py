@@ -44,6 +44,14 @@ A step is any object with a ``name`` (for logs), a ``stage`` and ::
   what ``run`` does without ever suspending (e.g. modules that never await): when
   every step of a pipeline is immediate, the session runs it in place
   (:meth:`AcceptancePipeline.run_now`: no task, no timer, no event-loop turn).
+* optionally, for the last step only, a plain ``def run_soon(self, message)`` that
+  answers as ``run_now`` does, or returns :class:`Later` (a future, and what turns it
+  into the step's answer once done) when it has to wait for something outside the
+  loop (DKIM: the key process).  When the other steps are immediate the session runs
+  the pipeline this way (:meth:`AcceptancePipeline.run_soon`): no task, no coroutine
+  chain, no pipeline timer, and the session carries on from the future's done
+  callback.  Such a step must bound its own wait: the future has to finish (DKIM's
+  key process refuses what it has not answered in 30 s).
 
 A step changes the message only through :class:`AcceptedMessage`:
 
@@ -76,9 +84,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol, cast
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from empath.logs import get_logger
 from empath.smtp.replies import Reply
@@ -292,6 +300,15 @@ class AcceptanceStep(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class Later:
+    """A step's answer still to come (``run_soon``, module doc): once ``future`` is
+    done, ``finish(future)`` gives the answer (``None`` or a refusal) and may raise."""
+
+    future: asyncio.Future[Any]
+    finish: Callable[[asyncio.Future[Any]], Reply | None]
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     """What the pipeline decided: spool the message, or answer ``reply`` without
     spooling (``reply`` is ``250`` for a discarded message)."""
@@ -313,12 +330,18 @@ class AcceptancePipeline:
     _ordered: tuple[AcceptanceStep, ...] = field(init=False, repr=False, compare=False)
     # every step offers run_now (module doc): the session may call run_now instead
     immediate: bool = field(init=False, repr=False, compare=False)
+    # every step but the last offers run_now, the last run_now or run_soon: run_soon
+    soon: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         ordered = tuple(sorted(self.steps, key=lambda s: int(s.stage)))
         object.__setattr__(self, "_ordered", ordered)
         now = all(getattr(s, "immediate", False) for s in ordered)
         object.__setattr__(self, "immediate", now)
+        soon = bool(ordered) and all(getattr(s, "immediate", False) for s in ordered[:-1])
+        last = ordered[-1] if ordered else None
+        soon = soon and (getattr(last, "immediate", False) or hasattr(last, "run_soon"))
+        object.__setattr__(self, "soon", soon)
 
     @property
     def ordered(self) -> tuple[AcceptanceStep, ...]:
@@ -360,9 +383,47 @@ class AcceptancePipeline:
                 return verdict
         return Verdict()
 
+    def run_soon(self, message: AcceptedMessage) -> Verdict | Later:
+        """:meth:`run` for a pipeline that is ``soon`` (module doc): the verdict now, or
+        the last step's :class:`Later`, for :meth:`settle` once its future is done.
+        Never raises."""
+        ordered = self._ordered
+        for step in ordered[:-1]:
+            try:
+                reply = cast(_ImmediateStep, step).run_now(message)
+            except Exception as exc:
+                return _failed(step, message, exc)
+            verdict = _judged(step, message, reply)
+            if verdict is not None:
+                return verdict
+        last = ordered[-1]
+        try:
+            if getattr(last, "immediate", False):
+                answer: Reply | Later | None = cast(_ImmediateStep, last).run_now(message)
+            else:
+                answer = cast(_SoonStep, last).run_soon(message)
+        except Exception as exc:
+            return _failed(last, message, exc)
+        if isinstance(answer, Later):
+            return answer
+        return _judged(last, message, answer) or _SPOOL
+
+    def settle(self, message: AcceptedMessage, later: Later) -> Verdict:
+        """The verdict once ``later.future`` (from :meth:`run_soon`) is done; never raises."""
+        last = self._ordered[-1]
+        try:
+            reply = later.finish(later.future)
+        except Exception as exc:
+            return _failed(last, message, exc)
+        return _judged(last, message, reply) or _SPOOL
+
 
 class _ImmediateStep(Protocol):
     def run_now(self, message: AcceptedMessage) -> Reply | None: ...
+
+
+class _SoonStep(Protocol):
+    def run_soon(self, message: AcceptedMessage) -> Reply | Later | None: ...
 
 
 def _failed(step: AcceptanceStep, message: AcceptedMessage, exc: Exception) -> Verdict:
@@ -393,6 +454,7 @@ def _judged(step: AcceptanceStep, message: AcceptedMessage, reply: Reply | None)
 
 
 R_DISCARDED: Final = Reply.of(250, "2.0.0", "Ok: discarded")
+_SPOOL: Final = Verdict()
 
 
 class HeldBody:

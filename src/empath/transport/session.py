@@ -63,6 +63,7 @@ customer's allocation; any address in it is the same client for the cap).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ from empath.transport.acceptance import (
     R_STEP_ERROR,
     AcceptedMessage,
     HeldBody,
+    Later,
     SessionFacts,
     Verdict,
 )
@@ -496,10 +498,19 @@ class SmtpSession(asyncio.Protocol):
         assert writer is not None
         if isinstance(writer, HeldBody):
             host = self._modules
-            if writer.pipeline.immediate and (host is None or host.data_immediate):
-                # every step answers without waiting (acceptance.py): here and now
+            pipeline = writer.pipeline
+            if pipeline.soon and (host is None or host.data_immediate):
+                # every step answers without waiting, but perhaps the last, which hands
+                # back a future (acceptance.py run_soon): no task either way
                 message = accepted_message(txn, writer, self._facts(txn))
-                verdict = writer.pipeline.run_now(message)
+                answer = pipeline.run_soon(message)
+                if isinstance(answer, Later):
+                    self._commit_task = answer.future
+                    answer.future.add_done_callback(
+                        functools.partial(self._settled, txn, writer, message, answer)
+                    )
+                    return
+                verdict = answer
                 if verdict.spool:
                     self._accepted(txn, writer, message, verdict)
                 else:  # answered from a task: no recursion down pipelined messages
@@ -510,6 +521,17 @@ class SmtpSession(asyncio.Protocol):
             self._commit_task = self._rt.loop.create_task(self._accept(txn, writer))
             return
         self._spool_commit(txn, writer, txn.sender, txn.recipients)
+
+    def _settled(
+        self,
+        txn: Transaction,
+        held: HeldBody,
+        message: AcceptedMessage,
+        later: Later,
+        _fut: asyncio.Future[Any],
+    ) -> None:
+        """The last acceptance step's future is done (run_soon): spool or answer."""
+        self._accepted(txn, held, message, held.pipeline.settle(message, later))
 
     def _spool_commit(
         self, txn: Transaction, writer: BodyWriter, sender: str, recipients: tuple[str, ...]
