@@ -332,7 +332,7 @@ def test_a_last_step_answering_later_runs_in_place_and_its_answer_counts(
     first = Step("first", action=lambda m: m.add_header("X-First", "1"))
     first.immediate = True  # whatever the mode
     soon = Soon(Step("later", Stage.DKIM, finish))
-    pipeline = AcceptancePipeline((first, soon))  # type: ignore[arg-type]
+    pipeline = AcceptancePipeline((first, soon))
     assert (True, False) == (pipeline.soon, pipeline.immediate)
     srv.group.set_acceptance(lambda _spec: pipeline)
     with srv.smtp() as c:

@@ -49,7 +49,8 @@ from empath.transport.acceptance import AcceptedMessage, HeaderField, Later, Sta
 log = get_logger("smtp", __name__)
 
 R_SIGN_FAILED: Final = Reply.of(451, "4.3.0", "DKIM signing failed, try again later")
-DURATION_BUCKETS_S: Final = (
+# (not Final: mypyc 1.x left a Final tuple of floats unset in the compiled module)
+DURATION_BUCKETS_S: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
 

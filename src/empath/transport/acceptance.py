@@ -373,35 +373,21 @@ class AcceptancePipeline:
     def run_now(self, message: AcceptedMessage) -> Verdict:
         """:meth:`run` here and now, for a pipeline whose every step is ``immediate``
         (module doc); never raises.  No timer: nothing in it can wait."""
-        for step in self._ordered:
-            try:
-                reply = cast(_ImmediateStep, step).run_now(message)
-            except Exception as exc:
-                return _failed(step, message, exc)
-            verdict = _judged(step, message, reply)
-            if verdict is not None:
-                return verdict
-        return Verdict()
+        return _in_place(self._ordered, message) or _SPOOL
 
     def run_soon(self, message: AcceptedMessage) -> Verdict | Later:
         """:meth:`run` for a pipeline that is ``soon`` (module doc): the verdict now, or
         the last step's :class:`Later`, for :meth:`settle` once its future is done.
         Never raises."""
         ordered = self._ordered
-        for step in ordered[:-1]:
-            try:
-                reply = cast(_ImmediateStep, step).run_now(message)
-            except Exception as exc:
-                return _failed(step, message, exc)
-            verdict = _judged(step, message, reply)
-            if verdict is not None:
-                return verdict
         last = ordered[-1]
+        if getattr(last, "immediate", False):
+            return self.run_now(message)
+        verdict = _in_place(ordered[:-1], message)
+        if verdict is not None:
+            return verdict
         try:
-            if getattr(last, "immediate", False):
-                answer: Reply | Later | None = cast(_ImmediateStep, last).run_now(message)
-            else:
-                answer = cast(_SoonStep, last).run_soon(message)
+            answer = cast(_SoonStep, last).run_soon(message)
         except Exception as exc:
             return _failed(last, message, exc)
         if isinstance(answer, Later):
@@ -420,6 +406,19 @@ class AcceptancePipeline:
 
 class _ImmediateStep(Protocol):
     def run_now(self, message: AcceptedMessage) -> Reply | None: ...
+
+
+def _in_place(steps: Sequence[AcceptanceStep], message: AcceptedMessage) -> Verdict | None:
+    """Immediate ``steps`` in turn: the first final verdict, or None (spool so far)."""
+    for step in steps:
+        try:
+            reply = cast(_ImmediateStep, step).run_now(message)
+        except Exception as exc:
+            return _failed(step, message, exc)
+        verdict = _judged(step, message, reply)
+        if verdict is not None:
+            return verdict
+    return None
 
 
 class _SoonStep(Protocol):

@@ -131,8 +131,9 @@ async def run_acceptance(
     txn: Transaction, held: HeldBody, facts: SessionFacts
 ) -> tuple[AcceptedMessage, Verdict]:
     """Run the listener's acceptance steps on the whole message (the held body is
-    aborted if they raise or are cancelled).  When every step is immediate the session
-    calls ``held.pipeline.run_now(accepted_message(...))`` in place instead."""
+    aborted if they raise or are cancelled).  When every step is immediate, or all but
+    the last, which offers ``run_soon`` (DKIM), the session calls
+    ``held.pipeline.run_soon(accepted_message(...))`` in place instead."""
     message = accepted_message(txn, held, facts)
     try:
         verdict = await held.pipeline.run(message)

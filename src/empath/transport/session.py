@@ -28,7 +28,9 @@ carries out its events:
 With end-of-data acceptance steps configured for the listener (DKIM, modules, the
 submission From: check; see acceptance.py), ``BodyStart`` opens a
 :class:`~empath.transport.acceptance.HeldBody` instead, which keeps the body in memory,
-and ``MessageComplete`` runs the steps in one task before the spool commit
+and ``MessageComplete`` runs the steps before the spool commit: in place when they
+never wait, from the last step's future's done-callback when only that one waits (DKIM
+signing in its key process: acceptance.py ``run_soon``), else in one task
 (handoffs.py).  Without
 steps nothing of that runs: the body-chunk path is the same call either way.
 
