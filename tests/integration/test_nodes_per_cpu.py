@@ -24,7 +24,7 @@ def two_cpus() -> list[int]:
     return cpus[:2]
 
 
-def node(tmp_path: Path, name: str, port: int, cpu: int | None) -> Daemon:
+def node(tmp_path: Path, name: str, port: int, cpu: int | None, host: str = "127.0.0.1") -> Daemon:
     closed = free_port()
     overrides: dict[str, object] = {
         "delivery": {
@@ -36,7 +36,7 @@ def node(tmp_path: Path, name: str, port: int, cpu: int | None) -> Daemon:
         overrides["cpu"] = cpu
     d = Daemon(tmp_path / name, overrides, listener={"reuse_port": True})
     d.smtp_port = port
-    d.config["smtp_controller"]["listeners"][0]["socket"] = f"127.0.0.1:{port}"
+    d.config["smtp_controller"]["listeners"][0]["socket"] = f"{host}:{port}"
     return d
 
 
@@ -64,12 +64,13 @@ def threads_cpus(pid: int) -> set[str]:
     return out
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::]"])  # the dual-stack socket too
 def test_a_connection_goes_to_the_node_pinned_to_the_cpu_that_handled_it(
-    tmp_path: Path,
+    tmp_path: Path, host: str
 ) -> None:
     cpus = two_cpus()
     port = free_port()
-    nodes = [node(tmp_path, f"n{cpu}", port, cpu) for cpu in cpus]
+    nodes = [node(tmp_path, f"n{cpu}", port, cpu, host) for cpu in cpus]
     try:
         for d in nodes:
             d.start()
