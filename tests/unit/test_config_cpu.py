@@ -7,6 +7,7 @@ import pytest
 
 from empath.config.derive import derive
 from empath.config.load import loads_config
+from empath.config.reload import plan_reload
 from empath.errors import ConfigError
 
 LISTENERS = """listeners: [ ( socket: "127.0.0.1:2525", reuse_port: true ),
@@ -30,3 +31,10 @@ def test_without_cpu_no_listener_is_steered() -> None:
 def test_a_negative_cpu_is_refused() -> None:
     with pytest.raises(ConfigError, match="cpu: must be 0 or more"):
         loads_config("Empath( cpu: -1 )")
+
+
+def test_a_changed_cpu_waits_for_a_restart() -> None:
+    """The pinning and the listeners' steering are set up at start only."""
+    plan = plan_reload(loads_config("Empath( cpu: 0 )"), loads_config("Empath( cpu: 1 )"))
+    assert plan.applied.cpu == 0
+    assert plan.pending_keys == ("cpu",)
