@@ -61,7 +61,7 @@ class Verb(enum.Enum):
 _VERBS: Final = {v.value: v for v in Verb}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per command (events.py says why)
 class Command:
     verb: Verb
     arg: str  # everything after the verb and one space, as sent
@@ -75,7 +75,7 @@ class Body(enum.Enum):
     EIGHT_BIT_MIME = "8BITMIME"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per command (events.py says why)
 class MailFrom:
     sender: str  # "" is the null reverse-path <>
     size: int | None = None  # SIZE= declared by the client
@@ -85,7 +85,7 @@ class MailFrom:
     envid: str = ""  # RFC 3461 ENVID=, accepted and ignored
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made per command (events.py says why)
 class RcptTo:
     recipient: str
     notify: str = ""  # RFC 3461 NOTIFY=, accepted and ignored
