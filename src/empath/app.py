@@ -48,7 +48,8 @@ from empath.logs import (
     set_redaction,
     setup_logging,
 )
-from empath.modules.host import ModuleHost, ModuleStats, delivery_event
+from empath.modules.events import delivery_event
+from empath.modules.host import ModuleHost, ModuleStats
 from empath.modules.step import ModulesStep
 from empath.observability.health import Check, HealthServer, ReadinessInputs, readiness_checks
 from empath.observability.metrics import (

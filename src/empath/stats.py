@@ -83,7 +83,8 @@ class HistogramCounts:
 
 
 class Histogram:
-    """Fixed buckets; O(log buckets) per observation."""
+    """Fixed buckets; O(log buckets) per observation.  (The modules' host, compiled,
+    does what :meth:`observe` does itself, on ``_bounds`` and ``_counts`` in place.)"""
 
     __slots__ = ("_bounds", "_counts", "count", "sum")
 

@@ -45,13 +45,13 @@ def test_folded_fields_stay_one_field_and_unfold_for_reading() -> None:
 
 
 def test_a_non_header_line_starts_the_body_and_gets_a_separator() -> None:
-    """Text that is not a field ends the header block; the blank line is added."""
+    """Text that is not a field ends the header block; once a step has read the fields,
+    the blank line is added."""
     fields, body, sep = split_message(b"A: 1\r\nnot a header\r\nmore\r\n")
     assert (["A"], b"not a header\r\nmore\r\n", False) == ([f.name for f in fields], body, sep)
-    assert (
-        b"A: 1\r\n\r\nnot a header\r\nmore\r\n"
-        == message(b"A: 1\r\nnot a header\r\nmore\r\n").to_bytes()
-    )
+    m = message(b"A: 1\r\nnot a header\r\nmore\r\n")
+    assert ["A"] == [f.name for f in m.headers]
+    assert b"A: 1\r\n\r\nnot a header\r\nmore\r\n" == m.to_bytes()
 
 
 def test_change_header_follows_milter_semantics() -> None:
@@ -91,3 +91,41 @@ def test_a_folded_value_is_accepted() -> None:
 def test_replace_body_refuses_bare_line_ends(body: bytes) -> None:
     with pytest.raises(ValueError, match="bare CR or LF"):
         message(b"A: 1\r\n\r\n").replace_body(body)
+
+
+def test_an_untouched_message_is_handed_on_as_the_very_bytes_received() -> None:
+    """No step read or changed it: to_bytes() is the received object, no parse, no copy."""
+    data = b"Received: from c\r\n\tby h; Mon, 7 Dec 2026 09:00:00 +0000\r\nSubject: s\r\n\r\nb\r\n"
+    m = message(data)
+    assert m.to_bytes() is data
+    assert data == m.raw  # still unsplit after to_bytes()
+
+
+def test_reading_the_headers_splits_the_message_and_edits_reach_the_bytes() -> None:
+    """The first read of ``headers`` or ``body`` splits it; later bytes follow the fields."""
+    data = b"Subject: s\r\n\r\nb\r\n"
+    m = message(data)
+    assert ["Subject"] == [f.name for f in m.headers]
+    assert m.raw is None
+    m.headers[0].raw = b"Subject: t\r\n"
+    assert b"Subject: t\r\n\r\nb\r\n" == m.to_bytes()
+    m2 = message(data)
+    assert b"b\r\n" == m2.body
+    m2.body = b"c\r\n"
+    assert b"Subject: s\r\n\r\nc\r\n" == m2.to_bytes()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"A: 1\r\nnot a header\r\n\r\nbody\r\n",  # a line that is not a field
+        b"A: 1\r\n",  # no separator
+        b"\r\nbody\r\n",  # no field
+        b"A: 1\rB: 2\r\nx\r\n",  # a bare CR
+    ],
+)
+def test_an_untouched_message_of_any_shape_is_spooled_as_received(data: bytes) -> None:
+    """What no step read or changed is spooled byte for byte as received, as a listener
+    without steps spools it (no separator line added to an odd header block)."""
+    m = message(data)
+    assert m.to_bytes() is data

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -14,6 +15,8 @@ import pytest
 from empath.config.model import ModuleConfig, ModuleOnError
 from empath.errors import ConfigError
 from empath.modules import AddHeader, Changes, DeleteHeader, DeliveryEvent, Message, Reply, Session
+from empath.modules.api import DeliveryKind
+from empath.modules.events import delivery_event
 from empath.modules.host import (
     CONTINUE,
     CallTimeouts,
@@ -25,6 +28,7 @@ from empath.modules.host import (
 )
 from empath.modules.loader import ModuleContext, PythonFilter, build_host
 from empath.smtp.events import CheckStage
+from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
 from empath.supervisor import Supervisor
 from empath.testing.clock import FakeClock
 from empath.transport.acceptance import AcceptedMessage, SessionFacts
@@ -310,3 +314,163 @@ async def test_a_milters_session_cleanup_runs_under_the_daemons_supervisor() -> 
     host.session_closed_soon(Session(id="s", peer_ip="192.0.2.1", peer_port=1, listener="l"))
     assert ["module-session-cleanup"] == supervisor.names()
     await supervisor.shutdown()
+
+
+class _EventsInPlace:
+    """An on_delivery_event that never awaits: events are handed over without a task."""
+
+    def __init__(self, arguments: dict[str, object]) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    async def on_delivery_event(self, event: DeliveryEvent) -> None:
+        self.seen.append((event.message_id, _EVENT_VAR.get()))
+        _EVENT_VAR.set("changed by the module")
+
+
+_EVENT_VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_EVENT_VAR", default="unset")
+
+
+def test_events_for_a_hook_that_never_awaits_come_later_in_order_without_a_task() -> None:
+    """Fire-and-forget: delivery_event() returns at once; the hook sees every event of
+    the batch in order on a later loop turn, in a context of its own (what it sets
+    stays there), and no consumer task exists for it."""
+    module = _EventsInPlace({})
+    filt = PythonFilter(ModuleConfig(type="Python", name="x:Y"), module)
+    assert Hook.DELIVERY in filt.immediate
+
+    async def go() -> tuple[list[tuple[str, object]], int, int, str]:
+        stats = ModuleStats()
+        host = ModuleHost([filt], stats, clock=CLOCK)
+        tasks_before = len(asyncio.all_tasks())
+        host.start(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name))
+        tasks = len(asyncio.all_tasks()) - tasks_before
+        for i in range(3):
+            host.delivery_event(DeliveryEvent("delivered", f"ID{i}", "x.test", "a@b", ("r@x",), 1))
+        assert [] == module.seen  # nothing ran in the caller
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await host.close()
+        return (
+            module.seen,
+            tasks,
+            stats.calls[("x:Y", "on_delivery_event", "continue")],
+            _EVENT_VAR.get(),
+        )
+
+    seen, tasks, counted, here = asyncio.run(go())
+    assert [("ID0", "unset"), ("ID1", "changed by the module"),
+            ("ID2", "changed by the module")] == seen  # fmt: skip
+    assert (0, 3, "unset") == (tasks, counted, here)
+
+
+def test_a_full_in_place_event_queue_drops_and_counts() -> None:
+    """The in-place hand-over is bounded as the consumer queue is: 1,000 wait, the rest
+    are dropped and counted."""
+    module = _EventsInPlace({})
+    filt = PythonFilter(ModuleConfig(type="Python", name="x:Y"), module)
+
+    async def go() -> ModuleStats:
+        stats = ModuleStats()
+        host = ModuleHost([filt], stats, clock=CLOCK)
+        host.start(lambda coro, name: asyncio.get_running_loop().create_task(coro, name=name))
+        event = DeliveryEvent("delivered", "ID", "x.test", "a@b", ("r@x.test",), 1)
+        for _ in range(1005):
+            host.delivery_event(event)
+        await asyncio.sleep(0)
+        await host.close()
+        return stats
+
+    stats = asyncio.run(go())
+    assert {"x:Y": 5} == stats.dropped
+    assert 1000 == stats.calls[("x:Y", "on_delivery_event", "continue")]
+    assert 1000 == len(module.seen)
+
+
+def test_a_module_that_never_reads_the_message_leaves_it_unparsed() -> None:
+    """The view a hook gets splits the message only when the hook reads headers or body:
+    the message itself stays as received (and is spooled as received)."""
+    data = b"Subject: s\r\n\tfolded\r\n\r\nbody\r\n"
+    message = AcceptedMessage("ID", data, sender="a@b", recipients=["r@x"], facts=FACTS)
+    looks = Fake("looks")
+    assert (
+        asyncio.run(ModuleHost([looks], ModuleStats(), clock=CLOCK).data(session(), message))
+        is None
+    )
+    assert data == message.raw
+    assert message.to_bytes() is data
+    seen = looks.seen[0]  # read now: parsed from the bytes it was given
+    assert (("Subject", "s\r\n\tfolded"),) == seen.headers
+    assert b"body\r\n" == seen.body
+    assert Message("a@b", ("r@x",), (("Subject", "s\r\n\tfolded"),), b"body\r\n") == seen
+    assert data == message.raw  # the view's parse is its own
+
+
+@pytest.mark.parametrize(
+    ("status", "history", "kind", "detail"),
+    [
+        (UnitStatus.DELIVERED, (Attempt(1.0, "mx", 250, "2.0.0 Ok"),), "delivered", "250 2.0.0 Ok"),
+        (UnitStatus.RETRY, (Attempt(1.0, "", None, "connection refused"),), "deferred",
+         "connection refused"),
+        (UnitStatus.FAILED, (), "failed", "gave up"),
+    ],
+)  # fmt: skip
+def test_a_delivery_event_is_the_units_outcome_as_the_api_constructor_builds_it(
+    status: UnitStatus, history: tuple[Attempt, ...], kind: DeliveryKind, detail: str
+) -> None:
+    """delivery_event() (which fills the frozen event's slots itself) gives exactly what
+    DeliveryEvent(...) gives, and a frozen one."""
+    (unit,) = initial_units(["a@x.test", "b@x.test"])
+    unit = dataclasses.replace(unit, status=status, attempts=2, history=history,
+                               last_error="gave up")  # fmt: skip
+    msg = MessageState("MSGID", Envelope("s@y.test", ("a@x.test", "b@x.test"), 1.0), (unit,))
+    event = delivery_event(msg, unit)
+    expected = DeliveryEvent(kind, "MSGID", "x.test", "s@y.test", ("a@x.test", "b@x.test"), 2,
+                             detail)  # fmt: skip
+    assert expected == event
+    assert {} == event.extra
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.kind = "failed"  # type: ignore[misc]
+
+
+class _InPlaceShapes:
+    """Hooks that never await, answering, raising, and one whose awaitable suspends."""
+
+    def __init__(self, arguments: dict[str, object]) -> None:
+        self.suspend_on = ""
+
+    async def on_rcpt_to(self, session: Session, arg: str) -> Reply | None:
+        if arg == "raise":
+            raise ValueError("boom")
+        return Reply(550, "5.1.1", arg) if arg != "ok" else None
+
+
+def test_in_place_calls_keep_answering_after_a_hook_raised_or_suspended() -> None:
+    """Each in-place call gets its own answer: one that raises is the module's error
+    (on_error), one that suspends is closed and reported, and the calls after either
+    are answered as before."""
+    flt = PythonFilter(ModuleConfig(type="Python", name="m:Shapes"), _InPlaceShapes({}))
+    assert Hook.RCPT in flt.immediate
+    host = ModuleHost([flt], ModuleStats(), clock=CLOCK)
+    answers = [host.stage_now(Hook.RCPT, session(), a) for a in ("no", "raise", "ok", "x")]
+    assert [Reply(550, "5.1.1", "no"), Reply(451, "4.7.1",
+            "Service temporarily unavailable, try again later"), None,
+            Reply(550, "5.1.1", "x")] == answers  # fmt: skip
+
+    async def suspends() -> None:
+        await asyncio.sleep(0)
+
+    closed: list[bool] = []
+
+    async def watched() -> None:
+        try:
+            await suspends()
+        except GeneratorExit:
+            closed.append(True)
+            raise
+
+    with pytest.raises(RuntimeError, match="on_rcpt_to suspended"):
+        flt._fns[Hook.RCPT] = lambda s, a: watched()
+        flt.now(Hook.RCPT, session(), "x")
+    assert [True] == closed
+    flt._fns[Hook.RCPT] = _InPlaceShapes({}).on_rcpt_to
+    assert Verdict(Reply(550, "5.1.1", "y")) == flt.now(Hook.RCPT, session(), "y")

@@ -6,7 +6,7 @@ modules and every other end-of-data step change a message one way)."""
 from __future__ import annotations
 
 from empath.modules.api import AddHeader, ChangeHeader, Changes, DeleteHeader, Message
-from empath.transport.acceptance import AcceptedMessage, HeaderField
+from empath.transport.acceptance import AcceptedMessage, HeaderField, split_message
 
 __all__ = ["apply_changes", "field_value", "message_view"]
 
@@ -22,16 +22,28 @@ def field_value(f: HeaderField) -> str:
 
 
 class _View(Message):
-    """A :class:`Message` whose ``headers`` tuple is built on first use (a hook that
-    never looks at them costs nothing for them); equal to, and read like, a Message."""
+    """A :class:`Message` whose ``headers`` and ``body`` are built on first use (a hook
+    that never looks at them costs nothing for them): from the received bytes while
+    the message is untouched (``_raw``), else from its fields and body as they were
+    when the view was made.  Equal to, and read like, a Message."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_raw")
     _fields: tuple[HeaderField, ...]  # the message's fields when the view was made
+    _raw: bytes | None  # or the untouched received bytes, split on first use
+
+    def _parse(self) -> None:
+        raw = self._raw
+        if raw is not None:
+            fields, body, _sep = split_message(raw)
+            object.__setattr__(self, "_fields", tuple(fields))
+            _FIELDS["body"].__set__(self, body)
+            object.__setattr__(self, "_raw", None)
 
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
         built: tuple[tuple[str, str], ...] | None = _HEADERS.__get__(self)
         if built is None:
+            self._parse()
             built = tuple((f.name, field_value(f)) for f in self._fields)
             _HEADERS.__set__(self, built)
         return built
@@ -39,6 +51,18 @@ class _View(Message):
     @headers.setter  # dataclasses.replace() builds through Message.__init__
     def headers(self, value: tuple[tuple[str, str], ...]) -> None:
         _HEADERS.__set__(self, value)
+        object.__setattr__(self, "_raw", None)
+
+    @property
+    def body(self) -> bytes:
+        self._parse()
+        body: bytes = _FIELDS["body"].__get__(self)
+        return body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        _FIELDS["body"].__set__(self, value)
+        object.__setattr__(self, "_raw", None)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
@@ -61,9 +85,12 @@ def message_view(message: AcceptedMessage) -> Message:
     view = object.__new__(_View)
     _FIELDS["sender"].__set__(view, message.sender)
     _FIELDS["recipients"].__set__(view, tuple(message.recipients))
-    _FIELDS["body"].__set__(view, message.body)
     _HEADERS.__set__(view, None)
-    object.__setattr__(view, "_fields", tuple(message.headers))
+    raw = message.raw
+    object.__setattr__(view, "_raw", raw)
+    if raw is None:
+        _FIELDS["body"].__set__(view, message.body)
+        object.__setattr__(view, "_fields", tuple(message.headers))
     return view
 
 

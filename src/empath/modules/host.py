@@ -15,9 +15,10 @@ uniform internal interface whose calls return a :class:`Verdict`.  The
   filters are not asked); ``None``/continue asks the next one;
 * **end of data**: each filter sees the message as the ones before it changed it;
   changes accumulate; a 4xx/5xx or a discard ends the chain;
-* **delivery events**: handed to each interested filter's bounded queue and
-  consumed by one task per filter, so a slow module never holds up delivery; a
-  full queue drops the event and counts it.
+* **delivery events**: handed to each interested filter's bounded queue, so a slow
+  module never holds up delivery; a full queue drops the event and counts it.  A
+  hook that may await is fed by a consumer task; one that never does by an
+  :class:`~empath.modules.events.EventDrain` (a loop callback per batch, no task).
 
 Every call is bounded by the entry's timeout.  A timeout or an exception is
 mapped by ``on_error`` (tempfail ``451 4.7.1``, reject ``550 5.7.1``, accept = carry
@@ -37,6 +38,7 @@ import dis
 import enum
 import inspect
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol, get_args
@@ -46,15 +48,14 @@ from empath.logs import get_logger
 from empath.modules.api import (
     Changes,
     DeliveryEvent,
-    DeliveryKind,
     Message,
     OnError,
     Reply,
     Session,
 )
+from empath.modules.events import DELIVERY_QUEUE_MAX, EventDrain
 from empath.modules.headers import apply_changes, message_view
 from empath.smtp.events import CheckStage
-from empath.spool.model import MessageState, UnitState, UnitStatus
 from empath.stats import Histogram
 from empath.supervisor import untracked
 from empath.transport.acceptance import AcceptedMessage
@@ -66,15 +67,15 @@ __all__ = [
     "ModuleHost",
     "ModuleStats",
     "Verdict",
-    "delivery_event",
 ]
 
 log = get_logger("modules", __name__)
 
 ERROR_LOG_INTERVAL_S: Final = 60.0
-DELIVERY_QUEUE_MAX: Final = 1000
-DURATION_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                             2.5, 5.0, 10.0, 30.0)  # fmt: skip
+# (the tuple's type spelled out: mypyc leaves an inferred Final tuple of floats unset)
+DURATION_BUCKETS_S: Final[tuple[float, ...]] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)  # fmt: skip
 
 
 class Hook(enum.Enum):
@@ -271,7 +272,8 @@ class _Slot:
     """One filter's calls of one hook, with what each call records looked up once
     (the counters' keys, the histogram, the filter's health)."""
 
-    __slots__ = ("_calls", "_hist", "_keys", "f", "health", "hook", "immediate")
+    __slots__ = ("_bounds", "_buckets", "_calls", "_hist", "_keys", "f", "health", "hook",
+                 "immediate")  # fmt: skip
 
     def __init__(self, f: Filter, hook: Hook, health: _Health, stats: ModuleStats) -> None:
         self.f = f
@@ -282,13 +284,20 @@ class _Slot:
         self._keys: dict[str, tuple[str, str, str]] = {
             r: (f.label, hook.value, r) for r in _RESULTS
         }
-        self._hist = stats.histogram(f.label, hook.value)
+        hist = self._hist = stats.histogram(f.label, hook.value)
+        # Histogram.observe done here (a call into interpreted stats.py per module call
+        # was a third of this bookkeeping): its bounds, and its bucket list updated in place
+        self._bounds: tuple[float, ...] = hist._bounds
+        self._buckets: list[int] = hist._counts
 
     def record(self, result: str, seconds: float) -> None:
         key = self._keys[result]
         calls = self._calls
         calls[key] = calls.get(key, 0) + 1
-        self._hist.observe(seconds)
+        self._buckets[bisect_left(self._bounds, seconds)] += 1
+        hist = self._hist
+        hist.count += 1
+        hist.sum += seconds
 
 
 def _stage_answer(session: Session, verdict: Verdict) -> tuple[bool, Reply | None]:
@@ -339,8 +348,9 @@ class ModuleHost:
         self._needs_cleanup = any(f.kind == "milter" for f in filters)
         self._cleanups: set[asyncio.Task[None]] = set()
         self._spawn: Callable[..., asyncio.Task[None]] | None = None  # set by start()
-        self._queues: dict[int, asyncio.Queue[DeliveryEvent]] = {}
+        self._queues: list[tuple[str, asyncio.Queue[DeliveryEvent]]] = []
         self._consumers: list[asyncio.Task[None]] = []
+        self._drains: list[EventDrain] = []
 
     def __bool__(self) -> bool:
         return bool(self.filters)
@@ -531,26 +541,46 @@ class ModuleHost:
     # -- delivery events --------------------------------------------------------
 
     def start(self, spawn: Callable[..., asyncio.Task[None]]) -> None:
-        """Start one delivery-event consumer per interested filter; ``spawn`` also
-        starts the filters' session cleanups from now on."""
+        """Start taking delivery events (a consumer task per interested filter whose
+        hook may suspend; a batch callback for one whose hook never does); ``spawn``
+        also starts the filters' session cleanups from now on."""
         self._spawn = spawn
+        loop = asyncio.get_running_loop()
         for slot in self._slots[Hook.DELIVERY]:
             f = slot.f
+            if slot.immediate:
+                # its calls run from loop callbacks in one context of their own, as they
+                # would in the consumer task's
+                self._drains.append(
+                    EventDrain(
+                        loop, contextvars.copy_context(), self._caller(slot), self._dropper(f.label)
+                    )
+                )
+                continue
             q: asyncio.Queue[DeliveryEvent] = asyncio.Queue(DELIVERY_QUEUE_MAX)
-            self._queues[id(f)] = q
+            self._queues.append((f.label, q))
             name = f"module-events-{f.label}"
             self._consumers.append(spawn(self._consume(slot, q), name=name))
 
     def delivery_event(self, event: DeliveryEvent) -> None:
         """Hand ``event`` to each interested filter; never blocks, never raises."""
-        for f in self._by_hook[Hook.DELIVERY]:
-            q = self._queues.get(id(f))
-            if q is None:
-                continue
+        for drain in self._drains:
+            drain.put(event)
+        for label, q in self._queues:
             try:
                 q.put_nowait(event)
             except asyncio.QueueFull:
-                self.stats.dropped[f.label] = self.stats.dropped.get(f.label, 0) + 1
+                self._dropped(label)
+
+    def _dropped(self, label: str) -> None:
+        dropped = self.stats.dropped
+        dropped[label] = dropped.get(label, 0) + 1
+
+    def _caller(self, slot: _Slot) -> Callable[[DeliveryEvent], object]:
+        return lambda event: self._call_now(slot, None, event)
+
+    def _dropper(self, label: str) -> Callable[[], None]:
+        return lambda: self._dropped(label)
 
     async def _consume(self, slot: _Slot, q: asyncio.Queue[DeliveryEvent]) -> None:
         f = slot.f
@@ -561,14 +591,13 @@ class ModuleHost:
 
         while True:
             event = await q.get()
-            if slot.immediate:  # (every event queued meanwhile is taken without a wait)
-                self._call_now(slot, None, event)
-            else:
-                await self._call(slot, f.budget(Hook.DELIVERY), one(event))
+            await self._call(slot, f.budget(Hook.DELIVERY), one(event))
 
     async def close(self) -> None:
         for task in self._consumers:
             task.cancel()
+        for drain in self._drains:
+            drain.close()
         for f in self.filters:
             try:
                 await f.close()
@@ -595,29 +624,3 @@ class ModuleHost:
             entry.update(f.status())
             out.append(entry)
         return out
-
-
-_EVENT_KIND: Final[dict[UnitStatus, DeliveryKind]] = {
-    UnitStatus.DELIVERED: "delivered",
-    UnitStatus.RETRY: "deferred",
-    UnitStatus.PENDING: "deferred",
-    UnitStatus.FAILED: "failed",
-    UnitStatus.EXPIRED: "failed",
-}
-
-
-def delivery_event(msg: MessageState, unit: UnitState) -> DeliveryEvent:
-    """The module API's view of one unit's outcome."""
-    detail = unit.last_error
-    if unit.history:
-        last = unit.history[-1]
-        detail = f"{last.code} {last.text}" if last.code is not None else last.text
-    return DeliveryEvent(
-        kind=_EVENT_KIND.get(unit.status, "deferred"),
-        message_id=msg.id,
-        domain=unit.domain,
-        sender=msg.envelope.sender,
-        recipients=tuple(r.address for r in unit.recipients),
-        attempt=unit.attempts,
-        detail=detail,
-    )

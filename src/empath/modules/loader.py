@@ -34,6 +34,7 @@ from empath.modules.host import (
     Verdict,
     never_suspends,
 )
+from empath.modules.inplace import Runner, SuspendedError
 
 __all__ = ["HOOK_ATTRIBUTES", "ModuleContext", "PythonFilter", "build_host", "load_filter"]
 
@@ -72,6 +73,7 @@ class PythonFilter:
         self.timeouts = call_timeouts(cfg.timeouts)
         self.on_error: OnError = cfg.on_error
         self.obj = obj
+        self._runner = Runner()  # runs the immediate hooks' coroutines (modules/inplace.py)
         self._fns: dict[Hook, Callable[..., Awaitable[object]]] = {}
         for hook, attr in HOOK_ATTRIBUTES.items():
             fn = getattr(obj, attr, None)
@@ -108,12 +110,10 @@ class PythonFilter:
         else:
             coro = fn(session, arg)
         try:
-            coro.send(None)  # type: ignore[attr-defined]
-        except StopIteration as done:
-            return CONTINUE if hook is Hook.DELIVERY else _as_verdict(done.value, hook)
-        finally:
-            coro.close()  # type: ignore[attr-defined]
-        raise RuntimeError(f"{hook.value} suspended although its code never awaits")
+            value = self._runner.run(coro)  # type: ignore[arg-type]
+        except SuspendedError:
+            raise RuntimeError(f"{hook.value} suspended although its code never awaits") from None
+        return CONTINUE if hook is Hook.DELIVERY else _as_verdict(value, hook)
 
     async def delivery(self, event: DeliveryEvent) -> None:
         await self._fns[Hook.DELIVERY](event)

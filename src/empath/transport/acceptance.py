@@ -107,9 +107,12 @@ class Stage(enum.IntEnum):
     DKIM = 30
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionFacts:
-    """What the session knows about the client that sent this message."""
+    """What the session knows about the client that sent this message.  Read-only by
+    contract; not ``frozen`` because mypyc builds a frozen dataclass through an
+    interpreted ``__init__`` (object.__setattr__ per field: ~16k instructions, once per
+    message with steps)."""
 
     peer_ip: str
     peer: str  # "ip:port" as logged
@@ -121,7 +124,7 @@ class SessionFacts:
     esmtp: bool = True
     smtputf8: bool = False
     # the modules' per-connection state (empath.modules.api.Session), when modules run
-    module_session: object = field(default=None, compare=False)
+    module_session: Any = field(default=None, compare=False)
 
 
 @dataclass(slots=True)
@@ -174,24 +177,38 @@ def split_message(data: bytes) -> tuple[list[HeaderField], bytes, bool]:
             return fields, data[end:], True
         if line[:1] in (b" ", b"\t") and fields:
             fields[-1].raw += line
-        else:
-            colon = line.find(b":")
-            if colon <= 0 or b" " in line[:colon].strip() or not line.endswith(b"\r\n"):
-                return fields, data[pos:], False
+        elif _starts_field(line):
             fields.append(HeaderField(line))
+        else:
+            return fields, data[pos:], False
         pos = end
     return fields, b"", False
 
 
+def _starts_field(line: bytes) -> bool:
+    """``line`` (with its line end) opens a header field: ``name:`` with a name and
+    a final CRLF."""
+    colon = line.find(b":")
+    return colon > 0 and b" " not in line[:colon].strip() and line.endswith(b"\r\n")
+
+
 class AcceptedMessage:
-    """The complete message as the pipeline's steps see and change it (module doc)."""
+    """The complete message as the pipeline's steps see and change it (module doc).
+
+    The received bytes are split into header fields and body only when a step first
+    reads or changes ``headers`` or ``body`` (a step that never does, e.g. a module
+    hook that only looks at the envelope, costs no parse).  Until then :meth:`to_bytes`
+    is the received bytes themselves, exactly what a listener without steps spools
+    (for an odd message whose header block runs into the body without an empty line,
+    the separator that reassembling adds comes only once a step has split it)."""
 
     __slots__ = (
+        "_body",
+        "_headers",
+        "_raw",
         "_separator",
-        "body",
         "discarded",
         "facts",
-        "headers",
         "id",
         "log_fields",
         "recipients",
@@ -208,12 +225,47 @@ class AcceptedMessage:
         facts: SessionFacts,
     ) -> None:
         self.id = msg_id
-        self.headers, self.body, self._separator = split_message(data)
+        self._raw: bytes | None = data  # None once split (headers/body are the truth)
+        self._headers: list[HeaderField] = []
+        self._body = b""
+        self._separator = False
         self.sender = sender
         self.recipients = list(recipients)
         self.facts = facts
         self.discarded: str | None = None
         self.log_fields: dict[str, object] = {}
+
+    def _split(self) -> None:
+        raw = self._raw
+        if raw is not None:
+            self._raw = None
+            self._headers, self._body, self._separator = split_message(raw)
+
+    @property
+    def raw(self) -> bytes | None:
+        """The received bytes while nothing has read or changed ``headers``/``body``
+        (then a read-only view may split them itself), else None."""
+        return self._raw
+
+    @property
+    def headers(self) -> list[HeaderField]:
+        self._split()
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: list[HeaderField]) -> None:
+        self._split()
+        self._headers = value
+
+    @property
+    def body(self) -> bytes:
+        self._split()
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        self._split()
+        self._body = value
 
     # -- headers -------------------------------------------------------------
 
@@ -281,9 +333,13 @@ class AcceptedMessage:
 
     def to_bytes(self) -> bytes:
         """The message as it would be spooled now."""
-        head = b"".join(f.raw for f in self.headers)
-        if self._separator or self.body:
-            return head + b"\r\n" + self.body
+        raw = self._raw
+        if raw is not None:
+            return raw  # untouched by every step: spooled as received, as without steps
+        self._split()
+        head = b"".join(f.raw for f in self._headers)
+        if self._separator or self._body:
+            return head + b"\r\n" + self._body
         return head
 
 
