@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -115,12 +115,13 @@ class Unsigned:
 class _Message:
     """The header fields of one message, canonicalised lazily per field and mode."""
 
-    __slots__ = ("canonical", "fields", "names")
+    __slots__ = ("canonical", "fields", "joined", "names")
 
     def __init__(self, raw_fields: Sequence[bytes]) -> None:
         self.fields = parse_fields(raw_fields)
         self.names = [field_name(n) for n, _ in self.fields]
         self.canonical: dict[tuple[bool, int], bytes] = {}
+        self.joined: dict[tuple[bool, tuple[str, ...]], bytes] = {}
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -141,21 +142,28 @@ class _Message:
             self.canonical[key] = done
         return done
 
-    def hash_selected(
-        self, update: Callable[[bytes], None], include: list[str], relaxed: bool
-    ) -> None:
-        """Feed the fields ``h=`` names, each name's occurrences bottom-up (RFC 6376
-        §5.4.2); a name listed more often than present (over-signing) adds nothing."""
+    def selected(self, include: list[str], relaxed: bool) -> bytes:
+        """The fields ``h=`` names, canonicalised and joined as they are hashed: each
+        name's occurrences bottom-up (RFC 6376 §5.4.2); a name listed more often than
+        present (over-signing) adds nothing.  The same for every signature with the
+        same ``h=`` and header canonicalisation (dual RSA + Ed25519): made once."""
+        key = (relaxed, tuple(include))
+        done = self.joined.get(key)
+        if done is not None:
+            return done
         names = self.names
         last: dict[str, int] = {}
+        parts: list[bytes] = []
         for name in include:
             i = last.get(name, len(names))
             while i > 0:
                 i -= 1
                 if names[i] == name:
-                    update(self.field(i, relaxed))
+                    parts.append(self.field(i, relaxed))
                     break
             last[name] = i
+        done = self.joined[key] = b"".join(parts)
+        return done
 
 
 def prepare(
@@ -176,8 +184,7 @@ def prepare(
         relaxed = c_head == "relaxed"
         include = header_list(counts, spec)
         head = signature_head(spec, now, include, bh)
-        hasher = hashlib.sha256()
-        message.hash_selected(hasher.update, include, relaxed)
+        hasher = hashlib.sha256(message.selected(include, relaxed))
         # the signature field itself, b= empty, without its final CRLF (§3.7)
         if relaxed:
             hasher.update(_SIG_RELAXED + relaxed_value(head)[:-2])
