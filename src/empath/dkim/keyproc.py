@@ -35,7 +35,8 @@ nothing else times its wait out).
 The parent side, :class:`KeyProcess`, runs on the event loop: ``add_reader`` on the
 child's stdout, non-blocking writes to its stdin (one write per loop turn for every
 request made in it; the rest queued behind ``add_writer`` if the pipe is full).
-``python -m empath.dkim.keyproc`` is the child.
+The child is ``python -c "from empath.dkim.keyproc import main; main()"`` (not ``-m``:
+this module is compiled with mypyc, and ``-m`` cannot run an extension module).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _ERR_ID: Final = struct.Struct("!Q")
 K, P, S, R, E = b"K"[0], b"P"[0], b"S"[0], b"R"[0], b"E"[0]
 READ_SIZE: Final = 1 << 16
 ANSWER_LIMIT_S: Final = 30.0
+CHILD: Final = "from empath.dkim.keyproc import main; main()"
 
 
 class KeyProcessError(Exception):
@@ -82,7 +84,7 @@ class KeyProcess:
         self._limit = answer_limit_s
         self._watchdog: asyncio.TimerHandle | None = None
         self._answers = 0  # answers read from the child (the watchdog sees it move)
-        self._argv = list(argv or (sys.executable, "-m", "empath.dkim.keyproc"))
+        self._argv = list(argv or (sys.executable, "-c", CHILD))
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rfd = self._wfd = -1
