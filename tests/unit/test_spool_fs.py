@@ -17,10 +17,12 @@ import pytest
 
 from empath.errors import SpoolError, SpoolFullError, UnknownMessageError
 from empath.spool.body import BodyState
+from empath.spool.compaction import UNFIT_WARN_EVERY_S
 from empath.spool.fs import FileSpool
 from empath.spool.memory import MemorySpool
 from empath.spool.model import Attempt, Envelope, MessageState, UnitStatus, initial_units
 from empath.spool.store import Spool
+from empath.testing.clock import FakeClock
 from tests.helpers import wait_for
 
 T = TypeVar("T")
@@ -543,3 +545,29 @@ async def test_repr_and_body_states_are_informative(tmp_path: Path) -> None:
         assert f"<FileSpool {str(tmp_path)!r} closed messages=1>" == repr(spool)
 
     await main()
+
+
+async def test_a_segment_that_does_not_fit_is_reported_again_while_the_disk_stays_full(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full disk that stays stuck keeps saying so: the warning that a segment's live
+    mail does not fit in the free space is repeated every UNFIT_WARN_EVERY_S, not said
+    once per segment for ever (a long full disk went silent after its first minute)."""
+    clock = FakeClock()
+    spool, _ = await reopen(tmp_path, clock=clock, segment_bytes=12_000)
+    msgs = [await put(spool, b"m %d\r\n" % i + b"x" * 5000) for i in range(4)]
+    await spool.remove(msgs[0].id)  # dead bytes in the first segment, live mail too
+    spool._free_total = lambda: (0, 1 << 30)  # type: ignore[method-assign]
+    caplog.set_level(logging.WARNING, logger="empath")
+
+    async def warnings_after_compacting() -> int:
+        spool._reserve.release()  # the disk is full: what compaction gives back is taken
+        await spool.compact(include_active=True)
+        return sum(r.getMessage().startswith("Spool segment not compacted") for r in caplog.records)
+
+    assert 1 == await warnings_after_compacting()
+    clock.advance(1.0)
+    assert 1 == await warnings_after_compacting()  # not every second
+    clock.advance(UNFIT_WARN_EVERY_S)
+    assert 2 == await warnings_after_compacting()
+    await spool.close()

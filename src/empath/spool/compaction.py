@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Final
 
+from empath.clock import Clock
 from empath.errors import SpoolError
 from empath.logs import get_logger
 from empath.spool import codec
@@ -45,6 +46,7 @@ from empath.spool.writer import Entry, EntryKind, LogWriter, Segment, fsync_dir
 log = get_logger("spool", __name__)
 
 COPY_BATCH_BYTES: Final = 4 * 1024 * 1024  # compaction moves this much per group commit
+UNFIT_WARN_EVERY_S: Final = 10.0  # "does not fit" is repeated this often for one segment
 
 
 class Compaction:
@@ -62,7 +64,8 @@ class Compaction:
     _log_dir: Path
     _reserve: Reserve
     _reserve_was_held: bool
-    _unfit_warned: int | None = None  # the segment "does not fit" was last logged for
+    _clock: Clock
+    _unfit_warned: tuple[int, float] | None = None  # (segment, when) "does not fit" was logged
 
     def _live_writer(self) -> LogWriter:
         raise NotImplementedError
@@ -178,9 +181,13 @@ class Compaction:
         room = free + (self._reserve.size if self._reserve.held else 0)
         if seg.live_bytes <= room:
             return True
-        if self._unfit_warned == seg.seq:
-            return False  # said already (the compactor asks every second under pressure)
-        self._unfit_warned = seg.seq
+        # Said again now and then, not every second (the compactor asks that often under
+        # pressure): a full disk that stays stuck keeps saying so.
+        now = self._clock.monotonic()
+        last = self._unfit_warned
+        if last is not None and last[0] == seg.seq and now - last[1] < UNFIT_WARN_EVERY_S:
+            return False
+        self._unfit_warned = (seg.seq, now)
         log.warn(
             "Spool segment not compacted: its live messages do not fit in the free space",
             segment=seg.name,

@@ -399,11 +399,17 @@ class FileSpool(IndexedMessages, Compaction):
         if not durable and (loc is None or not loc.spilled):
             # Gone for every reader now; the tombstone is gathered with the others of
             # the next LAZY_FLUSH_S into one record (LogWriter.submit lazy), written
-            # after the message history is synced.  Until it is written the record
-            # stays live for compaction's accounting, and ``_removing`` keeps
-            # compaction off it.
+            # after the message history is synced.  Its MSG record is dead for
+            # compaction at once: never copied forward (a copy after the tombstone
+            # would bring it back), and its segment may be deleted before the
+            # tombstone is written - which forgets the message just as well.  Were it
+            # kept live until the tombstone is durable, a full disk that refuses the
+            # tombstone would pin its segment for good, and the space of delivered
+            # mail could never come back through compaction (issue 20, disk full).
             self._index.forget(msg_id)
-            self._removing.add(msg_id)
+            if packed is not None and loc is not None:
+                del self._locs[msg_id]
+                self._unplace(msg_id, loc)
             writer.submit(Entry(EntryKind.DEL, msg_id, codec.del_payload(msg_id)), lazy=True)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -464,11 +470,8 @@ class FileSpool(IndexedMessages, Compaction):
                     if brief is not None:
                         brief.state = 0  # the copy holds the newest units
             elif kind is EntryKind.DEL:
-                lazy = entry.future is None  # gathered tombstones (remove(durable=False))
                 for msg_id in entry.ids:
                     self._index.forget(msg_id)
-                    if lazy:
-                        self._removing.discard(msg_id)
                     packed = self._locs.pop(msg_id, None)
                     if packed is not None:
                         loc = BodyLocation.unpack(packed)
