@@ -72,6 +72,18 @@ def test_victims_go_oldest_first_and_never_while_a_removal_is_under_way() -> Non
     assert None is pick_victim([], CompactMode.FORCED, 0.5)
 
 
+def test_under_pressure_a_closed_segment_the_periodic_pass_would_take_is_taken() -> None:
+    """Small segments (64 KiB) never reach MIN_RECLAIM_BYTES of dead data while they hold
+    any live mail: under pressure compaction used to take none of them, so a full disk
+    with plenty of reclaimable space stopped compacting altogether."""
+    half_dead = SegmentSpace(1, 66_000, 30_000)
+    assert half_dead == pick_victim([half_dead], CompactMode.NORMAL, 0.5)
+    assert half_dead == pick_victim([half_dead], CompactMode.PRESSURE, 0.5)
+    mostly_live = SegmentSpace(1, 66_000, 50_000)
+    assert None is pick_victim([mostly_live], CompactMode.PRESSURE, 0.5)
+    assert not rotate_active(half_dead, CompactMode.PRESSURE, 0.5)  # not worth a new file
+
+
 def test_reclaimable_bytes_are_the_dead_bytes_of_every_segment() -> None:
     assert 3 * MIB == reclaimable_bytes(
         [SegmentSpace(1, 2 * MIB, MIB), SegmentSpace(2, 2 * MIB, 0)]

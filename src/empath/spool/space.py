@@ -19,7 +19,8 @@ needs space.  Two things follow:
   filesystem is free) the active segment is rotated and compacted too, and a segment
   qualifies once its dead bytes are at least :data:`MIN_RECLAIM_BYTES` and a quarter
   of its live bytes (so rewriting live mail costs at most four bytes per byte won
-  back: no thrashing on a disk full of live mail).  ``FORCED`` (an operator's
+  back: no thrashing on a disk full of live mail); a closed segment the periodic pass
+  would take is taken under pressure too.  ``FORCED`` (an operator's
   ``compact(include_active=True)``) takes every segment with a page or more of dead
   bytes.  Segments always go oldest first: a tombstone never outlives its record.
 
@@ -104,9 +105,18 @@ def pick_victim(
     if not closed:
         return None
     oldest = min(closed, key=lambda s: s.seq)
-    if not any(worth_compacting(s, mode, live_ratio) for s in closed):
+    if not any(_closed_worth(s, mode, live_ratio) for s in closed):
         return None
     return None if oldest.busy else oldest
+
+
+def _closed_worth(seg: SegmentSpace, mode: CompactMode, live_ratio: float) -> bool:
+    """A closed segment is worth compacting under pressure whenever the periodic pass
+    would take it too: with small segments (under MIN_RECLAIM_BYTES) the pressure rule
+    alone took none that held any live mail, so a full disk stopped compacting."""
+    if worth_compacting(seg, mode, live_ratio):
+        return True
+    return mode is CompactMode.PRESSURE and worth_compacting(seg, CompactMode.NORMAL, live_ratio)
 
 
 def reclaimable_bytes(segments: Sequence[SegmentSpace]) -> int:
