@@ -3,10 +3,11 @@ and DSN creation; it is restarted while full; then space is freed.
 
 Mail goes to ``a.test`` (accepts), ``defer.test`` (451: those messages stay queued and keep
 old segments alive, so compaction has messages to copy forward) and ``bounce.test``
-(451 at first, then 550 once the disk is full, so the DSNs are created on a full disk).
+(451 at first, then 550 once the disk is full, so the DSNs are created on a full disk:
+refused, or written into what compaction freed).
 The bars: clients get only 250 or ``452 4.3.1``; compaction runs on the full disk (from the
-space reserve, or failing with a log line) and DSN creation fails, without corrupting
-anything; a restart on the full disk succeeds; once the filler is deleted every
+space reserve, or failing with a log line) and DSN creation fails or fits in what it
+freed, without corrupting anything; a restart on the full disk succeeds; once the filler is deleted every
 acknowledged message reaches ``a.test``, every bounced one gets its DSN, the 4xx ones
 are still queued, and the spool reopens with nothing to quarantine.
 """
@@ -121,14 +122,22 @@ def test_full_disk_during_ingest_compaction_and_dsn_creation(tmp_path: Path) -> 
             compactions = compaction_runs(d)
             sink.bouncing = True  # the next retries fail for good: DSNs on a full disk
             # Compaction on the full disk either fails (the logs say so) or, since the space
-            # reserve (issue 14 #15) is given up for deletions and compaction, succeeds; the
-            # DSNs are new mail and cannot be written until space comes back.
+            # reserve (issue 14 #15) is given up for deletions and compaction, succeeds.  The
+            # DSNs are new mail: written only if compaction has freed room by the time the
+            # bounce comes, else the outcome is not saved and the bounce is redone later.
+            # Which one happens is a race with the compactor (since delivered mail's space
+            # is reclaimable at once, f717bfd, the small CI burst usually frees enough), so
+            # either is accepted here; the end of the test checks every DSN was sent.
+            dsns_before = count(d, "DSN queued")
             wait_until(
-                "a compaction on the full disk and a DSN that could not be saved",
+                "a compaction on the full disk and a bounce whose DSN was saved or refused",
                 lambda: (
                     compaction_runs(d) > compactions
                     and count(d, "Delivery failed permanently") > 0
-                    and count(d, "Delivery outcome not saved") > 0
+                    and (
+                        count(d, "Delivery outcome not saved") > 0
+                        or count(d, "DSN queued") > dsns_before
+                    )
                 ),
             )
             # What compaction freed may take new mail again (250) - no restart needed - or
