@@ -7,9 +7,9 @@ old segments alive, so compaction has messages to copy forward) and ``bounce.tes
 refused, or written into what compaction freed).
 The bars: clients get only 250 or ``452 4.3.1``; compaction runs on the full disk (from the
 space reserve, or failing with a log line) and DSN creation fails or fits in what it
-freed, without corrupting anything; a restart on the full disk succeeds; once the filler is deleted every
-acknowledged message reaches ``a.test``, every bounced one gets its DSN, the 4xx ones
-are still queued, and the spool reopens with nothing to quarantine.
+freed, without corrupting anything; a restart on the full disk succeeds; once the filler
+is deleted every acknowledged message reaches ``a.test``, every bounced one gets its DSN,
+the 4xx ones are still queued, and the spool reopens with nothing to quarantine.
 """
 
 from __future__ import annotations
