@@ -178,7 +178,7 @@ while True:
         if len(buf) < 5 + length:
             break
         body, buf = buf[5 : 5 + length], buf[5 + length :]
-        if kind == ord("S"):
+        if kind in (ord("S"), ord("M")):  # fields and body, or the message as received
             text = b"HSM unplugged"
             (request,) = struct.unpack("!Q", body[:8])
             os.write(1, struct.pack("!BIQ", ord("E"), 8 + len(text), request) + text)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from empath.dkim import keys
 from empath.dkim.keyproc import KeyProcess, KeyProcessError
 from empath.dkim.sign import SignSpec, sign
+from empath.transport.acceptance import split_message
 from tests.dkim_support import ERRING_KEY_PROCESS
 
 RSA_KEY = keys.generate("rsa-sha256")
@@ -65,6 +66,34 @@ def test_signatures_made_in_one_turn_verify_and_equal_the_in_process_ones() -> N
         proc.close()
     assert [sign(FIELDS, b, specs, 1700000000) for b in bodies] == got
     assert [[True] * 3] * 5 == [verifies(made, b) for made, b in zip(got, bodies, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"".join(FIELDS), b"Received: by x\r\n\tfor y\r\n" + b"".join(FIELDS),
+     b"X-Odd: a\nb\rc\r\n" + b"".join(FIELDS)],  # lone LF and CR: part of the line
+)  # fmt: skip
+def test_a_message_as_received_is_signed_like_its_split_fields(head: bytes) -> None:
+    """``sign_raw``: the child reads the fields of a plain header block itself; the
+    fields it sends back, joined, are what sign() makes for the split message, and
+    put in front of the received bytes they verify with dkimpy."""
+    proc = KeyProcess()
+    body = b"body\r\n\r\n"
+    raw = head + b"\r\n" + body
+    specs = [RSA, ED, spec(ED_KEY, "simple/simple")]
+
+    async def main() -> bytes:
+        return await proc.sign_raw(raw, len(head), specs, 1700000000)
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        proc.close()
+    fields = [f.raw for f in split_message(raw)[0]]
+    assert b"".join(sign(fields, body, specs, 1700000000)) == got
+    if b"X-Odd" not in head:  # (dkimpy refuses a message with a lone LF)
+        signed = dkim.DKIM(got + raw)
+        assert [True] * 3 == [bool(signed.verify(idx=i, dnsfunc=dns)) for i in range(3)]
 
 
 def test_a_message_does_not_wait_for_the_requests_read_after_it() -> None:

@@ -64,19 +64,20 @@ def srv() -> Iterator[ServerThread]:
         yield s
 
 
-@pytest.mark.parametrize("place", list(Where))
+@pytest.mark.parametrize("place", [None, *Where])
 def test_a_signing_error_answers_451_and_spools_nothing(
-    tmp_path: Path, srv: ServerThread, place: Where
+    tmp_path: Path, srv: ServerThread, place: Where | None
 ) -> None:
     """A failure inside the signer (here: the key operation raises), whichever way the
     work is split, is a 451 4.3.0 the client retries; nothing is spooled; the error is
-    counted."""
+    counted.  ``None``: the default, the message as received to the key process."""
 
     def broken(pending: Unsigned) -> bytes:
         raise ValueError("HSM unplugged")
 
-    # the key process (KEY_PROCESS) answers an error; in-process key operations raise
-    signer = signer_for(tmp_path, key_op_fn=broken, decide=lambda specs, n: place,
+    # the key process (KEY_PROCESS, None) answers an error; in-process key operations raise
+    decide = {} if place is None else {"decide": lambda specs, n: place}
+    signer = signer_for(tmp_path, key_op_fn=broken, **decide,
                         keys=KeyProcess([sys.executable, "-c", ERRING_KEY_PROCESS]))  # fmt: skip
     install(srv, signer)
     with srv.smtp() as c, pytest.raises(smtplib.SMTPDataError) as err:
@@ -176,3 +177,26 @@ def test_small_bodies_are_canonicalised_on_the_loop_big_ones_in_the_pool(
     assert (Where.KEY_PROCESS, Where.KEY_PROCESS, Where.ALL_IN_POOL) == (
         where(ed, 1000), where(ed, INLINE_BODY_BYTES), where(ed, INLINE_BODY_BYTES + 1)
     )  # fmt: skip
+
+
+def test_a_plain_message_is_signed_unsplit_and_a_split_one_the_same(tmp_path: Path) -> None:
+    """A message no step has split goes to the key process as received and stays
+    unsplit (the signatures are put in front of its bytes); one an earlier step split
+    goes as fields and body: the same spooled bytes either way, and both counted."""
+    signer = signer_for(tmp_path)
+
+    async def run(split: bool) -> AcceptedMessage:
+        m = AcceptedMessage("01X", MSG, sender="alice@example.org", recipients=["b@y"],
+                            facts=facts(True, None))  # fmt: skip
+        if split:
+            assert 3 == len(m.headers)  # an earlier step read the fields
+        assert await signer.run(m) is None
+        return m
+
+    plain, split = asyncio.run(run(False)), asyncio.run(run(True))
+    assert (MSG, None) == (plain.raw and plain.raw[-len(MSG) :], split.raw)
+    assert plain.to_bytes() == split.to_bytes()
+    assert ["r", "e"] == signature_selectors(plain.to_bytes())
+    assert {("example.org", "rsa-sha256", "ok"): 2, ("example.org", "ed25519-sha256", "ok"): 2
+            } == signer.stats.signatures  # fmt: skip
+    assert {("example.org", "r"): 2, ("example.org", "e"): 2} == signer.stats.by_selector

@@ -15,11 +15,17 @@ Protocol (pipes; every frame is ``type:u8 length:u32`` then the payload, big-end
 * parent → child ``P`` what to sign with: ``id:u32 key:u32`` then UTF-8 lines: domain,
   selector, algorithm, canonicalization, the ``h=`` names and the over-signed names
   (each ``:``-joined); sent once per :class:`~empath.dkim.sign.SignSpec` and child;
-* parent → child ``S`` sign: ``request:u64 now:u64 specs:u16 fields:u16``, the spec
-  ids (``u32`` each), the header fields' lengths (``u32`` each), the fields' bytes, then
-  the body (the rest of the frame);
-* child → parent ``R`` result: ``request:u64 n:u32`` then ``n`` times ``length:u32`` and
-  a complete ``DKIM-Signature: ...\r\n`` field, in the order of the specs;
+* parent → child ``M`` sign a message as received: ``request:u64 now:u64 specs:u16
+  head:u32``, the spec ids (``u32`` each), then the message's bytes (the rest of the
+  frame), whose first ``head`` bytes are a plain header block (dkim/policy.py
+  ``scan_raw``) and the body starts ``head + 2`` bytes in (nearly all mail: the event
+  loop neither splits the message nor copies its fields one by one);
+* parent → child ``S`` sign header fields and body: ``request:u64 now:u64 specs:u16
+  fields:u16``, the spec ids (``u32`` each), the header fields' lengths (``u32`` each),
+  the fields' bytes, then the body (a message a step has already split or changed);
+* child → parent ``R`` result: ``request:u64 n:u32``, ``n`` times ``length:u32``, then
+  the ``n`` complete ``DKIM-Signature: ...\r\n`` fields one after the other, in the
+  order of the specs (what an ``M`` request prepends, as one piece);
 * child → parent ``E`` error: ``request:u64`` then a UTF-8 message.
 
 The child reads whatever the pipe holds and answers each request as soon as it is
@@ -48,24 +54,27 @@ import struct
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from empath.dkim.keys import PrivateKey
-from empath.dkim.sign import SignSpec, sign
+from empath.dkim.sign import SignSpec, plain_fields, sign, sign_fields
 from empath.logs import get_logger
 
 log = get_logger("smtp", __name__)
 
 _HEAD: Final = struct.Struct("!BI")
 _SIGN: Final = struct.Struct("!QQHH")  # request, now, specs, fields
+_RAW: Final = struct.Struct("!QQHI")  # request, now, specs, head
+# an M frame's head for one and two specs (frame type, length, _RAW, the spec ids)
+_RAW_FRAMES: Final = (struct.Struct("!BIQQHII"), struct.Struct("!BIQQHIII"))
 _RESULT: Final = struct.Struct("!QI")  # request, signatures
 _ID: Final = struct.Struct("!I")
 _SPEC: Final = struct.Struct("!II")  # spec id, key id
 _ERR_ID: Final = struct.Struct("!Q")
-K, P, S, R, E = b"K"[0], b"P"[0], b"S"[0], b"R"[0], b"E"[0]
+K, P, S, M, R, E = b"K"[0], b"P"[0], b"S"[0], b"M"[0], b"R"[0], b"E"[0]
 READ_SIZE: Final = 1 << 16
 ANSWER_LIMIT_S: Final = 30.0
 CHILD: Final = "from empath.dkim.keyproc import main; main()"
@@ -91,7 +100,9 @@ class KeyProcess:
         self._inbuf = bytearray()
         self._outbuf = bytearray()
         self._writing = False  # add_writer is on: the pipe was full
-        self._pending: dict[int, asyncio.Future[list[bytes]]] = {}
+        # request -> its future: the fields joined (bytes) for M, a list of them for S
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._listed: set[int] = set()  # the S requests in _pending
         self._next = 0
         # id(key) -> (key, its number in this child); the key is kept so the id is not
         # reused; the same for the specs (the key table's, stable until a reload)
@@ -108,21 +119,10 @@ class KeyProcess:
     ) -> asyncio.Future[list[bytes]]:
         """One ``DKIM-Signature`` field per spec for the message (header ``fields`` as
         they will be spooled, ``body``), made in the child; a future of the fields."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[bytes]] = loop.create_future()
-        if self._closed:
-            fut.set_exception(KeyProcessError("the DKIM key process is closed"))
+        fut, out = self._request()
+        if out is None:
             return fut
-        if self._proc is None or self._loop is not loop:
-            self._stop("restarted")
-            self._start(loop)
-        out = self._outbuf
-        if not out:
-            loop.call_soon(self._flush, self._proc)
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._limit, self._watch, self._answers)
         ids = [self._spec_number(spec, out) for spec in specs]
-        self._next += 1
         rid = self._next
         n, m = len(ids), len(fields)
         size = _SIGN.size + 4 * (n + m) + sum(map(len, fields)) + len(body)
@@ -132,8 +132,55 @@ class KeyProcess:
         for f in fields:
             out += f
         out += body
-        self._pending[rid] = fut
+        self._listed.add(rid)
         return fut
+
+    def sign_raw(
+        self, raw: bytes, head: int, specs: Sequence[SignSpec], now: int
+    ) -> asyncio.Future[bytes]:
+        """The ``DKIM-Signature`` fields, joined, for a message as received (``raw``,
+        whose first ``head`` bytes are a plain header block: ``M`` in the module doc)."""
+        fut, out = self._request()
+        if out is None:
+            return fut
+        n = len(specs)
+        if n == 1:
+            first = self._spec_number(specs[0], out)
+            frame = _RAW_FRAMES[0].pack(M, _RAW.size + 4 + len(raw), self._next, now, 1,
+                                        head, first)  # fmt: skip
+        elif n == 2:
+            first = self._spec_number(specs[0], out)
+            second = self._spec_number(specs[1], out)
+            frame = _RAW_FRAMES[1].pack(M, _RAW.size + 8 + len(raw), self._next, now, 2,
+                                        head, first, second)  # fmt: skip
+        else:
+            ids = [self._spec_number(spec, out) for spec in specs]
+            frame = _HEAD.pack(M, _RAW.size + 4 * n + len(raw)) + _RAW.pack(
+                self._next, now, n, head
+            ) + struct.pack(f"!{n}I", *ids)  # fmt: skip
+        out += frame
+        out += raw
+        return fut
+
+    def _request(self) -> tuple[asyncio.Future[Any], bytearray | None]:
+        """A new request's future (already failed if closed) and the buffer to frame
+        it into; ``self._next`` is its number."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        if self._closed:
+            fut.set_exception(KeyProcessError("the DKIM key process is closed"))
+            return fut, None
+        if self._proc is None or self._loop is not loop:
+            self._stop("restarted")
+            self._start(loop)
+        out = self._outbuf
+        if not out:
+            loop.call_soon(self._flush, self._proc)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._limit, self._watch, self._answers)
+        self._next += 1
+        self._pending[self._next] = fut
+        return fut, out
 
     def close(self) -> None:
         """Stop the child (end of its input; killed if it does not exit promptly)."""
@@ -211,6 +258,7 @@ class KeyProcess:
             loop.remove_reader(self._rfd)
             loop.remove_writer(self._wfd)
         pending, self._pending = self._pending, {}
+        self._listed = set()
         for fut in pending.values():
             if not fut.done() and not fut.get_loop().is_closed():
                 fut.set_exception(KeyProcessError(f"DKIM key process {why}"))
@@ -265,38 +313,47 @@ class KeyProcess:
             self._died(f"exited (status {code})")
             return
         buf = self._inbuf
-        buf += data
+        if buf:  # the rest of a frame read last time
+            buf += data
+            data = bytes(buf)
+            buf.clear()
         pos = 0
-        end = len(buf)
+        end = len(data)
         while end - pos >= _HEAD.size:
-            kind, length = _HEAD.unpack_from(buf, pos)
-            if end - pos - _HEAD.size < length:
+            kind, length = _HEAD.unpack_from(data, pos)
+            stop = pos + _HEAD.size + length
+            if stop > end:
                 break
-            body = pos + _HEAD.size
-            self._answer(kind, bytes(buf[body : body + length]))
-            pos = body + length
-        del buf[:pos]
+            self._answer(kind, data, pos + _HEAD.size, stop)
+            pos = stop
+        if pos < end:
+            buf += data[pos:]
 
-    def _answer(self, kind: int, payload: bytes) -> None:
+    def _answer(self, kind: int, data: bytes, start: int, stop: int) -> None:
+        """One frame, ``data[start:stop]``, from the child."""
+        self._answers += 1
         if kind == R:
-            rid, n = _RESULT.unpack_from(payload, 0)
+            rid, n = _RESULT.unpack_from(data, start)
+            fields = start + _RESULT.size + 4 * n
+            fut = self._pending.pop(rid, None)
+            if fut is None or fut.done():
+                self._listed.discard(rid)
+                return
+            if rid not in self._listed:
+                fut.set_result(data[fields:stop])
+                return
+            self._listed.discard(rid)
             sigs: list[bytes] = []
-            pos = _RESULT.size
-            for _ in range(n):
-                (length,) = _ID.unpack_from(payload, pos)
-                pos += _ID.size
-                sigs.append(payload[pos : pos + length])
-                pos += length
-            self._answers += 1
-            fut = self._pending.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(sigs)
+            for (length,) in _ID.iter_unpack(data[start + _RESULT.size : fields]):
+                sigs.append(data[fields : fields + length])
+                fields += length
+            fut.set_result(sigs)
         elif kind == E:
-            self._answers += 1
-            (rid,) = _ERR_ID.unpack_from(payload, 0)
+            (rid,) = _ERR_ID.unpack_from(data, start)
+            self._listed.discard(rid)
             fut = self._pending.pop(rid, None)
             if fut is not None and not fut.done():
-                text = payload[_ERR_ID.size :].decode("utf-8", "replace")
+                text = data[start + _ERR_ID.size : stop].decode("utf-8", "replace")
                 fut.set_exception(KeyProcessError(text))
 
 
@@ -307,36 +364,37 @@ def serve(rfd: int, wfd: int) -> None:
     """The child's loop (module doc); returns at end of input."""
     keys: dict[int, PrivateKey] = {}
     specs: dict[int, SignSpec] = {}
-    buf = bytearray()
+    buf = b""
     while True:
         data = os.read(rfd, READ_SIZE)
         if not data:
             return
-        buf += data
+        buf = buf + data if buf else data
         pos = 0
         end = len(buf)
         while end - pos >= _HEAD.size:
             kind, length = _HEAD.unpack_from(buf, pos)
-            if end - pos - _HEAD.size < length:
+            start = pos + _HEAD.size
+            stop = start + length
+            if stop > end:
                 break
-            body = bytes(buf[pos + _HEAD.size : pos + _HEAD.size + length])
-            pos += _HEAD.size + length
-            if kind == S:
-                view = memoryview(_signed(specs, body))
-                while view:  # answered at once: the message waits for nothing else
-                    view = view[os.write(wfd, view) :]
+            pos = stop
+            if kind in (M, S):
+                answer = _signed(specs, buf, start, stop, kind == M)
+                while answer:  # answered at once: the message waits for nothing else
+                    answer = answer[os.write(wfd, answer) :]
             elif kind == K:
-                (number,) = _ID.unpack_from(body, 0)
-                key = serialization.load_der_private_key(body[_ID.size :], None)
+                (number,) = _ID.unpack_from(buf, start)
+                key = serialization.load_der_private_key(buf[start + _ID.size : stop], None)
                 if not isinstance(key, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
                     raise SystemExit(f"keyproc: key {number} is neither RSA nor Ed25519")
                 keys[number] = key
             elif kind == P:
-                number, key_id = _SPEC.unpack_from(body, 0)
-                specs[number] = _spec(body[_SPEC.size :], keys[key_id])
+                number, key_id = _SPEC.unpack_from(buf, start)
+                specs[number] = _spec(buf[start + _SPEC.size : stop], keys[key_id])
             else:
                 raise SystemExit(f"keyproc: unknown frame type {kind}")
-        del buf[:pos]
+        buf = buf[pos:] if pos < end else b""
 
 
 def _spec(text: bytes, key: PrivateKey) -> SignSpec:
@@ -350,25 +408,40 @@ def _spec(text: bytes, key: PrivateKey) -> SignSpec:
     )  # fmt: skip
 
 
-def _signed(specs: dict[int, SignSpec], body: bytes) -> bytes:
-    rid, now, n, m = _SIGN.unpack_from(body, 0)
+def _signed(specs: dict[int, SignSpec], buf: bytes, start: int, stop: int, raw: bool) -> bytes:
+    """The answer frame to the M (``raw``) or S request ``buf[start:stop]``."""
+    rid = 0
     try:
-        numbers = struct.unpack_from(f"!{n}I{m}I", body, _SIGN.size)
-        pos = _SIGN.size + 4 * (n + m)
-        fields = []
-        for length in numbers[n:]:
-            fields.append(body[pos : pos + length])
-            pos += length
-        made = sign(fields, body[pos:], [specs[i] for i in numbers[:n]], now)
-        parts = [_RESULT.pack(rid, len(made))]
-        for field in made:
-            parts.append(_ID.pack(len(field)))
-            parts.append(field)
-        payload = b"".join(parts)
-        return _HEAD.pack(R, len(payload)) + payload
+        if raw:
+            rid, now, n, head = _RAW.unpack_from(buf, start)
+            at = start + _RAW.size
+            numbers = _IDS[n].unpack_from(buf, at) if n <= 2 else _ids(buf, at, n)
+            message = buf[at + 4 * n : stop]
+            made = sign_fields(plain_fields(message, head), message[head + 2 :],
+                               [specs[i] for i in numbers], now)  # fmt: skip
+        else:
+            rid, now, n, m = _SIGN.unpack_from(buf, start)
+            numbers = struct.unpack_from(f"!{n}I{m}I", buf, start + _SIGN.size)
+            pos = start + _SIGN.size + 4 * (n + m)
+            fields = []
+            for length in numbers[n:]:
+                fields.append(buf[pos : pos + length])
+                pos += length
+            made = sign(fields, buf[pos:stop], [specs[i] for i in numbers[:n]], now)
+        lengths = [len(field) for field in made]
+        size = _RESULT.size + 4 * len(made) + sum(lengths)
+        return b"".join([_HEAD.pack(R, size), _RESULT.pack(rid, len(made)),
+                         struct.pack(f"!{len(made)}I", *lengths), *made])  # fmt: skip
     except Exception as exc:  # a bad key or request: this one fails, the child goes on
         message = _ERR_ID.pack(rid) + repr(exc).encode("utf-8", "replace")
         return _HEAD.pack(E, len(message)) + message
+
+
+_IDS: Final = (struct.Struct("!"), struct.Struct("!I"), struct.Struct("!II"))
+
+
+def _ids(buf: bytes, at: int, n: int) -> tuple[int, ...]:
+    return struct.unpack_from(f"!{n}I", buf, at)
 
 
 def main() -> None:

@@ -17,6 +17,11 @@ start-up fails and a reload is refused before anything changes.
   lookup is needed for that).
 
 The caller checks first that the client is trusted or authenticated.
+
+:func:`scan_raw` reads the ``From:`` value straight from a message's received bytes
+when its header block is plain (every line a ``name:`` field or a continuation, no
+``DKIM-Signature``): the signer then neither splits the message into fields on the
+event loop nor re-joins it; the key process gets the bytes as they are.
 """
 
 from __future__ import annotations
@@ -63,6 +68,9 @@ class DomainKeys:
     oversign: frozenset[str]
     canonicalization: str
     selectors: tuple[SelectorKey, ...]
+    # the plan of every message (not already signed by it) when no selector has a
+    # window or waits for DNS: made once per table, not per message
+    steady: Plan | None = None
 
     def signing(self, now: float) -> tuple[SelectorKey, ...]:
         return tuple(s for s in self.selectors if s.signs_at(now))
@@ -121,6 +129,7 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
                             dc.canonicalization, headers, oversign)  # fmt: skip
             selectors.append(SelectorKey(domain, rs.selector, rs.algorithm, key, *span,
                                          effective is None, "rotation", spec))  # fmt: skip
+        steady = all(s.start is None and s.end is None and not s.pending for s in selectors)
         domains[domain] = DomainKeys(
             domain=domain,
             subdomains=dc.subdomains,
@@ -128,11 +137,45 @@ def build_table(config: DkimConfig, state: RotationState, cache: KeyCache) -> Ke
             oversign=oversign,
             canonicalization=dc.canonicalization,
             selectors=tuple(selectors),
+            steady=Plan(domain, tuple(s.spec for s in selectors), ()) if steady else None,
         )
     return KeyTable(domains)
 
 
 # --- per message ---------------------------------------------------------------------
+
+# A plain header block: every line ends in CRLF; a field's line starts with its name,
+# printable ASCII up to the colon (no blank before it); a continuation starts with
+# SP/HT.  Such lines are fields and continuations for transport.acceptance's
+# split_message too, so both read the same fields (only line starts are looked at:
+# a lone CR or LF inside a line is part of the line for both).
+_FIELD_START: Final = re.compile(rb"[!-9;-~]+:")
+_NOT_A_LINE_START: Final = re.compile(rb"\r\n(?![!-9;-~]+:|[ \t])")
+
+
+def scan_raw(raw: bytes) -> tuple[int, list[str]] | None:
+    """``(length of the header block with its last CRLF, [From: value])`` of a message
+    whose header block is plain and carries no DKIM-Signature (module doc); the list
+    is empty without a ``From:``.  None for anything else (the caller splits)."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0 or _FIELD_START.match(raw) is None:
+        return None
+    if _NOT_A_LINE_START.search(raw, 0, end) is not None:
+        return None
+    head = end + 2
+    lowered = b"\r\n" + raw[:head].lower()  # every field now follows a CRLF
+    if b"\r\ndkim-signature:" in lowered:
+        return None  # the split path reads them (an earlier hop's signatures)
+    start = lowered.find(b"\r\nfrom:")
+    if start < 0:
+        return head, []
+    if lowered.find(b"\r\nfrom:", start + 2) >= 0:
+        return None  # several From: fields (not signed; the split path says so)
+    stop = raw.find(b"\r\n", start)  # start: the field's offset in raw (2 added, 2 for CRLF)
+    while raw[stop + 2] in (0x20, 0x09):  # folded: the block's last CRLF is followed by CR
+        stop = raw.find(b"\r\n", stop + 2)
+    value = raw[start + 5 : stop].decode("utf-8", "replace").replace("\r\n", "")
+    return head, [value.strip(" \t")]
 
 
 _SIMPLE_FROM: Final = re.compile(
@@ -180,11 +223,18 @@ def existing_signatures(values: Sequence[str]) -> set[tuple[str, str]]:
     return found
 
 
-@dataclass(frozen=True, slots=True)
 class Plan:
-    domain: str  # d=
-    specs: tuple[SignSpec, ...]
-    skipped: tuple[SelectorKey, ...]  # already signed with this d=/s=
+    """What one message is signed with (a plain class: mypyc builds a frozen dataclass
+    through an interpreted ``__init__``, and there is one per signed message)."""
+
+    __slots__ = ("domain", "skipped", "specs")
+
+    def __init__(
+        self, domain: str, specs: tuple[SignSpec, ...], skipped: tuple[SelectorKey, ...]
+    ) -> None:
+        self.domain = domain  # d=
+        self.specs = specs
+        self.skipped = skipped  # already signed with this d=/s=
 
 
 def plan(
@@ -199,6 +249,8 @@ def plan(
     keys = table.for_domain(domain)
     if keys is None:
         return None
+    if not dkim_values and keys.steady is not None and keys.steady.specs:
+        return keys.steady
     active = keys.signing(now)
     if not active:
         return None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from empath.config.dkim import Algorithm
 from empath.dkim.canon import body_canonical, relaxed_value
 from empath.dkim.keys import PrivateKey
+from empath.transport.acceptance import split_message
 
 _SIG_NAME: Final = b"DKIM-Signature"
 _SIG_RELAXED: Final = b"dkim-signature:"
@@ -73,6 +75,23 @@ def parse_fields(raw_fields: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
     return out
 
 
+# One field of a plain header block (dkim/policy.py PLAIN_HEAD): name, colon, value
+# with its continuation lines and final CRLF.
+_PLAIN_FIELD: Final = re.compile(rb"([!-9;-~]+):([^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)")
+
+
+def plain_fields(raw: bytes, head: int) -> list[tuple[bytes, bytes]]:
+    """The ``(name, value-with-CRLF)`` pairs of ``raw[:head]``, a plain header block
+    (checked by the caller: dkim/policy.py ``scan_raw``)."""
+    fields: list[tuple[bytes, bytes]] = _PLAIN_FIELD.findall(raw, 0, head)
+    size = 0
+    for name, value in fields:
+        size += len(name) + 1 + len(value)
+    if size != head:  # a lone CR or LF inside a line (part of the line, as for the split)
+        fields = parse_fields([f.raw for f in split_message(raw[:head])[0]])
+    return fields
+
+
 def field_name(name: bytes) -> str:
     """A field name as ``h=`` and the configuration spell it: stripped, lower case."""
     return name.decode("ascii", "replace").strip().lower()
@@ -100,7 +119,9 @@ def header_list(counts: dict[str, int], spec: SignSpec) -> list[str]:
 
 
 def body_hash(body: bytes, c_body: str) -> bytes:
-    return base64.b64encode(hashlib.sha256(body_canonical(body, c_body)).digest())
+    hasher = _SHA256.copy()
+    hasher.update(body_canonical(body, c_body))
+    return base64.b64encode(hasher.digest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +138,9 @@ class _Message:
 
     __slots__ = ("canonical", "fields", "joined", "names")
 
-    def __init__(self, raw_fields: Sequence[bytes]) -> None:
-        self.fields = parse_fields(raw_fields)
-        self.names = [field_name(n) for n, _ in self.fields]
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        self.fields = fields
+        self.names = [field_name(n) for n, _ in fields]
         self.canonical: dict[tuple[bool, int], bytes] = {}
         self.joined: dict[tuple[bool, tuple[str, ...]], bytes] = {}
 
@@ -151,17 +172,24 @@ class _Message:
         done = self.joined.get(key)
         if done is not None:
             return done
-        names = self.names
-        last: dict[str, int] = {}
+        where: dict[str, list[int]] = {}  # name -> its fields' positions, bottom-up
+        for i in range(len(self.names) - 1, -1, -1):
+            name = self.names[i]
+            found = where.get(name)
+            if found is None:
+                where[name] = [i]
+            else:
+                found.append(i)
+        taken: dict[str, int] = {}
         parts: list[bytes] = []
         for name in include:
-            i = last.get(name, len(names))
-            while i > 0:
-                i -= 1
-                if names[i] == name:
-                    parts.append(self.field(i, relaxed))
-                    break
-            last[name] = i
+            at = where.get(name)
+            if at is None:
+                continue  # over-signed and absent: adds nothing
+            n = taken.get(name, 0)
+            if n < len(at):
+                parts.append(self.field(at[n], relaxed))
+            taken[name] = n + 1
         done = self.joined[key] = b"".join(parts)
         return done
 
@@ -170,9 +198,18 @@ def prepare(
     raw_fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
 ) -> list[Unsigned]:
     """Canonicalise and hash (holds the GIL): one :class:`Unsigned` per spec."""
-    message = _Message(raw_fields)
+    return prepare_fields(parse_fields(raw_fields), body, specs, now)
+
+
+def prepare_fields(
+    fields: list[tuple[bytes, bytes]], body: bytes, specs: Sequence[SignSpec], now: int
+) -> list[Unsigned]:
+    """:func:`prepare` for fields already split into ``(name, value-with-CRLF)``."""
+    message = _Message(fields)
     counts = message.counts()
     body_hashes: dict[str, bytes] = {}
+    includes: dict[tuple[tuple[str, ...], frozenset[str]], list[str]] = {}
+    stamp = str(now).encode("ascii")
     out: list[Unsigned] = []
     for spec in specs:
         c_head, _, c_body = spec.canonicalization.partition("/")
@@ -182,16 +219,62 @@ def prepare(
         if bh is None:
             bh = body_hashes[c_body] = body_hash(body, c_body)
         relaxed = c_head == "relaxed"
-        include = header_list(counts, spec)
-        head = signature_head(spec, now, include, bh)
-        hasher = hashlib.sha256(message.selected(include, relaxed))
+        names = (spec.headers, spec.oversign)
+        include = includes.get(names)
+        if include is None:  # the same for every spec of a domain (dual RSA + Ed25519)
+            include = includes[names] = header_list(counts, spec)
+        form = _head_form(spec, include, len(stamp))
+        head = form.head[0] + stamp + form.head[1] + bh + form.head[2]
+        hasher = _SHA256.copy()  # (a fresh hashlib.sha256() looks the digest up again)
+        hasher.update(message.selected(include, relaxed))
         # the signature field itself, b= empty, without its final CRLF (§3.7)
-        if relaxed:
-            hasher.update(_SIG_RELAXED + relaxed_value(head)[:-2])
-        else:
-            hasher.update(_SIG_NAME + b":" + head)
+        hashed = form.hashed
+        hasher.update(hashed[0] + stamp + hashed[1] + bh + hashed[2])
         out.append(Unsigned(spec, head, hasher.digest()))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _HeadForm:
+    """A spec's signature field for one ``h=`` list, cut around ``t=`` and ``bh=``:
+    the folded value (``head``) and the form hashed (``hashed``: canonicalised, name
+    included, final CRLF excluded).  Both values have a fixed width (``t=`` has the
+    same number of digits until 2286, ``bh=`` is a SHA-256 in base64), so the folding
+    is the same for every message: made once, filled in per message."""
+
+    spec: SignSpec
+    head: tuple[bytes, bytes, bytes]
+    hashed: tuple[bytes, bytes, bytes]
+
+
+_T_MARK: Final = b"\x00"
+_BH_MARK: Final = b"\x01" * 44  # base64 of 32 bytes
+_SHA256: Final = hashlib.sha256()
+_FORMS: dict[tuple[int, tuple[str, ...], int], _HeadForm] = {}
+
+
+def _head_form(spec: SignSpec, include: list[str], digits: int) -> _HeadForm:
+    key = (id(spec), tuple(include), digits)
+    form = _FORMS.get(key)
+    if form is not None and form.spec is spec:
+        return form
+    head = signature_head(spec, int(b"1" * digits), include, _BH_MARK)
+    head = head.replace(b"t=" + b"1" * digits + b";", b"t=" + _T_MARK + b";", 1)
+    if spec.canonicalization.partition("/")[0] == "relaxed":
+        hashed = _SIG_RELAXED + relaxed_value(head)[:-2]
+    else:
+        hashed = _SIG_NAME + b":" + head
+    form = _HeadForm(spec, _cut(head), _cut(hashed))
+    if len(_FORMS) >= 4096:  # specs change only on reload; keep it bounded anyway
+        _FORMS.clear()
+    _FORMS[key] = form
+    return form
+
+
+def _cut(text: bytes) -> tuple[bytes, bytes, bytes]:
+    before, _, rest = text.partition(_T_MARK)
+    middle, _, after = rest.partition(_BH_MARK)
+    return before, middle, after
 
 
 def signature_head(spec: SignSpec, now: int, include: list[str], bh: bytes) -> bytes:
@@ -254,3 +337,10 @@ def sign(
 ) -> list[bytes]:
     """One ``DKIM-Signature: ...\\r\\n`` field per spec (module doc)."""
     return finish(prepare(raw_fields, body, specs, now))
+
+
+def sign_fields(
+    fields: list[tuple[bytes, bytes]], body: bytes, specs: Sequence[SignSpec], now: int
+) -> list[bytes]:
+    """:func:`sign` for fields already split into ``(name, value-with-CRLF)``."""
+    return finish(prepare_fields(fields, body, specs, now))

@@ -39,7 +39,7 @@ from typing import Any, Final, Protocol
 
 from empath.clock import Clock
 from empath.dkim.keyproc import KeyProcess
-from empath.dkim.policy import EMPTY_TABLE, KeyTable, Plan, plan
+from empath.dkim.policy import EMPTY_TABLE, KeyTable, Plan, plan, scan_raw
 from empath.dkim.sign import SignSpec, Unsigned, key_op, prepare, signature_field
 from empath.logs import get_logger
 from empath.smtp.replies import Reply
@@ -82,27 +82,71 @@ class KeyOps(Protocol):
         self, fields: Sequence[bytes], body: bytes, specs: Sequence[SignSpec], now: int
     ) -> asyncio.Future[list[bytes]]: ...
 
+    def sign_raw(
+        self, raw: bytes, head: int, specs: Sequence[SignSpec], now: int
+    ) -> asyncio.Future[bytes]: ...
+
     def close(self) -> None: ...
 
 
 class DkimStats:
     """What the signer counts; read by the metrics collector and ``dkim list``."""
 
-    __slots__ = ("by_selector", "domains", "duration", "signatures")
+    __slots__ = ("_by_selector", "_made", "_signatures", "domains", "duration")
 
     def __init__(self, domains: DomainLabels) -> None:
         self.domains = domains  # the runner's: one cap for every domain label
         # (domain label, algorithm, result) -> count; result: ok | error | skipped
-        self.signatures: dict[tuple[str, str, str], int] = {}
+        self._signatures: dict[tuple[str, str, str], int] = {}
         self.duration = Histogram(DURATION_BUCKETS_S)
-        self.by_selector: dict[tuple[str, str], int] = {}  # signatures made, uncapped
+        self._by_selector: dict[tuple[str, str], int] = {}  # signatures made, uncapped
+        # id(plan) -> messages signed by it not yet added above (one increment per
+        # message on the hot path; added up when read)
+        self._made: dict[int, _Made] = {}
 
-    def count(self, domain: str, algorithm: str, result: str, selector: str = "") -> None:
+    @property
+    def signatures(self) -> dict[tuple[str, str, str], int]:
+        self._add_made()
+        return self._signatures
+
+    @property
+    def by_selector(self) -> dict[tuple[str, str], int]:
+        self._add_made()
+        return self._by_selector
+
+    def count(
+        self, domain: str, algorithm: str, result: str, selector: str = "", n: int = 1
+    ) -> None:
         key = (self.domains(domain), algorithm, result)
-        self.signatures[key] = self.signatures.get(key, 0) + 1
+        self._signatures[key] = self._signatures.get(key, 0) + n
         if result == "ok":
             ref = (domain, selector)
-            self.by_selector[ref] = self.by_selector.get(ref, 0) + 1
+            self._by_selector[ref] = self._by_selector.get(ref, 0) + n
+
+    def signed(self, plan: Plan) -> None:
+        """A message signed with every spec of ``plan``."""
+        made = self._made.get(id(plan))
+        if made is None or made.plan is not plan:
+            if len(self._made) >= 64:  # plans made per message (selector windows)
+                self._add_made()
+                self._made.clear()
+            made = self._made[id(plan)] = _Made(plan)
+        made.n += 1
+
+    def _add_made(self) -> None:
+        for made in self._made.values():
+            if made.n:
+                for spec in made.plan.specs:
+                    self.count(made.plan.domain, spec.algorithm, "ok", spec.selector, made.n)
+                made.n = 0
+
+
+class _Made:
+    __slots__ = ("n", "plan")
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan  # kept: its id is not reused while counted
+        self.n = 0
 
 
 class DkimSigner:
@@ -118,14 +162,15 @@ class DkimSigner:
         *,
         table: KeyTable = EMPTY_TABLE,
         key_op_fn: KeyOp = key_op,
-        decide: Callable[[Sequence[SignSpec], int], Where] = where,
+        decide: Callable[[Sequence[SignSpec], int], Where] | None = None,
         keys: KeyOps | None = None,
     ) -> None:
         self._clock = clock
         self.stats = stats
         self.table = table
         self._key_op = key_op_fn
-        self._where = decide
+        self._where = where if decide is None else decide
+        self._as_received = decide is None  # a plain message goes to the key process whole
         self._keys: KeyOps = KeyProcess() if keys is None else keys
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # big bodies
 
@@ -156,8 +201,15 @@ class DkimSigner:
         facts = message.facts
         if not facts.trusted and facts.auth_user is None:
             return None
+        if not self.table.domains:
+            return None
         now = self._clock.now()
-        what = plan(self.table, message.header_values("From"), _signatures(message), now)
+        raw = message.raw
+        scan = None if raw is None or len(raw) > INLINE_BODY_BYTES else scan_raw(raw)
+        if scan is not None:  # as received, plain: nothing split on the loop
+            what = plan(self.table, scan[1], (), now)
+        else:
+            what = plan(self.table, message.header_values("From"), _signatures(message), now)
         if what is None:
             return None
         for sk in what.skipped:
@@ -165,42 +217,51 @@ class DkimSigner:
         if not what.specs:
             return None
         started = self._clock.monotonic()
-        fields = [f.raw for f in message.headers]
-        body = message.body
         now_s = int(now)
         try:
-            place = self._where(what.specs, len(body))
-            if place is Where.KEY_PROCESS:
-                fut = self._keys.sign(fields, body, what.specs, now_s)
-            elif place is Where.ALL_ON_LOOP:
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_result(self._sign_all(fields, body, what.specs, now_s))
+            if scan is not None and raw is not None and self._as_received:
+                fut: asyncio.Future[Any] = self._keys.sign_raw(raw, scan[0], what.specs, now_s)
             else:
-                if self._pool is None:
-                    self._pool = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="dkim-big"
-                    )
-                fut = asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._sign_all, fields, body, what.specs, now_s
-                )
+                fut = self._start(message, what.specs, now_s)
         except Exception as exc:
             return self._failed(message, what, exc)
         return Later(fut, functools.partial(self._finish, message, what, started))
+
+    def _start(
+        self, message: AcceptedMessage, specs: Sequence[SignSpec], now_s: int
+    ) -> asyncio.Future[Any]:
+        """Sign the split message where :func:`where` says (a future of the fields)."""
+        fields = [f.raw for f in message.headers]
+        body = message.body
+        place = self._where(specs, len(body))
+        if place is Where.KEY_PROCESS:
+            return self._keys.sign(fields, body, specs, now_s)
+        if place is Where.ALL_ON_LOOP:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(self._sign_all(fields, body, specs, now_s))
+            return fut
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dkim-big")
+        return asyncio.get_running_loop().run_in_executor(
+            self._pool, self._sign_all, fields, body, specs, now_s
+        )
 
     def _finish(
         self, message: AcceptedMessage, what: Plan, started: float, fut: asyncio.Future[Any]
     ) -> Reply | None:
         """The signatures are made (or failed): prepend them, count, or answer 451."""
         try:
-            signatures: list[bytes] = fut.result()
+            signatures: bytes | list[bytes] = fut.result()
         except (Exception, asyncio.CancelledError) as exc:
             return self._failed(message, what, exc)
         stats = self.stats
         stats.duration.observe(self._clock.monotonic() - started)
-        for spec in what.specs:
-            stats.count(what.domain, spec.algorithm, "ok", spec.selector)
+        stats.signed(what)
         # on top, in the configured order (RFC 6376 §5.6: prepended to the header)
-        message.headers[:0] = [HeaderField(sig) for sig in signatures]
+        if isinstance(signatures, bytes):  # sign_raw: the fields joined, message unsplit
+            message.prepend_fields(signatures)
+        else:
+            message.headers[:0] = [HeaderField(sig) for sig in signatures]
         message.log_fields["dkim_domain"] = what.domain
         message.log_fields["dkim_selectors"] = _names(what.specs)
         return None

@@ -314,6 +314,15 @@ class AcceptedMessage:
                     return True
         return False
 
+    def prepend_fields(self, data: bytes) -> None:
+        """Put complete header fields (``Name: value\\r\\n`` each) on top of the header;
+        a message nobody has split stays unsplit (DKIM's signatures, DESIGN §12)."""
+        raw = self._raw
+        if raw is not None:
+            self._raw = data + raw
+        else:
+            self._headers[:0] = split_message(data)[0]
+
     def delete_header(self, name: str) -> int:
         """Delete every ``name`` field; how many there were."""
         key = name.lower()
@@ -355,13 +364,19 @@ class AcceptanceStep(Protocol):
     async def run(self, message: AcceptedMessage) -> Reply | None: ...
 
 
-@dataclass(frozen=True, slots=True)
 class Later:
     """A step's answer still to come (``run_soon``, module doc): once ``future`` is
-    done, ``finish(future)`` gives the answer (``None`` or a refusal) and may raise."""
+    done, ``finish(future)`` gives the answer (``None`` or a refusal) and may raise.
+    Read-only by contract (a plain class: one per message, and mypyc builds a frozen
+    dataclass through an interpreted ``__init__``)."""
 
-    future: asyncio.Future[Any]
-    finish: Callable[[asyncio.Future[Any]], Reply | None]
+    __slots__ = ("finish", "future")
+
+    def __init__(
+        self, future: asyncio.Future[Any], finish: Callable[[asyncio.Future[Any]], Reply | None]
+    ) -> None:
+        self.future = future
+        self.finish = finish
 
 
 @dataclass(frozen=True, slots=True)
