@@ -124,13 +124,17 @@ def body_hash(body: bytes, c_body: str) -> bytes:
     return base64.b64encode(hasher.digest())
 
 
-@dataclass(frozen=True, slots=True)
 class Unsigned:
-    """A signature with everything computed but the private-key operation."""
+    """A signature with everything computed but the private-key operation (a plain
+    class, read-only by contract: mypyc builds a frozen dataclass through an
+    interpreted ``__init__``, and there is one per signature)."""
 
-    spec: SignSpec
-    head: bytes  # the field's value up to and including ``b=`` (folded, leading SP)
-    digest: bytes  # SHA-256 over the canonical signed fields and this one (b= empty)
+    __slots__ = ("digest", "head", "spec")
+
+    def __init__(self, spec: SignSpec, head: bytes, digest: bytes) -> None:
+        self.spec = spec
+        self.head = head  # the field's value up to and including ``b=`` (folded, leading SP)
+        self.digest = digest  # SHA-256 over the canonical signed fields and this one (b= empty)
 
 
 class _Message:
@@ -225,11 +229,12 @@ def prepare_fields(
             include = includes[names] = header_list(counts, spec)
         form = _head_form(spec, include, len(stamp))
         head = form.head[0] + stamp + form.head[1] + bh + form.head[2]
-        hasher = _SHA256.copy()  # (a fresh hashlib.sha256() looks the digest up again)
-        hasher.update(message.selected(include, relaxed))
-        # the signature field itself, b= empty, without its final CRLF (§3.7)
         hashed = form.hashed
-        hasher.update(hashed[0] + stamp + hashed[1] + bh + hashed[2])
+        hasher = _SHA256.copy()  # (a fresh hashlib.sha256() looks the digest up again)
+        # the signed fields, then the signature field itself, b= empty, without its
+        # final CRLF (§3.7)
+        hasher.update(b"".join((message.selected(include, relaxed), hashed[0], stamp,
+                                hashed[1], bh, hashed[2])))  # fmt: skip
         out.append(Unsigned(spec, head, hasher.digest()))
     return out
 
