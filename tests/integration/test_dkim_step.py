@@ -76,8 +76,8 @@ def test_a_signing_error_answers_451_and_spools_nothing(
         raise ValueError("HSM unplugged")
 
     # the key process (KEY_PROCESS, None) answers an error; in-process key operations raise
-    decide = {} if place is None else {"decide": lambda specs, n: place}
-    signer = signer_for(tmp_path, key_op_fn=broken, **decide,
+    decide: dict[str, object] = {} if place is None else {"decide": lambda specs, n: place}
+    signer = signer_for(tmp_path, None, key_op_fn=broken, **decide,
                         keys=KeyProcess([sys.executable, "-c", ERRING_KEY_PROCESS]))  # fmt: skip
     install(srv, signer)
     with srv.smtp() as c, pytest.raises(smtplib.SMTPDataError) as err:
