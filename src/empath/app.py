@@ -378,6 +378,7 @@ class App:
             clock=self.clock,
             segment_bytes=cfg.segment_bytes,
             track=self.supervisor.track,
+            commit_delay_us=cfg.commit_delay_us,
         )
 
     # -- signals and reload ---------------------------------------------------

@@ -185,7 +185,10 @@ def kill(d: Daemon, sink: Sink, sent: Sent, work: Path, n: int, since: int) -> K
 
 
 @pytest.mark.timeout(pick(300, 3600))
-def test_sigkill_during_relay_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("commit_delay_us", [0, 300])
+def test_sigkill_during_relay_loses_nothing(tmp_path: Path, commit_delay_us: int) -> None:
+    """With and without the group commit delay (spool/commit_delay.py: held records
+    must not be acknowledged before they are written)."""
     total = pick(1_500, 20_000)
     kills = pick(4, 20)
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
@@ -194,7 +197,11 @@ def test_sigkill_during_relay_loses_nothing(tmp_path: Path) -> None:
     with Sink() as sink:
         route = {"mx_override": f"127.0.0.1:{sink.port}"}
         overrides: dict[str, Any] = {
-            "spool": {"segment_bytes": 64 * 1024, "compact_interval_secs": 0.5},
+            "spool": {
+                "segment_bytes": 64 * 1024,
+                "compact_interval_secs": 0.5,
+                "commit_delay_us": commit_delay_us,
+            },
             "delivery": {"domains": dict.fromkeys((*ACCEPT, DEFER, BOUNCE, DSN), route)},
             "health": {"max_queue_size": 10 * total},
         }

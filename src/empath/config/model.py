@@ -309,6 +309,9 @@ class SpoolConfig:
     # The log rotates to a new segment file at this size; compaction frees whole segments.
     segment_bytes: int = rule(SEGMENT_BYTES, check=lambda v: at_least(v, 64 * 1024))
     compact_interval_secs: float = rule(30.0, check=positive)
+    # Group commit delay: the writer may hold a small batch open this long for more
+    # records while they are arriving fast (spool/commit_delay.py); 0 writes at once.
+    commit_delay_us: int = rule(0, check=lambda v: None if 0 <= v <= 1000 else "must be 0 to 1000")
 
 
 # --- delivery ----------------------------------------------------------------

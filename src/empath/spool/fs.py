@@ -57,6 +57,7 @@ from empath.ids import new_ulid
 from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.body import BodyState, FileBodyWriter, map_os_error
+from empath.spool.commit_delay import CommitDelay
 from empath.spool.compaction import Compaction
 from empath.spool.index import Brief, MessageIndex, pack_state, unpack_state
 from empath.spool.memory import requeue_in_progress
@@ -99,9 +100,12 @@ class FileSpool(IndexedMessages, Compaction):
         progress_every: int = 100_000,
         fdatasync: Callable[[int], None] = os.fdatasync,
         track: Track = untracked,
+        commit_delay_us: int = 0,
     ) -> None:
         """``track`` starts the commits of spilled bodies (the daemon's supervisor keeps
-        them; the SMTP session that asked awaits each)."""
+        them; the SMTP session that asked awaits each).  ``commit_delay_us`` > 0: the
+        writer may hold a small batch open that long for more (commit_delay.py)."""
+        self._commit_delay_us = commit_delay_us
         self._track = track
         self.path = Path(path)
         self._clock = clock or SystemClock()
@@ -192,6 +196,11 @@ class FileSpool(IndexedMessages, Compaction):
                 fdatasync=self._fdatasync,
                 clock_now=self._clock.now,
                 reserve=self._reserve,
+                commit_delay=(
+                    CommitDelay(max_hold_s=self._commit_delay_us / 1e6)
+                    if self._commit_delay_us > 0
+                    else None
+                ),
             )
             self._writer.before_state = self._before_state
         except BaseException:

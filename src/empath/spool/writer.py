@@ -37,6 +37,7 @@ import errno
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import Any
 
 from empath.spool import codec
 from empath.spool.codec import RecordType
+from empath.spool.commit_delay import CommitDelay
 from empath.spool.model import MessageState
 from empath.spool.space import Reserve
 
@@ -159,6 +161,8 @@ class LogWriter:
         fdatasync: Callable[[int], None],
         clock_now: Callable[[], float],
         reserve: Reserve | None = None,
+        commit_delay: CommitDelay | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._log_dir = log_dir
         self._segments = segments
@@ -175,6 +179,8 @@ class LogWriter:
         self._fdatasync = fdatasync
         self._now = clock_now
         self._reserve = reserve
+        self._delay = commit_delay  # None: write every batch as soon as it is taken
+        self._monotonic = monotonic
         # The loop hands lists of entries over through a C-level queue: ``put`` wakes the
         # thread without running Python code on either side (threading.Condition's
         # waiter bookkeeping ran under the GIL on both threads, once per batch).  A None
@@ -199,6 +205,8 @@ class LogWriter:
         self.before_state: Callable[[], None] | None = None
         self.batches = 0
         self.records = 0
+        self.holds = 0  # batches held open for more (commit delay)
+        self._last_taken = 0  # records of the previous cycle (commit delay)
 
     def start(self, loop: asyncio.AbstractEventLoop, on_batch: BatchCallback) -> None:
         self._loop = loop
@@ -302,13 +310,45 @@ class LogWriter:
                     batch += more
             if not batch:
                 continue
-            outcomes = self._process(batch)
+            delay = self._delay
+            if delay is None:
+                outcomes = self._process(batch)
+            else:
+                stop = self._hold(delay, batch, stop)
+                started = self._monotonic()
+                outcomes = self._process(batch)
+                delay.wrote(self._monotonic() - started)
             self.batches += 1
             try:
                 for entries, error in outcomes:
                     loop.call_soon_threadsafe(on_batch, entries, error)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
+
+    def _hold(self, delay: CommitDelay, batch: list[Entry], stop: bool) -> bool:
+        """Add to ``batch`` what arrives while ``delay`` says to wait (commit_delay.py);
+        whether the stop mark came."""
+        inbox, clock = self._inbox, self._monotonic
+        now = clock()
+        delay.taken(now, self._last_taken)
+        hold = 0.0 if stop else delay.hold_s(len(batch))
+        if hold > 0.0:
+            self.holds += 1
+        deadline = now + hold
+        while hold > 0.0:
+            try:
+                more = inbox.get(timeout=hold)  # waits without the GIL
+            except queue.Empty:
+                break
+            if more is None:
+                stop = True
+                break
+            batch += more
+            if len(batch) >= delay.target:
+                break
+            hold = deadline - clock()
+        self._last_taken = len(batch)
+        return stop
 
     def _process(self, batch: list[Entry]) -> list[Outcome]:
         """Write a batch, rotating where a ROTATE entry stands; what succeeded and failed."""
