@@ -20,6 +20,7 @@ from empath.errors import ConfigError
 from empath.spool.commit_delay import MIN_HOLD_S, MIN_JOINS, CommitDelay
 from empath.spool.fs import FileSpool
 from empath.spool.model import Envelope, MessageState, initial_units
+from empath.spool.writer import LogWriter
 
 
 def primed(gap_s: float, write_s: float, **kw: float) -> CommitDelay:
@@ -143,10 +144,19 @@ class HoldUntil(CommitDelay):
         return 0.0 if batch >= self.target else 30.0
 
 
-def holding(spool: FileSpool, target: int) -> None:
+async def held_first(
+    path: Path, target: int
+) -> tuple[FileSpool, LogWriter, asyncio.Future[MessageState]]:
+    """A spool whose writer holds batches until ``target`` records, and the commit of a
+    first message, held (not yet written)."""
+    spool = FileSpool(path, commit_delay_us=200)
+    await spool.open()
     w = spool._writer
     assert w is not None and w._delay is not None
     w._delay = HoldUntil(target=target)
+    first = asyncio.ensure_future(put(spool, b"first\r\n"))
+    await until(lambda: w.holds == 1, "the writer to hold the first record")
+    return spool, w, first
 
 
 async def until(check: Callable[[], bool], what: str) -> None:
@@ -158,14 +168,8 @@ async def until(check: Callable[[], bool], what: str) -> None:
 
 
 async def test_a_record_arriving_during_a_hold_joins_the_held_write(tmp_path: Path) -> None:
-    spool = FileSpool(tmp_path, commit_delay_us=200)
-    await spool.open()
-    w = spool._writer
-    assert w is not None
-    holding(spool, target=2)
+    spool, w, first = await held_first(tmp_path, target=2)
     batches, records = w.batches, w.records
-    first = asyncio.ensure_future(put(spool, b"a\r\n"))
-    await until(lambda: w.holds == 1, "the writer to hold the first record")
     assert not first.done()  # not acknowledged: not written yet
     second = await put(spool, b"b\r\n")  # completes the batch: written at once
     a = await first
@@ -187,13 +191,7 @@ async def test_without_a_delay_each_record_is_written_as_it_comes(tmp_path: Path
 
 
 async def test_stopping_during_a_hold_writes_the_held_record(tmp_path: Path) -> None:
-    spool = FileSpool(tmp_path, commit_delay_us=200)
-    await spool.open()
-    w = spool._writer
-    assert w is not None
-    holding(spool, target=5)
-    first = asyncio.ensure_future(put(spool, b"held\r\n"))
-    await until(lambda: w.holds == 1, "the writer to hold the record")
+    spool, _, first = await held_first(tmp_path, target=5)
     await spool.close()
     kept = await first  # acknowledged: it was written before the writer stopped
     again = FileSpool(tmp_path)
