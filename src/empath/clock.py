@@ -37,15 +37,18 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clock (waits on the running event loop)."""
+    """The real clock (waits on the running event loop).
+
+    ``now`` and ``monotonic`` are the :mod:`time` module's own C functions, not methods
+    that call them: the event loop asks the clock ~12 times per ingested message and
+    ~22 per relayed one (session read stamps, spool and history stamps, the pool, the
+    runner), and from compiled code a Python-level method cost 130 ns a call against
+    66 ns for the C function (issue 20)."""
 
     __slots__ = ()
 
-    def now(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
+    now = staticmethod(time.time)
+    monotonic = staticmethod(time.monotonic)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -6,7 +6,7 @@ Time is a FakeClock; the retry policy's jitter comes from a seeded Random.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import pytest
 from hypothesis import given, settings
@@ -33,7 +33,14 @@ from empath.delivery.transition import (
 from empath.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
 from empath.policy.retry import RetryPolicy
 from empath.smtp.replies import Reply
-from empath.spool.model import Envelope, RcptStatus, UnitState, UnitStatus, initial_units
+from empath.spool.model import (
+    Attempt,
+    Envelope,
+    RcptStatus,
+    UnitState,
+    UnitStatus,
+    initial_units,
+)
 from empath.testing.clock import FakeClock
 
 DOMAIN = "x.test"
@@ -118,6 +125,55 @@ def test_all_delivered_is_final_with_one_audit_line_naming_tls_and_the_mx_addres
         fields["audit"],
     )
     assert (OutcomeKind.DELIVERED, True, True) == (t.destination, t.attempted, t.ok)
+
+
+def test_a_final_unit_keeps_every_field_the_attempt_does_not_decide() -> None:
+    """The final unit is built field by field (no replace(): per relayed message); it
+    must equal replace() of the old unit with only what the attempt decides changed."""
+    clock = FakeClock()
+    env = envelope(clock)
+    earlier = Attempt(clock.now() - 600, "mx0.x.test", 451, "4.0.0 busy")
+    unit = replace(
+        new_unit("a"),
+        status=UnitStatus.RETRY,
+        attempts=2,
+        next_attempt_at=clock.now() - 5,
+        history=(earlier,),
+        delay_warned=True,
+        last_error="4.0.0 busy",
+        reopened_at=clock.now() - 60,
+        released_at=clock.now() - 30,
+    )
+    # every field of UnitState differs from its default here, so a field added later
+    # and left out of the construction fails this test
+    defaults = UnitState(DOMAIN, ())
+    changed = {
+        f.name for f in fields(UnitState) if getattr(unit, f.name) != getattr(defaults, f.name)
+    }
+    assert {f.name for f in fields(UnitState)} - {"domain", "finished_at"} == changed
+    clock.advance(1)
+    t = step(unit, replied(unit, {}), env, clock)
+    attempt = Attempt(clock.now(), "mx1.x.test", 250, t.unit.history[-1].text)
+    expected = replace(
+        unit,
+        recipients=t.unit.recipients,
+        status=UnitStatus.DELIVERED,
+        attempts=3,
+        history=(earlier, attempt),
+        last_error="",
+        finished_at=clock.now(),
+    )
+    assert expected == t.unit
+    assert RcptStatus.DELIVERED == t.unit.recipients[0].status
+
+
+def test_per_message_records_hash_and_compare_by_value_as_frozen_ones_did() -> None:
+    """Made plain for speed (spool/model.py, smtp/replies.py doc): still usable as keys."""
+    clock = FakeClock()
+    a, b = new_unit("a"), new_unit("a")
+    assert (a, hash(a)) == (b, hash(b))
+    assert 1 == len({REPLIES[2], Reply.of(250, "2.0.0", "Ok")})
+    assert 1 == len({envelope(clock), envelope(clock)})
 
 
 def test_mixed_replies_bounce_the_5xx_now_and_retry_the_4xx() -> None:

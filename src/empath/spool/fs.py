@@ -390,7 +390,8 @@ class FileSpool(IndexedMessages, Compaction):
         self, msg_id: str, units: tuple[UnitState, ...], *, durable: bool = True
     ) -> MessageState:
         writer = self._live_writer()
-        new = replace(self.get(msg_id), units=tuple(units))
+        old = self.get(msg_id)
+        new = MessageState(old.id, old.envelope, tuple(units))  # (replace(): 3x the cost)
         self._index[msg_id] = new
         entry = Entry(EntryKind.STATE, msg_id, codec.state_payload(msg_id, new.units), message=new)
         if durable:
