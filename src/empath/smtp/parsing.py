@@ -61,7 +61,7 @@ class Verb(enum.Enum):
 _VERBS: Final = {v.value: v for v in Verb}
 
 
-@dataclass(slots=True)  # not frozen: made per command (events.py says why)
+@dataclass(slots=True)  # not frozen, __init__ written out: per command (events.py)
 class Command:
     verb: Verb
     arg: str  # everything after the verb and one space, as sent
@@ -75,7 +75,7 @@ class Body(enum.Enum):
     EIGHT_BIT_MIME = "8BITMIME"
 
 
-@dataclass(slots=True)  # not frozen: made per command (events.py says why)
+@dataclass(slots=True, init=False)  # not frozen, __init__ written out: per command (events.py)
 class MailFrom:
     sender: str  # "" is the null reverse-path <>
     size: int | None = None  # SIZE= declared by the client
@@ -84,12 +84,35 @@ class MailFrom:
     ret: str = ""  # RFC 3461 RET=, accepted and ignored
     envid: str = ""  # RFC 3461 ENVID=, accepted and ignored
 
+    # written out (init=False): compiled, it runs natively (module doc)
+    def __init__(
+        self,
+        sender: str,
+        size: int | None = None,
+        body: Body = Body.UNSPECIFIED,
+        smtputf8: bool = False,
+        ret: str = "",
+        envid: str = "",
+    ) -> None:
+        self.sender = sender
+        self.size = size
+        self.body = body
+        self.smtputf8 = smtputf8
+        self.ret = ret
+        self.envid = envid
 
-@dataclass(slots=True)  # not frozen: made per command (events.py says why)
+
+@dataclass(slots=True, init=False)  # not frozen, __init__ written out: per command (events.py)
 class RcptTo:
     recipient: str
     notify: str = ""  # RFC 3461 NOTIFY=, accepted and ignored
     orcpt: str = ""  # RFC 3461 ORCPT=, accepted and ignored
+
+    # written out (init=False): compiled, it runs natively (module doc)
+    def __init__(self, recipient: str, notify: str = "", orcpt: str = "") -> None:
+        self.recipient = recipient
+        self.notify = notify
+        self.orcpt = orcpt
 
 
 def _err(code: int, enhanced: str, text: str) -> SmtpProtocolError:
