@@ -53,7 +53,7 @@ _FIELD_BITS = 40  # offset, length and record size each fit in 40 bits (1 TiB)
 _FIELD_MASK = (1 << _FIELD_BITS) - 1
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class BodyLocation:
     """Where a live message's body is: inline in a segment, or a spill file.
 
@@ -67,6 +67,21 @@ class BodyLocation:
     length: int  # body bytes
     spilled: bool
     record_bytes: int  # size of the MSG record (for the segment's live-bytes count)
+
+    # written out (init=False): compiled, it runs natively (smtp/events.py)
+    def __init__(
+        self,
+        seg: int,
+        offset: int,
+        length: int,
+        spilled: bool,
+        record_bytes: int,
+    ) -> None:
+        self.seg = seg
+        self.offset = offset
+        self.length = length
+        self.spilled = spilled
+        self.record_bytes = record_bytes
 
     @property
     def json_bytes(self) -> int:

@@ -65,7 +65,7 @@ class EntryKind(enum.Enum):
 _STATE, _DEL = EntryKind.STATE, EntryKind.DEL  # batches that sync the history first
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(slots=True, init=False, eq=False)
 class Entry:
     """One record waiting for the writer; ``seg``/``offset`` are filled in when written."""
 
@@ -82,6 +82,37 @@ class Entry:
     seg: int = -1
     offset: int = -1  # of the record header
     record_bytes: int = 0
+
+    # written out (init=False): compiled, it runs natively (smtp/events.py)
+    def __init__(
+        self,
+        kind: EntryKind,
+        msg_id: str,
+        payload: bytes,
+        future: asyncio.Future[Any] | None = None,
+        body_rel: int = 0,
+        body_bytes: int = 0,
+        spilled: bool = False,
+        message: MessageState | None = None,
+        from_seg: int = -1,
+        more_ids: tuple[str, ...] = (),
+        seg: int = -1,
+        offset: int = -1,
+        record_bytes: int = 0,
+    ) -> None:
+        self.kind = kind
+        self.msg_id = msg_id
+        self.payload = payload
+        self.future = future
+        self.body_rel = body_rel
+        self.body_bytes = body_bytes
+        self.spilled = spilled
+        self.message = message
+        self.from_seg = from_seg
+        self.more_ids = more_ids
+        self.seg = seg
+        self.offset = offset
+        self.record_bytes = record_bytes
 
     @property
     def rtype(self) -> RecordType:
