@@ -174,9 +174,16 @@ class SmtpSinkProc:
 
 
 async def paced_load(
-    port: int, rate: float, seconds: float, domain: str, connections: int = 10, size: int = 1000
+    port: int,
+    rate: float,
+    seconds: float,
+    domain: str,
+    connections: int = 10,
+    size: int = 1000,
+    waits: list[float] | None = None,
 ) -> int:
-    """Offer `rate` msg/s for `seconds` over persistent SMTP connections. Returns 250s seen."""
+    """Offer `rate` msg/s for `seconds` over persistent SMTP connections. Returns 250s seen;
+    ``waits`` gets, per 250, the seconds from the end of the data to the reply."""
     import asyncio
 
     body = (b"Subject: latency probe\r\n\r\n" + b"x" * 70 + b"\r\n") * max(1, size // 96)
@@ -211,8 +218,11 @@ async def paced_load(
             for _ in range(3):
                 await reply(reader)
             writer.write(body + b".\r\n")
+            sent = loop.time()
             if (await reply(reader)).startswith(b"250"):
                 ok += 1
+                if waits is not None:
+                    waits.append(loop.time() - sent)
         writer.write(b"QUIT\r\n")
         await writer.drain()
         writer.close()
