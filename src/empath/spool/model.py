@@ -6,14 +6,14 @@ unit of delivery work).  State changes are written as whole-message snapshots
 (:class:`MessageState`), never as deltas, so the newest snapshot of a message is
 all recovery needs.
 
-Everything here is a slotted dataclass with ``to_json``/``from_json`` helpers
-producing plain JSON-able dicts (versioned on disk by the store).  Frozen, but for
-the five made for every message (``Envelope``, ``RecipientState``, ``Attempt``,
-``UnitState``, ``MessageState``): a frozen dataclass sets each field through
-``object.__setattr__``, ~1.5 µs for a ``UnitState`` against ~0.4 for a plain one, and
-a relayed message makes eleven of them (issue 20).  ``unsafe_hash`` keeps the hash a
-frozen one had.  Nothing changes one once made (the index shares them): treat them as
-read-only and make a new one (``dataclasses.replace``) for a new state.
+Everything here is a slotted dataclass with ``to_json``/``from_json`` helpers producing
+plain JSON-able dicts (versioned on disk by the store). Frozen, but for the five made
+for every message (``Envelope``, ``RecipientState``, ``Attempt``, ``UnitState``,
+``MessageState``): a frozen dataclass sets each field through ``object.__setattr__`` (a
+frozen ``UnitState`` took 1.5 µs; seven fields frozen 0.93 µs against 0.19 plain), and a
+relayed message makes eight of them (issue 20). ``unsafe_hash`` keeps the hash a frozen
+one had. Nothing changes one once made (the index shares them): treat them as read-only
+and make a new one (``dataclasses.replace``) for a new state.
 """
 
 from __future__ import annotations
