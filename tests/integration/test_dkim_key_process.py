@@ -11,19 +11,22 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import dkim
 import pytest
+import uvloop
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from empath.dkim import keys
-from empath.dkim.keyproc import KeyProcess, KeyProcessError
+from empath.dkim.keyproc import CHILD, KeyProcess, KeyProcessError
 from empath.dkim.sign import SignSpec, sign
 from empath.transport.acceptance import split_message
 from tests.dkim_support import ERRING_KEY_PROCESS
 
+T = TypeVar("T")
 RSA_KEY = keys.generate("rsa-sha256")
 ED_KEY = keys.generate("ed25519-sha256")
 FIELDS = [b"From: Alice <a@example.org>\r\n", b"To: b@example.net\r\n",
@@ -205,3 +208,57 @@ def test_a_child_that_stops_answering_is_killed_and_its_requests_fail() -> None:
     assert pid is not None and proc.pid is None
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # killed and reaped
+
+
+def _on_uvloop(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` on uvloop, the daemon's event loop (app.py); an exception a
+    callback raised (uvloop logs it and goes on) fails the test."""
+    loop = uvloop.new_event_loop()
+    raised: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    try:
+        result = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert [] == [c.get("exception") for c in raised]
+    return result
+
+
+def test_on_uvloop_a_dead_child_fails_its_requests_and_the_next_one_starts_anew() -> None:
+    """uvloop's remove_reader/remove_writer answer None (asyncio's say True/False):
+    forgetting a dead child must not trip over that (the compiled module checked the
+    answer against asyncio's stub, raised TypeError, and left the request waiting)."""
+    proc = KeyProcess([sys.executable, "-c", "import os; os.read(0, 1)"])
+
+    async def main() -> None:
+        with pytest.raises(KeyProcessError, match="exited"):
+            await asyncio.wait_for(proc.sign(FIELDS, b"x\r\n", [RSA], 1), 10)
+        proc._argv = [sys.executable, "-c", CHILD]  # a working child from now on
+        assert [True] == verifies(
+            await asyncio.wait_for(proc.sign(FIELDS, b"x\r\n", [ED], 1), 10), b"x\r\n"
+        )
+
+    try:
+        _on_uvloop(main)
+    finally:
+        proc.close()
+
+
+def test_on_uvloop_requests_bigger_than_the_pipe_are_written_out_and_answered() -> None:
+    """More than the pipe holds in one turn: the rest waits for writability, then the
+    writer is removed again (on uvloop, where removing it answers None)."""
+    proc = KeyProcess()
+    bodies = [b"%d" % i + b"x" * 60_000 + b"\r\n" for i in range(6)]  # ~360 KB
+
+    async def main() -> list[list[bytes]]:
+        futs = [proc.sign(FIELDS, b, [ED], 1) for b in bodies]
+        got = await asyncio.wait_for(asyncio.gather(*futs), 30)
+        await asyncio.sleep(0.05)  # a writer left behind would spin here
+        return got
+
+    try:
+        got = _on_uvloop(main)
+    finally:
+        proc.close()
+    assert [[True]] * 6 == [verifies(made, b) for made, b in zip(got, bodies, strict=True)]
+    assert not proc._writing

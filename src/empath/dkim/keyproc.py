@@ -255,8 +255,7 @@ class KeyProcess:
             self._watchdog.cancel()
             self._watchdog = None
         if loop is not None and not loop.is_closed():
-            loop.remove_reader(self._rfd)
-            loop.remove_writer(self._wfd)
+            _forget(loop, self._rfd, self._wfd)
         pending, self._pending = self._pending, {}
         self._listed = set()
         for fut in pending.values():
@@ -298,7 +297,7 @@ class KeyProcess:
         del self._outbuf[:n]
         if not self._outbuf and self._writing and self._loop is not None:
             self._writing = False
-            self._loop.remove_writer(self._wfd)
+            _forget(self._loop, -1, self._wfd)
 
     def _readable(self) -> None:
         try:
@@ -355,6 +354,19 @@ class KeyProcess:
             if fut is not None and not fut.done():
                 text = data[start + _ERR_ID.size : stop].decode("utf-8", "replace")
                 fut.set_exception(KeyProcessError(text))
+
+
+def _forget(loop: asyncio.AbstractEventLoop, rfd: int, wfd: int) -> None:
+    """Stop watching ``rfd`` for reading and ``wfd`` for writing (-1: not that one).
+    Called untyped: uvloop's remove_reader/remove_writer answer None where asyncio's
+    stubs promise a bool, and the compiled module checks a call's answer against its
+    declared type (a TypeError that left a dead child's requests waiting, and a
+    writer that was never removed)."""
+    untyped: Any = loop
+    if rfd >= 0:
+        untyped.remove_reader(rfd)
+    if wfd >= 0:
+        untyped.remove_writer(wfd)
 
 
 # --- the child ----------------------------------------------------------------------
