@@ -4,8 +4,9 @@ Why a process: the event loop thread is what limits a relay's throughput on a sm
 machine, and a thread that makes the key operations still needs the GIL around each
 of them - on this 2-vCPU VM every such hand-over cost the loop about as much CPU as an
 Ed25519 signature (docs/bench.md, "DKIM signing on a quiet machine").  A child process
-has its own interpreter: the loop writes each message's header fields and body into a
-pipe and reads the finished ``DKIM-Signature`` fields back; canonicalisation, hashing
+has its own interpreter: the loop writes each message (as received, or as header fields
+and body once a step has split it) into a pipe and reads the finished
+``DKIM-Signature`` fields back; reading the fields, canonicalisation, hashing
 (dkim/sign.py) and the private-key operations all run in the child, on the other core.
 
 Protocol (pipes; every frame is ``type:u8 length:u32`` then the payload, big-endian):

@@ -9,9 +9,11 @@ trusted network (``relay.trusted_networks``) or an authenticated client
 Where the work runs: choosing the domain and selectors (dkim/policy.py) on the event
 loop; canonicalising, hashing (dkim/sign.py, compiled with mypyc) and the private-key
 operations (RSA-2048 ~0.25 ms of CPU, Ed25519 ~30 µs) in the DKIM key process
-(dkim/keyproc.py: a child with its own interpreter, fed the header fields and body
-through a pipe, one write and one read per event-loop turn for all the messages
-finishing in it; it sends back the finished fields).  A body over 64 KiB is
+(dkim/keyproc.py: a child with its own interpreter, fed each message through a pipe,
+one write per event-loop turn for all the messages finishing in it; it sends back the
+finished fields).  A message no step has split goes as received (policy.py
+``scan_raw`` reads its ``From:``) and the fields come back joined, to be put in front of
+its bytes: nothing is split or re-joined on the loop.  A body over 64 KiB is
 canonicalised, hashed and signed on a pool thread instead (about 4 µs per KiB: a
 5 MiB body would hold the key process ~20 ms, and every message behind it).
 Measured (bench/dkim, compiled build, 2-vCPU VM, docs/bench.md "DKIM signing: key
