@@ -29,14 +29,7 @@ reply's class is used, so DSNs always have a ``Status:`` value.  RFC 3463 §2:
 of the basic reply code" — a mismatching one is ignored.
 
 Not frozen, against the house style: ``RecipientOutcome`` and ``AttemptResult`` (one of
-each per delivery attempt). A frozen dataclass sets each field through
-``object.__setattr__`` from an interpreted ``__init__``, 0.3-1.5 µs each, about three
-times a plain one (issue 20; the relay path made ~27 of them per message).
-``unsafe_hash`` keeps the hash a frozen one had. Nothing changes one once made: treat
-them as read-only. The hottest also write their ``__init__`` out (``init=False``): mypyc
-runs a hand-written one natively, ~60 ns, but builds any dataclass through the
-interpreted one ``dataclasses`` generates, ~190 ns (tests/unit/test_dataclass_inits.py
-checks each against its fields).
+each per delivery attempt). Why, and what stands in for frozen: DESIGN §15.
 """
 
 from __future__ import annotations

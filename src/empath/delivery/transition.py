@@ -33,14 +33,7 @@ always 5.x.x and a delay report's 4.x.x (RFC 3464 §2.3.3 Action values with the
 RFC 3463 §3.1 classes): only giving up turns a transient 4.x.x into 5.x.x.
 
 Not frozen, against the house style: ``LogEvent``, ``Transition`` and ``_Attempt`` (one
-of each per delivery attempt). A frozen dataclass sets each field through
-``object.__setattr__`` from an interpreted ``__init__``, 0.3-1.5 µs each, about three
-times a plain one (issue 20; the relay path made ~27 of them per message).
-``unsafe_hash`` keeps the hash a frozen one had. Nothing changes one once made: treat
-them as read-only. The hottest also write their ``__init__`` out (``init=False``): mypyc
-runs a hand-written one natively, ~60 ns, but builds any dataclass through the
-interpreted one ``dataclasses`` generates, ~190 ns (tests/unit/test_dataclass_inits.py
-checks each against its fields).
+of each per delivery attempt). Why, and what stands in for frozen: DESIGN §15.
 """
 
 from __future__ import annotations

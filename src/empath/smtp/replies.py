@@ -23,13 +23,7 @@ Lines ending in a bare LF are tolerated when *reading* (be liberal in what you
 accept); we never write one.
 
 Not frozen, against the house style: ``Reply`` (four per relayed message, the remote
-server's answers). A frozen dataclass sets each field through ``object.__setattr__``
-from an interpreted ``__init__``, 0.3-1.5 µs each, about three times a plain one (issue
-20; the relay path made ~27 of them per message). ``unsafe_hash`` keeps the hash a
-frozen one had. Nothing changes one once made: treat them as read-only. The hottest also
-write their ``__init__`` out (``init=False``): mypyc runs a hand-written one natively,
-~60 ns, but builds any dataclass through the interpreted one ``dataclasses`` generates,
-~190 ns (tests/unit/test_dataclass_inits.py checks each against its fields).
+server's answers). Why, and what stands in for frozen: DESIGN §15.
 """
 
 from __future__ import annotations

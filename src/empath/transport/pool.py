@@ -23,11 +23,8 @@ Which of these happens is one synchronous decision, :func:`decide`, over the key
 connections, its open count and the cap; it is unit-tested on its own.  The connections
 themselves are :class:`~empath.transport.outbound.OutboundConnection`.
 
-Not frozen, against the house style: ``Reuse`` (one per relayed message). A frozen
-dataclass sets each field through ``object.__setattr__`` from an interpreted
-``__init__``, 0.3-1.5 µs each, about three times a plain one (issue 20; the relay path
-made ~27 of them per message). ``unsafe_hash`` keeps the hash a frozen one had. Nothing
-changes one once made: treat them as read-only.
+Not frozen, against the house style: ``Reuse`` (one per relayed message). Why, and what
+stands in for frozen: DESIGN §15.
 """
 
 from __future__ import annotations
