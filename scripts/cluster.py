@@ -30,11 +30,23 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "deploy" / "cluster" / "empath-node.config.ron.in"
 
 
-def wait(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+def wait(
+    predicate: Callable[[], bool],
+    what: str,
+    proc: subprocess.Popen[bytes],
+    log: Path | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Poll predicate; fail at once, with the end of its log, if proc exits first."""
     deadline = time.monotonic() + timeout
     while not predicate():
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log is not None else ""
+            raise SystemExit(
+                f"cluster: exited with code {proc.returncode} while waiting for {what}\n{tail}"
+            )
         if time.monotonic() > deadline:
-            raise SystemExit(f"cluster: timed out waiting for {what}")
+            raise SystemExit(f"cluster: timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)
 
 
@@ -94,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
          "--appendonly", "no", "--dir", str(base), "--logfile", str(base / "redis.log")],
     )  # fmt: skip
     try:
-        wait(lambda: redis_answers(ns.redis_port), "redis-server")
+        wait(lambda: redis_answers(ns.redis_port), "redis-server", redis, base / "redis.log")
         url = f"redis://127.0.0.1:{ns.redis_port}/0"
         for n in range(1, ns.nodes + 1):
             node_dir = base / f"node{n}"
@@ -107,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                                ("@REDIS@", url)):  # fmt: skip
                 text = text.replace(key, value)
             config.write_text(text)
-            log = (node_dir / "empath.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "empath", "--config", str(config)],
-                    stdout=log,
-                    stderr=log,
-                    cwd=node_dir,
+            log_path = node_dir / "empath.log"
+            with log_path.open("ab") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "empath", "--config", str(config)],
+                        stdout=log,
+                        stderr=log,
+                        cwd=node_dir,
+                    )
                 )
-            )
-            wait(functools.partial(ready, http), f"node{n} to be ready")
+            wait(functools.partial(ready, http), f"node{n} to be ready", procs[-1], log_path)
         print(f"cluster: {ns.nodes} nodes on 127.0.0.1:{ns.smtp_port} (reuse_port), Redis {url}")
         for n in range(1, ns.nodes + 1):
             node_dir = base / f"node{n}"
