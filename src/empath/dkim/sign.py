@@ -29,15 +29,15 @@ either header canonicalisation.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding
+from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from empath.config.dkim import Algorithm
@@ -121,7 +121,13 @@ def header_list(counts: dict[str, int], spec: SignSpec) -> list[str]:
 def body_hash(body: bytes, c_body: str) -> bytes:
     hasher = _SHA256.copy()
     hasher.update(body_canonical(body, c_body))
-    return base64.b64encode(hasher.digest())
+    return _b64(hasher.digest())
+
+
+def _b64(data: bytes) -> bytes:
+    """Base64, no newline (``base64.b64encode`` is this call behind an interpreted
+    frame, and the key process makes three per dual-signed message)."""
+    return binascii.b2a_base64(data, newline=False)
 
 
 class Unsigned:
@@ -318,16 +324,24 @@ def _add(out: bytearray, width: int, piece: bytes, sep: bytes) -> int:
 
 
 def key_op(u: Unsigned) -> bytes:
-    """The private-key operation (OpenSSL; the GIL is released while it runs)."""
-    key = u.spec.key
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(u.digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
-    return key.sign(u.digest, _PADDING, _PREHASHED)
+    """The private-key operation (OpenSSL; the GIL is released while it runs).  Chosen by
+    the spec's algorithm, which matches the key's type (dkim/keys.py checks it on load):
+    ``isinstance`` against ``cryptography``'s abstract key classes runs an interpreted
+    ``ABCMeta.__instancecheck__`` for every signature (and the key is held untyped: the
+    compiled module would check it against those classes, which ``cryptography``'s own
+    key types are only registered with)."""
+    spec = u.spec
+    key: Any = spec.key
+    if spec.algorithm == "ed25519-sha256":
+        signed: bytes = key.sign(u.digest)  # RFC 8463 §3: Ed25519 over the SHA-256 hash
+    else:
+        signed = key.sign(u.digest, _PADDING, _PREHASHED)
+    return signed
 
 
 def signature_field(u: Unsigned, signature: bytes) -> bytes:
     """The final ``DKIM-Signature: ...\\r\\n`` field with ``signature`` in ``b=``."""
-    b64 = base64.b64encode(signature)
+    b64 = _b64(signature)
     lines = [b64[i : i + B64_CHUNK] for i in range(0, len(b64), B64_CHUNK)]
     return _SIG_NAME + b":" + u.head + b"\r\n ".join(lines) + b"\r\n"
 
