@@ -1,5 +1,9 @@
 """The delivery runner: carries out the scheduler's decisions with real I/O.
 
+Why this module is (just) over 600 lines: feeding, ticking, one attempt and carrying out
+its transition all work on the runner's tables of units in flight and are read together;
+what to do is decided elsewhere (queue/scheduler.py, delivery/transition.py).
+
 Theory of operation
 -------------------
 The pure :class:`~empath.queue.scheduler.Scheduler` decides *which* unit starts
