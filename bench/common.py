@@ -35,6 +35,22 @@ def tool(name: str) -> str:
     return path
 
 
+# Where the load tools (smtp-source, smtp-sink) run: every CPU unless a bench is told
+# otherwise (``set_client_cpus``, e.g. bench/dkim --client-cpus): on a 2-vCPU machine
+# the scheduler tends to wake them on the CPU of the event loop that woke them.
+_CLIENT_CPUS: str | None = None
+
+
+def set_client_cpus(cpus: str | None) -> None:
+    """Run the load tools pinned to ``cpus`` (a taskset list such as "1"); None: anywhere."""
+    global _CLIENT_CPUS
+    _CLIENT_CPUS = cpus or None
+
+
+def client_command(argv: list[str]) -> list[str]:
+    return argv if _CLIENT_CPUS is None else ["taskset", "-c", _CLIENT_CPUS, *argv]
+
+
 def smtp_source(
     port: int,
     messages: int,
@@ -61,7 +77,7 @@ def smtp_source(
         f"{host}:{port}",
     ]
     start = time.monotonic()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(client_command(args), check=True, stdout=subprocess.DEVNULL)
     return time.monotonic() - start
 
 
@@ -133,7 +149,9 @@ class SmtpSinkProc:
         self._re = re.compile(rb"mesg=(\d+)")
         self.messages = 0
         self.proc = subprocess.Popen(
-            [tool("smtp-sink"), "-u", "nobody", "-c", f"127.0.0.1:{port}", str(backlog)],
+            client_command(
+                [tool("smtp-sink"), "-u", "nobody", "-c", f"127.0.0.1:{port}", str(backlog)]
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
