@@ -122,6 +122,23 @@ def switches(pid: int) -> int:
     return n
 
 
+def wait_spare_segment(spool: Path, timeout: float = 60.0) -> bool:
+    """After a daemon's start: wait until its pre-formatted spare segment is ready
+    (spool/preformat.py), so a measurement sees the steady state, not the one-off
+    formatting of the first spare.  False at once if the daemon makes none (an older
+    build, or ``spool.preformat: false``)."""
+    log_dir = spool / "log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [p.name for p in log_dir.iterdir()] if log_dir.is_dir() else []
+        if any(n.startswith("next-") and n.endswith(".pre") for n in names):
+            return True
+        if not any(n.startswith("next-") for n in names):
+            return False
+        time.sleep(0.05)
+    return False
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

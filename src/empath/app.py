@@ -379,6 +379,7 @@ class App:
             segment_bytes=cfg.segment_bytes,
             track=self.supervisor.track,
             commit_delay_us=cfg.commit_delay_us,
+            preformat=cfg.preformat,
         )
 
     # -- signals and reload ---------------------------------------------------

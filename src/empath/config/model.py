@@ -312,6 +312,9 @@ class SpoolConfig:
     # Group commit delay: the writer may hold a small batch open this long for more
     # records while they are arriving fast (spool/commit_delay.py); 0 writes at once.
     commit_delay_us: int = rule(0, check=lambda v: None if 0 <= v <= 1000 else "must be 0 to 1000")
+    # New segments are written full of zeros beforehand by a helper thread, so group
+    # commits overwrite blocks instead of appending (spool/preformat.py); false: appended.
+    preformat: bool = True
 
 
 # --- delivery ----------------------------------------------------------------

@@ -62,8 +62,9 @@ from empath.spool.compaction import Compaction
 from empath.spool.index import Brief, MessageIndex, pack_state, unpack_state
 from empath.spool.memory import requeue_in_progress
 from empath.spool.model import Envelope, MessageState, UnitState, UnitStatus
+from empath.spool.preformat import Preformatter, remove_spares
 from empath.spool.recovery import BodyLocation, packed_seg, recover
-from empath.spool.space import Reserve, reserve_size
+from empath.spool.space import Reserve, may_preformat, reserve_size
 from empath.spool.store import (
     SEGMENT_BYTES,
     BodyWriter,
@@ -101,11 +102,16 @@ class FileSpool(IndexedMessages, Compaction):
         fdatasync: Callable[[int], None] = os.fdatasync,
         track: Track = untracked,
         commit_delay_us: int = 0,
+        preformat: bool = False,
     ) -> None:
         """``track`` starts the commits of spilled bodies (the daemon's supervisor keeps
         them; the SMTP session that asked awaits each).  ``commit_delay_us`` > 0: the
-        writer may hold a small batch open that long for more (commit_delay.py)."""
+        writer may hold a small batch open that long for more (commit_delay.py).
+        ``preformat``: new segments are pre-formatted spares (preformat.py; the daemon's
+        ``spool.preformat``, on by default; off here for tools and tests)."""
         self._commit_delay_us = commit_delay_us
+        self._preformat = preformat
+        self._spares: Preformatter | None = None
         self._track = track
         self.path = Path(path)
         self._clock = clock or SystemClock()
@@ -164,6 +170,8 @@ class FileSpool(IndexedMessages, Compaction):
             raise map_os_error(exc, f"opening the spool at {self.path}") from exc
         assert self._writer is not None
         self._writer.start(asyncio.get_running_loop(), self._on_batch)
+        if self._spares is not None:
+            self._spares.request()  # in its own thread: start-up does not wait for it
         for msg_id in dropped:  # tombstone them so they are reported only once
             self._writer.submit(Entry(EntryKind.DEL, msg_id, codec.del_payload(msg_id)))
         self.last_recovery = replace(report, seconds=time.monotonic() - started)
@@ -187,6 +195,15 @@ class FileSpool(IndexedMessages, Compaction):
             size = reserve_size(st.f_blocks * st.f_frsize)
             if not self._reserve.restore(size) and self._drop_dead_segments():
                 self._reserve.restore(size)
+            spares = self._spares = None
+            if self._preformat:
+                spares = Preformatter(
+                    self._log_dir, self._segment_bytes, room=self._room, fdatasync=self._fdatasync
+                )
+                spares.adopt()
+                self._spares = spares
+            else:
+                remove_spares(self._log_dir)
             self._writer = LogWriter(
                 self._log_dir,
                 self._segments,
@@ -201,6 +218,7 @@ class FileSpool(IndexedMessages, Compaction):
                     if self._commit_delay_us > 0
                     else None
                 ),
+                spares=spares,
             )
             self._writer.before_state = self._before_state
         except BaseException:
@@ -219,6 +237,13 @@ class FileSpool(IndexedMessages, Compaction):
             deferred=rec.deferred,
         )
         return report, rec.dropped
+
+    def _room(self, size: int) -> bool:
+        """Whether a spare of ``size`` bytes may be made now (space.may_preformat)."""
+        st = os.statvfs(self.path)
+        return may_preformat(
+            st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, size, self._reserve.held
+        )
 
     def _make_dirs(self) -> None:
         """Create what is missing of the spool's directories; each new entry is made
@@ -613,10 +638,13 @@ class FileSpool(IndexedMessages, Compaction):
         st = os.statvfs(self.path)
         with self._segments_lock:
             log_bytes = sum(seg.size for seg in self._segments.values())
+        writer = self._writer
+        spare = 0 if writer is None else writer.preformatted_bytes
         return SpoolUsage(
             free_bytes=st.f_bavail * st.f_frsize,
             total_bytes=st.f_blocks * st.f_frsize,
-            size_bytes=log_bytes + self._spill_total,
+            size_bytes=log_bytes + self._spill_total + spare,
+            preformatted_bytes=spare,
             reclaimable_bytes=self.reclaimable_bytes(),
             reserve_bytes=self._reserve.size if self._reserve.held else 0,
             reserve_released=not self._reserve.held,

@@ -17,6 +17,14 @@ region in the middle is covered in place by a PAD record whose checksum makes
 the old bytes a skippable record.  A segment's SEGMENT header may say the
 previous segment's valid data ends early (a failed batch that could not be
 truncated at the time); bytes after that point are quarantined the same way.
+Pre-formatted segments (preformat.py) end in zeros: when everything from a record's
+offset to the segment's end (or its declared end) is zero bytes, that is the clean end of
+its data - the writer overwrites from there - not a torn tail: nothing is quarantined and
+the file keeps its size.  A torn record followed by zeros is a torn tail as before: its
+bytes up to the last non-zero one are quarantined and the segment is cut at the record
+(the rest of it is then appended to).  Zeros after a closed segment's declared end are
+its unused pre-formatted tail: cut off without a quarantine copy.  An appended segment
+(no zeros at its end) recovers exactly as before.
 Units left ``in_progress`` by a crash become ``pending``.  A message whose
 spilled body file is missing (or short) is logged and dropped.
 """
@@ -42,6 +50,7 @@ from empath.logs import get_logger
 from empath.spool import codec
 from empath.spool.codec import RecordType
 from empath.spool.index import Brief, brief_from_json, pack_state
+from empath.spool.preformat import spare_seed
 from empath.spool.writer import Segment, fsync_dir
 
 log = get_logger("spool", __name__)
@@ -218,6 +227,22 @@ def _next_valid(buf: memoryview, mm: mmap.mmap, start: int, limit: int, seed: in
         pos += 1
 
 
+_ZERO_SCAN = 1 << 20  # bytes examined per step looking for the end of the non-zero data
+
+
+def _data_end(mm: mmap.mmap, start: int, stop: int) -> int:
+    """Offset just past the last non-zero byte of ``[start, stop)``; ``start`` if every
+    byte there is zero (a pre-formatted segment's unused tail)."""
+    end = stop
+    while end > start:
+        low = max(start, end - _ZERO_SCAN)
+        kept = len(mm[low:end].rstrip(b"\0"))
+        if kept:
+            return low + kept
+        end = low
+    return start
+
+
 def _read_prev_end(path: Path, seed: int) -> int | None:
     """The ``prev_end`` a segment's SEGMENT header declares for its predecessor."""
     try:
@@ -256,7 +281,8 @@ class _Scanner:
         return copied
 
     def scan_segment(self, seq: int, seed: int, path: Path, prev_end: int | None) -> int:
-        """Scan one segment, neutralising damage on disk.  Returns its size afterwards.
+        """Scan one segment, neutralising damage on disk.  Returns where its data ends
+        afterwards: the file size, or the start of its zero tail (pre-formatted).
 
         A damaged region whose copy to ``corrupt/`` failed stays in the file (and in the
         size returned): the writer appends after it, and a later start quarantines it."""
@@ -266,18 +292,22 @@ class _Scanner:
             limit = size if prev_end is None else min(prev_end, size)
             pads: list[tuple[int, int]] = []
             truncate_at: int | None = None
+            zero_end: int | None = None
             if size:
                 with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
                     buf = memoryview(mm)
                     try:
-                        truncate_at = self._scan(
+                        truncate_at, zero_end = self._scan(
                             buf, mm, seq, seed, name=path.name, limit=limit, pads=pads
                         )
-                        if limit < size:  # a failed batch the writer could not cut off
+                        stop = _data_end(mm, limit, size) if limit < size else limit
+                        if stop == limit < size:  # zeros: an unused pre-formatted tail
+                            truncate_at = limit if truncate_at is None else truncate_at
+                        elif limit < size:  # a failed batch the writer could not cut off
                             if self._quarantine(
                                 path.name,
                                 limit,
-                                buf[limit:size],
+                                buf[limit:stop],
                                 "after the end declared by the next segment",
                             ):
                                 truncate_at = limit if truncate_at is None else truncate_at
@@ -297,7 +327,7 @@ class _Scanner:
                 size = truncate_at
             if pads or truncate_at is not None:
                 os.fsync(fd)
-            return size
+            return size if zero_end is None else min(zero_end, size)
         finally:
             os.close(fd)
 
@@ -311,8 +341,9 @@ class _Scanner:
         name: str,
         limit: int,
         pads: list[tuple[int, int]],
-    ) -> int | None:
-        """Walk the records; returns where to truncate a torn tail, if any."""
+    ) -> tuple[int | None, int | None]:
+        """Walk the records; returns where to truncate a torn tail, if any, and where the
+        data ends if the rest up to ``limit`` is zeros (a pre-formatted tail)."""
         off = 0
         found = self.found
         unpack = codec.HEADER.unpack_from
@@ -339,12 +370,17 @@ class _Scanner:
                         and crc32(buf[off + crc_from : end], seed) == crc
                     )
                 if not good:
+                    data_end = _data_end(mm, off, limit)
+                    if data_end == off:  # only zeros from here: the clean end
+                        return None, off
                     nxt = _next_valid(buf, mm, off, limit, seed)
                     tail = nxt >= limit
                     why = "torn tail" if tail else "checksum or header mismatch"
-                    copied = self._quarantine(name, off, buf[off:nxt], why)
+                    # a torn tail's copy stops at its last non-zero byte (zeros follow)
+                    upto = data_end if tail else nxt
+                    copied = self._quarantine(name, off, buf[off:upto], why)
                     if tail:
-                        return off if copied else None
+                        return (off if copied else None), None
                     if copied and nxt - off >= hdr:
                         pads.append((off, nxt))
                     off = nxt
@@ -392,7 +428,7 @@ class _Scanner:
                     if end > jstart:  # a gathered tombstone: more ids follow (codec.py)
                         for gone in codec.del_ids(buf[start:end])[1:]:
                             found.pop(gone, None)
-            return None
+            return None, None
         finally:
             self.records = records
 
@@ -446,7 +482,8 @@ def _recover(spool_dir: Path, progress_every: int) -> Recovered:
     for entry in os.scandir(scanner.log_dir):
         parsed = codec.parse_segment_name(entry.name)
         if parsed is None:
-            log.warn("Ignoring a foreign file in the spool log directory", path=entry.path)
+            if spare_seed(entry.name) is None:  # (a spare holds no record: preformat.py)
+                log.warn("Ignoring a foreign file in the spool log directory", path=entry.path)
             continue
         names.append((parsed[0], parsed[1], Path(entry.path)))
     names.sort()

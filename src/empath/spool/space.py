@@ -77,6 +77,13 @@ def under_pressure(free_bytes: int, total_bytes: int, reserve_held: bool) -> boo
     return not reserve_held or free_bytes < PRESSURE_FREE_RATIO * total_bytes
 
 
+def may_preformat(free_bytes: int, total_bytes: int, size: int, reserve_held: bool) -> bool:
+    """Whether a spare segment of ``size`` bytes may be pre-formatted now (preformat.py):
+    only with the reserve held and if the filesystem stays out of pressure afterwards, so
+    that pre-formatting never takes space deletions, compaction or new mail need."""
+    return reserve_held and free_bytes - size >= PRESSURE_FREE_RATIO * total_bytes
+
+
 def mode_for(include_active: bool, pressure: bool) -> CompactMode:
     if include_active:
         return CompactMode.FORCED

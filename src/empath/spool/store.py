@@ -60,6 +60,7 @@ class SpoolUsage:
     reclaimable_bytes: int = 0  # of those, held by dead records (compaction frees them)
     reserve_bytes: int = 0  # preallocated for deletions on a full disk
     reserve_released: bool = False  # it is in use: new mail is refused (452) for now
+    preformatted_bytes: int = 0  # of size_bytes, zeros written ahead for new records
 
 
 class BodyWriter(Protocol):

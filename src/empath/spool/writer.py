@@ -1,5 +1,8 @@
 """Group commit: one thread owns the active segment, writes queued records in batches, syncs once.
 
+(Just over 600 lines: batching, failure handling and rotation all move the one active
+segment and its descriptor, and are read together.)
+
 Theory of operation.  Coroutines on the event loop build record payloads and
 :meth:`LogWriter.submit` them as :class:`Entry` objects (with a future when the
 caller waits for durability).  The writer thread sleeps until something is
@@ -21,6 +24,14 @@ Rotation: once the active segment reaches ``segment_bytes`` the next batch goes
 to a new file (created, header written, synced, directory synced).  A ROTATE entry
 (compaction under space pressure, space.py) closes the active segment early.
 
+Pre-formatted segments (preformat.py, DESIGN §3): with ``spares`` the new file is a spare
+written full of zeros beforehand, so batches overwrite blocks in place (no journal
+commit per batch); the next batch's offset is ``Segment.size`` in memory, the file is
+larger.  The writer rotates to a ready spare early when the active segment has no
+pre-formatted room left, cuts a closed segment's unused zero tail off, and asks for the
+next spare after each rotation.  A failed batch is cut off by truncation as before (the
+rest of that segment is then appended, until a spare is ready).
+
 A full disk (space.py): a batch that fails with ENOSPC/EDQUOT releases the spool's
 reserve and is written again without its new messages (COMMIT entries), which
 fail; while the reserve is out, COMMIT entries fail at once unless the reserve
@@ -41,7 +52,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from empath.spool import codec
 from empath.spool.codec import RecordType
@@ -178,6 +189,23 @@ def write_all(fd: int, data: bytes, offset: int) -> None:
 BatchCallback = Callable[[list[Entry], OSError | None], None]
 
 
+class Spares(Protocol):
+    """Where pre-formatted segments come from (preformat.Preformatter)."""
+
+    def ready(self) -> bool: ...
+
+    def request(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def spare_bytes(self) -> int: ...
+
+    def open_segment(
+        self, seq: int, prev_end: int, now: float
+    ) -> tuple[Segment, int, int] | None: ...
+
+
 class LogWriter:
     """The group-commit thread.  ``segments`` is shared with the loop under ``segments_lock``."""
 
@@ -194,6 +222,7 @@ class LogWriter:
         reserve: Reserve | None = None,
         commit_delay: CommitDelay | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        spares: Spares | None = None,
     ) -> None:
         self._log_dir = log_dir
         self._segments = segments
@@ -205,7 +234,11 @@ class LogWriter:
         # per batch instead of twice.  An injected fdatasync (tests counting or failing
         # syncs) keeps the explicit call.
         self._dsync = fdatasync is os.fdatasync
-        self._write_fd = _open_for_append(active.path, self._dsync)
+        self._write_fd = open_for_append(active.path, self._dsync)
+        self._spares = spares  # None: segments are created empty and appended to
+        # where the active file's written bytes end: past ``active.size`` are zeros a
+        # batch overwrites (a pre-formatted segment), else a batch appends
+        self._file_end = os.fstat(self._write_fd).st_size
         self._segment_bytes = segment_bytes
         self._fdatasync = fdatasync
         self._now = clock_now
@@ -315,8 +348,16 @@ class LogWriter:
                 self._inbox.put(None)
         if self._worker is not None:
             self._worker.join()
+        if self._spares is not None:
+            self._spares.stop()
         with contextlib.suppress(OSError):
             os.close(self._write_fd)
+
+    @property
+    def preformatted_bytes(self) -> int:
+        """Zero bytes written ahead: the active segment's unused tail and the spare."""
+        spare = 0 if self._spares is None else self._spares.spare_bytes
+        return max(0, self._file_end - self.active.size) + spare
 
     # --- the thread -------------------------------------------------------------
 
@@ -446,6 +487,10 @@ class LogWriter:
             self._heal()
         elif self.active.size >= self._segment_bytes:
             self._rotate(self.active.size)
+        elif (
+            self.active.size >= self._file_end and self._spares is not None and self._spares.ready()
+        ):  # no pre-formatted room here: go to the spare
+            self._rotate_to_spare(self.active.size)
         seg = self.active
         start = offset = seg.size
         frames: list[bytes] = []
@@ -464,6 +509,7 @@ class LogWriter:
             self._undo(start)
             raise
         seg.size = offset
+        self._file_end = max(self._file_end, offset)
         self.records += len(batch)
 
     def _undo(self, start: int) -> None:
@@ -473,6 +519,8 @@ class LogWriter:
             self._fdatasync(self._write_fd)
         except OSError:
             self._poisoned_at = start
+        else:
+            self._file_end = start  # a pre-formatted tail went with it: appended from here
 
     def _heal(self) -> None:
         assert self._poisoned_at is not None
@@ -482,26 +530,54 @@ class LogWriter:
             self._fdatasync(self._write_fd)
         except OSError:
             self._rotate(start)  # raises if the disk is still unusable
+        else:
+            self._file_end = start
         self._poisoned_at = None
 
     def _rotate(self, prev_end: int) -> None:
         """Start a new segment; its header says where the old one's valid data ends."""
+        if self._rotate_to_spare(prev_end):
+            return
         new, fd = _new_segment(self._log_dir, self.active.seq + 1, prev_end, self._now())
         try:
-            write_fd = _open_for_append(new.path, self._dsync)
+            write_fd = open_for_append(new.path, self._dsync)
         finally:
             os.close(fd)
-        old_fd = self._write_fd
+        self._install(new, write_fd, new.size, prev_end)
+
+    def _rotate_to_spare(self, prev_end: int) -> bool:
+        """Make the ready pre-formatted spare the active segment; False if there is none
+        (or it failed: preformat.py logs it and the caller goes on as without one)."""
+        spares = self._spares
+        if spares is None:
+            return False
+        made = spares.open_segment(self.active.seq + 1, prev_end, self._now())
+        if made is None:
+            return False
+        new, write_fd, file_end = made
+        self._install(new, write_fd, file_end, prev_end)
+        return True
+
+    def _install(self, new: Segment, write_fd: int, file_end: int, prev_end: int) -> None:
+        old_fd, old_end = self._write_fd, self._file_end
         self._write_fd = write_fd
+        self._file_end = file_end
         with self._segments_lock:
             self._segments[new.seq] = new
             self.active = new
         self._poisoned_at = None
+        if old_end > prev_end:
+            # The closed segment's unused zeros go back to the filesystem (not synced:
+            # after a crash recovery reads them as its end, or cuts them by prev_end).
+            with contextlib.suppress(OSError):
+                os.ftruncate(old_fd, prev_end)
         with contextlib.suppress(OSError):
             os.close(old_fd)
+        if self._spares is not None:
+            self._spares.request()
 
 
-def _open_for_append(path: Path, dsync: bool) -> int:
+def open_for_append(path: Path, dsync: bool) -> int:
     flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_DSYNC if dsync else 0)
     return os.open(path, flags)
 
