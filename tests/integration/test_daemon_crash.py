@@ -131,7 +131,8 @@ def tear_tail(spool: Path) -> None:
     parsed = codec.parse_segment_name(seg.name)
     assert parsed is not None
     record = codec.frame(codec.RecordType.MSG, b"01TORN" + b"x" * 2000, parsed[1])
-    with seg.open("ab") as f:
+    with seg.open("r+b") as f:  # where the records end: a pre-formatted segment's zeros follow
+        f.seek(len(seg.read_bytes().rstrip(b"\0")))
         f.write(record[: len(record) // 2])
 
 

@@ -244,7 +244,7 @@ def test_sigkill_during_relay_loses_nothing(tmp_path: Path, commit_delay_us: int
             stop.set()
             code = d.stop()
         assert 0 == code, d.log_tail()
-    segments = max(int(p.name.split("-")[0]) for p in (d.spool_path / "log").iterdir())
+    segments = max(int(p.name.split("-")[0]) for p in (d.spool_path / "log").glob("*.seg"))
     contents = read_spool(d.spool_path)
     again = read_spool(d.spool_path)
     delivered = sink.state.delivered

@@ -7,12 +7,15 @@ the files are (the log first, then the bodies: a body is synced before the recor
 naming it, so the copy never names a body it lacks).  Half of the copies are then cut
 like a power cut mid-write: the segment that was being appended to is truncated at a
 random offset past everything acknowledged when the copy began (usually inside a
-record: a torn tail), and later segments are dropped.
+record: a torn tail), and later segments are dropped; in a pre-formatted segment
+(spool/preformat.py) the bytes from that offset to the end of the records are zeros
+again instead, as the disk still holds the pre-formatting where the write did not land.
 
 Every copy is opened with a fresh FileSpool.  Each message acknowledged before its
 copy began is there, its units at least as far along as acknowledged (its body
 byte-exact: a sample of 400 per copy); each removal acknowledged before is absent;
-every quarantined region is a segment's tail (never a good record).
+every quarantined region is a segment's tail (never a good record), reaching the end of
+its records.
 """
 
 from __future__ import annotations
@@ -96,14 +99,20 @@ def copy_spool(src: Path, dst: Path) -> None:
 
 
 def cut(copy: Copy, active: str, acked_size: int, rng: random.Random) -> None:
-    """A power cut mid-write: truncate the active segment past ``acked_size``, drop later ones."""
+    """A power cut mid-write: cut the active segment past ``acked_size``, drop later ones."""
     log_dir = copy.path / "log"
     target = log_dir / active
-    size = target.stat().st_size
-    if size <= acked_size:
+    data = target.read_bytes()
+    end = records_end(data)
+    if end <= acked_size:
         return
-    at = rng.randrange(acked_size, size)
-    os.truncate(target, at)
+    at = rng.randrange(acked_size, end)
+    if end < len(data):  # pre-formatted: what did not land is zeros
+        with target.open("r+b") as f:
+            f.seek(at)
+            f.write(bytes(end - at))
+    else:
+        os.truncate(target, at)
     for seg in log_dir.iterdir():
         if seg.name > active:
             seg.unlink()
@@ -128,10 +137,15 @@ async def take_copies(
     return copies
 
 
-async def check(copy: Copy) -> tuple[int, int]:
+def records_end(data: bytes) -> int:
+    """Where a segment's records end: its size, or where its pre-formatted zeros begin."""
+    return len(data.rstrip(b"\0"))
+
+
+async def check(copy: Copy, preformat: bool) -> tuple[int, int]:
     """Open one copy; assert what it must hold.  (messages, torn tails quarantined)."""
-    sizes = {p.name: p.stat().st_size for p in (copy.path / "log").iterdir()}
-    spool = FileSpool(copy.path)
+    ends = {p.name: records_end(p.read_bytes()) for p in (copy.path / "log").iterdir()}
+    spool = FileSpool(copy.path, segment_bytes=SEGMENT_BYTES, preformat=preformat)
     report = await spool.open()
     try:
         for msg_id, (_, attempts) in copy.live.items():
@@ -143,21 +157,29 @@ async def check(copy: Copy) -> tuple[int, int]:
         assert 0 == report.missing
         for region in (copy.path / "corrupt").iterdir():
             seg_name, _, offset = region.name[: -len(".bin")].rpartition("-")
-            # a tail: it reached the end of the segment as copied (and cut)
-            assert int(offset) + region.stat().st_size == sizes[seg_name], region.name
+            # a tail: it reached the end of the segment's records as copied (and cut)
+            assert int(offset) + region.stat().st_size == ends[seg_name], region.name
         return len(spool), report.quarantined
     finally:
         await spool.close()
 
 
 @pytest.mark.timeout(pick(300, 3600))
-def test_copies_taken_mid_write_recover_every_acknowledged_message(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preformat", [True, False], ids=["pre-formatted", "appended"])
+def test_copies_taken_mid_write_recover_every_acknowledged_message(
+    tmp_path: Path, preformat: bool
+) -> None:
     ops = pick(4_000, 60_000)
     count = pick(10, 30)
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
 
     async def main() -> tuple[list[Copy], list[tuple[int, int]]]:
-        spool = FileSpool(tmp_path / "spool", segment_bytes=SEGMENT_BYTES, spill_bytes=SPILL_BYTES)
+        spool = FileSpool(
+            tmp_path / "spool",
+            segment_bytes=SEGMENT_BYTES,
+            spill_bytes=SPILL_BYTES,
+            preformat=preformat,
+        )
         await spool.open()
         acked = Acked()
         try:
@@ -169,16 +191,17 @@ def test_copies_taken_mid_write_recover_every_acknowledged_message(tmp_path: Pat
             await asyncio.gather(*workers)
         finally:
             await spool.close()
-        results = [await check(c) for c in copies]
+        results = [await check(c, preformat) for c in copies]
         return copies, results
 
     copies, results = asyncio.run(main())
     cuts = sum(1 for c in copies if c.cut is not None)
     torn = sum(q for _, q in results)
     checked = sum(len(c.live) for c in copies)
-    segments = len(list((tmp_path / "spool" / "log").iterdir()))
+    segments = len(list((tmp_path / "spool" / "log").glob("*.seg")))
     figure(
         "power-cut",
+        f"{'pre-formatted' if preformat else 'appended'} segments: "
         f"{len(copies)} copies taken during {ops:,} writes ({cuts} also cut mid-write): "
         f"{checked:,} acknowledged messages checked, 0 lost; {torn} torn tails quarantined; "
         f"{segments} segments at the end (rotating every {SEGMENT_BYTES // 1024} KiB)",
