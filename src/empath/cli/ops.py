@@ -406,6 +406,7 @@ def spool_status(ctx: Any, _ns: argparse.Namespace) -> int:
         f"live {_mib(data['live_bytes'])}, reclaimable {_mib(data['reclaimable_bytes'])}",
         f"  size on disk: {_mib(data['size_bytes'])}, free: {_mib(data['free_bytes'])} "
         f"of {_mib(data['total_bytes'])}",
+        f"  pre-formatted for new records: {_mib(data.get('preformatted_bytes'))}",
         f"  space reserve: {_mib(data.get('reserve_bytes'))}"
         + (
             " IN USE: new mail is refused (452) until space is back"

@@ -501,6 +501,7 @@ class OpsHandlers:
             "reserve_bytes": usage.reserve_bytes,
             "reserve_in_use": usage.reserve_released,
             "size_bytes": usage.size_bytes,
+            "preformatted_bytes": usage.preformatted_bytes,
             "free_bytes": usage.free_bytes,
             "total_bytes": usage.total_bytes,
             "messages": len(d.spool),
