@@ -16,22 +16,11 @@ import pytest
 from empath.errors import SpoolFullError
 from empath.spool import preformat
 from empath.spool.fs import FileSpool
-from empath.spool.model import Envelope, MessageState, initial_units
 from empath.spool.preformat import Preformatter, spare_seed
 from empath.spool.space import may_preformat
+from tests.unit.test_spool_fs_startup import put
 
 SEG = 128 * 1024
-
-
-def env() -> Envelope:
-    return Envelope(sender="s@example.org", recipients=("r@example.net",), received_at=1.0)
-
-
-async def put(spool: FileSpool, body: bytes) -> MessageState:
-    w = spool.begin()
-    w.write(body)
-    e = env()
-    return await spool.commit(w, e, initial_units(e.recipients))
 
 
 async def opened(path: Path, **kw: Any) -> FileSpool:

@@ -21,8 +21,9 @@ Pre-formatted segments (preformat.py) end in zeros: when everything from a recor
 offset to the segment's end (or its declared end) is zero bytes, that is the clean end of
 its data - the writer overwrites from there - not a torn tail: nothing is quarantined and
 the file keeps its size.  A torn record followed by zeros is a torn tail as before: its
-bytes up to the last non-zero one are quarantined and the segment is cut at the record
-(the rest of it is then appended to).  Zeros after a closed segment's declared end are
+bytes up to the last non-zero one (up to the end if fewer than 4 KiB of zeros follow:
+they may be its own) are quarantined and the segment is cut at the record (the rest of
+it is then appended to).  Zeros after a closed segment's declared end are
 its unused pre-formatted tail: cut off without a quarantine copy.  An appended segment
 (no zeros at its end) recovers exactly as before.
 Units left ``in_progress`` by a crash become ``pending``.  A message whose
@@ -228,6 +229,9 @@ def _next_valid(buf: memoryview, mm: mmap.mmap, start: int, limit: int, seed: in
 
 
 _ZERO_SCAN = 1 << 20  # bytes examined per step looking for the end of the non-zero data
+# A damaged tail's copy leaves out the zeros after its last non-zero byte when there are
+# at least this many (a pre-formatted segment's rest); fewer may be the record's own bytes.
+_ZERO_TAIL_MIN = 4096
 
 
 def _data_end(mm: mmap.mmap, start: int, stop: int) -> int:
@@ -241,6 +245,11 @@ def _data_end(mm: mmap.mmap, start: int, stop: int) -> int:
             return low + kept
         end = low
     return start
+
+
+def _copy_end(data_end: int, stop: int) -> int:
+    """Where the quarantine copy of a damaged tail ending at ``stop`` stops."""
+    return data_end if stop - data_end >= _ZERO_TAIL_MIN else stop
 
 
 def _read_prev_end(path: Path, seed: int) -> int | None:
@@ -307,7 +316,7 @@ class _Scanner:
                             if self._quarantine(
                                 path.name,
                                 limit,
-                                buf[limit:stop],
+                                buf[limit : _copy_end(stop, size)],
                                 "after the end declared by the next segment",
                             ):
                                 truncate_at = limit if truncate_at is None else truncate_at
@@ -376,8 +385,8 @@ class _Scanner:
                     nxt = _next_valid(buf, mm, off, limit, seed)
                     tail = nxt >= limit
                     why = "torn tail" if tail else "checksum or header mismatch"
-                    # a torn tail's copy stops at its last non-zero byte (zeros follow)
-                    upto = data_end if tail else nxt
+                    # a torn tail's copy leaves out the pre-formatted zeros after it
+                    upto = _copy_end(data_end, limit) if tail else nxt
                     copied = self._quarantine(name, off, buf[off:upto], why)
                     if tail:
                         return (off if copied else None), None
