@@ -69,8 +69,8 @@ system-deps:
 	fi
 
 lint: deps
-	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/relay_cpu bench/control bench/control_ops bench/cluster bench/observability bench/scrape bench/dkim bench/dkim_keyproc bench/dkim_pipeline bench/modules bench/module_calls bench/submission bench/loop_instructions bench/load_curve bench/spool_preformat
-	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/relay_cpu bench/control bench/control_ops bench/cluster bench/observability bench/scrape bench/dkim bench/dkim_keyproc bench/dkim_pipeline bench/modules bench/module_calls bench/submission bench/loop_instructions bench/load_curve bench/spool_preformat
+	$(VENV)/bin/ruff check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/relay_cpu bench/control bench/control_ops bench/cluster bench/observability bench/scrape bench/dkim bench/dkim_keyproc bench/dkim_pipeline bench/modules bench/module_calls bench/submission bench/loop_instructions bench/load_curve bench/spool_preformat bench/writer_perf
+	$(VENV)/bin/ruff format --check src tests bench scripts bench/ingest bench/relay bench/ingest_cpu bench/relay_cpu bench/control bench/control_ops bench/cluster bench/observability bench/scrape bench/dkim bench/dkim_keyproc bench/dkim_pipeline bench/modules bench/module_calls bench/submission bench/loop_instructions bench/load_curve bench/spool_preformat bench/writer_perf
 
 typecheck: deps
 	$(VENV)/bin/mypy

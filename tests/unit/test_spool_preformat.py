@@ -33,6 +33,16 @@ async def opened(path: Path, **kw: Any) -> FileSpool:
     return spool
 
 
+async def past_half(spool: FileSpool) -> str:
+    """Write past half of the active segment, which asks for the next spare; wait for it.
+    The id of the message written."""
+    msg = await put(spool, b"h" * (SEG // 2) + b"\r\n")
+    spares = spool._spares
+    assert spares is not None
+    await asyncio.to_thread(spares.wait)
+    return msg.id
+
+
 def segment_files(path: Path) -> list[Path]:
     return sorted(p for p in (path / "log").iterdir() if p.suffix == ".seg")
 
@@ -61,7 +71,7 @@ async def test_batches_overwrite_a_pre_formatted_segment_whose_zero_tail_is_its_
     assert SEG == newest.stat().st_size  # overwritten in place, not appended
     end = spool.segment_stats()[-1][1]
     assert end == data_end(newest) < SEG
-    assert 1 == len(spare_files(tmp_path))  # the next one, made after the rotation
+    assert [] == spare_files(tmp_path)  # the next one is asked for at half full
     await spool.close()
 
     spool = FileSpool(tmp_path, segment_bytes=SEG, preformat=True)
@@ -164,7 +174,7 @@ async def test_an_untruncatable_failed_batch_goes_with_the_declared_end(
     spool = await opened(tmp_path, fdatasync=sync)
     ok = await put(spool, b"ok\r\n")
     old = segment_files(tmp_path)[-1]
-    await asyncio.to_thread(spool._spares.wait)  # type: ignore[union-attr]
+    half = await past_half(spool)
 
     def no_truncate(fd: int, length: int) -> None:
         raise OSError(errno.EIO, "truncate refused")
@@ -181,7 +191,7 @@ async def test_an_untruncatable_failed_batch_goes_with_the_declared_end(
 
     spool = FileSpool(tmp_path, segment_bytes=SEG, preformat=True)
     report = await spool.open()
-    assert [ok.id, after.id] == [m.id for m in spool.messages()]
+    assert [ok.id, half, after.id] == [m.id for m in spool.messages()]
     assert 1 == report.quarantined
     (q,) = corrupt_files(tmp_path)
     assert b"lost lost lost" in q.read_bytes()
@@ -223,9 +233,11 @@ async def test_a_closed_segment_gives_its_unused_zeros_back(tmp_path: Path) -> N
     spool = await opened(tmp_path)
     ids = [(await put(spool, b"body %d\r\n" % i)).id for i in range(3)]
     first = segment_files(tmp_path)[-1]
-    end = spool.segment_stats()[-1][1]
-    await asyncio.to_thread(spool._spares.wait)  # type: ignore[union-attr]
+    assert [] == spare_files(tmp_path)
+    await past_half(spool)
     assert 1 == len(spare_files(tmp_path))
+    ids = [m.id for m in spool.messages()]
+    end = spool.segment_stats()[-1][1]
     await spool._rotate(spool._live_writer(), spool._live_writer().active)
     assert end == first.stat().st_size
     await spool.close()
@@ -243,8 +255,7 @@ async def test_a_closed_segment_gives_its_unused_zeros_back(tmp_path: Path) -> N
 async def test_usage_counts_the_pre_formatted_bytes(tmp_path: Path) -> None:
     """The spare and the active segment's unused zeros are in the spool's size."""
     spool = await opened(tmp_path)
-    await put(spool, b"x\r\n")
-    await asyncio.to_thread(spool._spares.wait)  # type: ignore[union-attr]
+    await past_half(spool)
     usage = spool.usage()
     active = spool.segment_stats()[-1][1]
     assert (SEG - active) + SEG == usage.preformatted_bytes

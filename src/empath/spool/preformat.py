@@ -21,10 +21,11 @@ Theory of operation.
 - The writer takes the spare at a rotation (:meth:`Spares.open_segment`): it writes the
   SEGMENT header (followed by zeros to :data:`HEAD_AREA`, so nothing an earlier attempt
   wrote survives after the header), syncs it, renames the file to its segment name and
-  syncs the directory - the same two durable steps as creating a segment - and asks for
-  the next spare.  It also rotates to a ready spare *early* when the active segment has
-  no pre-formatted room (a segment made before this, or at a start): the writer never
-  appends while a spare is ready.
+  syncs the directory - the same two durable steps as creating a segment.  It asks for
+  the next spare once the active segment is half full (well before the rotation that
+  takes it; at open if none is ready).  It also rotates to a ready spare *early* when the
+  active segment has no pre-formatted room (a segment made before this, or at a start):
+  the writer never appends while a spare is ready.
 - Where a segment's data ends is the writer's offset in memory, not the file size; on
   disk it is where the records stop and zeros begin (recovery.py reads an all-zero rest
   of a segment as its clean end).  A closed segment's unused zero tail is cut off at

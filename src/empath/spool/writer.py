@@ -29,7 +29,7 @@ written full of zeros beforehand, so batches overwrite blocks in place (no journ
 commit per batch); the next batch's offset is ``Segment.size`` in memory, the file is
 larger.  The writer rotates to a ready spare early when the active segment has no
 pre-formatted room left, cuts a closed segment's unused zero tail off, and asks for the
-next spare after each rotation.  A failed batch is cut off by truncation as before (the
+next spare once the active segment is half full.  A failed batch is cut off by truncation as before (the
 rest of that segment is then appended, until a spare is ready).
 
 A full disk (space.py): a batch that fails with ENOSPC/EDQUOT releases the spool's
@@ -236,6 +236,10 @@ class LogWriter:
         self._dsync = fdatasync is os.fdatasync
         self._write_fd = open_for_append(active.path, self._dsync)
         self._spares = spares  # None: segments are created empty and appended to
+        # the next spare is asked for once the active segment is this full: well before
+        # the rotation that takes it, and not right after one (a short run then writes
+        # no spare at all; a long one writes one per segment either way)
+        self._ask_at = segment_bytes // 2 if spares is not None else 1 << 62
         # where the active file's written bytes end: past ``active.size`` are zeros a
         # batch overwrites (a pre-formatted segment), else a batch appends
         self._file_end = os.fstat(self._write_fd).st_size
@@ -510,6 +514,10 @@ class LogWriter:
             raise
         seg.size = offset
         self._file_end = max(self._file_end, offset)
+        if offset >= self._ask_at:
+            self._ask_at = 1 << 62
+            if self._spares is not None:
+                self._spares.request()
         self.records += len(batch)
 
     def _undo(self, start: int) -> None:
@@ -574,7 +582,7 @@ class LogWriter:
         with contextlib.suppress(OSError):
             os.close(old_fd)
         if self._spares is not None:
-            self._spares.request()
+            self._ask_at = self._segment_bytes // 2
 
 
 def open_for_append(path: Path, dsync: bool) -> int:
