@@ -187,7 +187,8 @@ class Preformatter:
         for start in range(0, size, CHUNK_BYTES):
             if self._stopping:
                 return False
-            write_all(fd, zeros[: min(CHUNK_BYTES, size - start)], start)
+            left = size - start
+            write_all(fd, zeros if left >= CHUNK_BYTES else zeros[:left], start)
             os.fdatasync(fd)
         os.fsync(fd)
         return True
