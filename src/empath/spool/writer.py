@@ -29,8 +29,9 @@ written full of zeros beforehand, so batches overwrite blocks in place (no journ
 commit per batch); the next batch's offset is ``Segment.size`` in memory, the file is
 larger.  The writer rotates to a ready spare early when the active segment has no
 pre-formatted room left, cuts a closed segment's unused zero tail off, and asks for the
-next spare once the active segment is half full.  A failed batch is cut off by truncation as before (the
-rest of that segment is then appended, until a spare is ready).
+next spare once the active segment is half full.  A failed batch is cut off by
+truncation as before (the rest of that segment is then appended, until a spare is
+ready).
 
 A full disk (space.py): a batch that fails with ENOSPC/EDQUOT releases the spool's
 reserve and is written again without its new messages (COMMIT entries), which
