@@ -1,5 +1,9 @@
 """Startup recovery of the file spool: scan every segment, verify every record, rebuild the index.
 
+Why this module is (just) over 600 lines: the scan, the damage rules (torn tails, corrupt
+regions, declared ends, pre-formatted zero tails) and the index they rebuild are one pass
+over each segment and are read together.
+
 Theory of operation.  Segments are scanned oldest first; within a segment,
 records in file order, so "newest wins" is simply "last seen wins": an MSG
 record (re)defines a message (envelope, units, body location), a STATE record

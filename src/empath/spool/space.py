@@ -81,7 +81,7 @@ def may_preformat(free_bytes: int, total_bytes: int, size: int, reserve_held: bo
     """Whether a spare segment of ``size`` bytes may be pre-formatted now (preformat.py):
     only with the reserve held and if the filesystem stays out of pressure afterwards, so
     that pre-formatting never takes space deletions, compaction or new mail need."""
-    return reserve_held and free_bytes - size >= PRESSURE_FREE_RATIO * total_bytes
+    return not under_pressure(free_bytes - size, total_bytes, reserve_held)
 
 
 def mode_for(include_active: bool, pressure: bool) -> CompactMode:
