@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,19 @@ def wait_spare_segment(spool: Path, timeout: float = 60.0) -> bool:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def median_interval(
+    values: list[float], level: float = 0.90, stat: Callable[[list[float]], float] = median
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval of ``stat`` (the median; fixed seed: the same
+    figures give the same interval): how far the pairs' noise could move the verdict."""
+    import random
+
+    rng = random.Random(15)
+    got = sorted(stat(rng.choices(values, k=len(values))) for _ in range(2000))
+    cut = int(len(got) * (1 - level) / 2)
+    return got[cut], got[-cut - 1]
 
 
 def machine() -> str:
