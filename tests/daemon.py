@@ -125,10 +125,13 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._close_log()  # else its file is left open for the garbage collector
                 raise RuntimeError(f"empath exited with {self.proc.returncode}:\n{self.log_tail()}")
             if self.http_status(wait_path) == 200:
                 return
             time.sleep(0.05)
+        stop_pid(self.proc)  # a test that fails here may never call stop()
+        self._close_log()
         raise RuntimeError(f"empath did not become ready in {timeout}s:\n{self.log_tail()}")
 
     def http_status(self, path: str) -> int | None:

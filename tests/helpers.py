@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,18 +31,55 @@ def require_tool(name: str) -> str:
     return path
 
 
+def listen_port_range() -> range:
+    """The ports tests give their servers: those below the kernel's ephemeral range
+    (``ip_local_port_range``), which it never hands to a client socket as its source
+    port.  A port picked inside that range (bind to port 0) can be taken by any outgoing
+    connection between the pick and the server's own bind ("address already in use":
+    a CI run failed so)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(1024, low - 16384), low)
+
+
+# ports handed out lately (a caller that picks two before binding either gets two)
+_recent: collections.deque[int] = collections.deque(maxlen=256)
+_pick = random.SystemRandom()  # not the random module's: a test may seed that one
+
+
+def _free(kind: int, host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports = listen_port_range()
+    for _ in range(1000):
+        port = _pick.choice(ports)
+        if port in _recent:
+            continue
+        with socket.socket(family, kind) as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a port in any use is skipped
+            except OSError:
+                continue
+        _recent.append(port)
+        return port
+    raise RuntimeError(f"no free port on {host} in {ports}")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on host right now."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that is free on host right now, outside the ephemeral range."""
+    return _free(socket.SOCK_STREAM, host)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> int:
     """The first of count consecutive TCP ports that are all free on host right now (for a
     tool that numbers its ports from a base, as scripts/cluster.py does per node)."""
+    top = listen_port_range().stop
     for _ in range(200):
         base = free_port(host)
+        if base + count > top:
+            continue
         held: list[socket.socket] = []
         try:
             for port in range(base, base + count):
@@ -57,9 +96,9 @@ def free_ports(count: int, host: str = "127.0.0.1") -> int:
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A UDP port that is free on host right now (outside the range DNS clients' source
+    ports come from)."""
+    return _free(socket.SOCK_DGRAM, host)
 
 
 def wait_for(
